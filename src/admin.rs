@@ -1,0 +1,272 @@
+//! What admins ask of the store: list and show cases, the outbox and the
+//! quarantine, and retry what failed. One `Request` type serves the CLI
+//! (which opens the store itself when no daemon runs) and the daemon's
+//! control socket (when one does, since a store has one owner at a time).
+
+use serde::{Deserialize, Serialize};
+
+use crate::case::{Case, Event};
+use crate::ingest::{Ingestor, Outcome};
+use crate::outbox::{self, OutboxState};
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    CasesList { json: bool },
+    CaseShow { id: u64, json: bool },
+    QuarantineList { json: bool },
+    QuarantineRetry { id: Option<u64> },
+    OutboxList { json: bool, all: bool },
+    OutboxRetry { id: u64 },
+}
+
+/// What to print and the exit code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub code: i32,
+    pub output: String,
+}
+
+impl Response {
+    fn ok(output: String) -> Response {
+        Response { code: 0, output }
+    }
+    fn fail(output: String) -> Response {
+        Response { code: 1, output }
+    }
+}
+
+fn json(v: &impl Serialize) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// Handles one request against the store behind `ingestor`.
+pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError> {
+    let store = &*ingestor.store;
+    match *req {
+        Request::CasesList { json: as_json } => {
+            let cases: Vec<Case> = store.cases().collect::<Result<_, _>>()?;
+            if as_json {
+                let v: Vec<_> = cases.iter().map(Case::summary_json).collect();
+                return Ok(Response::ok(json(&v)));
+            }
+            let mut out = format!(
+                "{:>6}  {:<8}  {:<12}  {:<20}  {:<28}  {}\n",
+                "CASE", "STATUS", "TIER", "DUE", "CUSTOMER", "SUBJECT"
+            );
+            for c in &cases {
+                out.push_str(&format!(
+                    "{:>6}  {:<8}  {:<12}  {:<20}  {:<28}  {}\n",
+                    c.id,
+                    serde_json::to_value(c.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    c.tier,
+                    c.due_at
+                        .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    if c.customer.is_empty() {
+                        "(unassigned)"
+                    } else {
+                        &c.customer
+                    },
+                    c.subject
+                ));
+            }
+            out.push_str(&format!("{} case(s)\n", cases.len()));
+            Ok(Response::ok(out))
+        }
+        Request::CaseShow { id, json: as_json } => {
+            let Some(case) = store.case(id)? else {
+                return Ok(Response::fail(format!("no case #{id}\n")));
+            };
+            let mut messages = Vec::new();
+            for seq in &case.messages {
+                if let Some(m) = store.message(*seq)? {
+                    messages.push(m);
+                }
+            }
+            if as_json {
+                let mut v = case.summary_json();
+                v["history"] = serde_json::to_value(&case.history).unwrap_or_default();
+                v["message_list"] = serde_json::to_value(
+                    messages
+                        .iter()
+                        .map(|m| {
+                            serde_json::json!({
+                                "seq": m.seq,
+                                "message_id": m.message_id,
+                                "from": m.from.as_ref().map(|a| a.email.clone()),
+                                "subject": m.subject,
+                                "date": m.date.map(|d| d.to_rfc3339()),
+                                "received_at": m.received_at.to_rfc3339(),
+                                "size": m.size,
+                                "attachments": m.attachments,
+                                "suppressed": m.suppressed,
+                                "truncated": m.truncated,
+                                "parse_error": m.parse_error,
+                                "text": m.text,
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap_or_default();
+                return Ok(Response::ok(json(&v)));
+            }
+            let mut out = format!(
+                "Case #{}: {}\n  customer: {}{}\n  status:   {:?}\n  tier:     {}\n  due:      {}\n  created:  {}\n",
+                case.id,
+                case.subject,
+                if case.customer.is_empty() { "(unassigned: sender unreadable)" } else { &case.customer },
+                case.customer_name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+                case.status,
+                case.tier,
+                case.due_at.map(|d| d.to_rfc3339()).unwrap_or_else(|| "-".into()),
+                case.created_at.to_rfc3339(),
+            );
+            if !case.participants.is_empty() {
+                out.push_str(&format!(
+                    "  participants: {}\n",
+                    case.participants.join(", ")
+                ));
+            }
+            out.push_str(&format!("\nMessages ({}):\n", messages.len()));
+            for m in &messages {
+                out.push_str(&format!(
+                    "--- {} from {} — {}\n",
+                    m.received_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    m.from
+                        .as_ref()
+                        .map(|a| a.email.as_str())
+                        .unwrap_or("(no sender)"),
+                    m.subject
+                ));
+                for line in m.text.lines().take(20) {
+                    out.push_str(&format!("    {line}\n"));
+                }
+            }
+            out.push_str("\nHistory:\n");
+            for e in &case.history {
+                out.push_str(&format!("  {}\n", event_line(e)));
+            }
+            Ok(Response::ok(out))
+        }
+        Request::QuarantineList { json: as_json } => {
+            let entries: Vec<_> = store.quarantined().collect::<Result<_, _>>()?;
+            if as_json {
+                return Ok(Response::ok(json(&entries)));
+            }
+            let mut out = String::new();
+            for q in &entries {
+                out.push_str(&format!(
+                    "{:>5}  {} uid {}  {}  {}\n",
+                    q.id,
+                    q.folder,
+                    q.uid,
+                    q.at.to_rfc3339(),
+                    q.error
+                ));
+            }
+            out.push_str(&format!("{} message(s) in quarantine\n", entries.len()));
+            Ok(Response::ok(out))
+        }
+        Request::QuarantineRetry { id } => {
+            let ids: Vec<u64> = match id {
+                Some(id) => vec![id],
+                None => store
+                    .quarantined()
+                    .map(|q| q.map(|q| q.id))
+                    .collect::<Result<_, _>>()?,
+            };
+            let mut out = String::new();
+            let mut code = 0;
+            for id in ids {
+                match ingestor.retry_quarantined(id)? {
+                    None => {
+                        out.push_str(&format!("{id}: no such quarantined message\n"));
+                        code = 1;
+                    }
+                    Some(Outcome::Quarantined { id: again }) => {
+                        out.push_str(&format!(
+                            "{id}: failed again (now quarantine entry {again})\n"
+                        ));
+                        code = 1;
+                    }
+                    Some(Outcome::Stored { case, .. }) => {
+                        out.push_str(&format!("{id}: stored in case #{case}\n"))
+                    }
+                    Some(_) => out.push_str(&format!("{id}: already stored\n")),
+                }
+            }
+            Ok(Response { code, output: out })
+        }
+        Request::OutboxList { json: as_json, all } => {
+            let entries: Vec<_> = store
+                .outbox()
+                .filter(|e| {
+                    all || e
+                        .as_ref()
+                        .map(|e| e.state != OutboxState::Sent)
+                        .unwrap_or(true)
+                })
+                .collect::<Result<_, _>>()?;
+            if as_json {
+                return Ok(Response::ok(json(&entries)));
+            }
+            let mut out = String::new();
+            for e in &entries {
+                out.push_str(&format!(
+                    "{:>6}  case #{:<6} {:<8} {:<8} attempts {}  to {}  {}\n",
+                    e.id,
+                    e.case,
+                    e.kind,
+                    format!("{:?}", e.state).to_lowercase(),
+                    e.attempts,
+                    e.to.join(", "),
+                    e.last_error.as_deref().unwrap_or("")
+                ));
+            }
+            out.push_str(&format!(
+                "{} entr{}\n",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            ));
+            Ok(Response::ok(out))
+        }
+        Request::OutboxRetry { id } => match outbox::retry(store, id, ingestor.clock.now())? {
+            None => Ok(Response::fail(format!("no outbox entry {id}\n"))),
+            Some(e) if e.state == OutboxState::Pending => Ok(Response::ok(format!(
+                "outbox entry {id} queued for sending again\n"
+            ))),
+            Some(e) => Ok(Response::fail(format!(
+                "outbox entry {id} is {:?}, not failed; nothing to retry\n",
+                e.state
+            ))),
+        },
+    }
+}
+
+fn event_line(e: &Event) -> String {
+    let v = serde_json::to_value(e).unwrap_or_default();
+    let mut parts = Vec::new();
+    if let Some(map) = v.as_object() {
+        for (k, val) in map {
+            if k != "at" && k != "kind" {
+                parts.push(format!(
+                    "{k}={}",
+                    val.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| val.to_string())
+                ));
+            }
+        }
+    }
+    format!(
+        "{}  {:<14} {}",
+        e.at.format("%Y-%m-%d %H:%M:%S"),
+        v["kind"].as_str().unwrap_or(""),
+        parts.join(" ")
+    )
+}

@@ -1,0 +1,125 @@
+//! Runs the daemon: opens the store, starts the mailbox watcher, the
+//! outbox worker and the control socket, and on shutdown lets each finish
+//! its current transaction, flushes, and returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::ingest::Ingestor;
+use crate::mailbox::Watcher;
+use crate::outbox::smtp::{Mailer, SmtpMailer};
+use crate::outbox::Outbox;
+use crate::store::Store;
+
+/// How long workers get to finish after a shutdown signal.
+const EXIT_DEADLINE: Duration = Duration::from_secs(8);
+
+struct Parts {
+    store: Arc<Store>,
+    watcher: Watcher,
+    outbox: Outbox,
+    ingestor: Arc<Ingestor>,
+}
+
+fn parts(config: Config) -> anyhow::Result<Parts> {
+    let config = Arc::new(config);
+    let store = Arc::new(Store::open(&config.store.path)?);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mailer: Arc<dyn Mailer> =
+        Arc::new(SmtpMailer::new(&config.smtp).context("cannot set up SMTP")?);
+    let notify = Arc::new(Notify::new());
+    let ingestor = Arc::new(Ingestor {
+        store: store.clone(),
+        config: config.clone(),
+        clock: clock.clone(),
+    });
+    let watcher = Watcher {
+        config: config.clone(),
+        ingestor: ingestor.clone(),
+        outbox: notify.clone(),
+    };
+    let outbox = Outbox {
+        store: store.clone(),
+        mailer,
+        clock,
+        notify,
+    };
+    Ok(Parts {
+        store,
+        watcher,
+        outbox,
+        ingestor,
+    })
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
+    let Parts {
+        store,
+        watcher,
+        outbox,
+        ingestor,
+    } = parts(config)?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let pending = store.outbox_pending()?.len();
+    tracing::info!(store = %store.path().display(), pending_mail = pending, "escalator started");
+    tracker.spawn(watcher.run(cancel.clone()));
+    tracker.spawn(outbox.run(cancel.clone()));
+    let control = crate::control::serve(ingestor, cancel.clone())?;
+    tracker.spawn(control);
+    tracker.close();
+    shutdown.await;
+    tracing::info!("shutting down: finishing current work");
+    cancel.cancel();
+    if tokio::time::timeout(EXIT_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("workers did not stop within {EXIT_DEADLINE:?}; exiting anyway (the store is consistent)");
+    }
+    store.flush_async().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One full cycle: ingest everything new, drain the outbox, return.
+pub async fn run_once(config: Config) -> anyhow::Result<()> {
+    let Parts {
+        store,
+        watcher,
+        outbox,
+        ..
+    } = parts(config)?;
+    let cancel = CancellationToken::new();
+    let pass = watcher
+        .once(&cancel)
+        .await
+        .context("cannot ingest from the mailbox")?;
+    let drained = outbox.drain(true, &cancel).await?;
+    store.flush_async().await?;
+    tracing::info!(
+        fetched = pass.fetched,
+        new_cases = pass.new_cases,
+        quarantined = pass.quarantined,
+        sent = drained.sent,
+        retrying = drained.retrying,
+        failed = drained.failed,
+        "one cycle done"
+    );
+    if drained.retrying > 0 {
+        tracing::warn!(
+            retrying = drained.retrying,
+            "some mail could not be sent yet; it stays queued for the next run"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,961 @@
+//! The one TOML file admins edit: read into `RawConfig` (serde, unknown
+//! keys refused), then validated into `Config`, whose types the rest of
+//! the daemon can trust. Every error names the key path, so an admin with
+//! a typo is told exactly where to look.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::template::{Template, TemplateKind};
+
+/// Everything the daemon needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, for messages and relative paths.
+    pub source: PathBuf,
+    pub mailbox: MailboxConfig,
+    pub smtp: SmtpConfig,
+    pub store: StoreConfig,
+    pub cases: CasesConfig,
+    pub calendar: CalendarConfig,
+    /// Tiers in escalation order; validation guarantees at least one.
+    pub tiers: Vec<TierConfig>,
+    pub templates: Templates,
+}
+
+/// How the connection to a server is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// Implicit TLS from the first byte (IMAPS 993, SMTPS 465).
+    Tls,
+    /// Plain connection upgraded with STARTTLS; refused if the server
+    /// does not offer it, so a stripped capability cannot downgrade us.
+    Starttls,
+    /// No encryption: loopback only unless `allow_insecure` is set.
+    Plain,
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Security::Tls => "tls",
+            Security::Starttls => "starttls",
+            Security::Plain => "plain",
+        })
+    }
+}
+
+/// A server endpoint with its credentials, shared by IMAP and SMTP.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    /// Extra CA certificates (PEM) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Per-command network timeout, so a silent server cannot hang us.
+    pub timeout: Duration,
+}
+
+/// A password that never prints itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The only way to read the secret: grep for `expose` to audit uses.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MailboxConfig {
+    pub endpoint: Endpoint,
+    /// The folder customers' mail arrives in.
+    pub folder: String,
+    /// Polling period when IDLE is off or unsupported, and the longest
+    /// we wait before re-checking even with IDLE.
+    pub poll_interval: Duration,
+    pub idle: bool,
+    /// Bigger messages are stored as a stub (headers and size only).
+    pub max_message_size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub endpoint: Endpoint,
+    /// Display name of the support address.
+    pub from_name: Option<String>,
+    /// The support address: sender of all mail, and never a customer.
+    pub from: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct CasesConfig {
+    /// The word in `[Case #42]`.
+    pub subject_tag: String,
+    /// Addresses that reach the support mailbox besides `smtp.from`;
+    /// never treated as customers or participants.
+    pub support_addresses: Vec<String>,
+    /// At most this many automatic mails per recipient per window: the
+    /// last defence against a loop with another robot.
+    pub auto_reply_limit: u32,
+    pub auto_reply_window: Duration,
+    /// Names this instance in the loop header of every mail we send.
+    pub instance: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CalendarConfig {
+    pub timezone: chrono_tz::Tz,
+}
+
+#[derive(Debug, Clone)]
+pub struct TierConfig {
+    pub name: String,
+    pub first_response: Duration,
+}
+
+/// The message templates in use, built-in or from files.
+#[derive(Debug, Clone)]
+pub struct Templates {
+    pub ack: Template,
+}
+
+/// Everything wrong with a config file, each naming its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {}", .problems.join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+// ---------------------------------------------------------------- raw
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    mailbox: RawMailbox,
+    smtp: RawSmtp,
+    store: RawStore,
+    #[serde(default)]
+    cases: RawCases,
+    #[serde(default)]
+    calendar: RawCalendar,
+    tiers: Vec<RawTier>,
+    #[serde(default)]
+    templates: RawTemplates,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMailbox {
+    host: String,
+    port: Option<u16>,
+    #[serde(default = "default_security")]
+    security: Security,
+    #[serde(default)]
+    allow_insecure: bool,
+    ca_file: Option<PathBuf>,
+    username: String,
+    password: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_folder")]
+    folder: String,
+    #[serde(default = "default_poll")]
+    poll_interval: String,
+    #[serde(default = "default_true")]
+    idle: bool,
+    #[serde(default = "default_timeout")]
+    timeout: String,
+    #[serde(default = "default_max_size")]
+    max_message_size: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    host: String,
+    port: Option<u16>,
+    #[serde(default = "default_security")]
+    security: Security,
+    #[serde(default)]
+    allow_insecure: bool,
+    ca_file: Option<PathBuf>,
+    username: Option<String>,
+    password: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    from: String,
+    #[serde(default = "default_timeout")]
+    timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCases {
+    #[serde(default = "default_tag")]
+    subject_tag: String,
+    #[serde(default)]
+    support_addresses: Vec<String>,
+    #[serde(default = "default_limit")]
+    auto_reply_limit: u32,
+    #[serde(default = "default_window")]
+    auto_reply_window: String,
+    instance: Option<String>,
+}
+
+impl Default for RawCases {
+    fn default() -> Self {
+        RawCases {
+            subject_tag: default_tag(),
+            support_addresses: Vec::new(),
+            auto_reply_limit: default_limit(),
+            auto_reply_window: default_window(),
+            instance: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCalendar {
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    name: String,
+    first_response: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplates {
+    ack: Option<PathBuf>,
+}
+
+fn default_security() -> Security {
+    Security::Tls
+}
+fn default_folder() -> String {
+    "INBOX".into()
+}
+fn default_poll() -> String {
+    "60s".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_timeout() -> String {
+    "60s".into()
+}
+fn default_max_size() -> String {
+    "25MB".into()
+}
+fn default_tag() -> String {
+    "Case".into()
+}
+fn default_limit() -> u32 {
+    3
+}
+fn default_window() -> String {
+    "1h".into()
+}
+
+// ---------------------------------------------------------- loading
+
+impl Config {
+    /// Reads and validates `path`; `env` resolves `password_env`
+    /// (injected so tests need not touch the process environment).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path, &|k| std::env::var(k).ok())
+    }
+
+    /// Parses config text; `path` anchors relative paths and messages.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |problems: Vec<String>| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        };
+        let raw: RawConfig = {
+            let de = toml::Deserializer::parse(text)
+                .map_err(|e| invalid(vec![toml_problem(text, "", &e)]))?;
+            serde_path_to_error::deserialize(de)
+                .map_err(|e| {
+                    let key = e.path().to_string();
+                    vec![toml_problem(text, &key, e.inner())]
+                })
+                .map_err(invalid)?
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut v = Validator {
+            problems: Vec::new(),
+            base,
+            env,
+        };
+        let config = v.config(raw, path);
+        match config {
+            Some(c) if v.problems.is_empty() => Ok(c),
+            _ => Err(invalid(v.problems)),
+        }
+    }
+
+    /// The support address and its aliases, lower-case.
+    pub fn support_addresses(&self) -> Vec<String> {
+        let mut all = vec![self.smtp.from.to_lowercase()];
+        all.extend(self.cases.support_addresses.iter().cloned());
+        all
+    }
+
+    /// The domain of the support address, for our Message-IDs.
+    pub fn support_domain(&self) -> &str {
+        self.smtp
+            .from
+            .rsplit_once('@')
+            .map(|(_, d)| d)
+            .unwrap_or("localhost")
+    }
+
+    /// A short summary for `check-config`; never prints secrets.
+    pub fn summary(&self) -> String {
+        let ep = |e: &Endpoint| {
+            format!(
+                "{}:{} ({}{})",
+                e.host,
+                e.port,
+                e.security,
+                if e.password.is_some() {
+                    ", password set"
+                } else {
+                    ""
+                }
+            )
+        };
+        let mut s = format!(
+            "config {} is valid\n  mailbox: {} folder {} as {}\n  smtp:    {} from {}\n  store:   {}\n  tiers:   ",
+            self.source.display(),
+            ep(&self.mailbox.endpoint),
+            self.mailbox.folder,
+            self.mailbox.endpoint.username.as_deref().unwrap_or("-"),
+            ep(&self.smtp.endpoint),
+            self.smtp.from,
+            self.store.path.display(),
+        );
+        let tiers: Vec<String> = self
+            .tiers
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} (first response {})",
+                    t.name,
+                    humantime::format_duration(t.first_response)
+                )
+            })
+            .collect();
+        s.push_str(&tiers.join(" → "));
+        s.push_str(&format!("\n  timezone: {}", self.calendar.timezone));
+        s
+    }
+}
+
+/// Renders a toml/serde error as "key: message (line L, column C)".
+fn toml_problem(text: &str, key: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end().to_string();
+    let at = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!(" (line {line}, column {col})")
+        })
+        .unwrap_or_default();
+    if key.is_empty() || key == "." {
+        format!("{msg}{at}")
+    } else {
+        format!("{key}: {msg}{at}")
+    }
+}
+
+struct Validator<'a> {
+    problems: Vec<String>,
+    base: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: &str, msg: impl fmt::Display) {
+        self.problems.push(format!("{key}: {msg}"));
+    }
+
+    fn duration(&mut self, key: &str, text: &str) -> Duration {
+        match parse_duration(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(key, e);
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn endpoint(
+        &mut self,
+        section: &str,
+        host: String,
+        port: Option<u16>,
+        security: Security,
+        allow_insecure: bool,
+        ca_file: Option<PathBuf>,
+        username: Option<String>,
+        secret: (Option<String>, Option<String>, Option<PathBuf>),
+        timeout: &str,
+        default_ports: (u16, u16),
+    ) -> Endpoint {
+        if host.trim().is_empty() {
+            self.problem(&format!("{section}.host"), "must not be empty");
+        }
+        if security == Security::Plain && !allow_insecure && !is_loopback(&host) {
+            self.problem(
+                &format!("{section}.security"),
+                format!(
+                    "\"plain\" sends passwords and mail unencrypted; refused for \
+                     non-loopback host {host:?} unless {section}.allow_insecure = true"
+                ),
+            );
+        }
+        let ca_file = ca_file.map(|p| self.path(&p));
+        if let Some(p) = &ca_file {
+            if !p.is_file() {
+                self.problem(
+                    &format!("{section}.ca_file"),
+                    format!("no such file {}", p.display()),
+                );
+            }
+        }
+        let password = self.secret(section, secret);
+        let port = port.unwrap_or(match security {
+            Security::Tls => default_ports.0,
+            _ => default_ports.1,
+        });
+        Endpoint {
+            host,
+            port,
+            security,
+            ca_file,
+            username,
+            password,
+            timeout: self.duration(&format!("{section}.timeout"), timeout),
+        }
+    }
+
+    fn secret(
+        &mut self,
+        section: &str,
+        (plain, env_name, file): (Option<String>, Option<String>, Option<PathBuf>),
+    ) -> Option<Secret> {
+        let given = [plain.is_some(), env_name.is_some(), file.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if given > 1 {
+            self.problem(
+                &format!("{section}.password"),
+                "give only one of password, password_env, password_file",
+            );
+            return None;
+        }
+        if let Some(p) = plain {
+            return Some(Secret::new(p));
+        }
+        if let Some(name) = env_name {
+            return match (self.env)(&name) {
+                Some(v) => Some(Secret::new(v)),
+                None => {
+                    self.problem(
+                        &format!("{section}.password_env"),
+                        format!("environment variable {name} is not set"),
+                    );
+                    None
+                }
+            };
+        }
+        if let Some(file) = file {
+            let file = self.path(&file);
+            return match std::fs::read_to_string(&file) {
+                // A trailing newline from `echo pw > file` is not part of it.
+                Ok(v) => Some(Secret::new(v.trim_end_matches(['\r', '\n']))),
+                Err(e) => {
+                    self.problem(
+                        &format!("{section}.password_file"),
+                        format!("cannot read {}: {e}", file.display()),
+                    );
+                    None
+                }
+            };
+        }
+        None
+    }
+
+    fn config(&mut self, raw: RawConfig, source: &Path) -> Option<Config> {
+        let m = raw.mailbox;
+        let mailbox_endpoint = self.endpoint(
+            "mailbox",
+            m.host,
+            m.port,
+            m.security,
+            m.allow_insecure,
+            m.ca_file,
+            Some(m.username),
+            (m.password, m.password_env, m.password_file),
+            &m.timeout,
+            (993, 143),
+        );
+        if mailbox_endpoint.password.is_none() {
+            self.problem(
+                "mailbox.password",
+                "IMAP needs a password: set password_env, password_file or password",
+            );
+        }
+        let poll_interval = self.duration("mailbox.poll_interval", &m.poll_interval);
+        if poll_interval < Duration::from_secs(1) && parse_duration(&m.poll_interval).is_ok() {
+            self.problem("mailbox.poll_interval", "must be at least 1s");
+        }
+        let max_message_size = match parse_size(&m.max_message_size) {
+            Ok(n) => n,
+            Err(e) => {
+                self.problem("mailbox.max_message_size", e);
+                0
+            }
+        };
+        let s = raw.smtp;
+        let smtp_endpoint = self.endpoint(
+            "smtp",
+            s.host,
+            s.port,
+            s.security,
+            s.allow_insecure,
+            s.ca_file,
+            s.username,
+            (s.password, s.password_env, s.password_file),
+            &s.timeout,
+            (465, 587),
+        );
+        let (from_name, from) = match parse_mailbox(&s.from) {
+            Some(x) => x,
+            None => {
+                self.problem(
+                    "smtp.from",
+                    format!(
+                        "{:?} is not an address; write \"Support <support@example.com>\"",
+                        s.from
+                    ),
+                );
+                (None, String::new())
+            }
+        };
+
+        let c = raw.cases;
+        if c.subject_tag.trim().is_empty()
+            || !c
+                .subject_tag
+                .chars()
+                .all(|ch| ch.is_alphanumeric() || ch == '-' || ch == '_')
+        {
+            self.problem(
+                "cases.subject_tag",
+                "must be a single word of letters, digits, - or _",
+            );
+        }
+        let mut support_addresses = Vec::new();
+        for (i, a) in c.support_addresses.iter().enumerate() {
+            match parse_mailbox(a) {
+                Some((_, addr)) => support_addresses.push(addr),
+                None => self.problem(
+                    &format!("cases.support_addresses[{i}]"),
+                    format!("{a:?} is not an address"),
+                ),
+            }
+        }
+        let auto_reply_window = self.duration("cases.auto_reply_window", &c.auto_reply_window);
+        let instance = c.instance.unwrap_or_else(|| from.clone());
+        if instance.chars().any(|ch| ch.is_control()) {
+            self.problem("cases.instance", "must not contain control characters");
+        }
+
+        let timezone = match raw.calendar.timezone.as_deref() {
+            None => chrono_tz::UTC,
+            Some(name) => {
+                match name.parse::<chrono_tz::Tz>() {
+                    Ok(tz) => tz,
+                    Err(_) => {
+                        self.problem(
+                        "calendar.timezone",
+                        format!("unknown time zone {name:?}; use an IANA name like \"Europe/Berlin\""),
+                    );
+                        chrono_tz::UTC
+                    }
+                }
+            }
+        };
+
+        if raw.tiers.is_empty() {
+            self.problem("tiers", "at least one [[tiers]] is needed");
+        }
+        let mut tiers = Vec::new();
+        for (i, t) in raw.tiers.into_iter().enumerate() {
+            let key = format!("tiers[{i}]");
+            if t.name.trim().is_empty() {
+                self.problem(&format!("{key}.name"), "must not be empty");
+            }
+            if tiers.iter().any(|x: &TierConfig| x.name == t.name) {
+                self.problem(
+                    &format!("{key}.name"),
+                    format!("tier {:?} is defined twice", t.name),
+                );
+            }
+            let first_response = self.duration(&format!("{key}.first_response"), &t.first_response);
+            tiers.push(TierConfig {
+                name: t.name,
+                first_response,
+            });
+        }
+
+        let ack = match raw.templates.ack {
+            None => Template::builtin(TemplateKind::Ack),
+            Some(p) => {
+                let p = self.path(&p);
+                match std::fs::read_to_string(&p) {
+                    Ok(text) => match Template::parse(TemplateKind::Ack, &text) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.problem("templates.ack", format!("{}: {e}", p.display()));
+                            Template::builtin(TemplateKind::Ack)
+                        }
+                    },
+                    Err(e) => {
+                        self.problem("templates.ack", format!("cannot read {}: {e}", p.display()));
+                        Template::builtin(TemplateKind::Ack)
+                    }
+                }
+            }
+        };
+
+        Some(Config {
+            source: source.to_owned(),
+            mailbox: MailboxConfig {
+                endpoint: mailbox_endpoint,
+                folder: m.folder,
+                poll_interval,
+                idle: m.idle,
+                max_message_size,
+            },
+            smtp: SmtpConfig {
+                endpoint: smtp_endpoint,
+                from_name,
+                from,
+            },
+            store: StoreConfig {
+                path: self.path(&raw.store.path),
+            },
+            cases: CasesConfig {
+                subject_tag: c.subject_tag,
+                support_addresses,
+                auto_reply_limit: c.auto_reply_limit,
+                auto_reply_window,
+                instance,
+            },
+            calendar: CalendarConfig { timezone },
+            tiers,
+            templates: Templates { ack },
+        })
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+/// Parses `90s`, `15m`, `4h`, `2d`, `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty duration; write e.g. \"90s\", \"15m\", \"4h\", \"2d\"".into());
+    }
+    humantime::parse_duration(t).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write e.g. \"90s\", \"15m\", \"4h\", \"2d\"")
+    })
+}
+
+/// Parses `500KB`, `25MB`, `1GB` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_uppercase();
+    let (num, mult) = if let Some(n) = t.strip_suffix("GB") {
+        (n, 1u64 << 30)
+    } else if let Some(n) = t.strip_suffix("MB") {
+        (n, 1 << 20)
+    } else if let Some(n) = t.strip_suffix("KB") {
+        (n, 1 << 10)
+    } else {
+        (t.strip_suffix('B').unwrap_or(&t), 1)
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n.saturating_mul(mult))
+        .map_err(|_| format!("{text:?} is not a size; write e.g. \"25MB\""))
+}
+
+/// Splits `Name <addr@host>` or `addr@host` into (name, lower-case addr).
+pub fn parse_mailbox(text: &str) -> Option<(Option<String>, String)> {
+    let t = text.trim();
+    let (name, addr) = match (t.rfind('<'), t.rfind('>')) {
+        (Some(l), Some(r)) if l < r => {
+            let name = t[..l].trim().trim_matches('"').trim();
+            (
+                (!name.is_empty()).then(|| name.to_string()),
+                t[l + 1..r].trim(),
+            )
+        }
+        _ => (None, t),
+    };
+    let (local, domain) = addr.rsplit_once('@')?;
+    let ok = !local.is_empty()
+        && domain.contains('.') | (domain == "localhost")
+        && !addr
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>(),;\"".contains(c));
+    ok.then(|| (name, addr.to_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[mailbox]
+host = "127.0.0.1"
+port = 1143
+security = "plain"
+username = "support"
+password = "pw"
+
+[smtp]
+host = "127.0.0.1"
+port = 2525
+security = "plain"
+from = "Example Support <support@example.test>"
+
+[store]
+path = "/tmp/x"
+
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/escalator.toml"), &|k| {
+            (k == "PW").then(|| "from-env".to_string())
+        })
+    }
+
+    fn problems(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("config should be refused"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.mailbox.folder, "INBOX");
+        assert_eq!(c.mailbox.poll_interval, Duration::from_secs(60));
+        assert!(c.mailbox.idle);
+        assert_eq!(c.smtp.from, "support@example.test");
+        assert_eq!(c.smtp.from_name.as_deref(), Some("Example Support"));
+        assert_eq!(c.cases.subject_tag, "Case");
+        assert_eq!(c.tiers[0].first_response, Duration::from_secs(4 * 3600));
+        assert_eq!(c.calendar.timezone, chrono_tz::UTC);
+        assert_eq!(c.support_domain(), "example.test");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path_and_line() {
+        let text = GOOD.replace("password = \"pw\"", "password = \"pw\"\npasword = \"x\"");
+        let e = problems(&text);
+        assert!(e.contains("mailbox.pasword"), "{e}");
+        assert!(e.contains("line 8"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_tier_is_named() {
+        let e = problems(&format!("{GOOD}frist_response = \"1h\"\n"));
+        assert!(e.contains("tiers[0].frist_response"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = problems(&GOOD.replace("\"4h\"", "\"4 hourz\""));
+        assert!(e.contains("tiers[0].first_response"), "{e}");
+    }
+
+    #[test]
+    fn plain_to_remote_host_is_refused_unless_allowed() {
+        let text = GOOD.replacen("host = \"127.0.0.1\"", "host = \"imap.example.com\"", 1);
+        let e = problems(&text);
+        assert!(e.contains("mailbox.security"), "{e}");
+        assert!(e.contains("allow_insecure"), "{e}");
+        let text = text.replacen(
+            "security = \"plain\"",
+            "security = \"plain\"\nallow_insecure = true",
+            1,
+        );
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn password_from_env_and_missing_env_named() {
+        let c = parse(&GOOD.replace("password = \"pw\"", "password_env = \"PW\"")).unwrap();
+        assert_eq!(
+            c.mailbox.endpoint.password.as_ref().unwrap().expose(),
+            "from-env"
+        );
+        let e = problems(&GOOD.replace("password = \"pw\"", "password_env = \"NOPE\""));
+        assert!(
+            e.contains("mailbox.password_env") && e.contains("NOPE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn password_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let text = GOOD.replace(
+            "password = \"pw\"",
+            &format!("password_file = {:?}", f.display().to_string()),
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.mailbox.endpoint.password.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = parse(GOOD).unwrap();
+        assert!(!format!("{c:?}").contains("\"pw\""));
+        assert!(!c.summary().contains("pw\n"));
+        assert!(c.summary().contains("password set"));
+    }
+
+    #[test]
+    fn several_problems_are_all_reported() {
+        let text = GOOD
+            .replace("\"4h\"", "\"soon\"")
+            .replace("Example Support <support@example.test>", "nobody");
+        let e = problems(&(text + "[calendar]\ntimezone = \"Mars/Olympus\"\n"));
+        assert!(e.contains("tiers[0].first_response"), "{e}");
+        assert!(e.contains("smtp.from"), "{e}");
+        assert!(e.contains("calendar.timezone"), "{e}");
+    }
+
+    #[test]
+    fn no_tiers_is_refused() {
+        let text = "tiers = []\n".to_string() + GOOD.split("[[tiers]]").next().unwrap();
+        let e = problems(&text);
+        assert!(e.contains("tiers: at least one"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(parse_duration("").is_err());
+        assert_eq!(parse_size("25MB").unwrap(), 25 << 20);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn mailbox_parsing() {
+        assert_eq!(
+            parse_mailbox("\"A B\" <A@X.org>"),
+            Some((Some("A B".into()), "a@x.org".into()))
+        );
+        assert_eq!(parse_mailbox("a@x.org"), Some((None, "a@x.org".into())));
+        assert_eq!(parse_mailbox("nobody"), None);
+        assert_eq!(parse_mailbox("a b@x.org"), None);
+    }
+
+    #[test]
+    fn shipped_example_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for name in ["escalator.toml", "demo.toml"] {
+            let path = root.join(name);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let r = Config::parse(&text, &path, &|_| Some("secret".into()));
+            assert!(r.is_ok(), "{name}: {}", r.err().unwrap());
+        }
+    }
+}

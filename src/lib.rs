@@ -1,0 +1,54 @@
+//! escalator: an email-driven escalation gateway.
+//!
+//! # Layout
+//!
+//! Data flows one way: mailbox → parse → thread → store → policy →
+//! outbox → SMTP.
+//!
+//! - [`config`]: the TOML file, validated; errors name their key.
+//! - [`mailbox`]: IMAP watcher (IDLE or polling), resumable by UID.
+//! - [`message`]: raw bytes → [`message::InboundMail`] (pure, total).
+//! - [`suppress`]: which mail must get no automatic answer (pure).
+//! - [`thread`]: which case a message belongs to (pure).
+//! - [`case`]: the case record and its history.
+//! - [`policy`]: deadlines, ETAs and what to send (pure).
+//! - [`template`]: admin-editable message texts (pure).
+//! - [`ingest`]: one message through parse/thread/policy into one store
+//!   transaction.
+//! - [`store`]: the only module that touches sled.
+//! - [`outbox`]: persisted outgoing mail, sent at most once per entry
+//!   mark, retried with backoff.
+//! - [`app`]: wires the workers, runs them until shutdown.
+//! - [`admin`]: what the CLI prints and changes (cases, outbox,
+//!   quarantine), shared by the CLI and the daemon's control socket.
+
+pub mod admin;
+pub mod app;
+pub mod case;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod ingest;
+pub mod mailbox;
+pub mod message;
+pub mod outbox;
+pub mod policy;
+pub mod store;
+pub mod suppress;
+pub mod template;
+pub mod thread;
+
+/// An error with all its causes, "a: b: c", for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

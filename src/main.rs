@@ -1,0 +1,247 @@
+//! The `escalator` command: parses the CLI, sets up logging, turns
+//! signals into a shutdown future and errors into exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use escalator::admin::{self, Request, Response};
+use escalator::clock::SystemClock;
+use escalator::config::Config;
+use escalator::ingest::Ingestor;
+use escalator::store::{Store, StoreError};
+
+#[derive(Parser)]
+#[command(name = "escalator", version, about = "Email-driven escalation gateway")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(long, short, env = "ESCALATOR_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (or one cycle with --once).
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Ingest everything new, send the outbox, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate a config file and print a summary.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Inspect cases.
+    Cases {
+        #[command(subcommand)]
+        command: CasesCommand,
+    },
+    /// Messages that failed to process.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
+    /// Outgoing mail.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CasesCommand {
+    /// List all cases.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one case with its messages and history.
+    Show {
+        id: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// List quarantined messages with their errors.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Process quarantined messages again (one ID, or all).
+    Retry {
+        id: Option<u64>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// List unsent and failed mail (--all: sent mail too).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Queue a failed mail for sending again.
+    Retry {
+        id: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("escalator: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("escalator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ESCALATOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{}", escalator::error_chain(&e)))
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    let (config, req) = match cmd {
+        Command::Run { config, once } => {
+            let cfg = load(&config.config)?;
+            if once {
+                escalator::app::run_once(cfg).await?;
+            } else {
+                escalator::app::run(cfg, shutdown_signal()).await?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::CheckConfig { config } => {
+            return match Config::load(&config.config) {
+                Ok(c) => {
+                    println!("{}", c.summary());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{}", escalator::error_chain(&e));
+                    Ok(ExitCode::FAILURE)
+                }
+            };
+        }
+        Command::Cases { command } => match command {
+            CasesCommand::List { config, json } => (config, Request::CasesList { json }),
+            CasesCommand::Show { id, config, json } => (config, Request::CaseShow { id, json }),
+        },
+        Command::Quarantine { command } => match command {
+            QuarantineCommand::List { config, json } => (config, Request::QuarantineList { json }),
+            QuarantineCommand::Retry { id, config } => (config, Request::QuarantineRetry { id }),
+        },
+        Command::Outbox { command } => match command {
+            OutboxCommand::List { config, json, all } => {
+                (config, Request::OutboxList { json, all })
+            }
+            OutboxCommand::Retry { id, config } => (config, Request::OutboxRetry { id }),
+        },
+    };
+    let cfg = load(&config.config)?;
+    let resp = admin_request(cfg, &req).await?;
+    print!("{}", resp.output);
+    Ok(if resp.code == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs an admin request on the store, or via the daemon that holds it.
+async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
+    let path = cfg.store.path.clone();
+    match Store::open(&path) {
+        Ok(store) => {
+            let ingestor = Ingestor {
+                store: Arc::new(store),
+                config: Arc::new(cfg),
+                clock: Arc::new(SystemClock),
+            };
+            let req = req.clone();
+            Ok(tokio::task::spawn_blocking(move || admin::handle(&ingestor, &req)).await??)
+        }
+        Err(StoreError::Locked(_)) => escalator::control::ask(&path, req)
+            .await
+            .with_context(|| format!("the store {} is held by a running daemon, and its control socket did not answer", path.display())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

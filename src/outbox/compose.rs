@@ -1,0 +1,132 @@
+//! Compose: outgoing mail as bytes. Pure. Every header value passes
+//! through `one_line`, so nothing a customer wrote (a subject, a name, a
+//! Message-ID) can add a header of its own; every mail carries the robot
+//! stamps that keep other auto-responders (and other escalators) quiet.
+
+use chrono::{DateTime, Utc};
+use mail_builder::headers::raw::Raw;
+use mail_builder::MessageBuilder;
+
+use crate::message::LOOP_HEADER;
+use crate::template::one_line;
+
+/// What a composed mail needs to know beyond its text.
+pub struct Envelope<'a> {
+    pub from_name: Option<&'a str>,
+    pub from: &'a str,
+    pub to_name: Option<&'a str>,
+    pub to: &'a str,
+    pub subject: &'a str,
+    pub message_id: &'a str,
+    /// The message this answers, and the thread before it.
+    pub in_reply_to: Option<&'a str>,
+    pub references: Vec<String>,
+    /// `auto-replied` for answers to a message, `auto-generated` otherwise.
+    pub auto_submitted: &'a str,
+    pub instance: &'a str,
+    pub case_id: u64,
+    pub date: DateTime<Utc>,
+}
+
+/// Keeps only what may stand inside `<...>` of a Message-ID.
+pub fn clean_id(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_graphic() && !matches!(c, '<' | '>' | '"' | '\\' | ','))
+        .collect()
+}
+
+/// Builds the mail; `io::Error` only if writing to a Vec failed.
+pub fn compose(env: &Envelope, body: &str) -> std::io::Result<Vec<u8>> {
+    let from_name = env.from_name.map(one_line).unwrap_or_default();
+    let to_name = env.to_name.map(one_line).unwrap_or_default();
+    let mut refs: Vec<String> = env
+        .references
+        .iter()
+        .map(|r| clean_id(r))
+        .filter(|r| !r.is_empty())
+        .collect();
+    // Threading needs only the root and the recent end of the chain.
+    if refs.len() > 20 {
+        let tail = refs.split_off(refs.len() - 19);
+        refs.truncate(1);
+        refs.extend(tail);
+    }
+    let mut b = MessageBuilder::new()
+        .from((from_name, one_line(env.from)))
+        .to((to_name, one_line(env.to)))
+        .subject(one_line(env.subject))
+        .message_id(clean_id(env.message_id))
+        .date(env.date.timestamp())
+        .header("Auto-Submitted", Raw::new(env.auto_submitted.to_string()))
+        .header("X-Auto-Response-Suppress", Raw::new("All"))
+        .header("Precedence", Raw::new("bulk"))
+        .header(LOOP_HEADER, Raw::new(clean_id(env.instance)))
+        .header("X-Escalator-Case", Raw::new(env.case_id.to_string()))
+        .text_body(body.replace("\r\n", "\n").replace('\n', "\r\n"));
+    if let Some(irt) = env.in_reply_to.map(clean_id).filter(|s| !s.is_empty()) {
+        b = b.in_reply_to(irt);
+    }
+    if !refs.is_empty() {
+        b = b.references(refs);
+    }
+    b.write_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::parse;
+
+    fn env<'a>(subject: &'a str, name: &'a str) -> Envelope<'a> {
+        Envelope {
+            from_name: Some("Support"),
+            from: "support@example.test",
+            to_name: Some(name),
+            to: "alice@example.org",
+            subject,
+            message_id: "c1.a1.xyz@example.test",
+            in_reply_to: Some("orig@example.org"),
+            references: vec!["root@example.org".into(), "orig@example.org".into()],
+            auto_submitted: "auto-replied",
+            instance: "support@example.test",
+            case_id: 1,
+            date: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn stamps_and_threading_headers() {
+        let raw = compose(&env("[Case #1] Re: hi", "Alice"), "Hello\nthere").unwrap();
+        let text = String::from_utf8(raw.clone()).unwrap();
+        for h in [
+            "Auto-Submitted: auto-replied",
+            "X-Auto-Response-Suppress: All",
+            "Precedence: bulk",
+            "X-Escalator-Loop: support@example.test",
+            "Message-ID: <c1.a1.xyz@example.test>",
+            "In-Reply-To: <orig@example.org>",
+        ] {
+            assert!(text.contains(h), "missing {h} in\n{text}");
+        }
+        let m = parse(&raw);
+        assert_eq!(m.subject, "[Case #1] Re: hi");
+        assert_eq!(m.references, vec!["root@example.org", "orig@example.org"]);
+        assert!(m.text.contains("Hello\r\nthere") || m.text.contains("Hello\nthere"));
+    }
+
+    #[test]
+    fn header_injection_is_impossible() {
+        let raw = compose(
+            &env("hi\r\nBcc: victim@example.net", "Eve\r\nX-Evil: 1"),
+            "body",
+        )
+        .unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(!text.lines().any(|l| l.starts_with("Bcc:")), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("X-Evil:")), "{text}");
+        let mut e = env("x", "y");
+        e.in_reply_to = Some("a@b>\r\nBcc: v@x.net");
+        let text = String::from_utf8(compose(&e, "b").unwrap()).unwrap();
+        assert!(!text.lines().any(|l| l.starts_with("Bcc:")), "{text}");
+    }
+}

@@ -1,0 +1,276 @@
+//! Outbox: every mail escalator sends is first written here, in the same
+//! transaction as the change that caused it, and only then sent. The
+//! worker sends each entry with its fixed Message-ID, marks it, and never
+//! sends an entry that is marked sent.
+//!
+//! The window between the server's `250` and our "sent" mark reaching the
+//! disk is handled deliberately: an entry found in `sending` after a crash
+//! is sent again, with the same Message-ID. We prefer a rare duplicate
+//! (which mail clients collapse by Message-ID) to a lost acknowledgement
+//! or a lost escalation. The window is one SMTP transaction plus one
+//! flush: the entry is flushed as `sending` just before, and as `sent`
+//! just after.
+
+pub mod compose;
+pub mod smtp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::case::{CaseId, EventKind};
+use crate::clock::Clock;
+use crate::store::{id_key, Batch, Store, StoreError, Tree};
+use smtp::{Mailer, SmtpError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxState {
+    Pending,
+    /// Handed to SMTP; not yet known to be accepted.
+    Sending,
+    Sent,
+    /// Refused for good (or retried past `GIVE_UP_AFTER`).
+    Failed,
+}
+
+/// One outgoing mail. Its bytes live beside it in the raw tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub id: u64,
+    pub case: CaseId,
+    /// What the mail is: ack, notice, forward...
+    pub kind: String,
+    pub message_id: String,
+    pub from: String,
+    pub to: Vec<String>,
+    pub subject: String,
+    pub state: OutboxState,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+impl OutboxEntry {
+    pub fn raw_key(id: u64) -> Vec<u8> {
+        let mut k = b"out".to_vec();
+        k.extend_from_slice(&id_key(id));
+        k
+    }
+
+    /// Adds this entry and its bytes to a batch.
+    pub fn write(&self, batch: &mut Batch, raw: Vec<u8>) -> Result<(), StoreError> {
+        batch.put_json(Tree::Outbox, id_key(self.id), self)?;
+        batch.put(Tree::Raw, Self::raw_key(self.id), raw);
+        Ok(())
+    }
+}
+
+/// Transient failures are retried this long, then the entry fails.
+const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::days(3);
+
+fn backoff(attempts: u32) -> chrono::Duration {
+    let secs = 15u64.saturating_mul(1 << attempts.min(8)).min(3600);
+    chrono::Duration::seconds(secs as i64)
+}
+
+/// What one drain did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    pub sent: usize,
+    pub retrying: usize,
+    pub failed: usize,
+}
+
+/// The outbox worker.
+pub struct Outbox {
+    pub store: Arc<Store>,
+    pub mailer: Arc<dyn Mailer>,
+    pub clock: Arc<dyn Clock>,
+    /// Woken when ingest queued new mail.
+    pub notify: Arc<Notify>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox store access failed")]
+    Store(#[from] StoreError),
+}
+
+impl Outbox {
+    /// Runs until cancelled: drain, then sleep until the next retry or
+    /// until ingest says there is new mail.
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            let wait = match self.drain(false, &cancel).await {
+                Ok(_) => self.next_wake().unwrap_or(Duration::from_secs(3600)),
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "outbox drain failed; retrying in 10s");
+                    Duration::from_secs(10)
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Duration> {
+        let now = self.clock.now();
+        let pending = self.store.outbox_pending().ok()?;
+        let next = pending.iter().map(|e| e.next_attempt_at).min()?;
+        Some(
+            (next - now)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(50)),
+        )
+    }
+
+    /// Sends every due entry once. With `all`, entries waiting for a
+    /// retry are tried now too (for `run --once`).
+    pub async fn drain(
+        &self,
+        all: bool,
+        cancel: &CancellationToken,
+    ) -> Result<DrainReport, OutboxError> {
+        let mut report = DrainReport::default();
+        let now = self.clock.now();
+        for entry in self.store.outbox_pending()? {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if !all && entry.next_attempt_at > now {
+                continue;
+            }
+            match self.send_one(entry).await? {
+                OutboxState::Sent => report.sent += 1,
+                OutboxState::Failed => report.failed += 1,
+                _ => report.retrying += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    #[tracing::instrument(skip_all, fields(case_id = entry.case, outbox_id = entry.id, kind = %entry.kind))]
+    async fn send_one(&self, mut entry: OutboxEntry) -> Result<OutboxState, OutboxError> {
+        let Some(raw) = self.store.raw_bytes(&OutboxEntry::raw_key(entry.id))? else {
+            entry.state = OutboxState::Failed;
+            entry.last_error = Some("the mail's bytes are missing from the store".into());
+            self.finish(&entry)?;
+            return Ok(entry.state);
+        };
+        if entry.state == OutboxState::Sending {
+            tracing::warn!("sending again after an interruption mid-send; the recipient may see it twice (same Message-ID)");
+        }
+        entry.state = OutboxState::Sending;
+        entry.attempts += 1;
+        {
+            let _w = self.store.lock();
+            self.store.put_outbox(&entry, None)?;
+        }
+        // Durable before the effect: a crash from here on resends.
+        self.store.flush_async().await?;
+        let result = self.mailer.send(&entry.from, &entry.to, &raw).await;
+        let now = self.clock.now();
+        match result {
+            Ok(()) => {
+                entry.state = OutboxState::Sent;
+                entry.sent_at = Some(now);
+                entry.last_error = None;
+                tracing::info!(to = ?entry.to, "mail sent");
+            }
+            Err(SmtpError::Permanent(why)) | Err(SmtpError::Setup(why)) => {
+                tracing::error!(error = %why, "mail refused for good");
+                entry.state = OutboxState::Failed;
+                entry.last_error = Some(why);
+            }
+            Err(SmtpError::Transient(why)) => {
+                if now - entry.created_at > GIVE_UP_AFTER {
+                    entry.state = OutboxState::Failed;
+                    entry.last_error =
+                        Some(format!("gave up after {} attempts: {why}", entry.attempts));
+                } else {
+                    entry.state = OutboxState::Pending;
+                    entry.next_attempt_at = now + backoff(entry.attempts);
+                    tracing::warn!(error = %why, retry_at = %entry.next_attempt_at, "temporary SMTP failure; will retry");
+                    entry.last_error = Some(why);
+                }
+            }
+        }
+        self.finish(&entry)?;
+        self.store.flush_async().await?;
+        Ok(entry.state)
+    }
+
+    /// Records the outcome on the entry and, when final, in the case.
+    fn finish(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
+        let _w = self.store.lock();
+        let mut case = self.store.case(entry.case)?;
+        if let Some(c) = case.as_mut() {
+            let now = self.clock.now();
+            match entry.state {
+                OutboxState::Sent => c.push(
+                    now,
+                    EventKind::MailSent {
+                        outbox_id: entry.id,
+                        mail: entry.kind.clone(),
+                        to: entry.to.join(", "),
+                    },
+                ),
+                OutboxState::Failed => c.push(
+                    now,
+                    EventKind::MailFailed {
+                        outbox_id: entry.id,
+                        mail: entry.kind.clone(),
+                        error: entry.last_error.clone().unwrap_or_default(),
+                    },
+                ),
+                _ => {}
+            }
+        }
+        let touched = matches!(entry.state, OutboxState::Sent | OutboxState::Failed);
+        self.store
+            .put_outbox(entry, case.as_ref().filter(|_| touched))
+    }
+}
+
+/// Makes a failed entry pending again (`escalator outbox retry`).
+pub fn retry(
+    store: &Store,
+    id: u64,
+    now: DateTime<Utc>,
+) -> Result<Option<OutboxEntry>, StoreError> {
+    let _w = store.lock();
+    let Some(mut e) = store.outbox_entry(id)? else {
+        return Ok(None);
+    };
+    if e.state == OutboxState::Failed {
+        e.state = OutboxState::Pending;
+        e.next_attempt_at = now;
+        e.created_at = now;
+        store.put_outbox(&e, None)?;
+        store.flush()?;
+    }
+    Ok(Some(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), chrono::Duration::seconds(30));
+        assert!(backoff(3) > backoff(2));
+        assert_eq!(backoff(30), chrono::Duration::seconds(3600));
+    }
+}
