@@ -296,10 +296,11 @@ fn robot_headers(raw: &[u8]) -> RobotHeaders {
             }
             "x-failed-recipients" => r.failed_recipients = true,
             "x-auto-response-suppress" => r.auto_response_suppress = Some(v),
-            "content-type" => {
-                if v.starts_with("multipart/report") || v.starts_with("message/delivery-status") {
-                    r.delivery_report = true;
-                }
+            "content-type"
+                if v.starts_with("multipart/report")
+                    || v.starts_with("message/delivery-status") =>
+            {
+                r.delivery_report = true;
             }
             n if n.eq_ignore_ascii_case(LOOP_HEADER) => r.loop_header = Some(value),
             _ => {}

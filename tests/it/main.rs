@@ -1,0 +1,6 @@
+//! One integration-test binary: every test runs the real escalator binary
+//! against a private Dovecot + Postfix and reads the results back over
+//! IMAP and the CLI.
+
+mod gateway;
+mod support;

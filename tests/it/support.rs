@@ -1,0 +1,574 @@
+//! A private Dovecot (IMAP + LMTP) and Postfix (SMTP → LMTP) on free
+//! loopback ports in a temp dir, for the integration tests; plus helpers
+//! to send mail in, read mailboxes back over IMAP, and run the escalator
+//! binary. Each stack stops its own processes by their pid files when
+//! dropped (never by name: other stacks may run beside it).
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+
+pub const DOMAIN: &str = "example.test";
+const MAIL_UID: u32 = 8;
+const MAIL_GID: u32 = 8;
+
+pub struct MailStack {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    pub imap_port: u16,
+    pub smtp_port: u16,
+    pub users: Vec<String>,
+}
+
+fn need(cmd: &str) {
+    let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(cmd).exists());
+    assert!(
+        found,
+        "`{cmd}` is not installed. The integration tests need a real Dovecot and Postfix: \
+         run ./scripts/test (it installs them), or \
+         `apt-get install -y dovecot-imapd dovecot-lmtpd postfix`"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+fn run(cmd: &mut Command) {
+    // Daemons fork and keep inherited pipes open, so `output()` would wait
+    // forever: their words go to a file instead.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let status = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        status.success(),
+        "{cmd:?} failed: {}",
+        fs::read_to_string(log.path()).unwrap_or_default()
+    );
+}
+
+fn backdate(p: &Path) {
+    // Postfix naps while main.cf or a map is younger than ~2 s.
+    run(Command::new("touch").arg("-d").arg("@1000000000").arg(p));
+}
+
+fn mkdir(p: &Path, mode: u32, owner: Option<(u32, u32)>) {
+    fs::create_dir_all(p).unwrap();
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    if let Some((u, g)) = owner {
+        chown(p, Some(u), Some(g)).unwrap();
+    }
+}
+
+fn ids(name: &str) -> (u32, u32) {
+    let out = Command::new("id").arg("-u").arg(name).output().unwrap();
+    let u = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let out = Command::new("id").arg("-g").arg(name).output().unwrap();
+    let g = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    (u, g)
+}
+
+fn group(name: &str) -> u32 {
+    let out = Command::new("getent").arg("group").arg(name).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+impl MailStack {
+    /// Starts a stack whose users (local parts at example.test) are
+    /// `users`; each user's password is its name.
+    pub fn start(users: &[&str]) -> MailStack {
+        need("dovecot");
+        need("postfix");
+        let tmp = tempfile::Builder::new()
+            .prefix("esc-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let imap_port = free_port();
+        let mut smtp_port = free_port();
+        while smtp_port == imap_port {
+            smtp_port = free_port();
+        }
+        let users: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+        let stack = MailStack {
+            dir,
+            _tmp: tmp,
+            imap_port,
+            smtp_port,
+            users,
+        };
+        stack.start_dovecot();
+        stack.start_postfix();
+        stack.wait_ready();
+        stack
+    }
+
+    fn start_dovecot(&self) {
+        let d = &self.dir;
+        for sub in ["run", "state", "log"] {
+            mkdir(&d.join(sub), 0o755, None);
+        }
+        mkdir(&d.join("mail"), 0o755, Some((MAIL_UID, MAIL_GID)));
+        let passwd: String = self
+            .users
+            .iter()
+            .map(|u| format!("{u}:{{PLAIN}}{u}\n"))
+            .collect();
+        fs::write(d.join("passwd"), passwd).unwrap();
+        let conf = format!(
+            r#"base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/log/dovecot.log
+info_log_path = {d}/log/dovecot.log
+instance_name = mailstack-{imap}
+protocols = imap lmtp
+listen = 127.0.0.1
+ssl = no
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = 8
+first_valid_gid = 8
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%n {d}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid=8 gid=8 home={d}/mail/%n
+}}
+mail_location = maildir:~/Maildir
+mail_fsync = never
+mailbox_idle_check_interval = 1 secs
+namespace inbox {{
+  inbox = yes
+  mailbox Sent {{
+    special_use = \Sent
+    auto = subscribe
+  }}
+}}
+protocol imap {{
+  mail_max_userip_connections = 100
+}}
+protocol lmtp {{
+  postmaster_address = postmaster@{DOMAIN}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = 0
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service submission-login {{
+  inet_listener submission {{
+    port = 0
+  }}
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+"#,
+            d = d.display(),
+            imap = self.imap_port
+        );
+        fs::write(d.join("dovecot.conf"), conf).unwrap();
+        run(Command::new("dovecot").arg("-c").arg(d.join("dovecot.conf")));
+    }
+
+    fn start_postfix(&self) {
+        let d = &self.dir;
+        let pf = d.join("postfix");
+        mkdir(&pf, 0o755, None);
+        let spool = d.join("spool");
+        mkdir(&spool, 0o755, None);
+        let (pu, pg) = ids("postfix");
+        let postdrop = group("postdrop");
+        for sub in [
+            "active", "bounce", "corrupt", "defer", "deferred", "flush", "hold", "incoming",
+            "private", "saved", "trace",
+        ] {
+            mkdir(&spool.join(sub), 0o700, Some((pu, pg)));
+        }
+        mkdir(&spool.join("maildrop"), 0o730, Some((pu, postdrop)));
+        mkdir(&spool.join("public"), 0o710, Some((pu, postdrop)));
+        mkdir(&spool.join("pid"), 0o755, None);
+        mkdir(&d.join("postfix-data"), 0o700, Some((pu, pg)));
+        let vmailbox: String = self
+            .users
+            .iter()
+            .map(|u| format!("{u}@{DOMAIN} OK\n"))
+            .collect();
+        fs::write(pf.join("vmailbox"), vmailbox).unwrap();
+        let main = format!(
+            r#"compatibility_level = 3.6
+queue_directory = {d}/spool
+data_directory = {d}/postfix-data
+maillog_file = {d}/log/postfix.log
+maillog_file_prefixes = {d}/log
+syslog_name = postfix-test-{port}
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = mx.{DOMAIN}
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+mynetworks = 127.0.0.0/8
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_maps = texthash:{d}/postfix/vmailbox
+virtual_transport = lmtp:unix:{d}/run/lmtp
+default_transport = error:5.7.1 test stack does not relay
+relay_transport = error:5.7.1 test stack does not relay
+smtpd_relay_restrictions = reject_unauth_destination
+smtpd_reject_unlisted_recipient = yes
+smtputf8_enable = no
+smtpd_peername_lookup = no
+smtpd_error_sleep_time = 0s
+in_flow_delay = 0s
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 5s
+message_size_limit = 104857600
+"#,
+            d = d.display(),
+            port = self.smtp_port
+        );
+        fs::write(pf.join("main.cf"), main).unwrap();
+        let master = format!(
+            "127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+",
+            port = self.smtp_port
+        );
+        fs::write(pf.join("master.cf"), master).unwrap();
+        for f in ["main.cf", "master.cf", "vmailbox"] {
+            backdate(&pf.join(f));
+        }
+        run(Command::new("postfix").arg("-c").arg(&pf).arg("start"));
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in [self.imap_port, self.smtp_port] {
+            loop {
+                if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+                    let mut line = String::new();
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    if BufReader::new(s).read_line(&mut line).is_ok() && !line.is_empty() {
+                        break;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "mail stack did not start on port {port}; logs in {}",
+                    self.dir.join("log").display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn addr(user: &str) -> String {
+        format!("{user}@{DOMAIN}")
+    }
+
+    /// Submits raw mail over SMTP; returns the server's final reply.
+    pub fn send(&self, from: &str, to: &[&str], raw: &[u8]) -> Result<(), String> {
+        smtp_send(self.smtp_port, from, to, raw)
+    }
+
+    /// Puts a message straight into a user's Maildir (fast seeding).
+    pub fn deliver_maildir(&self, user: &str, raw: &[u8], n: usize) {
+        let md = self.dir.join("mail").join(user).join("Maildir");
+        for sub in ["", "new", "cur", "tmp"] {
+            let p = md.join(sub);
+            if !p.exists() {
+                mkdir(&p, 0o700, Some((MAIL_UID, MAIL_GID)));
+            }
+        }
+        let name = format!(
+            "{}.M{}P{}N{n}.seed",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            Instant::now().elapsed().as_nanos(),
+            std::process::id()
+        );
+        let p = md.join("new").join(name);
+        fs::write(&p, raw).unwrap();
+        chown(&p, Some(MAIL_UID), Some(MAIL_GID)).unwrap();
+    }
+
+    /// All messages in a user's folder, read over IMAP (BODY.PEEK[]).
+    pub async fn fetch(&self, user: &str, folder: &str) -> Vec<Vec<u8>> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.imap_port))
+            .await
+            .unwrap();
+        let mut client = async_imap::Client::new(tcp);
+        client.read_response().await.unwrap();
+        let mut s = client.login(user, user).await.map_err(|(e, _)| e).unwrap();
+        let mbox = s.select(folder).await.unwrap();
+        let mut out = Vec::new();
+        if mbox.exists > 0 {
+            let fetches: Vec<_> = s
+                .fetch("1:*", "BODY.PEEK[]")
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            for f in fetches {
+                if let Some(b) = f.body() {
+                    out.push(b.to_vec());
+                }
+            }
+        }
+        let _ = s.logout().await;
+        out
+    }
+
+    /// Waits until a user's INBOX holds at least `n` messages.
+    pub async fn wait_for(&self, user: &str, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.fetch(user, "INBOX").await;
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until Postfix's queue is empty (everything delivered).
+    pub async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("postqueue")
+                .arg("-c")
+                .arg(self.dir.join("postfix"))
+                .arg("-j")
+                .output();
+            let empty = out
+                .map(|o| o.status.success() && o.stdout.iter().all(|b| b.is_ascii_whitespace()))
+                .unwrap_or(true);
+            if empty || Instant::now() > deadline {
+                // Delivery into the Maildir has happened once the queue
+                // is empty; give Dovecot's index a moment.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A config for escalator against this stack, watching `support`.
+    pub fn config(&self, support: &str, store: &Path, extra: &str) -> String {
+        format!(
+            r#"[mailbox]
+host = "127.0.0.1"
+port = {imap}
+security = "plain"
+username = "{support}"
+password = "{support}"
+poll_interval = "1s"
+timeout = "20s"
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp}
+security = "plain"
+from = "Example Support <{support}@{DOMAIN}>"
+
+[store]
+path = "{store}"
+
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+
+[[tiers]]
+name = "Tier 2"
+first_response = "8h"
+{extra}
+"#,
+            imap = self.imap_port,
+            smtp = self.smtp_port,
+            store = store.display()
+        )
+    }
+
+    fn stop_pidfile(&self, pidfile: &Path) {
+        let Ok(text) = fs::read_to_string(pidfile) else {
+            return;
+        };
+        let Ok(pid) = text.trim().parse::<i32>() else {
+            return;
+        };
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            // A zombie is gone for our purposes.
+            if fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for MailStack {
+    fn drop(&mut self) {
+        self.stop_pidfile(&self.dir.join("spool/pid/master.pid"));
+        self.stop_pidfile(&self.dir.join("run/master.pid"));
+    }
+}
+
+/// A minimal SMTP client: the tests control every byte they submit.
+pub fn smtp_send(port: u16, from: &str, to: &[&str], raw: &[u8]) -> Result<(), String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut reply = || -> Result<String, String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| e.to_string())?;
+            if line.is_empty() {
+                return Err("connection closed".into());
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return Ok(all);
+            }
+        }
+    };
+    let expect = |got: String, code: char| -> Result<(), String> {
+        if got.starts_with(code) {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    };
+    expect(reply()?, '2')?;
+    let cmd = |w: &mut TcpStream, c: &str| w.write_all(format!("{c}\r\n").as_bytes()).map_err(|e| e.to_string());
+    cmd(&mut w, "EHLO test.example.test")?;
+    expect(reply()?, '2')?;
+    cmd(&mut w, &format!("MAIL FROM:<{from}>"))?;
+    expect(reply()?, '2')?;
+    for t in to {
+        cmd(&mut w, &format!("RCPT TO:<{t}>"))?;
+        expect(reply()?, '2')?;
+    }
+    cmd(&mut w, "DATA")?;
+    expect(reply()?, '3')?;
+    let mut data = Vec::with_capacity(raw.len() + 16);
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            data.push(b'.');
+        }
+        data.extend_from_slice(line);
+    }
+    if !data.ends_with(b"\n") {
+        data.extend_from_slice(b"\r\n");
+    }
+    data.extend_from_slice(b".\r\n");
+    w.write_all(&data).map_err(|e| e.to_string())?;
+    expect(reply()?, '2')?;
+    let _ = cmd(&mut w, "QUIT");
+    Ok(())
+}
+
+/// Runs the escalator binary with `args`.
+pub fn escalator(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_escalator"))
+        .args(args)
+        .env("ESCALATOR_LOG", "info")
+        .output()
+        .expect("cannot run escalator")
+}
+
+/// A simple customer mail.
+pub fn mail(from: &str, to: &str, subject: &str, msgid: &str, extra: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: <{msgid}>\r\n\
+Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=utf-8\r\n{extra}\r\n{body}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Header value of a raw message (first occurrence, unfolded).
+pub fn header(raw: &[u8], name: &str) -> Option<String> {
+    escalator::message::header_fields(raw)
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
