@@ -249,7 +249,9 @@ async fn two_hundred_messages_from_fifty_customers_give_the_expected_cases() {
     users.extend((0..50).map(customer));
     let users_ref: Vec<&str> = users.iter().map(String::as_str).collect();
     let s = Setup::new(&users_ref, "[cases]\nauto_reply_limit = 10\n");
-    // Each customer opens two threads, then replies twice to each.
+    // Each customer opens two threads, then replies twice to each; as
+    // real clients do, References carry the thread's root, so a reply
+    // delivered before its parent still finds its case.
     for round in 0..2 {
         for c in 0..50 {
             let who = format!("{}@example.test", customer(c));
@@ -269,7 +271,7 @@ async fn two_hundred_messages_from_fifty_customers_give_the_expected_cases() {
                 let parent = if n == 0 { format!("q{round}-{c}@x.test") } else { format!("r{round}-0-{c}@x.test") };
                 s.stack.deliver_maildir(
                     "support",
-                    &mail(&who, "support@example.test", &format!("Re: Question {round} from {c}"), &format!("r{round}-{n}-{c}@x.test"), &format!("In-Reply-To: <{parent}>\r\n"), "More"),
+                    &mail(&who, "support@example.test", &format!("Re: Question {round} from {c}"), &format!("r{round}-{n}-{c}@x.test"), &format!("In-Reply-To: <{parent}>\r\nReferences: <q{round}-{c}@x.test> <{parent}>\r\n"), "More"),
                     1000 + c * 10 + round * 2 + n,
                 );
             }
