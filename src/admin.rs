@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::case::{Case, Event};
+use crate::case::{rfc3339, Case, Event};
 use crate::ingest::{Ingestor, Outcome};
 use crate::outbox::{self, OutboxState};
 use crate::store::StoreError;
@@ -100,8 +100,8 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                                 "message_id": m.message_id,
                                 "from": m.from.as_ref().map(|a| a.email.clone()),
                                 "subject": m.subject,
-                                "date": m.date.map(|d| d.to_rfc3339()),
-                                "received_at": m.received_at.to_rfc3339(),
+                                "date": m.date.map(rfc3339),
+                                "received_at": rfc3339(m.received_at),
                                 "size": m.size,
                                 "attachments": m.attachments,
                                 "suppressed": m.suppressed,
@@ -123,8 +123,8 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 case.customer_name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
                 case.status,
                 case.tier,
-                case.due_at.map(|d| d.to_rfc3339()).unwrap_or_else(|| "-".into()),
-                case.created_at.to_rfc3339(),
+                case.due_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                rfc3339(case.created_at),
             );
             if !case.participants.is_empty() {
                 out.push_str(&format!(

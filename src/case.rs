@@ -2,7 +2,7 @@
 //! to it. Plain data with serde, so the store can keep it and the CLI can
 //! print it; the JSON field names are a contract with admins' scripts.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Case numbers are small integers customers can read out on the phone.
@@ -113,13 +113,18 @@ impl Case {
             "priority": self.priority,
             "messages": self.messages.len(),
             "escalations": self.escalations,
-            "created_at": self.created_at.to_rfc3339(),
-            "updated_at": self.updated_at.to_rfc3339(),
-            "due_at": self.due_at.map(|d| d.to_rfc3339()),
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+            "due_at": self.due_at.map(rfc3339),
             "participants": self.participants,
             "unassigned": self.customer.is_empty(),
         })
     }
+}
+
+/// RFC 3339 in UTC to the second: what scripts parse most easily.
+pub fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 #[cfg(test)]
@@ -153,7 +158,7 @@ mod tests {
         assert_eq!(j["id"], 42);
         assert_eq!(j["status"], "open");
         assert_eq!(j["messages"], 2);
-        assert_eq!(j["due_at"], "2026-01-01T10:00:00+00:00");
+        assert_eq!(j["due_at"], "2026-01-01T10:00:00Z");
         let e = serde_json::to_value(&c.history[0]).unwrap();
         assert_eq!(e["kind"], "ack_suppressed");
         assert_eq!(e["reason"], "x");

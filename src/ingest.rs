@@ -153,6 +153,8 @@ impl Ingestor {
     ) -> Result<Plan, StoreError> {
         let store = &*self.store;
         let config = &*self.config;
+        #[cfg(test)]
+        tests::maybe_panic();
         let mail = message::parse(raw);
         let support = config.support_addresses();
         let key = store.key();
@@ -416,4 +418,199 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .map(|s| format!("panic while processing: {s}"))
         .unwrap_or_else(|| "panic while processing".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::cell::Cell;
+    use std::path::Path;
+
+    thread_local! {
+        static PANIC: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Lets a test make the next message's processing panic.
+    pub(super) fn maybe_panic() {
+        if PANIC.with(|p| p.replace(false)) {
+            panic!("test-induced failure");
+        }
+    }
+
+    fn setup(dir: &Path) -> (Ingestor, Arc<ManualClock>) {
+        let text = format!(
+            r#"
+[mailbox]
+host = "127.0.0.1"
+security = "plain"
+username = "s"
+password = "p"
+[smtp]
+host = "127.0.0.1"
+security = "plain"
+from = "Support <support@example.test>"
+[store]
+path = "{}"
+[cases]
+auto_reply_limit = 2
+auto_reply_window = "1h"
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+"#,
+            dir.join("store").display()
+        );
+        let config = Config::parse(&text, Path::new("/x.toml"), &|_| None).unwrap();
+        let clock = Arc::new(ManualClock::new(
+            DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        ));
+        let store = Arc::new(Store::open(&config.store.path).unwrap());
+        (
+            Ingestor {
+                store,
+                config: Arc::new(config),
+                clock: clock.clone(),
+            },
+            clock,
+        )
+    }
+
+    fn mail(n: u32) -> Vec<u8> {
+        format!("From: alice@example.org\r\nSubject: topic {n}\r\nMessage-ID: <m{n}@x>\r\n\r\nbody {n}\r\n")
+            .into_bytes()
+    }
+
+    fn src(validity: u32, uid: u32) -> Source {
+        Source {
+            folder: "INBOX".into(),
+            uid_validity: validity,
+            uid,
+        }
+    }
+
+    #[test]
+    fn automatic_mails_per_recipient_are_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, clock) = setup(dir.path());
+        let mut queued = 0;
+        for n in 1..=4 {
+            if let Outcome::Stored {
+                queued: q,
+                new: true,
+                ..
+            } = ing.ingest(Some(&src(1, n)), &mail(n), None).unwrap()
+            {
+                queued += q;
+            }
+        }
+        assert_eq!(queued, 2, "two acks within the hour, then silence");
+        let case4 = ing.store.case(4).unwrap().unwrap();
+        assert!(case4.history.iter().any(|e| matches!(&e.what, EventKind::AckSuppressed { reason } if reason.contains("automatic mails"))));
+        clock.advance(chrono::Duration::minutes(61));
+        match ing.ingest(Some(&src(1, 5)), &mail(5), None).unwrap() {
+            Outcome::Stored { queued, .. } => assert_eq!(queued, 1, "the window moved on"),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panic_quarantines_the_message_and_the_next_one_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        PANIC.with(|p| p.set(true));
+        let out = ing.ingest(Some(&src(1, 1)), &mail(1), None).unwrap();
+        let Outcome::Quarantined { id } = out else {
+            panic!("{out:?}")
+        };
+        assert!(matches!(
+            ing.ingest(Some(&src(1, 2)), &mail(2), None).unwrap(),
+            Outcome::Stored { .. }
+        ));
+        assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 2);
+        let q: Vec<_> = ing.store.quarantined().collect::<Result<_, _>>().unwrap();
+        assert_eq!(q.len(), 1);
+        assert!(
+            q[0].error.contains("test-induced failure"),
+            "{}",
+            q[0].error
+        );
+        // Retry processes it for real and empties the quarantine.
+        assert!(matches!(
+            ing.retry_quarantined(id).unwrap(),
+            Some(Outcome::Stored { new: true, .. })
+        ));
+        assert_eq!(ing.store.quarantined().count(), 0);
+        assert_eq!(ing.store.cases().count(), 2);
+    }
+
+    #[test]
+    fn refetching_after_uidvalidity_change_stores_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        for n in 1..=3 {
+            ing.ingest(Some(&src(7, n)), &mail(n), None).unwrap();
+        }
+        // Same UID again under the same validity: skipped by the cursor.
+        assert_eq!(
+            ing.ingest(Some(&src(7, 2)), &mail(2), None).unwrap(),
+            Outcome::AlreadyDone
+        );
+        // New validity, new UIDs, same messages: duplicates by content.
+        for n in 1..=3 {
+            assert_eq!(
+                ing.ingest(Some(&src(8, n + 10)), &mail(n), None).unwrap(),
+                Outcome::Duplicate
+            );
+        }
+        assert_eq!(
+            ing.store.cursor("INBOX").unwrap().unwrap(),
+            Cursor {
+                uid_validity: 8,
+                last_uid: 13
+            }
+        );
+        // A different message that reuses a Message-ID is kept.
+        let other = String::from_utf8(mail(1))
+            .unwrap()
+            .replace("body 1", "other body");
+        assert!(matches!(
+            ing.ingest(Some(&src(8, 14)), other.as_bytes(), None)
+                .unwrap(),
+            Outcome::Stored { .. }
+        ));
+        assert_eq!(ing.store.counts().1, 4);
+    }
+
+    #[test]
+    fn unreadable_sender_gets_an_unassigned_case_without_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        for (n, raw) in [
+            &b""[..],
+            b"Subject: no sender\r\n\r\nhi\r\n",
+            b"\x00\xff garbage",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let out = ing.ingest(Some(&src(1, n as u32 + 1)), raw, None).unwrap();
+            assert!(
+                matches!(
+                    out,
+                    Outcome::Stored {
+                        new: true,
+                        queued: 0,
+                        ..
+                    }
+                ),
+                "{out:?}"
+            );
+        }
+        for c in ing.store.cases() {
+            assert_eq!(c.unwrap().customer, "");
+        }
+    }
 }

@@ -21,8 +21,16 @@ impl Setup {
         let stack = MailStack::start(users);
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("escalator.toml");
-        std::fs::write(&config, stack.config("support", &dir.path().join("store"), extra)).unwrap();
-        Setup { stack, config, _dir: dir }
+        std::fs::write(
+            &config,
+            stack.config("support", &dir.path().join("store"), extra),
+        )
+        .unwrap();
+        Setup {
+            stack,
+            config,
+            _dir: dir,
+        }
     }
 
     fn cfg(&self) -> &str {
@@ -40,7 +48,11 @@ impl Setup {
 
     fn cases(&self) -> Vec<Value> {
         let out = escalator(&["cases", "list", "--json", "--config", self.cfg()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout)
             .unwrap()
             .as_array()
@@ -49,14 +61,29 @@ impl Setup {
     }
 
     fn show(&self, id: u64) -> Value {
-        let out = escalator(&["cases", "show", &id.to_string(), "--json", "--config", self.cfg()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = escalator(&[
+            "cases",
+            "show",
+            &id.to_string(),
+            "--json",
+            "--config",
+            self.cfg(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     fn send(&self, from_user: &str, raw: &[u8]) {
         self.stack
-            .send(&MailStack::addr(from_user), &[&MailStack::addr("support")], raw)
+            .send(
+                &MailStack::addr(from_user),
+                &[&MailStack::addr("support")],
+                raw,
+            )
             .unwrap();
     }
 
@@ -78,7 +105,10 @@ struct Daemon(Option<Child>);
 impl Daemon {
     fn stop(&mut self) -> std::process::Output {
         let child = self.0.take().unwrap();
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         child.wait_with_output().unwrap()
     }
 }
@@ -86,7 +116,10 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let _ = c.wait();
         }
     }
@@ -136,14 +169,23 @@ async fn new_mail_becomes_a_case_and_gets_exactly_one_ack() {
     let ack = &inbox[0];
     let subject = header(ack, "Subject").unwrap();
     assert_eq!(subject, format!("[Case #{id}] Re: Printer on fire"));
-    assert_eq!(header(ack, "In-Reply-To").unwrap(), "<first@alice.example.test>");
-    assert!(header(ack, "References").unwrap().contains("<first@alice.example.test>"));
+    assert_eq!(
+        header(ack, "In-Reply-To").unwrap(),
+        "<first@alice.example.test>"
+    );
+    assert!(header(ack, "References")
+        .unwrap()
+        .contains("<first@alice.example.test>"));
     assert_eq!(header(ack, "Auto-Submitted").unwrap(), "auto-replied");
     assert_eq!(header(ack, "Precedence").unwrap(), "bulk");
     assert_eq!(header(ack, "X-Auto-Response-Suppress").unwrap(), "All");
     assert!(header(ack, "X-Escalator-Loop").is_some());
-    assert!(header(ack, "From").unwrap().contains("support@example.test"));
-    assert!(header(ack, "Message-ID").unwrap().ends_with("@example.test>"));
+    assert!(header(ack, "From")
+        .unwrap()
+        .contains("support@example.test"));
+    assert!(header(ack, "Message-ID")
+        .unwrap()
+        .ends_with("@example.test>"));
     let body = escalator::message::parse(ack).text;
     assert!(body.contains(&format!("case #{id}")), "{body}");
     assert!(body.contains("within 4 hours"), "{body}");
@@ -157,8 +199,14 @@ async fn new_mail_becomes_a_case_and_gets_exactly_one_ack() {
     let support = s.stack.fetch("support", "INBOX").await;
     assert_eq!(support.len(), 1);
     let history = s.show(id)["history"].as_array().unwrap().clone();
-    let kinds: Vec<&str> = history.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert!(kinds.contains(&"created") && kinds.contains(&"ack_queued") && kinds.contains(&"mail_sent"), "{kinds:?}");
+    let kinds: Vec<&str> = history
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"created") && kinds.contains(&"ack_queued") && kinds.contains(&"mail_sent"),
+        "{kinds:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -166,7 +214,14 @@ async fn replies_join_by_tag_or_by_reference_without_a_second_ack() {
     let s = Setup::new(&["support", "alice", "bob", "mallory"], "");
     s.send(
         "alice",
-        &mail("alice@example.test", "support@example.test", "Login broken", "a1@x.test", "Cc: bob@example.test\r\n", "Cannot log in."),
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Login broken",
+            "a1@x.test",
+            "Cc: bob@example.test\r\n",
+            "Cannot log in.",
+        ),
     );
     s.stack.settle().await;
     s.once();
@@ -176,17 +231,38 @@ async fn replies_join_by_tag_or_by_reference_without_a_second_ack() {
     // A reply that keeps the tag.
     s.send(
         "alice",
-        &mail("alice@example.test", "support@example.test", &format!("Re: [Case #{id}] Login broken"), "a2@x.test", "", "Still broken."),
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            &format!("Re: [Case #{id}] Login broken"),
+            "a2@x.test",
+            "",
+            "Still broken.",
+        ),
     );
     // A reply whose client dropped the tag but kept In-Reply-To.
     s.send(
         "alice",
-        &mail("alice@example.test", "support@example.test", "Login broken", "a3@x.test", "In-Reply-To: <a2@x.test>\r\nReferences: <a1@x.test> <a2@x.test>\r\n", "Hello?"),
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Login broken",
+            "a3@x.test",
+            "In-Reply-To: <a2@x.test>\r\nReferences: <a1@x.test> <a2@x.test>\r\n",
+            "Hello?",
+        ),
     );
     // Bob, whom Alice had in Cc, answers without the tag.
     s.send(
         "bob",
-        &mail("bob@example.test", "support@example.test", "Re: Login broken", "b1@x.test", "In-Reply-To: <a1@x.test>\r\n", "Same here."),
+        &mail(
+            "bob@example.test",
+            "support@example.test",
+            "Re: Login broken",
+            "b1@x.test",
+            "In-Reply-To: <a1@x.test>\r\n",
+            "Same here.",
+        ),
     );
     s.stack.settle().await;
     s.once();
@@ -194,7 +270,11 @@ async fn replies_join_by_tag_or_by_reference_without_a_second_ack() {
     assert_eq!(cases.len(), 1, "{cases:#?}");
     assert_eq!(cases[0]["messages"], 4);
     s.stack.settle().await;
-    assert_eq!(s.stack.fetch("alice", "INBOX").await.len(), 1, "no second ack");
+    assert_eq!(
+        s.stack.fetch("alice", "INBOX").await.len(),
+        1,
+        "no second ack"
+    );
     assert_eq!(s.stack.fetch("bob", "INBOX").await.len(), 0);
     let shown = s.show(id);
     let vias: Vec<String> = shown["history"]
@@ -212,7 +292,14 @@ async fn a_stranger_using_someone_elses_tag_gets_a_new_case() {
     let s = Setup::new(&["support", "alice", "mallory"], "");
     s.send(
         "alice",
-        &mail("alice@example.test", "support@example.test", "Invoice question", "a1@x.test", "", "Private details."),
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Invoice question",
+            "a1@x.test",
+            "",
+            "Private details.",
+        ),
     );
     s.stack.settle().await;
     s.once();
@@ -236,11 +323,16 @@ async fn a_stranger_using_someone_elses_tag_gets_a_new_case() {
     assert_eq!(alice["messages"], 1, "nothing of Mallory's in Alice's case");
     let mallory = cases.iter().find(|c| c["id"] != alice_case).unwrap();
     assert_eq!(mallory["customer"], "mallory@example.test");
-    let inbox = s.stack.wait_for("mallory", 1, Duration::from_secs(20)).await;
+    let inbox = s
+        .stack
+        .wait_for("mallory", 1, Duration::from_secs(20))
+        .await;
     assert_eq!(inbox.len(), 1);
     let body = escalator::message::parse(inbox[0].as_slice()).text;
     assert!(!body.contains("Private details"));
-    assert!(header(&inbox[0], "Subject").unwrap().starts_with(&format!("[Case #{}]", mallory["id"])));
+    assert!(header(&inbox[0], "Subject")
+        .unwrap()
+        .starts_with(&format!("[Case #{}]", mallory["id"])));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -257,7 +349,14 @@ async fn two_hundred_messages_from_fifty_customers_give_the_expected_cases() {
             let who = format!("{}@example.test", customer(c));
             s.stack.deliver_maildir(
                 "support",
-                &mail(&who, "support@example.test", &format!("Question {round} from {c}"), &format!("q{round}-{c}@x.test"), "", "Hi"),
+                &mail(
+                    &who,
+                    "support@example.test",
+                    &format!("Question {round} from {c}"),
+                    &format!("q{round}-{c}@x.test"),
+                    "",
+                    "Hi",
+                ),
                 round * 50 + c,
             );
         }
@@ -268,7 +367,11 @@ async fn two_hundred_messages_from_fifty_customers_give_the_expected_cases() {
         let who = format!("{}@example.test", customer(c));
         for round in 0..2 {
             for n in 0..2 {
-                let parent = if n == 0 { format!("q{round}-{c}@x.test") } else { format!("r{round}-0-{c}@x.test") };
+                let parent = if n == 0 {
+                    format!("q{round}-{c}@x.test")
+                } else {
+                    format!("r{round}-0-{c}@x.test")
+                };
                 s.stack.deliver_maildir(
                     "support",
                     &mail(&who, "support@example.test", &format!("Re: Question {round} from {c}"), &format!("r{round}-{n}-{c}@x.test"), &format!("In-Reply-To: <{parent}>\r\nReferences: <q{round}-{c}@x.test> <{parent}>\r\n"), "More"),
@@ -285,7 +388,9 @@ async fn two_hundred_messages_from_fifty_customers_give_the_expected_cases() {
     }
     let mut per_customer = std::collections::HashMap::new();
     for c in &cases {
-        *per_customer.entry(c["customer"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        *per_customer
+            .entry(c["customer"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     assert!(per_customer.values().all(|n| *n == 2), "{per_customer:?}");
     s.stack.settle().await;
@@ -306,7 +411,14 @@ async fn stopping_half_way_and_restarting_gives_no_duplicates() {
         let who = format!("{}@example.test", customer(i % 20));
         s.stack.deliver_maildir(
             "support",
-            &mail(&who, "support@example.test", &format!("Topic {i}"), &format!("t{i}@x.test"), "", &"x".repeat(2000)),
+            &mail(
+                &who,
+                "support@example.test",
+                &format!("Topic {i}"),
+                &format!("t{i}@x.test"),
+                "",
+                &"x".repeat(2000),
+            ),
             i,
         );
     }
@@ -316,7 +428,11 @@ async fn stopping_half_way_and_restarting_gives_no_duplicates() {
     loop {
         let out = escalator(&["cases", "list", "--json", "--config", s.cfg()]);
         if out.status.success() {
-            let n = serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().len();
+            let n = serde_json::from_slice::<Value>(&out.stdout)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len();
             if n > 0 {
                 break;
             }
@@ -325,7 +441,11 @@ async fn stopping_half_way_and_restarting_gives_no_duplicates() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let out = d.stop();
-    assert!(out.status.success(), "SIGTERM exits 0: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "SIGTERM exits 0: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     s.once();
     let cases = s.cases();
     assert_eq!(cases.len(), total, "every message exactly one case");
@@ -334,7 +454,10 @@ async fn stopping_half_way_and_restarting_gives_no_duplicates() {
     let mut acks = 0;
     for c in 0..20 {
         let inbox = s.stack.fetch(&customer(c), "INBOX").await;
-        let mut subjects: Vec<String> = acks_for(&inbox).iter().map(|m| header(m, "Subject").unwrap()).collect();
+        let mut subjects: Vec<String> = acks_for(&inbox)
+            .iter()
+            .map(|m| header(m, "Subject").unwrap())
+            .collect();
         let n = subjects.len();
         subjects.sort();
         subjects.dedup();
@@ -350,7 +473,14 @@ async fn auto_replies_bounces_and_list_mail_get_no_ack() {
     let s = Setup::new(&["support", "dave", "erin", "frank"], "");
     s.send(
         "dave",
-        &mail("dave@example.test", "support@example.test", "Out of office", "ooo@x.test", "Auto-Submitted: auto-replied\r\n", "I am away."),
+        &mail(
+            "dave@example.test",
+            "support@example.test",
+            "Out of office",
+            "ooo@x.test",
+            "Auto-Submitted: auto-replied\r\n",
+            "I am away.",
+        ),
     );
     let bounce = b"From: MAILER-DAEMON@mx.example.test\r\nTo: support@example.test\r\n\
 Subject: Undelivered Mail Returned to Sender\r\nMessage-ID: <bounce@x.test>\r\nMIME-Version: 1.0\r\n\
@@ -361,24 +491,61 @@ Final-Recipient: rfc822; gone@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n
     s.stack.send("", &["support@example.test"], bounce).unwrap();
     s.send(
         "erin",
-        &mail("erin@example.test", "support@example.test", "[list] weekly news", "list@x.test", "List-Id: <news.example.test>\r\nPrecedence: list\r\n", "News."),
+        &mail(
+            "erin@example.test",
+            "support@example.test",
+            "[list] weekly news",
+            "list@x.test",
+            "List-Id: <news.example.test>\r\nPrecedence: list\r\n",
+            "News.",
+        ),
     );
     s.send(
         "frank",
-        &mail("frank@example.test", "support@example.test", "Auto: received", "auto@x.test", "X-Autoreply: yes\r\n", "Thanks."),
+        &mail(
+            "frank@example.test",
+            "support@example.test",
+            "Auto: received",
+            "auto@x.test",
+            "X-Autoreply: yes\r\n",
+            "Thanks.",
+        ),
     );
     s.stack.settle().await;
-    s.once();
+    let out = escalator(&["run", "--once", "--config", s.cfg()]);
+    eprintln!("ONCE {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("doveadm")
+        .arg("-c")
+        .arg(s.stack.dir.join("dovecot.conf"))
+        .args([
+            "mailbox",
+            "status",
+            "-u",
+            "support",
+            "uidvalidity uidnext messages",
+            "INBOX",
+        ])
+        .output()
+        .unwrap();
+    eprintln!("STATUS {}", String::from_utf8_lossy(&out.stdout));
     let cases = s.cases();
     assert_eq!(cases.len(), 4, "every message is still stored in a case");
     for c in &cases {
         let shown = s.show(c["id"].as_u64().unwrap());
-        let kinds: Vec<&str> = shown["history"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        let kinds: Vec<&str> = shown["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap())
+            .collect();
         assert!(kinds.contains(&"ack_suppressed"), "{kinds:?}");
         assert!(!kinds.contains(&"ack_queued"), "{kinds:?}");
     }
     let out = escalator(&["outbox", "list", "--all", "--json", "--config", s.cfg()]);
-    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
     s.stack.settle().await;
     for u in ["dave", "erin", "frank"] {
         assert_eq!(s.stack.fetch(u, "INBOX").await.len(), 0, "{u} got mail");
@@ -390,7 +557,11 @@ async fn once_on_an_empty_mailbox_exits_zero_quickly() {
     let s = Setup::new(&["support"], "");
     let start = Instant::now();
     s.once();
-    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        start.elapsed()
+    );
     assert!(s.cases().is_empty());
 }
 
@@ -398,11 +569,23 @@ async fn once_on_an_empty_mailbox_exits_zero_quickly() {
 async fn the_daemon_acks_new_mail_via_idle_and_the_cli_works_while_it_runs() {
     let s = Setup::new(&["support", "gina"], "");
     // A long poll interval: only IDLE can make this fast.
-    let text = std::fs::read_to_string(&s.config).unwrap().replace("poll_interval = \"1s\"", "poll_interval = \"10m\"");
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("poll_interval = \"1s\"", "poll_interval = \"10m\"");
     std::fs::write(&s.config, text).unwrap();
     let mut d = s.daemon();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    s.send("gina", &mail("gina@example.test", "support@example.test", "Hello", "g1@x.test", "", "Hi"));
+    s.send(
+        "gina",
+        &mail(
+            "gina@example.test",
+            "support@example.test",
+            "Hello",
+            "g1@x.test",
+            "",
+            "Hi",
+        ),
+    );
     let inbox = s.stack.wait_for("gina", 1, Duration::from_secs(30)).await;
     assert_eq!(inbox.len(), 1, "ack arrives while the daemon idles");
     // The CLI reaches the store through the running daemon.
@@ -414,15 +597,25 @@ async fn the_daemon_acks_new_mail_via_idle_and_the_cli_works_while_it_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another escalator process"), "{err}");
     let out = d.stop();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn check_config_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
-    let good = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml")).unwrap();
-    std::fs::write(&p, good.replace("poll_interval = \"30s\"", "pol_interval = \"30s\"")).unwrap();
+    let good =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"))
+            .unwrap();
+    std::fs::write(
+        &p,
+        good.replace("poll_interval = \"30s\"", "pol_interval = \"30s\""),
+    )
+    .unwrap();
     let out = escalator(&["check-config", "--config", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -435,7 +628,11 @@ fn check_config_names_the_bad_key() {
         .env("ESCALATOR_DEMO_PASSWORD", "hunter2")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Frontline"), "{text}");
     assert!(!text.contains("hunter2"), "secrets never printed");
@@ -454,7 +651,14 @@ async fn corpus_every_message_in_exactly_one_case() {
     while let Some(p) = stack.pop() {
         if p.is_dir() {
             stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
-        } else if p.is_file() && !matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "md")) && !p.file_name().unwrap().to_string_lossy().starts_with("COPYING") {
+        } else if p.is_file()
+            && !matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "md"))
+            && !p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("COPYING")
+        {
             files.push(p);
         }
     }
@@ -470,8 +674,77 @@ async fn corpus_every_message_in_exactly_one_case() {
     let delivered = s.stack.fetch("support", "INBOX").await.len();
     assert_eq!(delivered, files.len(), "Dovecot holds every file");
     s.once();
-    let total: u64 = s.cases().iter().map(|c| c["messages"].as_u64().unwrap()).sum();
-    assert_eq!(total as usize, distinct.len(), "each distinct message in exactly one case");
+    let total: u64 = s
+        .cases()
+        .iter()
+        .map(|c| c["messages"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        total as usize,
+        distinct.len(),
+        "each distinct message in exactly one case"
+    );
     let out = escalator(&["quarantine", "list", "--json", "--config", s.cfg()]);
-    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_uidvalidity_rescans_without_duplicates() {
+    let s = Setup::new(&["support", "hana"], "[cases]\nauto_reply_limit = 10\n");
+    for n in 0..3 {
+        s.send(
+            "hana",
+            &mail(
+                "hana@example.test",
+                "support@example.test",
+                &format!("Q{n}"),
+                &format!("h{n}@x.test"),
+                "",
+                "?",
+            ),
+        );
+    }
+    s.stack.settle().await;
+    s.once();
+    assert_eq!(s.cases().len(), 3);
+    let status = Command::new("doveadm")
+        .arg("-c")
+        .arg(s.stack.dir.join("dovecot.conf"))
+        .args([
+            "mailbox",
+            "update",
+            "-u",
+            "support",
+            "--uid-validity",
+            "424242",
+            "INBOX",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    s.send(
+        "hana",
+        &mail(
+            "hana@example.test",
+            "support@example.test",
+            "Q3",
+            "h3@x.test",
+            "",
+            "?",
+        ),
+    );
+    s.stack.settle().await;
+    s.once();
+    let cases = s.cases();
+    assert_eq!(
+        cases.len(),
+        4,
+        "old messages not ingested again, the new one is"
+    );
+    assert!(cases.iter().all(|c| c["messages"] == 1));
+    s.stack.settle().await;
+    assert_eq!(acks_for(&s.stack.fetch("hana", "INBOX").await).len(), 4);
 }

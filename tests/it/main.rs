@@ -2,5 +2,7 @@
 //! against a private Dovecot + Postfix and reads the results back over
 //! IMAP and the CLI.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod gateway;
 mod support;

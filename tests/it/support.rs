@@ -86,7 +86,11 @@ fn ids(name: &str) -> (u32, u32) {
 }
 
 fn group(name: &str) -> u32 {
-    let out = Command::new("getent").arg("group").arg(name).output().unwrap();
+    let out = Command::new("getent")
+        .arg("group")
+        .arg(name)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .split(':')
         .nth(2)
@@ -216,7 +220,9 @@ service anvil {{
             imap = self.imap_port
         );
         fs::write(d.join("dovecot.conf"), conf).unwrap();
-        run(Command::new("dovecot").arg("-c").arg(d.join("dovecot.conf")));
+        run(Command::new("dovecot")
+            .arg("-c")
+            .arg(d.join("dovecot.conf")));
     }
 
     fn start_postfix(&self) {
@@ -469,7 +475,10 @@ first_response = "8h"
         let Ok(pid) = text.trim().parse::<i32>() else {
             return;
         };
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
             // A zombie is gone for our purposes.
@@ -519,7 +528,10 @@ pub fn smtp_send(port: u16, from: &str, to: &[&str], raw: &[u8]) -> Result<(), S
         }
     };
     expect(reply()?, '2')?;
-    let cmd = |w: &mut TcpStream, c: &str| w.write_all(format!("{c}\r\n").as_bytes()).map_err(|e| e.to_string());
+    let cmd = |w: &mut TcpStream, c: &str| {
+        w.write_all(format!("{c}\r\n").as_bytes())
+            .map_err(|e| e.to_string())
+    };
     cmd(&mut w, "EHLO test.example.test")?;
     expect(reply()?, '2')?;
     cmd(&mut w, &format!("MAIL FROM:<{from}>"))?;
