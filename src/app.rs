@@ -19,6 +19,9 @@ use crate::outbox::smtp::{Mailer, SmtpMailer};
 use crate::outbox::Outbox;
 use crate::store::Store;
 
+/// How long start-up waits for a store held by an admin command.
+const STORE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long workers get to finish after a shutdown signal.
 const EXIT_DEADLINE: Duration = Duration::from_secs(8);
 
@@ -31,7 +34,7 @@ struct Parts {
 
 fn parts(config: Config) -> anyhow::Result<Parts> {
     let config = Arc::new(config);
-    let store = Arc::new(Store::open(&config.store.path)?);
+    let store = Arc::new(Store::open_waiting(&config.store.path, STORE_WAIT)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mailer: Arc<dyn Mailer> =
         Arc::new(SmtpMailer::new(&config.smtp).context("cannot set up SMTP")?);

@@ -223,9 +223,28 @@ async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
             let req = req.clone();
             Ok(tokio::task::spawn_blocking(move || admin::handle(&ingestor, &req)).await??)
         }
-        Err(StoreError::Locked(_)) => escalator::control::ask(&path, req)
-            .await
-            .with_context(|| format!("the store {} is held by a running daemon, and its control socket did not answer", path.display())),
+        Err(StoreError::Locked(_)) => {
+            // A daemon that is starting holds the store a moment before
+            // its socket answers.
+            let mut tries = 0;
+            loop {
+                match escalator::control::ask(&path, req).await {
+                    Ok(r) => return Ok(r),
+                    Err(_) if tries < 50 => {
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!(
+                                "the store {} is held by another process, and no daemon's control socket answers",
+                                path.display()
+                            )
+                        })
+                    }
+                }
+            }
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -201,6 +201,20 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens, waiting up to `wait` while another process holds the lock:
+    /// an admin command holds it for a moment, a daemon for good.
+    pub fn open_waiting(path: &Path, wait: std::time::Duration) -> Result<Store> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Store::open(path) {
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
