@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod calendar;
 pub mod case;
 pub mod clock;
 pub mod config;
