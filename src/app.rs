@@ -1,13 +1,13 @@
 //! Runs the daemon: opens the store, starts the mailbox watcher, the
-//! outbox worker and the control socket, and on shutdown lets each finish
-//! its current transaction, flushes, and returns.
+//! timer scheduler, the outbox worker and the control socket, and on
+//! shutdown lets each finish its current transaction, flushes, and
+//! returns.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,6 +17,7 @@ use crate::ingest::Ingestor;
 use crate::mailbox::Watcher;
 use crate::outbox::smtp::{Mailer, SmtpMailer};
 use crate::outbox::Outbox;
+use crate::scheduler::{Scheduler, Wakers};
 use crate::store::Store;
 
 /// How long start-up waits for a store held by an admin command.
@@ -28,6 +29,7 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(8);
 struct Parts {
     store: Arc<Store>,
     watcher: Watcher,
+    scheduler: Scheduler,
     outbox: Outbox,
     ingestor: Arc<Ingestor>,
 }
@@ -38,27 +40,32 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mailer: Arc<dyn Mailer> =
         Arc::new(SmtpMailer::new(&config.smtp).context("cannot set up SMTP")?);
-    let notify = Arc::new(Notify::new());
+    let wake = Arc::new(Wakers::default());
     let ingestor = Arc::new(Ingestor {
         store: store.clone(),
         config: config.clone(),
         clock: clock.clone(),
+        wake: wake.clone(),
     });
-    let watcher = Watcher {
-        config: config.clone(),
-        ingestor: ingestor.clone(),
-        outbox: notify.clone(),
-    };
-    let outbox = Outbox {
-        store: store.clone(),
-        mailer,
-        clock,
-        notify,
-    };
     Ok(Parts {
+        watcher: Watcher {
+            config: config.clone(),
+            ingestor: ingestor.clone(),
+            wake: wake.clone(),
+        },
+        scheduler: Scheduler {
+            store: store.clone(),
+            config,
+            clock: clock.clone(),
+            wake: wake.clone(),
+        },
+        outbox: Outbox {
+            store: store.clone(),
+            mailer,
+            clock,
+            wake,
+        },
         store,
-        watcher,
-        outbox,
         ingestor,
     })
 }
@@ -68,6 +75,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let Parts {
         store,
         watcher,
+        scheduler,
         outbox,
         ingestor,
     } = parts(config)?;
@@ -76,6 +84,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let pending = store.outbox_pending()?.len();
     tracing::info!(store = %store.path().display(), pending_mail = pending, "escalator started");
     tracker.spawn(watcher.run(cancel.clone()));
+    tracker.spawn(scheduler.run(cancel.clone()));
     tracker.spawn(outbox.run(cancel.clone()));
     let control = crate::control::serve(ingestor, cancel.clone())?;
     tracker.spawn(control);
@@ -87,18 +96,22 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
         .await
         .is_err()
     {
-        tracing::warn!("workers did not stop within {EXIT_DEADLINE:?}; exiting anyway (the store is consistent)");
+        tracing::warn!(
+            "workers did not stop within {EXIT_DEADLINE:?}; exiting anyway (the store is consistent)"
+        );
     }
     store.flush_async().await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// One full cycle: ingest everything new, drain the outbox, return.
+/// One full cycle: ingest everything new, fire due timers, drain the
+/// outbox, return.
 pub async fn run_once(config: Config) -> anyhow::Result<()> {
     let Parts {
         store,
         watcher,
+        scheduler,
         outbox,
         ..
     } = parts(config)?;
@@ -107,12 +120,14 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
         .once(&cancel)
         .await
         .context("cannot ingest from the mailbox")?;
+    let fired = scheduler.pass()?;
     let drained = outbox.drain(true, &cancel).await?;
     store.flush_async().await?;
     tracing::info!(
         fetched = pass.fetched,
         new_cases = pass.new_cases,
         quarantined = pass.quarantined,
+        timers = fired,
         sent = drained.sent,
         retrying = drained.retrying,
         failed = drained.failed,

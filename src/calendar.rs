@@ -9,12 +9,15 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
+/// An open interval of a day, in local time.
+pub type Range = (NaiveTime, NaiveTime);
+
 /// Opening hours; `None` hours means 24/7.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Calendar {
     pub tz: Tz,
     /// Per weekday (Monday = 0), the open intervals in local time.
-    pub hours: Option<[Vec<(NaiveTime, NaiveTime)>; 7]>,
+    pub hours: Option<[Vec<Range>; 7]>,
     pub holidays: BTreeSet<NaiveDate>,
 }
 
@@ -112,7 +115,7 @@ impl Calendar {
 
 /// Parses `mon-fri 09:00-17:30` (also `sat 10:00-14:00`, `mon,wed ...`,
 /// several time ranges separated by commas: `mon-fri 09:00-12:00,13:00-17:00`).
-pub fn parse_hours(spec: &str) -> Result<(Vec<usize>, Vec<(NaiveTime, NaiveTime)>), String> {
+pub fn parse_hours(spec: &str) -> Result<(Vec<usize>, Vec<Range>), String> {
     let (days, times) = spec
         .trim()
         .split_once(char::is_whitespace)

@@ -42,7 +42,80 @@ pub struct Case {
     pub due_at: Option<DateTime<Utc>>,
     /// The customer's first Message-ID: acknowledgements thread to it.
     pub root_message_id: String,
+    /// The customer's latest Message-ID: notices and relays answer it.
+    #[serde(default)]
+    pub last_message_id: String,
+    /// When the customer's current wait began (None when not waiting).
+    #[serde(default)]
+    pub waiting_since: Option<DateTime<Utc>>,
+    /// The next timer and what it does; indexed in the store by time.
+    #[serde(default)]
+    pub timer: Option<Timer>,
+    /// The deadline passed at the top tier with no answer.
+    #[serde(default)]
+    pub breached: bool,
+    /// When to remind the tier of the current deadline (None once done).
+    #[serde(default)]
+    pub warn_at: Option<DateTime<Utc>>,
+    /// Customer messages since the last staff answer.
+    #[serde(default)]
+    pub unanswered: u32,
+    #[serde(default)]
+    pub first_answer_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub answered_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub resolved_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub survey_sent: bool,
+    /// The customer's 1-5 rating after resolution.
+    #[serde(default)]
+    pub csat: Option<u8>,
+    /// The resolved case this one follows on from.
+    #[serde(default)]
+    pub previous_case: Option<CaseId>,
     pub history: Vec<Event>,
+}
+
+/// A case's next timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    pub at: DateTime<Utc>,
+    pub kind: TimerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimerKind {
+    /// Remind the tier before the deadline.
+    Warn,
+    /// The deadline: escalate, or at the top tier mark breached.
+    Due,
+    /// Re-notify the top tier about a breached case.
+    Renotify,
+    /// Resolve after customer silence following an answer.
+    AutoResolve,
+}
+
+/// Why a case moved up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Stale,
+    RepeatCustomer,
+    Trigger,
+    Manual,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Stale => "stale",
+            Reason::RepeatCustomer => "repeat_customer",
+            Reason::Trigger => "trigger",
+            Reason::Manual => "manual",
+        }
+    }
 }
 
 /// One thing that happened to a case.
@@ -57,7 +130,10 @@ pub struct Event {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventKind {
     /// The case was opened by a message.
-    Created { message_id: String, from: String },
+    Created {
+        message_id: String,
+        from: String,
+    },
     /// A message joined the case.
     Message {
         message_id: String,
@@ -76,12 +152,76 @@ pub enum EventKind {
         eta: DateTime<Utc>,
     },
     /// No automatic answer was sent, and why.
-    AckSuppressed { reason: String },
+    AckSuppressed {
+        reason: String,
+    },
     /// The outbox handed a mail to the SMTP server.
     MailSent {
         outbox_id: u64,
         mail: String,
         to: String,
+    },
+    /// Any other mail was queued (notice, forward, relay, warning...).
+    MailQueued {
+        outbox_id: u64,
+        mail: String,
+        to: String,
+    },
+    /// The case moved up a tier.
+    Escalated {
+        from: String,
+        to: String,
+        reason: Reason,
+        detail: String,
+    },
+    /// A staff member answered; the clock stopped.
+    StaffAnswer {
+        from: String,
+        message_id: String,
+    },
+    /// A staff reply was passed on to the customer.
+    Relayed {
+        from: String,
+        outbox_id: u64,
+    },
+    /// An internal note (`#note`), kept from the customer.
+    Note {
+        from: String,
+        message_id: String,
+    },
+    Resolved {
+        by: String,
+    },
+    Reopened {
+        message_id: String,
+    },
+    /// A tier was reminded of a coming deadline.
+    Warned {
+        tier: String,
+    },
+    /// The deadline passed at the top tier.
+    Breached {
+        tier: String,
+    },
+    Renotified {
+        tier: String,
+    },
+    SurveySent {
+        outbox_id: u64,
+    },
+    Csat {
+        score: u8,
+    },
+    /// Priority set by a trigger.
+    Priority {
+        priority: String,
+        why: String,
+    },
+    /// A message claiming a staff address without proof (no reference
+    /// to a forward): stored, but nothing it says is obeyed or relayed.
+    UnverifiedStaff {
+        from: String,
+        message_id: String,
     },
     /// The SMTP server refused a mail for good.
     MailFailed {
@@ -92,6 +232,46 @@ pub enum EventKind {
 }
 
 impl Case {
+    /// A new open case with nothing in it yet.
+    pub fn new(
+        id: CaseId,
+        customer: &str,
+        subject: &str,
+        tier: &str,
+        root: &str,
+        now: DateTime<Utc>,
+    ) -> Case {
+        Case {
+            id,
+            customer: customer.to_string(),
+            customer_name: None,
+            subject: subject.to_string(),
+            status: Status::Open,
+            tier: tier.to_string(),
+            priority: None,
+            participants: Vec::new(),
+            messages: Vec::new(),
+            escalations: 0,
+            created_at: now,
+            updated_at: now,
+            due_at: None,
+            root_message_id: root.to_string(),
+            last_message_id: root.to_string(),
+            waiting_since: Some(now),
+            timer: None,
+            breached: false,
+            warn_at: None,
+            unanswered: 0,
+            first_answer_at: None,
+            answered_at: None,
+            resolved_at: None,
+            survey_sent: false,
+            csat: None,
+            previous_case: None,
+            history: Vec::new(),
+        }
+    }
+
     pub fn is_participant(&self, addr: &str) -> bool {
         !addr.is_empty() && (self.customer == addr || self.participants.iter().any(|p| p == addr))
     }
@@ -118,6 +298,10 @@ impl Case {
             "due_at": self.due_at.map(rfc3339),
             "participants": self.participants,
             "unassigned": self.customer.is_empty(),
+            "csat": self.csat,
+            "breached": self.breached,
+            "previous_case": self.previous_case,
+            "resolved_at": self.resolved_at.map(rfc3339),
         })
     }
 }
@@ -151,6 +335,18 @@ mod tests {
             updated_at: at,
             due_at: Some(at),
             root_message_id: "m@x".into(),
+            last_message_id: "m@x".into(),
+            waiting_since: None,
+            timer: None,
+            breached: false,
+            warn_at: None,
+            unanswered: 0,
+            first_answer_at: None,
+            answered_at: None,
+            resolved_at: None,
+            survey_sent: false,
+            csat: None,
+            previous_case: None,
             history: vec![],
         };
         c.push(at, EventKind::AckSuppressed { reason: "x".into() });

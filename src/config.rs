@@ -3,12 +3,15 @@
 //! the daemon can trust. Every error names the key path, so an admin with
 //! a typo is told exactly where to look.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::calendar::{self, Calendar};
 
 use crate::template::{Template, TemplateKind};
 
@@ -24,6 +27,9 @@ pub struct Config {
     pub calendar: CalendarConfig,
     /// Tiers in escalation order; validation guarantees at least one.
     pub tiers: Vec<TierConfig>,
+    pub repeat_customer: Option<RepeatConfig>,
+    pub triggers: Vec<TriggerConfig>,
+    pub resolution: ResolutionConfig,
     pub templates: Templates,
 }
 
@@ -95,6 +101,8 @@ pub struct MailboxConfig {
     pub idle: bool,
     /// Bigger messages are stored as a stub (headers and size only).
     pub max_message_size: u64,
+    /// The folder agents' replies from the shared mailbox land in.
+    pub sent_folder: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,17 +132,109 @@ pub struct CasesConfig {
     pub auto_reply_window: Duration,
     /// Names this instance in the loop header of every mail we send.
     pub instance: String,
+    /// Staff mail must also carry `dkim=pass` for the staff domain in the
+    /// receiving server's Authentication-Results.
+    pub require_dkim_pass: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct CalendarConfig {
     pub timezone: chrono_tz::Tz,
+    /// Business hours and holidays; 24/7 when no hours are given.
+    pub business: Calendar,
 }
 
 #[derive(Debug, Clone)]
 pub struct TierConfig {
     pub name: String,
+    /// Addresses (`agent@x`) and domains (`@x`) whose mail is this
+    /// tier's answers.
+    pub staff: Vec<String>,
+    /// Where escalated cases are forwarded (not needed for the first tier,
+    /// whose staff read the support mailbox).
+    pub forward_to: Vec<String>,
+    /// The default timeline; `priority` overrides it per priority.
+    pub timeline: Timeline,
+    pub priority: BTreeMap<String, Timeline>,
+    /// Total time to resolution, waiting on the customer excluded.
+    pub resolve_within: Option<Duration>,
+    /// A reminder to the tier this long before the deadline.
+    pub warn_before: Option<WarnBefore>,
+    /// At the top tier, how often a breached case is re-notified.
+    pub renotify: Duration,
+}
+
+impl TierConfig {
+    /// The timeline for a case of `priority`.
+    pub fn timeline(&self, priority: Option<&str>) -> &Timeline {
+        priority
+            .and_then(|p| self.priority.get(p))
+            .unwrap_or(&self.timeline)
+    }
+
+    /// Is `addr` one of this tier's staff?
+    pub fn is_staff(&self, addr: &str) -> bool {
+        let domain = addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        self.staff.iter().any(|s| match s.strip_prefix('@') {
+            Some(d) => d == domain,
+            None => s == addr,
+        })
+    }
+}
+
+/// How long a case may wait for a staff answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeline {
+    /// A new or newly escalated case.
     pub first_response: Duration,
+    /// A customer's later message.
+    pub follow_up: Duration,
+}
+
+/// When to remind a tier of a coming deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarnBefore {
+    /// This long before the deadline.
+    Before(Duration),
+    /// When this percentage of the wait has passed.
+    Percent(u8),
+}
+
+/// A customer with many cases, or many unanswered messages, starts at
+/// (or jumps to) a higher tier.
+#[derive(Debug, Clone)]
+pub struct RepeatConfig {
+    /// The customer's Nth case within `within` ...
+    pub cases: u32,
+    pub within: Duration,
+    /// ... starts at this tier (an index into `tiers`).
+    pub tier: usize,
+    /// A case with this many customer messages unanswered jumps there.
+    pub unanswered: Option<u32>,
+}
+
+/// Phrases, senders or headers that escalate a case or set its priority.
+#[derive(Debug, Clone)]
+pub struct TriggerConfig {
+    /// Lower-case phrases, matched in the subject and the new text.
+    pub phrases: Vec<String>,
+    /// Addresses or `@domains` (VIPs).
+    pub senders: Vec<String>,
+    /// (lower-case header name, lower-case value) pairs.
+    pub headers: Vec<(String, String)>,
+    pub escalate: bool,
+    pub priority: Option<String>,
+}
+
+/// When cases close and what happens after.
+#[derive(Debug, Clone)]
+pub struct ResolutionConfig {
+    /// Resolve after this much customer silence following a staff answer.
+    pub auto_resolve_after: Option<Duration>,
+    /// A customer reply within this reopens the case; later, a new case.
+    pub reopen_within: Duration,
+    /// Ask for a 1-5 rating after resolution.
+    pub survey: bool,
 }
 
 /// The message templates in use, built-in or from files.
@@ -172,8 +272,67 @@ struct RawConfig {
     #[serde(default)]
     calendar: RawCalendar,
     tiers: Vec<RawTier>,
+    repeat_customer: Option<RawRepeat>,
+    #[serde(default)]
+    triggers: Vec<RawTrigger>,
+    #[serde(default)]
+    resolution: RawResolution,
     #[serde(default)]
     templates: RawTemplates,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepeat {
+    cases: u32,
+    within: String,
+    tier: String,
+    unanswered: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrigger {
+    #[serde(default)]
+    phrases: Vec<String>,
+    #[serde(default)]
+    senders: Vec<String>,
+    #[serde(default)]
+    headers: Vec<String>,
+    #[serde(default)]
+    escalate: bool,
+    priority: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResolution {
+    auto_resolve_after: Option<String>,
+    #[serde(default = "default_reopen")]
+    reopen_within: String,
+    #[serde(default = "default_true")]
+    survey: bool,
+}
+
+impl Default for RawResolution {
+    fn default() -> Self {
+        RawResolution {
+            auto_resolve_after: None,
+            reopen_within: default_reopen(),
+            survey: true,
+        }
+    }
+}
+
+fn default_reopen() -> String {
+    "14d".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeline {
+    first_response: Option<String>,
+    follow_up: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +359,7 @@ struct RawMailbox {
     timeout: String,
     #[serde(default = "default_max_size")]
     max_message_size: String,
+    sent_folder: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +399,8 @@ struct RawCases {
     #[serde(default = "default_window")]
     auto_reply_window: String,
     instance: Option<String>,
+    #[serde(default)]
+    require_dkim_pass: bool,
 }
 
 impl Default for RawCases {
@@ -249,6 +411,7 @@ impl Default for RawCases {
             auto_reply_limit: default_limit(),
             auto_reply_window: default_window(),
             instance: None,
+            require_dkim_pass: false,
         }
     }
 }
@@ -257,13 +420,27 @@ impl Default for RawCases {
 #[serde(deny_unknown_fields)]
 struct RawCalendar {
     timezone: Option<String>,
+    #[serde(default)]
+    hours: Vec<String>,
+    #[serde(default)]
+    holidays: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
     name: String,
+    #[serde(default)]
+    staff: Vec<String>,
+    #[serde(default)]
+    forward_to: Vec<String>,
     first_response: String,
+    follow_up: Option<String>,
+    resolve_within: Option<String>,
+    warn_before: Option<String>,
+    renotify: Option<String>,
+    #[serde(default)]
+    priority: BTreeMap<String, RawTimeline>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -394,7 +571,7 @@ impl Config {
                 format!(
                     "{} (first response {})",
                     t.name,
-                    humantime::format_duration(t.first_response)
+                    humantime::format_duration(t.timeline.first_response)
                 )
             })
             .collect();
@@ -442,6 +619,23 @@ impl Validator<'_> {
                 Duration::ZERO
             }
         }
+    }
+
+    /// Lower-cased addresses; with `domains`, `@domain` entries too.
+    fn addresses(&mut self, key: &str, list: &[String], domains: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            let a = a.trim();
+            if domains && a.starts_with('@') && a.len() > 1 && !a[1..].contains('@') {
+                out.push(a.to_lowercase());
+                continue;
+            }
+            match parse_mailbox(a) {
+                Some((_, addr)) => out.push(addr),
+                None => self.problem(&format!("{key}[{i}]"), format!("{a:?} is not an address")),
+            }
+        }
+        out
     }
 
     fn path(&self, p: &Path) -> PathBuf {
@@ -653,10 +847,37 @@ impl Validator<'_> {
             }
         };
 
+        let mut business = Calendar::always(timezone);
+        if !raw.calendar.hours.is_empty() {
+            let mut week: [Vec<(chrono::NaiveTime, chrono::NaiveTime)>; 7] = Default::default();
+            for (i, h) in raw.calendar.hours.iter().enumerate() {
+                match calendar::parse_hours(h) {
+                    Ok((days, ranges)) => {
+                        for d in days {
+                            week[d].extend(ranges.iter().copied());
+                        }
+                    }
+                    Err(e) => self.problem(&format!("calendar.hours[{i}]"), e),
+                }
+            }
+            business.hours = Some(week);
+        }
+        for (i, d) in raw.calendar.holidays.iter().enumerate() {
+            match d.parse::<chrono::NaiveDate>() {
+                Ok(d) => {
+                    business.holidays.insert(d);
+                }
+                Err(_) => self.problem(
+                    &format!("calendar.holidays[{i}]"),
+                    format!("{d:?} is not a date; write YYYY-MM-DD"),
+                ),
+            }
+        }
         if raw.tiers.is_empty() {
             self.problem("tiers", "at least one [[tiers]] is needed");
         }
         let mut tiers = Vec::new();
+        let n_tiers = raw.tiers.len();
         for (i, t) in raw.tiers.into_iter().enumerate() {
             let key = format!("tiers[{i}]");
             if t.name.trim().is_empty() {
@@ -669,11 +890,148 @@ impl Validator<'_> {
                 );
             }
             let first_response = self.duration(&format!("{key}.first_response"), &t.first_response);
+            let follow_up = match &t.follow_up {
+                Some(f) => self.duration(&format!("{key}.follow_up"), f),
+                None => first_response,
+            };
+            let timeline = Timeline {
+                first_response,
+                follow_up,
+            };
+            let mut priority = BTreeMap::new();
+            for (name, p) in t.priority {
+                let pk = format!("{key}.priority.{name}");
+                let tl = Timeline {
+                    first_response: match &p.first_response {
+                        Some(f) => self.duration(&format!("{pk}.first_response"), f),
+                        None => timeline.first_response,
+                    },
+                    follow_up: match &p.follow_up {
+                        Some(f) => self.duration(&format!("{pk}.follow_up"), f),
+                        None => timeline.follow_up,
+                    },
+                };
+                priority.insert(name.to_lowercase(), tl);
+            }
+            let staff = self.addresses(&format!("{key}.staff"), &t.staff, true);
+            let forward_to = self.addresses(&format!("{key}.forward_to"), &t.forward_to, false);
+            if i > 0 && forward_to.is_empty() {
+                self.problem(
+                    &format!("{key}.forward_to"),
+                    "a tier above the first needs forward_to: where its escalated cases are sent",
+                );
+            }
+            let warn_before = t.warn_before.as_deref().map(|w| {
+                let wk = format!("{key}.warn_before");
+                match w.trim().strip_suffix('%') {
+                    Some(p) => match p.trim().parse::<u8>() {
+                        Ok(p) if (1..100).contains(&p) => WarnBefore::Percent(p),
+                        _ => {
+                            self.problem(&wk, format!("{w:?}: a percentage from 1% to 99%"));
+                            WarnBefore::Percent(80)
+                        }
+                    },
+                    None => WarnBefore::Before(self.duration(&wk, w)),
+                }
+            });
+            let resolve_within = t
+                .resolve_within
+                .as_deref()
+                .map(|r| self.duration(&format!("{key}.resolve_within"), r));
+            let renotify = match &t.renotify {
+                Some(r) => self.duration(&format!("{key}.renotify"), r),
+                None => first_response,
+            };
+            if renotify < Duration::from_secs(1) && i + 1 == n_tiers {
+                self.problem(&format!("{key}.renotify"), "must be at least 1s");
+            }
             tiers.push(TierConfig {
                 name: t.name,
-                first_response,
+                staff,
+                forward_to,
+                timeline,
+                priority,
+                resolve_within,
+                warn_before,
+                renotify,
             });
         }
+        let tier_index = |name: &str| tiers.iter().position(|t| t.name == name);
+        let repeat_customer = match raw.repeat_customer {
+            None => None,
+            Some(r) => {
+                let within = self.duration("repeat_customer.within", &r.within);
+                if r.cases < 1 {
+                    self.problem("repeat_customer.cases", "must be at least 1");
+                }
+                match tier_index(&r.tier) {
+                    Some(tier) => Some(RepeatConfig {
+                        cases: r.cases,
+                        within,
+                        tier,
+                        unanswered: r.unanswered,
+                    }),
+                    None => {
+                        self.problem(
+                            "repeat_customer.tier",
+                            format!("no tier named {:?}", r.tier),
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let mut triggers = Vec::new();
+        for (i, t) in raw.triggers.into_iter().enumerate() {
+            let key = format!("triggers[{i}]");
+            if t.phrases.is_empty() && t.senders.is_empty() && t.headers.is_empty() {
+                self.problem(&key, "give phrases, senders or headers");
+            }
+            if !t.escalate && t.priority.is_none() {
+                self.problem(
+                    &key,
+                    "say what it does: escalate = true, or priority = \"...\"",
+                );
+            }
+            let mut headers = Vec::new();
+            for (j, h) in t.headers.iter().enumerate() {
+                match h.split_once(':') {
+                    Some((n, v)) if !n.trim().is_empty() => {
+                        headers.push((n.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase()))
+                    }
+                    _ => self.problem(
+                        &format!("{key}.headers[{j}]"),
+                        format!("{h:?}: write \"Name: value\", like \"Importance: high\""),
+                    ),
+                }
+            }
+            if let Some(p) = &t.priority {
+                if p.trim().is_empty() {
+                    self.problem(&format!("{key}.priority"), "must not be empty");
+                }
+            }
+            triggers.push(TriggerConfig {
+                phrases: t
+                    .phrases
+                    .iter()
+                    .map(|p| p.to_lowercase())
+                    .filter(|p| !p.trim().is_empty())
+                    .collect(),
+                senders: self.addresses(&format!("{key}.senders"), &t.senders, true),
+                headers,
+                escalate: t.escalate,
+                priority: t.priority.map(|p| p.to_lowercase()),
+            });
+        }
+        let res = raw.resolution;
+        let resolution = ResolutionConfig {
+            auto_resolve_after: res
+                .auto_resolve_after
+                .as_deref()
+                .map(|d| self.duration("resolution.auto_resolve_after", d)),
+            reopen_within: self.duration("resolution.reopen_within", &res.reopen_within),
+            survey: res.survey,
+        };
 
         let ack = match raw.templates.ack {
             None => Template::builtin(TemplateKind::Ack),
@@ -703,6 +1061,7 @@ impl Validator<'_> {
                 poll_interval,
                 idle: m.idle,
                 max_message_size,
+                sent_folder: m.sent_folder,
             },
             smtp: SmtpConfig {
                 endpoint: smtp_endpoint,
@@ -718,9 +1077,13 @@ impl Validator<'_> {
                 auto_reply_limit: c.auto_reply_limit,
                 auto_reply_window,
                 instance,
+                require_dkim_pass: c.require_dkim_pass,
             },
-            calendar: CalendarConfig { timezone },
+            calendar: CalendarConfig { timezone, business },
             tiers,
+            repeat_customer,
+            triggers,
+            resolution,
             templates: Templates { ack },
         })
     }
@@ -834,7 +1197,10 @@ first_response = "4h"
         assert_eq!(c.smtp.from, "support@example.test");
         assert_eq!(c.smtp.from_name.as_deref(), Some("Example Support"));
         assert_eq!(c.cases.subject_tag, "Case");
-        assert_eq!(c.tiers[0].first_response, Duration::from_secs(4 * 3600));
+        assert_eq!(
+            c.tiers[0].timeline.first_response,
+            Duration::from_secs(4 * 3600)
+        );
         assert_eq!(c.calendar.timezone, chrono_tz::UTC);
         assert_eq!(c.support_domain(), "example.test");
     }

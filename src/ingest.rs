@@ -15,15 +15,14 @@ use chrono::{DateTime, Utc};
 use crate::case::{Case, CaseId, EventKind};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::effects::Effects;
 use crate::message::{self, InboundMail};
-use crate::outbox::compose::{self, Envelope};
-use crate::outbox::{OutboxEntry, OutboxState};
-use crate::policy::{self, Outgoing};
+use crate::policy::{self, Ctx, Role};
 use crate::store::{
     id_key, Batch, Cursor, MessageRecord, QuarantineEntry, Store, StoreError, Tree,
 };
 use crate::suppress;
-use crate::thread::{self, Decision, MailKind, OwnId, Parties};
+use crate::thread::{self, Decision, OwnId, Parties};
 
 /// Where a message came from in the mailbox.
 #[derive(Debug, Clone)]
@@ -31,6 +30,8 @@ pub struct Source {
     pub folder: String,
     pub uid_validity: u32,
     pub uid: u32,
+    /// From the support mailbox's Sent folder: an agent's own mail.
+    pub sent: bool,
 }
 
 /// What ingesting one message did.
@@ -54,6 +55,8 @@ pub struct Ingestor {
     pub store: Arc<Store>,
     pub config: Arc<Config>,
     pub clock: Arc<dyn Clock>,
+    /// Wakes the outbox and the scheduler after admin changes.
+    pub wake: Arc<crate::scheduler::Wakers>,
 }
 
 /// The planned writes for one message.
@@ -157,16 +160,23 @@ impl Ingestor {
         tests::maybe_panic();
         let mail = message::parse(raw);
         let support = config.support_addresses();
+        let is_staff = |a: &str| config.tiers.iter().any(|t| t.is_staff(a));
         let key = store.key();
-        let decision = thread::decide(
-            &mail,
-            store,
-            &Parties { support: &support },
-            &config.cases.subject_tag,
-            key,
-        );
+        let parties = Parties {
+            support: &support,
+            is_staff: &is_staff,
+        };
+        let decision = thread::decide(&mail, store, &parties, &config.cases.subject_tag, key);
+        let ctx = Ctx { config, now };
+        let from_sent = src.is_some_and(|s| s.sent);
+        let sender = mail
+            .from
+            .as_ref()
+            .map(|a| a.email.clone())
+            .unwrap_or_default();
         let mut batch = Batch::default();
-        let (mut case, new, via) = match decision {
+        let mut previous = None;
+        let joined = match decision {
             Decision::Duplicate => {
                 tracing::debug!(message_id = %mail.message_id, "already stored");
                 return Ok(Plan {
@@ -175,30 +185,43 @@ impl Ingestor {
                 });
             }
             Decision::Join { case, via } => match store.case(case)? {
-                Some(c) => (c, false, via.as_str()),
-                None => {
-                    return Err(StoreError::Sled(sled::Error::ReportableBug(format!(
-                        "case {case} vanished"
-                    ))))
+                // Long after resolution, the customer's new mail is a new
+                // matter: a new case that links to the old one.
+                Some(c)
+                    if c.is_participant(&sender)
+                        && policy::starts_follow_on_case(&c, &mail, &ctx) =>
+                {
+                    previous = Some(c.id);
+                    None
                 }
+                Some(c) => Some((c, via.as_str())),
+                None => None,
             },
-            Decision::New => {
+            Decision::New => None,
+        };
+        let (mut case, new, via) = match joined {
+            Some((c, via)) => (c, false, via),
+            None => {
                 let id = store.counter("next_case")?;
                 batch.put(Tree::Meta, "next_case", (id + 1).to_be_bytes().to_vec());
-                (policy::open_case(id, &mail, config, now), true, "new")
+                let mut c = policy::open_case(id, &mail, config, now);
+                c.previous_case = previous;
+                if from_sent {
+                    // An agent wrote first from the shared mailbox: the
+                    // case belongs to the recipient, already answered.
+                    c.customer = mail.to.first().map(|a| a.email.clone()).unwrap_or_default();
+                    c.customer_name = mail.to.first().and_then(|a| a.name.clone());
+                }
+                (c, true, "new")
             }
         };
         let span = tracing::info_span!("case", case_id = case.id);
         let _e = span.enter();
-        let old_due = if new { None } else { case.due_at };
+        let timer_before = case.timer;
         let seq = store.counter("next_message")?;
         batch.put(Tree::Meta, "next_message", (seq + 1).to_be_bytes().to_vec());
         let suppressed = suppress::classify(&mail, &support);
-        let sender = mail
-            .from
-            .as_ref()
-            .map(|a| a.email.clone())
-            .unwrap_or_default();
+        let role = role(&case, &mail, &sender, from_sent, key, config);
         if !new {
             case.push(
                 now,
@@ -214,53 +237,15 @@ impl Ingestor {
             );
         }
         case.messages.push(seq);
-        let outgoing = policy::on_message(&mut case, &mail, new, suppressed.as_ref(), config, now);
-        let mut queued = 0;
-        let mut next_outbox = store.counter("next_outbox")?;
-        for out in outgoing {
-            match out {
-                Outgoing::Ack { eta } => {
-                    let to = case.customer.clone();
-                    let limit_from = now
-                        - chrono::Duration::from_std(config.cases.auto_reply_window)
-                            .unwrap_or(chrono::Duration::hours(1));
-                    if store.auto_replies_since(&to, limit_from)?
-                        >= config.cases.auto_reply_limit as usize
-                    {
-                        case.push(
-                            now,
-                            EventKind::AckSuppressed {
-                                reason: format!(
-                                    "more than {} automatic mails to {to} within {}",
-                                    config.cases.auto_reply_limit,
-                                    humantime::format_duration(config.cases.auto_reply_window)
-                                ),
-                            },
-                        );
-                        continue;
-                    }
-                    let id = next_outbox;
-                    next_outbox += 1;
-                    self.queue_ack(&mut batch, &mut case, &mail, id, eta, now)?;
-                    batch.put(
-                        Tree::AutoReplies,
-                        Store::auto_reply_key(&to, now, id),
-                        Vec::new(),
-                    );
-                    queued += 1;
-                }
-            }
-        }
-        batch.put(
-            Tree::Meta,
-            "next_outbox",
-            next_outbox.to_be_bytes().to_vec(),
-        );
-
-        let (stored_raw, text_note) = match truncated {
-            Some(size) => (raw.to_vec(), Some(size)),
-            None => (raw.to_vec(), None),
+        let actions = if new && from_sent {
+            policy::on_message(&mut case, &mail, Role::SupportAgent, None, &ctx)
+        } else if new {
+            let recent = self.recent_cases(&case, now)?;
+            policy::on_new_case(&mut case, &mail, suppressed.as_ref(), recent, &ctx)
+        } else {
+            policy::on_message(&mut case, &mail, role, suppressed.as_ref(), &ctx)
         };
+
         let record = MessageRecord {
             seq,
             case: case.id,
@@ -274,8 +259,11 @@ impl Ingestor {
             received_at: now,
             folder: src.map(|s| s.folder.clone()).unwrap_or_default(),
             uid: src.map(|s| s.uid).unwrap_or(0),
-            text: match text_note {
-                Some(size) => format!("[This message is {size} bytes, over mailbox.max_message_size: only its headers were stored. Read it in the support mailbox.]"),
+            text: match truncated {
+                Some(size) => format!(
+                    "[This message is {size} bytes, over mailbox.max_message_size: only its \
+                     headers were stored. Read it in the support mailbox.]"
+                ),
                 None => mail.text.clone(),
             },
             attachments: mail.attachments.clone(),
@@ -284,8 +272,13 @@ impl Ingestor {
             truncated: truncated.is_some(),
             parse_error: mail.parse_error.clone(),
         };
+        let mut effects = Effects::new(store, config, now)?;
+        effects.current = Some((&record, raw));
+        let queued = effects.apply(&mut batch, &mut case, actions)?;
+        effects.finish(&mut batch);
+
         batch.put_json(Tree::Messages, id_key(seq), &record)?;
-        batch.put(Tree::Raw, id_key(seq), stored_raw);
+        batch.put(Tree::Raw, id_key(seq), raw.to_vec());
         batch.put(
             Tree::MessageIds,
             Store::message_id_key(&mail.message_id, &mail.content_hash),
@@ -298,15 +291,7 @@ impl Ingestor {
                 Vec::new(),
             );
         }
-        if old_due != case.due_at {
-            if let Some(d) = old_due {
-                batch.remove(Tree::Deadlines, Store::deadline_key(d, case.id));
-            }
-            if let Some(d) = case.due_at {
-                batch.put(Tree::Deadlines, Store::deadline_key(d, case.id), Vec::new());
-            }
-        }
-        batch.put_json(Tree::Cases, id_key(case.id), &case)?;
+        store.write_case(&mut batch, timer_before, &case)?;
         tracing::info!(new, via, message_id = %mail.message_id, queued, "message stored");
         Ok(Plan {
             batch,
@@ -318,73 +303,25 @@ impl Ingestor {
         })
     }
 
-    fn queue_ack(
-        &self,
-        batch: &mut Batch,
-        case: &mut Case,
-        mail: &InboundMail,
-        id: u64,
-        eta: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let config = &*self.config;
-        let message_id = OwnId {
-            case: case.id,
-            kind: MailKind::Ack,
-            seq: id,
-        }
-        .format(self.store.key(), config.support_domain());
-        let (subject, body) = policy::ack_text(case, eta, config, now);
-        let mut references = mail.references.clone();
-        references.push(mail.message_id.clone());
-        let raw = compose::compose(
-            &Envelope {
-                from_name: config.smtp.from_name.as_deref(),
-                from: &config.smtp.from,
-                to_name: case.customer_name.as_deref(),
-                to: &case.customer,
-                subject: &subject,
-                message_id: &message_id,
-                in_reply_to: Some(&mail.message_id),
-                references,
-                auto_submitted: "auto-replied",
-                instance: &config.cases.instance,
-                case_id: case.id,
-                date: now,
-            },
-            &body,
-        )
-        .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        let entry = OutboxEntry {
-            id,
-            case: case.id,
-            kind: MailKind::Ack.as_str().into(),
-            message_id: message_id.clone(),
-            from: config.smtp.from.clone(),
-            to: vec![case.customer.clone()],
-            subject,
-            state: OutboxState::Pending,
-            attempts: 0,
-            created_at: now,
-            next_attempt_at: now,
-            sent_at: None,
-            last_error: None,
+    /// The customer's cases within the repeat-customer window, this one
+    /// included.
+    fn recent_cases(&self, case: &Case, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let Some(r) = &self.config.repeat_customer else {
+            return Ok(1);
         };
-        entry.write(batch, raw)?;
-        batch.put(
-            Tree::MessageIds,
-            Store::message_id_key(&message_id, "out"),
-            index_value(case.id, id),
-        );
-        case.push(
-            now,
-            EventKind::AckQueued {
-                outbox_id: id,
-                to: case.customer.clone(),
-                eta,
-            },
-        );
-        Ok(())
+        if case.customer.is_empty() {
+            return Ok(1);
+        }
+        let since = now - chrono::Duration::from_std(r.within).unwrap_or(chrono::Duration::MAX);
+        let mut n = 1;
+        for id in self.store.customer_cases(&case.customer)? {
+            if let Some(c) = self.store.case(id)? {
+                if c.created_at >= since && c.id != case.id {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Re-runs a quarantined message; on success its entry is removed.
@@ -404,6 +341,61 @@ impl Ingestor {
         self.store.flush()?;
         Ok(Some(outcome))
     }
+}
+
+/// Who wrote the message, for the policy. Staff is verified only by a
+/// reference to a staff-facing mail of this very case (its ID carries a
+/// keyed hash customers never see), plus DKIM when the config asks.
+fn role(
+    case: &Case,
+    mail: &InboundMail,
+    sender: &str,
+    from_sent: bool,
+    key: &[u8; 32],
+    config: &Config,
+) -> Role {
+    if from_sent {
+        return Role::SupportAgent;
+    }
+    if sender.is_empty() {
+        return Role::Other;
+    }
+    if sender == case.customer {
+        return Role::Customer;
+    }
+    if case.participants.iter().any(|p| p == sender) {
+        return Role::Participant;
+    }
+    if config.tiers.iter().any(|t| t.is_staff(sender)) {
+        let answers_us = mail
+            .in_reply_to
+            .iter()
+            .chain(mail.references.iter())
+            .filter_map(|id| OwnId::verify(id, key))
+            .any(|own| own.case == case.id && own.kind.staff_facing());
+        let dkim = !config.cases.require_dkim_pass || dkim_pass(mail, sender);
+        return Role::Staff {
+            verified: answers_us && dkim,
+        };
+    }
+    Role::Other
+}
+
+/// Did the receiving server record `dkim=pass` for the sender's domain?
+fn dkim_pass(mail: &InboundMail, sender: &str) -> bool {
+    let domain = sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+    mail.headers
+        .iter()
+        .filter(|(n, _)| n == "authentication-results")
+        .any(|(_, v)| {
+            let v = v.to_ascii_lowercase();
+            v.split(';').any(|part| {
+                let part = part.trim();
+                part.starts_with("dkim=pass")
+                    && (part.contains(&format!("header.d={domain}"))
+                        || part.contains(&format!("header.i=@{domain}")))
+            })
+        })
 }
 
 fn index_value(case: CaseId, seq: u64) -> Vec<u8> {
@@ -473,6 +465,7 @@ first_response = "4h"
                 store,
                 config: Arc::new(config),
                 clock: clock.clone(),
+                wake: Default::default(),
             },
             clock,
         )
@@ -488,6 +481,7 @@ first_response = "4h"
             folder: "INBOX".into(),
             uid_validity: validity,
             uid,
+            sent: false,
         }
     }
 

@@ -219,6 +219,7 @@ async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
                 store: Arc::new(store),
                 config: Arc::new(cfg),
                 clock: Arc::new(SystemClock),
+                wake: Default::default(),
             };
             let req = req.clone();
             Ok(tokio::task::spawn_blocking(move || admin::handle(&ingestor, &req)).await??)

@@ -66,6 +66,9 @@ pub struct InboundMail {
     pub size: usize,
     /// Why the MIME structure could not be read, when it could not.
     pub parse_error: Option<String>,
+    /// Top-level header fields (lower-case names), for triggers and
+    /// Authentication-Results; capped in number.
+    pub headers: Vec<(String, String)>,
 }
 
 /// The name of the loop header every escalator instance stamps.
@@ -122,6 +125,7 @@ pub fn parse(raw: &[u8]) -> InboundMail {
         mail.message_id_derived = true;
     }
     mail.robot = robot;
+    mail.headers = header_fields(raw).take(200).collect();
     mail.content_hash = content_hash;
     mail.size = raw.len();
     mail.parse_error = parse_error;
@@ -145,6 +149,7 @@ fn empty() -> InboundMail {
         content_hash: String::new(),
         size: 0,
         parse_error: None,
+        headers: Vec::new(),
     }
 }
 
@@ -236,6 +241,7 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
         content_hash: String::new(),
         size: 0,
         parse_error: None,
+        headers: Vec::new(),
     })
 }
 

@@ -1,67 +1,113 @@
-//! Policy: what a new message means for its case (status, deadline) and
-//! which mails it causes. Pure: `now` and the config are arguments.
+//! Policy: what a message, a timer or a person's command means for a case
+//! (status, tier, deadline) and which mails it causes. Pure: the config
+//! and `now` are arguments, so every rule is tested with a fake clock.
+//!
+//! A waiting case has one deadline (`due_at`) and one timer (`timer`):
+//! the reminder before the deadline, the deadline itself, the top tier's
+//! re-notification, or auto-resolution. The store indexes the timer by
+//! time, so the scheduler wakes only for cases that are due.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::case::{Case, EventKind, Status};
-use crate::config::{Config, TierConfig};
+use crate::case::{Case, EventKind, Reason, Status, Timer, TimerKind};
+use crate::config::{Config, TierConfig, WarnBefore};
 use crate::message::InboundMail;
 use crate::suppress::Suppress;
 
 /// A mail the policy wants sent.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outgoing {
-    /// The acknowledgement of a new case.
+pub enum Action {
+    /// The acknowledgement of a new case (names its tier and ETA).
     Ack { eta: DateTime<Utc> },
+    /// Tells the customer who has the case now, and the new ETA.
+    Notice { eta: DateTime<Utc> },
+    /// The case with its whole history, to a tier's `forward_to`.
+    Forward {
+        tier: usize,
+        reason: Reason,
+        detail: String,
+    },
+    /// A staff reply passed on to the customer from the support address.
+    Relay { text: String },
+    /// A reminder to the tier before its deadline.
+    Warn { tier: usize },
+    /// The top tier is told again about a breached case.
+    Renotify { tier: usize },
+    /// The satisfaction question after resolution.
+    Survey,
 }
 
-/// The tier a case is in (the first one if the config lost its name).
-pub fn tier<'a>(config: &'a Config, name: &str) -> &'a TierConfig {
+/// Who wrote a message, as far as the case is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Customer,
+    /// Someone the customer had in To/Cc.
+    Participant,
+    /// From a staff address. `verified`: it answers a staff-facing mail
+    /// escalator sent (and passed DKIM when that is required).
+    Staff {
+        verified: bool,
+    },
+    /// From the shared support mailbox's Sent folder: an agent's answer.
+    SupportAgent,
+    /// Anyone else (the support address seen in the inbox, robots).
+    Other,
+}
+
+/// Everything a rule needs besides the case.
+pub struct Ctx<'a> {
+    pub config: &'a Config,
+    pub now: DateTime<Utc>,
+}
+
+impl Ctx<'_> {
+    fn tier_index(&self, name: &str) -> usize {
+        tier_index(self.config, name)
+    }
+    fn calendar_add(&self, from: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+        self.config.calendar.business.add(from, d)
+    }
+}
+
+/// The index of a tier by name (the first if the config lost it).
+pub fn tier_index(config: &Config, name: &str) -> usize {
     config
         .tiers
         .iter()
-        .find(|t| t.name == name)
-        .unwrap_or(&config.tiers[0])
+        .position(|t| t.name == name)
+        .unwrap_or(0)
 }
 
-/// When a case that starts waiting now must have its answer.
-pub fn deadline(now: DateTime<Utc>, wait: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX)
+/// The tier a case is in.
+pub fn tier<'a>(config: &'a Config, name: &str) -> &'a TierConfig {
+    &config.tiers[tier_index(config, name)]
 }
 
-/// Opens a new case from its first message.
+/// Opens a new case from its first message (at the first tier).
 pub fn open_case(id: u64, mail: &InboundMail, config: &Config, now: DateTime<Utc>) -> Case {
-    let first = &config.tiers[0];
     let customer = mail
         .from
         .as_ref()
         .map(|a| a.email.clone())
         .unwrap_or_default();
     let subject = crate::thread::clean_subject(&mail.subject, &config.cases.subject_tag);
-    let mut case = Case {
-        id,
-        customer: customer.clone(),
-        customer_name: mail.from.as_ref().and_then(|a| a.name.clone()),
-        subject: if subject.is_empty() {
-            "(no subject)".into()
-        } else {
-            subject
-        },
-        status: Status::Open,
-        tier: first.name.clone(),
-        priority: None,
-        participants: Vec::new(),
-        messages: Vec::new(),
-        escalations: 0,
-        created_at: now,
-        updated_at: now,
-        due_at: Some(deadline(now, first.first_response)),
-        root_message_id: mail.message_id.clone(),
-        history: Vec::new(),
+    let subject = if subject.is_empty() {
+        "(no subject)".to_string()
+    } else {
+        subject
     };
+    let mut case = Case::new(
+        id,
+        &customer,
+        &subject,
+        &config.tiers[0].name,
+        &mail.message_id,
+        now,
+    );
+    case.customer_name = mail.from.as_ref().and_then(|a| a.name.clone());
     case.push(
         now,
         EventKind::Created {
@@ -72,52 +118,581 @@ pub fn open_case(id: u64, mail: &InboundMail, config: &Config, now: DateTime<Utc
     case
 }
 
-/// Applies an inbound message to its case and says what to send.
+/// Starts (or restarts) the customer's wait at the current tier.
+fn start_wait(case: &mut Case, first: bool, since: DateTime<Utc>, ctx: &Ctx) {
+    let t = &ctx.config.tiers[ctx.tier_index(&case.tier)];
+    let tl = t.timeline(case.priority.as_deref());
+    let wait = if first {
+        tl.first_response
+    } else {
+        tl.follow_up
+    };
+    case.status = Status::Open;
+    if case.waiting_since.is_none() {
+        case.waiting_since = Some(since);
+    }
+    set_deadline(case, ctx.now, wait, t, ctx);
+}
+
+/// Sets `due_at` = `from` + `wait` in business time, and the reminder.
+fn set_deadline(case: &mut Case, from: DateTime<Utc>, wait: Duration, t: &TierConfig, ctx: &Ctx) {
+    let due = ctx.calendar_add(from, wait);
+    case.due_at = Some(due);
+    case.breached = false;
+    case.warn_at = t.warn_before.and_then(|w| {
+        let lead = match w {
+            WarnBefore::Before(d) => wait.checked_sub(d)?,
+            WarnBefore::Percent(p) => wait.mul_f64(f64::from(p) / 100.0),
+        };
+        let at = ctx.calendar_add(from, lead);
+        (at > ctx.now && at < due).then_some(at)
+    });
+    set_timer(case, ctx);
+}
+
+/// Picks the case's next timer from its state.
+pub fn set_timer(case: &mut Case, ctx: &Ctx) {
+    case.timer = match case.status {
+        Status::Resolved => None,
+        Status::Answered => ctx.config.resolution.auto_resolve_after.and_then(|d| {
+            let since = case.answered_at?;
+            Some(Timer {
+                at: since + chrono::Duration::from_std(d).ok()?,
+                kind: TimerKind::AutoResolve,
+            })
+        }),
+        Status::Open => match (case.due_at, case.breached) {
+            (None, _) => None,
+            (Some(_), true) => case.timer.filter(|t| t.kind == TimerKind::Renotify),
+            (Some(due), false) => Some(match case.warn_at {
+                Some(w) if w < due => Timer {
+                    at: w,
+                    kind: TimerKind::Warn,
+                },
+                _ => Timer {
+                    at: due,
+                    kind: TimerKind::Due,
+                },
+            }),
+        },
+    };
+}
+
+/// The first message of a new case. `recent_cases` counts the
+/// customer's cases within `repeat_customer.within`, this one included.
+pub fn on_new_case(
+    case: &mut Case,
+    mail: &InboundMail,
+    suppress: Option<&Suppress>,
+    recent_cases: usize,
+    ctx: &Ctx,
+) -> Vec<Action> {
+    add_participants(case, mail, ctx.config);
+    if let Some(s) = suppress {
+        // Robots and unreadable senders wait for nobody: no deadline.
+        case.waiting_since = None;
+        case.push(
+            ctx.now,
+            EventKind::AckSuppressed {
+                reason: s.to_string(),
+            },
+        );
+        return Vec::new();
+    }
+    if case.customer.is_empty() {
+        case.waiting_since = None;
+        return Vec::new();
+    }
+    case.unanswered = 1;
+    start_wait(case, true, ctx.now, ctx);
+    let mut actions = Vec::new();
+    if let Some(r) = &ctx.config.repeat_customer {
+        if recent_cases >= r.cases as usize && r.tier > ctx.tier_index(&case.tier) {
+            let detail = format!(
+                "case {} of this customer within {}",
+                recent_cases,
+                humantime::format_duration(r.within)
+            );
+            actions.extend(escalate_to(
+                case,
+                r.tier,
+                Reason::RepeatCustomer,
+                &detail,
+                false,
+                ctx,
+            ));
+        }
+    }
+    actions.extend(apply_triggers(case, mail, false, ctx));
+    let eta = case.due_at.unwrap_or(ctx.now);
+    actions.insert(0, Action::Ack { eta });
+    actions
+}
+
+/// Is this customer message on a resolved case a new matter, to be a new
+/// case linked to the old one (past `reopen_within`, and not a rating)?
+pub fn starts_follow_on_case(case: &Case, mail: &InboundMail, ctx: &Ctx) -> bool {
+    if case.status != Status::Resolved {
+        return false;
+    }
+    if case.survey_sent && csat_reply(&new_text(&mail.text)).is_some() {
+        return false;
+    }
+    let resolved = case.resolved_at.unwrap_or(case.updated_at);
+    let window = chrono::Duration::from_std(ctx.config.resolution.reopen_within)
+        .unwrap_or(chrono::Duration::MAX);
+    ctx.now - resolved > window
+}
+
+/// A later message in an existing case.
 pub fn on_message(
     case: &mut Case,
     mail: &InboundMail,
-    is_new: bool,
+    role: Role,
     suppress: Option<&Suppress>,
-    config: &Config,
-    now: DateTime<Utc>,
-) -> Vec<Outgoing> {
-    let sender = mail.from.as_ref().map(|a| a.email.as_str()).unwrap_or("");
-    if sender == case.customer && !sender.is_empty() {
-        // People the customer copies in become participants, so their
-        // replies join this case instead of opening duplicates.
-        let support = config.support_addresses();
-        for a in mail.to.iter().chain(mail.cc.iter()) {
-            if a.email != case.customer
-                && !support.contains(&a.email)
-                && !case.participants.contains(&a.email)
-            {
-                case.participants.push(a.email.clone());
+    ctx: &Ctx,
+) -> Vec<Action> {
+    let automatic = suppress.is_some_and(Suppress::is_automatic);
+    let sender = mail
+        .from
+        .as_ref()
+        .map(|a| a.email.clone())
+        .unwrap_or_default();
+    match role {
+        Role::Staff { verified: false } => {
+            case.push(
+                ctx.now,
+                EventKind::UnverifiedStaff {
+                    from: sender,
+                    message_id: mail.message_id.clone(),
+                },
+            );
+            Vec::new()
+        }
+        Role::Staff { verified: true } | Role::SupportAgent if !automatic => {
+            staff_message(case, mail, role, sender, ctx)
+        }
+        Role::Customer | Role::Participant if !automatic => {
+            if role == Role::Customer {
+                add_participants(case, mail, ctx.config);
+            }
+            case.last_message_id = mail.message_id.clone();
+            customer_message(case, mail, ctx)
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn staff_message(
+    case: &mut Case,
+    mail: &InboundMail,
+    role: Role,
+    from: String,
+    ctx: &Ctx,
+) -> Vec<Action> {
+    let text = new_text(&mail.text);
+    let first_line = text.lines().map(str::trim).find(|l| !l.is_empty());
+    if first_line.is_some_and(|l| l.eq_ignore_ascii_case("#note")) {
+        case.push(
+            ctx.now,
+            EventKind::Note {
+                from,
+                message_id: mail.message_id.clone(),
+            },
+        );
+        return Vec::new();
+    }
+    let resolve = text
+        .lines()
+        .any(|l| l.trim().eq_ignore_ascii_case("#resolve"));
+    let relay_text: String = text
+        .lines()
+        .filter(|l| !l.trim().eq_ignore_ascii_case("#resolve"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_string();
+    case.push(
+        ctx.now,
+        EventKind::StaffAnswer {
+            from: from.clone(),
+            message_id: mail.message_id.clone(),
+        },
+    );
+    let mut actions = Vec::new();
+    // An agent's answer from the shared mailbox already went to the
+    // customer; a tier's reply to a forward has to be passed on.
+    if role != Role::SupportAgent && !relay_text.is_empty() && !case.customer.is_empty() {
+        actions.push(Action::Relay { text: relay_text });
+    }
+    if case.status != Status::Resolved {
+        case.status = Status::Answered;
+        case.answered_at = Some(ctx.now);
+        case.first_answer_at.get_or_insert(ctx.now);
+        case.unanswered = 0;
+        case.waiting_since = None;
+        case.due_at = None;
+        case.warn_at = None;
+        case.breached = false;
+        set_timer(case, ctx);
+    }
+    if resolve {
+        actions.extend(resolve_case(case, &from, ctx));
+    }
+    actions
+}
+
+fn customer_message(case: &mut Case, mail: &InboundMail, ctx: &Ctx) -> Vec<Action> {
+    let text = new_text(&mail.text);
+    match case.status {
+        Status::Resolved => {
+            if case.survey_sent && case.csat.is_none() {
+                if let Some(score) = csat_reply(&text) {
+                    case.csat = Some(score);
+                    case.push(ctx.now, EventKind::Csat { score });
+                    return Vec::new();
+                }
+            }
+            case.push(
+                ctx.now,
+                EventKind::Reopened {
+                    message_id: mail.message_id.clone(),
+                },
+            );
+            case.resolved_at = None;
+            case.unanswered = 1;
+            case.waiting_since = None;
+            start_wait(case, false, ctx.now, ctx);
+        }
+        Status::Answered => {
+            case.unanswered = 1;
+            case.waiting_since = None;
+            start_wait(case, false, ctx.now, ctx);
+        }
+        Status::Open => {
+            case.unanswered += 1;
+            if case.waiting_since.is_none() {
+                start_wait(case, true, ctx.now, ctx);
             }
         }
     }
-    if is_new {
-        return match suppress {
-            None if !case.customer.is_empty() => vec![Outgoing::Ack {
-                eta: case.due_at.unwrap_or(now),
-            }],
-            None => vec![],
-            Some(s) => {
+    let mut actions = apply_triggers(case, mail, true, ctx);
+    if let Some(r) = &ctx.config.repeat_customer {
+        if let Some(m) = r.unanswered {
+            if case.unanswered >= m && r.tier > ctx.tier_index(&case.tier) {
+                let detail = format!("{} customer messages unanswered", case.unanswered);
+                actions.extend(escalate_to(
+                    case,
+                    r.tier,
+                    Reason::RepeatCustomer,
+                    &detail,
+                    true,
+                    ctx,
+                ));
+            }
+        }
+    }
+    actions
+}
+
+/// Triggers on a customer message: escalate one tier, or set priority.
+fn apply_triggers(case: &mut Case, mail: &InboundMail, notify: bool, ctx: &Ctx) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for (why, escalate, priority) in match_triggers(mail, ctx.config) {
+        if let Some(p) = priority {
+            if case.priority.as_deref() != Some(p.as_str()) {
+                case.priority = Some(p.clone());
                 case.push(
-                    now,
-                    EventKind::AckSuppressed {
-                        reason: s.to_string(),
+                    ctx.now,
+                    EventKind::Priority {
+                        priority: p,
+                        why: why.clone(),
                     },
                 );
-                vec![]
+                // The priority's timeline applies from now if it is sooner.
+                if case.status == Status::Open {
+                    let t = &ctx.config.tiers[ctx.tier_index(&case.tier)];
+                    let wait = t.timeline(case.priority.as_deref()).first_response;
+                    let due = ctx.calendar_add(ctx.now, wait);
+                    if case.due_at.is_none_or(|d| due < d) {
+                        set_deadline(case, ctx.now, wait, t, ctx);
+                    }
+                }
             }
-        };
+        }
+        if escalate {
+            let next = ctx.tier_index(&case.tier) + 1;
+            if next < ctx.config.tiers.len() {
+                actions.extend(escalate_to(case, next, Reason::Trigger, &why, notify, ctx));
+            }
+        }
     }
-    if case.status == Status::Resolved && suppress.is_none_or(|s| !s.is_automatic()) {
-        // Reopening policy belongs to the escalation engine; until then a
-        // customer writing again makes the case wait for an answer again.
-        case.status = Status::Open;
+    actions
+}
+
+/// The triggers a message sets off: (why, escalate, priority).
+pub fn match_triggers(mail: &InboundMail, config: &Config) -> Vec<(String, bool, Option<String>)> {
+    let subject = mail.subject.to_lowercase();
+    let body = new_text(&mail.text).to_lowercase();
+    let sender = mail.from.as_ref().map(|a| a.email.as_str()).unwrap_or("");
+    let mut out = Vec::new();
+    for t in &config.triggers {
+        let phrase = t
+            .phrases
+            .iter()
+            .find(|p| contains_phrase(&subject, p) || contains_phrase(&body, p))
+            .map(|p| format!("phrase \"{p}\""));
+        let who = t
+            .senders
+            .iter()
+            .find(|s| match s.strip_prefix('@') {
+                Some(d) => sender.rsplit_once('@').is_some_and(|(_, sd)| sd == d),
+                None => *s == sender,
+            })
+            .map(|s| format!("sender {s}"));
+        let header = t
+            .headers
+            .iter()
+            .find(|(name, value)| {
+                mail.headers.iter().any(|(n, v)| {
+                    let v = v.to_ascii_lowercase();
+                    n == name
+                        && (v == *value
+                            || v.strip_prefix(value.as_str()).is_some_and(|rest| {
+                                !rest.starts_with(|c: char| c.is_alphanumeric())
+                            }))
+                })
+            })
+            .map(|(n, v)| format!("header {n}: {v}"));
+        if let Some(why) = phrase.or(who).or(header) {
+            out.push((why, t.escalate, t.priority.clone()));
+        }
+    }
+    out
+}
+
+/// A whole-word, case-insensitive match ("manager" not in "management").
+fn contains_phrase(hay: &str, phrase: &str) -> bool {
+    let mut from = 0;
+    while let Some(i) = hay[from..].find(phrase) {
+        let start = from + i;
+        let end = start + phrase.len();
+        let before = hay[..start].chars().next_back();
+        let after = hay[end..].chars().next();
+        if !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric) {
+            return true;
+        }
+        from = start + phrase.len().max(1);
+        while from < hay.len() && !hay.is_char_boundary(from) {
+            from += 1;
+        }
+    }
+    false
+}
+
+/// The text a person wrote now: quoted earlier mail left out.
+pub fn new_text(body: &str) -> String {
+    let mut out = Vec::new();
+    let lines: Vec<&str> = body.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim();
+        if t.starts_with('>') {
+            continue;
+        }
+        let lower = t.to_lowercase();
+        let wrote = lower.ends_with("wrote:")
+            || lower.ends_with("schrieb:")
+            || lower.ends_with("a écrit :")
+            || (lower.starts_with("on ")
+                && lines
+                    .get(i + 1)
+                    .is_some_and(|n| n.trim().to_lowercase().ends_with("wrote:")));
+        if wrote
+            || lower.starts_with("-----original message-----")
+            || lower.starts_with("---------- forwarded message")
+            || (lower.starts_with("from:")
+                && lines.get(i + 1).is_some_and(|n| {
+                    let n = n.trim().to_lowercase();
+                    n.starts_with("sent:") || n.starts_with("date:") || n.starts_with("to:")
+                }))
+        {
+            break;
+        }
+        out.push(*line);
+    }
+    out.join("\n").trim().to_string()
+}
+
+/// "5", "5!", "4 - good": a satisfaction rating.
+pub fn csat_reply(text: &str) -> Option<u8> {
+    let t = text.trim();
+    if t.is_empty() || t.len() > 40 {
+        return None;
+    }
+    let mut chars = t.chars();
+    let d = chars.next()?.to_digit(10)?;
+    let rest = chars.as_str();
+    if !(1..=5).contains(&d) || rest.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    Some(d as u8)
+}
+
+/// Moves the case up to tier `target`, with a forward and (if `notify`)
+/// a notice to the customer.
+pub fn escalate_to(
+    case: &mut Case,
+    target: usize,
+    reason: Reason,
+    detail: &str,
+    notify: bool,
+    ctx: &Ctx,
+) -> Vec<Action> {
+    let from = ctx.tier_index(&case.tier);
+    if target <= from || target >= ctx.config.tiers.len() {
+        return Vec::new();
+    }
+    let t = &ctx.config.tiers[target];
+    let from_name = case.tier.clone();
+    case.tier = t.name.clone();
+    case.escalations += 1;
+    case.status = Status::Open;
+    if case.waiting_since.is_none() {
+        case.waiting_since = Some(ctx.now);
+    }
+    let wait = t.timeline(case.priority.as_deref()).first_response;
+    set_deadline(case, ctx.now, wait, t, ctx);
+    case.push(
+        ctx.now,
+        EventKind::Escalated {
+            from: from_name,
+            to: t.name.clone(),
+            reason,
+            detail: detail.to_string(),
+        },
+    );
+    let mut actions = vec![Action::Forward {
+        tier: target,
+        reason,
+        detail: detail.to_string(),
+    }];
+    if notify && !case.customer.is_empty() {
+        actions.push(Action::Notice {
+            eta: case.due_at.unwrap_or(ctx.now),
+        });
+    }
+    actions
+}
+
+/// A person escalates by hand (`escalator cases escalate`).
+pub fn escalate_manually(case: &mut Case, why: &str, ctx: &Ctx) -> Vec<Action> {
+    let next = ctx.tier_index(&case.tier) + 1;
+    escalate_to(case, next, Reason::Manual, why, true, ctx)
+}
+
+/// Resolves the case; the survey goes out once.
+pub fn resolve_case(case: &mut Case, by: &str, ctx: &Ctx) -> Vec<Action> {
+    if case.status == Status::Resolved {
+        return Vec::new();
+    }
+    case.status = Status::Resolved;
+    case.resolved_at = Some(ctx.now);
+    case.waiting_since = None;
+    case.due_at = None;
+    case.warn_at = None;
+    case.push(ctx.now, EventKind::Resolved { by: by.to_string() });
+    set_timer(case, ctx);
+    if ctx.config.resolution.survey && !case.survey_sent && !case.customer.is_empty() {
+        case.survey_sent = true;
+        return vec![Action::Survey];
     }
     Vec::new()
+}
+
+/// The case's timer fired (the scheduler calls this once it is due).
+pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
+    let Some(timer) = case.timer else {
+        return Vec::new();
+    };
+    if timer.at > ctx.now {
+        return Vec::new();
+    }
+    let idx = ctx.tier_index(&case.tier);
+    let last = ctx.config.tiers.len() - 1;
+    match timer.kind {
+        TimerKind::Warn => {
+            case.warn_at = None;
+            case.push(
+                ctx.now,
+                EventKind::Warned {
+                    tier: case.tier.clone(),
+                },
+            );
+            set_timer(case, ctx);
+            vec![Action::Warn { tier: idx }]
+        }
+        TimerKind::Due if idx < last => {
+            let waited = case
+                .waiting_since
+                .map(|w| ctx.config.calendar.business.between(w, ctx.now))
+                .unwrap_or_default();
+            let detail = format!(
+                "no staff answer at {} within its deadline (waited {} of business time)",
+                case.tier,
+                humantime::format_duration(Duration::from_secs(waited.as_secs()))
+            );
+            escalate_to(case, idx + 1, Reason::Stale, &detail, true, ctx)
+        }
+        TimerKind::Due => {
+            case.breached = true;
+            case.push(
+                ctx.now,
+                EventKind::Breached {
+                    tier: case.tier.clone(),
+                },
+            );
+            renotify(case, idx, ctx)
+        }
+        TimerKind::Renotify => {
+            case.push(
+                ctx.now,
+                EventKind::Renotified {
+                    tier: case.tier.clone(),
+                },
+            );
+            renotify(case, idx, ctx)
+        }
+        TimerKind::AutoResolve => resolve_case(case, "auto_resolve_after", ctx),
+    }
+}
+
+fn renotify(case: &mut Case, idx: usize, ctx: &Ctx) -> Vec<Action> {
+    let every = ctx.config.tiers[idx].renotify;
+    case.timer = Some(Timer {
+        at: ctx.now + chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX),
+        kind: TimerKind::Renotify,
+    });
+    vec![Action::Renotify { tier: idx }]
+}
+
+fn add_participants(case: &mut Case, mail: &InboundMail, config: &Config) {
+    let sender = mail.from.as_ref().map(|a| a.email.as_str()).unwrap_or("");
+    if sender != case.customer || sender.is_empty() {
+        return;
+    }
+    // People the customer copies in become participants, so their
+    // replies join this case instead of opening duplicates. Support and
+    // staff addresses never do.
+    let support = config.support_addresses();
+    for a in mail.to.iter().chain(mail.cc.iter()) {
+        if a.email != case.customer
+            && !support.contains(&a.email)
+            && !config.tiers.iter().any(|t| t.is_staff(&a.email))
+            && !case.participants.contains(&a.email)
+        {
+            case.participants.push(a.email.clone());
+        }
+    }
 }
 
 /// "within 4 hours", "within 1 day 2 hours": the two largest units.
@@ -153,24 +728,25 @@ pub fn format_eta(at: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
         .to_string()
 }
 
-/// Subject and body of the acknowledgement of `case`.
-pub fn ack_text(
+/// Template values every customer-facing mail can use.
+pub fn values(
     case: &Case,
     eta: DateTime<Utc>,
     config: &Config,
     now: DateTime<Utc>,
-) -> (String, String) {
+) -> BTreeMap<&'static str, String> {
     let tag = format!("[{} #{}]", config.cases.subject_tag, case.id);
-    let subject = format!("{tag} Re: {}", case.subject);
     let wait = (eta - now).to_std().unwrap_or(Duration::ZERO);
     let mut v = BTreeMap::new();
     v.insert("case_id", case.id.to_string());
     v.insert("case_tag", tag);
+    // Without a display name, the address's local part reads better
+    // than the whole address ("Hello alice,").
     v.insert(
         "customer_name",
         case.customer_name
             .clone()
-            .unwrap_or_else(|| case.customer.clone()),
+            .unwrap_or_else(|| case.customer.split('@').next().unwrap_or("").to_string()),
     );
     v.insert("customer", case.customer.clone());
     v.insert("subject", case.subject.clone());
@@ -186,109 +762,25 @@ pub fn ack_text(
             .unwrap_or_else(|| "Support".into()),
     );
     v.insert("support_address", config.smtp.from.clone());
-    (subject, config.templates.ack.render(&v))
+    v
+}
+
+/// Subject and body of the acknowledgement of `case`.
+pub fn ack_text(
+    case: &Case,
+    eta: DateTime<Utc>,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> (String, String) {
+    let subject = format!(
+        "[{} #{}] Re: {}",
+        config.cases.subject_tag, case.id, case.subject
+    );
+    (
+        subject,
+        config.templates.ack.render(&values(case, eta, config, now)),
+    )
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::message::parse;
-    use std::path::Path;
-
-    fn config() -> Config {
-        let text = r#"
-[mailbox]
-host = "127.0.0.1"
-security = "plain"
-username = "s"
-password = "p"
-[smtp]
-host = "127.0.0.1"
-security = "plain"
-from = "Example Support <support@example.test>"
-[store]
-path = "/tmp/x"
-[calendar]
-timezone = "Europe/Berlin"
-[[tiers]]
-name = "Frontline"
-first_response = "4h"
-"#;
-        Config::parse(text, Path::new("/x.toml"), &|_| None).unwrap()
-    }
-
-    fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
-
-    #[test]
-    fn new_case_gets_ack_with_first_tier_deadline() {
-        let c = config();
-        let now = at("2026-11-23T09:00:00Z");
-        let m = parse(b"From: Alice <alice@example.org>\r\nCc: bob@example.org, support@example.test\r\nSubject: Re: Printer\r\nMessage-ID: <m1@x>\r\n\r\nhelp\r\n");
-        let mut case = open_case(7, &m, &c, now);
-        let out = on_message(&mut case, &m, true, None, &c, now);
-        assert_eq!(case.due_at, Some(at("2026-11-23T13:00:00Z")));
-        assert_eq!(
-            out,
-            vec![Outgoing::Ack {
-                eta: at("2026-11-23T13:00:00Z")
-            }]
-        );
-        assert_eq!(case.subject, "Printer");
-        assert_eq!(case.participants, vec!["bob@example.org"]);
-        let (subject, body) = ack_text(&case, at("2026-11-23T13:00:00Z"), &c, now);
-        assert_eq!(subject, "[Case #7] Re: Printer");
-        assert!(body.contains("case #7"), "{body}");
-        assert!(body.contains("within 4 hours"), "{body}");
-        assert!(
-            body.contains("Monday, 23 November 2026, 14:00 CET"),
-            "{body}"
-        );
-        assert!(body.contains("Hello Alice"), "{body}");
-    }
-
-    #[test]
-    fn suppressed_new_case_gets_no_ack_and_says_why() {
-        let c = config();
-        let now = at("2026-11-23T09:00:00Z");
-        let m = parse(b"From: alice@example.org\r\nAuto-Submitted: auto-replied\r\n\r\nOOO\r\n");
-        let mut case = open_case(1, &m, &c, now);
-        let s = crate::suppress::classify(&m, &c.support_addresses());
-        let out = on_message(&mut case, &m, true, s.as_ref(), &c, now);
-        assert!(out.is_empty());
-        assert!(matches!(
-            case.history.last().unwrap().what,
-            EventKind::AckSuppressed { .. }
-        ));
-    }
-
-    #[test]
-    fn words() {
-        assert_eq!(eta_words(Duration::from_secs(4 * 3600)), "within 4 hours");
-        assert_eq!(eta_words(Duration::from_secs(3600)), "within 1 hour");
-        assert_eq!(
-            eta_words(Duration::from_secs(90)),
-            "within 1 minute 30 seconds"
-        );
-        assert_eq!(
-            eta_words(Duration::from_secs(86_400 + 7200)),
-            "within 1 day 2 hours"
-        );
-        assert_eq!(eta_words(Duration::from_secs(86_400 + 30)), "within 1 day");
-        assert_eq!(eta_words(Duration::from_secs(2)), "within 2 seconds");
-    }
-
-    #[test]
-    fn eta_in_zone_across_dst() {
-        let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
-        assert_eq!(
-            format_eta(at("2026-07-01T12:00:00Z"), tz),
-            "Wednesday, 1 July 2026, 14:00 CEST"
-        );
-        assert_eq!(
-            format_eta(at("2026-12-01T12:00:00Z"), tz),
-            "Tuesday, 1 December 2026, 13:00 CET"
-        );
-    }
-}
+mod tests;

@@ -418,6 +418,65 @@ impl Store {
         k
     }
 
+    /// Adds a case and its timer index change to a batch.
+    pub fn write_case(
+        &self,
+        batch: &mut Batch,
+        timer_before: Option<crate::case::Timer>,
+        case: &Case,
+    ) -> Result<()> {
+        if timer_before != case.timer {
+            if let Some(t) = timer_before {
+                batch.remove(Tree::Deadlines, Self::deadline_key(t.at, case.id));
+            }
+            if let Some(t) = case.timer {
+                batch.put(
+                    Tree::Deadlines,
+                    Self::deadline_key(t.at, case.id),
+                    Vec::new(),
+                );
+            }
+        }
+        batch.put_json(Tree::Cases, id_key(case.id), case)
+    }
+
+    /// Cases whose timer is at or before `now`, earliest first.
+    pub fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<CaseId>> {
+        let end = Self::deadline_key(now, u64::MAX);
+        let mut out = Vec::new();
+        for r in self.tree(Tree::Deadlines).range(..=end).take(limit) {
+            let (k, _) = r?;
+            if let Ok(b) = <[u8; 8]>::try_from(&k[8..]) {
+                out.push(u64::from_be_bytes(b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes index entries of `case` at or before `now` that its
+    /// record no longer has.
+    pub fn drop_stale_timers(&self, case: CaseId, now: DateTime<Utc>) -> Result<()> {
+        let end = Self::deadline_key(now, u64::MAX);
+        let tree = self.tree(Tree::Deadlines);
+        for r in tree.range(..=end) {
+            let (k, _) = r?;
+            if k.len() == 16 && k[8..] == id_key(case) {
+                tree.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The earliest timer of all cases: the scheduler sleeps until then.
+    pub fn next_timer(&self) -> Result<Option<DateTime<Utc>>> {
+        let Some((k, _)) = self.tree(Tree::Deadlines).first()? else {
+            return Ok(None);
+        };
+        let mut b = <[u8; 8]>::try_from(&k[..8]).unwrap_or([0; 8]);
+        b[0] ^= 0x80;
+        Ok(DateTime::from_timestamp_millis(i64::from_be_bytes(b)))
+    }
+
     // --------------------------------------------------------- cursors
 
     pub fn cursor(&self, folder: &str) -> Result<Option<Cursor>> {

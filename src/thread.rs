@@ -59,34 +59,57 @@ impl Via {
 /// mailbox).
 pub struct Parties<'a> {
     pub support: &'a [String],
+    /// Is this a staff address of some tier?
+    pub is_staff: &'a dyn Fn(&str) -> bool,
 }
 
 /// The kinds of mail escalator sends, as written in its Message-IDs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MailKind {
     Ack,
+    Notice,
+    Forward,
+    Relay,
+    Warn,
+    Renotify,
+    Survey,
 }
+
+const KINDS: [(MailKind, char, &str); 7] = [
+    (MailKind::Ack, 'a', "ack"),
+    (MailKind::Notice, 'n', "notice"),
+    (MailKind::Forward, 'f', "forward"),
+    (MailKind::Relay, 'r', "relay"),
+    (MailKind::Warn, 'w', "warning"),
+    (MailKind::Renotify, 'b', "breach"),
+    (MailKind::Survey, 's', "survey"),
+];
 
 impl MailKind {
     fn letter(self) -> char {
-        match self {
-            MailKind::Ack => 'a',
-        }
+        KINDS
+            .iter()
+            .find(|k| k.0 == self)
+            .map(|k| k.1)
+            .unwrap_or('x')
     }
     fn from_letter(c: char) -> Option<MailKind> {
-        match c {
-            'a' => Some(MailKind::Ack),
-            _ => None,
-        }
+        KINDS.iter().find(|k| k.1 == c).map(|k| k.0)
     }
-    /// Staff-facing mail carries IDs customers never see.
+    /// Staff-facing mail carries IDs customers never see: a reply that
+    /// names one comes from someone the case was sent to.
     pub fn staff_facing(self) -> bool {
-        false
+        matches!(
+            self,
+            MailKind::Forward | MailKind::Warn | MailKind::Renotify
+        )
     }
     pub fn as_str(self) -> &'static str {
-        match self {
-            MailKind::Ack => "ack",
-        }
+        KINDS
+            .iter()
+            .find(|k| k.0 == self)
+            .map(|k| k.2)
+            .unwrap_or("mail")
     }
 }
 
@@ -243,7 +266,6 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::case::Status;
     use crate::message::parse;
     use chrono::Utc;
     use std::collections::HashMap;
@@ -270,23 +292,9 @@ mod tests {
     }
 
     fn case(id: CaseId, customer: &str, participants: &[&str]) -> Case {
-        Case {
-            id,
-            customer: customer.into(),
-            customer_name: None,
-            subject: "s".into(),
-            status: Status::Open,
-            tier: "Frontline".into(),
-            priority: None,
-            participants: participants.iter().map(|s| s.to_string()).collect(),
-            messages: vec![],
-            escalations: 0,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            due_at: None,
-            root_message_id: "root@x".into(),
-            history: vec![],
-        }
+        let mut c = Case::new(id, customer, "s", "Frontline", "root@x", Utc::now());
+        c.participants = participants.iter().map(|s| s.to_string()).collect();
+        c
     }
 
     fn fake() -> Fake {
@@ -308,7 +316,17 @@ mod tests {
 
     fn decide_(f: &Fake, m: &InboundMail) -> Decision {
         let support = vec!["support@example.test".to_string()];
-        decide(m, f, &Parties { support: &support }, "Case", &KEY)
+        let staff = |a: &str| a == "tier2@example.test";
+        decide(
+            m,
+            f,
+            &Parties {
+                support: &support,
+                is_staff: &staff,
+            },
+            "Case",
+            &KEY,
+        )
     }
 
     #[test]

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ingest::{Ingestor, Outcome, Source};
+use crate::scheduler::Wakers;
 use crate::store::StoreError;
 use imap::{timed, ImapError, ImapSession};
 
@@ -47,8 +47,9 @@ pub struct PassReport {
 pub struct Watcher {
     pub config: Arc<Config>,
     pub ingestor: Arc<Ingestor>,
-    /// Told after each committed batch, so acks go out at once.
-    pub outbox: Arc<Notify>,
+    /// Told after each committed batch, so acks go out at once and the
+    /// scheduler sees new deadlines.
+    pub wake: Arc<Wakers>,
 }
 
 impl Watcher {
@@ -157,14 +158,43 @@ impl Watcher {
         }
     }
 
-    /// Fetches and ingests every message past the cursor.
+    /// Fetches and ingests every new message of the inbox, then of the
+    /// Sent folder (agents' answers) when one is configured.
     async fn pass(
         &self,
         s: &mut ImapSession,
         cancel: &CancellationToken,
     ) -> Result<PassReport, WatchError> {
+        let inbox = self.config.mailbox.folder.clone();
+        let mut report = self.pass_folder(s, &inbox, false, cancel).await?;
+        if let Some(sent) = self.config.mailbox.sent_folder.clone() {
+            let r = self.pass_folder(s, &sent, true, cancel).await?;
+            report.fetched += r.fetched;
+            report.stored += r.stored;
+            report.new_cases += r.new_cases;
+            report.duplicates += r.duplicates;
+            report.quarantined += r.quarantined;
+            // IDLE watches the inbox: select it again.
+            timed(
+                &self.config.mailbox.endpoint,
+                "EXAMINE",
+                s.examine(&inbox),
+                |e| ImapError::Folder(inbox.clone(), e),
+            )
+            .await?;
+        }
+        Ok(report)
+    }
+
+    /// Fetches and ingests every message of `folder` past its cursor.
+    async fn pass_folder(
+        &self,
+        s: &mut ImapSession,
+        folder: &String,
+        sent: bool,
+        cancel: &CancellationToken,
+    ) -> Result<PassReport, WatchError> {
         let ep = &self.config.mailbox.endpoint;
-        let folder = &self.config.mailbox.folder;
         let mut report = PassReport::default();
         let mbox = timed(ep, "EXAMINE", s.examine(folder), |e| {
             ImapError::Folder(folder.clone(), e)
@@ -242,6 +272,7 @@ impl Watcher {
                     folder: folder.clone(),
                     uid_validity: validity,
                     uid,
+                    sent,
                 };
                 match self.ingestor.ingest(Some(&src), &raw, truncated)? {
                     Outcome::Stored { new, .. } => {
@@ -253,7 +284,7 @@ impl Watcher {
                 }
             }
             store.flush_async().await?;
-            self.outbox.notify_one();
+            self.wake.both();
         }
         if report.fetched > 0 {
             tracing::info!(

@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use mail_builder::headers::raw::Raw;
+use mail_builder::mime::MimePart;
 use mail_builder::MessageBuilder;
 
 use crate::message::LOOP_HEADER;
@@ -21,8 +22,13 @@ pub struct Envelope<'a> {
     /// The message this answers, and the thread before it.
     pub in_reply_to: Option<&'a str>,
     pub references: Vec<String>,
-    /// `auto-replied` for answers to a message, `auto-generated` otherwise.
-    pub auto_submitted: &'a str,
+    /// `auto-replied` for answers to a message, `auto-generated` for
+    /// other robot mail; None for a person's words we pass on.
+    pub auto_submitted: Option<&'a str>,
+    /// Where replies should go (forwards: back to the support mailbox).
+    pub reply_to: Option<&'a str>,
+    /// Original messages, attached as message/rfc822.
+    pub attachments: Vec<Vec<u8>>,
     pub instance: &'a str,
     pub case_id: u64,
     pub date: DateTime<Utc>,
@@ -57,12 +63,32 @@ pub fn compose(env: &Envelope, body: &str) -> std::io::Result<Vec<u8>> {
         .subject(one_line(env.subject))
         .message_id(clean_id(env.message_id))
         .date(env.date.timestamp())
-        .header("Auto-Submitted", Raw::new(env.auto_submitted.to_string()))
-        .header("X-Auto-Response-Suppress", Raw::new("All"))
-        .header("Precedence", Raw::new("bulk"))
         .header(LOOP_HEADER, Raw::new(clean_id(env.instance)))
         .header("X-Escalator-Case", Raw::new(env.case_id.to_string()))
-        .text_body(body.replace("\r\n", "\n").replace('\n', "\r\n"));
+        .header("X-Auto-Response-Suppress", Raw::new("All"));
+    if let Some(a) = env.auto_submitted {
+        b = b
+            .header("Auto-Submitted", Raw::new(a.to_string()))
+            .header("Precedence", Raw::new("bulk"));
+    }
+    if let Some(r) = env.reply_to {
+        b = b.reply_to(one_line(r));
+    }
+    let text = body.replace("\r\n", "\n").replace('\n', "\r\n");
+    if env.attachments.is_empty() {
+        b = b.text_body(text);
+    } else {
+        let mut parts = vec![MimePart::new("text/plain; charset=utf-8", text)];
+        for (i, raw) in env.attachments.iter().enumerate() {
+            // RFC 2046 forbids base64 for message/rfc822: send it as is.
+            parts.push(
+                MimePart::new("message/rfc822", raw.as_slice())
+                    .attachment(format!("message-{}.eml", i + 1))
+                    .transfer_encoding("8bit"),
+            );
+        }
+        b = b.body(MimePart::new("multipart/mixed", parts));
+    }
     if let Some(irt) = env.in_reply_to.map(clean_id).filter(|s| !s.is_empty()) {
         b = b.in_reply_to(irt);
     }
@@ -87,7 +113,9 @@ mod tests {
             message_id: "c1.a1.xyz@example.test",
             in_reply_to: Some("orig@example.org"),
             references: vec!["root@example.org".into(), "orig@example.org".into()],
-            auto_submitted: "auto-replied",
+            auto_submitted: Some("auto-replied"),
+            reply_to: None,
+            attachments: vec![],
             instance: "support@example.test",
             case_id: 1,
             date: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
@@ -128,5 +156,45 @@ mod tests {
         e.in_reply_to = Some("a@b>\r\nBcc: v@x.net");
         let text = String::from_utf8(compose(&e, "b").unwrap()).unwrap();
         assert!(!text.lines().any(|l| l.starts_with("Bcc:")), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod attach_tests {
+    use super::*;
+    use crate::message::parse;
+
+    #[test]
+    fn originals_are_attached_as_message_rfc822_in_8bit() {
+        let original = b"From: alice@example.org\r\nSubject: hi\r\nMessage-ID: <o@x>\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n".to_vec();
+        let env = Envelope {
+            from_name: None,
+            from: "support@example.test",
+            to_name: None,
+            to: "tier2@example.test",
+            subject: "[Case #1] Escalated to Tier 2: hi",
+            message_id: "c1.f2.x@example.test",
+            in_reply_to: None,
+            references: vec![],
+            auto_submitted: Some("auto-generated"),
+            reply_to: Some("support@example.test"),
+            attachments: vec![original.clone()],
+            instance: "i",
+            case_id: 1,
+            date: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        };
+        let raw = compose(&env, "summary").unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.contains("Content-Type: message/rfc822"), "{text}");
+        assert!(text.contains("Content-Transfer-Encoding: 8bit"), "{text}");
+        assert!(
+            text.contains("Reply-To: <support@example.test>")
+                || text.contains("Reply-To: support@example.test"),
+            "{text}"
+        );
+        let m = parse(&raw);
+        assert!(m.text.contains("summary"));
+        assert_eq!(m.attachments.len(), 1);
+        assert_eq!(m.attachments[0].content_type, "message/rfc822");
     }
 }

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::case::{CaseId, EventKind};
@@ -93,8 +92,8 @@ pub struct Outbox {
     pub store: Arc<Store>,
     pub mailer: Arc<dyn Mailer>,
     pub clock: Arc<dyn Clock>,
-    /// Woken when ingest queued new mail.
-    pub notify: Arc<Notify>,
+    /// Woken when ingest or the scheduler queued new mail.
+    pub wake: Arc<crate::scheduler::Wakers>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +116,7 @@ impl Outbox {
             };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = self.notify.notified() => {}
+                _ = self.wake.outbox.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }

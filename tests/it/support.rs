@@ -459,6 +459,8 @@ first_response = "4h"
 
 [[tiers]]
 name = "Tier 2"
+staff = ["tier2@{DOMAIN}"]
+forward_to = ["tier2@{DOMAIN}"]
 first_response = "8h"
 {extra}
 "#,

@@ -1,0 +1,630 @@
+//! Effects: the policy's actions become outbox entries, written into the
+//! same batch as the case change that caused them. Here live the texts of
+//! the mails (besides the admin-editable acknowledgement template) and
+//! the per-recipient limit on automatic mail.
+
+use chrono::{DateTime, Utc};
+
+use crate::case::{rfc3339, Case, EventKind, Reason};
+use crate::config::Config;
+use crate::outbox::compose::{self, Envelope};
+use crate::outbox::{OutboxEntry, OutboxState};
+use crate::policy::{self, Action};
+use crate::store::{id_key, Batch, MessageRecord, Store, StoreError, Tree};
+use crate::thread::{MailKind, OwnId};
+
+/// Originals attached to one forward, at most (the rest are listed).
+const MAX_ATTACHED_BYTES: usize = 20 << 20;
+
+/// Queues mails for one case change.
+pub struct Effects<'a> {
+    pub store: &'a Store,
+    pub config: &'a Config,
+    pub now: DateTime<Utc>,
+    next_outbox: u64,
+    /// The message being ingested, not yet in the store.
+    pub current: Option<(&'a MessageRecord, &'a [u8])>,
+}
+
+impl<'a> Effects<'a> {
+    pub fn new(
+        store: &'a Store,
+        config: &'a Config,
+        now: DateTime<Utc>,
+    ) -> Result<Self, StoreError> {
+        Ok(Effects {
+            store,
+            config,
+            now,
+            next_outbox: store.counter("next_outbox")?,
+            current: None,
+        })
+    }
+
+    /// Writes the outbox counter; call once after the last `apply`.
+    pub fn finish(self, batch: &mut Batch) {
+        batch.put(
+            Tree::Meta,
+            "next_outbox",
+            self.next_outbox.to_be_bytes().to_vec(),
+        );
+    }
+
+    /// Queues the mails for `actions`; returns how many were queued.
+    pub fn apply(
+        &mut self,
+        batch: &mut Batch,
+        case: &mut Case,
+        actions: Vec<Action>,
+    ) -> Result<usize, StoreError> {
+        let mut queued = 0;
+        for action in actions {
+            queued += self.one(batch, case, action)? as usize;
+        }
+        Ok(queued)
+    }
+
+    fn one(
+        &mut self,
+        batch: &mut Batch,
+        case: &mut Case,
+        action: Action,
+    ) -> Result<bool, StoreError> {
+        let cfg = self.config;
+        let tag = format!("[{} #{}]", cfg.cases.subject_tag, case.id);
+        match action {
+            Action::Ack { eta } => {
+                if !self.within_limit(case, "acknowledgement")? {
+                    return Ok(false);
+                }
+                let (subject, body) = policy::ack_text(case, eta, cfg, self.now);
+                let id = self.customer_mail(
+                    batch,
+                    case,
+                    MailKind::Ack,
+                    &subject,
+                    &body,
+                    Some("auto-replied"),
+                )?;
+                batch.put(
+                    Tree::AutoReplies,
+                    Store::auto_reply_key(&case.customer, self.now, id),
+                    Vec::new(),
+                );
+                let to = case.customer.clone();
+                case.push(
+                    self.now,
+                    EventKind::AckQueued {
+                        outbox_id: id,
+                        to,
+                        eta,
+                    },
+                );
+            }
+            Action::Notice { eta } => {
+                if !self.within_limit(case, "escalation notice")? {
+                    return Ok(false);
+                }
+                let v = policy::values(case, eta, cfg, self.now);
+                let subject = format!("{tag} Re: {}", case.subject);
+                let body = format!(
+                    "Hello {},\n\nyour case #{} (\"{}\") has been passed to our {} team.\n\
+                     They will answer {}, by {}.\n\n\
+                     You do not need to do anything; to add to the case, reply to this\n\
+                     mail and keep {} in the subject.\n\n{}\n",
+                    v["customer_name"],
+                    case.id,
+                    v["subject"],
+                    v["tier"],
+                    v["eta_in_words"],
+                    v["eta"],
+                    v["case_tag"],
+                    v["support_name"]
+                );
+                let id = self.customer_mail(
+                    batch,
+                    case,
+                    MailKind::Notice,
+                    &subject,
+                    &body,
+                    Some("auto-generated"),
+                )?;
+                batch.put(
+                    Tree::AutoReplies,
+                    Store::auto_reply_key(&case.customer, self.now, id),
+                    Vec::new(),
+                );
+                self.queued_event(case, id, MailKind::Notice, &case.customer.clone());
+            }
+            Action::Survey => {
+                if !self.within_limit(case, "survey")? {
+                    return Ok(false);
+                }
+                let v = policy::values(case, self.now, cfg, self.now);
+                let subject = format!("{tag} How did we do? {}", case.subject);
+                let body = format!(
+                    "Hello {},\n\nyour case #{} (\"{}\") is resolved.\n\n\
+                     How did it go? Please reply with a number from 1 (poor) to 5 (great).\n\
+                     If something is still open, just reply with what it is.\n\n{}\n",
+                    v["customer_name"], case.id, v["subject"], v["support_name"]
+                );
+                let id = self.customer_mail(
+                    batch,
+                    case,
+                    MailKind::Survey,
+                    &subject,
+                    &body,
+                    Some("auto-generated"),
+                )?;
+                batch.put(
+                    Tree::AutoReplies,
+                    Store::auto_reply_key(&case.customer, self.now, id),
+                    Vec::new(),
+                );
+                case.push(self.now, EventKind::SurveySent { outbox_id: id });
+            }
+            Action::Relay { text } => {
+                let subject = format!("{tag} Re: {}", case.subject);
+                let v = policy::values(case, self.now, cfg, self.now);
+                let body = format!("{text}\n\n-- \n{} · case #{}\n", v["support_name"], case.id);
+                let id = self.customer_mail(batch, case, MailKind::Relay, &subject, &body, None)?;
+                let from = case
+                    .history
+                    .iter()
+                    .rev()
+                    .find_map(|e| match &e.what {
+                        EventKind::StaffAnswer { from, .. } => Some(from.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                case.push(
+                    self.now,
+                    EventKind::Relayed {
+                        from,
+                        outbox_id: id,
+                    },
+                );
+            }
+            Action::Forward {
+                tier,
+                reason,
+                detail,
+            } => {
+                let t = &cfg.tiers[tier];
+                let subject = format!("{tag} Escalated to {}: {}", t.name, case.subject);
+                let previous = case
+                    .history
+                    .iter()
+                    .rev()
+                    .find_map(|e| match &e.what {
+                        EventKind::Escalated { from, .. } => Some(from.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let mut body = self.summary(
+                    case,
+                    &format!("Escalated to {}", t.name),
+                    Some((reason, &detail, &previous)),
+                )?;
+                let (history, attachments) = self.conversation(case, true)?;
+                body.push_str(&history);
+                self.staff_mail(
+                    batch,
+                    case,
+                    MailKind::Forward,
+                    &t.forward_to,
+                    &subject,
+                    &body,
+                    attachments,
+                )?;
+            }
+            Action::Warn { tier } => {
+                let t = &cfg.tiers[tier];
+                let to = staff_recipients(t);
+                if to.is_empty() {
+                    return Ok(false);
+                }
+                let due = case
+                    .due_at
+                    .map(|d| policy::format_eta(d, cfg.calendar.timezone))
+                    .unwrap_or_default();
+                let subject = format!("{tag} Reminder: answer due by {due}: {}", case.subject);
+                let mut body = self.summary(case, "Reminder: the deadline is near", None)?;
+                body.push_str(&self.conversation(case, false)?.0);
+                self.staff_mail(
+                    batch,
+                    case,
+                    MailKind::Warn,
+                    &to,
+                    &subject,
+                    &body,
+                    Vec::new(),
+                )?;
+            }
+            Action::Renotify { tier } => {
+                let t = &cfg.tiers[tier];
+                let to = staff_recipients(t);
+                if to.is_empty() {
+                    return Ok(false);
+                }
+                let subject = format!("{tag} Deadline passed: {}", case.subject);
+                let mut body =
+                    self.summary(case, "The deadline passed with no staff answer", None)?;
+                body.push_str(&self.conversation(case, false)?.0);
+                self.staff_mail(
+                    batch,
+                    case,
+                    MailKind::Renotify,
+                    &to,
+                    &subject,
+                    &body,
+                    Vec::new(),
+                )?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Checks (and, for the caller, counts) the automatic-mail limit.
+    fn within_limit(&self, case: &mut Case, what: &str) -> Result<bool, StoreError> {
+        let cfg = self.config;
+        let since = self.now
+            - chrono::Duration::from_std(cfg.cases.auto_reply_window)
+                .unwrap_or(chrono::Duration::hours(1));
+        if self.store.auto_replies_since(&case.customer, since)?
+            >= cfg.cases.auto_reply_limit as usize
+        {
+            case.push(
+                self.now,
+                EventKind::AckSuppressed {
+                    reason: format!(
+                        "{what} not sent: more than {} automatic mails to {} within {}",
+                        cfg.cases.auto_reply_limit,
+                        case.customer,
+                        humantime::format_duration(cfg.cases.auto_reply_window)
+                    ),
+                },
+            );
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_outbox;
+        self.next_outbox += 1;
+        id
+    }
+
+    fn queued_event(&self, case: &mut Case, id: u64, kind: MailKind, to: &str) {
+        case.push(
+            self.now,
+            EventKind::MailQueued {
+                outbox_id: id,
+                mail: kind.as_str().into(),
+                to: to.to_string(),
+            },
+        );
+    }
+
+    /// A mail to the customer, in the case's thread.
+    fn customer_mail(
+        &mut self,
+        batch: &mut Batch,
+        case: &Case,
+        kind: MailKind,
+        subject: &str,
+        body: &str,
+        auto: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let mut refs = vec![case.root_message_id.clone()];
+        if case.last_message_id != case.root_message_id && !case.last_message_id.is_empty() {
+            refs.push(case.last_message_id.clone());
+        }
+        let reply_to = if case.last_message_id.is_empty() {
+            &case.root_message_id
+        } else {
+            &case.last_message_id
+        };
+        self.queue(
+            batch,
+            case,
+            kind,
+            vec![case.customer.clone()],
+            case.customer_name.as_deref(),
+            subject,
+            body,
+            Some(reply_to),
+            refs,
+            auto,
+            None,
+            Vec::new(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn staff_mail(
+        &mut self,
+        batch: &mut Batch,
+        case: &mut Case,
+        kind: MailKind,
+        to: &[String],
+        subject: &str,
+        body: &str,
+        attachments: Vec<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
+        let support = self.config.smtp.from.clone();
+        let id = self.queue(
+            batch,
+            case,
+            kind,
+            to.to_vec(),
+            None,
+            subject,
+            body,
+            None,
+            Vec::new(),
+            Some("auto-generated"),
+            Some(&support),
+            attachments,
+        )?;
+        self.queued_event(case, id, kind, &to.join(", "));
+        Ok(id)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &mut self,
+        batch: &mut Batch,
+        case: &Case,
+        kind: MailKind,
+        to: Vec<String>,
+        to_name: Option<&str>,
+        subject: &str,
+        body: &str,
+        in_reply_to: Option<&str>,
+        references: Vec<String>,
+        auto: Option<&str>,
+        reply_to: Option<&str>,
+        attachments: Vec<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
+        let cfg = self.config;
+        let id = self.next_id();
+        let message_id = OwnId {
+            case: case.id,
+            kind,
+            seq: id,
+        }
+        .format(self.store.key(), cfg.support_domain());
+        let first = to.first().cloned().unwrap_or_default();
+        let raw = compose::compose(
+            &Envelope {
+                from_name: cfg.smtp.from_name.as_deref(),
+                from: &cfg.smtp.from,
+                to_name,
+                to: &first,
+                subject,
+                message_id: &message_id,
+                in_reply_to,
+                references,
+                auto_submitted: auto,
+                reply_to,
+                attachments,
+                instance: &cfg.cases.instance,
+                case_id: case.id,
+                date: self.now,
+            },
+            body,
+        )
+        .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        let entry = OutboxEntry {
+            id,
+            case: case.id,
+            kind: kind.as_str().into(),
+            message_id: message_id.clone(),
+            from: cfg.smtp.from.clone(),
+            to,
+            subject: subject.to_string(),
+            state: OutboxState::Pending,
+            attempts: 0,
+            created_at: self.now,
+            next_attempt_at: self.now,
+            sent_at: None,
+            last_error: None,
+        };
+        entry.write(batch, raw)?;
+        batch.put(
+            Tree::MessageIds,
+            Store::message_id_key(&message_id, "out"),
+            {
+                let mut v = id_key(case.id).to_vec();
+                v.extend_from_slice(&id_key(id));
+                v
+            },
+        );
+        Ok(id)
+    }
+
+    /// The plain-text head of staff mail: who, how long, why, by when.
+    fn summary(
+        &self,
+        case: &Case,
+        title: &str,
+        why: Option<(Reason, &str, &str)>,
+    ) -> Result<String, StoreError> {
+        let cfg = self.config;
+        let tz = cfg.calendar.timezone;
+        let age = human((self.now - case.created_at).to_std().unwrap_or_default());
+        let waited = case
+            .waiting_since
+            .map(|w| {
+                format!(
+                    "{} (since {})",
+                    human((self.now - w).to_std().unwrap_or_default()),
+                    policy::format_eta(w, tz)
+                )
+            })
+            .unwrap_or_else(|| "not waiting".into());
+        let earlier = if case.customer.is_empty() {
+            0
+        } else {
+            self.store
+                .customer_cases(&case.customer)?
+                .iter()
+                .filter(|c| **c != case.id)
+                .count()
+        };
+        let mut s = format!(
+            "{title}: case #{} \"{}\"\n\n\
+             Customer:          {}{}\n\
+             Case opened:       {} ({} ago)\n\
+             Customer waiting:  {}\n",
+            case.id,
+            compose_safe(&case.subject),
+            case.customer,
+            case.customer_name
+                .as_ref()
+                .map(|n| format!(" ({})", compose_safe(n)))
+                .unwrap_or_default(),
+            policy::format_eta(case.created_at, tz),
+            age,
+            waited,
+        );
+        if let Some((reason, detail, previous)) = why {
+            s.push_str(&format!(
+                "Why escalated:     {} — {}\n",
+                reason.as_str(),
+                compose_safe(detail)
+            ));
+            if !previous.is_empty() {
+                s.push_str(&format!("Previous tier:     {previous}\n"));
+            }
+        }
+        s.push_str(&format!(
+            "Tier now:          {}\nDeadline:          {}\nPriority:          {}\nEarlier cases from this customer: {}\n",
+            case.tier,
+            case.due_at.map(|d| format!("{} ({})", policy::format_eta(d, tz), rfc3339(d))).unwrap_or_else(|| "none".into()),
+            case.priority.as_deref().unwrap_or("normal"),
+            earlier,
+        ));
+        if !case.participants.is_empty() {
+            s.push_str(&format!(
+                "Participants:      {}\n",
+                case.participants.join(", ")
+            ));
+        }
+        s.push_str(
+            "\nReply to this mail to answer the customer: your reply is passed on\n\
+             from the support address and counts as the staff answer. Start it with\n\
+             a line \"#note\" for an internal note the customer does not see; add a\n\
+             line \"#resolve\" to resolve the case after your answer.\n",
+        );
+        Ok(s)
+    }
+
+    /// The conversation as text in time order, and (if `attach`) the
+    /// original messages to attach.
+    fn conversation(
+        &self,
+        case: &Case,
+        attach: bool,
+    ) -> Result<(String, Vec<Vec<u8>>), StoreError> {
+        let tz = self.config.calendar.timezone;
+        let mut text = String::from("\n==== Conversation ====\n");
+        let mut attachments = Vec::new();
+        let mut attached_bytes = 0;
+        let mut left_out = 0;
+        for seq in &case.messages {
+            let (record, raw) = match self.current {
+                Some((rec, raw)) if rec.seq == *seq => (rec.clone(), Some(raw.to_vec())),
+                _ => match self.store.message(*seq)? {
+                    Some(r) => (r, if attach { self.store.raw(*seq)? } else { None }),
+                    None => continue,
+                },
+            };
+            let from = record
+                .from
+                .as_ref()
+                .map(|a| a.email.as_str())
+                .unwrap_or("(no sender)");
+            let who = if from == case.customer {
+                " (customer)"
+            } else {
+                ""
+            };
+            text.push_str(&format!(
+                "\n--- {} — {}{}\nSubject: {}\n",
+                policy::format_eta(record.received_at, tz),
+                from,
+                who,
+                compose_safe(&record.subject)
+            ));
+            if let Some(s) = &record.suppressed {
+                text.push_str(&format!("[automatic or robot mail: {s}]\n"));
+            }
+            text.push('\n');
+            text.push_str(record.text.trim_end());
+            text.push('\n');
+            for a in &record.attachments {
+                text.push_str(&format!(
+                    "[attachment: {} ({}, {} bytes)]\n",
+                    a.name
+                        .as_deref()
+                        .map(compose_safe)
+                        .unwrap_or_else(|| "unnamed".into()),
+                    a.content_type,
+                    a.size
+                ));
+            }
+            if attach {
+                if let Some(raw) = raw {
+                    if attached_bytes + raw.len() <= MAX_ATTACHED_BYTES {
+                        attached_bytes += raw.len();
+                        attachments.push(raw);
+                    } else {
+                        left_out += 1;
+                    }
+                }
+            }
+        }
+        if attach {
+            text.push_str(&format!(
+                "\n==== {} original message(s) attached{} ====\n",
+                attachments.len(),
+                if left_out > 0 {
+                    format!("; {left_out} too large to attach, see the support mailbox")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        Ok((text, attachments))
+    }
+}
+
+/// Where mail for a tier goes: its `forward_to`, or for the first tier
+/// (read from the support mailbox) its staff addresses.
+fn staff_recipients(t: &crate::config::TierConfig) -> Vec<String> {
+    if !t.forward_to.is_empty() {
+        return t.forward_to.clone();
+    }
+    t.staff
+        .iter()
+        .filter(|s| !s.starts_with('@'))
+        .cloned()
+        .collect()
+}
+
+fn compose_safe(s: &str) -> String {
+    crate::template::one_line(s)
+}
+
+fn human(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    let (days, hours, mins) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    match (days, hours) {
+        (0, 0) => format!("{mins}m"),
+        (0, h) => format!("{h}h {mins}m"),
+        (d, h) => format!("{d}d {h}h"),
+    }
+}

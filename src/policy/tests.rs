@@ -1,0 +1,578 @@
+//! Policy rules with a fake clock: deadlines, each escalation reason,
+//! staff answers, resolution and follow-up.
+
+use super::*;
+use crate::message::parse;
+use std::path::Path;
+
+const CONFIG: &str = r#"
+[mailbox]
+host = "127.0.0.1"
+security = "plain"
+username = "s"
+password = "p"
+[smtp]
+host = "127.0.0.1"
+security = "plain"
+from = "Example Support <support@example.test>"
+[store]
+path = "/tmp/x"
+[calendar]
+timezone = "Europe/Berlin"
+hours = ["mon-fri 09:00-17:30"]
+[[tiers]]
+name = "Frontline"
+staff = ["agent@example.test", "@support.example.test"]
+first_response = "4h"
+follow_up = "8h"
+warn_before = "30m"
+[tiers.priority.urgent]
+first_response = "1h"
+[[tiers]]
+name = "Tier 2"
+staff = ["tier2@example.test"]
+forward_to = ["tier2@example.test"]
+first_response = "8h"
+renotify = "2h"
+[repeat_customer]
+cases = 3
+within = "30d"
+tier = "Tier 2"
+unanswered = 4
+[[triggers]]
+phrases = ["speak to a supervisor", "manager"]
+escalate = true
+[[triggers]]
+headers = ["Importance: high", "X-Priority: 1"]
+priority = "urgent"
+[resolution]
+auto_resolve_after = "5d"
+reopen_within = "14d"
+survey = true
+"#;
+
+fn config() -> Config {
+    Config::parse(CONFIG, Path::new("/x.toml"), &|_| None).unwrap()
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn mail(from: &str, subject: &str, extra: &str, body: &str) -> InboundMail {
+    parse(format!("From: {from}\r\nTo: support@example.test\r\nSubject: {subject}\r\nMessage-ID: <m{}@x>\r\n{extra}\r\n{body}\r\n", body.len()).as_bytes())
+}
+
+fn new_case(c: &Config, now: DateTime<Utc>, m: &InboundMail, recent: usize) -> (Case, Vec<Action>) {
+    let mut case = open_case(7, m, c, now);
+    let ctx = Ctx { config: c, now };
+    let a = on_new_case(&mut case, m, None, recent, &ctx);
+    (case, a)
+}
+
+const MON_9: &str = "2026-11-23T09:00:00Z"; // 10:00 in Berlin
+
+#[test]
+fn new_case_ack_names_first_tier_and_deadline_with_warning() {
+    let c = config();
+    let now = at(MON_9);
+    let (case, actions) = new_case(
+        &c,
+        now,
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    assert_eq!(
+        actions,
+        vec![Action::Ack {
+            eta: at("2026-11-23T13:00:00Z")
+        }]
+    );
+    assert_eq!(case.due_at, Some(at("2026-11-23T13:00:00Z")));
+    assert_eq!(
+        case.timer,
+        Some(Timer {
+            at: at("2026-11-23T12:30:00Z"),
+            kind: TimerKind::Warn
+        })
+    );
+    let (subject, body) = ack_text(&case, at("2026-11-23T13:00:00Z"), &c, now);
+    assert_eq!(subject, "[Case #7] Re: Printer");
+    assert!(body.contains("within 4 hours"), "{body}");
+    assert!(
+        body.contains("Monday, 23 November 2026, 14:00 CET"),
+        "{body}"
+    );
+}
+
+#[test]
+fn stale_case_warns_then_escalates_then_breaches_and_renotifies() {
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let ctx = |now| Ctx { config: &c, now };
+    // Too early: nothing.
+    assert!(on_timer(&mut case, &ctx(at("2026-11-23T12:00:00Z"))).is_empty());
+    assert_eq!(
+        on_timer(&mut case, &ctx(at("2026-11-23T12:30:00Z"))),
+        vec![Action::Warn { tier: 0 }]
+    );
+    assert_eq!(case.timer.unwrap().kind, TimerKind::Due);
+    let actions = on_timer(&mut case, &ctx(at("2026-11-23T13:00:00Z")));
+    assert!(
+        matches!(
+            actions[0],
+            Action::Forward {
+                tier: 1,
+                reason: Reason::Stale,
+                ..
+            }
+        ),
+        "{actions:?}"
+    );
+    // Tier 2's 8h from Monday 14:00 CET: 3.5h Monday, 4.5h Tuesday → 13:30 CET.
+    assert_eq!(
+        actions[1],
+        Action::Notice {
+            eta: at("2026-11-24T12:30:00Z")
+        }
+    );
+    assert_eq!(case.tier, "Tier 2");
+    assert_eq!(case.escalations, 1);
+    assert!(case.history.iter().any(|e| matches!(&e.what, EventKind::Escalated { from, to, reason: Reason::Stale, .. } if from == "Frontline" && to == "Tier 2")));
+    // At the top tier the deadline marks the case breached and
+    // re-notifies every `renotify`, with no customer notice.
+    let a = on_timer(&mut case, &ctx(at("2026-11-24T12:30:00Z")));
+    assert_eq!(a, vec![Action::Renotify { tier: 1 }]);
+    assert!(case.breached);
+    assert_eq!(
+        case.timer,
+        Some(Timer {
+            at: at("2026-11-24T14:30:00Z"),
+            kind: TimerKind::Renotify
+        })
+    );
+    assert_eq!(
+        on_timer(&mut case, &ctx(at("2026-11-24T14:30:00Z"))),
+        vec![Action::Renotify { tier: 1 }]
+    );
+    assert_eq!(case.escalations, 1, "never loops past the top");
+}
+
+#[test]
+fn staff_answer_stops_the_clock_and_customer_reopens_it_with_follow_up() {
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T10:00:00Z"),
+    };
+    let answer = mail(
+        "agent@example.test",
+        "Re: Printer",
+        "",
+        "Try turning it off.",
+    );
+    assert_eq!(
+        on_message(&mut case, &answer, Role::SupportAgent, None, &ctx),
+        vec![]
+    );
+    assert_eq!(case.status, Status::Answered);
+    assert_eq!(case.due_at, None);
+    assert_eq!(case.timer.unwrap().kind, TimerKind::AutoResolve);
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T11:00:00Z"),
+    };
+    let again = mail("alice@example.org", "Re: Printer", "", "Still on fire");
+    on_message(&mut case, &again, Role::Customer, None, &ctx);
+    assert_eq!(case.status, Status::Open);
+    // follow_up 8h from Monday 12:00 CET: 5.5h Monday, 2.5h Tuesday → 11:30.
+    assert_eq!(case.due_at, Some(at("2026-11-24T10:30:00Z")));
+}
+
+#[test]
+fn automatic_mail_never_touches_the_clock() {
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let due = case.due_at;
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T10:00:00Z"),
+    };
+    let ooo = mail(
+        "alice@example.org",
+        "Out of office",
+        "Auto-Submitted: auto-replied\r\n",
+        "away",
+    );
+    let s = crate::suppress::classify(&ooo, &c.support_addresses());
+    assert!(on_message(&mut case, &ooo, Role::Customer, s.as_ref(), &ctx).is_empty());
+    assert_eq!(case.due_at, due);
+    assert_eq!(case.unanswered, 1);
+}
+
+#[test]
+fn trigger_phrase_escalates_at_once_but_not_when_quoted() {
+    let c = config();
+    let now = at(MON_9);
+    let m = mail(
+        "bob@example.org",
+        "Billing",
+        "",
+        "I want to speak to a supervisor now.",
+    );
+    let (case, actions) = new_case(&c, now, &m, 1);
+    assert_eq!(case.tier, "Tier 2");
+    assert!(matches!(actions[0], Action::Ack { .. }));
+    assert!(matches!(
+        actions[1],
+        Action::Forward {
+            tier: 1,
+            reason: Reason::Trigger,
+            ..
+        }
+    ));
+    assert_eq!(
+        actions.len(),
+        2,
+        "the ack names the new tier; no separate notice"
+    );
+    let quoted = mail(
+        "bob@example.org",
+        "Billing",
+        "",
+        "Thanks!\n\nOn Monday, Support wrote:\n> speak to a supervisor",
+    );
+    let (case, _) = new_case(&c, now, &quoted, 1);
+    assert_eq!(case.tier, "Frontline");
+    let management = mail("bob@example.org", "Management question", "", "hello");
+    assert!(
+        match_triggers(&management, &c).is_empty(),
+        "whole words only"
+    );
+    let subject = mail("bob@example.org", "I want my MANAGER", "", "hello");
+    assert_eq!(match_triggers(&subject, &c).len(), 1);
+}
+
+#[test]
+fn header_trigger_sets_priority_and_its_timeline() {
+    let c = config();
+    let m = mail(
+        "bob@example.org",
+        "Down",
+        "X-Priority: 1 (Highest)\r\n",
+        "site down",
+    );
+    let (case, _) = new_case(&c, at(MON_9), &m, 1);
+    assert_eq!(case.priority.as_deref(), Some("urgent"));
+    assert_eq!(case.due_at, Some(at("2026-11-23T10:00:00Z")), "urgent: 1h");
+    assert_eq!(case.tier, "Frontline");
+}
+
+#[test]
+fn repeat_customer_starts_at_the_configured_tier() {
+    let c = config();
+    let m = mail("carol@example.org", "Again", "", "third time");
+    let (case, actions) = new_case(&c, at(MON_9), &m, 3);
+    assert_eq!(case.tier, "Tier 2");
+    assert_eq!(
+        actions[0],
+        Action::Ack {
+            eta: case.due_at.unwrap()
+        }
+    );
+    assert!(matches!(
+        actions[1],
+        Action::Forward {
+            tier: 1,
+            reason: Reason::RepeatCustomer,
+            ..
+        }
+    ));
+    let (case, _) = new_case(&c, at(MON_9), &m, 2);
+    assert_eq!(case.tier, "Frontline");
+}
+
+#[test]
+fn many_unanswered_messages_jump_to_the_repeat_tier() {
+    let c = config();
+    let (mut case, _) = new_case(&c, at(MON_9), &mail("dan@example.org", "x", "", "1"), 1);
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T09:30:00Z"),
+    };
+    for n in 2..4 {
+        assert!(on_message(
+            &mut case,
+            &mail("dan@example.org", "x", "", &"n".repeat(n)),
+            Role::Customer,
+            None,
+            &ctx
+        )
+        .is_empty());
+    }
+    let a = on_message(
+        &mut case,
+        &mail("dan@example.org", "x", "", "nnnn"),
+        Role::Customer,
+        None,
+        &ctx,
+    );
+    assert!(
+        matches!(
+            a[0],
+            Action::Forward {
+                reason: Reason::RepeatCustomer,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    assert!(matches!(a[1], Action::Notice { .. }));
+}
+
+#[test]
+fn verified_staff_reply_is_relayed_note_is_not_and_resolve_resolves() {
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T10:00:00Z"),
+    };
+    let note = mail(
+        "tier2@example.test",
+        "Re: x",
+        "",
+        "#note\nlooks like hardware",
+    );
+    assert!(on_message(&mut case, &note, Role::Staff { verified: true }, None, &ctx).is_empty());
+    assert_eq!(case.status, Status::Open, "a note is no answer");
+    let forged = mail(
+        "tier2@example.test",
+        "Re: x",
+        "",
+        "#resolve\nsend me your password",
+    );
+    assert!(on_message(
+        &mut case,
+        &forged,
+        Role::Staff { verified: false },
+        None,
+        &ctx
+    )
+    .is_empty());
+    assert_eq!(case.status, Status::Open);
+    let reply = mail(
+        "tier2@example.test",
+        "Re: x",
+        "",
+        "Replace the fuser.\n#resolve\n\nOn Mon, Support wrote:\n> summary",
+    );
+    let a = on_message(
+        &mut case,
+        &reply,
+        Role::Staff { verified: true },
+        None,
+        &ctx,
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::Relay {
+                text: "Replace the fuser.".into()
+            },
+            Action::Survey
+        ]
+    );
+    assert_eq!(case.status, Status::Resolved);
+}
+
+#[test]
+fn csat_reply_is_recorded_and_other_replies_reopen_or_start_anew() {
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T10:00:00Z"),
+    };
+    assert_eq!(resolve_case(&mut case, "agent", &ctx), vec![Action::Survey]);
+    assert!(resolve_case(&mut case, "agent", &ctx).is_empty(), "once");
+    let five = mail(
+        "alice@example.org",
+        "Re: x",
+        "",
+        "5\n\nOn Mon, Support wrote:\n> rate us",
+    );
+    assert!(!starts_follow_on_case(
+        &case,
+        &five,
+        &Ctx {
+            config: &c,
+            now: at("2027-01-01T00:00:00Z")
+        }
+    ));
+    assert!(on_message(&mut case, &five, Role::Customer, None, &ctx).is_empty());
+    assert_eq!(case.csat, Some(5));
+    assert_eq!(case.status, Status::Resolved);
+    let more = mail("alice@example.org", "Re: x", "", "It broke again");
+    assert!(!starts_follow_on_case(
+        &case,
+        &more,
+        &Ctx {
+            config: &c,
+            now: at("2026-11-30T10:00:00Z")
+        }
+    ));
+    assert!(starts_follow_on_case(
+        &case,
+        &more,
+        &Ctx {
+            config: &c,
+            now: at("2026-12-08T10:00:00Z")
+        }
+    ));
+    on_message(
+        &mut case,
+        &more,
+        Role::Customer,
+        None,
+        &Ctx {
+            config: &c,
+            now: at("2026-11-30T10:00:00Z"),
+        },
+    );
+    assert_eq!(case.status, Status::Open);
+    assert!(case
+        .history
+        .iter()
+        .any(|e| matches!(e.what, EventKind::Reopened { .. })));
+}
+
+#[test]
+fn auto_resolve_after_silence() {
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T10:00:00Z"),
+    };
+    on_message(
+        &mut case,
+        &mail("agent@example.test", "Re", "", "done?"),
+        Role::SupportAgent,
+        None,
+        &ctx,
+    );
+    assert_eq!(
+        case.timer,
+        Some(Timer {
+            at: at("2026-11-28T10:00:00Z"),
+            kind: TimerKind::AutoResolve
+        })
+    );
+    let a = on_timer(
+        &mut case,
+        &Ctx {
+            config: &c,
+            now: at("2026-11-28T10:00:00Z"),
+        },
+    );
+    assert_eq!(a, vec![Action::Survey]);
+    assert_eq!(case.status, Status::Resolved);
+}
+
+#[test]
+fn manual_escalation() {
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let a = escalate_manually(
+        &mut case,
+        "VIP",
+        &Ctx {
+            config: &c,
+            now: at(MON_9),
+        },
+    );
+    assert!(matches!(
+        a[0],
+        Action::Forward {
+            reason: Reason::Manual,
+            ..
+        }
+    ));
+    assert!(
+        escalate_manually(
+            &mut case,
+            "again",
+            &Ctx {
+                config: &c,
+                now: at(MON_9)
+            }
+        )
+        .is_empty(),
+        "top tier"
+    );
+}
+
+#[test]
+fn words_and_formats() {
+    assert_eq!(eta_words(Duration::from_secs(4 * 3600)), "within 4 hours");
+    assert_eq!(eta_words(Duration::from_secs(3600)), "within 1 hour");
+    assert_eq!(
+        eta_words(Duration::from_secs(90)),
+        "within 1 minute 30 seconds"
+    );
+    assert_eq!(
+        eta_words(Duration::from_secs(86_400 + 7200)),
+        "within 1 day 2 hours"
+    );
+    assert_eq!(eta_words(Duration::from_secs(86_400 + 30)), "within 1 day");
+    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    assert_eq!(
+        format_eta(at("2026-07-01T12:00:00Z"), tz),
+        "Wednesday, 1 July 2026, 14:00 CEST"
+    );
+    assert_eq!(csat_reply("5"), Some(5));
+    assert_eq!(csat_reply("4 - good"), Some(4));
+    assert_eq!(csat_reply("10"), None);
+    assert_eq!(csat_reply("6"), None);
+    assert_eq!(
+        csat_reply("thanks, 5 stars and more text that is long enough"),
+        None
+    );
+}

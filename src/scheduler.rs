@@ -1,0 +1,126 @@
+//! Timers: each waiting case has one timer, indexed in the store by time.
+//! The scheduler sleeps until the earliest one, or until new mail changes
+//! them; it never scans all cases, so a million quiet cases cost nothing.
+//! A timer that passed while the daemon was down fires once at start-up:
+//! firing moves the case's timer on in the same transaction as the mails
+//! it queues.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::case::CaseId;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::effects::Effects;
+use crate::policy::{self, Ctx};
+use crate::store::{Batch, Store, StoreError};
+
+/// Wakes the workers when there is something for them.
+#[derive(Debug, Default)]
+pub struct Wakers {
+    /// New outbox entries.
+    pub outbox: Notify,
+    /// Timers changed.
+    pub timers: Notify,
+}
+
+impl Wakers {
+    pub fn both(&self) {
+        self.outbox.notify_one();
+        self.timers.notify_one();
+    }
+}
+
+pub struct Scheduler {
+    pub store: Arc<Store>,
+    pub config: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub wake: Arc<Wakers>,
+}
+
+/// Timers handled per transaction round.
+const BATCH: usize = 256;
+
+impl Scheduler {
+    /// Fires every timer that is due; returns how many.
+    pub fn pass(&self) -> Result<usize, StoreError> {
+        let mut fired = 0;
+        loop {
+            let now = self.clock.now();
+            let due = self.store.due_timers(now, BATCH)?;
+            if due.is_empty() {
+                break;
+            }
+            for id in &due {
+                self.fire(*id, now)?;
+            }
+            fired += due.len();
+            if due.len() < BATCH {
+                break;
+            }
+        }
+        if fired > 0 {
+            self.store.flush()?;
+            self.wake.outbox.notify_one();
+        }
+        Ok(fired)
+    }
+
+    #[tracing::instrument(skip(self, now), fields(case_id = id))]
+    fn fire(&self, id: CaseId, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let _w = self.store.lock();
+        let mut batch = Batch::default();
+        let Some(mut case) = self.store.case(id)? else {
+            return Ok(());
+        };
+        let before = case.timer;
+        // An index entry the case no longer has (already moved on).
+        let stale_entry = before.is_none_or(|t| t.at > now);
+        if stale_entry {
+            self.store.drop_stale_timers(id, now)?;
+            return Ok(());
+        }
+        let ctx = Ctx {
+            config: &self.config,
+            now,
+        };
+        let actions = policy::on_timer(&mut case, &ctx);
+        tracing::info!(kind = ?before.map(|t| t.kind), actions = actions.len(), "timer fired");
+        let mut effects = Effects::new(&self.store, &self.config, now)?;
+        effects.apply(&mut batch, &mut case, actions)?;
+        effects.finish(&mut batch);
+        self.store.write_case(&mut batch, before, &case)?;
+        self.store.apply(&batch)
+    }
+
+    /// Runs until cancelled.
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            if let Err(e) = self.pass() {
+                tracing::error!(error = %crate::error_chain(&e), "timer pass failed; retrying in 10s");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => continue,
+                }
+            }
+            let wait = match self.store.next_timer() {
+                Ok(Some(at)) => (at - self.clock.now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .max(Duration::from_millis(20)),
+                // Nothing due at all: sleep until mail changes that.
+                Ok(None) => Duration::from_secs(24 * 3600),
+                Err(_) => Duration::from_secs(10),
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.wake.timers.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
