@@ -6,8 +6,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::case::{rfc3339, Case, Event};
+use crate::effects::Effects;
 use crate::ingest::{Ingestor, Outcome};
 use crate::outbox::{self, OutboxState};
+use crate::policy::{self, Ctx};
+use crate::store::Batch;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,6 +22,8 @@ pub enum Request {
     QuarantineRetry { id: Option<u64> },
     OutboxList { json: bool, all: bool },
     OutboxRetry { id: u64 },
+    CaseEscalate { id: u64, reason: String },
+    CaseResolve { id: u64 },
 }
 
 /// What to print and the exit code.
@@ -235,6 +240,33 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             ));
             Ok(Response::ok(out))
         }
+        Request::CaseEscalate { id, ref reason } => {
+            let before = store.case(id)?.map(|c| c.tier);
+            match change_case(ingestor, id, |c, ctx| {
+                policy::escalate_manually(c, reason, ctx)
+            })? {
+                None => Ok(Response::fail(format!("no case #{id}\n"))),
+                Some((c, _)) if Some(&c.tier) == before.as_ref() => Ok(Response::fail(format!(
+                    "case #{id} is already at the top tier ({}); nothing to escalate\n",
+                    c.tier
+                ))),
+                Some((c, n)) => Ok(Response::ok(format!(
+                    "case #{id} escalated to {} ({n} mail(s) queued)\n",
+                    c.tier
+                ))),
+            }
+        }
+        Request::CaseResolve { id } => {
+            let who = std::env::var("USER").unwrap_or_else(|_| "admin".into());
+            match change_case(ingestor, id, |c, ctx| {
+                policy::resolve_case(c, &format!("cli:{who}"), ctx)
+            })? {
+                None => Ok(Response::fail(format!("no case #{id}\n"))),
+                Some((_, n)) => Ok(Response::ok(format!(
+                    "case #{id} resolved ({n} mail(s) queued)\n"
+                ))),
+            }
+        }
         Request::OutboxRetry { id } => match outbox::retry(store, id, ingestor.clock.now())? {
             None => Ok(Response::fail(format!("no outbox entry {id}\n"))),
             Some(e) if e.state == OutboxState::Pending => Ok(Response::ok(format!(
@@ -246,6 +278,39 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             ))),
         },
     }
+}
+
+/// Applies a person's change to a case: policy, mails, store, in one
+/// transaction, then wakes the workers.
+fn change_case(
+    ingestor: &Ingestor,
+    id: u64,
+    f: impl FnOnce(&mut Case, &Ctx) -> Vec<crate::policy::Action>,
+) -> Result<Option<(Case, usize)>, StoreError> {
+    let store = &*ingestor.store;
+    let queued = {
+        let _w = store.lock();
+        let Some(mut case) = store.case(id)? else {
+            return Ok(None);
+        };
+        let before = case.timer;
+        let now = ingestor.clock.now();
+        let ctx = Ctx {
+            config: &ingestor.config,
+            now,
+        };
+        let actions = f(&mut case, &ctx);
+        let mut batch = Batch::default();
+        let mut effects = Effects::new(store, &ingestor.config, now)?;
+        let queued = effects.apply(&mut batch, &mut case, actions)?;
+        effects.finish(&mut batch);
+        store.write_case(&mut batch, before, &case)?;
+        store.apply(&batch)?;
+        (case, queued)
+    };
+    store.flush()?;
+    ingestor.wake.both();
+    Ok(Some(queued))
 }
 
 fn event_line(e: &Event) -> String {

@@ -86,6 +86,21 @@ enum CasesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Escalate a case one tier by hand.
+    Escalate {
+        id: u64,
+        /// Why; recorded in the case and told to the next tier.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Resolve a case (the survey goes out if configured).
+    Resolve {
+        id: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +203,10 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Cases { command } => match command {
             CasesCommand::List { config, json } => (config, Request::CasesList { json }),
             CasesCommand::Show { id, config, json } => (config, Request::CaseShow { id, json }),
+            CasesCommand::Escalate { id, reason, config } => {
+                (config, Request::CaseEscalate { id, reason })
+            }
+            CasesCommand::Resolve { id, config } => (config, Request::CaseResolve { id }),
         },
         Command::Quarantine { command } => match command {
             QuarantineCommand::List { config, json } => (config, Request::QuarantineList { json }),

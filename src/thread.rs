@@ -222,8 +222,11 @@ pub fn decide(
         return Decision::Duplicate;
     }
     let sender = mail.from.as_ref().map(|a| a.email.as_str()).unwrap_or("");
-    let belongs =
-        |case: &Case| case.is_participant(sender) || parties.support.iter().any(|s| s == sender);
+    let belongs = |case: &Case| {
+        case.is_participant(sender)
+            || parties.support.iter().any(|s| s == sender)
+            || (parties.is_staff)(sender)
+    };
 
     // Most recent reference first: In-Reply-To, then References backwards.
     let refs = mail.in_reply_to.iter().chain(mail.references.iter().rev());
@@ -446,6 +449,19 @@ mod tests {
             &format!("References: <{ack}>\r\n"),
         );
         assert_eq!(decide_(&f, &m), Decision::New);
+    }
+
+    #[test]
+    fn staff_with_the_tag_join_the_case() {
+        let f = fake();
+        let m = mail("tier2@example.test", "Re: [Case #42] printer", "");
+        assert_eq!(
+            decide_(&f, &m),
+            Decision::Join {
+                case: 42,
+                via: Via::Tag
+            }
+        );
     }
 
     #[test]

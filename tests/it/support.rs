@@ -11,10 +11,11 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
+use serde_json::Value;
 
 pub const DOMAIN: &str = "example.test";
 const MAIL_UID: u32 = 8;
@@ -349,7 +350,21 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     /// Puts a message straight into a user's Maildir (fast seeding).
     pub fn deliver_maildir(&self, user: &str, raw: &[u8], n: usize) {
-        let md = self.dir.join("mail").join(user).join("Maildir");
+        self.deliver_maildir_folder(user, None, raw, n)
+    }
+
+    /// Same, into a folder other than INBOX (e.g. the Sent folder).
+    pub fn deliver_maildir_folder(&self, user: &str, folder: Option<&str>, raw: &[u8], n: usize) {
+        let mut md = self.dir.join("mail").join(user).join("Maildir");
+        if let Some(f) = folder {
+            let root = md.clone();
+            for p in [root.clone(), root.join(format!(".{f}"))] {
+                if !p.exists() {
+                    mkdir(&p, 0o700, Some((MAIL_UID, MAIL_GID)));
+                }
+            }
+            md = root.join(format!(".{f}"));
+        }
         for sub in ["", "new", "cur", "tmp"] {
             let p = md.join(sub);
             if !p.exists() {
@@ -434,6 +449,25 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     /// A config for escalator against this stack, watching `support`.
     pub fn config(&self, support: &str, store: &Path, extra: &str) -> String {
+        self.config_head(support, store)
+            + &format!(
+                r#"
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+
+[[tiers]]
+name = "Tier 2"
+staff = ["tier2@{DOMAIN}"]
+forward_to = ["tier2@{DOMAIN}"]
+first_response = "8h"
+{extra}
+"#
+            )
+    }
+
+    /// The connection and store part of a config, without tiers.
+    pub fn config_head(&self, support: &str, store: &Path) -> String {
         format!(
             r#"[mailbox]
 host = "127.0.0.1"
@@ -452,17 +486,6 @@ from = "Example Support <{support}@{DOMAIN}>"
 
 [store]
 path = "{store}"
-
-[[tiers]]
-name = "Frontline"
-first_response = "4h"
-
-[[tiers]]
-name = "Tier 2"
-staff = ["tier2@{DOMAIN}"]
-forward_to = ["tier2@{DOMAIN}"]
-first_response = "8h"
-{extra}
 "#,
             imap = self.imap_port,
             smtp = self.smtp_port,
@@ -499,6 +522,129 @@ impl Drop for MailStack {
     fn drop(&mut self) {
         self.stop_pidfile(&self.dir.join("spool/pid/master.pid"));
         self.stop_pidfile(&self.dir.join("run/master.pid"));
+    }
+}
+
+/// A stack, a store and a config file for one test.
+pub struct Setup {
+    pub stack: MailStack,
+    pub config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new(users: &[&str], extra: &str) -> Setup {
+        Setup::build(users, |stack, store| stack.config("support", store, extra))
+    }
+
+    /// A setup whose tiers (and anything after them) are `tail`.
+    pub fn with_tiers(users: &[&str], tail: &str) -> Setup {
+        Setup::build(users, |stack, store| {
+            stack.config_head("support", store) + tail
+        })
+    }
+
+    fn build(users: &[&str], text: impl FnOnce(&MailStack, &Path) -> String) -> Setup {
+        let stack = MailStack::start(users);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("escalator.toml");
+        std::fs::write(&config, text(&stack, &dir.path().join("store"))).unwrap();
+        Setup {
+            stack,
+            config,
+            _dir: dir,
+        }
+    }
+
+    pub fn cfg(&self) -> &str {
+        self.config.to_str().unwrap()
+    }
+
+    pub fn once(&self) {
+        let out = escalator(&["run", "--once", "--config", self.cfg()]);
+        assert!(
+            out.status.success(),
+            "run --once failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn cases(&self) -> Vec<Value> {
+        let out = escalator(&["cases", "list", "--json", "--config", self.cfg()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    pub fn show(&self, id: u64) -> Value {
+        let out = escalator(&[
+            "cases",
+            "show",
+            &id.to_string(),
+            "--json",
+            "--config",
+            self.cfg(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn send(&self, from_user: &str, raw: &[u8]) {
+        self.stack
+            .send(
+                &MailStack::addr(from_user),
+                &[&MailStack::addr("support")],
+                raw,
+            )
+            .unwrap();
+    }
+
+    pub fn daemon(&self) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_escalator"))
+            .args(["run", "--config", self.cfg()])
+            .env("ESCALATOR_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Daemon(Some(child))
+    }
+}
+
+/// A running daemon, stopped (SIGTERM) when dropped.
+pub struct Daemon(Option<Child>);
+
+impl Daemon {
+    pub fn stop(&mut self) -> std::process::Output {
+        let child = self.0.take().unwrap();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
     }
 }
 
