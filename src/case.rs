@@ -57,6 +57,16 @@ pub struct Case {
     /// When to remind the tier of the current deadline (None once done).
     #[serde(default)]
     pub warn_at: Option<DateTime<Utc>>,
+    /// Business time the case spent open (waiting on staff) before the
+    /// current open period, for `resolve_within`.
+    #[serde(default)]
+    pub open_secs: u64,
+    /// When the current open period began.
+    #[serde(default)]
+    pub open_since: Option<DateTime<Utc>>,
+    /// The tier whose `resolve_within` already fired (it fires once).
+    #[serde(default)]
+    pub resolve_fired: Option<String>,
     /// Customer messages since the last staff answer.
     #[serde(default)]
     pub unanswered: u32,
@@ -91,6 +101,8 @@ pub enum TimerKind {
     Warn,
     /// The deadline: escalate, or at the top tier mark breached.
     Due,
+    /// The tier's `resolve_within` ran out.
+    ResolveDue,
     /// Re-notify the top tier about a breached case.
     Renotify,
     /// Resolve after customer silence following an answer.
@@ -261,6 +273,9 @@ impl Case {
             timer: None,
             breached: false,
             warn_at: None,
+            open_secs: 0,
+            open_since: Some(now),
+            resolve_fired: None,
             unanswered: 0,
             first_answer_at: None,
             answered_at: None,
@@ -320,35 +335,9 @@ mod tests {
         let at = DateTime::parse_from_rfc3339("2026-01-01T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let mut c = Case {
-            id: 42,
-            customer: "a@example.org".into(),
-            customer_name: None,
-            subject: "Help".into(),
-            status: Status::Open,
-            tier: "Frontline".into(),
-            priority: None,
-            participants: vec![],
-            messages: vec![1, 2],
-            escalations: 0,
-            created_at: at,
-            updated_at: at,
-            due_at: Some(at),
-            root_message_id: "m@x".into(),
-            last_message_id: "m@x".into(),
-            waiting_since: None,
-            timer: None,
-            breached: false,
-            warn_at: None,
-            unanswered: 0,
-            first_answer_at: None,
-            answered_at: None,
-            resolved_at: None,
-            survey_sent: false,
-            csat: None,
-            previous_case: None,
-            history: vec![],
-        };
+        let mut c = Case::new(42, "a@example.org", "Help", "Frontline", "m@x", at);
+        c.messages = vec![1, 2];
+        c.due_at = Some(at);
         c.push(at, EventKind::AckSuppressed { reason: "x".into() });
         let j = c.summary_json();
         assert_eq!(j["id"], 42);

@@ -127,7 +127,7 @@ fn start_wait(case: &mut Case, first: bool, since: DateTime<Utc>, ctx: &Ctx) {
     } else {
         tl.follow_up
     };
-    case.status = Status::Open;
+    set_status(case, Status::Open, ctx);
     if case.waiting_since.is_none() {
         case.waiting_since = Some(since);
     }
@@ -150,6 +150,36 @@ fn set_deadline(case: &mut Case, from: DateTime<Utc>, wait: Duration, t: &TierCo
     set_timer(case, ctx);
 }
 
+/// Changes status, keeping count of the time the case spent open
+/// (waiting on staff), which is what `resolve_within` limits.
+fn set_status(case: &mut Case, status: Status, ctx: &Ctx) {
+    if case.status == Status::Open && status != Status::Open {
+        if let Some(since) = case.open_since.take() {
+            case.open_secs += ctx
+                .config
+                .calendar
+                .business
+                .between(since, ctx.now)
+                .as_secs();
+        }
+    }
+    if status == Status::Open && case.open_since.is_none() {
+        case.open_since = Some(ctx.now);
+    }
+    case.status = status;
+}
+
+/// When the tier's `resolve_within` runs out, if it applies.
+fn resolve_deadline(case: &Case, ctx: &Ctx) -> Option<DateTime<Utc>> {
+    let t = &ctx.config.tiers[ctx.tier_index(&case.tier)];
+    let limit = t.resolve_within?;
+    if case.resolve_fired.as_deref() == Some(t.name.as_str()) {
+        return None;
+    }
+    let left = limit.saturating_sub(Duration::from_secs(case.open_secs));
+    Some(ctx.calendar_add(case.open_since?, left))
+}
+
 /// Picks the case's next timer from its state.
 pub fn set_timer(case: &mut Case, ctx: &Ctx) {
     case.timer = match case.status {
@@ -164,16 +194,25 @@ pub fn set_timer(case: &mut Case, ctx: &Ctx) {
         Status::Open => match (case.due_at, case.breached) {
             (None, _) => None,
             (Some(_), true) => case.timer.filter(|t| t.kind == TimerKind::Renotify),
-            (Some(due), false) => Some(match case.warn_at {
-                Some(w) if w < due => Timer {
-                    at: w,
-                    kind: TimerKind::Warn,
-                },
-                _ => Timer {
+            (Some(due), false) => {
+                let mut t = Timer {
                     at: due,
                     kind: TimerKind::Due,
-                },
-            }),
+                };
+                if let Some(w) = case.warn_at.filter(|w| *w < due) {
+                    t = Timer {
+                        at: w,
+                        kind: TimerKind::Warn,
+                    };
+                }
+                match resolve_deadline(case, ctx) {
+                    Some(r) if r < t.at => Some(Timer {
+                        at: r,
+                        kind: TimerKind::ResolveDue,
+                    }),
+                    _ => Some(t),
+                }
+            }
         },
     };
 }
@@ -326,7 +365,7 @@ fn staff_message(
         actions.push(Action::Relay { text: relay_text });
     }
     if case.status != Status::Resolved {
-        case.status = Status::Answered;
+        set_status(case, Status::Answered, ctx);
         case.answered_at = Some(ctx.now);
         case.first_answer_at.get_or_insert(ctx.now);
         case.unanswered = 0;
@@ -556,7 +595,7 @@ pub fn escalate_to(
     let from_name = case.tier.clone();
     case.tier = t.name.clone();
     case.escalations += 1;
-    case.status = Status::Open;
+    set_status(case, Status::Open, ctx);
     if case.waiting_since.is_none() {
         case.waiting_since = Some(ctx.now);
     }
@@ -595,7 +634,7 @@ pub fn resolve_case(case: &mut Case, by: &str, ctx: &Ctx) -> Vec<Action> {
     if case.status == Status::Resolved {
         return Vec::new();
     }
-    case.status = Status::Resolved;
+    set_status(case, Status::Resolved, ctx);
     case.resolved_at = Some(ctx.now);
     case.waiting_since = None;
     case.due_at = None;
@@ -642,6 +681,27 @@ pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
                 humantime::format_duration(Duration::from_secs(waited.as_secs()))
             );
             escalate_to(case, idx + 1, Reason::Stale, &detail, true, ctx)
+        }
+        TimerKind::ResolveDue => {
+            let t = &ctx.config.tiers[idx];
+            case.resolve_fired = Some(t.name.clone());
+            let detail = format!(
+                "not resolved within {} at {}",
+                humantime::format_duration(t.resolve_within.unwrap_or_default()),
+                t.name
+            );
+            if idx < last {
+                escalate_to(case, idx + 1, Reason::Stale, &detail, true, ctx)
+            } else {
+                case.breached = true;
+                case.push(
+                    ctx.now,
+                    EventKind::Breached {
+                        tier: case.tier.clone(),
+                    },
+                );
+                renotify(case, idx, ctx)
+            }
         }
         TimerKind::Due => {
             case.breached = true;

@@ -576,3 +576,75 @@ fn words_and_formats() {
         None
     );
 }
+
+#[test]
+fn resolve_within_counts_only_time_waiting_on_staff() {
+    let text = CONFIG
+        .replace("warn_before = \"30m\"", "resolve_within = \"6h\"")
+        .replace(
+            "first_response = \"4h\"\nfollow_up = \"8h\"",
+            "first_response = \"4h\"\nfollow_up = \"4h\"",
+        );
+    let c = Config::parse(&text, Path::new("/x.toml"), &|_| None).unwrap();
+    // Monday 10:00 CET: open; answered at 12:00 (2h open).
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "x", "", "help"),
+        1,
+    );
+    let ctx = |s| Ctx {
+        config: &c,
+        now: at(s),
+    };
+    on_message(
+        &mut case,
+        &mail("agent@example.test", "Re", "", "try this"),
+        Role::SupportAgent,
+        None,
+        &ctx("2026-11-23T11:00:00Z"),
+    );
+    assert_eq!(case.open_secs, 2 * 3600);
+    // The customer takes a day to answer: that time does not count.
+    on_message(
+        &mut case,
+        &mail("alice@example.org", "Re", "", "no luck"),
+        Role::Customer,
+        None,
+        &ctx("2026-11-24T09:00:00Z"),
+    );
+    // 4h of the 6h are left from Tuesday 10:00 CET; the 4h follow-up
+    // deadline ends at the same moment, 14:00 CET.
+    assert_eq!(case.timer.unwrap().at, at("2026-11-24T13:00:00Z"));
+    // A second answer at 11:00 CET (1h more open) and a reply at 12:00:
+    on_message(
+        &mut case,
+        &mail("agent@example.test", "Re", "", "and this"),
+        Role::SupportAgent,
+        None,
+        &ctx("2026-11-24T10:00:00Z"),
+    );
+    assert_eq!(case.open_secs, 3 * 3600);
+    on_message(
+        &mut case,
+        &mail("alice@example.org", "Re", "", "still"),
+        Role::Customer,
+        None,
+        &ctx("2026-11-24T11:00:00Z"),
+    );
+    // 3h left of resolve_within from 12:00 CET → 15:00 CET, before the
+    // follow-up deadline at 16:00 CET.
+    assert_eq!(
+        case.timer,
+        Some(Timer {
+            at: at("2026-11-24T14:00:00Z"),
+            kind: TimerKind::ResolveDue
+        })
+    );
+    let a = on_timer(&mut case, &ctx("2026-11-24T14:00:00Z"));
+    assert!(
+        matches!(&a[0], Action::Forward { reason: Reason::Stale, detail, .. } if detail.contains("not resolved within 6h")),
+        "{a:?}"
+    );
+    assert_eq!(case.tier, "Tier 2");
+}
