@@ -796,7 +796,11 @@ pub fn values(
     now: DateTime<Utc>,
 ) -> BTreeMap<&'static str, String> {
     let tag = format!("[{} #{}]", config.cases.subject_tag, case.id);
-    let wait = (eta - now).to_std().unwrap_or(Duration::ZERO);
+    // In words, the wait counts what the deadline counts: business time
+    // when there are business hours ("within 4 business hours", even
+    // across a night), wall-clock time otherwise.
+    let business = &config.calendar.business;
+    let wait = business.between(now, eta);
     let mut v = BTreeMap::new();
     v.insert("case_id", case.id.to_string());
     v.insert("case_tag", tag);
@@ -812,7 +816,16 @@ pub fn values(
     v.insert("subject", case.subject.clone());
     v.insert("tier", case.tier.clone());
     v.insert("eta", format_eta(eta, config.calendar.timezone));
-    v.insert("eta_in_words", eta_words(wait));
+    let mut words = eta_words(wait);
+    if business.hours.is_some() {
+        for unit in [" day", " hour", " minute", " second"] {
+            if let Some(i) = words.find(unit) {
+                words.insert_str(i, " business");
+                break;
+            }
+        }
+    }
+    v.insert("eta_in_words", words);
     v.insert(
         "support_name",
         config

@@ -78,7 +78,7 @@ pub fn compose(env: &Envelope, body: &str) -> std::io::Result<Vec<u8>> {
     if env.attachments.is_empty() {
         b = b.text_body(text);
     } else {
-        let mut parts = vec![MimePart::new("text/plain; charset=utf-8", text)];
+        let mut parts = vec![MimePart::new("text/plain", text)];
         for (i, raw) in env.attachments.iter().enumerate() {
             // RFC 2046 forbids base64 for message/rfc822: send it as is.
             parts.push(

@@ -98,9 +98,23 @@ fn new_case_ack_names_first_tier_and_deadline_with_warning() {
     );
     let (subject, body) = ack_text(&case, at("2026-11-23T13:00:00Z"), &c, now);
     assert_eq!(subject, "[Case #7] Re: Printer");
-    assert!(body.contains("within 4 hours"), "{body}");
+    assert!(body.contains("within 4 business hours"), "{body}");
     assert!(
         body.contains("Monday, 23 November 2026, 14:00 CET"),
+        "{body}"
+    );
+    // Over a night the words still count business time.
+    let late = at("2026-11-23T16:00:00Z");
+    let (case, _) = new_case(
+        &c,
+        late,
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let (_, body) = ack_text(&case, case.due_at.unwrap(), &c, late);
+    assert!(body.contains("within 4 business hours"), "{body}");
+    assert!(
+        body.contains("Tuesday, 24 November 2026, 12:30 CET"),
         "{body}"
     );
 }
