@@ -163,20 +163,11 @@ impl<'a> Effects<'a> {
                 );
                 case.push(self.now, EventKind::SurveySent { outbox_id: id });
             }
-            Action::Relay { text } => {
+            Action::Relay { text, from } => {
                 let subject = format!("{tag} Re: {}", case.subject);
                 let v = policy::values(case, self.now, cfg, self.now);
                 let body = format!("{text}\n\n-- \n{} · case #{}\n", v["support_name"], case.id);
                 let id = self.customer_mail(batch, case, MailKind::Relay, &subject, &body, None)?;
-                let from = case
-                    .history
-                    .iter()
-                    .rev()
-                    .find_map(|e| match &e.what {
-                        EventKind::StaffAnswer { from, .. } => Some(from.clone()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
                 case.push(
                     self.now,
                     EventKind::Relayed {
@@ -187,20 +178,12 @@ impl<'a> Effects<'a> {
             }
             Action::Forward {
                 tier,
+                previous,
                 reason,
                 detail,
             } => {
                 let t = &cfg.tiers[tier];
                 let subject = format!("{tag} Escalated to {}: {}", t.name, case.subject);
-                let previous = case
-                    .history
-                    .iter()
-                    .rev()
-                    .find_map(|e| match &e.what {
-                        EventKind::Escalated { from, .. } => Some(from.clone()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
                 let mut body = self.summary(
                     case,
                     &format!("Escalated to {}", t.name),

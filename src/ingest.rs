@@ -608,3 +608,36 @@ first_response = "4h"
         }
     }
 }
+
+#[cfg(test)]
+mod dkim_tests {
+    use super::dkim_pass;
+    use crate::message::parse;
+
+    #[test]
+    fn dkim_pass_must_name_the_staff_domain() {
+        let with = |ar: &str| {
+            parse(format!("Authentication-Results: mx.example.test; {ar}\r\nFrom: t@staff.example\r\n\r\nx\r\n").as_bytes())
+        };
+        assert!(dkim_pass(
+            &with("dkim=pass header.d=staff.example"),
+            "t@staff.example"
+        ));
+        assert!(dkim_pass(
+            &with("spf=pass; dkim=pass header.i=@staff.example"),
+            "t@staff.example"
+        ));
+        assert!(!dkim_pass(
+            &with("dkim=fail header.d=staff.example"),
+            "t@staff.example"
+        ));
+        assert!(!dkim_pass(
+            &with("dkim=pass header.d=evil.example"),
+            "t@staff.example"
+        ));
+        assert!(!dkim_pass(
+            &parse(b"From: t@staff.example\r\n\r\nx\r\n"),
+            "t@staff.example"
+        ));
+    }
+}

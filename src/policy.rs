@@ -27,11 +27,13 @@ pub enum Action {
     /// The case with its whole history, to a tier's `forward_to`.
     Forward {
         tier: usize,
+        /// The tier it comes from.
+        previous: String,
         reason: Reason,
         detail: String,
     },
     /// A staff reply passed on to the customer from the support address.
-    Relay { text: String },
+    Relay { text: String, from: String },
     /// A reminder to the tier before its deadline.
     Warn { tier: usize },
     /// The top tier is told again about a breached case.
@@ -362,7 +364,10 @@ fn staff_message(
     // An agent's answer from the shared mailbox already went to the
     // customer; a tier's reply to a forward has to be passed on.
     if role != Role::SupportAgent && !relay_text.is_empty() && !case.customer.is_empty() {
-        actions.push(Action::Relay { text: relay_text });
+        actions.push(Action::Relay {
+            text: relay_text,
+            from: from.clone(),
+        });
     }
     if case.status != Status::Resolved {
         set_status(case, Status::Answered, ctx);
@@ -604,7 +609,7 @@ pub fn escalate_to(
     case.push(
         ctx.now,
         EventKind::Escalated {
-            from: from_name,
+            from: from_name.clone(),
             to: t.name.clone(),
             reason,
             detail: detail.to_string(),
@@ -612,6 +617,7 @@ pub fn escalate_to(
     );
     let mut actions = vec![Action::Forward {
         tier: target,
+        previous: from_name,
         reason,
         detail: detail.to_string(),
     }];
@@ -693,26 +699,10 @@ pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
             if idx < last {
                 escalate_to(case, idx + 1, Reason::Stale, &detail, true, ctx)
             } else {
-                case.breached = true;
-                case.push(
-                    ctx.now,
-                    EventKind::Breached {
-                        tier: case.tier.clone(),
-                    },
-                );
-                renotify(case, idx, ctx)
+                breach(case, idx, ctx)
             }
         }
-        TimerKind::Due => {
-            case.breached = true;
-            case.push(
-                ctx.now,
-                EventKind::Breached {
-                    tier: case.tier.clone(),
-                },
-            );
-            renotify(case, idx, ctx)
-        }
+        TimerKind::Due => breach(case, idx, ctx),
         TimerKind::Renotify => {
             case.push(
                 ctx.now,
@@ -724,6 +714,18 @@ pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
         }
         TimerKind::AutoResolve => resolve_case(case, "auto_resolve_after", ctx),
     }
+}
+
+/// The top tier's deadline passed: mark it and start re-notifying.
+fn breach(case: &mut Case, idx: usize, ctx: &Ctx) -> Vec<Action> {
+    case.breached = true;
+    case.push(
+        ctx.now,
+        EventKind::Breached {
+            tier: case.tier.clone(),
+        },
+    );
+    renotify(case, idx, ctx)
 }
 
 fn renotify(case: &mut Case, idx: usize, ctx: &Ctx) -> Vec<Action> {

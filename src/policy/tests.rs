@@ -413,7 +413,8 @@ fn verified_staff_reply_is_relayed_note_is_not_and_resolve_resolves() {
         a,
         vec![
             Action::Relay {
-                text: "Replace the fuser.".into()
+                text: "Replace the fuser.".into(),
+                from: "tier2@example.test".into()
             },
             Action::Survey
         ]
