@@ -6,4 +6,5 @@
 
 mod escalation;
 mod gateway;
+mod reliability;
 mod support;

@@ -25,6 +25,9 @@ pub struct MailStack {
     pub dir: PathBuf,
     _tmp: tempfile::TempDir,
     pub imap_port: u16,
+    /// IMAP over implicit TLS, when started with a certificate.
+    pub imaps_port: Option<u16>,
+    tls: Option<(PathBuf, PathBuf)>,
     pub smtp_port: u16,
     pub users: Vec<String>,
 }
@@ -105,6 +108,16 @@ impl MailStack {
     /// Starts a stack whose users (local parts at example.test) are
     /// `users`; each user's password is its name.
     pub fn start(users: &[&str]) -> MailStack {
+        MailStack::start_with(users, None)
+    }
+
+    /// Starts a stack whose IMAP also listens with TLS, using `cert` and
+    /// `key` (PEM files).
+    pub fn start_tls(users: &[&str], cert: &Path, key: &Path) -> MailStack {
+        MailStack::start_with(users, Some((cert.to_owned(), key.to_owned())))
+    }
+
+    fn start_with(users: &[&str], tls: Option<(PathBuf, PathBuf)>) -> MailStack {
         need("dovecot");
         need("postfix");
         let tmp = tempfile::Builder::new()
@@ -119,10 +132,19 @@ impl MailStack {
             smtp_port = free_port();
         }
         let users: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+        let imaps_port = tls.as_ref().map(|_| {
+            let mut p = free_port();
+            while p == imap_port || p == smtp_port {
+                p = free_port();
+            }
+            p
+        });
         let stack = MailStack {
             dir,
             _tmp: tmp,
             imap_port,
+            imaps_port,
+            tls,
             smtp_port,
             users,
         };
@@ -152,7 +174,7 @@ info_log_path = {d}/log/dovecot.log
 instance_name = mailstack-{imap}
 protocols = imap lmtp
 listen = 127.0.0.1
-ssl = no
+{ssl}
 default_internal_user = dovecot
 default_login_user = dovenull
 first_valid_uid = 8
@@ -190,7 +212,8 @@ service imap-login {{
     port = {imap}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {imaps}
   }}
 }}
 service pop3-login {{
@@ -218,7 +241,16 @@ service anvil {{
 }}
 "#,
             d = d.display(),
-            imap = self.imap_port
+            imap = self.imap_port,
+            imaps = self.imaps_port.unwrap_or(0),
+            ssl = match &self.tls {
+                None => "ssl = no".to_string(),
+                Some((c, k)) => format!(
+                    "ssl = yes\nssl_cert = <{}\nssl_key = <{}",
+                    c.display(),
+                    k.display()
+                ),
+            },
         );
         fs::write(d.join("dovecot.conf"), conf).unwrap();
         run(Command::new("dovecot")
@@ -318,10 +350,40 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         run(Command::new("postfix").arg("-c").arg(&pf).arg("start"));
     }
 
+    /// Stops Postfix (SMTP refuses connections until `start_smtp`).
+    pub fn stop_smtp(&self) {
+        self.stop_pidfile(&self.dir.join("spool/pid/master.pid"));
+        let _ = fs::remove_file(self.dir.join("spool/pid/master.pid"));
+    }
+
+    pub fn start_smtp(&self) {
+        run(Command::new("postfix")
+            .arg("-c")
+            .arg(self.dir.join("postfix"))
+            .arg("start"));
+        self.wait_ready();
+    }
+
+    /// Restarts Dovecot: every IMAP connection is cut.
+    pub fn restart_imap(&self) {
+        self.stop_pidfile(&self.dir.join("run/master.pid"));
+        run(Command::new("dovecot")
+            .arg("-c")
+            .arg(self.dir.join("dovecot.conf")));
+        self.wait_ready();
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for port in [self.imap_port, self.smtp_port] {
+        for port in [Some(self.imap_port), Some(self.smtp_port), self.imaps_port]
+            .into_iter()
+            .flatten()
+        {
             loop {
+                if Some(port) == self.imaps_port && TcpStream::connect(("127.0.0.1", port)).is_ok()
+                {
+                    break;
+                }
                 if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
                     let mut line = String::new();
                     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -556,6 +618,17 @@ impl Setup {
         }
     }
 
+    /// Adds lines to the [mailbox] section of the config.
+    pub fn with_mailbox(self, lines: &str) -> Setup {
+        let text = std::fs::read_to_string(&self.config).unwrap().replacen(
+            "[smtp]",
+            &format!("{lines}\n\n[smtp]"),
+            1,
+        );
+        std::fs::write(&self.config, text).unwrap();
+        self
+    }
+
     pub fn cfg(&self) -> &str {
         self.config.to_str().unwrap()
     }
@@ -731,4 +804,72 @@ pub fn header(raw: &[u8], name: &str) -> Option<String> {
     escalator::message::header_fields(raw)
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v)
+}
+
+/// A private CA in `dir`: (cert, key).
+pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = dir.join("ca.crt");
+    let key = dir.join("ca.key");
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=escalator test CA", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    fs::set_permissions(&cert, fs::Permissions::from_mode(0o644)).unwrap();
+    (cert, key)
+}
+
+/// A server certificate for `names` (DNS names or IPs) signed by `ca`:
+/// (cert, key) in `dir`.
+pub fn server_cert(
+    dir: &Path,
+    stem: &str,
+    names: &[&str],
+    ca: &(PathBuf, PathBuf),
+) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{stem}.crt"));
+    let key = dir.join(format!("{stem}.key"));
+    let csr = dir.join(format!("{stem}.csr"));
+    let ext = dir.join(format!("{stem}.ext"));
+    let san: Vec<String> = names
+        .iter()
+        .map(|n| {
+            if n.parse::<std::net::IpAddr>().is_ok() {
+                format!("IP:{n}")
+            } else {
+                format!("DNS:{n}")
+            }
+        })
+        .collect();
+    fs::write(
+        &ext,
+        format!(
+            "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+            san.join(",")
+        ),
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj"])
+        .arg(format!("/CN={}", names[0]))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca.0)
+        .arg("-CAkey")
+        .arg(&ca.1)
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert));
+    fs::set_permissions(&cert, fs::Permissions::from_mode(0o644)).unwrap();
+    (cert, key)
 }

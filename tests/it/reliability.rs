@@ -1,0 +1,538 @@
+//! Reliability under server faults, bad input, loops and floods (issue 4).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{escalator, header, mail, MailStack, Setup};
+
+fn json(out: std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Hostile and broken messages of every kind the issue names.
+fn bad_messages() -> Vec<(&'static str, Vec<u8>)> {
+    let mut out: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    out.push((
+        "no message-id",
+        b"From: a1@example.test\r\nSubject: no id\r\n\r\nbody\r\n".to_vec(),
+    ));
+    out.push((
+        "same id, first",
+        b"From: a2@example.test\r\nSubject: twin\r\nMessage-ID: <twin@x.test>\r\n\r\nfirst\r\n"
+            .to_vec(),
+    ));
+    out.push(("same id, second", b"From: a2@example.test\r\nSubject: twin\r\nMessage-ID: <twin@x.test>\r\n\r\nsecond, different\r\n".to_vec()));
+    let mut refs = String::from(
+        "From: a3@example.test\r\nSubject: refs\r\nMessage-ID: <refs@x.test>\r\nReferences:",
+    );
+    for i in 0..3000 {
+        refs.push_str(&format!(" <r{i}@x.test>\r\n"));
+    }
+    refs.push_str("\r\nbody\r\n");
+    out.push(("3000 references", refs.into_bytes()));
+    let mut eight = b"From: a4@example.test\r\nSubject: caf\xe9 \xff\xfe na\xefve\r\nX-Name: \xc0\xc1\r\nMessage-ID: <8bit@x.test>\r\n\r\n\xe9t\xe9\r\n".to_vec();
+    eight.extend_from_slice(b"");
+    out.push(("8-bit headers", eight));
+    out.push(("encoded-word soup", b"From: =?x-unknown?B?SGFsbG8=?= <a5@example.test>\r\nSubject: =?utf-8?Q?caf=C3=A9?= =?iso-8859-1?Q?=E9?= =?bogus?X?zz?= =?utf-8?B?not base64!?= plain\r\nMessage-ID: <soup@x.test>\r\nContent-Type: text/plain; charset=x-made-up\r\n\r\n\xe9\r\n".to_vec()));
+    out.push(("0 bytes", Vec::new()));
+    out.push((
+        "only headers",
+        b"From: a6@example.test\r\nSubject: only headers\r\nMessage-ID: <hdr@x.test>\r\n".to_vec(),
+    ));
+    let mut nested = String::from("From: a7@example.test\r\nSubject: nested\r\nMessage-ID: <nest@x.test>\r\nMIME-Version: 1.0\r\n");
+    for i in 0..60 {
+        nested.push_str(&format!(
+            "Content-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n--b{i}\r\n"
+        ));
+    }
+    nested.push_str("Content-Type: text/plain\r\n\r\ndeep\r\n");
+    for i in (0..60).rev() {
+        nested.push_str(&format!("--b{i}--\r\n"));
+    }
+    out.push(("deeply nested", nested.into_bytes()));
+    out.push(("html only", b"From: a8@example.test\r\nSubject: html\r\nMessage-ID: <html@x.test>\r\nContent-Type: text/html\r\n\r\n<html><body><p>Hello <script>alert(1)</script><b>bold</b></p></body></html>\r\n".to_vec()));
+    out.push(("calendar invite", b"From: a9@example.test\r\nSubject: Invitation\r\nMessage-ID: <cal@x.test>\r\nContent-Type: multipart/alternative; boundary=c\r\n\r\n--c\r\nContent-Type: text/plain\r\n\r\nMeeting\r\n--c\r\nContent-Type: text/calendar; method=REQUEST\r\n\r\nBEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nSUMMARY:Call\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n--c--\r\n".to_vec()));
+    out.push(("no address in From", b"From: undisclosed-recipients:;\r\nSubject: who?\r\nMessage-ID: <nobody@x.test>\r\n\r\nbody\r\n".to_vec()));
+    let mut big = b"From: b1@example.test\r\nSubject: huge attachment\r\nMessage-ID: <big@x.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--z\r\nContent-Type: application/octet-stream; name=big.bin\r\nContent-Transfer-Encoding: base64\r\n\r\n".to_vec();
+    let line = [b'A'; 76];
+    while big.len() < 30 << 20 {
+        big.extend_from_slice(&line);
+        big.extend_from_slice(b"\r\n");
+    }
+    big.extend_from_slice(b"--z--\r\n");
+    out.push(("30 MB attachment", big));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_every_message_lands_in_exactly_one_case() {
+    let s = Setup::new(&["support"], "").with_mailbox("max_message_size = \"1MB\"");
+    let msgs = bad_messages();
+    let mut distinct = std::collections::HashSet::new();
+    for (i, (_, raw)) in msgs.iter().enumerate() {
+        s.stack.deliver_maildir("support", raw, i);
+    }
+    assert_eq!(s.stack.fetch("support", "INBOX").await.len(), msgs.len());
+    for (what, raw) in &msgs {
+        let m = escalator::message::parse(if *what == "30 MB attachment" {
+            // Only the headers of an oversized message are fetched.
+            &raw[..raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4]
+        } else {
+            raw
+        });
+        distinct.insert((m.message_id, m.content_hash));
+    }
+    s.once();
+    let cases = s.cases();
+    let total: u64 = cases.iter().map(|c| c["messages"].as_u64().unwrap()).sum();
+    assert_eq!(
+        total as usize,
+        distinct.len(),
+        "every distinct message stored once: {cases:#?}"
+    );
+    assert_eq!(
+        distinct.len(),
+        msgs.len(),
+        "the twins differ by content, so both are kept"
+    );
+    let q = json(escalator(&[
+        "quarantine",
+        "list",
+        "--json",
+        "--config",
+        s.cfg(),
+    ]));
+    assert_eq!(q, serde_json::json!([]));
+    assert!(
+        cases.iter().any(|c| c["unassigned"] == true),
+        "the unreadable sender is in an unassigned case"
+    );
+    let big = cases
+        .iter()
+        .find(|c| c["subject"] == "huge attachment")
+        .unwrap();
+    let shown = s.show(big["id"].as_u64().unwrap());
+    let m = &shown["message_list"][0];
+    assert_eq!(m["truncated"], true);
+    assert!(m["size"].as_u64().unwrap() >= 30 << 20);
+    assert!(
+        m["text"].as_str().unwrap().contains("max_message_size"),
+        "staff are told"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_down_then_back_sends_each_ack_once() {
+    let s = Setup::new(&["support", "alice"], "");
+    s.stack.stop_smtp();
+    s.stack.deliver_maildir(
+        "support",
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Hi",
+            "h1@x.test",
+            "",
+            "hello",
+        ),
+        1,
+    );
+    s.once();
+    let entries = json(escalator(&[
+        "outbox",
+        "list",
+        "--json",
+        "--config",
+        s.cfg(),
+    ]));
+    assert_eq!(entries.as_array().unwrap().len(), 1);
+    assert_eq!(
+        entries[0]["state"], "pending",
+        "waits for the server: {entries}"
+    );
+    assert!(!entries[0]["last_error"].as_str().unwrap().is_empty());
+    s.stack.start_smtp();
+    s.once();
+    s.once();
+    s.stack.settle().await;
+    let inbox = s.stack.wait_for("alice", 1, Duration::from_secs(20)).await;
+    assert_eq!(inbox.len(), 1, "sent once after recovery");
+    let entries = json(escalator(&[
+        "outbox",
+        "list",
+        "--all",
+        "--json",
+        "--config",
+        s.cfg(),
+    ]));
+    assert_eq!(entries[0]["state"], "sent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_rejection_is_failed_with_the_servers_words() {
+    let s = Setup::new(&["support"], "");
+    // ghost@example.test is no mailbox: Postfix refuses the ack with 550.
+    s.stack.deliver_maildir(
+        "support",
+        &mail(
+            "ghost@example.test",
+            "support@example.test",
+            "Boo",
+            "g1@x.test",
+            "",
+            "hello",
+        ),
+        1,
+    );
+    s.once();
+    let entries = json(escalator(&[
+        "outbox",
+        "list",
+        "--json",
+        "--config",
+        s.cfg(),
+    ]));
+    assert_eq!(entries[0]["state"], "failed");
+    let err = entries[0]["last_error"].as_str().unwrap();
+    assert!(err.contains("550") || err.contains("5.1.1"), "{err}");
+    let history = s.show(1)["history"].clone();
+    assert!(
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "mail_failed" && e["error"].as_str().unwrap().contains("5.1.1")),
+        "{history}"
+    );
+    // Not retried by itself...
+    s.once();
+    let entries = json(escalator(&[
+        "outbox",
+        "list",
+        "--json",
+        "--config",
+        s.cfg(),
+    ]));
+    assert_eq!(entries[0]["attempts"], 1);
+    // ...but a person can.
+    let id = entries[0]["id"].as_u64().unwrap().to_string();
+    let out = escalator(&["outbox", "retry", &id, "--config", s.cfg()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.once();
+    let entries = json(escalator(&[
+        "outbox",
+        "list",
+        "--json",
+        "--config",
+        s.cfg(),
+    ]));
+    assert_eq!(entries[0]["attempts"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_reconnects_after_the_imap_server_restarts() {
+    let s = Setup::new(&["support", "alice"], "");
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("poll_interval = \"1s\"", "poll_interval = \"10m\"");
+    std::fs::write(&s.config, text).unwrap();
+    let mut d = s.daemon();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.stack.restart_imap();
+    s.send(
+        "alice",
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "After restart",
+            "ar1@x.test",
+            "",
+            "hi",
+        ),
+    );
+    let inbox = s.stack.wait_for("alice", 1, Duration::from_secs(40)).await;
+    assert_eq!(inbox.len(), 1, "ingestion resumed by itself");
+    let out = d.stop();
+    assert!(out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_login_is_a_clear_error() {
+    let s = Setup::new(&["support"], "");
+    let text = std::fs::read_to_string(&s.config).unwrap().replacen(
+        "password = \"support\"",
+        "password = \"wrong\"",
+        1,
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let out = escalator(&["run", "--once", "--config", s.cfg()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("login as support refused"), "{err}");
+    assert!(
+        !err.contains("wrong"),
+        "the password is never printed: {err}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_mailing_each_other_stop_within_three_messages() {
+    let stack = MailStack::start(&["supa", "supb"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_a = dir.path().join("a.toml");
+    let cfg_b = dir.path().join("b.toml");
+    std::fs::write(&cfg_a, stack.config("supa", &dir.path().join("a"), "")).unwrap();
+    std::fs::write(&cfg_b, stack.config("supb", &dir.path().join("b"), "")).unwrap();
+    // Someone writes to A pretending to be B.
+    stack
+        .send(
+            "supb@example.test",
+            &["supa@example.test"],
+            &mail(
+                "supb@example.test",
+                "supa@example.test",
+                "Hello",
+                "start@x.test",
+                "",
+                "hi",
+            ),
+        )
+        .unwrap();
+    stack.settle().await;
+    for _ in 0..4 {
+        for cfg in [&cfg_a, &cfg_b] {
+            let out = escalator(&["run", "--once", "--config", cfg.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        stack.settle().await;
+    }
+    let a = stack.fetch("supa", "INBOX").await.len();
+    let b = stack.fetch("supb", "INBOX").await.len();
+    assert!(a + b <= 3, "the exchange stopped: {a} + {b} messages");
+    assert!(b >= 1, "A answered the first (human-looking) mail once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_gets_limited_answers_and_every_message_is_stored() {
+    let s = Setup::new(&["support", "flood"], "");
+    for i in 0..1000 {
+        s.stack.deliver_maildir(
+            "support",
+            &mail(
+                "flood@example.test",
+                "support@example.test",
+                &format!("Spam {i}"),
+                &format!("f{i}@x.test"),
+                "",
+                "buy",
+            ),
+            i,
+        );
+    }
+    s.once();
+    let cases = s.cases();
+    assert_eq!(cases.len(), 1000, "every message stored");
+    s.stack.settle().await;
+    let acks = s.stack.fetch("flood", "INBOX").await.len();
+    assert_eq!(acks, 3, "auto_reply_limit (3 per hour) holds");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwards_carry_customer_html_only_as_an_attachment() {
+    let s = Setup::new(&["support", "alice", "tier2"], "");
+    let html = b"From: alice@example.test\r\nTo: support@example.test\r\nSubject: Look\r\nMessage-ID: <h1@x.test>\r\nContent-Type: text/html\r\n\r\n<p>Click <a href=\"http://evil.example/\">here</a><img src=\"http://evil.example/t.png\"></p>\r\n";
+    s.stack.deliver_maildir("support", html, 1);
+    s.once();
+    let out = escalator(&[
+        "cases",
+        "escalate",
+        "1",
+        "--reason",
+        "check html",
+        "--config",
+        s.cfg(),
+    ]);
+    assert!(out.status.success());
+    s.once();
+    let fwd = s.stack.wait_for("tier2", 1, Duration::from_secs(20)).await;
+    let m = escalator::message::parse(&fwd[0]);
+    assert_eq!(
+        header(&fwd[0], "Content-Type")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap(),
+        "multipart/mixed"
+    );
+    assert!(
+        !m.text.contains("<img"),
+        "no customer HTML in the forward's own text"
+    );
+    assert_eq!(m.attachments.len(), 1);
+    assert_eq!(m.attachments[0].content_type, "message/rfc822");
+    let raw = String::from_utf8_lossy(&fwd[0]);
+    let html_parts = raw.matches("Content-Type: text/html").count();
+    assert_eq!(
+        html_parts, 1,
+        "the only HTML is inside the attached original"
+    );
+}
+
+/// A config watching `support` over implicit TLS on the stack's IMAPS port.
+fn tls_config(
+    stack: &MailStack,
+    store: &std::path::Path,
+    host: &str,
+    ca: Option<&std::path::Path>,
+) -> String {
+    let head = stack.config("support", store, "");
+    let imaps = stack.imaps_port.unwrap();
+    let ca = ca
+        .map(|p| format!("ca_file = {:?}\n", p.display().to_string()))
+        .unwrap_or_default();
+    head.replacen(
+        &format!(
+            "host = \"127.0.0.1\"\nport = {}\nsecurity = \"plain\"",
+            stack.imap_port
+        ),
+        &format!("host = \"{host}\"\nport = {imaps}\nsecurity = \"tls\"\n{ca}"),
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_is_verified_a_private_ca_must_be_given_and_names_must_match() {
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        certs.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ca = crate::support::private_ca(certs.path());
+    let (cert, key) =
+        crate::support::server_cert(certs.path(), "good", &["127.0.0.1", "localhost"], &ca);
+    let stack = MailStack::start_tls(&["support", "alice"], &cert, &key);
+    stack.deliver_maildir(
+        "support",
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Over TLS",
+            "t1@x.test",
+            "",
+            "hi",
+        ),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let run = |text: String| {
+        std::fs::write(&cfg, text).unwrap();
+        escalator(&["run", "--once", "--config", cfg.to_str().unwrap()])
+    };
+
+    // A certificate from a private CA is refused without the CA...
+    let out = run(tls_config(
+        &stack,
+        &dir.path().join("s1"),
+        "127.0.0.1",
+        None,
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TLS with 127.0.0.1 failed"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // ...and accepted with ca_file.
+    let out = run(tls_config(
+        &stack,
+        &dir.path().join("s2"),
+        "127.0.0.1",
+        Some(&ca.0),
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases = json(escalator(&[
+        "cases",
+        "list",
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]));
+    assert_eq!(cases.as_array().unwrap().len(), 1, "ingested over TLS");
+
+    // A certificate for another name is refused even with its CA.
+    let (other, other_key) =
+        crate::support::server_cert(certs.path(), "other", &["other.example"], &ca);
+    drop(stack);
+    let stack = MailStack::start_tls(&["support"], &other, &other_key);
+    let out = run(tls_config(
+        &stack,
+        &dir.path().join("s3"),
+        "127.0.0.1",
+        Some(&ca.0),
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.to_lowercase().contains("not valid for name")
+            || err.to_lowercase().contains("notvalidforname"),
+        "{err}"
+    );
+}
+
+#[test]
+fn plain_to_a_remote_host_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    let demo = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"),
+    )
+    .unwrap();
+    let remote = demo.replacen("host = \"127.0.0.1\"", "host = \"imap.example.com\"", 1);
+    std::fs::write(&p, &remote).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_escalator"))
+        .args(["check-config", "--config", p.to_str().unwrap()])
+        .env("ESCALATOR_DEMO_PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mailbox.security"));
+    std::fs::write(
+        &p,
+        remote.replacen(
+            "security = \"plain\"",
+            "security = \"plain\"\nallow_insecure = true",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_escalator"))
+        .args(["check-config", "--config", p.to_str().unwrap()])
+        .env("ESCALATOR_DEMO_PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
