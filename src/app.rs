@@ -59,11 +59,17 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
             clock: clock.clone(),
             wake: wake.clone(),
         },
-        outbox: Outbox {
-            store: store.clone(),
-            mailer,
-            clock,
-            wake,
+        outbox: {
+            let outbox = Outbox {
+                journal: crate::outbox::journal::Journal::open(store.path())
+                    .context("cannot open the sent journal")?,
+                store: store.clone(),
+                mailer,
+                clock,
+                wake,
+            };
+            outbox.recover()?;
+            outbox
         },
         store,
         ingestor,

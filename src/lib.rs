@@ -30,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod effects;
+pub mod fault;
 pub mod ingest;
 pub mod mailbox;
 pub mod message;

@@ -12,6 +12,7 @@
 //! just after.
 
 pub mod compose;
+pub mod journal;
 pub mod smtp;
 
 use std::sync::Arc;
@@ -92,6 +93,8 @@ pub struct Outbox {
     pub store: Arc<Store>,
     pub mailer: Arc<dyn Mailer>,
     pub clock: Arc<dyn Clock>,
+    /// Where accepted mail is noted the instant the server says 250.
+    pub journal: journal::Journal,
     /// Woken when ingest or the scheduler queued new mail.
     pub wake: Arc<crate::scheduler::Wakers>,
 }
@@ -132,6 +135,11 @@ impl Outbox {
                 .unwrap_or(Duration::ZERO)
                 .max(Duration::from_millis(50)),
         )
+    }
+
+    /// Settles mail the server accepted just before the last stop.
+    pub fn recover(&self) -> Result<usize, OutboxError> {
+        Ok(self.journal.replay(&self.store, self.clock.now())?)
     }
 
     /// Sends every due entry once. With `all`, entries waiting for a
@@ -182,10 +190,17 @@ impl Outbox {
         let now = self.clock.now();
         match result {
             Ok(()) => {
-                entry.state = OutboxState::Sent;
-                entry.sent_at = Some(now);
-                entry.last_error = None;
+                if let Err(e) = self.journal.record(entry.id) {
+                    tracing::warn!(error = %e, "cannot write the sent journal; a crash now would send this mail again");
+                }
+                crate::fault::point(crate::fault::AFTER_SMTP_ACCEPT);
+                {
+                    let _w = self.store.lock();
+                    journal::mark_sent(&self.store, &mut entry, now)?;
+                }
+                self.store.flush_async().await?;
                 tracing::info!(to = ?entry.to, "mail sent");
+                return Ok(entry.state);
             }
             Err(SmtpError::Permanent(why)) | Err(SmtpError::Setup(why)) => {
                 tracing::error!(error = %why, "mail refused for good");
@@ -210,35 +225,24 @@ impl Outbox {
         Ok(entry.state)
     }
 
-    /// Records the outcome on the entry and, when final, in the case.
+    /// Records a retry or a failure on the entry (and a failure in the case).
     fn finish(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
         let _w = self.store.lock();
+        if entry.state != OutboxState::Failed {
+            return self.store.put_outbox(entry, None);
+        }
         let mut case = self.store.case(entry.case)?;
         if let Some(c) = case.as_mut() {
-            let now = self.clock.now();
-            match entry.state {
-                OutboxState::Sent => c.push(
-                    now,
-                    EventKind::MailSent {
-                        outbox_id: entry.id,
-                        mail: entry.kind.clone(),
-                        to: entry.to.join(", "),
-                    },
-                ),
-                OutboxState::Failed => c.push(
-                    now,
-                    EventKind::MailFailed {
-                        outbox_id: entry.id,
-                        mail: entry.kind.clone(),
-                        error: entry.last_error.clone().unwrap_or_default(),
-                    },
-                ),
-                _ => {}
-            }
+            c.push(
+                self.clock.now(),
+                EventKind::MailFailed {
+                    outbox_id: entry.id,
+                    mail: entry.kind.clone(),
+                    error: entry.last_error.clone().unwrap_or_default(),
+                },
+            );
         }
-        let touched = matches!(entry.state, OutboxState::Sent | OutboxState::Failed);
-        self.store
-            .put_outbox(entry, case.as_ref().filter(|_| touched))
+        self.store.put_outbox(entry, case.as_ref())
     }
 }
 
