@@ -89,14 +89,30 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let pending = store.outbox_pending()?.len();
     tracing::info!(store = %store.path().display(), pending_mail = pending, "escalator started");
-    tracker.spawn(watcher.run(cancel.clone()));
+    // A store failure in the watcher stops the daemon: better a loud exit
+    // than taking mail in that cannot be kept.
+    let fatal = CancellationToken::new();
+    let fatal_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    {
+        let (fatal, slot, cancel) = (fatal.clone(), fatal_error.clone(), cancel.clone());
+        tracker.spawn(async move {
+            if let Err(e) = watcher.run(cancel).await {
+                let text = crate::error_chain(&e);
+                tracing::error!(error = %text, "stopping: the store cannot take more mail");
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+                fatal.cancel();
+            }
+        });
+    }
     tracker.spawn(scheduler.run(cancel.clone()));
     tracker.spawn(outbox.run(cancel.clone()));
     let control = crate::control::serve(ingestor, cancel.clone())?;
     tracker.spawn(control);
     tracker.close();
-    shutdown.await;
-    tracing::info!("shutting down: finishing current work");
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down: finishing current work"),
+        _ = fatal.cancelled() => {}
+    }
     cancel.cancel();
     if tokio::time::timeout(EXIT_DEADLINE, tracker.wait())
         .await
@@ -108,7 +124,11 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     }
     store.flush_async().await?;
     tracing::info!("stopped");
-    Ok(())
+    let failed = fatal_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match failed {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => Ok(()),
+    }
 }
 
 /// One full cycle: ingest everything new, fire due timers, drain the

@@ -117,6 +117,8 @@ pub struct SmtpConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,
+    /// Stop writing while this much of the store's disk is still free.
+    pub min_free: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -385,6 +387,12 @@ struct RawSmtp {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     path: PathBuf,
+    #[serde(default = "default_min_free")]
+    min_free: String,
+}
+
+fn default_min_free() -> String {
+    "64MB".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -1070,6 +1078,13 @@ impl Validator<'_> {
             },
             store: StoreConfig {
                 path: self.path(&raw.store.path),
+                min_free: match parse_size(&raw.store.min_free) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.problem("store.min_free", e);
+                        0
+                    }
+                },
             },
             cases: CasesConfig {
                 subject_tag: c.subject_tag,

@@ -87,6 +87,10 @@ impl Ingestor {
             }
             None => None,
         };
+        // A message takes about three times its size in the store (raw,
+        // parsed text, log overhead).
+        self.store
+            .ensure_space(self.config.store.min_free, raw.len() as u64 * 3)?;
         let now = self.clock.now();
         let planned = catch_unwind(AssertUnwindSafe(|| self.plan(src, raw, truncated, now)));
         let mut plan = match planned {

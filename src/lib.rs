@@ -31,6 +31,7 @@ pub mod config;
 pub mod control;
 pub mod effects;
 pub mod fault;
+pub mod fuzzing;
 pub mod ingest;
 pub mod mailbox;
 pub mod message;

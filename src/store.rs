@@ -48,6 +48,17 @@ pub enum StoreError {
     },
     #[error("cannot encode a record")]
     Encode(#[source] serde_json::Error),
+    /// Writing on would risk a half-written store: sled cannot recover
+    /// from a full disk by itself, so we stop while there is room left.
+    #[error(
+        "the disk of the store {path} is nearly full: {available} bytes free, \
+         store.min_free is {min_free}; free some space, then start again (nothing was lost)"
+    )]
+    DiskFull {
+        path: PathBuf,
+        available: u64,
+        min_free: u64,
+    },
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -253,6 +264,20 @@ impl Store {
         // A poisoned lock only means another writer panicked; sled's
         // transactions kept the data consistent, so carry on.
         self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses to write on when fewer than `min_free` + `need` bytes are
+    /// free on the store's disk.
+    pub fn ensure_space(&self, min_free: u64, need: u64) -> Result<()> {
+        let available = fs2::available_space(&self.path).unwrap_or(u64::MAX);
+        if available < min_free.saturating_add(need) {
+            return Err(StoreError::DiskFull {
+                path: self.path.clone(),
+                available,
+                min_free,
+            });
+        }
+        Ok(())
     }
 
     /// Makes everything written so far durable.

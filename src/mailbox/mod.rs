@@ -61,12 +61,15 @@ impl Watcher {
         Ok(report)
     }
 
-    /// Watches until cancelled; errors are logged and retried with backoff.
-    pub async fn run(self, cancel: CancellationToken) {
+    /// Watches until cancelled. Server trouble is logged and retried
+    /// with backoff, forever; a store failure (a full disk) is returned,
+    /// because going on could only lose mail.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), StoreError> {
         let mut failures: u32 = 0;
         loop {
             match self.session(&cancel, &mut failures).await {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
+                Err(WatchError::Store(e)) => return Err(e),
                 Err(e) => {
                     failures += 1;
                     let auth = matches!(&e, WatchError::Imap(i) if i.is_auth());
@@ -80,7 +83,7 @@ impl Watcher {
                         tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "IMAP connection lost");
                     }
                     tokio::select! {
-                        _ = cancel.cancelled() => return,
+                        _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }

@@ -3,13 +3,16 @@
 //! worker sends each entry with its fixed Message-ID, marks it, and never
 //! sends an entry that is marked sent.
 //!
-//! The window between the server's `250` and our "sent" mark reaching the
-//! disk is handled deliberately: an entry found in `sending` after a crash
-//! is sent again, with the same Message-ID. We prefer a rare duplicate
-//! (which mail clients collapse by Message-ID) to a lost acknowledgement
-//! or a lost escalation. The window is one SMTP transaction plus one
-//! flush: the entry is flushed as `sending` just before, and as `sent`
-//! just after.
+//! The window between "the server has the mail" and "the store knows"
+//! is handled deliberately. The entry is flushed as `sending` before the
+//! SMTP transaction; right after the server's 250 its id is appended to
+//! the sent journal (one write call, safe from a killed process) and then
+//! marked `sent` in the store. If the process dies while the server is
+//! still taking the mail (it has the message, its 250 has not reached
+//! us), nobody can know whether it was kept: the entry is sent again on
+//! restart with the same Message-ID. We prefer that rare duplicate (mail
+//! clients collapse it by Message-ID) to a lost acknowledgement or
+//! escalation.
 
 pub mod compose;
 pub mod journal;

@@ -536,3 +536,104 @@ fn plain_to_a_remote_host_is_refused_unless_allowed() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
+struct TinyDisk(std::path::PathBuf);
+
+impl TinyDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> TinyDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "this test needs root to mount a small tmpfs (./scripts/test runs as root)"
+        );
+        TinyDisk(dir.to_owned())
+    }
+    fn grow(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_a_clear_error_and_loses_nothing() {
+    let stack = MailStack::start(&["support", "alice"]);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TinyDisk::mount(&dir.path().join("disk"), "3m");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        stack.config(
+            "support",
+            &dir.path().join("disk/store"),
+            "[cases]\nauto_reply_limit = 1000\n",
+        ),
+    )
+    .unwrap();
+    let n = 40;
+    for i in 0..n {
+        let body = format!("{i} {}", "y".repeat(150_000));
+        stack.deliver_maildir(
+            "support",
+            &mail(
+                "alice@example.test",
+                "support@example.test",
+                &format!("Big {i}"),
+                &format!("big{i}@x.test"),
+                "",
+                &body,
+            ),
+            i,
+        );
+    }
+    let out = escalator(&["run", "--once", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "a full disk stops the run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nearly full") && err.contains("store.min_free"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // With room again, the next run stores everything exactly once.
+    disk.grow("200m");
+    let out = escalator(&["run", "--once", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases = json(escalator(&[
+        "cases",
+        "list",
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]));
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), n);
+    assert!(cases.iter().all(|c| c["messages"] == 1));
+}
