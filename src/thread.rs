@@ -7,10 +7,9 @@
 //! 3. the subject tag `[Case #N]`.
 //!
 //! Layers 2 and 3 only join a case when the sender is one of its people
-//! (customer, participant, support): a tag or a Message-ID copied from
-//! someone else's mail gets the sender a case of their own and nothing of
-//! the other. Staff-facing IDs (forwards) are the exception: they are
-//! random and only staff ever see them.
+//! (customer, participant, support, staff): a tag or a Message-ID copied
+//! from someone else's mail (even from a forward that reached the wrong
+//! hands) gets the sender a case of their own and nothing of the other.
 
 use crate::case::{Case, CaseId};
 use crate::message::InboundMail;
@@ -233,7 +232,7 @@ pub fn decide(
     for id in refs {
         if let Some(own) = OwnId::verify(id, key) {
             if let Some(case) = lookup.case(own.case) {
-                if own.kind.staff_facing() || belongs(&case) {
+                if belongs(&case) {
                     return Decision::Join {
                         case: case.id,
                         via: Via::OwnReference,
@@ -460,6 +459,35 @@ mod tests {
             Decision::Join {
                 case: 42,
                 via: Via::Tag
+            }
+        );
+    }
+
+    #[test]
+    fn a_leaked_forward_id_admits_no_outsider() {
+        let f = fake();
+        let fwd = OwnId {
+            case: 42,
+            kind: MailKind::Forward,
+            seq: 9,
+        }
+        .format(&KEY, "example.test");
+        let m = mail(
+            "mallory@example.net",
+            "x",
+            &format!("In-Reply-To: <{fwd}>\r\n"),
+        );
+        assert_eq!(decide_(&f, &m), Decision::New);
+        let m = mail(
+            "tier2@example.test",
+            "x",
+            &format!("In-Reply-To: <{fwd}>\r\n"),
+        );
+        assert_eq!(
+            decide_(&f, &m),
+            Decision::Join {
+                case: 42,
+                via: Via::OwnReference
             }
         );
     }

@@ -637,3 +637,109 @@ async fn a_full_disk_is_a_clear_error_and_loses_nothing() {
     assert_eq!(cases.len(), n);
     assert!(cases.iter().all(|c| c["messages"] == 1));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_started_while_imap_is_down_waits_and_then_ingests() {
+    let s = Setup::new(&["support", "alice"], "");
+    s.stack.deliver_maildir(
+        "support",
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Waiting",
+            "w1@x.test",
+            "",
+            "hi",
+        ),
+        1,
+    );
+    s.stack.stop_imap();
+    let mut d = s.daemon();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.stack.start_imap();
+    let inbox = s.stack.wait_for("alice", 1, Duration::from_secs(60)).await;
+    assert_eq!(inbox.len(), 1, "ingested once the server was back");
+    let out = d.stop();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("cannot connect to 127.0.0.1"),
+        "the outage was logged: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_with_a_refused_login_keeps_trying_without_crashing() {
+    let s = Setup::new(&["support"], "");
+    let text = std::fs::read_to_string(&s.config).unwrap().replacen(
+        "password = \"support\"",
+        "password = \"s3cr3t-wrong\"",
+        1,
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let mut d = s.daemon();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = d.stop();
+    assert!(out.status.success(), "still running, stops cleanly");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("IMAP login failed"), "{log}");
+    assert_eq!(
+        log.matches("IMAP login failed").count(),
+        1,
+        "backs off instead of hammering: {log}"
+    );
+    assert!(
+        !log.contains("s3cr3t-wrong"),
+        "the password never reaches the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_folder_deleted_and_recreated_is_rescanned_without_duplicates() {
+    let s = Setup::new(&["support", "alice"], "[cases]\nauto_reply_limit = 10\n")
+        .with_mailbox("folder = \"Support\"");
+    let doveadm = |args: &[&str]| {
+        let st = std::process::Command::new("doveadm")
+            .arg("-c")
+            .arg(s.stack.dir.join("dovecot.conf"))
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "doveadm {args:?}");
+    };
+    doveadm(&["mailbox", "create", "-u", "support", "Support"]);
+    let first = mail(
+        "alice@example.test",
+        "support@example.test",
+        "One",
+        "one@x.test",
+        "",
+        "1",
+    );
+    s.stack
+        .deliver_maildir_folder("support", Some("Support"), &first, 1);
+    s.once();
+    assert_eq!(s.cases().len(), 1);
+    doveadm(&["mailbox", "delete", "-u", "support", "Support"]);
+    doveadm(&["mailbox", "create", "-u", "support", "Support"]);
+    // The same message comes back, and a new one.
+    s.stack
+        .deliver_maildir_folder("support", Some("Support"), &first, 2);
+    s.stack.deliver_maildir_folder(
+        "support",
+        Some("Support"),
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Two",
+            "two@x.test",
+            "",
+            "2",
+        ),
+        3,
+    );
+    s.once();
+    let cases = s.cases();
+    assert_eq!(cases.len(), 2, "{cases:#?}");
+    assert!(cases.iter().all(|c| c["messages"] == 1));
+}

@@ -364,6 +364,18 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         self.wait_ready();
     }
 
+    /// Stops Dovecot (IMAP and delivery) until `start_imap`.
+    pub fn stop_imap(&self) {
+        self.stop_pidfile(&self.dir.join("run/master.pid"));
+    }
+
+    pub fn start_imap(&self) {
+        run(Command::new("dovecot")
+            .arg("-c")
+            .arg(self.dir.join("dovecot.conf")));
+        self.wait_ready();
+    }
+
     /// Restarts Dovecot: every IMAP connection is cut.
     pub fn restart_imap(&self) {
         self.stop_pidfile(&self.dir.join("run/master.pid"));
