@@ -55,7 +55,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
         },
         scheduler: Scheduler {
             store: store.clone(),
-            config,
+            config: config.clone(),
             clock: clock.clone(),
             wake: wake.clone(),
         },
@@ -63,6 +63,10 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
             let outbox = Outbox {
                 journal: crate::outbox::journal::Journal::open(store.path())
                     .context("cannot open the sent journal")?,
+                confirm: config
+                    .smtp
+                    .confirm_copies
+                    .then(|| (config.smtp.from.clone(), config.smtp.confirm_wait)),
                 store: store.clone(),
                 mailer,
                 clock,

@@ -112,6 +112,12 @@ pub struct SmtpConfig {
     pub from_name: Option<String>,
     /// The support address: sender of all mail, and never a customer.
     pub from: String,
+    /// Bcc every mail to the support address, so that after a crash its
+    /// copy proves the server accepted it (exactly-once sending).
+    pub confirm_copies: bool,
+    /// After a crash mid-send, how long to wait for that copy before
+    /// sending again.
+    pub confirm_wait: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -381,6 +387,14 @@ struct RawSmtp {
     from: String,
     #[serde(default = "default_timeout")]
     timeout: String,
+    #[serde(default = "default_true")]
+    confirm_copies: bool,
+    #[serde(default = "default_confirm_wait")]
+    confirm_wait: String,
+}
+
+fn default_confirm_wait() -> String {
+    "5m".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -1075,6 +1089,8 @@ impl Validator<'_> {
                 endpoint: smtp_endpoint,
                 from_name,
                 from,
+                confirm_copies: s.confirm_copies,
+                confirm_wait: self.duration("smtp.confirm_wait", &s.confirm_wait),
             },
             store: StoreConfig {
                 path: self.path(&raw.store.path),

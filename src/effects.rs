@@ -414,6 +414,7 @@ impl<'a> Effects<'a> {
             next_attempt_at: self.now,
             sent_at: None,
             last_error: None,
+            attempt_at: None,
         };
         entry.write(batch, raw)?;
         batch.put(

@@ -17,6 +17,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::effects::Effects;
 use crate::message::{self, InboundMail};
+use crate::outbox::OutboxState;
 use crate::policy::{self, Ctx, Role};
 use crate::store::{
     id_key, Batch, Cursor, MessageRecord, QuarantineEntry, Store, StoreError, Tree,
@@ -48,6 +49,10 @@ pub enum Outcome {
     },
     Quarantined {
         id: u64,
+    },
+    /// Our own mail's confirmation copy: its outbox entry is settled.
+    Confirmed {
+        outbox_id: u64,
     },
 }
 
@@ -163,6 +168,12 @@ impl Ingestor {
         #[cfg(test)]
         tests::maybe_panic();
         let mail = message::parse(raw);
+        if let Some(id) = self.own_copy(&mail)? {
+            return Ok(Plan {
+                batch: Batch::default(),
+                outcome: Outcome::Confirmed { outbox_id: id },
+            });
+        }
         let support = config.support_addresses();
         let is_staff = |a: &str| config.tiers.iter().any(|t| t.is_staff(a));
         let key = store.key();
@@ -305,6 +316,37 @@ impl Ingestor {
                 queued,
             },
         })
+    }
+
+    /// Is this the confirmation copy of a mail we sent? If so, settles
+    /// its outbox entry (it reached the server) and returns the entry.
+    fn own_copy(&self, mail: &InboundMail) -> Result<Option<u64>, StoreError> {
+        let config = &*self.config;
+        let ours = mail
+            .from
+            .as_ref()
+            .is_some_and(|a| a.email == config.smtp.from)
+            && mail.robot.loop_header.as_deref() == Some(config.cases.instance.as_str());
+        if !ours {
+            return Ok(None);
+        }
+        let Some(own) = OwnId::verify(&mail.message_id, self.store.key()) else {
+            return Ok(None);
+        };
+        let Some(mut entry) = self.store.outbox_entry(own.seq)? else {
+            return Ok(None);
+        };
+        if entry.message_id != mail.message_id {
+            return Ok(None);
+        }
+        if matches!(entry.state, OutboxState::Sending | OutboxState::Pending) {
+            tracing::info!(
+                outbox_id = entry.id,
+                "confirmation copy: the server had accepted this mail"
+            );
+            crate::outbox::journal::mark_sent(&self.store, &mut entry, self.clock.now())?;
+        }
+        Ok(Some(entry.id))
     }
 
     /// The customer's cases within the repeat-customer window, this one

@@ -282,7 +282,9 @@ impl Watcher {
                         report.stored += 1;
                         report.new_cases += new as usize;
                     }
-                    Outcome::Duplicate | Outcome::AlreadyDone => report.duplicates += 1,
+                    Outcome::Duplicate | Outcome::AlreadyDone | Outcome::Confirmed { .. } => {
+                        report.duplicates += 1
+                    }
                     Outcome::Quarantined { .. } => report.quarantined += 1,
                 }
             }

@@ -75,6 +75,13 @@ impl Journal {
 
 /// Marks an entry sent and records it in its case (write lock held).
 pub fn mark_sent(store: &Store, e: &mut OutboxEntry, now: DateTime<Utc>) -> Result<(), StoreError> {
+    if let Some(stored) = store.outbox_entry(e.id)? {
+        if stored.state == OutboxState::Sent {
+            // Already settled (by its confirmation copy): once only.
+            *e = stored;
+            return Ok(());
+        }
+    }
     e.state = OutboxState::Sent;
     e.sent_at = Some(now);
     e.last_error = None;

@@ -9,10 +9,13 @@
 //! the sent journal (one write call, safe from a killed process) and then
 //! marked `sent` in the store. If the process dies while the server is
 //! still taking the mail (it has the message, its 250 has not reached
-//! us), nobody can know whether it was kept: the entry is sent again on
-//! restart with the same Message-ID. We prefer that rare duplicate (mail
-//! clients collapse it by Message-ID) to a lost acknowledgement or
-//! escalation.
+//! us), the client cannot know whether it was kept. So every mail is also
+//! addressed, in the same transaction, to the support address: after a
+//! restart an entry left `sending` waits up to `confirm_wait` for that
+//! confirmation copy (ingest settles the entry when it arrives), and only
+//! without one is it sent again. With copies off, it is sent again at once
+//! with the same Message-ID: a rare duplicate rather than a lost
+//! acknowledgement or escalation.
 
 pub mod compose;
 pub mod journal;
@@ -58,6 +61,9 @@ pub struct OutboxEntry {
     pub next_attempt_at: DateTime<Utc>,
     pub sent_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// When the current attempt began (for an entry left `sending`).
+    #[serde(default)]
+    pub attempt_at: Option<DateTime<Utc>>,
 }
 
 impl OutboxEntry {
@@ -98,6 +104,9 @@ pub struct Outbox {
     pub clock: Arc<dyn Clock>,
     /// Where accepted mail is noted the instant the server says 250.
     pub journal: journal::Journal,
+    /// With confirmation copies: the support address, Bcc'd on every
+    /// mail, and how long an interrupted send waits for its copy.
+    pub confirm: Option<(String, Duration)>,
     /// Woken when ingest or the scheduler queued new mail.
     pub wake: Arc<crate::scheduler::Wakers>,
 }
@@ -128,10 +137,24 @@ impl Outbox {
         }
     }
 
+    /// An entry left `sending` by a crash: until when to wait for the
+    /// confirmation copy (None: send it now).
+    fn awaiting_copy(&self, entry: &OutboxEntry, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let (_, wait) = self.confirm.as_ref()?;
+        if entry.state != OutboxState::Sending {
+            return None;
+        }
+        let until = entry.attempt_at? + chrono::Duration::from_std(*wait).ok()?;
+        (until > now).then_some(until)
+    }
+
     fn next_wake(&self) -> Option<Duration> {
         let now = self.clock.now();
         let pending = self.store.outbox_pending().ok()?;
-        let next = pending.iter().map(|e| e.next_attempt_at).min()?;
+        let next = pending
+            .iter()
+            .map(|e| self.awaiting_copy(e, now).unwrap_or(e.next_attempt_at))
+            .min()?;
         Some(
             (next - now)
                 .to_std()
@@ -161,6 +184,11 @@ impl Outbox {
             if !all && entry.next_attempt_at > now {
                 continue;
             }
+            if let Some(at) = self.awaiting_copy(&entry, now) {
+                tracing::debug!(outbox_id = entry.id, until = %at, "interrupted send: waiting for its copy");
+                report.retrying += 1;
+                continue;
+            }
             match self.send_one(entry).await? {
                 OutboxState::Sent => report.sent += 1,
                 OutboxState::Failed => report.failed += 1,
@@ -183,13 +211,21 @@ impl Outbox {
         }
         entry.state = OutboxState::Sending;
         entry.attempts += 1;
+        entry.attempt_at = Some(self.clock.now());
         {
             let _w = self.store.lock();
             self.store.put_outbox(&entry, None)?;
         }
         // Durable before the effect: a crash from here on resends.
         self.store.flush_async().await?;
-        let result = self.mailer.send(&entry.from, &entry.to, &raw).await;
+        let mut rcpt = entry.to.clone();
+        if let Some((support, _)) = &self.confirm {
+            // Same transaction, so the copy's arrival proves acceptance.
+            if !rcpt.contains(support) {
+                rcpt.push(support.clone());
+            }
+        }
+        let result = self.mailer.send(&entry.from, &rcpt, &raw).await;
         let now = self.clock.now();
         match result {
             Ok(()) => {

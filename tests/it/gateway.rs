@@ -79,9 +79,24 @@ async fn new_mail_becomes_a_case_and_gets_exactly_one_ack() {
     s.once();
     s.stack.settle().await;
     assert_eq!(s.stack.fetch("alice", "INBOX").await.len(), 1);
-    // The daemon never marks customers' mail as read.
-    let support = s.stack.fetch("support", "INBOX").await;
-    assert_eq!(support.len(), 1);
+    // The daemon never marks customers' mail as read, never deletes it;
+    // the support mailbox also holds the ack's confirmation copy.
+    let flags = s.stack.flags("support", "INBOX").await;
+    let customer: Vec<_> = flags
+        .iter()
+        .filter(|(m, _)| header(m, "From").unwrap().contains("alice@"))
+        .collect();
+    assert_eq!(customer.len(), 1);
+    assert!(
+        !customer[0].1.contains("Seen"),
+        "flags: {:?}",
+        customer[0].1
+    );
+    let copies: Vec<_> = flags
+        .iter()
+        .filter(|(m, _)| header(m, "Message-ID") == header(ack, "Message-ID"))
+        .collect();
+    assert_eq!(copies.len(), 1, "one confirmation copy of the ack");
     let history = s.show(id)["history"].as_array().unwrap().clone();
     let kinds: Vec<&str> = history
         .iter()

@@ -487,6 +487,35 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         out
     }
 
+    /// Every message of a folder with its flags, over IMAP.
+    pub async fn flags(&self, user: &str, folder: &str) -> Vec<(Vec<u8>, String)> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.imap_port))
+            .await
+            .unwrap();
+        let mut client = async_imap::Client::new(tcp);
+        client.read_response().await.unwrap();
+        let mut s = client.login(user, user).await.map_err(|(e, _)| e).unwrap();
+        let mbox = s.examine(folder).await.unwrap();
+        let mut out = Vec::new();
+        if mbox.exists > 0 {
+            let fetches: Vec<_> = s
+                .fetch("1:*", "(FLAGS BODY.PEEK[])")
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            for f in fetches {
+                let flags: Vec<String> = f.flags().map(|fl| format!("{fl:?}")).collect();
+                if let Some(b) = f.body() {
+                    out.push((b.to_vec(), flags.join(" ")));
+                }
+            }
+        }
+        let _ = s.logout().await;
+        out
+    }
+
     /// Waits until a user's INBOX holds at least `n` messages.
     pub async fn wait_for(&self, user: &str, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + timeout;
