@@ -143,6 +143,32 @@ mod tests {
     }
 
     #[test]
+    fn encoded_line_breaks_in_customer_headers_add_no_header() {
+        // A subject and name that decode to CR/LF + a header.
+        let raw = b"From: =?utf-8?Q?Eve=0D=0ABcc:_victim@example.net?= <eve@example.org>\r\n\
+Subject: =?utf-8?B?aGkNCkJjYzogdmljdGltQGV4YW1wbGUubmV0?=\r\n\r\nbody\r\n";
+        let m = parse(raw);
+        assert!(
+            m.subject.contains('\n'),
+            "the subject really decodes to a line break"
+        );
+        let name = m
+            .from
+            .as_ref()
+            .and_then(|a| a.name.clone())
+            .unwrap_or_default();
+        let mut e = env(&m.subject, &name);
+        e.to = "eve@example.org";
+        let text = String::from_utf8(compose(&e, "ok").unwrap()).unwrap();
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("bcc:")),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn header_injection_is_impossible() {
         let raw = compose(
             &env("hi\r\nBcc: victim@example.net", "Eve\r\nX-Evil: 1"),

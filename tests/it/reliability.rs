@@ -1,6 +1,6 @@
 //! Reliability under server faults, bad input, loops and floods (issue 4).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -741,5 +741,109 @@ async fn a_folder_deleted_and_recreated_is_rescanned_without_duplicates() {
     s.once();
     let cases = s.cases();
     assert_eq!(cases.len(), 2, "{cases:#?}");
+    assert!(cases.iter().all(|c| c["messages"] == 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn temporary_rejections_are_retried_and_the_mail_goes_out_once() {
+    let s = Setup::new(&["support", "alice"], "");
+    s.stack
+        .recipient_access("alice@example.test 450 4.7.1 try again later\n");
+    s.stack.deliver_maildir(
+        "support",
+        &mail(
+            "alice@example.test",
+            "support@example.test",
+            "Soon",
+            "s1@x.test",
+            "",
+            "hi",
+        ),
+        1,
+    );
+    s.once();
+    s.once();
+    let entries = json(escalator(&[
+        "outbox",
+        "list",
+        "--json",
+        "--config",
+        s.cfg(),
+    ]));
+    assert_eq!(
+        entries[0]["state"], "pending",
+        "a 4xx is retried: {entries}"
+    );
+    assert!(
+        entries[0]["last_error"].as_str().unwrap().contains("4.7.1"),
+        "{entries}"
+    );
+    assert_eq!(entries[0]["attempts"], 2);
+    s.stack.recipient_access("");
+    s.once();
+    s.once();
+    s.stack.settle().await;
+    assert_eq!(
+        s.stack
+            .wait_for("alice", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1,
+        "delivered once after recovery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imap_restart_mid_fetch_loses_and_doubles_nothing() {
+    let s = Setup::new(
+        &["support", "alice"],
+        "[cases]\nauto_reply_limit = 100000\n",
+    );
+    let n = 3000;
+    for i in 0..n {
+        s.stack.deliver_maildir(
+            "support",
+            &mail(
+                "alice@example.test",
+                "support@example.test",
+                &format!("M{i}"),
+                &format!("m{i}@x.test"),
+                "",
+                &"z".repeat(3000),
+            ),
+            i,
+        );
+    }
+    assert_eq!(s.stack.fetch("support", "INBOX").await.len(), n);
+    let mut d = s.daemon();
+    // Cut the connection while the daemon is fetching.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = escalator(&["cases", "list", "--json", "--config", s.cfg()]);
+        if out.status.success()
+            && !serde_json::from_slice::<Value>(&out.stdout)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .is_empty()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon made no case");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.stack.restart_imap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let cases = json(escalator(&["cases", "list", "--json", "--config", s.cfg()]));
+        if cases.as_array().unwrap().len() >= n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ingestion did not resume");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    d.stop();
+    let cases = s.cases();
+    assert_eq!(cases.len(), n);
     assert!(cases.iter().all(|c| c["messages"] == 1));
 }

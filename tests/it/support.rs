@@ -282,6 +282,8 @@ service anvil {{
             .map(|u| format!("{u}@{DOMAIN} OK\n"))
             .collect();
         fs::write(pf.join("vmailbox"), vmailbox).unwrap();
+        fs::write(pf.join("access"), "").unwrap();
+        backdate(&pf.join("access"));
         let main = format!(
             r#"compatibility_level = 3.6
 queue_directory = {d}/spool
@@ -303,6 +305,7 @@ virtual_transport = lmtp:unix:{d}/run/lmtp
 default_transport = error:5.7.1 test stack does not relay
 relay_transport = error:5.7.1 test stack does not relay
 smtpd_relay_restrictions = reject_unauth_destination
+smtpd_recipient_restrictions = check_recipient_access texthash:{d}/postfix/access
 smtpd_reject_unlisted_recipient = yes
 smtputf8_enable = no
 smtpd_peername_lookup = no
@@ -374,6 +377,20 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             .arg("-c")
             .arg(self.dir.join("dovecot.conf")));
         self.wait_ready();
+    }
+
+    /// Sets Postfix's recipient access map (lines like
+    /// `alice@example.test 450 4.7.1 try later`) and reloads Postfix.
+    pub fn recipient_access(&self, map: &str) {
+        let p = self.dir.join("postfix/access");
+        fs::write(&p, map).unwrap();
+        backdate(&p);
+        run(Command::new("postfix")
+            .arg("-c")
+            .arg(self.dir.join("postfix"))
+            .arg("reload"));
+        // Let the old smtpd processes finish.
+        std::thread::sleep(Duration::from_millis(500));
     }
 
     /// Restarts Dovecot: every IMAP connection is cut.
@@ -724,29 +741,40 @@ impl Setup {
             .unwrap();
     }
 
+    /// Starts the daemon; its log goes to a file (a pipe nobody reads
+    /// would fill up and block it).
     pub fn daemon(&self) -> Daemon {
+        let log = self
+            .config
+            .with_extension(format!("{}.log", std::process::id()));
         let child = Command::new(env!("CARGO_BIN_EXE_escalator"))
             .args(["run", "--config", self.cfg()])
             .env("ESCALATOR_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Daemon(Some(child))
+        Daemon(Some(child), log)
     }
 }
 
 /// A running daemon, stopped (SIGTERM) when dropped.
-pub struct Daemon(Option<Child>);
+pub struct Daemon(Option<Child>, PathBuf);
 
 impl Daemon {
+    /// SIGTERM, wait; the exit status and the daemon's log (as stderr).
     pub fn stop(&mut self) -> std::process::Output {
-        let child = self.0.take().unwrap();
+        let mut child = self.0.take().unwrap();
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status();
-        child.wait_with_output().unwrap()
+        let status = child.wait().unwrap();
+        std::process::Output {
+            status,
+            stdout: Vec::new(),
+            stderr: fs::read(&self.1).unwrap_or_default(),
+        }
     }
 }
 
