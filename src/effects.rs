@@ -78,19 +78,8 @@ impl<'a> Effects<'a> {
                     return Ok(false);
                 }
                 let (subject, body) = policy::ack_text(case, eta, cfg, self.now);
-                let id = self.customer_mail(
-                    batch,
-                    case,
-                    MailKind::Ack,
-                    &subject,
-                    &body,
-                    Some("auto-replied"),
-                )?;
-                batch.put(
-                    Tree::AutoReplies,
-                    Store::auto_reply_key(&case.customer, self.now, id),
-                    Vec::new(),
-                );
+                let id =
+                    self.robot_mail(batch, case, MailKind::Ack, &subject, &body, "auto-replied")?;
                 let to = case.customer.clone();
                 case.push(
                     self.now,
@@ -121,19 +110,14 @@ impl<'a> Effects<'a> {
                     v["case_tag"],
                     v["support_name"]
                 );
-                let id = self.customer_mail(
+                let id = self.robot_mail(
                     batch,
                     case,
                     MailKind::Notice,
                     &subject,
                     &body,
-                    Some("auto-generated"),
+                    "auto-generated",
                 )?;
-                batch.put(
-                    Tree::AutoReplies,
-                    Store::auto_reply_key(&case.customer, self.now, id),
-                    Vec::new(),
-                );
                 self.queued_event(case, id, MailKind::Notice, &case.customer.clone());
             }
             Action::Survey => {
@@ -148,19 +132,14 @@ impl<'a> Effects<'a> {
                      If something is still open, just reply with what it is.\n\n{}\n",
                     v["customer_name"], case.id, v["subject"], v["support_name"]
                 );
-                let id = self.customer_mail(
+                let id = self.robot_mail(
                     batch,
                     case,
                     MailKind::Survey,
                     &subject,
                     &body,
-                    Some("auto-generated"),
+                    "auto-generated",
                 )?;
-                batch.put(
-                    Tree::AutoReplies,
-                    Store::auto_reply_key(&case.customer, self.now, id),
-                    Vec::new(),
-                );
                 case.push(self.now, EventKind::SurveySent { outbox_id: id });
             }
             Action::Relay { text, from } => {
@@ -288,6 +267,26 @@ impl<'a> Effects<'a> {
                 to: to.to_string(),
             },
         );
+    }
+
+    /// An automatic mail to the customer, counted against the
+    /// per-recipient limit (the caller checked `within_limit`).
+    fn robot_mail(
+        &mut self,
+        batch: &mut Batch,
+        case: &Case,
+        kind: MailKind,
+        subject: &str,
+        body: &str,
+        auto: &str,
+    ) -> Result<u64, StoreError> {
+        let id = self.customer_mail(batch, case, kind, subject, body, Some(auto))?;
+        batch.put(
+            Tree::AutoReplies,
+            Store::auto_reply_key(&case.customer, self.now, id),
+            Vec::new(),
+        );
+        Ok(id)
     }
 
     /// A mail to the customer, in the case's thread.

@@ -478,30 +478,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     /// All messages in a user's folder, read over IMAP (BODY.PEEK[]).
     pub async fn fetch(&self, user: &str, folder: &str) -> Vec<Vec<u8>> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.imap_port))
+        self.flags(user, folder)
             .await
-            .unwrap();
-        let mut client = async_imap::Client::new(tcp);
-        client.read_response().await.unwrap();
-        let mut s = client.login(user, user).await.map_err(|(e, _)| e).unwrap();
-        let mbox = s.select(folder).await.unwrap();
-        let mut out = Vec::new();
-        if mbox.exists > 0 {
-            let fetches: Vec<_> = s
-                .fetch("1:*", "BODY.PEEK[]")
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
-            for f in fetches {
-                if let Some(b) = f.body() {
-                    out.push(b.to_vec());
-                }
-            }
-        }
-        let _ = s.logout().await;
-        out
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect()
     }
 
     /// Every message of a folder with its flags, over IMAP.
