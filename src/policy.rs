@@ -83,11 +83,6 @@ pub fn tier_index(config: &Config, name: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// The tier a case is in.
-pub fn tier<'a>(config: &'a Config, name: &str) -> &'a TierConfig {
-    &config.tiers[tier_index(config, name)]
-}
-
 /// Opens a new case from its first message (at the first tier).
 pub fn open_case(id: u64, mail: &InboundMail, config: &Config, now: DateTime<Utc>) -> Case {
     let customer = mail
