@@ -16,14 +16,38 @@ use crate::store::StoreError;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
-    CasesList { json: bool },
-    CaseShow { id: u64, json: bool },
-    QuarantineList { json: bool },
-    QuarantineRetry { id: Option<u64> },
-    OutboxList { json: bool, all: bool },
-    OutboxRetry { id: u64 },
-    CaseEscalate { id: u64, reason: String },
-    CaseResolve { id: u64 },
+    CasesList {
+        json: bool,
+    },
+    CaseShow {
+        id: u64,
+        json: bool,
+    },
+    QuarantineList {
+        json: bool,
+    },
+    QuarantineRetry {
+        id: Option<u64>,
+    },
+    OutboxList {
+        json: bool,
+        all: bool,
+    },
+    OutboxRetry {
+        id: u64,
+    },
+    CaseEscalate {
+        id: u64,
+        reason: String,
+    },
+    CaseResolve {
+        id: u64,
+    },
+    /// KPIs of the cases opened in the last `since_secs` (None: all).
+    Stats {
+        since_secs: Option<u64>,
+        json: bool,
+    },
 }
 
 /// What to print and the exit code.
@@ -267,6 +291,18 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 ))),
             }
         }
+        Request::Stats {
+            since_secs,
+            json: as_json,
+        } => {
+            let now = ingestor.clock.now();
+            let report = stats_report(ingestor, since_secs, now)?;
+            Ok(Response::ok(if as_json {
+                json(&report) + "\n"
+            } else {
+                report.text()
+            }))
+        }
         Request::OutboxRetry { id } => match outbox::retry(store, id, ingestor.clock.now())? {
             None => Ok(Response::fail(format!("no outbox entry {id}\n"))),
             Some(e) if e.state == OutboxState::Pending => Ok(Response::ok(format!(
@@ -278,6 +314,32 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             ))),
         },
     }
+}
+
+/// KPIs over the cases opened in the last `since_secs` seconds.
+pub fn stats_report(
+    ingestor: &Ingestor,
+    since_secs: Option<u64>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<crate::stats::Report, StoreError> {
+    let store = &*ingestor.store;
+    let since = since_secs
+        .map(|s| now - chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)));
+    let tiers: Vec<String> = ingestor
+        .config
+        .tiers
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    let window: Vec<_> = store.facts_since(since).collect::<Result<_, _>>()?;
+    let open: Vec<_> = store.unresolved_facts().collect::<Result<_, _>>()?;
+    Ok(crate::stats::report(
+        window.into_iter(),
+        open.into_iter(),
+        &tiers,
+        since,
+        now,
+    ))
 }
 
 /// Applies a person's change to a case: policy, mails, store, in one

@@ -84,6 +84,10 @@ pub struct Case {
     /// The resolved case this one follows on from.
     #[serde(default)]
     pub previous_case: Option<CaseId>,
+    /// The customer had `repeat_customer.cases` cases within
+    /// `repeat_customer.within` when this one opened.
+    #[serde(default)]
+    pub repeat_customer: bool,
     pub history: Vec<Event>,
 }
 
@@ -283,6 +287,7 @@ impl Case {
             survey_sent: false,
             csat: None,
             previous_case: None,
+            repeat_customer: false,
             history: Vec::new(),
         }
     }
@@ -316,6 +321,7 @@ impl Case {
             "csat": self.csat,
             "breached": self.breached,
             "previous_case": self.previous_case,
+            "repeat_customer": self.repeat_customer,
             "resolved_at": self.resolved_at.map(rfc3339),
         })
     }

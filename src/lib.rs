@@ -38,6 +38,7 @@ pub mod message;
 pub mod outbox;
 pub mod policy;
 pub mod scheduler;
+pub mod stats;
 pub mod store;
 pub mod suppress;
 pub mod template;

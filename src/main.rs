@@ -62,6 +62,17 @@ enum Command {
         #[command(subcommand)]
         command: QuarantineCommand,
     },
+    /// KPIs: escalation rates, answer and resolution times, breaches,
+    /// satisfaction, open cases, per tier and overall.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only cases opened within this long ago ("7d", "24h").
+        #[arg(long, value_parser = parse_since)]
+        since: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Outgoing mail.
     Outbox {
         #[command(subcommand)]
@@ -173,6 +184,10 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+fn parse_since(text: &str) -> Result<std::time::Duration, String> {
+    escalator::config::parse_duration(text)
+}
+
 fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("{}", escalator::error_chain(&e)))
 }
@@ -212,6 +227,17 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             QuarantineCommand::List { config, json } => (config, Request::QuarantineList { json }),
             QuarantineCommand::Retry { id, config } => (config, Request::QuarantineRetry { id }),
         },
+        Command::Stats {
+            config,
+            since,
+            json,
+        } => (
+            config,
+            Request::Stats {
+                since_secs: since.map(|d| d.as_secs()),
+                json,
+            },
+        ),
         Command::Outbox { command } => match command {
             OutboxCommand::List { config, json, all } => {
                 (config, Request::OutboxList { json, all })

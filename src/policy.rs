@@ -243,7 +243,8 @@ pub fn on_new_case(
     start_wait(case, true, ctx.now, ctx);
     let mut actions = Vec::new();
     if let Some(r) = &ctx.config.repeat_customer {
-        if recent_cases >= r.cases as usize && r.tier > ctx.tier_index(&case.tier) {
+        case.repeat_customer = recent_cases >= r.cases as usize;
+        if case.repeat_customer && r.tier > ctx.tier_index(&case.tier) {
             let detail = format!(
                 "case {} of this customer within {}",
                 recent_cases,

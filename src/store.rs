@@ -13,9 +13,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::case::{Case, CaseId};
+use crate::case::{Case, CaseId, Status};
 use crate::message::{Addr, Attachment};
 use crate::outbox::{OutboxEntry, OutboxState};
+use crate::stats::Facts;
 use crate::thread::Lookup;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +78,15 @@ pub enum Tree {
     Customers,
     AutoReplies,
     Deadlines,
+    /// Ids of outbox entries still to send, so a drain never scans the
+    /// whole (mostly sent) outbox.
+    OutboxPending,
+    /// Compact per-case facts for KPIs, keyed by opening time, and the
+    /// set of unresolved cases: `stats` reads these, never whole cases.
+    Facts,
 }
 
-const TREES: [(Tree, &str); 11] = [
+const TREES: [(Tree, &str); 13] = [
     (Tree::Meta, "meta"),
     (Tree::Cases, "cases"),
     (Tree::Messages, "messages"),
@@ -91,7 +98,12 @@ const TREES: [(Tree, &str); 11] = [
     (Tree::Customers, "customers"),
     (Tree::AutoReplies, "auto_replies"),
     (Tree::Deadlines, "deadlines"),
+    (Tree::OutboxPending, "outbox_pending"),
+    (Tree::Facts, "facts"),
 ];
+
+/// sled's page cache; its default (1 GiB) would dwarf the daemon.
+const CACHE_BYTES: u64 = 32 << 20;
 
 /// Writes to apply atomically.
 #[derive(Debug, Default)]
@@ -187,16 +199,20 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        let db = sled::Config::new().path(path).open().map_err(|e| {
-            if is_lock_error(&e) {
-                StoreError::Locked(path.to_owned())
-            } else {
-                StoreError::Open {
-                    path: path.to_owned(),
-                    source: e,
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|e| {
+                if is_lock_error(&e) {
+                    StoreError::Locked(path.to_owned())
+                } else {
+                    StoreError::Open {
+                        path: path.to_owned(),
+                        source: e,
+                    }
                 }
-            }
-        })?;
+            })?;
         let mut trees = Vec::new();
         for (_, name) in TREES {
             trees.push(db.open_tree(name)?);
@@ -209,6 +225,7 @@ impl Store {
             key: [0; 32],
         };
         store.key = store.load_key()?;
+        store.build_indexes()?;
         Ok(store)
     }
 
@@ -296,27 +313,20 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let t = &self.trees;
-        let r = (
-            &t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &t[6], &t[7], &t[8], &t[9], &t[10],
-        )
-            .transaction(|tx| {
-                let txs = [
-                    &tx.0, &tx.1, &tx.2, &tx.3, &tx.4, &tx.5, &tx.6, &tx.7, &tx.8, &tx.9, &tx.10,
-                ];
-                for (tree, key, value) in &batch.ops {
-                    let i = TREES.iter().position(|(x, _)| x == tree).unwrap_or(0);
-                    match value {
-                        Some(v) => {
-                            txs[i].insert(key.as_slice(), v.as_slice())?;
-                        }
-                        None => {
-                            txs[i].remove(key.as_slice())?;
-                        }
+        let r = self.trees[..].transaction(|txs| {
+            for (tree, key, value) in &batch.ops {
+                let i = TREES.iter().position(|(x, _)| x == tree).unwrap_or(0);
+                match value {
+                    Some(v) => {
+                        txs[i].insert(key.as_slice(), v.as_slice())?;
+                    }
+                    None => {
+                        txs[i].remove(key.as_slice())?;
                     }
                 }
-                Ok::<(), ConflictableTransactionError<sled::Error>>(())
-            });
+            }
+            Ok::<(), ConflictableTransactionError<sled::Error>>(())
+        });
         match r {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(e)) | Err(TransactionError::Storage(e)) => Err(e.into()),
@@ -462,7 +472,95 @@ impl Store {
                 );
             }
         }
+        Self::case_ops(batch, case)
+    }
+
+    /// A case record and its facts: every case write goes through here.
+    fn case_ops(batch: &mut Batch, case: &Case) -> Result<()> {
+        let facts = Facts::of(case);
+        let value = serde_json::to_vec(&facts).map_err(StoreError::Encode)?;
+        batch.put(
+            Tree::Facts,
+            Self::facts_key(case.created_at, case.id),
+            value.clone(),
+        );
+        if case.status == Status::Resolved {
+            batch.remove(Tree::Facts, Self::unresolved_key(case.id));
+        } else {
+            batch.put(Tree::Facts, Self::unresolved_key(case.id), value);
+        }
         batch.put_json(Tree::Cases, id_key(case.id), case)
+    }
+
+    /// `c` ++ opening time ++ id: a window of cases is one range.
+    fn facts_key(at: DateTime<Utc>, case: CaseId) -> Vec<u8> {
+        let mut k = b"c".to_vec();
+        k.extend(Self::deadline_key(at, case));
+        k
+    }
+
+    /// `u` ++ id: present while the case is unresolved.
+    fn unresolved_key(case: CaseId) -> Vec<u8> {
+        let mut k = b"u".to_vec();
+        k.extend_from_slice(&id_key(case));
+        k
+    }
+
+    /// Facts of the cases opened at or after `since`, oldest first.
+    pub fn facts_since(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> impl Iterator<Item = Result<Facts>> + '_ {
+        let start = match since {
+            Some(t) => Self::facts_key(t, 0),
+            None => b"c".to_vec(),
+        };
+        self.tree(Tree::Facts)
+            .range(start..b"d".to_vec())
+            .map(decode_facts)
+    }
+
+    /// Facts of every unresolved case.
+    pub fn unresolved_facts(&self) -> impl Iterator<Item = Result<Facts>> + '_ {
+        self.tree(Tree::Facts).scan_prefix(b"u").map(decode_facts)
+    }
+
+    /// Adds an outbox entry's pending-index change to a batch.
+    pub fn outbox_index(batch: &mut Batch, entry: &OutboxEntry) {
+        let key = id_key(entry.id);
+        match entry.state {
+            OutboxState::Pending | OutboxState::Sending => {
+                batch.put(Tree::OutboxPending, key, Vec::new())
+            }
+            OutboxState::Sent | OutboxState::Failed => batch.remove(Tree::OutboxPending, key),
+        }
+    }
+
+    /// Builds the derived trees (facts, pending outbox) of a store
+    /// written before they existed. Runs once; cheap when done.
+    fn build_indexes(&self) -> Result<()> {
+        const VERSION: &[u8] = b"1";
+        let meta = self.tree(Tree::Meta);
+        if meta.get(b"indexes")?.as_deref() == Some(VERSION) {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for case in self.cases() {
+            Self::case_ops(&mut batch, &case?)?;
+            if batch.ops.len() > 3000 {
+                self.apply(&std::mem::take(&mut batch))?;
+            }
+        }
+        for entry in self.outbox() {
+            Self::outbox_index(&mut batch, &entry?);
+            if batch.ops.len() > 3000 {
+                self.apply(&std::mem::take(&mut batch))?;
+            }
+        }
+        batch.put(Tree::Meta, "indexes", VERSION.to_vec());
+        self.apply(&batch)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Cases whose timer is at or before `now`, earliest first.
@@ -521,21 +619,29 @@ impl Store {
     /// Entries waiting to be sent, oldest first.
     pub fn outbox_pending(&self) -> Result<Vec<OutboxEntry>> {
         let mut out = Vec::new();
-        for e in self.outbox() {
-            let e = e?;
-            if matches!(e.state, OutboxState::Pending | OutboxState::Sending) {
-                out.push(e);
+        for r in self.tree(Tree::OutboxPending).iter() {
+            let (k, _) = r?;
+            if let Some(e) = self.get_json::<OutboxEntry>(Tree::Outbox, &k)? {
+                if matches!(e.state, OutboxState::Pending | OutboxState::Sending) {
+                    out.push(e);
+                }
             }
         }
         Ok(out)
+    }
+
+    /// How many entries wait to be sent.
+    pub fn outbox_depth(&self) -> usize {
+        self.tree(Tree::OutboxPending).len()
     }
 
     /// Writes one outbox entry (and optionally its case) atomically.
     pub fn put_outbox(&self, entry: &OutboxEntry, case: Option<&Case>) -> Result<()> {
         let mut b = Batch::default();
         b.put_json(Tree::Outbox, id_key(entry.id), entry)?;
+        Self::outbox_index(&mut b, entry);
         if let Some(c) = case {
-            b.put_json(Tree::Cases, id_key(c.id), c)?;
+            Self::case_ops(&mut b, c)?;
         }
         self.apply(&b)
     }
@@ -611,6 +717,14 @@ impl Lookup for Store {
     fn case(&self, id: CaseId) -> Option<Case> {
         Store::case(self, id).ok().flatten()
     }
+}
+
+fn decode_facts(r: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Facts> {
+    let (k, v) = r?;
+    serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt {
+        key: format!("facts/{}", String::from_utf8_lossy(&k)),
+        source,
+    })
 }
 
 fn is_lock_error(e: &sled::Error) -> bool {

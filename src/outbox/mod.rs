@@ -76,6 +76,7 @@ impl OutboxEntry {
     /// Adds this entry and its bytes to a batch.
     pub fn write(&self, batch: &mut Batch, raw: Vec<u8>) -> Result<(), StoreError> {
         batch.put_json(Tree::Outbox, id_key(self.id), self)?;
+        Store::outbox_index(batch, self);
         batch.put(Tree::Raw, Self::raw_key(self.id), raw);
         Ok(())
     }

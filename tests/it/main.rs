@@ -7,5 +7,6 @@
 mod crash;
 mod escalation;
 mod gateway;
+mod operations;
 mod reliability;
 mod support;

@@ -1,0 +1,121 @@
+//! Operations (issue 5): KPIs, the review digest, metrics, config reload.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{escalator, mail, Setup};
+
+/// Frontline answers within 2 s, Tier 2 within an hour; "supervisor"
+/// escalates at once.
+fn tiers(extra: &str) -> String {
+    format!(
+        r#"
+[[tiers]]
+name = "Frontline"
+staff = ["agent@example.test"]
+first_response = "2s"
+follow_up = "2s"
+
+[[tiers]]
+name = "Tier 2"
+staff = ["tier2@example.test"]
+forward_to = ["tier2@example.test"]
+first_response = "1h"
+
+[[triggers]]
+phrases = ["supervisor"]
+escalate = true
+{extra}
+"#
+    )
+}
+
+fn stats(s: &Setup, args: &[&str]) -> Value {
+    let mut all = vec!["stats", "--json", "--config", s.cfg()];
+    all.extend_from_slice(args);
+    let out = escalator(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn customer_mail(user: &str, subject: &str, body: &str) -> Vec<u8> {
+    mail(
+        &format!("{user}@example.test"),
+        "support@example.test",
+        subject,
+        &format!("{subject}.{user}@example.test").replace(' ', "-"),
+        "",
+        body,
+    )
+}
+
+/// Three cases: one answered by staff and resolved, one that goes stale,
+/// one that asks for a supervisor.
+async fn three_cases(s: &Setup) {
+    s.send("ann", &customer_mail("ann", "Invoice", "Where is it?"));
+    s.send("bob", &customer_mail("bob", "Crash", "It crashes."));
+    s.send("cid", &customer_mail("cid", "Angry", "I want a supervisor now."));
+    s.stack.settle().await;
+    s.once();
+    let answer = mail(
+        "Support <support@example.test>",
+        "ann@example.test",
+        "Re: [Case #1] Invoice",
+        "ans1@example.test",
+        "In-Reply-To: <Invoice.ann@example.test>\r\n",
+        "Attached.",
+    );
+    s.stack
+        .deliver_maildir_folder("support", Some("Sent"), &answer, 1);
+    s.once();
+    let out = escalator(&["cases", "resolve", "1", "--config", s.cfg()]);
+    assert!(out.status.success());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.once();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_report_escalations_answers_and_open_cases_per_tier() {
+    let s = Setup::with_tiers(&["support", "ann", "bob", "cid", "tier2"], &tiers(""))
+        .with_mailbox("sent_folder = \"Sent\"");
+    three_cases(&s).await;
+    let r = stats(&s, &["--since", "1h"]);
+    let o = &r["overall"];
+    assert_eq!(o["cases"], 3);
+    assert_eq!(o["escalated"], 2);
+    assert_eq!(o["escalated_by_reason"]["stale"], 1);
+    assert_eq!(o["escalated_by_reason"]["trigger"], 1);
+    assert_eq!(o["escalated_by_reason"]["manual"], 0);
+    assert_eq!(o["escalation_rate"], 0.667);
+    assert_eq!(o["first_answer"]["count"], 1);
+    assert!(o["first_answer"]["median_secs"].as_i64().unwrap() < 60);
+    assert_eq!(o["resolve"]["count"], 1);
+    assert_eq!(o["breached"], 1, "bob's Frontline deadline passed");
+    assert_eq!(o["open"]["total"], 2);
+    assert_eq!(o["open"]["under_1h"], 2);
+    let tiers = r["tiers"].as_array().unwrap();
+    assert_eq!(tiers[0]["tier"], "Frontline");
+    assert_eq!(tiers[0]["cases"], 3);
+    assert_eq!(tiers[0]["escalated"], 2);
+    assert_eq!(tiers[0]["open"]["total"], 0);
+    assert_eq!(tiers[1]["tier"], "Tier 2");
+    assert_eq!(tiers[1]["cases"], 2);
+    assert_eq!(tiers[1]["open"]["total"], 2);
+    assert!(r["since"].is_string());
+
+    // The same figures come from a running daemon over its socket, and
+    // the text table names every tier.
+    let mut d = s.daemon();
+    let out = escalator(&["stats", "--config", s.cfg()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    d.stop();
+    assert!(out.status.success(), "{text}");
+    for want in ["overall", "Frontline", "Tier 2", "escalated", "2 (67%)", "open now"] {
+        assert!(text.contains(want), "stats lacks {want:?}:\n{text}");
+    }
+}
