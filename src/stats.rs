@@ -93,10 +93,8 @@ impl Facts {
                     cur.first_answer.get_or_insert(e.at);
                 }
                 EventKind::Breached { .. } => cur.deadline_missed = true,
-                EventKind::Priority { why, .. } => {
-                    if !triggers.contains(why) {
-                        triggers.push(why.clone());
-                    }
+                EventKind::Priority { why, .. } if !triggers.contains(why) => {
+                    triggers.push(why.clone());
                 }
                 _ => {}
             }
