@@ -327,6 +327,7 @@ pub fn stats_report(
         .map(|s| now - chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)));
     let tiers: Vec<String> = ingestor
         .config
+        .get()
         .tiers
         .iter()
         .map(|t| t.name.clone())
@@ -357,13 +358,14 @@ fn change_case(
         };
         let before = case.timer;
         let now = ingestor.clock.now();
+        let config = ingestor.config.get();
         let ctx = Ctx {
-            config: &ingestor.config,
+            config: &config,
             now,
         };
         let actions = f(&mut case, &ctx);
         let mut batch = Batch::default();
-        let mut effects = Effects::new(store, &ingestor.config, now)?;
+        let mut effects = Effects::new(store, &config, now)?;
         let queued = effects.apply(&mut batch, &mut case, actions)?;
         effects.finish(&mut batch);
         store.write_case(&mut batch, before, &case)?;

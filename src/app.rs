@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, Live};
 use crate::ingest::Ingestor;
 use crate::mailbox::Watcher;
 use crate::outbox::smtp::{Mailer, SmtpMailer};
@@ -27,6 +27,7 @@ const STORE_WAIT: Duration = Duration::from_secs(5);
 const EXIT_DEADLINE: Duration = Duration::from_secs(8);
 
 struct Parts {
+    live: Arc<Live>,
     store: Arc<Store>,
     watcher: Watcher,
     scheduler: Scheduler,
@@ -35,6 +36,7 @@ struct Parts {
 }
 
 fn parts(config: Config) -> anyhow::Result<Parts> {
+    let live = Live::new(config.clone());
     let config = Arc::new(config);
     let store = Arc::new(Store::open_waiting(&config.store.path, STORE_WAIT)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -43,7 +45,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
     let wake = Arc::new(Wakers::default());
     let ingestor = Arc::new(Ingestor {
         store: store.clone(),
-        config: config.clone(),
+        config: live.clone(),
         clock: clock.clone(),
         wake: wake.clone(),
     });
@@ -55,7 +57,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
         },
         scheduler: Scheduler {
             store: store.clone(),
-            config: config.clone(),
+            config: live.clone(),
             clock: clock.clone(),
             wake: wake.clone(),
         },
@@ -75,14 +77,64 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
             outbox.recover()?;
             outbox
         },
+        live,
         store,
         ingestor,
     })
 }
 
+/// Loads the config file again for SIGHUP. Tiers, timelines, calendar,
+/// triggers, templates and the rest of the policy apply from now on;
+/// mailbox, SMTP, store and metrics settings are read at start only.
+fn reload(live: &Live, wake: &Wakers) {
+    let old = live.get();
+    match Config::load(&old.source) {
+        Ok(new) => {
+            let fixed =
+                |c: &Config| format!("{:?}{:?}{:?}{:?}", c.mailbox, c.smtp, c.store, c.metrics);
+            if fixed(&new) != fixed(&old) {
+                tracing::warn!("[mailbox], [smtp], [store] and [metrics] changes take effect only after a restart");
+            }
+            live.set(new);
+            // Timers may be computed differently now; let the scheduler look.
+            wake.timers.notify_one();
+            tracing::info!(config = %old.source.display(), "config reloaded");
+        }
+        Err(e) => tracing::error!(
+            config = %old.source.display(),
+            error = %crate::error_chain(&e),
+            "config reload refused; the previous config stays in force"
+        ),
+    }
+}
+
+/// Reloads the config on every SIGHUP until cancelled.
+async fn reload_on_hangup(live: Arc<Live>, wake: Arc<Wakers>, cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; config reload is off");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                reload(&live, &wake);
+            }
+        }
+    }
+}
+
 /// Runs until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let Parts {
+        live,
         store,
         watcher,
         scheduler,
@@ -91,6 +143,11 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     } = parts(config)?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    tracker.spawn(reload_on_hangup(
+        live,
+        scheduler.wake.clone(),
+        cancel.clone(),
+    ));
     let pending = store.outbox_pending()?.len();
     tracing::info!(store = %store.path().display(), pending_mail = pending, "escalator started");
     // A store failure in the watcher stops the daemon: better a loud exit

@@ -15,6 +15,26 @@ use crate::calendar::{self, Calendar};
 
 use crate::template::{Template, TemplateKind};
 
+/// The config in force. A reload (SIGHUP) swaps it whole; each unit of
+/// work (a message, a timer) takes one snapshot, so it never sees half of
+/// an old config and half of a new one.
+#[derive(Debug)]
+pub struct Live(std::sync::RwLock<std::sync::Arc<Config>>);
+
+impl Live {
+    pub fn new(config: Config) -> std::sync::Arc<Live> {
+        std::sync::Arc::new(Live(std::sync::RwLock::new(std::sync::Arc::new(config))))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, config: Config) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(config);
+    }
+}
+
 /// Everything the daemon needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -31,6 +51,22 @@ pub struct Config {
     pub triggers: Vec<TriggerConfig>,
     pub resolution: ResolutionConfig,
     pub templates: Templates,
+    pub digest: Option<DigestConfig>,
+    pub metrics: MetricsConfig,
+}
+
+/// The periodic review digest of escalated cases.
+#[derive(Debug, Clone)]
+pub struct DigestConfig {
+    pub to: Vec<String>,
+    /// The period: one digest per period, covering it.
+    pub every: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where the Prometheus endpoint listens (None: off).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// How the connection to a server is protected.
@@ -287,6 +323,27 @@ struct RawConfig {
     resolution: RawResolution,
     #[serde(default)]
     templates: RawTemplates,
+    digest: Option<RawDigest>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDigest {
+    to: Vec<String>,
+    #[serde(default = "default_digest_every")]
+    every: String,
+}
+
+fn default_digest_every() -> String {
+    "7d".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1003,6 +1060,35 @@ impl Validator<'_> {
                 }
             }
         };
+        let digest = match raw.digest {
+            None => None,
+            Some(d) => {
+                let to = self.addresses("digest.to", &d.to, false);
+                if d.to.is_empty() {
+                    self.problem("digest.to", "give at least one address");
+                }
+                let every = self.duration("digest.every", &d.every);
+                if every < Duration::from_secs(60) && !every.is_zero() {
+                    self.problem("digest.every", "must be at least 1m");
+                }
+                Some(DigestConfig { to, every })
+            }
+        };
+        let metrics = MetricsConfig {
+            listen: match raw.metrics.listen.as_deref() {
+                None | Some("") => None,
+                Some(text) => match text.parse::<std::net::SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.problem(
+                            "metrics.listen",
+                            format!("{text:?} is not an address:port such as \"127.0.0.1:9187\""),
+                        );
+                        None
+                    }
+                },
+            },
+        };
         let mut triggers = Vec::new();
         for (i, t) in raw.triggers.into_iter().enumerate() {
             let key = format!("triggers[{i}]");
@@ -1116,6 +1202,8 @@ impl Validator<'_> {
             triggers,
             resolution,
             templates: Templates { ack },
+            digest,
+            metrics,
         })
     }
 }

@@ -58,7 +58,7 @@ pub enum Outcome {
 
 pub struct Ingestor {
     pub store: Arc<Store>,
-    pub config: Arc<Config>,
+    pub config: Arc<crate::config::Live>,
     pub clock: Arc<dyn Clock>,
     /// Wakes the outbox and the scheduler after admin changes.
     pub wake: Arc<crate::scheduler::Wakers>,
@@ -95,7 +95,7 @@ impl Ingestor {
         // A message takes about three times its size in the store (raw,
         // parsed text, log overhead).
         self.store
-            .ensure_space(self.config.store.min_free, raw.len() as u64 * 3)?;
+            .ensure_space(self.config.get().store.min_free, raw.len() as u64 * 3)?;
         let now = self.clock.now();
         let planned = catch_unwind(AssertUnwindSafe(|| self.plan(src, raw, truncated, now)));
         let mut plan = match planned {
@@ -164,7 +164,8 @@ impl Ingestor {
         now: DateTime<Utc>,
     ) -> Result<Plan, StoreError> {
         let store = &*self.store;
-        let config = &*self.config;
+        let snapshot = self.config.get();
+        let config = &*snapshot;
         #[cfg(test)]
         tests::maybe_panic();
         let mail = message::parse(raw);
@@ -321,7 +322,8 @@ impl Ingestor {
     /// Is this the confirmation copy of a mail we sent? If so, settles
     /// its outbox entry (it reached the server) and returns the entry.
     fn own_copy(&self, mail: &InboundMail) -> Result<Option<u64>, StoreError> {
-        let config = &*self.config;
+        let snapshot = self.config.get();
+        let config = &*snapshot;
         let ours = mail
             .from
             .as_ref()
@@ -352,7 +354,8 @@ impl Ingestor {
     /// The customer's cases within the repeat-customer window, this one
     /// included.
     fn recent_cases(&self, case: &Case, now: DateTime<Utc>) -> Result<usize, StoreError> {
-        let Some(r) = &self.config.repeat_customer else {
+        let config = self.config.get();
+        let Some(r) = &config.repeat_customer else {
             return Ok(1);
         };
         if case.customer.is_empty() {
@@ -509,7 +512,7 @@ first_response = "4h"
         (
             Ingestor {
                 store,
-                config: Arc::new(config),
+                config: crate::config::Live::new(config),
                 clock: clock.clone(),
                 wake: Default::default(),
             },

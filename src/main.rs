@@ -262,7 +262,7 @@ async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
         Ok(store) => {
             let ingestor = Ingestor {
                 store: Arc::new(store),
-                config: Arc::new(cfg),
+                config: escalator::config::Live::new(cfg),
                 clock: Arc::new(SystemClock),
                 wake: Default::default(),
             };

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::case::CaseId;
 use crate::clock::Clock;
-use crate::config::Config;
 use crate::effects::Effects;
 use crate::policy::{self, Ctx};
 use crate::store::{Batch, Store, StoreError};
@@ -37,7 +36,7 @@ impl Wakers {
 
 pub struct Scheduler {
     pub store: Arc<Store>,
-    pub config: Arc<Config>,
+    pub config: Arc<crate::config::Live>,
     pub clock: Arc<dyn Clock>,
     pub wake: Arc<Wakers>,
 }
@@ -84,13 +83,14 @@ impl Scheduler {
             self.store.drop_stale_timers(id, now)?;
             return Ok(());
         }
+        let config = self.config.get();
         let ctx = Ctx {
-            config: &self.config,
+            config: &config,
             now,
         };
         let actions = policy::on_timer(&mut case, &ctx);
         tracing::info!(kind = ?before.map(|t| t.kind), actions = actions.len(), "timer fired");
-        let mut effects = Effects::new(&self.store, &self.config, now)?;
+        let mut effects = Effects::new(&self.store, &config, now)?;
         effects.apply(&mut batch, &mut case, actions)?;
         effects.finish(&mut batch);
         self.store.write_case(&mut batch, before, &case)?;

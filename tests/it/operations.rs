@@ -59,7 +59,10 @@ fn customer_mail(user: &str, subject: &str, body: &str) -> Vec<u8> {
 async fn three_cases(s: &Setup) {
     s.send("ann", &customer_mail("ann", "Invoice", "Where is it?"));
     s.send("bob", &customer_mail("bob", "Crash", "It crashes."));
-    s.send("cid", &customer_mail("cid", "Angry", "I want a supervisor now."));
+    s.send(
+        "cid",
+        &customer_mail("cid", "Angry", "I want a supervisor now."),
+    );
     s.stack.settle().await;
     s.once();
     let answer = mail(
@@ -115,7 +118,72 @@ async fn stats_report_escalations_answers_and_open_cases_per_tier() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     d.stop();
     assert!(out.status.success(), "{text}");
-    for want in ["overall", "Frontline", "Tier 2", "escalated", "2 (67%)", "open now"] {
+    for want in [
+        "overall",
+        "Frontline",
+        "Tier 2",
+        "escalated",
+        "2 (67%)",
+        "open now",
+    ] {
         assert!(text.contains(want), "stats lacks {want:?}:\n{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_wrong() {
+    let s = Setup::with_tiers(
+        &["support", "ann", "bob", "cid", "tier2"],
+        &tiers("").replace("\"2s\"", "\"4h\""),
+    );
+    let d = s.daemon();
+    s.send("ann", &customer_mail("ann", "First", "hello"));
+    s.stack.wait_for("ann", 1, Duration::from_secs(20)).await;
+
+    // Frontline now answers within 2 s: deadlines computed from now on.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, text.replace("\"4h\"", "\"2s\"")).unwrap();
+    d.signal("HUP");
+    let log = d
+        .wait_log("config reloaded", 1, Duration::from_secs(10))
+        .await;
+    assert!(log.contains("config reloaded"), "{log}");
+    s.send("bob", &customer_mail("bob", "Second", "hello"));
+    let fwd = s.stack.wait_for("tier2", 1, Duration::from_secs(30)).await;
+    assert_eq!(fwd.len(), 1, "bob's case went stale under the new timeline");
+
+    // A typo is refused, named, and the daemon goes on with the last good config.
+    let good = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        good.replacen("first_response", "first_respons", 1),
+    )
+    .unwrap();
+    d.signal("HUP");
+    let log = d
+        .wait_log("config reload refused", 1, Duration::from_secs(10))
+        .await;
+    assert!(log.contains("config reload refused"), "{log}");
+    assert!(
+        log.contains("first_respons"),
+        "the error names the key:\n{log}"
+    );
+    s.send("cid", &customer_mail("cid", "Third", "hello"));
+    let fwd = s.stack.wait_for("tier2", 2, Duration::from_secs(30)).await;
+    assert_eq!(
+        fwd.len(),
+        2,
+        "cid's case used the 2 s timeline still in force"
+    );
+    let mut d = d;
+    let out = d.stop();
+    assert!(out.status.success());
+    std::fs::write(&s.config, good).unwrap();
+    let cases = s.cases();
+    let tiers: Vec<&str> = cases.iter().map(|c| c["tier"].as_str().unwrap()).collect();
+    assert_eq!(
+        tiers,
+        vec!["Frontline", "Tier 2", "Tier 2"],
+        "ann's deadline was kept"
+    );
 }

@@ -743,6 +743,35 @@ impl Setup {
 pub struct Daemon(Option<Child>, PathBuf);
 
 impl Daemon {
+    /// Sends a signal ("HUP", "TERM"...) to the daemon.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.0.as_ref().unwrap().id();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
+    /// Waits until the log shows `needle` `n` times; returns the log.
+    pub async fn wait_log(&self, needle: &str, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n || Instant::now() > deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGTERM, wait; the exit status and the daemon's log (as stderr).
     pub fn stop(&mut self) -> std::process::Output {
         let mut child = self.0.take().unwrap();
