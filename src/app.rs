@@ -144,7 +144,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(reload_on_hangup(
-        live,
+        live.clone(),
         scheduler.wake.clone(),
         cancel.clone(),
     ));
@@ -167,6 +167,12 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     }
     tracker.spawn(scheduler.run(cancel.clone()));
     tracker.spawn(outbox.run(cancel.clone()));
+    if let Some(listen) = live.get().metrics.listen {
+        let server = crate::metrics::serve(listen, store.clone(), cancel.clone())
+            .await
+            .with_context(|| format!("metrics.listen: cannot listen on {listen}"))?;
+        tracker.spawn(server);
+    }
     let control = crate::control::serve(ingestor, cancel.clone())?;
     tracker.spawn(control);
     tracker.close();

@@ -89,6 +89,10 @@ pub struct Case {
     #[serde(default)]
     pub repeat_customer: bool,
     pub history: Vec<Event>,
+    /// How many events the stored record had when read: those after it
+    /// are new, and are counted in metrics once the write commits.
+    #[serde(skip)]
+    pub stored_events: usize,
 }
 
 /// A case's next timer.
@@ -289,6 +293,7 @@ impl Case {
             previous_case: None,
             repeat_customer: false,
             history: Vec::new(),
+            stored_events: 0,
         }
     }
 

@@ -35,6 +35,7 @@ pub mod fuzzing;
 pub mod ingest;
 pub mod mailbox;
 pub mod message;
+pub mod metrics;
 pub mod outbox;
 pub mod policy;
 pub mod scheduler;

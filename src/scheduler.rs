@@ -47,6 +47,7 @@ const BATCH: usize = 256;
 impl Scheduler {
     /// Fires every timer that is due; returns how many.
     pub fn pass(&self) -> Result<usize, StoreError> {
+        crate::metrics::inc(&crate::metrics::METRICS.scheduler_wakeups);
         let mut fired = 0;
         loop {
             let now = self.clock.now();
@@ -63,6 +64,9 @@ impl Scheduler {
             }
         }
         if fired > 0 {
+            crate::metrics::METRICS
+                .timers_fired
+                .fetch_add(fired as u64, std::sync::atomic::Ordering::Relaxed);
             self.store.flush()?;
             self.wake.outbox.notify_one();
         }

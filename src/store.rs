@@ -109,6 +109,8 @@ const CACHE_BYTES: u64 = 32 << 20;
 #[derive(Debug, Default)]
 pub struct Batch {
     ops: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
+    /// Case events this batch records, counted in metrics on commit.
+    events: Vec<crate::case::Event>,
 }
 
 impl Batch {
@@ -328,7 +330,10 @@ impl Store {
             Ok::<(), ConflictableTransactionError<sled::Error>>(())
         });
         match r {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                crate::metrics::committed(&batch.events);
+                Ok(())
+            }
             Err(TransactionError::Abort(e)) | Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
@@ -368,7 +373,11 @@ impl Store {
     // ----------------------------------------------------------- cases
 
     pub fn case(&self, id: CaseId) -> Result<Option<Case>> {
-        self.get_json(Tree::Cases, &id_key(id))
+        let mut c: Option<Case> = self.get_json(Tree::Cases, &id_key(id))?;
+        if let Some(c) = c.as_mut() {
+            c.stored_events = c.history.len();
+        }
+        Ok(c)
     }
 
     pub fn cases(&self) -> impl Iterator<Item = Result<Case>> + '_ {
@@ -472,6 +481,8 @@ impl Store {
                 );
             }
         }
+        let new = case.history.get(case.stored_events..).unwrap_or_default();
+        batch.events.extend(new.iter().cloned());
         Self::case_ops(batch, case)
     }
 
@@ -482,12 +493,16 @@ impl Store {
         batch.put(
             Tree::Facts,
             Self::facts_key(case.created_at, case.id),
-            value.clone(),
+            value,
         );
         if case.status == Status::Resolved {
             batch.remove(Tree::Facts, Self::unresolved_key(case.id));
         } else {
-            batch.put(Tree::Facts, Self::unresolved_key(case.id), value);
+            // Opening time and tier: enough to count open cases by tier
+            // and age without decoding anything, and to find the facts.
+            let mut v = case.created_at.timestamp_millis().to_be_bytes().to_vec();
+            v.extend_from_slice(case.tier.as_bytes());
+            batch.put(Tree::Facts, Self::unresolved_key(case.id), v);
         }
         batch.put_json(Tree::Cases, id_key(case.id), case)
     }
@@ -522,7 +537,31 @@ impl Store {
 
     /// Facts of every unresolved case.
     pub fn unresolved_facts(&self) -> impl Iterator<Item = Result<Facts>> + '_ {
-        self.tree(Tree::Facts).scan_prefix(b"u").map(decode_facts)
+        let tree = self.tree(Tree::Facts);
+        tree.scan_prefix(b"u").filter_map(move |r| {
+            let (k, v) = match r {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let (at, id) = unresolved_entry(&k, &v)?;
+            let key = Self::facts_key(at, id);
+            match tree.get(&key) {
+                Ok(Some(f)) => Some(decode_facts(Ok((key.into(), f)))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e.into())),
+            }
+        })
+    }
+
+    /// Unresolved cases by the tier holding them.
+    pub fn open_cases_by_tier(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let mut out = std::collections::BTreeMap::new();
+        for r in self.tree(Tree::Facts).scan_prefix(b"u") {
+            let (_, v) = r?;
+            let tier = String::from_utf8_lossy(v.get(8..).unwrap_or_default()).into_owned();
+            *out.entry(tier).or_default() += 1;
+        }
+        Ok(out)
     }
 
     /// Adds an outbox entry's pending-index change to a batch.
@@ -539,7 +578,7 @@ impl Store {
     /// Builds the derived trees (facts, pending outbox) of a store
     /// written before they existed. Runs once; cheap when done.
     fn build_indexes(&self) -> Result<()> {
-        const VERSION: &[u8] = b"1";
+        const VERSION: &[u8] = b"2";
         let meta = self.tree(Tree::Meta);
         if meta.get(b"indexes")?.as_deref() == Some(VERSION) {
             return Ok(());
@@ -717,6 +756,13 @@ impl Lookup for Store {
     fn case(&self, id: CaseId) -> Option<Case> {
         Store::case(self, id).ok().flatten()
     }
+}
+
+/// An unresolved-index entry: the case's opening time and id.
+fn unresolved_entry(k: &[u8], v: &[u8]) -> Option<(DateTime<Utc>, CaseId)> {
+    let id = u64::from_be_bytes(<[u8; 8]>::try_from(k.get(1..9)?).ok()?);
+    let ms = i64::from_be_bytes(<[u8; 8]>::try_from(v.get(..8)?).ok()?);
+    Some((DateTime::from_timestamp_millis(ms)?, id))
 }
 
 fn decode_facts(r: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Facts> {

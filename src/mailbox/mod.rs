@@ -72,6 +72,7 @@ impl Watcher {
                 Err(WatchError::Store(e)) => return Err(e),
                 Err(e) => {
                     failures += 1;
+                    crate::metrics::inc(&crate::metrics::METRICS.imap_errors);
                     let auth = matches!(&e, WatchError::Imap(i) if i.is_auth());
                     // Wrong credentials won't fix themselves quickly: wait
                     // longer, so the server's lockout is not provoked.
@@ -230,6 +231,9 @@ impl Watcher {
             if cancel.is_cancelled() {
                 break;
             }
+            // When these messages were first seen: the start of the
+            // ingest latency metric.
+            let seen = std::time::Instant::now();
             let sizes = self.sizes(s, chunk).await?;
             let max = self.config.mailbox.max_message_size;
             let mut group: Vec<u32> = Vec::new();
@@ -277,16 +281,29 @@ impl Watcher {
                     uid,
                     sent,
                 };
-                match self.ingestor.ingest(Some(&src), &raw, truncated)? {
+                let outcome = self.ingestor.ingest(Some(&src), &raw, truncated)?;
+                let m = &crate::metrics::METRICS;
+                let label = match outcome {
                     Outcome::Stored { new, .. } => {
                         report.stored += 1;
                         report.new_cases += new as usize;
+                        m.ingest_latency.observe(seen.elapsed());
+                        "stored"
                     }
-                    Outcome::Duplicate | Outcome::AlreadyDone | Outcome::Confirmed { .. } => {
-                        report.duplicates += 1
+                    Outcome::Confirmed { .. } => {
+                        report.duplicates += 1;
+                        "own_copy"
                     }
-                    Outcome::Quarantined { .. } => report.quarantined += 1,
-                }
+                    Outcome::Duplicate | Outcome::AlreadyDone => {
+                        report.duplicates += 1;
+                        "duplicate"
+                    }
+                    Outcome::Quarantined { .. } => {
+                        report.quarantined += 1;
+                        "quarantined"
+                    }
+                };
+                m.ingested.inc(&[("outcome", label)]);
             }
             store.flush_async().await?;
             self.wake.both();

@@ -228,6 +228,24 @@ impl Outbox {
         }
         let result = self.mailer.send(&entry.from, &rcpt, &raw).await;
         let now = self.clock.now();
+        let m = &crate::metrics::METRICS;
+        match &result {
+            Ok(()) => {
+                m.mail_sent.inc(&[("kind", &entry.kind)]);
+                if entry.kind == "ack" {
+                    m.ack_latency
+                        .observe((now - entry.created_at).to_std().unwrap_or_default());
+                }
+            }
+            Err(e) => {
+                crate::metrics::inc(&m.smtp_errors);
+                let class = match e {
+                    SmtpError::Transient(_) => "transient",
+                    _ => "permanent",
+                };
+                m.mail_failures.inc(&[("kind", class)]);
+            }
+        }
         match result {
             Ok(()) => {
                 if let Err(e) = self.journal.record(entry.id) {

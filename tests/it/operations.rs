@@ -187,3 +187,69 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_wro
         "ann's deadline was kept"
     );
 }
+
+/// GET /metrics: the body.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// The value of one sample line, by its full name with labels.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_endpoint_counts_ingest_escalations_mail_and_latency() {
+    let port = crate::support::free_port();
+    let s = Setup::with_tiers(
+        &["support", "ann", "tier2"],
+        &(tiers("").replace("\"2s\"", "\"4h\"")
+            + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n")),
+    );
+    let mut d = s.daemon();
+    s.send(
+        "ann",
+        &customer_mail("ann", "Urgent", "Get me a supervisor."),
+    );
+    s.stack.wait_for("ann", 1, Duration::from_secs(20)).await;
+    s.stack.wait_for("tier2", 1, Duration::from_secs(20)).await;
+    let mut text = String::new();
+    // The sent mail is counted just after the server's answer.
+    for _ in 0..50 {
+        text = scrape(port).await;
+        if sample(&text, "escalator_mail_sent_total{kind=\"forward\"}") == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, want) in [
+        ("escalator_messages_ingested_total{outcome=\"stored\"}", 1.0),
+        ("escalator_cases_opened_total", 1.0),
+        (
+            "escalator_escalations_total{reason=\"trigger\",tier=\"Tier 2\"}",
+            1.0,
+        ),
+        ("escalator_mail_sent_total{kind=\"ack\"}", 1.0),
+        ("escalator_mail_sent_total{kind=\"forward\"}", 1.0),
+        ("escalator_open_cases{tier=\"Tier 2\"}", 1.0),
+        ("escalator_outbox_depth", 0.0),
+        ("escalator_ingest_latency_seconds_count", 1.0),
+        ("escalator_ack_latency_seconds_count", 1.0),
+        ("escalator_smtp_errors_total", 0.0),
+    ] {
+        assert_eq!(sample(&text, name), Some(want), "{name} in:\n{text}");
+    }
+    let out = d.stop();
+    assert!(out.status.success());
+}
