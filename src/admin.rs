@@ -48,6 +48,8 @@ pub enum Request {
         since_secs: Option<u64>,
         json: bool,
     },
+    /// The review digest of the last `digest.every`, up to now.
+    Digest,
 }
 
 /// What to print and the exit code.
@@ -302,6 +304,20 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             } else {
                 report.text()
             }))
+        }
+        Request::Digest => {
+            let config = ingestor.config.get();
+            let d = config
+                .digest
+                .clone()
+                .unwrap_or(crate::config::DigestConfig {
+                    to: Vec::new(),
+                    every: std::time::Duration::from_secs(7 * 86_400),
+                });
+            let now = ingestor.clock.now();
+            let start = now - chrono::Duration::from_std(d.every).unwrap_or_default();
+            let text = crate::digest::text(store, &config, &d, start, now, now)?;
+            Ok(Response::ok(text))
         }
         Request::OutboxRetry { id } => match outbox::retry(store, id, ingestor.clock.now())? {
             None => Ok(Response::fail(format!("no outbox entry {id}\n"))),

@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::case::{rfc3339, Case, EventKind, Reason};
+use crate::case::{rfc3339, Case, CaseId, EventKind, Reason};
 use crate::config::Config;
 use crate::outbox::compose::{self, Envelope};
 use crate::outbox::{OutboxEntry, OutboxState};
@@ -310,7 +310,7 @@ impl<'a> Effects<'a> {
         };
         self.queue(
             batch,
-            case,
+            case.id,
             kind,
             vec![case.customer.clone()],
             case.customer_name.as_deref(),
@@ -338,7 +338,7 @@ impl<'a> Effects<'a> {
         let support = self.config.smtp.from.clone();
         let id = self.queue(
             batch,
-            case,
+            case.id,
             kind,
             to.to_vec(),
             None,
@@ -358,7 +358,7 @@ impl<'a> Effects<'a> {
     fn queue(
         &mut self,
         batch: &mut Batch,
-        case: &Case,
+        case_id: CaseId,
         kind: MailKind,
         to: Vec<String>,
         to_name: Option<&str>,
@@ -373,7 +373,7 @@ impl<'a> Effects<'a> {
         let cfg = self.config;
         let id = self.next_id();
         let message_id = OwnId {
-            case: case.id,
+            case: case_id,
             kind,
             seq: id,
         }
@@ -393,7 +393,7 @@ impl<'a> Effects<'a> {
                 reply_to,
                 attachments,
                 instance: &cfg.cases.instance,
-                case_id: case.id,
+                case_id: case_id,
                 date: self.now,
             },
             body,
@@ -401,7 +401,7 @@ impl<'a> Effects<'a> {
         .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         let entry = OutboxEntry {
             id,
-            case: case.id,
+            case: case_id,
             kind: kind.as_str().into(),
             message_id: message_id.clone(),
             from: cfg.smtp.from.clone(),
@@ -420,12 +420,36 @@ impl<'a> Effects<'a> {
             Tree::MessageIds,
             Store::message_id_key(&message_id, "out"),
             {
-                let mut v = id_key(case.id).to_vec();
+                let mut v = id_key(case_id).to_vec();
                 v.extend_from_slice(&id_key(id));
                 v
             },
         );
         Ok(id)
+    }
+
+    /// The review digest to `to` (no case; not threaded to anything).
+    pub fn digest(
+        &mut self,
+        batch: &mut Batch,
+        to: Vec<String>,
+        subject: &str,
+        body: &str,
+    ) -> Result<u64, StoreError> {
+        self.queue(
+            batch,
+            0,
+            MailKind::Digest,
+            to,
+            None,
+            subject,
+            body,
+            None,
+            Vec::new(),
+            Some("auto-generated"),
+            None,
+            Vec::new(),
+        )
     }
 
     /// The plain-text head of staff mail: who, how long, why, by when.

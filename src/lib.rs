@@ -29,6 +29,7 @@ pub mod case;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod digest;
 pub mod effects;
 pub mod fault;
 pub mod fuzzing;

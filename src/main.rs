@@ -73,6 +73,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The review digest: the last `digest.every` (default 7d) up to now.
+    Digest {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print it (the only mode: the daemon mails it each period).
+        #[arg(long)]
+        print: bool,
+    },
     /// Outgoing mail.
     Outbox {
         #[command(subcommand)]
@@ -238,6 +246,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 json,
             },
         ),
+        Command::Digest { config, print: _ } => (config, Request::Digest),
         Command::Outbox { command } => match command {
             OutboxCommand::List { config, json, all } => {
                 (config, Request::OutboxList { json, all })

@@ -63,6 +63,10 @@ impl Scheduler {
                 break;
             }
         }
+        let config = self.config.get();
+        if crate::digest::maybe_queue(&self.store, &config, self.clock.now())?.is_some() {
+            self.wake.outbox.notify_one();
+        }
         if fired > 0 {
             crate::metrics::METRICS
                 .timers_fired
@@ -111,7 +115,17 @@ impl Scheduler {
                     _ = tokio::time::sleep(Duration::from_secs(10)) => continue,
                 }
             }
-            let wait = match self.store.next_timer() {
+            let digest = self
+                .config
+                .get()
+                .digest
+                .as_ref()
+                .map(|d| crate::digest::next_due(self.clock.now(), d.every));
+            let next = match self.store.next_timer() {
+                Ok(t) => Ok(t.into_iter().chain(digest).min()),
+                Err(e) => Err(e),
+            };
+            let wait = match next {
                 Ok(Some(at)) => (at - self.clock.now())
                     .to_std()
                     .unwrap_or(Duration::ZERO)

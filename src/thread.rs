@@ -72,9 +72,11 @@ pub enum MailKind {
     Warn,
     Renotify,
     Survey,
+    /// The periodic review digest to managers (case 0: no case).
+    Digest,
 }
 
-const KINDS: [(MailKind, char, &str); 7] = [
+const KINDS: [(MailKind, char, &str); 8] = [
     (MailKind::Ack, 'a', "ack"),
     (MailKind::Notice, 'n', "notice"),
     (MailKind::Forward, 'f', "forward"),
@@ -82,6 +84,7 @@ const KINDS: [(MailKind, char, &str); 7] = [
     (MailKind::Warn, 'w', "warning"),
     (MailKind::Renotify, 'b', "breach"),
     (MailKind::Survey, 's', "survey"),
+    (MailKind::Digest, 'd', "digest"),
 ];
 
 impl MailKind {

@@ -253,3 +253,60 @@ async fn metrics_endpoint_counts_ingest_escalations_mail_and_latency() {
     let out = d.stop();
     assert!(out.status.success());
 }
+
+/// Sleeps until `secs` seconds past the next full minute.
+async fn until_next_minute(secs: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into = now.as_millis() as u64 % 60_000;
+    tokio::time::sleep(Duration::from_millis(60_000 - into + secs * 1000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_review_digest_goes_out_once_per_period_with_the_escalations() {
+    let s = Setup::with_tiers(
+        &["support", "ann", "bob", "boss", "tier2"],
+        &(tiers("").replace("\"2s\"", "\"4h\"")
+            + "\n[digest]\nto = [\"boss@example.test\"]\nevery = \"1m\"\n"),
+    );
+    let into_minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if into_minute > 40 {
+        until_next_minute(1).await;
+    }
+    s.send("ann", &customer_mail("ann", "Angry", "I want a supervisor."));
+    s.send("bob", &customer_mail("bob", "Calm", "A question."));
+    s.stack.settle().await;
+    s.once();
+    let out = escalator(&["digest", "--print", "--config", s.cfg()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Escalations in the period (1)"), "{text}");
+    assert!(text.contains("phrase \"supervisor\""), "{text}");
+
+    // The first digest covers the first full period after start-up.
+    until_next_minute(1).await;
+    s.once();
+    let got = s.stack.wait_for("boss", 1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1);
+    let body = escalator::message::parse(&got[0]).text;
+    assert!(
+        crate::support::header(&got[0], "Subject")
+            .unwrap()
+            .starts_with("Escalation review"),
+    );
+    assert!(body.contains("ann@example.test"), "{body}");
+    assert!(body.contains("trigger"), "{body}");
+    assert!(body.contains("cases"), "the KPI table:\n{body}");
+    // Again in the same period, and a daemon restart: nothing more.
+    s.once();
+    let mut d = s.daemon();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.stop();
+    s.stack.settle().await;
+    assert_eq!(s.stack.fetch("boss", "INBOX").await.len(), 1);
+}

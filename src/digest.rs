@@ -1,0 +1,305 @@
+//! The review digest: support teams are told to review escalated cases
+//! regularly to find patterns. Once per `digest.every` (periods aligned to
+//! Monday 00:00 UTC, 5 January 1970, in multiples of `every`), one
+//! plain-text mail to `digest.to` with the period's KPIs, its escalated
+//! cases, the frequent triggers and repeat customers, and the unresolved
+//! cases that missed a deadline.
+//!
+//! Sent once per period across restarts: the end of the last period sent
+//! is stored in the same transaction as the digest's outbox entry.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, DigestConfig};
+use crate::effects::Effects;
+use crate::stats::{self, short_duration, Facts};
+use crate::store::{Batch, Store, StoreError, Tree};
+
+/// Monday 1970-01-05 00:00 UTC.
+const ANCHOR_SECS: i64 = 4 * 86_400;
+
+const MARKER: &str = "digest_sent_until";
+
+/// The latest complete period at `now`: [start, end).
+pub fn last_period(now: DateTime<Utc>, every: Duration) -> (DateTime<Utc>, DateTime<Utc>) {
+    let every = every.as_secs().max(60) as i64;
+    let k = (now.timestamp() - ANCHOR_SECS).div_euclid(every);
+    let end = ANCHOR_SECS + k * every;
+    let at = |s: i64| DateTime::from_timestamp(s, 0).unwrap_or(now);
+    (at(end - every), at(end))
+}
+
+/// When the current period ends (the next digest is due).
+pub fn next_due(now: DateTime<Utc>, every: Duration) -> DateTime<Utc> {
+    let (_, end) = last_period(now, every);
+    end + chrono::Duration::seconds(every.as_secs().max(60) as i64)
+}
+
+/// Queues the digest of the last complete period unless it went out
+/// already; returns its outbox id. Run by the scheduler.
+pub fn maybe_queue(
+    store: &Store,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Result<Option<u64>, StoreError> {
+    let Some(d) = &config.digest else {
+        return Ok(None);
+    };
+    let (start, end) = last_period(now, d.every);
+    let _w = store.lock();
+    let sent_until = store
+        .tree(Tree::Meta)
+        .get(MARKER)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(i64::from_be_bytes);
+    let mut batch = Batch::default();
+    batch.put(Tree::Meta, MARKER, end.timestamp().to_be_bytes().to_vec());
+    let id = match sent_until {
+        Some(t) if t >= end.timestamp() => return Ok(None),
+        // A new store (or digests just switched on): the first digest
+        // covers the first full period from now, not the past.
+        None => None,
+        Some(_) => {
+            let body = text(store, config, d, start, end, now)?;
+            let subject = format!(
+                "Escalation review {} to {}",
+                start.format("%Y-%m-%d %H:%M"),
+                end.format("%Y-%m-%d %H:%M UTC")
+            );
+            let mut effects = Effects::new(store, config, now)?;
+            let id = effects.digest(&mut batch, d.to.clone(), &subject, &body)?;
+            effects.finish(&mut batch);
+            Some(id)
+        }
+    };
+    store.apply(&batch)?;
+    store.flush()?;
+    if let Some(id) = id {
+        tracing::info!(outbox_id = id, %start, %end, "review digest queued");
+    }
+    Ok(id)
+}
+
+/// The digest's text for [start, end).
+pub fn text(
+    store: &Store,
+    config: &Config,
+    d: &DigestConfig,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<String, StoreError> {
+    let window: Vec<Facts> = store
+        .facts_since(Some(start))
+        .filter(|f| f.as_ref().map(|f| f.created_at < end).unwrap_or(true))
+        .collect::<Result<_, _>>()?;
+    let open: Vec<Facts> = store.unresolved_facts().collect::<Result<_, _>>()?;
+    let tiers: Vec<String> = config.tiers.iter().map(|t| t.name.clone()).collect();
+    let report = stats::report(
+        window.iter().cloned(),
+        open.iter().cloned(),
+        &tiers,
+        Some(start),
+        end.min(now),
+    );
+    Ok(compose(&report, &window, &open, start, end, d))
+}
+
+/// Pure: the digest from the period's facts and the unresolved cases'.
+pub fn compose(
+    report: &stats::Report,
+    window: &[Facts],
+    open: &[Facts],
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    d: &DigestConfig,
+) -> String {
+    let mut out = format!(
+        "Escalation review for {} to {} (every {}).\n\n",
+        start.format("%Y-%m-%d %H:%M"),
+        end.format("%Y-%m-%d %H:%M UTC"),
+        humantime::format_duration(d.every)
+    );
+    out.push_str("KPIs of the cases opened in the period\n\n");
+    out.push_str(&report.text());
+
+    // Escalations that happened in the period, of recent or older cases.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut rows = Vec::new();
+    for f in window.iter().chain(open.iter()) {
+        if !seen.insert(f.id) {
+            continue;
+        }
+        for s in &f.stints {
+            if let Some((at, reason, _)) = &s.left {
+                if *at >= start && *at < end {
+                    let next = f
+                        .stints
+                        .iter()
+                        .find(|n| n.from == *at && n.tier != s.tier)
+                        .map(|n| n.tier.as_str())
+                        .unwrap_or(f.tier.as_str());
+                    rows.push(format!(
+                        "  #{:<6} {:<30} {:<16} {} -> {}, {} after opening ({})",
+                        f.id,
+                        if f.customer.is_empty() {
+                            "(unassigned)"
+                        } else {
+                            &f.customer
+                        },
+                        reason.as_str(),
+                        s.tier,
+                        next,
+                        short_duration((*at - f.created_at).num_seconds()),
+                        status_word(f),
+                    ));
+                }
+            }
+        }
+    }
+    out.push_str(&format!("\nEscalations in the period ({})\n", rows.len()));
+    for r in &rows {
+        out.push_str(r);
+        out.push('\n');
+    }
+
+    let mut triggers: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut repeat: BTreeMap<&str, u64> = BTreeMap::new();
+    for f in window {
+        for t in &f.triggers {
+            *triggers.entry(t.as_str()).or_default() += 1;
+        }
+        if f.repeat_customer && !f.customer.is_empty() {
+            *repeat.entry(f.customer.as_str()).or_default() += 1;
+        }
+    }
+    out.push_str("\nMost frequent triggers\n");
+    top(&mut out, triggers, "case(s)");
+    out.push_str("\nRepeat customers (cases opened in the period)\n");
+    let mut per_customer: BTreeMap<&str, u64> = BTreeMap::new();
+    for f in window {
+        if repeat.contains_key(f.customer.as_str()) {
+            *per_customer.entry(f.customer.as_str()).or_default() += 1;
+        }
+    }
+    top(&mut out, per_customer, "case(s)");
+
+    let breached: Vec<&Facts> = open.iter().filter(|f| f.breached()).collect();
+    out.push_str(&format!(
+        "\nUnresolved cases that missed a deadline ({})\n",
+        breached.len()
+    ));
+    for f in breached {
+        out.push_str(&format!(
+            "  #{:<6} {:<30} {:<12} open {}  {}\n",
+            f.id,
+            f.customer,
+            f.tier,
+            short_duration((end - f.created_at).num_seconds()),
+            f.subject
+        ));
+    }
+    out
+}
+
+fn status_word(f: &Facts) -> &'static str {
+    match f.status {
+        crate::case::Status::Open => "open",
+        crate::case::Status::Answered => "answered",
+        crate::case::Status::Resolved => "resolved",
+    }
+}
+
+/// The ten most frequent, most first.
+fn top(out: &mut String, counts: BTreeMap<&str, u64>, unit: &str) {
+    let mut v: Vec<(&str, u64)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    if v.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for (name, n) in v.into_iter().take(10) {
+        out.push_str(&format!("  {n:>4} {unit}  {name}\n"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::case::{Case, EventKind, Reason};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn periods_are_aligned_to_monday_and_due_at_their_end() {
+        let week = Duration::from_secs(7 * 86_400);
+        // Sunday 2026-11-22.
+        let (s, e) = last_period(at("2026-11-22T15:00:00Z"), week);
+        assert_eq!(s, at("2026-11-09T00:00:00Z"));
+        assert_eq!(e, at("2026-11-16T00:00:00Z"));
+        assert_eq!(
+            next_due(at("2026-11-22T15:00:00Z"), week),
+            at("2026-11-23T00:00:00Z")
+        );
+        let (s, e) = last_period(at("2026-11-22T15:00:30Z"), Duration::from_secs(60));
+        assert_eq!(
+            (s, e),
+            (at("2026-11-22T14:59:00Z"), at("2026-11-22T15:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn digest_lists_escalations_triggers_repeat_customers_and_breaches() {
+        let (start, end) = (at("2026-11-16T00:00:00Z"), at("2026-11-23T00:00:00Z"));
+        let t = |h: i64| start + chrono::Duration::hours(h);
+        let mut a = Case::new(5, "ann@x.org", "Angry", "Tier 2", "m", t(1));
+        a.push(
+            t(2),
+            EventKind::Escalated {
+                from: "Frontline".into(),
+                to: "Tier 2".into(),
+                reason: Reason::Trigger,
+                detail: "phrase \"supervisor\"".into(),
+            },
+        );
+        a.push(
+            t(30),
+            EventKind::Breached {
+                tier: "Tier 2".into(),
+            },
+        );
+        let mut b = Case::new(6, "bob@x.org", "Again", "Frontline", "m", t(3));
+        b.repeat_customer = true;
+        let mut b2 = b.clone();
+        b2.id = 7;
+        b.status = crate::case::Status::Resolved;
+        b.resolved_at = Some(t(5));
+        let window: Vec<Facts> = [&a, &b, &b2].iter().map(|c| Facts::of(c)).collect();
+        let open: Vec<Facts> = vec![Facts::of(&a), Facts::of(&b2)];
+        let d = DigestConfig {
+            to: vec!["boss@x.org".into()],
+            every: Duration::from_secs(7 * 86_400),
+        };
+        let report = stats::report(
+            window.iter().cloned(),
+            open.iter().cloned(),
+            &[],
+            Some(start),
+            end,
+        );
+        let text = compose(&report, &window, &open, start, end, &d);
+        assert!(text.contains("Escalations in the period (1)"), "{text}");
+        assert!(text.contains("#5"), "{text}");
+        assert!(
+            text.contains("trigger") && text.contains("Frontline -> Tier 2, 1h after opening"),
+            "{text}"
+        );
+        assert!(text.contains("1 case(s)  phrase \"supervisor\""), "{text}");
+        assert!(text.contains("2 case(s)  bob@x.org"), "{text}");
+        assert!(text.contains("missed a deadline (1)"), "{text}");
+    }
+}
