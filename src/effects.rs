@@ -393,7 +393,7 @@ impl<'a> Effects<'a> {
                 reply_to,
                 attachments,
                 instance: &cfg.cases.instance,
-                case_id: case_id,
+                case_id,
                 date: self.now,
             },
             body,
