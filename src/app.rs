@@ -209,14 +209,21 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
         ..
     } = parts(config)?;
     let cancel = CancellationToken::new();
+    let started = std::time::Instant::now();
     let pass = watcher
         .once(&cancel)
         .await
         .context("cannot ingest from the mailbox")?;
+    let ingest_ms = started.elapsed().as_millis() as u64;
     let fired = scheduler.pass()?;
+    let sending = std::time::Instant::now();
     let drained = outbox.drain(true, &cancel).await?;
     store.flush_async().await?;
+    // The timings are for the benchmark (benches/pipeline.rs) and admins
+    // sizing a cron interval.
     tracing::info!(
+        ingest_ms,
+        drain_ms = sending.elapsed().as_millis() as u64,
         fetched = pass.fetched,
         new_cases = pass.new_cases,
         quarantined = pass.quarantined,

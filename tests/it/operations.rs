@@ -278,7 +278,10 @@ async fn the_review_digest_goes_out_once_per_period_with_the_escalations() {
     if into_minute > 40 {
         until_next_minute(1).await;
     }
-    s.send("ann", &customer_mail("ann", "Angry", "I want a supervisor."));
+    s.send(
+        "ann",
+        &customer_mail("ann", "Angry", "I want a supervisor."),
+    );
     s.send("bob", &customer_mail("bob", "Calm", "A question."));
     s.stack.settle().await;
     s.once();
@@ -294,11 +297,9 @@ async fn the_review_digest_goes_out_once_per_period_with_the_escalations() {
     let got = s.stack.wait_for("boss", 1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1);
     let body = escalator::message::parse(&got[0]).text;
-    assert!(
-        crate::support::header(&got[0], "Subject")
-            .unwrap()
-            .starts_with("Escalation review"),
-    );
+    assert!(crate::support::header(&got[0], "Subject")
+        .unwrap()
+        .starts_with("Escalation review"),);
     assert!(body.contains("ann@example.test"), "{body}");
     assert!(body.contains("trigger"), "{body}");
     assert!(body.contains("cases"), "the KPI table:\n{body}");
