@@ -251,9 +251,9 @@ async fn raw_fetch(stack: &MailStack) -> (usize, usize) {
 /// A JSON log line's field, from `escalator --log-format json`.
 fn log_field(log: &str, message: &str, field: &str) -> Option<u64> {
     log.lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == message)
-        .last()
+        .find(|v| v["fields"]["message"] == message)
         .and_then(|v| v["fields"][field].as_u64())
 }
 
