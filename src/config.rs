@@ -102,8 +102,55 @@ pub struct Endpoint {
     pub ca_file: Option<PathBuf>,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// With `auth = "xoauth2"`: where a fresh access token comes from.
+    pub oauth: Option<TokenSource>,
     /// Per-command network timeout, so a silent server cannot hang us.
     pub timeout: Duration,
+}
+
+/// Where an OAuth 2 access token is read, at every login, so the admin's
+/// tooling can refresh it (tokens live about an hour).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    File(PathBuf),
+    /// Run with `sh -c`; its standard output is the token.
+    Command(String),
+}
+
+impl TokenSource {
+    pub fn token(&self) -> Result<Secret, String> {
+        let text = match self {
+            TokenSource::File(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read the OAuth token file {}: {e}", p.display()))?,
+            TokenSource::Command(c) => {
+                let out = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(c)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .map_err(|e| format!("cannot run the OAuth token command: {e}"))?;
+                if !out.status.success() {
+                    return Err(format!(
+                        "the OAuth token command failed ({}): {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+                String::from_utf8(out.stdout)
+                    .map_err(|_| "the OAuth token command printed non-UTF-8".to_string())?
+            }
+        };
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("the OAuth token is empty".into());
+        }
+        Ok(Secret::new(t))
+    }
+
+    /// The SASL XOAUTH2 initial response (before base64).
+    pub fn xoauth2(user: &str, token: &Secret) -> String {
+        format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose())
+    }
 }
 
 /// A password that never prints itself.
@@ -414,6 +461,11 @@ struct RawMailbox {
     password: Option<String>,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
+    /// "password" (default) or "xoauth2".
+    #[serde(default)]
+    auth: Option<String>,
+    oauth_token_file: Option<PathBuf>,
+    oauth_token_command: Option<String>,
     #[serde(default = "default_folder")]
     folder: String,
     #[serde(default = "default_poll")]
@@ -441,6 +493,11 @@ struct RawSmtp {
     password: Option<String>,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
+    /// "password" (default) or "xoauth2".
+    #[serde(default)]
+    auth: Option<String>,
+    oauth_token_file: Option<PathBuf>,
+    oauth_token_command: Option<String>,
     from: String,
     #[serde(default = "default_timeout")]
     timeout: String,
@@ -772,8 +829,66 @@ impl Validator<'_> {
             ca_file,
             username,
             password,
+            oauth: None,
             timeout: self.duration(&format!("{section}.timeout"), timeout),
         }
+    }
+
+    /// Checks `auth` and the OAuth token source of a section.
+    fn oauth(
+        &mut self,
+        section: &str,
+        mut ep: Endpoint,
+        auth: Option<String>,
+        file: Option<PathBuf>,
+        command: Option<String>,
+    ) -> Endpoint {
+        let source = match (file, command) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    &format!("{section}.oauth_token_file"),
+                    "give only one of oauth_token_file, oauth_token_command",
+                );
+                None
+            }
+            (Some(f), None) => Some(TokenSource::File(self.path(&f))),
+            (None, Some(c)) if !c.trim().is_empty() => Some(TokenSource::Command(c)),
+            (None, Some(_)) => {
+                self.problem(
+                    &format!("{section}.oauth_token_command"),
+                    "must not be empty",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        match auth.as_deref().unwrap_or("password") {
+            "password" => {
+                if source.is_some() {
+                    self.problem(
+                        &format!("{section}.auth"),
+                        "an OAuth token source is set: write auth = \"xoauth2\"",
+                    );
+                }
+            }
+            "xoauth2" => {
+                if ep.username.is_none() {
+                    self.problem(&format!("{section}.username"), "XOAUTH2 needs the username");
+                }
+                match source {
+                    Some(s) => ep.oauth = Some(s),
+                    None => self.problem(
+                        &format!("{section}.auth"),
+                        "xoauth2 needs oauth_token_file or oauth_token_command",
+                    ),
+                }
+            }
+            other => self.problem(
+                &format!("{section}.auth"),
+                format!("unknown {other:?}; write \"password\" or \"xoauth2\""),
+            ),
+        }
+        ep
     }
 
     fn secret(
@@ -838,7 +953,14 @@ impl Validator<'_> {
             &m.timeout,
             (993, 143),
         );
-        if mailbox_endpoint.password.is_none() {
+        let mailbox_endpoint = self.oauth(
+            "mailbox",
+            mailbox_endpoint,
+            m.auth,
+            m.oauth_token_file,
+            m.oauth_token_command,
+        );
+        if mailbox_endpoint.password.is_none() && mailbox_endpoint.oauth.is_none() {
             self.problem(
                 "mailbox.password",
                 "IMAP needs a password: set password_env, password_file or password",
@@ -867,6 +989,13 @@ impl Validator<'_> {
             (s.password, s.password_env, s.password_file),
             &s.timeout,
             (465, 587),
+        );
+        let smtp_endpoint = self.oauth(
+            "smtp",
+            smtp_endpoint,
+            s.auth,
+            s.oauth_token_file,
+            s.oauth_token_command,
         );
         let (from_name, from) = match parse_mailbox(&s.from) {
             Some(x) => x,
@@ -1442,5 +1571,47 @@ first_response = "4h"
             let r = Config::parse(&text, &path, &|_| Some("secret".into()));
             assert!(r.is_ok(), "{name}: {}", r.err().unwrap());
         }
+    }
+
+    #[test]
+    fn xoauth2_needs_a_token_source_and_reads_a_fresh_token_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("token");
+        std::fs::write(&tok, "ya29.first\n").unwrap();
+        let text = GOOD.replace(
+            "password = \"pw\"",
+            &format!(
+                "auth = \"xoauth2\"\noauth_token_file = \"{}\"",
+                tok.display()
+            ),
+        );
+        let c = parse(&text).unwrap();
+        let source = c.mailbox.endpoint.oauth.clone().unwrap();
+        assert_eq!(source.token().unwrap().expose(), "ya29.first");
+        std::fs::write(&tok, "ya29.second").unwrap();
+        assert_eq!(source.token().unwrap().expose(), "ya29.second");
+        assert_eq!(
+            TokenSource::xoauth2("support@x.org", &Secret::new("t0k")),
+            "user=support@x.org\x01auth=Bearer t0k\x01\x01"
+        );
+        let cmd = TokenSource::Command("printf 'from-cmd\\n'".into());
+        assert_eq!(cmd.token().unwrap().expose(), "from-cmd");
+        assert!(TokenSource::Command("exit 3".into())
+            .token()
+            .unwrap_err()
+            .contains("failed"));
+
+        let e = problems(&GOOD.replace("password = \"pw\"", "auth = \"xoauth2\""));
+        assert!(
+            e.contains("mailbox.auth: xoauth2 needs oauth_token_file"),
+            "{e}"
+        );
+        let e = problems(&GOOD.replace("password = \"pw\"", "auth = \"oauth\""));
+        assert!(e.contains("mailbox.auth: unknown \"oauth\""), "{e}");
+        let e = problems(&text.replace("[smtp]", "oauth_token_command = \"x\"\n[smtp]"));
+        assert!(
+            e.contains("give only one of oauth_token_file, oauth_token_command"),
+            "{e}"
+        );
     }
 }

@@ -164,6 +164,24 @@ pub async fn connect(ep: &Endpoint) -> Result<ImapSession, ImapError> {
         }
     };
     let user = ep.username.clone().unwrap_or_default();
+    if let Some(source) = &ep.oauth {
+        let token = source.token().map_err(|why| ImapError::Auth {
+            user: user.clone(),
+            why,
+        })?;
+        let auth = XOAuth2 {
+            response: crate::config::TokenSource::xoauth2(&user, &token),
+            sent: false,
+        };
+        return match tokio::time::timeout(ep.timeout, client.authenticate("XOAUTH2", auth)).await {
+            Err(_) => Err(ImapError::Timeout("AUTHENTICATE")),
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err((e, _))) => Err(ImapError::Auth {
+                user,
+                why: format!("XOAUTH2: {e}"),
+            }),
+        };
+    }
     let pass = ep
         .password
         .as_ref()
@@ -176,5 +194,23 @@ pub async fn connect(ep: &Endpoint) -> Result<ImapSession, ImapError> {
             user,
             why: e.to_string(),
         }),
+    }
+}
+
+/// SASL XOAUTH2: the initial response, then (on failure the server sends
+/// a JSON error as a challenge) an empty line, as the mechanism requires.
+struct XOAuth2 {
+    response: String,
+    sent: bool,
+}
+
+impl async_imap::Authenticator for XOAuth2 {
+    type Response = String;
+    fn process(&mut self, _challenge: &[u8]) -> String {
+        if std::mem::replace(&mut self.sent, true) {
+            String::new()
+        } else {
+            self.response.clone()
+        }
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lettre::address::Envelope;
-use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
@@ -33,12 +33,32 @@ pub trait Mailer: Send + Sync {
 }
 
 pub struct SmtpMailer {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    cfg: SmtpConfig,
+    /// The pooled transport, and the OAuth token it was built with: a
+    /// new token (the admin's tooling refreshed it) builds a new one.
+    transport: tokio::sync::Mutex<Option<(Option<String>, AsyncSmtpTransport<Tokio1Executor>)>>,
 }
 
 impl SmtpMailer {
     pub fn new(cfg: &SmtpConfig) -> Result<SmtpMailer, SmtpError> {
-        let ep = &cfg.endpoint;
+        let mailer = SmtpMailer {
+            cfg: cfg.clone(),
+            transport: tokio::sync::Mutex::new(None),
+        };
+        if cfg.endpoint.oauth.is_none() {
+            // Catch TLS set-up errors at start, not at the first mail.
+            let t = mailer.build(None)?;
+            mailer
+                .transport
+                .try_lock()
+                .map_err(|e| SmtpError::Setup(e.to_string()))?
+                .replace((None, t));
+        }
+        Ok(mailer)
+    }
+
+    fn build(&self, token: Option<&str>) -> Result<AsyncSmtpTransport<Tokio1Executor>, SmtpError> {
+        let ep = &self.cfg.endpoint;
         let tls_params = || -> Result<TlsParameters, SmtpError> {
             let mut b = TlsParameters::builder(ep.host.clone());
             if let Some(ca) = &ep.ca_file {
@@ -65,12 +85,37 @@ impl SmtpMailer {
                     .max_size(4)
                     .idle_timeout(Duration::from_secs(30)),
             );
-        if let (Some(user), Some(pw)) = (&ep.username, &ep.password) {
+        if let (Some(user), Some(token)) = (&ep.username, token) {
+            b = b
+                .credentials(Credentials::new(user.clone(), token.to_string()))
+                .authentication(vec![Mechanism::Xoauth2]);
+        } else if let (Some(user), Some(pw)) = (&ep.username, &ep.password) {
             b = b.credentials(Credentials::new(user.clone(), pw.expose().to_string()));
         }
-        Ok(SmtpMailer {
-            transport: b.build(),
-        })
+        Ok(b.build())
+    }
+
+    /// The transport to send with, rebuilt when the OAuth token changed.
+    async fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, SmtpError> {
+        let token = match &self.cfg.endpoint.oauth {
+            Some(source) => Some(
+                source
+                    .token()
+                    .map_err(SmtpError::Transient)?
+                    .expose()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let mut slot = self.transport.lock().await;
+        if let Some((t, transport)) = &*slot {
+            if *t == token {
+                return Ok(transport.clone());
+            }
+        }
+        let transport = self.build(token.as_deref())?;
+        *slot = Some((token, transport.clone()));
+        Ok(transport)
     }
 }
 
@@ -84,7 +129,8 @@ impl Mailer for SmtpMailer {
         let rcpt = to.iter().map(|a| parse(a)).collect::<Result<Vec<_>, _>>()?;
         let envelope = Envelope::new(Some(parse(from)?), rcpt)
             .map_err(|e| SmtpError::Permanent(e.to_string()))?;
-        match self.transport.send_raw(&envelope, raw).await {
+        let transport = self.transport().await?;
+        match transport.send_raw(&envelope, raw).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(SmtpError::Permanent(error_text(&e))),
             Err(e) => Err(SmtpError::Transient(error_text(&e))),
