@@ -45,6 +45,7 @@ pub mod store;
 pub mod suppress;
 pub mod template;
 pub mod thread;
+pub mod tls;
 
 /// An error with all its causes, "a: b: c", for logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

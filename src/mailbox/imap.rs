@@ -104,7 +104,7 @@ pub async fn timed<T, E>(
 }
 
 async fn tls_wrap(ep: &Endpoint, tcp: TcpStream) -> Result<Stream, ImapError> {
-    let config = super::tls::client_config(ep.ca_file.as_deref()).map_err(ImapError::TlsSetup)?;
+    let config = crate::tls::client_config(ep.ca_file.as_deref()).map_err(ImapError::TlsSetup)?;
     let name = rustls_pki_types::ServerName::try_from(ep.host.clone())
         .map_err(|e| ImapError::TlsSetup(format!("bad host name {:?}: {e}", ep.host)))?;
     let tls = timed(

@@ -5,7 +5,6 @@
 //! has it, polling otherwise, and reconnecting with backoff forever.
 
 pub mod imap;
-pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;

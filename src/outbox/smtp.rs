@@ -1,14 +1,24 @@
-//! SMTP: hands composed mail to the server with lettre (pooled, async).
+//! SMTP: hands composed mail to the server with lettre's SMTP client
+//! over one kept connection (TCP_NODELAY, our own TLS for port 465).
 //! lettre does not retry; we classify its errors so the outbox can
 //! retry what is transient and give up on what the server refused.
 
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
+use lettre::transport::smtp::extension::ClientId;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::config::{Security, SmtpConfig};
 
@@ -34,88 +44,179 @@ pub trait Mailer: Send + Sync {
 
 pub struct SmtpMailer {
     cfg: SmtpConfig,
-    /// The pooled transport, and the OAuth token it was built with: a
-    /// new token (the admin's tooling refreshed it) builds a new one.
-    transport: tokio::sync::Mutex<Option<(Option<String>, AsyncSmtpTransport<Tokio1Executor>)>>,
+    /// For STARTTLS (lettre upgrades its own stream).
+    starttls: Option<TlsParameters>,
+    /// For implicit TLS (we wrap the stream before lettre sees it).
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    hello: ClientId,
+    /// One kept connection (the outbox sends one mail at a time), with
+    /// when it was last used and the OAuth token it logged in with.
+    conn: tokio::sync::Mutex<Option<Kept>>,
 }
+
+struct Kept {
+    conn: AsyncSmtpConnection,
+    used: Instant,
+    token: Option<String>,
+}
+
+/// Servers drop idle clients after a minute or so; past this, reconnect
+/// rather than find out mid-transaction.
+const MAX_IDLE: Duration = Duration::from_secs(30);
 
 impl SmtpMailer {
     pub fn new(cfg: &SmtpConfig) -> Result<SmtpMailer, SmtpError> {
-        let mailer = SmtpMailer {
+        let ep = &cfg.endpoint;
+        let (starttls, tls) = match ep.security {
+            Security::Starttls => {
+                let mut b = TlsParameters::builder(ep.host.clone());
+                if let Some(ca) = &ep.ca_file {
+                    let pem = std::fs::read(ca).map_err(|e| {
+                        SmtpError::Setup(format!("cannot read {}: {e}", ca.display()))
+                    })?;
+                    let cert = Certificate::from_pem(&pem)
+                        .map_err(|e| SmtpError::Setup(format!("{}: {e}", ca.display())))?;
+                    b = b.add_root_certificate(cert);
+                }
+                let p = b
+                    .build_rustls()
+                    .map_err(|e| SmtpError::Setup(e.to_string()))?;
+                (Some(p), None)
+            }
+            Security::Tls => {
+                let c =
+                    crate::tls::client_config(ep.ca_file.as_deref()).map_err(SmtpError::Setup)?;
+                (None, Some(c))
+            }
+            Security::Plain => (None, None),
+        };
+        Ok(SmtpMailer {
             cfg: cfg.clone(),
-            transport: tokio::sync::Mutex::new(None),
-        };
-        if cfg.endpoint.oauth.is_none() {
-            // Catch TLS set-up errors at start, not at the first mail.
-            let t = mailer.build(None)?;
-            mailer
-                .transport
-                .try_lock()
-                .map_err(|e| SmtpError::Setup(e.to_string()))?
-                .replace((None, t));
-        }
-        Ok(mailer)
+            starttls,
+            tls,
+            hello: ClientId::default(),
+            conn: tokio::sync::Mutex::new(None),
+        })
     }
 
-    fn build(&self, token: Option<&str>) -> Result<AsyncSmtpTransport<Tokio1Executor>, SmtpError> {
+    /// Connects, secures and logs in.
+    async fn connect(&self, token: Option<&str>) -> Result<AsyncSmtpConnection, SmtpError> {
         let ep = &self.cfg.endpoint;
-        let tls_params = || -> Result<TlsParameters, SmtpError> {
-            let mut b = TlsParameters::builder(ep.host.clone());
-            if let Some(ca) = &ep.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| SmtpError::Setup(format!("cannot read {}: {e}", ca.display())))?;
-                let cert = Certificate::from_pem(&pem)
-                    .map_err(|e| SmtpError::Setup(format!("{}: {e}", ca.display())))?;
-                b = b.add_root_certificate(cert);
+        let transient = |what: &str, e: &dyn std::fmt::Display| {
+            SmtpError::Transient(format!("{what} {}:{}: {e}", ep.host, ep.port))
+        };
+        let tcp = tokio::time::timeout(ep.timeout, TcpStream::connect((ep.host.as_str(), ep.port)))
+            .await
+            .map_err(|e| transient("connecting to", &e))?
+            .map_err(|e| transient("connecting to", &e))?;
+        // lettre writes the body and the final dot separately: with Nagle
+        // on, the dot waits for the server's delayed ACK (40 ms a mail).
+        tcp.set_nodelay(true)
+            .map_err(|e| transient("socket option for", &e))?;
+        let stream: Box<dyn AsyncTokioStream> = match &self.tls {
+            Some(config) => {
+                let name = ServerName::try_from(ep.host.clone())
+                    .map_err(|e| SmtpError::Setup(format!("bad host name {:?}: {e}", ep.host)))?;
+                let tls = tokio::time::timeout(
+                    ep.timeout,
+                    tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp),
+                )
+                .await
+                .map_err(|e| transient("TLS with", &e))?
+                .map_err(|e| transient("TLS with", &e))?;
+                Box::new(TlsTcp(tls))
             }
-            b.build_rustls()
-                .map_err(|e| SmtpError::Setup(e.to_string()))
+            None => Box::new(tcp),
         };
-        let tls = match ep.security {
-            Security::Tls => Tls::Wrapper(tls_params()?),
-            Security::Starttls => Tls::Required(tls_params()?),
-            Security::Plain => Tls::None,
-        };
-        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(ep.host.clone())
-            .port(ep.port)
-            .tls(tls)
-            .timeout(Some(ep.timeout))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(4)
-                    .idle_timeout(Duration::from_secs(30)),
-            );
-        if let (Some(user), Some(token)) = (&ep.username, token) {
-            b = b
-                .credentials(Credentials::new(user.clone(), token.to_string()))
-                .authentication(vec![Mechanism::Xoauth2]);
-        } else if let (Some(user), Some(pw)) = (&ep.username, &ep.password) {
-            b = b.credentials(Credentials::new(user.clone(), pw.expose().to_string()));
+        let step = |e: lettre::transport::smtp::Error| classify(&e);
+        let mut conn = tokio::time::timeout(
+            ep.timeout,
+            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+        )
+        .await
+        .map_err(|e| transient("greeting from", &e))?
+        .map_err(step)?;
+        if let Some(params) = &self.starttls {
+            if !conn.can_starttls() {
+                return Err(SmtpError::Transient(format!(
+                    "{}:{} does not offer STARTTLS; refusing to send unencrypted",
+                    ep.host, ep.port
+                )));
+            }
+            tokio::time::timeout(ep.timeout, conn.starttls(params.clone(), &self.hello))
+                .await
+                .map_err(|e| transient("STARTTLS with", &e))?
+                .map_err(step)?;
         }
-        Ok(b.build())
+        let login = match (&ep.username, token, &ep.password) {
+            (Some(u), Some(t), _) => Some((
+                Credentials::new(u.clone(), t.to_string()),
+                vec![Mechanism::Xoauth2],
+            )),
+            (Some(u), None, Some(pw)) => Some((
+                Credentials::new(u.clone(), pw.expose().to_string()),
+                vec![Mechanism::Plain, Mechanism::Login],
+            )),
+            _ => None,
+        };
+        if let Some((creds, mechs)) = login {
+            tokio::time::timeout(ep.timeout, conn.auth(&mechs, &creds))
+                .await
+                .map_err(|e| transient("login at", &e))?
+                .map_err(|e| match classify(&e) {
+                    // A refused login is the admin's to fix; keep the
+                    // mail and retry with backoff rather than fail it.
+                    SmtpError::Permanent(why) => {
+                        SmtpError::Transient(format!("login refused: {why}"))
+                    }
+                    other => other,
+                })?;
+        }
+        Ok(conn)
     }
+}
 
-    /// The transport to send with, rebuilt when the OAuth token changed.
-    async fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, SmtpError> {
-        let token = match &self.cfg.endpoint.oauth {
-            Some(source) => Some(
-                source
-                    .token()
-                    .map_err(SmtpError::Transient)?
-                    .expose()
-                    .to_string(),
-            ),
-            None => None,
-        };
-        let mut slot = self.transport.lock().await;
-        if let Some((t, transport)) = &*slot {
-            if *t == token {
-                return Ok(transport.clone());
-            }
-        }
-        let transport = self.build(token.as_deref())?;
-        *slot = Some((token, transport.clone()));
-        Ok(transport)
+/// A TLS stream lettre can use: its trait is foreign, so a newtype.
+#[derive(Debug)]
+struct TlsTcp(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl AsyncRead for TlsTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for TlsTcp {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().0.peer_addr()
+    }
+}
+
+fn classify(e: &lettre::transport::smtp::Error) -> SmtpError {
+    if e.is_permanent() {
+        SmtpError::Permanent(error_text(e))
+    } else {
+        SmtpError::Transient(error_text(e))
     }
 }
 
@@ -129,11 +230,48 @@ impl Mailer for SmtpMailer {
         let rcpt = to.iter().map(|a| parse(a)).collect::<Result<Vec<_>, _>>()?;
         let envelope = Envelope::new(Some(parse(from)?), rcpt)
             .map_err(|e| SmtpError::Permanent(e.to_string()))?;
-        let transport = self.transport().await?;
-        match transport.send_raw(&envelope, raw).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_permanent() => Err(SmtpError::Permanent(error_text(&e))),
-            Err(e) => Err(SmtpError::Transient(error_text(&e))),
+        let token = match &self.cfg.endpoint.oauth {
+            Some(source) => Some(
+                source
+                    .token()
+                    .map_err(SmtpError::Transient)?
+                    .expose()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let mut slot = self.conn.lock().await;
+        let stale = slot.as_ref().is_some_and(|k| {
+            k.conn.has_broken() || k.token != token || k.used.elapsed() > MAX_IDLE
+        });
+        if stale {
+            if let Some(mut k) = slot.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), k.conn.quit()).await;
+            }
+        }
+        let mut kept = match slot.take() {
+            Some(k) => k,
+            None => Kept {
+                conn: self.connect(token.as_deref()).await?,
+                used: Instant::now(),
+                token,
+            },
+        };
+        // Enough time for a large forward on a slow link.
+        let limit = self.cfg.endpoint.timeout + Duration::from_secs(raw.len() as u64 / 50_000);
+        let result = tokio::time::timeout(limit, kept.conn.send(&envelope, raw)).await;
+        match result {
+            Ok(Ok(_)) => {
+                kept.used = Instant::now();
+                *slot = Some(kept);
+                Ok(())
+            }
+            // Any error leaves the connection in an unknown state: drop it.
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(SmtpError::Transient(format!(
+                "no answer from {} within {limit:?}",
+                self.cfg.endpoint.host
+            ))),
         }
     }
 }

@@ -847,3 +847,122 @@ async fn an_imap_restart_mid_fetch_loses_and_doubles_nothing() {
     assert_eq!(cases.len(), n);
     assert!(cases.iter().all(|c| c["messages"] == 1));
 }
+
+/// The [smtp] section of a config rewritten for TLS.
+fn smtp_tls(
+    text: &str,
+    stack: &MailStack,
+    port: u16,
+    security: &str,
+    ca: Option<&std::path::Path>,
+) -> String {
+    let ca = ca
+        .map(|p| format!("ca_file = {:?}\n", p.display().to_string()))
+        .unwrap_or_default();
+    let old = format!(
+        "[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"plain\"",
+        stack.smtp_port
+    );
+    assert!(text.contains(&old));
+    text.replacen(
+        &old,
+        &format!("[smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"{security}\"\n{ca}"),
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        certs.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ca = crate::support::private_ca(certs.path());
+    let (cert, key) =
+        crate::support::server_cert(certs.path(), "good", &["127.0.0.1", "localhost"], &ca);
+    let stack = MailStack::start_tls(&["support", "alice"], &cert, &key);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let base = stack.config("support", &dir.path().join("store"), "");
+    let run = |text: String| {
+        std::fs::write(&cfg, text).unwrap();
+        escalator(&["run", "--once", "--config", cfg.to_str().unwrap()])
+    };
+    let customer = |n: u32| {
+        mail(
+            "alice@example.test",
+            "support@example.test",
+            &format!("Mail {n}"),
+            &format!("tls{n}@x.test"),
+            "",
+            "hi",
+        )
+    };
+
+    // Without the private CA the ack stays queued, the error named.
+    stack
+        .send(
+            "alice@example.test",
+            &["support@example.test"],
+            &customer(1),
+        )
+        .unwrap();
+    stack.settle().await;
+    let out = run(smtp_tls(&base, &stack, stack.smtp_port, "starttls", None));
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(log.contains("certificate"), "{log}");
+    assert_eq!(stack.fetch("alice", "INBOX").await.len(), 0);
+
+    // STARTTLS with the CA: the queued ack goes out.
+    let out = run(smtp_tls(
+        &base,
+        &stack,
+        stack.smtp_port,
+        "starttls",
+        Some(&ca.0),
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stack
+            .wait_for("alice", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+
+    // Implicit TLS (port 465 style).
+    stack
+        .send(
+            "alice@example.test",
+            &["support@example.test"],
+            &customer(2),
+        )
+        .unwrap();
+    stack.settle().await;
+    let smtps = stack.smtps_port.unwrap();
+    let out = run(smtp_tls(&base, &stack, smtps, "tls", Some(&ca.0)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stack
+            .wait_for("alice", 2, Duration::from_secs(20))
+            .await
+            .len(),
+        2
+    );
+    let log = std::fs::read_to_string(stack.dir.join("log/postfix.log")).unwrap();
+    assert!(
+        log.contains("TLS connection established"),
+        "Postfix saw TLS:\n{log}"
+    );
+}

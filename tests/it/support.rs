@@ -29,6 +29,9 @@ pub struct MailStack {
     pub imaps_port: Option<u16>,
     tls: Option<(PathBuf, PathBuf)>,
     pub smtp_port: u16,
+    /// SMTP over implicit TLS, when started with a certificate (Postfix
+    /// also offers STARTTLS on `smtp_port` then).
+    pub smtps_port: Option<u16>,
     pub users: Vec<String>,
 }
 
@@ -139,6 +142,12 @@ impl MailStack {
             }
             p
         });
+        let smtps_port = tls.as_ref().map(|_| loop {
+            let p = free_port();
+            if Some(p) != imaps_port && p != imap_port && p != smtp_port {
+                break p;
+            }
+        });
         let stack = MailStack {
             dir,
             _tmp: tmp,
@@ -146,6 +155,7 @@ impl MailStack {
             imaps_port,
             tls,
             smtp_port,
+            smtps_port,
             users,
         };
         stack.start_dovecot();
@@ -315,9 +325,18 @@ queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 5s
 message_size_limit = 104857600
+{tls}
 "#,
             d = d.display(),
-            port = self.smtp_port
+            port = self.smtp_port,
+            tls = match &self.tls {
+                None => String::new(),
+                Some((c, k)) => format!(
+                    "smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtpd_tls_loglevel = 1",
+                    c.display(),
+                    k.display()
+                ),
+            }
         );
         fs::write(pf.join("main.cf"), main).unwrap();
         let master = format!(
@@ -341,10 +360,16 @@ retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-",
-            port = self.smtp_port
+{smtps}",
+            port = self.smtp_port,
+            smtps = match self.smtps_port {
+                None => String::new(),
+                Some(p) =>
+                    format!("127.0.0.1:{p} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes\n"),
+            }
         );
         fs::write(pf.join("master.cf"), master).unwrap();
         for f in ["main.cf", "master.cf", "vmailbox"] {

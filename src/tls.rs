@@ -1,4 +1,4 @@
-//! TLS for IMAP: rustls with the ring provider (lettre uses ring too; two
+//! TLS for IMAP and SMTP: rustls with the ring provider (lettre uses ring too; two
 //! providers in one build make rustls panic), system roots plus an
 //! optional private CA. Certificates and host names are always checked.
 
