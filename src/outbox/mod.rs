@@ -256,7 +256,9 @@ impl Outbox {
                     let _w = self.store.lock();
                     journal::mark_sent(&self.store, &mut entry, now)?;
                 }
-                self.store.flush_async().await?;
+                // No flush here: the journal line already keeps the
+                // acceptance across a crash (and the confirmation copy
+                // across a power cut), so sled's own flush is enough.
                 tracing::info!(to = ?entry.to, "mail sent");
                 return Ok(entry.state);
             }
