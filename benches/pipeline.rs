@@ -104,7 +104,8 @@ const WORDS: [&str; 16] = [
     "yesterday",
 ];
 
-const CUSTOMERS: usize = 20;
+/// Customers writing in (each a real mailbox, so acks are delivered).
+const CUSTOMERS: usize = 2000;
 
 fn customer(i: usize) -> String {
     format!("c{}", i % CUSTOMERS)
@@ -296,7 +297,12 @@ async fn ingest_and_acks(sz: &Sizes, rows: &mut Vec<Row>) {
     let store = dir.path().join("store");
     let cfg = dir.path().join("escalator.toml");
     fs::write(&cfg, config_text(&stack, &store, "")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_escalator"))
+    // ESCALATOR_BENCH_WRAP (e.g. "perf record -g --") profiles the run.
+    let wrap = std::env::var("ESCALATOR_BENCH_WRAP").unwrap_or_default();
+    let mut argv: Vec<String> = wrap.split_whitespace().map(String::from).collect();
+    argv.push(env!("CARGO_BIN_EXE_escalator").into());
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
         .args(["--log-format", "json", "run", "--once", "--config"])
         .arg(&cfg)
         .env("ESCALATOR_LOG", "info")
@@ -720,9 +726,18 @@ fn machine() -> String {
 async fn main() {
     let sz = sizes();
     let mut rows = Vec::new();
-    ingest_and_acks(&sz, &mut rows).await;
-    tokio::task::block_in_place(|| latency(&sz, &mut rows));
-    tokio::task::block_in_place(|| timers_and_memory(&sz, &mut rows));
+    // ESCALATOR_BENCH_SECTIONS: a comma list of ingest, latency, timers.
+    let sections = std::env::var("ESCALATOR_BENCH_SECTIONS")
+        .unwrap_or_else(|_| "ingest,latency,timers".into());
+    if sections.contains("ingest") {
+        ingest_and_acks(&sz, &mut rows).await;
+    }
+    if sections.contains("latency") {
+        tokio::task::block_in_place(|| latency(&sz, &mut rows));
+    }
+    if sections.contains("timers") {
+        tokio::task::block_in_place(|| timers_and_memory(&sz, &mut rows));
+    }
     println!("\nescalator benchmark — {}\n", machine());
     println!("| figure | escalator | baseline | ratio | goal |\n|---|---|---|---|---|");
     for r in &rows {

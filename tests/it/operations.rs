@@ -311,3 +311,128 @@ async fn the_review_digest_goes_out_once_per_period_with_the_escalations() {
     s.stack.settle().await;
     assert_eq!(s.stack.fetch("boss", "INBOX").await.len(), 1);
 }
+
+/// A token introspection endpoint (RFC 7662) for Dovecot's oauth2
+/// passdb: `good-token` is the support mailbox's, anything else is not
+/// active. Returns its port and how many tokens it was asked about.
+async fn introspection_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then the form body by Content-Length.
+                loop {
+                    let n = c.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let text = String::from_utf8_lossy(&buf);
+                let answer = if text.contains("token=good-token") {
+                    r#"{"active":true,"username":"support"}"#
+                } else {
+                    r#"{"active":false}"#
+                };
+                let _ = c
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                            answer.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    (port, asked)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn xoauth2_logs_in_to_imap_and_smtp_with_a_token_read_at_each_login() {
+    let (port, asked) = introspection_server().await;
+    let stack = crate::support::MailStack::start_oauth(&["support", "alice"], port);
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "good-token\n").unwrap();
+    let oauth = format!(
+        "auth = \"xoauth2\"\noauth_token_file = \"{}\"",
+        token.display()
+    );
+    let text = stack
+        .config("support", &dir.path().join("store"), "")
+        .replacen("password = \"support\"", &oauth, 1)
+        .replacen(
+            "security = \"plain\"\nfrom",
+            &format!("security = \"plain\"\nusername = \"support\"\n{oauth}\nfrom"),
+            1,
+        );
+    assert!(!text.contains("password"), "{text}");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    stack
+        .send(
+            "alice@example.test",
+            &["support@example.test"],
+            &customer_mail("alice", "Token", "hi"),
+        )
+        .unwrap();
+    stack.settle().await;
+    let out = escalator(&["run", "--once", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stack
+            .wait_for("alice", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(stack.dir.join("log/postfix.log")).unwrap();
+    assert!(
+        log.contains("sasl_method=XOAUTH2"),
+        "SMTP used XOAUTH2:\n{log}"
+    );
+    assert!(
+        asked.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "IMAP and SMTP asked"
+    );
+
+    // A token that is no longer valid: the login fails, clearly.
+    std::fs::write(&token, "expired-token").unwrap();
+    let out = escalator(&["run", "--once", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("XOAUTH2"), "{err}");
+}

@@ -32,6 +32,9 @@ pub struct MailStack {
     /// SMTP over implicit TLS, when started with a certificate (Postfix
     /// also offers STARTTLS on `smtp_port` then).
     pub smtps_port: Option<u16>,
+    /// With OAuth: the port of the token introspection server Dovecot
+    /// asks (Postfix's SMTP AUTH goes through Dovecot too).
+    oauth: Option<u16>,
     pub users: Vec<String>,
 }
 
@@ -111,16 +114,26 @@ impl MailStack {
     /// Starts a stack whose users (local parts at example.test) are
     /// `users`; each user's password is its name.
     pub fn start(users: &[&str]) -> MailStack {
-        MailStack::start_with(users, None)
+        MailStack::start_with(users, None, None)
+    }
+
+    /// Starts a stack whose IMAP and SMTP also take XOAUTH2 logins,
+    /// checked by POSTing the token to `http://127.0.0.1:{introspect}/`.
+    pub fn start_oauth(users: &[&str], introspect: u16) -> MailStack {
+        MailStack::start_with(users, None, Some(introspect))
     }
 
     /// Starts a stack whose IMAP also listens with TLS, using `cert` and
     /// `key` (PEM files).
     pub fn start_tls(users: &[&str], cert: &Path, key: &Path) -> MailStack {
-        MailStack::start_with(users, Some((cert.to_owned(), key.to_owned())))
+        MailStack::start_with(users, Some((cert.to_owned(), key.to_owned())), None)
     }
 
-    fn start_with(users: &[&str], tls: Option<(PathBuf, PathBuf)>) -> MailStack {
+    fn start_with(
+        users: &[&str],
+        tls: Option<(PathBuf, PathBuf)>,
+        oauth: Option<u16>,
+    ) -> MailStack {
         need("dovecot");
         need("postfix");
         let tmp = tempfile::Builder::new()
@@ -156,6 +169,7 @@ impl MailStack {
             tls,
             smtp_port,
             smtps_port,
+            oauth,
             users,
         };
         stack.start_dovecot();
@@ -190,12 +204,13 @@ default_login_user = dovenull
 first_valid_uid = 8
 first_valid_gid = 8
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth_mechs}
 auth_failure_delay = 0
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%n {d}/passwd
 }}
+{oauth}
 userdb {{
   driver = static
   args = uid=8 gid=8 home={d}/mail/%n
@@ -253,6 +268,14 @@ service anvil {{
             d = d.display(),
             imap = self.imap_port,
             imaps = self.imaps_port.unwrap_or(0),
+            oauth_mechs = if self.oauth.is_some() { " xoauth2 oauthbearer" } else { "" },
+            oauth = match self.oauth {
+                None => String::new(),
+                Some(_) => format!(
+                    "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}/oauth2.conf\n}}\nservice auth {{\n  unix_listener auth-client {{\n    mode = 0666\n  }}\n}}\n",
+                    d.display()
+                ),
+            },
             ssl = match &self.tls {
                 None => "ssl = no".to_string(),
                 Some((c, k)) => format!(
@@ -263,6 +286,15 @@ service anvil {{
             },
         );
         fs::write(d.join("dovecot.conf"), conf).unwrap();
+        if let Some(port) = self.oauth {
+            fs::write(
+                d.join("oauth2.conf"),
+                format!(
+                    "introspection_mode = post\nintrospection_url = http://127.0.0.1:{port}/introspect\nforce_introspection = yes\nusername_attribute = username\nactive_attribute = active\nactive_value = true\n"
+                ),
+            )
+            .unwrap();
+        }
         run(Command::new("dovecot")
             .arg("-c")
             .arg(d.join("dovecot.conf")));
@@ -326,9 +358,17 @@ minimal_backoff_time = 1s
 maximal_backoff_time = 5s
 message_size_limit = 104857600
 {tls}
+{sasl}
 "#,
             d = d.display(),
             port = self.smtp_port,
+            sasl = match self.oauth {
+                None => String::new(),
+                Some(_) => format!(
+                    "smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = dovecot\nsmtpd_sasl_path = {}/run/auth-client",
+                    d.display()
+                ),
+            },
             tls = match &self.tls {
                 None => String::new(),
                 Some((c, k)) => format!(
