@@ -183,6 +183,8 @@ pub struct QuarantineEntry {
 pub struct Store {
     path: PathBuf,
     db: sled::Db,
+    /// Large raw messages, appended here rather than kept in sled.
+    raw_log: RawLog,
     trees: Vec<sled::Tree>,
     /// Serialises writers in this process: threading reads outside the
     /// transaction, so two writers could otherwise decide on stale reads.
@@ -204,6 +206,9 @@ impl Store {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
+            // Only our `flush` makes sled durable, after the raw log: a
+            // record must never outlive (a power cut) the bytes it names.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| {
                 if is_lock_error(&e) {
@@ -219,9 +224,14 @@ impl Store {
         for (_, name) in TREES {
             trees.push(db.open_tree(name)?);
         }
+        let raw_log = RawLog::open(&path.join("raw.log")).map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            source: sled::Error::Io(e),
+        })?;
         let mut store = Store {
             path: path.to_owned(),
             db,
+            raw_log,
             trees,
             write: Mutex::new(()),
             key: [0; 32],
@@ -299,13 +309,16 @@ impl Store {
         Ok(())
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable: the raw log first, then
+    /// the records that point into it.
     pub fn flush(&self) -> Result<()> {
+        self.raw_log.sync()?;
         self.db.flush()?;
         Ok(())
     }
 
     pub async fn flush_async(&self) -> Result<()> {
+        self.raw_log.sync()?;
         self.db.flush_async().await?;
         Ok(())
     }
@@ -315,6 +328,20 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        // Big raw values go to the raw log first; the batch stores where.
+        // A failed transaction leaves unreferenced bytes there, harmless.
+        let mut moved: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for (tree, key, value) in &batch.ops {
+            let v = match (tree, value) {
+                (Tree::Raw, Some(v)) => Some(self.raw_log.encode(v)?),
+                _ => value.clone(),
+            };
+            moved.push((*tree, key.clone(), v));
+        }
+        let batch = &Batch {
+            ops: moved,
+            events: batch.events.clone(),
+        };
         let r = self.trees[..].transaction(|txs| {
             for (tree, key, value) in &batch.ops {
                 let i = TREES.iter().position(|(x, _)| x == tree).unwrap_or(0);
@@ -389,12 +416,15 @@ impl Store {
     }
 
     pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree(Tree::Raw).get(id_key(seq))?.map(|v| v.to_vec()))
+        self.raw_bytes(&id_key(seq))
     }
 
     /// Bytes under `key` in the raw tree (messages, outgoing mail).
     pub fn raw_bytes(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree(Tree::Raw).get(key)?.map(|v| v.to_vec()))
+        match self.tree(Tree::Raw).get(key)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(self.raw_log.decode(&v)?)),
+        }
     }
 
     /// Cases of a customer, oldest first.
@@ -755,6 +785,82 @@ impl Lookup for Store {
 
     fn case(&self, id: CaseId) -> Option<Case> {
         Store::case(self, id).ok().flatten()
+    }
+}
+
+/// Raw messages above `INLINE_MAX` bytes, appended to one file. sled
+/// rewrites whole tree nodes as they change, so big values inside it cost
+/// several times their size in writes and disk; here each is written once.
+/// Values in the raw tree are tagged: `INLINE` + bytes, or `POINTER` +
+/// offset + length (untagged ones come from stores older than the log).
+struct RawLog {
+    file: std::fs::File,
+    len: Mutex<u64>,
+}
+
+const INLINE_MAX: usize = 4096;
+const INLINE: u8 = 0xFE;
+const POINTER: u8 = 0xFF;
+
+impl RawLog {
+    fn open(path: &Path) -> std::io::Result<RawLog> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        Ok(RawLog {
+            file,
+            len: Mutex::new(len),
+        })
+    }
+
+    /// The stored form of `value`, appending it to the log if big.
+    fn encode(&self, value: &[u8]) -> Result<Vec<u8>> {
+        use std::io::Write;
+        if value.len() <= INLINE_MAX {
+            let mut v = Vec::with_capacity(value.len() + 1);
+            v.push(INLINE);
+            v.extend_from_slice(value);
+            return Ok(v);
+        }
+        let mut len = self.len.lock().unwrap_or_else(|p| p.into_inner());
+        let offset = *len;
+        if let Err(e) = (&self.file).write_all(value) {
+            // A partial append: the end is wherever the file ends now.
+            *len = self.file.metadata().map(|m| m.len()).unwrap_or(offset);
+            return Err(sled::Error::Io(e).into());
+        }
+        *len = offset + value.len() as u64;
+        let mut v = vec![POINTER];
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&(value.len() as u64).to_be_bytes());
+        Ok(v)
+    }
+
+    fn decode(&self, stored: &[u8]) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        match stored.split_first() {
+            Some((&INLINE, rest)) => Ok(rest.to_vec()),
+            Some((&POINTER, rest)) if rest.len() == 16 => {
+                let n = |b: &[u8]| u64::from_be_bytes(<[u8; 8]>::try_from(b).unwrap_or([0; 8]));
+                let (offset, len) = (n(&rest[..8]), n(&rest[8..]));
+                let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                self.file
+                    .read_exact_at(&mut buf, offset)
+                    .map_err(sled::Error::Io)?;
+                Ok(buf)
+            }
+            _ => Ok(stored.to_vec()),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(sled::Error::Io)?;
+        Ok(())
     }
 }
 
