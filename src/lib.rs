@@ -15,7 +15,11 @@
 //! - [`template`]: admin-editable message texts (pure).
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
-//! - [`store`]: the only module that touches sled.
+//! - [`store`]: the only module that touches sled (and its raw log).
+//! - [`scheduler`]: case timers, and the digest's period.
+//! - [`stats`]: KPIs from per-case facts (pure); [`digest`] mails them.
+//! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
+//! - [`tls`]: the rustls client config IMAP and SMTP share.
 //! - [`outbox`]: persisted outgoing mail, sent at most once per entry
 //!   mark, retried with backoff.
 //! - [`app`]: wires the workers, runs them until shutdown.
