@@ -349,7 +349,7 @@ pub fn stats_report(
         .map(|t| t.name.clone())
         .collect();
     let window: Vec<_> = store.facts_since(since).collect::<Result<_, _>>()?;
-    let open: Vec<_> = store.unresolved_facts().collect::<Result<_, _>>()?;
+    let open: Vec<_> = store.unresolved().collect::<Result<_, _>>()?;
     Ok(crate::stats::report(
         window.into_iter(),
         open.into_iter(),

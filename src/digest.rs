@@ -100,7 +100,7 @@ pub fn text(
     let tiers: Vec<String> = config.tiers.iter().map(|t| t.name.clone()).collect();
     let report = stats::report(
         window.iter().cloned(),
-        open.iter().cloned(),
+        open.iter().map(|f| (f.tier.clone(), f.created_at)),
         &tiers,
         Some(start),
         end.min(now),
@@ -286,7 +286,7 @@ mod tests {
         };
         let report = stats::report(
             window.iter().cloned(),
-            open.iter().cloned(),
+            open.iter().map(|f| (f.tier.clone(), f.created_at)),
             &[],
             Some(start),
             end,

@@ -161,7 +161,7 @@ struct Gauges {
     open: Mutex<Option<(Instant, BTreeMap<String, u64>)>>,
 }
 
-const OPEN_CACHE: Duration = Duration::from_secs(15);
+const OPEN_CACHE: Duration = Duration::from_secs(60);
 
 impl Gauges {
     fn open_by_tier(&self) -> BTreeMap<String, u64> {

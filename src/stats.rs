@@ -271,10 +271,11 @@ fn new_acc() -> Acc {
     a
 }
 
-/// Computes the report from the window's facts and all unresolved cases'.
+/// Computes the report from the window's facts and every unresolved
+/// case's tier and opening time.
 pub fn report(
     window: impl Iterator<Item = Facts>,
-    open: impl Iterator<Item = Facts>,
+    open: impl Iterator<Item = (String, DateTime<Utc>)>,
     tier_order: &[String],
     since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
@@ -339,11 +340,11 @@ pub fn report(
             }
         }
     }
-    for f in open {
-        let age = now - f.created_at;
+    for (tier, created_at) in open {
+        let age = now - created_at;
         overall.kpis.open.add(age);
         tiers
-            .entry(f.tier.clone())
+            .entry(tier)
             .or_insert_with(new_acc)
             .kpis
             .open
@@ -539,7 +540,8 @@ mod tests {
             .filter(|f| f.status != Status::Resolved)
             .cloned()
             .collect();
-        let r = report(facts.into_iter(), open.into_iter(), &tiers, None, at(30));
+        let open = open.into_iter().map(|f| (f.tier, f.created_at));
+        let r = report(facts.into_iter(), open, &tiers, None, at(30));
         let o = &r.overall;
         assert_eq!(o.cases, 10);
         assert_eq!(o.escalated, 4);

@@ -103,7 +103,7 @@ const TREES: [(Tree, &str); 13] = [
 ];
 
 /// sled's page cache; its default (1 GiB) would dwarf the daemon.
-const CACHE_BYTES: u64 = 32 << 20;
+const CACHE_BYTES: u64 = 16 << 20;
 
 /// Writes to apply atomically.
 #[derive(Debug, Default)]
@@ -580,6 +580,20 @@ impl Store {
                 Ok(None) => None,
                 Err(e) => Some(Err(e.into())),
             }
+        })
+    }
+
+    /// Every unresolved case's tier and opening time, without decoding
+    /// its facts.
+    pub fn unresolved(&self) -> impl Iterator<Item = Result<(String, DateTime<Utc>)>> + '_ {
+        self.tree(Tree::Facts).scan_prefix(b"u").filter_map(|r| {
+            let (k, v) = match r {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let (at, _) = unresolved_entry(&k, &v)?;
+            let tier = String::from_utf8_lossy(v.get(8..).unwrap_or_default()).into_owned();
+            Some(Ok((tier, at)))
         })
     }
 
