@@ -661,7 +661,10 @@ fn timers_and_memory(sz: &Sizes, rows: &mut Vec<Row>) {
         .unwrap_or_default()
         .contains("watching mailbox")
     {
-        assert!(started.elapsed() < Duration::from_secs(120), "daemon did not start");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "daemon did not start"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));

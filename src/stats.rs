@@ -343,12 +343,7 @@ pub fn report(
     for (tier, created_at) in open {
         let age = now - created_at;
         overall.kpis.open.add(age);
-        tiers
-            .entry(tier)
-            .or_insert_with(new_acc)
-            .kpis
-            .open
-            .add(age);
+        tiers.entry(tier).or_insert_with(new_acc).kpis.open.add(age);
     }
     let mut ordered = Vec::new();
     for name in tier_order {

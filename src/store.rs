@@ -103,7 +103,7 @@ const TREES: [(Tree, &str); 13] = [
 ];
 
 /// sled's page cache; its default (1 GiB) would dwarf the daemon.
-const CACHE_BYTES: u64 = 16 << 20;
+const CACHE_BYTES: u64 = 4 << 20;
 
 /// Writes to apply atomically.
 #[derive(Debug, Default)]
