@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -154,26 +154,14 @@ pub fn committed(events: &[Event]) {
     }
 }
 
-/// Gauges read from the store at scrape time; open cases by tier are a
-/// scan, so they are cached briefly.
+/// Gauges read from the store at scrape time (stored counts, cheap).
 struct Gauges {
     store: Arc<Store>,
-    open: Mutex<Option<(Instant, BTreeMap<String, u64>)>>,
 }
-
-const OPEN_CACHE: Duration = Duration::from_secs(60);
 
 impl Gauges {
     fn open_by_tier(&self) -> BTreeMap<String, u64> {
-        let mut slot = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, v)) = &*slot {
-            if at.elapsed() < OPEN_CACHE {
-                return v.clone();
-            }
-        }
-        let v = self.store.open_cases_by_tier().unwrap_or_default();
-        *slot = Some((Instant::now(), v.clone()));
-        v
+        self.store.open_cases_by_tier().unwrap_or_default()
     }
 }
 
@@ -293,10 +281,7 @@ pub async fn serve(
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "metrics endpoint listening");
-    let gauges = Arc::new(Gauges {
-        store,
-        open: Mutex::new(None),
-    });
+    let gauges = Arc::new(Gauges { store });
     Ok(async move {
         loop {
             let (conn, _) = tokio::select! {

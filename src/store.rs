@@ -342,9 +342,28 @@ impl Store {
             ops: moved,
             events: batch.events.clone(),
         };
+        let meta = TREES
+            .iter()
+            .position(|(x, _)| *x == Tree::Meta)
+            .unwrap_or(0);
         let r = self.trees[..].transaction(|txs| {
             for (tree, key, value) in &batch.ops {
                 let i = TREES.iter().position(|(x, _)| x == tree).unwrap_or(0);
+                if *tree == Tree::Facts && key.first() == Some(&b'u') {
+                    // Keep the open-cases-by-tier counts in step with the
+                    // unresolved index, in the same transaction.
+                    let old = txs[i].get(key.as_slice())?;
+                    let old_tier = old.as_ref().and_then(|v| v.get(8..).map(<[u8]>::to_vec));
+                    let new_tier = value.as_ref().and_then(|v| v.get(8..).map(<[u8]>::to_vec));
+                    if old_tier != new_tier {
+                        if let Some(t) = old_tier {
+                            bump_open(&txs[meta], &t, -1)?;
+                        }
+                        if let Some(t) = new_tier {
+                            bump_open(&txs[meta], &t, 1)?;
+                        }
+                    }
+                }
                 match value {
                     Some(v) => {
                         txs[i].insert(key.as_slice(), v.as_slice())?;
@@ -597,13 +616,19 @@ impl Store {
         })
     }
 
-    /// Unresolved cases by the tier holding them.
+    /// Unresolved cases by the tier holding them: stored counts, kept
+    /// by `apply`, so this reads a handful of keys whatever the store's size.
     pub fn open_cases_by_tier(&self) -> Result<std::collections::BTreeMap<String, u64>> {
         let mut out = std::collections::BTreeMap::new();
-        for r in self.tree(Tree::Facts).scan_prefix(b"u") {
-            let (_, v) = r?;
-            let tier = String::from_utf8_lossy(v.get(8..).unwrap_or_default()).into_owned();
-            *out.entry(tier).or_default() += 1;
+        for r in self.tree(Tree::Meta).scan_prefix(OPEN_PREFIX) {
+            let (k, v) = r?;
+            let tier = String::from_utf8_lossy(&k[OPEN_PREFIX.len()..]).into_owned();
+            let n = <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if n > 0 {
+                out.insert(tier, n);
+            }
         }
         Ok(out)
     }
@@ -622,10 +647,18 @@ impl Store {
     /// Builds the derived trees (facts, pending outbox) of a store
     /// written before they existed. Runs once; cheap when done.
     fn build_indexes(&self) -> Result<()> {
-        const VERSION: &[u8] = b"2";
+        const VERSION: &[u8] = b"3";
         let meta = self.tree(Tree::Meta);
         if meta.get(b"indexes")?.as_deref() == Some(VERSION) {
             return Ok(());
+        }
+        // Rebuilt from the cases: the counts start from nothing.
+        for r in meta.scan_prefix(OPEN_PREFIX) {
+            meta.remove(r?.0)?;
+        }
+        let facts = self.tree(Tree::Facts);
+        for r in facts.scan_prefix(b"u") {
+            facts.remove(r?.0)?;
         }
         let mut batch = Batch::default();
         for case in self.cases() {
@@ -878,6 +911,30 @@ impl RawLog {
     }
 }
 
+/// Meta keys `open/<tier>`: how many unresolved cases the tier holds.
+const OPEN_PREFIX: &[u8] = b"open/";
+
+fn bump_open(
+    meta: &sled::transaction::TransactionalTree,
+    tier: &[u8],
+    delta: i64,
+) -> std::result::Result<(), sled::transaction::UnabortableTransactionError> {
+    let mut key = OPEN_PREFIX.to_vec();
+    key.extend_from_slice(tier);
+    let n = meta
+        .get(&key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    let n = n.saturating_add_signed(delta);
+    if n == 0 {
+        meta.remove(key)?;
+    } else {
+        meta.insert(key, &n.to_be_bytes())?;
+    }
+    Ok(())
+}
+
 /// An unresolved-index entry: the case's opening time and id.
 fn unresolved_entry(k: &[u8], v: &[u8]) -> Option<(DateTime<Utc>, CaseId)> {
     let id = u64::from_be_bytes(<[u8; 8]>::try_from(k.get(1..9)?).ok()?);
@@ -996,5 +1053,47 @@ mod tests {
         s.apply(&b).unwrap();
         let since = DateTime::from_timestamp(150, 0).unwrap();
         assert_eq!(s.auto_replies_since("a@x.org", since).unwrap(), 2);
+    }
+
+    #[test]
+    fn open_case_counts_follow_tier_changes_and_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let at = DateTime::from_timestamp(1_000, 0).unwrap();
+        let write = |c: &Case| {
+            let mut b = Batch::default();
+            s.write_case(&mut b, None, c).unwrap();
+            s.apply(&b).unwrap();
+        };
+        let mut a = Case::new(1, "a@x.org", "s", "T1", "m1", at);
+        let b = Case::new(2, "b@x.org", "s", "T1", "m2", at);
+        write(&a);
+        write(&b);
+        write(&a);
+        let counts = |v: &[(&str, u64)]| -> std::collections::BTreeMap<String, u64> {
+            v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        assert_eq!(s.open_cases_by_tier().unwrap(), counts(&[("T1", 2)]));
+        a.tier = "T2".into();
+        write(&a);
+        assert_eq!(
+            s.open_cases_by_tier().unwrap(),
+            counts(&[("T1", 1), ("T2", 1)])
+        );
+        a.status = Status::Resolved;
+        write(&a);
+        assert_eq!(s.open_cases_by_tier().unwrap(), counts(&[("T1", 1)]));
+        assert_eq!(s.unresolved().count(), 1);
+        // Reopening counts it again; a rebuilt index gives the same counts.
+        a.status = Status::Open;
+        write(&a);
+        drop(s);
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.tree(Tree::Meta).remove("indexes").unwrap();
+        s.build_indexes().unwrap();
+        assert_eq!(
+            s.open_cases_by_tier().unwrap(),
+            counts(&[("T1", 1), ("T2", 1)])
+        );
     }
 }
