@@ -683,7 +683,9 @@ impl Config {
                 e.host,
                 e.port,
                 e.security,
-                if e.password.is_some() {
+                if e.oauth.is_some() {
+                    ", xoauth2"
+                } else if e.password.is_some() {
                     ", password set"
                 } else {
                     ""
@@ -713,6 +715,16 @@ impl Config {
             .collect();
         s.push_str(&tiers.join(" → "));
         s.push_str(&format!("\n  timezone: {}", self.calendar.timezone));
+        if let Some(d) = &self.digest {
+            s.push_str(&format!(
+                "\n  digest:  every {} to {}",
+                humantime::format_duration(d.every),
+                d.to.join(", ")
+            ));
+        }
+        if let Some(l) = self.metrics.listen {
+            s.push_str(&format!("\n  metrics: http://{l}/metrics"));
+        }
         s
     }
 }
