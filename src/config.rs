@@ -975,7 +975,7 @@ impl Validator<'_> {
         if mailbox_endpoint.password.is_none() && mailbox_endpoint.oauth.is_none() {
             self.problem(
                 "mailbox.password",
-                "IMAP needs a password: set password_env, password_file or password",
+                "IMAP needs a password (password_env, password_file or password) or auth = \"xoauth2\" with a token source",
             );
         }
         let poll_interval = self.duration("mailbox.poll_interval", &m.poll_interval);
