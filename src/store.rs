@@ -342,13 +342,19 @@ impl Store {
             ops: moved,
             events: batch.events.clone(),
         };
-        let meta = TREES
-            .iter()
-            .position(|(x, _)| *x == Tree::Meta)
-            .unwrap_or(0);
-        let r = self.trees[..].transaction(|txs| {
+        // Only the trees the batch touches take part: a transaction's cost
+        // grows with its trees.
+        let index = |t: Tree| TREES.iter().position(|(x, _)| *x == t).unwrap_or(0);
+        let mut used: Vec<usize> = batch.ops.iter().map(|(t, _, _)| index(*t)).collect();
+        used.push(index(Tree::Meta));
+        used.sort_unstable();
+        used.dedup();
+        let trees: Vec<&sled::Tree> = used.iter().map(|i| &self.trees[*i]).collect();
+        let slot = |t: Tree| used.binary_search(&index(t)).unwrap_or(0);
+        let meta = slot(Tree::Meta);
+        let r = trees[..].transaction(|txs| {
             for (tree, key, value) in &batch.ops {
-                let i = TREES.iter().position(|(x, _)| x == tree).unwrap_or(0);
+                let i = slot(*tree);
                 if *tree == Tree::Facts && key.first() == Some(&b'u') {
                     // Keep the open-cases-by-tier counts in step with the
                     // unresolved index, in the same transaction.
