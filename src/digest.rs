@@ -121,7 +121,7 @@ pub fn compose(
         "Escalation review for {} to {} (every {}).\n\n",
         start.format("%Y-%m-%d %H:%M"),
         end.format("%Y-%m-%d %H:%M UTC"),
-        humantime::format_duration(d.every)
+        short_duration(d.every.as_secs() as i64)
     );
     out.push_str("KPIs of the cases opened in the period\n\n");
     out.push_str(&report.text());
