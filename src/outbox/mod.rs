@@ -196,6 +196,14 @@ impl Outbox {
                 _ => report.retrying += 1,
             }
         }
+        if report.sent > 0 {
+            // Every journaled id is marked sent by now (this worker is the
+            // journal's only writer): once durable, the lines can go.
+            self.store.flush_async().await?;
+            if let Err(e) = self.journal.clear() {
+                tracing::warn!(error = %e, "cannot empty the sent journal; it is replayed at start-up");
+            }
+        }
         Ok(report)
     }
 
