@@ -348,15 +348,19 @@ pub fn stats_report(
         .iter()
         .map(|t| t.name.clone())
         .collect();
-    let window: Vec<_> = store.facts_since(since).collect::<Result<_, _>>()?;
-    let open: Vec<_> = store.unresolved().collect::<Result<_, _>>()?;
-    Ok(crate::stats::report(
-        window.into_iter(),
-        open.into_iter(),
-        &tiers,
-        since,
-        now,
-    ))
+    // Streamed: a million cases' facts need not sit in memory at once.
+    let (mut window_err, mut open_err) = (None, None);
+    let window = store
+        .facts_since(since)
+        .map_while(|r| r.map_err(|e| window_err = Some(e)).ok());
+    let open = store
+        .unresolved()
+        .map_while(|r| r.map_err(|e| open_err = Some(e)).ok());
+    let report = crate::stats::report(window, open, &tiers, since, now);
+    match window_err.or(open_err) {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
 
 /// Applies a person's change to a case: policy, mails, store, in one

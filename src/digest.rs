@@ -92,9 +92,10 @@ pub fn text(
     end: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<String, StoreError> {
+    // Facts come in opening order: stop at the period's end.
     let window: Vec<Facts> = store
         .facts_since(Some(start))
-        .filter(|f| f.as_ref().map(|f| f.created_at < end).unwrap_or(true))
+        .take_while(|f| f.as_ref().map(|f| f.created_at < end).unwrap_or(true))
         .collect::<Result<_, _>>()?;
     let open: Vec<Facts> = store.unresolved_facts().collect::<Result<_, _>>()?;
     let tiers: Vec<String> = config.tiers.iter().map(|t| t.name.clone()).collect();
@@ -134,7 +135,7 @@ pub fn compose(
             continue;
         }
         for s in &f.stints {
-            if let Some((at, reason, _)) = &s.left {
+            if let Some((at, reason)) = &s.left {
                 if *at >= start && *at < end {
                     let next = f
                         .stints

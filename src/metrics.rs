@@ -154,19 +154,8 @@ pub fn committed(events: &[Event]) {
     }
 }
 
-/// Gauges read from the store at scrape time (stored counts, cheap).
-struct Gauges {
-    store: Arc<Store>,
-}
-
-impl Gauges {
-    fn open_by_tier(&self) -> BTreeMap<String, u64> {
-        self.store.open_cases_by_tier().unwrap_or_default()
-    }
-}
-
-/// The exposition text.
-fn render(g: &Gauges) -> String {
+/// The exposition text; the gauges are stored counts, cheap to read.
+fn render(store: &Store) -> String {
     let m = &*METRICS;
     let mut out = String::new();
     let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
@@ -246,13 +235,13 @@ fn render(g: &Gauges) -> String {
     let _ = writeln!(
         out,
         "# HELP escalator_outbox_depth Mail waiting to be sent.\n# TYPE escalator_outbox_depth gauge\nescalator_outbox_depth {}",
-        g.store.outbox_depth()
+        store.outbox_depth()
     );
     let _ = writeln!(
         out,
         "# HELP escalator_open_cases Unresolved cases, by the tier holding them.\n# TYPE escalator_open_cases gauge"
     );
-    for (tier, n) in g.open_by_tier() {
+    for (tier, n) in store.open_cases_by_tier().unwrap_or_default() {
         let _ = writeln!(
             out,
             "escalator_open_cases{} {n}",
@@ -281,7 +270,6 @@ pub async fn serve(
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "metrics endpoint listening");
-    let gauges = Arc::new(Gauges { store });
     Ok(async move {
         loop {
             let (conn, _) = tokio::select! {
@@ -295,15 +283,15 @@ pub async fn serve(
                     }
                 },
             };
-            let gauges = gauges.clone();
+            let store = store.clone();
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, &gauges)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, &store)).await;
             });
         }
     })
 }
 
-async fn answer(mut conn: tokio::net::TcpStream, gauges: &Arc<Gauges>) -> std::io::Result<()> {
+async fn answer(mut conn: tokio::net::TcpStream, store: &Arc<Store>) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
@@ -323,8 +311,8 @@ async fn answer(mut conn: tokio::net::TcpStream, gauges: &Arc<Gauges>) -> std::i
             "text/plain",
         )
     } else if path == "/metrics" || path.starts_with("/metrics?") {
-        let g = gauges.clone();
-        let body = tokio::task::spawn_blocking(move || render(&g))
+        let store = store.clone();
+        let body = tokio::task::spawn_blocking(move || render(&store))
             .await
             .unwrap_or_default();
         ("200 OK", body, "text/plain; version=0.0.4; charset=utf-8")

@@ -42,7 +42,7 @@ pub struct Stint {
     pub from: DateTime<Utc>,
     pub first_answer: Option<DateTime<Utc>>,
     /// When and why the case left the tier upwards (or sideways, by hand).
-    pub left: Option<(DateTime<Utc>, Reason, String)>,
+    pub left: Option<(DateTime<Utc>, Reason)>,
     /// A deadline passed at this tier without a staff answer.
     pub deadline_missed: bool,
 }
@@ -74,7 +74,7 @@ impl Facts {
                 EventKind::Escalated {
                     to, reason, detail, ..
                 } => {
-                    cur.left = Some((e.at, *reason, detail.clone()));
+                    cur.left = Some((e.at, *reason));
                     if *reason == Reason::Stale {
                         cur.deadline_missed = true;
                     }
@@ -317,7 +317,7 @@ pub fn report(
         for (i, s) in f.stints.iter().enumerate() {
             let t = tiers.entry(s.tier.clone()).or_insert_with(new_acc);
             t.kpis.cases += 1;
-            if let Some((_, reason, _)) = &s.left {
+            if let Some((_, reason)) = &s.left {
                 t.kpis.escalated += 1;
                 *t.kpis
                     .escalated_by_reason

@@ -328,20 +328,16 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        // Big raw values go to the raw log first; the batch stores where.
-        // A failed transaction leaves unreferenced bytes there, harmless.
-        let mut moved: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        for (tree, key, value) in &batch.ops {
-            let v = match (tree, value) {
+        // Raw values go to the raw log first (or are tagged inline); the
+        // transaction stores what `encode` returns. A failed transaction
+        // leaves unreferenced bytes in the log, harmless.
+        let mut raw: Vec<Option<Vec<u8>>> = Vec::with_capacity(batch.ops.len());
+        for (tree, _, value) in &batch.ops {
+            raw.push(match (tree, value) {
                 (Tree::Raw, Some(v)) => Some(self.raw_log.encode(v)?),
-                _ => value.clone(),
-            };
-            moved.push((*tree, key.clone(), v));
+                _ => None,
+            });
         }
-        let batch = &Batch {
-            ops: moved,
-            events: batch.events.clone(),
-        };
         // Only the trees the batch touches take part: a transaction's cost
         // grows with its trees.
         let index = |t: Tree| TREES.iter().position(|(x, _)| *x == t).unwrap_or(0);
@@ -353,14 +349,15 @@ impl Store {
         let slot = |t: Tree| used.binary_search(&index(t)).unwrap_or(0);
         let meta = slot(Tree::Meta);
         let r = trees[..].transaction(|txs| {
-            for (tree, key, value) in &batch.ops {
+            for ((tree, key, value), raw) in batch.ops.iter().zip(&raw) {
+                let value = raw.as_ref().or(value.as_ref());
                 let i = slot(*tree);
                 if *tree == Tree::Facts && key.first() == Some(&b'u') {
                     // Keep the open-cases-by-tier counts in step with the
                     // unresolved index, in the same transaction.
                     let old = txs[i].get(key.as_slice())?;
                     let old_tier = old.as_ref().and_then(|v| v.get(8..).map(<[u8]>::to_vec));
-                    let new_tier = value.as_ref().and_then(|v| v.get(8..).map(<[u8]>::to_vec));
+                    let new_tier = value.and_then(|v| v.get(8..).map(<[u8]>::to_vec));
                     if old_tier != new_tier {
                         if let Some(t) = old_tier {
                             bump_open(&txs[meta], &t, -1)?;
@@ -653,7 +650,7 @@ impl Store {
     /// Builds the derived trees (facts, pending outbox) of a store
     /// written before they existed. Runs once; cheap when done.
     fn build_indexes(&self) -> Result<()> {
-        const VERSION: &[u8] = b"3";
+        const VERSION: &[u8] = b"4";
         let meta = self.tree(Tree::Meta);
         if meta.get(b"indexes")?.as_deref() == Some(VERSION) {
             return Ok(());
