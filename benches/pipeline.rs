@@ -347,11 +347,13 @@ async fn ingest_and_acks(sz: &Sizes, rows: &mut Vec<Row>) {
         fs::read(first).unwrap()
     };
     let t = Instant::now();
-    let mut client = RawSmtp::connect(stack.smtp_port);
+    let mut client = support::SmtpClient::connect(stack.smtp_port).unwrap();
     let support_addr = format!("support@{}", support::DOMAIN);
     for i in 0..sent {
         let to = format!("{}@{}", customer(i), support::DOMAIN);
-        client.send(&support_addr, &[&to, &support_addr], &sample);
+        client
+            .send(&support_addr, &[&to, &support_addr], &sample)
+            .unwrap();
     }
     client.quit();
     let raw_smtp_s = t.elapsed().as_secs_f64();
@@ -364,71 +366,6 @@ async fn ingest_and_acks(sz: &Sizes, rows: &mut Vec<Row>) {
         ">= 0.8x",
     ));
     drain_postfix(&stack);
-}
-
-/// A plain SMTP client on one connection: the baseline for sending.
-/// TCP_NODELAY, and the message with its final dot in one write.
-struct RawSmtp {
-    w: std::net::TcpStream,
-    r: std::io::BufReader<std::net::TcpStream>,
-}
-
-impl RawSmtp {
-    fn connect(port: u16) -> RawSmtp {
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut c = RawSmtp {
-            w: s.try_clone().unwrap(),
-            r: std::io::BufReader::new(s),
-        };
-        c.expect('2');
-        c.cmd("EHLO bench.example.test", '2');
-        c
-    }
-
-    fn expect(&mut self, code: char) {
-        use std::io::BufRead;
-        loop {
-            let mut line = String::new();
-            self.r.read_line(&mut line).unwrap();
-            assert!(line.starts_with(code), "SMTP: {line}");
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return;
-            }
-        }
-    }
-
-    fn cmd(&mut self, c: &str, code: char) {
-        use std::io::Write;
-        self.w.write_all(format!("{c}\r\n").as_bytes()).unwrap();
-        self.expect(code);
-    }
-
-    fn send(&mut self, from: &str, to: &[&str], raw: &[u8]) {
-        use std::io::Write;
-        self.cmd(&format!("MAIL FROM:<{from}>"), '2');
-        for t in to {
-            self.cmd(&format!("RCPT TO:<{t}>"), '2');
-        }
-        self.cmd("DATA", '3');
-        let mut body = Vec::with_capacity(raw.len() + 8);
-        for line in raw.split_inclusive(|b| *b == b'\n') {
-            if line.first() == Some(&b'.') {
-                body.push(b'.');
-            }
-            body.extend_from_slice(line);
-        }
-        if !body.ends_with(b"\r\n") {
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(b".\r\n");
-        self.w.write_all(&body).unwrap();
-        self.expect('2');
-    }
-
-    fn quit(mut self) {
-        self.cmd("QUIT", '2');
-    }
 }
 
 fn percentile(v: &mut [f64], p: usize) -> f64 {

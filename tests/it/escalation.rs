@@ -2,28 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{escalator, header, mail, Setup};
-
-/// Tiers with a 2 s first response at the Frontline.
-fn tiers(extra: &str) -> String {
-    format!(
-        r#"
-[[tiers]]
-name = "Frontline"
-staff = ["agent@example.test"]
-first_response = "2s"
-follow_up = "2s"
-
-[[tiers]]
-name = "Tier 2"
-staff = ["tier2@example.test"]
-forward_to = ["tier2@example.test"]
-first_response = "1h"
-renotify = "1h"
-{extra}
-"#
-    )
-}
+use crate::support::{escalator, header, mail, tiers, Setup};
 
 fn parsed(raw: &[u8]) -> escalator::message::InboundMail {
     escalator::message::parse(raw)

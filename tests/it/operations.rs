@@ -6,29 +6,11 @@ use serde_json::Value;
 
 use crate::support::{escalator, mail, Setup};
 
-/// Frontline answers within 2 s, Tier 2 within an hour; "supervisor"
-/// escalates at once.
+/// The escalation tests' tiers, and "supervisor" escalates at once.
 fn tiers(extra: &str) -> String {
-    format!(
-        r#"
-[[tiers]]
-name = "Frontline"
-staff = ["agent@example.test"]
-first_response = "2s"
-follow_up = "2s"
-
-[[tiers]]
-name = "Tier 2"
-staff = ["tier2@example.test"]
-forward_to = ["tier2@example.test"]
-first_response = "1h"
-
-[[triggers]]
-phrases = ["supervisor"]
-escalate = true
-{extra}
-"#
-    )
+    crate::support::tiers(&format!(
+        "\n[[triggers]]\nphrases = [\"supervisor\"]\nescalate = true\n{extra}"
+    ))
 }
 
 fn stats(s: &Setup, args: &[&str]) -> Value {
@@ -65,10 +47,17 @@ async fn three_cases(s: &Setup) {
     );
     s.stack.settle().await;
     s.once();
+    // Postfix delivers in no fixed order: find ann's case by its customer.
+    let ann = s
+        .cases()
+        .iter()
+        .find(|c| c["customer"] == "ann@example.test")
+        .and_then(|c| c["id"].as_u64())
+        .unwrap();
     let answer = mail(
         "Support <support@example.test>",
         "ann@example.test",
-        "Re: [Case #1] Invoice",
+        &format!("Re: [Case #{ann}] Invoice"),
         "ans1@example.test",
         "In-Reply-To: <Invoice.ann@example.test>\r\n",
         "Attached.",
@@ -76,7 +65,8 @@ async fn three_cases(s: &Setup) {
     s.stack
         .deliver_maildir_folder("support", Some("Sent"), &answer, 1);
     s.once();
-    let out = escalator(&["cases", "resolve", "1", "--config", s.cfg()]);
+    let id = ann.to_string();
+    let out = escalator(&["cases", "resolve", &id, "--config", s.cfg()]);
     assert!(out.status.success());
     tokio::time::sleep(Duration::from_secs(3)).await;
     s.once();
@@ -141,13 +131,20 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_wro
     s.stack.wait_for("ann", 1, Duration::from_secs(20)).await;
 
     // Frontline now answers within 2 s: deadlines computed from now on.
+    // A mailbox setting changes too: that one waits for a restart.
     let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&s.config, text.replace("\"4h\"", "\"2s\"")).unwrap();
+    let text = text.replace("\"4h\"", "\"2s\"");
+    let text = text.replacen("poll_interval = \"1s\"", "poll_interval = \"2s\"", 1);
+    std::fs::write(&s.config, text).unwrap();
     d.signal("HUP");
     let log = d
         .wait_log("config reloaded", 1, Duration::from_secs(10))
         .await;
     assert!(log.contains("config reloaded"), "{log}");
+    assert!(
+        log.contains("take effect only after a restart"),
+        "the start-only change is named:\n{log}"
+    );
     s.send("bob", &customer_mail("bob", "Second", "hello"));
     let fwd = s.stack.wait_for("tier2", 1, Duration::from_secs(30)).await;
     assert_eq!(fwd.len(), 1, "bob's case went stale under the new timeline");

@@ -393,6 +393,28 @@ async fn forwards_carry_customer_html_only_as_an_attachment() {
     );
 }
 
+/// A config section's plain connection to the stack (on `old_port`)
+/// rewritten for TLS.
+fn secured(
+    text: &str,
+    old_port: u16,
+    host: &str,
+    port: u16,
+    security: &str,
+    ca: Option<&std::path::Path>,
+) -> String {
+    let ca = ca
+        .map(|p| format!("ca_file = {:?}\n", p.display().to_string()))
+        .unwrap_or_default();
+    let old = format!("host = \"127.0.0.1\"\nport = {old_port}\nsecurity = \"plain\"");
+    assert!(text.contains(&old));
+    text.replacen(
+        &old,
+        &format!("host = \"{host}\"\nport = {port}\nsecurity = \"{security}\"\n{ca}"),
+        1,
+    )
+}
+
 /// A config watching `support` over implicit TLS on the stack's IMAPS port.
 fn tls_config(
     stack: &MailStack,
@@ -400,23 +422,24 @@ fn tls_config(
     host: &str,
     ca: Option<&std::path::Path>,
 ) -> String {
-    let head = stack.config("support", store, "");
-    let imaps = stack.imaps_port.unwrap();
-    let ca = ca
-        .map(|p| format!("ca_file = {:?}\n", p.display().to_string()))
-        .unwrap_or_default();
-    head.replacen(
-        &format!(
-            "host = \"127.0.0.1\"\nport = {}\nsecurity = \"plain\"",
-            stack.imap_port
-        ),
-        &format!("host = \"{host}\"\nport = {imaps}\nsecurity = \"tls\"\n{ca}"),
-        1,
+    let text = stack.config("support", store, "");
+    secured(
+        &text,
+        stack.imap_port,
+        host,
+        stack.imaps_port.unwrap(),
+        "tls",
+        ca,
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tls_is_verified_a_private_ca_must_be_given_and_names_must_match() {
+/// A directory the mail servers can read, with a private CA (cert, key)
+/// and a certificate it signed for 127.0.0.1 (cert, key).
+fn certificates() -> (
+    tempfile::TempDir,
+    (std::path::PathBuf, std::path::PathBuf),
+    (std::path::PathBuf, std::path::PathBuf),
+) {
     let certs = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
         certs.path(),
@@ -424,8 +447,13 @@ async fn tls_is_verified_a_private_ca_must_be_given_and_names_must_match() {
     )
     .unwrap();
     let ca = crate::support::private_ca(certs.path());
-    let (cert, key) =
-        crate::support::server_cert(certs.path(), "good", &["127.0.0.1", "localhost"], &ca);
+    let good = crate::support::server_cert(certs.path(), "good", &["127.0.0.1", "localhost"], &ca);
+    (certs, ca, good)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_is_verified_a_private_ca_must_be_given_and_names_must_match() {
+    let (certs, ca, (cert, key)) = certificates();
     let stack = MailStack::start_tls(&["support", "alice"], &cert, &key);
     stack.deliver_maildir(
         "support",
@@ -848,44 +876,16 @@ async fn an_imap_restart_mid_fetch_loses_and_doubles_nothing() {
     assert!(cases.iter().all(|c| c["messages"] == 1));
 }
 
-/// The [smtp] section of a config rewritten for TLS.
-fn smtp_tls(
-    text: &str,
-    stack: &MailStack,
-    port: u16,
-    security: &str,
-    ca: Option<&std::path::Path>,
-) -> String {
-    let ca = ca
-        .map(|p| format!("ca_file = {:?}\n", p.display().to_string()))
-        .unwrap_or_default();
-    let old = format!(
-        "[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"plain\"",
-        stack.smtp_port
-    );
-    assert!(text.contains(&old));
-    text.replacen(
-        &old,
-        &format!("[smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"{security}\"\n{ca}"),
-        1,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
-    let certs = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        certs.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let ca = crate::support::private_ca(certs.path());
-    let (cert, key) =
-        crate::support::server_cert(certs.path(), "good", &["127.0.0.1", "localhost"], &ca);
+    let (_certs, ca, (cert, key)) = certificates();
     let stack = MailStack::start_tls(&["support", "alice"], &cert, &key);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     let base = stack.config("support", &dir.path().join("store"), "");
+    let smtp_tls = |port: u16, security: &str, ca: Option<&std::path::Path>| {
+        secured(&base, stack.smtp_port, "127.0.0.1", port, security, ca)
+    };
     let run = |text: String| {
         std::fs::write(&cfg, text).unwrap();
         escalator(&["run", "--once", "--config", cfg.to_str().unwrap()])
@@ -910,20 +910,14 @@ async fn smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
         )
         .unwrap();
     stack.settle().await;
-    let out = run(smtp_tls(&base, &stack, stack.smtp_port, "starttls", None));
+    let out = run(smtp_tls(stack.smtp_port, "starttls", None));
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(log.contains("certificate"), "{log}");
     assert_eq!(stack.fetch("alice", "INBOX").await.len(), 0);
 
     // STARTTLS with the CA: the queued ack goes out.
-    let out = run(smtp_tls(
-        &base,
-        &stack,
-        stack.smtp_port,
-        "starttls",
-        Some(&ca.0),
-    ));
+    let out = run(smtp_tls(stack.smtp_port, "starttls", Some(&ca.0)));
     assert!(
         out.status.success(),
         "{}",
@@ -947,7 +941,7 @@ async fn smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
         .unwrap();
     stack.settle().await;
     let smtps = stack.smtps_port.unwrap();
-    let out = run(smtp_tls(&base, &stack, smtps, "tls", Some(&ca.0)));
+    let out = run(smtp_tls(smtps, "tls", Some(&ca.0)));
     assert!(
         out.status.success(),
         "{}",

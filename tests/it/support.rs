@@ -867,61 +867,86 @@ impl Drop for Daemon {
 
 /// A minimal SMTP client: the tests control every byte they submit.
 pub fn smtp_send(port: u16, from: &str, to: &[&str], raw: &[u8]) -> Result<(), String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let mut w = s.try_clone().map_err(|e| e.to_string())?;
-    let mut r = BufReader::new(s);
-    let mut reply = || -> Result<String, String> {
+    let mut c = SmtpClient::connect(port)?;
+    c.send(from, to, raw)?;
+    c.quit();
+    Ok(())
+}
+
+/// A plain SMTP client on one connection: what tests and the benchmark
+/// send with. TCP_NODELAY, and each message with its final dot in one
+/// write, so no mail waits on a delayed ACK.
+pub struct SmtpClient {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl SmtpClient {
+    pub fn connect(port: u16) -> Result<SmtpClient, String> {
+        let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        s.set_nodelay(true).ok();
+        let mut c = SmtpClient {
+            w: s.try_clone().map_err(|e| e.to_string())?,
+            r: BufReader::new(s),
+        };
+        c.expect('2')?;
+        c.cmd("EHLO test.example.test", '2')?;
+        Ok(c)
+    }
+
+    /// Reads one (multi-line) reply; an error unless it starts with `code`.
+    fn expect(&mut self, code: char) -> Result<(), String> {
         let mut all = String::new();
         loop {
             let mut line = String::new();
-            r.read_line(&mut line).map_err(|e| e.to_string())?;
+            self.r.read_line(&mut line).map_err(|e| e.to_string())?;
             if line.is_empty() {
                 return Err("connection closed".into());
             }
             all.push_str(&line);
             if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return Ok(all);
+                break;
             }
         }
-    };
-    let expect = |got: String, code: char| -> Result<(), String> {
-        if got.starts_with(code) {
+        if all.starts_with(code) {
             Ok(())
         } else {
-            Err(got)
+            Err(all)
         }
-    };
-    expect(reply()?, '2')?;
-    let cmd = |w: &mut TcpStream, c: &str| {
-        w.write_all(format!("{c}\r\n").as_bytes())
-            .map_err(|e| e.to_string())
-    };
-    cmd(&mut w, "EHLO test.example.test")?;
-    expect(reply()?, '2')?;
-    cmd(&mut w, &format!("MAIL FROM:<{from}>"))?;
-    expect(reply()?, '2')?;
-    for t in to {
-        cmd(&mut w, &format!("RCPT TO:<{t}>"))?;
-        expect(reply()?, '2')?;
     }
-    cmd(&mut w, "DATA")?;
-    expect(reply()?, '3')?;
-    let mut data = Vec::with_capacity(raw.len() + 16);
-    for line in raw.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            data.push(b'.');
+
+    fn cmd(&mut self, c: &str, code: char) -> Result<(), String> {
+        self.w
+            .write_all(format!("{c}\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        self.expect(code)
+    }
+
+    pub fn send(&mut self, from: &str, to: &[&str], raw: &[u8]) -> Result<(), String> {
+        self.cmd(&format!("MAIL FROM:<{from}>"), '2')?;
+        for t in to {
+            self.cmd(&format!("RCPT TO:<{t}>"), '2')?;
         }
-        data.extend_from_slice(line);
+        self.cmd("DATA", '3')?;
+        let mut data = Vec::with_capacity(raw.len() + 16);
+        for line in raw.split_inclusive(|&b| b == b'\n') {
+            if line.starts_with(b".") {
+                data.push(b'.');
+            }
+            data.extend_from_slice(line);
+        }
+        if !data.ends_with(b"\n") {
+            data.extend_from_slice(b"\r\n");
+        }
+        data.extend_from_slice(b".\r\n");
+        self.w.write_all(&data).map_err(|e| e.to_string())?;
+        self.expect('2')
     }
-    if !data.ends_with(b"\n") {
-        data.extend_from_slice(b"\r\n");
+
+    pub fn quit(mut self) {
+        let _ = self.cmd("QUIT", '2');
     }
-    data.extend_from_slice(b".\r\n");
-    w.write_all(&data).map_err(|e| e.to_string())?;
-    expect(reply()?, '2')?;
-    let _ = cmd(&mut w, "QUIT");
-    Ok(())
 }
 
 /// Runs the escalator binary with `args`.
@@ -1016,4 +1041,25 @@ pub fn server_cert(
         .arg(&cert));
     fs::set_permissions(&cert, fs::Permissions::from_mode(0o644)).unwrap();
     (cert, key)
+}
+
+/// Tiers with a 2 s first response at the Frontline.
+pub fn tiers(extra: &str) -> String {
+    format!(
+        r#"
+[[tiers]]
+name = "Frontline"
+staff = ["agent@example.test"]
+first_response = "2s"
+follow_up = "2s"
+
+[[tiers]]
+name = "Tier 2"
+staff = ["tier2@example.test"]
+forward_to = ["tier2@example.test"]
+first_response = "1h"
+renotify = "1h"
+{extra}
+"#
+    )
 }
