@@ -825,10 +825,12 @@ impl Lookup for Store {
         let mut out: Vec<CaseId> = self
             .tree(Tree::MessageIds)
             .scan_prefix(&prefix)
+            .take(crate::thread::MAX_CASES_PER_ID)
             .filter_map(|r| r.ok())
             .filter_map(|(_, v)| <[u8; 8]>::try_from(v.get(..8)?).ok())
             .map(u64::from_be_bytes)
             .collect();
+        out.sort_unstable();
         out.dedup();
         out
     }

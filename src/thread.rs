@@ -165,44 +165,61 @@ fn mac(key: &[u8; 32], text: &str) -> String {
     out
 }
 
-/// Finds `[Tag #N]` in a subject (the tag word case-insensitively).
-pub fn subject_case(subject: &str, tag: &str) -> Option<CaseId> {
-    let lower = subject.to_lowercase();
-    let needle = format!("[{} #", tag.to_lowercase());
+/// Where `needle` occurs in `hay`, ignoring ASCII case, at or after
+/// byte `from`. Offsets are into `hay` itself: never into a case-folded
+/// copy, whose byte lengths differ (`İ` lower-cases to three bytes).
+fn find_ascii_ci(hay: &str, needle: &str, from: usize) -> Option<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.is_empty() || n.len() > h.len() {
+        return None;
+    }
+    (from..=h.len() - n.len())
+        .find(|&i| hay.is_char_boundary(i) && h[i..i + n.len()].eq_ignore_ascii_case(n))
+}
+
+/// Finds `[Tag #N]` in a subject (the tag word ignoring ASCII case) and
+/// returns N with the tag's byte range in `subject`.
+fn find_tag(subject: &str, tag: &str) -> Option<(CaseId, std::ops::Range<usize>)> {
+    let needle = format!("[{tag} #");
     let mut from = 0;
-    while let Some(i) = lower[from..].find(&needle) {
-        let start = from + i + needle.len();
-        let digits: String = lower[start..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        if !digits.is_empty() && lower[start + digits.len()..].starts_with(']') {
-            return digits.parse().ok();
+    while let Some(start) = find_ascii_ci(subject, &needle, from) {
+        let digits_at = start + needle.len();
+        let rest = &subject[digits_at..];
+        let n = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if n > 0 && rest[n..].starts_with(']') {
+            if let Ok(id) = rest[..n].parse() {
+                return Some((id, start..digits_at + n + 1));
+            }
         }
-        from = start;
+        from = digits_at;
     }
     None
 }
 
+/// Finds `[Tag #N]` in a subject (the tag word case-insensitively).
+pub fn subject_case(subject: &str, tag: &str) -> Option<CaseId> {
+    find_tag(subject, tag).map(|(id, _)| id)
+}
+
+/// Reply and forward prefixes of common clients, in several languages.
+const REPLY_PREFIXES: [&str; 9] = [
+    "re:", "aw:", "fw:", "fwd:", "wg:", "sv:", "antw:", "tr:", "rv:",
+];
+
 /// Removes our tag and reply prefixes, for the case's subject line.
 pub fn clean_subject(subject: &str, tag: &str) -> String {
     let mut s = subject.trim().to_string();
-    if let Some(id) = subject_case(&s, tag) {
-        let lower = s.to_lowercase();
-        let t = format!("[{} #{}]", tag.to_lowercase(), id);
-        if let Some(i) = lower.find(&t) {
-            s.replace_range(i..i + t.len(), "");
-        }
+    if let Some((_, range)) = find_tag(&s, tag) {
+        s.replace_range(range, "");
     }
     loop {
         let t = s.trim_start();
-        let lower = t.to_lowercase();
-        let cut = ["re:", "aw:", "fw:", "fwd:", "wg:", "sv:", "antw:"]
-            .iter()
-            .find(|p| lower.starts_with(*p))
-            .map(|p| p.len());
+        let cut = REPLY_PREFIXES.iter().find(|p| {
+            t.get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p))
+        });
         match cut {
-            Some(n) => s = t[n..].to_string(),
+            Some(p) => s = t[p.len()..].to_string(),
             None => {
                 s = t.trim().to_string();
                 break;
@@ -212,7 +229,42 @@ pub fn clean_subject(subject: &str, tag: &str) -> String {
     s
 }
 
+/// Most stored messages looked at for one referenced Message-ID. Several
+/// messages may share an ID (a sender can copy anyone's); the bound keeps
+/// one lookup cheap however many were sent.
+pub const MAX_CASES_PER_ID: usize = 4096;
+
+/// How close the sender stands to a case, best first; `None`: not one of
+/// its people, so a reference or tag must not join it.
+fn closeness(case: &Case, sender: &str, mail: &InboundMail, parties: &Parties) -> Option<u8> {
+    if sender.is_empty() {
+        return None;
+    }
+    if case.customer == sender {
+        return Some(0);
+    }
+    if case.participants.iter().any(|p| p == sender) {
+        return Some(1);
+    }
+    if parties.support.iter().any(|s| s == sender) || (parties.is_staff)(sender) {
+        // Support and staff write to the customer: the case whose
+        // customer this mail is addressed to comes first.
+        let to_customer = mail
+            .to
+            .iter()
+            .chain(&mail.cc)
+            .any(|a| a.email == case.customer);
+        return Some(if to_customer { 2 } else { 3 });
+    }
+    None
+}
+
 /// The threading decision for one message.
+///
+/// When several cases hold a referenced Message-ID, the one closest to
+/// the sender wins (customer, participant, then support/staff writing to
+/// that case's customer), then the oldest: never an order a sender can
+/// tune, such as a content hash.
 pub fn decide(
     mail: &InboundMail,
     lookup: &dyn Lookup,
@@ -224,11 +276,7 @@ pub fn decide(
         return Decision::Duplicate;
     }
     let sender = mail.from.as_ref().map(|a| a.email.as_str()).unwrap_or("");
-    let belongs = |case: &Case| {
-        case.is_participant(sender)
-            || parties.support.iter().any(|s| s == sender)
-            || (parties.is_staff)(sender)
-    };
+    let belongs = |case: &Case| closeness(case, sender, mail, parties).is_some();
 
     // Most recent reference first: In-Reply-To, then References backwards.
     let refs = mail.in_reply_to.iter().chain(mail.references.iter().rev());
@@ -244,15 +292,19 @@ pub fn decide(
             }
             continue;
         }
-        for case_id in lookup.cases_with_message_id(id) {
-            if let Some(case) = lookup.case(case_id) {
-                if belongs(&case) {
-                    return Decision::Join {
-                        case: case_id,
-                        via: Via::Reference,
-                    };
-                }
-            }
+        let mut ids = lookup.cases_with_message_id(id);
+        ids.sort_unstable();
+        ids.dedup();
+        let best = ids
+            .into_iter()
+            .filter_map(|case_id| lookup.case(case_id))
+            .filter_map(|case| Some((closeness(&case, sender, mail, parties)?, case.id)))
+            .min();
+        if let Some((_, case)) = best {
+            return Decision::Join {
+                case,
+                via: Via::Reference,
+            };
         }
     }
     if let Some(id) = subject_case(&mail.subject, tag) {
@@ -280,7 +332,7 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         stored: Vec<(String, String)>,
-        ids: HashMap<String, CaseId>,
+        ids: HashMap<String, Vec<CaseId>>,
         cases: HashMap<CaseId, Case>,
     }
 
@@ -289,7 +341,7 @@ mod tests {
             self.stored.iter().any(|(i, h)| i == id && h == hash)
         }
         fn cases_with_message_id(&self, id: &str) -> Vec<CaseId> {
-            self.ids.get(id).copied().into_iter().collect()
+            self.ids.get(id).cloned().unwrap_or_default()
         }
         fn case(&self, id: CaseId) -> Option<Case> {
             self.cases.get(&id).cloned()
@@ -306,7 +358,7 @@ mod tests {
         let mut f = Fake::default();
         f.cases
             .insert(42, case(42, "alice@example.org", &["bob@example.org"]));
-        f.ids.insert("alice-1@example.org".into(), 42);
+        f.ids.insert("alice-1@example.org".into(), vec![42]);
         f
     }
 
@@ -500,6 +552,136 @@ mod tests {
         let f = fake();
         let m = mail("alice@example.org", "[Case #999] hello", "");
         assert_eq!(decide_(&f, &m), Decision::New);
+    }
+
+    #[test]
+    fn copied_message_id_never_routes_alices_mail_into_a_strangers_case() {
+        // Attack: Mallory sends a message carrying Alice's Message-ID with
+        // Alice in Cc, so two cases hold that ID (and Alice is a
+        // participant of Mallory's case). Alice's follow-up and the
+        // agent's answer to Alice must still reach Alice's case, whatever
+        // order the index returns the cases in.
+        let mut f = fake();
+        f.cases.insert(
+            43,
+            case(43, "mallory@example.net", &["alice@example.org"]),
+        );
+        for order in [vec![43, 42], vec![42, 43]] {
+            f.ids.insert("alice-1@example.org".into(), order);
+            let follow_up = mail(
+                "alice@example.org",
+                "Re: printer",
+                "In-Reply-To: <alice-1@example.org>\r\n",
+            );
+            assert_eq!(
+                decide_(&f, &follow_up),
+                Decision::Join {
+                    case: 42,
+                    via: Via::Reference
+                }
+            );
+            let answer = mail(
+                "support@example.test",
+                "Re: printer",
+                "To: alice@example.org\r\nIn-Reply-To: <alice-1@example.org>\r\n",
+            );
+            assert_eq!(
+                decide_(&f, &answer),
+                Decision::Join {
+                    case: 42,
+                    via: Via::Reference
+                }
+            );
+            // Mallory's own reply goes to Mallory's case, never Alice's.
+            let m = mail(
+                "mallory@example.net",
+                "Re: printer",
+                "In-Reply-To: <alice-1@example.org>\r\n",
+            );
+            assert_eq!(
+                decide_(&f, &m),
+                Decision::Join {
+                    case: 43,
+                    via: Via::Reference
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn several_cases_with_one_id_prefer_participant_then_oldest() {
+        // Two cases hold the ID and the sender is a participant of the
+        // newer and merely staff for neither customer: participant wins;
+        // with equal standing the oldest (lowest number) wins.
+        let mut f = fake();
+        f.cases.insert(50, case(50, "carol@example.org", &[]));
+        f.cases
+            .insert(51, case(51, "dave@example.org", &["bob@example.org"]));
+        f.ids.insert("shared@example.org".into(), vec![51, 50]);
+        let bob = mail(
+            "bob@example.org",
+            "x",
+            "In-Reply-To: <shared@example.org>\r\n",
+        );
+        assert_eq!(
+            decide_(&f, &bob),
+            Decision::Join {
+                case: 51,
+                via: Via::Reference
+            }
+        );
+        let staff = mail(
+            "tier2@example.test",
+            "x",
+            "In-Reply-To: <shared@example.org>\r\n",
+        );
+        assert_eq!(
+            decide_(&f, &staff),
+            Decision::Join {
+                case: 50,
+                via: Via::Reference
+            }
+        );
+    }
+
+    #[test]
+    fn unicode_subject_with_tag_does_not_panic() {
+        // Input: a Turkish subject whose lower-case copy is longer than
+        // the original (`İ` → `i̇`): cutting the tag at the copy's offset
+        // panicked and quarantined the customer's mail for good.
+        assert_eq!(clean_subject("İade talebi [Case #12]", "Case"), "İade talebi");
+        assert_eq!(subject_case("İİİİ [case #12]", "Case"), Some(12));
+        assert_eq!(
+            clean_subject("ẞẞẞ AW: [CASE #7] Grüße", "Case"),
+            "ẞẞẞ AW:  Grüße"
+        );
+        assert_eq!(clean_subject("Re: [Case #7] Grüße", "Case"), "Grüße");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn subject_helpers_never_panic_and_find_the_tag(
+            before in "\\PC{0,12}",
+            after in "\\PC{0,12}",
+            id in 0u64..1_000_000,
+        ) {
+            let subject = format!("{before}[Case #{id}]{after}");
+            let _ = clean_subject(&before, "Case");
+            let _ = subject_case(&before, "Case");
+            let found = subject_case(&subject, "Case");
+            // An earlier tag in `before` may win; ours is found otherwise.
+            if subject_case(&before, "Case").is_none() {
+                proptest::prop_assert_eq!(found, Some(id));
+                let cleaned = clean_subject(&subject, "Case");
+                let tag = format!("[Case #{id}]");
+                proptest::prop_assert!(!cleaned.contains(&tag));
+            }
+        }
+
+        #[test]
+        fn own_id_verify_never_panics(s in "\\PC{0,80}") {
+            let _ = OwnId::verify(&s, &KEY);
+        }
     }
 
     #[test]
