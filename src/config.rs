@@ -226,6 +226,10 @@ pub struct CasesConfig {
     /// Staff mail must also carry `dkim=pass` for the staff domain in the
     /// receiving server's Authentication-Results.
     pub require_dkim_pass: bool,
+    /// The receiving server's authserv-id (RFC 8601), lower-cased: only
+    /// Authentication-Results it wrote are read. Required with
+    /// `require_dkim_pass`.
+    pub authserv_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -537,6 +541,7 @@ struct RawCases {
     instance: Option<String>,
     #[serde(default)]
     require_dkim_pass: bool,
+    authserv_id: Option<String>,
 }
 
 impl Default for RawCases {
@@ -548,6 +553,7 @@ impl Default for RawCases {
             auto_reply_window: default_window(),
             instance: None,
             require_dkim_pass: false,
+            authserv_id: None,
         }
     }
 }
@@ -1047,6 +1053,27 @@ impl Validator<'_> {
         }
         let auto_reply_window = self.duration("cases.auto_reply_window", &c.auto_reply_window);
         let instance = c.instance.unwrap_or_else(|| from.clone());
+        let authserv_id = c
+            .authserv_id
+            .as_deref()
+            .map(|a| a.trim().to_ascii_lowercase())
+            .filter(|a| !a.is_empty());
+        if let Some(a) = &authserv_id {
+            if a.contains(|ch: char| ch.is_whitespace() || ch == ';') {
+                self.problem(
+                    "cases.authserv_id",
+                    format!("{a:?} is not an authserv-id (one token, like \"mx.example.com\")"),
+                );
+            }
+        }
+        if c.require_dkim_pass && authserv_id.is_none() {
+            self.problem(
+                "cases.authserv_id",
+                "required when cases.require_dkim_pass = true: the authserv-id your receiving \
+                 server writes in its Authentication-Results headers (often its host name); \
+                 results from anyone else are not trusted",
+            );
+        }
         if instance.chars().any(|ch| ch.is_control()) {
             self.problem("cases.instance", "must not contain control characters");
         }
@@ -1336,6 +1363,7 @@ impl Validator<'_> {
                 auto_reply_window,
                 instance,
                 require_dkim_pass: c.require_dkim_pass,
+                authserv_id,
             },
             calendar: CalendarConfig { timezone, business },
             tiers,
@@ -1358,15 +1386,24 @@ fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
-/// Parses `90s`, `15m`, `4h`, `2d`, `1h 30m`.
+/// The longest duration any setting or option takes: ten years. Longer
+/// ones are typing mistakes, and deadlines computed from them would
+/// overflow the calendar.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Parses `90s`, `15m`, `4h`, `2d`, `1h 30m` (at most [`MAX_DURATION`]).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t.is_empty() {
         return Err("empty duration; write e.g. \"90s\", \"15m\", \"4h\", \"2d\"".into());
     }
-    humantime::parse_duration(t).map_err(|e| {
+    let d = humantime::parse_duration(t).map_err(|e| {
         format!("{text:?} is not a duration ({e}); write e.g. \"90s\", \"15m\", \"4h\", \"2d\"")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!("{text:?} is too long: at most 3650d (ten years)"));
+    }
+    Ok(d)
 }
 
 /// Parses `500KB`, `25MB`, `1GB` or a plain byte count.
@@ -1471,6 +1508,33 @@ first_response = "4h"
         let e = problems(&text);
         assert!(e.contains("mailbox.pasword"), "{e}");
         assert!(e.contains("line 8"), "{e}");
+    }
+
+    #[test]
+    fn dkim_without_authserv_id_is_refused() {
+        // Input: require_dkim_pass without naming the receiving server,
+        // which would trust Authentication-Results any sender can write.
+        let e = problems(&format!("{GOOD}[cases]\nrequire_dkim_pass = true\n"));
+        assert!(e.contains("cases.authserv_id"), "{e}");
+        let with = format!(
+            "{}\n[cases]\nrequire_dkim_pass = true\nauthserv_id = \"MX.example.test\"\n",
+            GOOD
+        );
+        // `[cases]` after `[[tiers]]` is still its own table in TOML.
+        let c = parse(&with).unwrap();
+        assert_eq!(c.cases.authserv_id.as_deref(), Some("mx.example.test"));
+        let e = problems(&with.replace("MX.example.test", "mx; dkim=pass"));
+        assert!(e.contains("cases.authserv_id"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_duration_is_a_clear_config_error() {
+        // Input: `renotify = "1000000d"`: deadlines computed from it
+        // overflowed and killed the scheduler.
+        let e = problems(&format!("{GOOD}renotify = \"1000000d\"\n"));
+        assert!(e.contains("tiers[0].renotify"), "{e}");
+        assert!(e.contains("too long"), "{e}");
+        assert!(parse_duration("3650d").is_ok());
     }
 
     #[test]

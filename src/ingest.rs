@@ -415,36 +415,36 @@ fn role(
     if case.participants.iter().any(|p| p == sender) {
         return Role::Participant;
     }
-    if config.tiers.iter().any(|t| t.is_staff(sender)) {
+    let support = config.support_addresses().iter().any(|s| s == sender);
+    let staff = config.tiers.iter().any(|t| t.is_staff(sender));
+    // The support address in the inbox without our loop header: an
+    // agent's answer (Bcc to support, or Gmail's one copy in both
+    // INBOX and Sent); with our loop header it is our own mail.
+    if staff || (support && mail.robot.loop_header.is_none()) {
+        let dkim = dkim_ok(mail, sender, config);
         let answers_us = mail
             .in_reply_to
             .iter()
             .chain(mail.references.iter())
             .filter_map(|id| OwnId::verify(id, key))
             .any(|own| own.case == case.id && own.kind.staff_facing());
-        let dkim = !config.cases.require_dkim_pass || dkim_pass(mail, sender);
-        return Role::Staff {
-            verified: answers_us && dkim,
-        };
+        if staff && answers_us && dkim {
+            return Role::Staff;
+        }
+        return Role::UnverifiedStaff { stops_clock: dkim };
     }
     Role::Other
 }
 
-/// Did the receiving server record `dkim=pass` for the sender's domain?
-fn dkim_pass(mail: &InboundMail, sender: &str) -> bool {
+/// Staff mail passes DKIM as the config asks: a pass for the sender's
+/// domain recorded by our receiving server (see [`crate::authres`]).
+fn dkim_ok(mail: &InboundMail, sender: &str, config: &Config) -> bool {
+    if !config.cases.require_dkim_pass {
+        return true;
+    }
     let domain = sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-    mail.headers
-        .iter()
-        .filter(|(n, _)| n == "authentication-results")
-        .any(|(_, v)| {
-            let v = v.to_ascii_lowercase();
-            v.split(';').any(|part| {
-                let part = part.trim();
-                part.starts_with("dkim=pass")
-                    && (part.contains(&format!("header.d={domain}"))
-                        || part.contains(&format!("header.i=@{domain}")))
-            })
-        })
+    let authserv_id = config.cases.authserv_id.as_deref().unwrap_or("");
+    crate::authres::dkim_pass(&mail.headers, authserv_id, domain)
 }
 
 fn index_value(case: CaseId, seq: u64) -> Vec<u8> {
@@ -480,6 +480,11 @@ mod tests {
     }
 
     fn setup(dir: &Path) -> (Ingestor, Arc<ManualClock>) {
+        setup_with(dir, "")
+    }
+
+    /// `cases` goes into `[cases]` (more keys, or `require_dkim_pass`).
+    fn setup_with(dir: &Path, cases: &str) -> (Ingestor, Arc<ManualClock>) {
         let text = format!(
             r#"
 [mailbox]
@@ -496,9 +501,11 @@ path = "{}"
 [cases]
 auto_reply_limit = 2
 auto_reply_window = "1h"
+{cases}
 [[tiers]]
 name = "Frontline"
 first_response = "4h"
+staff = ["agent@example.test"]
 "#,
             dir.join("store").display()
         );
@@ -532,6 +539,79 @@ first_response = "4h"
             uid,
             sent: false,
         }
+    }
+
+    fn status(ing: &Ingestor, id: CaseId) -> crate::case::Status {
+        ing.store.case(id).unwrap().unwrap().status
+    }
+
+    #[test]
+    fn a_staff_answer_in_the_inbox_stops_the_clock() {
+        // Input: an agent answers the customer directly from their own
+        // staff address with support in Cc (or one copy sits in both
+        // INBOX and Sent): no reference to a forward, yet it answered the
+        // customer. It stops the clock but is neither relayed nor obeyed.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        ing.ingest(Some(&src(1, 1)), &mail(1), None).unwrap();
+        assert_eq!(status(&ing, 1), crate::case::Status::Open);
+        let answer = b"From: Agent <agent@example.test>\r\nTo: alice@example.org\r\n\
+Cc: support@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <a1@x>\r\n\
+In-Reply-To: <m1@x>\r\n\r\n#resolve\r\nFixed it.\r\n";
+        match ing.ingest(Some(&src(1, 2)), answer, None).unwrap() {
+            Outcome::Stored {
+                case: 1,
+                new: false,
+                queued: 0,
+            } => {}
+            o => panic!("{o:?}"),
+        }
+        let case = ing.store.case(1).unwrap().unwrap();
+        assert_eq!(case.status, crate::case::Status::Answered, "clock stopped");
+        assert!(case.timer.is_none() && case.due_at.is_none());
+        assert!(case
+            .history
+            .iter()
+            .any(|e| matches!(e.what, EventKind::UnverifiedStaff { .. })));
+        // The support address's own copy in the inbox counts the same.
+        ing.ingest(
+            Some(&src(1, 3)),
+            b"From: alice@example.org\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <m3@x>\r\n\r\nstill broken\r\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(status(&ing, 1), crate::case::Status::Open);
+        let own = b"From: Support <support@example.test>\r\nTo: alice@example.org\r\n\
+Subject: Re: [Case #1] topic 1\r\nMessage-ID: <s1@x>\r\n\r\nTry again now.\r\n";
+        ing.ingest(Some(&src(1, 4)), own, None).unwrap();
+        assert_eq!(status(&ing, 1), crate::case::Status::Answered);
+    }
+
+    #[test]
+    fn with_dkim_required_an_unsigned_staff_answer_does_not_stop_the_clock() {
+        // Attack: a forged staff From (no DKIM pass from our receiving
+        // server) tries to pause a case's clock.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup_with(
+            dir.path(),
+            "require_dkim_pass = true\nauthserv_id = \"mx.example.test\"",
+        );
+        ing.ingest(Some(&src(1, 1)), &mail(1), None).unwrap();
+        let forged = b"From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\n\
+Message-ID: <f1@x>\r\nAuthentication-Results: mx.example.test; dkim=pass header.d=example.test\r\n\
+\r\nok\r\n";
+        // Received from outside: the forged result lies below it.
+        let mut raw =
+            b"Received: from evil.net by relay.evil.net; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+                .to_vec();
+        raw.extend_from_slice(forged);
+        ing.ingest(Some(&src(1, 2)), &raw, None).unwrap();
+        assert_eq!(status(&ing, 1), crate::case::Status::Open);
+        let signed =
+            b"Authentication-Results: mx.example.test; dkim=pass header.d=example.test\r\n\
+From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <g1@x>\r\n\r\nok\r\n";
+        ing.ingest(Some(&src(1, 3)), signed, None).unwrap();
+        assert_eq!(status(&ing, 1), crate::case::Status::Answered);
     }
 
     #[test]
@@ -655,38 +735,5 @@ first_response = "4h"
         for c in ing.store.cases() {
             assert_eq!(c.unwrap().customer, "");
         }
-    }
-}
-
-#[cfg(test)]
-mod dkim_tests {
-    use super::dkim_pass;
-    use crate::message::parse;
-
-    #[test]
-    fn dkim_pass_must_name_the_staff_domain() {
-        let with = |ar: &str| {
-            parse(format!("Authentication-Results: mx.example.test; {ar}\r\nFrom: t@staff.example\r\n\r\nx\r\n").as_bytes())
-        };
-        assert!(dkim_pass(
-            &with("dkim=pass header.d=staff.example"),
-            "t@staff.example"
-        ));
-        assert!(dkim_pass(
-            &with("spf=pass; dkim=pass header.i=@staff.example"),
-            "t@staff.example"
-        ));
-        assert!(!dkim_pass(
-            &with("dkim=fail header.d=staff.example"),
-            "t@staff.example"
-        ));
-        assert!(!dkim_pass(
-            &with("dkim=pass header.d=evil.example"),
-            "t@staff.example"
-        ));
-        assert!(!dkim_pass(
-            &parse(b"From: t@staff.example\r\n\r\nx\r\n"),
-            "t@staff.example"
-        ));
     }
 }

@@ -8,6 +8,7 @@
 //! - [`config`]: the TOML file, validated; errors name their key.
 //! - [`mailbox`]: IMAP watcher (IDLE or polling), resumable by UID.
 //! - [`message`]: raw bytes → [`message::InboundMail`] (pure, total).
+//! - [`authres`]: which Authentication-Results to trust (pure).
 //! - [`suppress`]: which mail must get no automatic answer (pure).
 //! - [`thread`]: which case a message belongs to (pure).
 //! - [`case`]: the case record and its history.
@@ -28,6 +29,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authres;
 pub mod calendar;
 pub mod case;
 pub mod clock;

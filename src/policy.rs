@@ -48,10 +48,17 @@ pub enum Role {
     Customer,
     /// Someone the customer had in To/Cc.
     Participant,
-    /// From a staff address. `verified`: it answers a staff-facing mail
-    /// escalator sent (and passed DKIM when that is required).
-    Staff {
-        verified: bool,
+    /// From a staff address, verified: it answers a staff-facing mail
+    /// escalator sent for this case (and passed DKIM when that is
+    /// required). Its text is passed on and its commands obeyed.
+    Staff,
+    /// From a staff address, or the support address seen in the inbox,
+    /// without that proof: a person answering the customer directly with
+    /// support in Cc, or one message in both INBOX and Sent. Recorded;
+    /// stops the clock when `stops_clock` (DKIM passed, if required), and
+    /// is never passed on or obeyed.
+    UnverifiedStaff {
+        stops_clock: bool,
     },
     /// From the shared support mailbox's Sent folder: an agent's answer.
     SupportAgent,
@@ -296,7 +303,7 @@ pub fn on_message(
         .map(|a| a.email.clone())
         .unwrap_or_default();
     match role {
-        Role::Staff { verified: false } => {
+        Role::UnverifiedStaff { stops_clock } => {
             case.push(
                 ctx.now,
                 EventKind::UnverifiedStaff {
@@ -304,9 +311,13 @@ pub fn on_message(
                     message_id: mail.message_id.clone(),
                 },
             );
+            // A note is no answer, verified or not.
+            if stops_clock && !automatic && !is_note(&new_text(&mail.text)) {
+                mark_answered(case, ctx);
+            }
             Vec::new()
         }
-        Role::Staff { verified: true } | Role::SupportAgent if !automatic => {
+        Role::Staff | Role::SupportAgent if !automatic => {
             staff_message(case, mail, role, sender, ctx)
         }
         Role::Customer | Role::Participant if !automatic => {
@@ -328,8 +339,7 @@ fn staff_message(
     ctx: &Ctx,
 ) -> Vec<Action> {
     let text = new_text(&mail.text);
-    let first_line = text.lines().map(str::trim).find(|l| !l.is_empty());
-    if first_line.is_some_and(|l| l.eq_ignore_ascii_case("#note")) {
+    if is_note(&text) {
         case.push(
             ctx.now,
             EventKind::Note {
@@ -365,21 +375,35 @@ fn staff_message(
             from: from.clone(),
         });
     }
-    if case.status != Status::Resolved {
-        set_status(case, Status::Answered, ctx);
-        case.answered_at = Some(ctx.now);
-        case.first_answer_at.get_or_insert(ctx.now);
-        case.unanswered = 0;
-        case.waiting_since = None;
-        case.due_at = None;
-        case.warn_at = None;
-        case.breached = false;
-        set_timer(case, ctx);
-    }
+    mark_answered(case, ctx);
     if resolve {
         actions.extend(resolve_case(case, &from, ctx));
     }
     actions
+}
+
+/// Is this staff text an internal note (first line `#note`)?
+fn is_note(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .is_some_and(|l| l.eq_ignore_ascii_case("#note"))
+}
+
+/// A staff answer stops the clock: the case waits for the customer.
+fn mark_answered(case: &mut Case, ctx: &Ctx) {
+    if case.status == Status::Resolved {
+        return;
+    }
+    set_status(case, Status::Answered, ctx);
+    case.answered_at = Some(ctx.now);
+    case.first_answer_at.get_or_insert(ctx.now);
+    case.unanswered = 0;
+    case.waiting_since = None;
+    case.due_at = None;
+    case.warn_at = None;
+    case.breached = false;
+    set_timer(case, ctx);
 }
 
 fn customer_message(case: &mut Case, mail: &InboundMail, ctx: &Ctx) -> Vec<Action> {

@@ -562,10 +562,8 @@ mod tests {
         // agent's answer to Alice must still reach Alice's case, whatever
         // order the index returns the cases in.
         let mut f = fake();
-        f.cases.insert(
-            43,
-            case(43, "mallory@example.net", &["alice@example.org"]),
-        );
+        f.cases
+            .insert(43, case(43, "mallory@example.net", &["alice@example.org"]));
         for order in [vec![43, 42], vec![42, 43]] {
             f.ids.insert("alice-1@example.org".into(), order);
             let follow_up = mail(
@@ -649,7 +647,10 @@ mod tests {
         // Input: a Turkish subject whose lower-case copy is longer than
         // the original (`İ` → `i̇`): cutting the tag at the copy's offset
         // panicked and quarantined the customer's mail for good.
-        assert_eq!(clean_subject("İade talebi [Case #12]", "Case"), "İade talebi");
+        assert_eq!(
+            clean_subject("İade talebi [Case #12]", "Case"),
+            "İade talebi"
+        );
         assert_eq!(subject_case("İİİİ [case #12]", "Case"), Some(12));
         assert_eq!(
             clean_subject("ẞẞẞ AW: [CASE #7] Grüße", "Case"),

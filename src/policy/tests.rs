@@ -379,7 +379,7 @@ fn verified_staff_reply_is_relayed_note_is_not_and_resolve_resolves() {
         "",
         "#note\nlooks like hardware",
     );
-    assert!(on_message(&mut case, &note, Role::Staff { verified: true }, None, &ctx).is_empty());
+    assert!(on_message(&mut case, &note, Role::Staff, None, &ctx).is_empty());
     assert_eq!(case.status, Status::Open, "a note is no answer");
     let forged = mail(
         "tier2@example.test",
@@ -390,7 +390,7 @@ fn verified_staff_reply_is_relayed_note_is_not_and_resolve_resolves() {
     assert!(on_message(
         &mut case,
         &forged,
-        Role::Staff { verified: false },
+        Role::UnverifiedStaff { stops_clock: false },
         None,
         &ctx
     )
@@ -402,13 +402,7 @@ fn verified_staff_reply_is_relayed_note_is_not_and_resolve_resolves() {
         "",
         "Replace the fuser.\n#resolve\n\nOn Mon, Support wrote:\n> summary",
     );
-    let a = on_message(
-        &mut case,
-        &reply,
-        Role::Staff { verified: true },
-        None,
-        &ctx,
-    );
+    let a = on_message(&mut case, &reply, Role::Staff, None, &ctx);
     assert_eq!(
         a,
         vec![
