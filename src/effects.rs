@@ -488,7 +488,7 @@ impl<'a> Effects<'a> {
              Customer waiting:  {}\n",
             case.id,
             compose_safe(&case.subject),
-            case.customer,
+            compose_safe(&case.customer),
             case.customer_name
                 .as_ref()
                 .map(|n| format!(" ({})", compose_safe(n)))
@@ -517,7 +517,7 @@ impl<'a> Effects<'a> {
         if !case.participants.is_empty() {
             s.push_str(&format!(
                 "Participants:      {}\n",
-                case.participants.join(", ")
+                compose_safe(&case.participants.join(", "))
             ));
         }
         s.push_str(
@@ -562,7 +562,7 @@ impl<'a> Effects<'a> {
             text.push_str(&format!(
                 "\n--- {} — {}{}\nSubject: {}\n",
                 policy::format_eta(record.received_at, tz),
-                from,
+                compose_safe(from),
                 who,
                 compose_safe(&record.subject)
             ));
@@ -579,7 +579,7 @@ impl<'a> Effects<'a> {
                         .as_deref()
                         .map(compose_safe)
                         .unwrap_or_else(|| "unnamed".into()),
-                    a.content_type,
+                    compose_safe(&a.content_type),
                     a.size
                 ));
             }
@@ -633,5 +633,111 @@ fn human(d: std::time::Duration) -> String {
         (0, 0) => format!("{mins}m"),
         (0, h) => format!("{h}h {mins}m"),
         (d, h) => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::case::Reason;
+    use std::path::Path;
+
+    fn config(dir: &Path) -> Config {
+        let text = format!(
+            r#"
+[mailbox]
+host = "127.0.0.1"
+security = "plain"
+username = "s"
+password = "p"
+[smtp]
+host = "127.0.0.1"
+security = "plain"
+from = "Support <support@example.test>"
+[store]
+path = "{}"
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+staff = ["agent@example.test"]
+[[tiers]]
+name = "Tier 2"
+first_response = "4h"
+staff = ["tier2@example.test"]
+forward_to = ["tier2@example.test"]
+"#,
+            dir.join("store").display()
+        );
+        Config::parse(&text, Path::new("/x.toml"), &|_| None).unwrap()
+    }
+
+    /// The text bodies of every queued mail, by kind.
+    fn bodies(store: &Store) -> Vec<(String, String)> {
+        store
+            .outbox()
+            .map(|e| {
+                let e = e.unwrap();
+                let raw = store
+                    .raw_bytes(&crate::outbox::OutboxEntry::raw_key(e.id))
+                    .unwrap()
+                    .unwrap();
+                let m = mail_parser::MessageParser::default().parse(&raw).unwrap();
+                (e.kind, m.body_text(0).unwrap_or_default().into_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn customer_text_adds_no_line_to_any_mail_kind() {
+        // Attack: a subject and display name whose encoded CR/LF (or
+        // Unicode line separator) would add a paragraph of the sender's
+        // choosing ("log in at ...") to mail from the support address.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let store = Store::open(&cfg.store.path).unwrap();
+        let now = Utc::now();
+        let evil =
+            "Locked\r\n\r\nYour account is locked, log in at http://evil.example\u{2028}INJECTED";
+        let mut case = Case::new(7, "eve@example.org", evil, "Frontline", "r@x", now);
+        case.customer_name = Some("Eve\nINJECTED: call +1 555".into());
+        case.due_at = Some(now);
+        let mut batch = Batch::default();
+        let mut fx = Effects::new(&store, &cfg, now).unwrap();
+        let actions = vec![
+            Action::Ack { eta: now },
+            Action::Notice { eta: now },
+            Action::Survey,
+            Action::Relay {
+                text: "Fixed.".into(),
+                from: "tier2@example.test".into(),
+            },
+            Action::Forward {
+                tier: 1,
+                previous: "Frontline".into(),
+                reason: Reason::Trigger,
+                detail: "phrase\r\nINJECTED".into(),
+            },
+            Action::Warn { tier: 1 },
+            Action::Renotify { tier: 1 },
+        ];
+        fx.apply(&mut batch, &mut case, actions).unwrap();
+        fx.finish(&mut batch);
+        store.apply(&batch).unwrap();
+        let all = bodies(&store);
+        let kinds: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+        for kind in [
+            "ack", "notice", "survey", "relay", "forward", "warning", "breach",
+        ] {
+            assert!(kinds.contains(&kind), "{kind} not queued: {kinds:?}");
+        }
+        for (kind, body) in &all {
+            for line in body.lines() {
+                let t = line.trim_start();
+                assert!(
+                    !t.starts_with("INJECTED") && !t.starts_with("Your account is locked"),
+                    "{kind}: customer text became its own line: {line:?}\n{body}"
+                );
+            }
+        }
     }
 }

@@ -33,6 +33,9 @@ pub struct Source {
     pub uid: u32,
     /// From the support mailbox's Sent folder: an agent's own mail.
     pub sent: bool,
+    /// Check and move the folder's UID cursor: false when a person
+    /// re-runs a quarantined message (the cursor is long past it).
+    pub cursor: bool,
 }
 
 /// What ingesting one message did.
@@ -80,7 +83,7 @@ impl Ingestor {
         truncated: Option<u64>,
     ) -> Result<Outcome, StoreError> {
         let _w = self.store.lock();
-        let cursor = match src {
+        let cursor = match src.filter(|s| s.cursor) {
             Some(s) => {
                 let c = self.store.cursor(&s.folder)?;
                 if let Some(c) = c {
@@ -143,6 +146,7 @@ impl Ingestor {
             error: error.to_string(),
             at: now,
             attempts: 1,
+            sent: src.is_some_and(|s| s.sent),
         };
         batch.put_json(Tree::Quarantine, id_key(id), &entry)?;
         batch.put(
@@ -287,7 +291,15 @@ impl Ingestor {
             suppressed: suppressed.as_ref().map(|s| s.to_string()),
             truncated: truncated.is_some(),
             parse_error: mail.parse_error.clone(),
+            several_from: mail.from_fields > 1,
         };
+        if record.several_from {
+            tracing::warn!(
+                message_id = %mail.message_id,
+                from_fields = mail.from_fields,
+                "message has several From fields; the first counts"
+            );
+        }
         let mut effects = Effects::new(store, config, now)?;
         effects.current = Some((&record, raw));
         let queued = effects.apply(&mut batch, &mut case, actions)?;
@@ -378,8 +390,22 @@ impl Ingestor {
         let Some(raw) = self.store.quarantine_raw(id)? else {
             return Ok(None);
         };
+        let Some(entry) = self.store.quarantine_entry(id)? else {
+            return Ok(None);
+        };
+        // Where it came from decides how it is read: a message from the
+        // Sent folder is an agent's, not a customer's (entries from before
+        // `sent` was kept are recognised by their folder).
+        let sent_folder = self.config.get().mailbox.sent_folder.clone();
+        let src = Source {
+            sent: entry.sent || sent_folder.as_deref() == Some(entry.folder.as_str()),
+            folder: entry.folder,
+            uid_validity: entry.uid_validity,
+            uid: entry.uid,
+            cursor: false,
+        };
         // A message that fails again gets a fresh entry; the old one goes.
-        let outcome = self.ingest(None, &raw, None)?;
+        let outcome = self.ingest(Some(&src), &raw, None)?;
         {
             let _w = self.store.lock();
             let mut b = Batch::default();
@@ -538,6 +564,7 @@ staff = ["agent@example.test"]
             uid_validity: validity,
             uid,
             sent: false,
+            cursor: true,
         }
     }
 
@@ -667,6 +694,37 @@ From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <g1@x>
         ));
         assert_eq!(ing.store.quarantined().count(), 0);
         assert_eq!(ing.store.cases().count(), 2);
+    }
+
+    #[test]
+    fn quarantine_retry_keeps_the_sent_folder() {
+        // Input: an agent's mail from the Sent folder quarantined, then
+        // retried: it was re-ingested as if from the INBOX and opened a
+        // case whose customer was the support address.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        let sent = Source {
+            folder: "Sent".into(),
+            sent: true,
+            ..src(1, 1)
+        };
+        PANIC.with(|p| p.set(true));
+        let agent = b"From: Support <support@example.test>\r\nTo: Bob <bob@example.org>\r\n\
+Subject: About your order\r\nMessage-ID: <out1@x>\r\n\r\nYour order shipped.\r\n";
+        let Outcome::Quarantined { id } = ing.ingest(Some(&sent), agent, None).unwrap() else {
+            panic!("not quarantined")
+        };
+        let q = ing.store.quarantine_entry(id).unwrap().unwrap();
+        assert_eq!((q.folder.as_str(), q.sent), ("Sent", true));
+        assert!(matches!(
+            ing.retry_quarantined(id).unwrap(),
+            Some(Outcome::Stored { new: true, .. })
+        ));
+        let case = ing.store.case(1).unwrap().unwrap();
+        assert_eq!(case.customer, "bob@example.org", "the agent wrote to bob");
+        assert_eq!(case.status, crate::case::Status::Answered);
+        let record = ing.store.message(case.messages[0]).unwrap().unwrap();
+        assert_eq!(record.folder, "Sent");
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct InboundMail {
     /// Top-level header fields (lower-case names), for triggers and
     /// Authentication-Results; capped in number.
     pub headers: Vec<(String, String)>,
+    /// How many `From:` fields the message had. The first one is `from`
+    /// (the one DMARC checks); more than one is a sign of forgery.
+    #[serde(default)]
+    pub from_fields: usize,
 }
 
 /// The name of the loop header every escalator instance stamps.
@@ -150,6 +154,7 @@ fn empty() -> InboundMail {
         size: 0,
         parse_error: None,
         headers: Vec::new(),
+        from_fields: 0,
     }
 }
 
@@ -159,22 +164,21 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
     }
     let msg = MessageParser::default().parse(raw)?;
     let addrs = |a: Option<&mail_parser::Address>| -> Vec<Addr> {
-        a.map(|a| {
-            a.iter()
-                .filter_map(|x| {
-                    let email = x.address()?.trim().to_lowercase();
-                    (email.contains('@')).then(|| Addr {
-                        name: x
-                            .name()
-                            .map(|n| n.trim().to_string())
-                            .filter(|n| !n.is_empty()),
-                        email,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+        a.map(|a| a.iter().filter_map(addr).collect())
+            .unwrap_or_default()
     };
+    // The first From, as DMARC verifiers read it (mail-parser keeps the
+    // last of several).
+    let from_headers: Vec<&mail_parser::Header> = msg
+        .headers()
+        .iter()
+        .filter(|h| matches!(h.name, mail_parser::HeaderName::From))
+        .collect();
+    let from = from_headers
+        .first()
+        .and_then(|h| h.value.as_address())
+        .and_then(|a| a.first())
+        .and_then(addr);
     let ids = |v: &mail_parser::HeaderValue| -> Vec<String> {
         let mut out: Vec<String> = match v {
             mail_parser::HeaderValue::Text(t) => vec![t.to_string()],
@@ -229,7 +233,7 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
             .subject()
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
-        from: addrs(msg.from()).into_iter().next(),
+        from,
         to: addrs(msg.to()),
         cc: addrs(msg.cc()),
         date: msg
@@ -242,7 +246,36 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
         size: 0,
         parse_error: None,
         headers: Vec::new(),
+        from_fields: from_headers.len(),
     })
+}
+
+/// One address, lower-cased; None without a local part and a domain.
+fn addr(x: &mail_parser::Addr) -> Option<Addr> {
+    let mut name = x
+        .name()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty());
+    let mut email = x.address()?.trim().to_lowercase();
+    if email.starts_with('@') {
+        // `"x"@example.org` without angle brackets: mail-parser reads the
+        // quoted local part as a display name. It is the local part.
+        let local = name.take()?;
+        email = if local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c))
+            && !local.starts_with('.')
+            && !local.ends_with('.')
+            && !local.contains("..")
+        {
+            format!("{}{email}", local.to_lowercase())
+        } else {
+            let quoted = local.replace('\\', "\\\\").replace('"', "\\\"");
+            format!("\"{}\"{email}", quoted.to_lowercase())
+        };
+    }
+    let (local, domain) = email.rsplit_once('@')?;
+    (!local.is_empty() && !domain.is_empty()).then_some(Addr { name, email })
 }
 
 /// Iterates the top-level header fields as (lower-case name, unfolded
@@ -423,6 +456,31 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n-
         assert_eq!(r.precedence.as_deref(), Some("bulk"));
         assert!(r.list && r.delivery_report);
         assert_eq!(r.loop_header.as_deref(), Some("support@other.test"));
+    }
+
+    #[test]
+    fn two_from_headers_take_the_first_and_are_counted() {
+        // Attack: a second From after the one DMARC verified, hoping the
+        // gateway reads the last (mail-parser's choice) and trusts it.
+        let m =
+            parse(b"From: first@example.org\r\nFrom: ceo@staff.example\r\nSubject: x\r\n\r\nb\r\n");
+        assert_eq!(m.from.unwrap().email, "first@example.org");
+        assert_eq!(m.from_fields, 2);
+        assert_eq!(parse(SIMPLE).from_fields, 1);
+    }
+
+    #[test]
+    fn a_quoted_local_part_keeps_its_local_part() {
+        // Input: `"x"@example.org` became `@example.org`, an address
+        // nobody has, shared by every such sender.
+        let m = parse(b"From: \"x\"@example.org\r\n\r\nb\r\n");
+        assert_eq!(m.from.unwrap().email, "x@example.org");
+        let m = parse(b"From: \"John Doe\"@Example.org\r\n\r\nb\r\n");
+        assert_eq!(m.from.unwrap().email, "\"john doe\"@example.org");
+        let m = parse(b"From: Name <\"x y\"@example.org>\r\n\r\nb\r\n");
+        assert_eq!(m.from.unwrap().email, "\"x y\"@example.org");
+        let m = parse(b"From: @example.org\r\n\r\nb\r\n");
+        assert_eq!(m.from, None, "no local part: no sender");
     }
 
     #[test]

@@ -587,19 +587,83 @@ pub fn new_text(body: &str) -> String {
     out.join("\n").trim().to_string()
 }
 
-/// "5", "5!", "4 - good": a satisfaction rating.
+/// Words a rating may carry besides its number ("5 - great", "4 stars").
+const RATING_WORDS: &[&str] = &[
+    "great",
+    "good",
+    "ok",
+    "okay",
+    "fine",
+    "poor",
+    "bad",
+    "excellent",
+    "perfect",
+    "awesome",
+    "thanks",
+    "thank",
+    "you",
+    "thx",
+    "star",
+    "stars",
+    "points",
+    "of",
+    "out",
+    "super",
+    "gut",
+    "danke",
+    "merci",
+    "gracias",
+];
+
+/// "5", "5!", "4/5", "5 ★★★★★", "4 - good": a satisfaction rating. The
+/// whole new text (signature cut) must be just that: "3rd floor printer
+/// still jams!" is a follow-up, not a 3.
 pub fn csat_reply(text: &str) -> Option<u8> {
-    let t = text.trim();
-    if t.is_empty() || t.len() > 40 {
+    let mut lines = without_signature(text)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty());
+    let line = lines.next()?;
+    if lines.next().is_some() || line.chars().count() > 40 {
         return None;
     }
-    let mut chars = t.chars();
+    let mut chars = line.chars();
     let d = chars.next()?.to_digit(10)?;
-    let rest = chars.as_str();
-    if !(1..=5).contains(&d) || rest.starts_with(|c: char| c.is_ascii_digit()) {
+    if !(1..=5).contains(&d) {
         return None;
     }
-    Some(d as u8)
+    let rest = chars.as_str().to_lowercase();
+    let rest = rest.trim_start();
+    let rest = match rest.strip_prefix('/') {
+        Some(r) => r.trim_start().strip_prefix('5')?,
+        None => rest,
+    };
+    let stars = |c: char| matches!(c, '*' | '★' | '☆' | '⭐' | '\u{FE0F}');
+    let words_ok = rest
+        .split(|c: char| c.is_whitespace() || c.is_ascii_punctuation() || stars(c))
+        .filter(|w| !w.is_empty())
+        .all(|w| RATING_WORDS.contains(&w) || w == "5");
+    let no_digits_but_five = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .all(|n| n.is_empty() || n == "5");
+    (words_ok && no_digits_but_five).then_some(d as u8)
+}
+
+/// The text above a signature separator (`-- `) or a mobile client's
+/// "Sent from my ..." line.
+fn without_signature(text: &str) -> &str {
+    let mut end = text.len();
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_end_matches(['\r', '\n']);
+        let lower = t.trim().to_ascii_lowercase();
+        if t == "-- " || t == "--" || lower.starts_with("sent from my ") {
+            end = at;
+            break;
+        }
+        at += line.len();
+    }
+    &text[..end]
 }
 
 /// Moves the case up to tier `target`, with a forward and (if `notify`)
@@ -857,6 +921,12 @@ pub fn values(
             .unwrap_or_else(|| "Support".into()),
     );
     v.insert("support_address", config.smtp.from.clone());
+    // Every value is one line, whichever text it goes into: a subject or
+    // name with an encoded line break must not add a paragraph to mail
+    // that comes from the support address.
+    for value in v.values_mut() {
+        *value = crate::template::one_line(value);
+    }
     v
 }
 

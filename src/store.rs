@@ -166,6 +166,9 @@ pub struct MessageRecord {
     /// Set when only the headers were kept (over `max_message_size`).
     pub truncated: bool,
     pub parse_error: Option<String>,
+    /// The message had more than one `From:` field; `from` is the first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub several_from: bool,
 }
 
 /// A message that failed to process, kept with its error for a person.
@@ -178,6 +181,10 @@ pub struct QuarantineEntry {
     pub error: String,
     pub at: DateTime<Utc>,
     pub attempts: u32,
+    /// The message came from the support mailbox's Sent folder: a retry
+    /// must ingest it as an agent's mail again.
+    #[serde(default)]
+    pub sent: bool,
 }
 
 pub struct Store {

@@ -122,11 +122,21 @@ impl Template {
     }
 }
 
-/// Folds control characters (CR, LF, tabs...) to spaces.
+/// Makes a value safe inside one line of our text: control characters
+/// (CR, LF, tabs, C1) and Unicode line and paragraph separators fold to
+/// spaces, and bidirectional overrides (which can make a line read
+/// differently from what it says) are dropped.
 pub fn one_line(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .filter(|c| !matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'))
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect();
     out.truncate(out.trim_end().len());
     out

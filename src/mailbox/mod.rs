@@ -279,6 +279,7 @@ impl Watcher {
                     uid_validity: validity,
                     uid,
                     sent,
+                    cursor: true,
                 };
                 let outcome = self.ingestor.ingest(Some(&src), &raw, truncated)?;
                 let m = &crate::metrics::METRICS;

@@ -417,6 +417,40 @@ fn verified_staff_reply_is_relayed_note_is_not_and_resolve_resolves() {
 }
 
 #[test]
+fn a_follow_up_starting_with_a_digit_is_not_a_rating() {
+    // Input: after the survey, "3rd floor printer still jams!" (short,
+    // starts with 1-5) was taken as CSAT 3 and the case stayed resolved.
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T10:00:00Z"),
+    };
+    assert_eq!(resolve_case(&mut case, "agent", &ctx), vec![Action::Survey]);
+    for text in [
+        "3rd floor printer still jams!",
+        "2 more printers broke",
+        "1 question",
+    ] {
+        assert_eq!(csat_reply(text), None, "{text}");
+    }
+    let jam = mail(
+        "alice@example.org",
+        "Re: x",
+        "",
+        "3rd floor printer still jams!",
+    );
+    on_message(&mut case, &jam, Role::Customer, None, &ctx);
+    assert_eq!(case.csat, None);
+    assert_eq!(case.status, Status::Open, "the follow-up reopens the case");
+}
+
+#[test]
 fn csat_reply_is_recorded_and_other_replies_reopen_or_start_anew() {
     let c = config();
     let (mut case, _) = new_case(
@@ -577,6 +611,17 @@ fn words_and_formats() {
         "Wednesday, 1 July 2026, 14:00 CEST"
     );
     assert_eq!(csat_reply("5"), Some(5));
+    assert_eq!(csat_reply("5!"), Some(5));
+    assert_eq!(csat_reply("4/5"), Some(4));
+    assert_eq!(csat_reply("5 ★★★★★"), Some(5));
+    assert_eq!(
+        csat_reply("3 stars\n\n-- \nBob\nACME Corp, 4th floor"),
+        Some(3)
+    );
+    assert_eq!(
+        csat_reply("5 - great, thank you!\nSent from my iPhone"),
+        Some(5)
+    );
     assert_eq!(csat_reply("4 - good"), Some(4));
     assert_eq!(csat_reply("10"), None);
     assert_eq!(csat_reply("6"), None);
