@@ -12,6 +12,7 @@ use crate::outbox::{self, OutboxState};
 use crate::policy::{self, Ctx};
 use crate::store::Batch;
 use crate::store::StoreError;
+use crate::template::printable;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -99,11 +100,11 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                         .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
                         .unwrap_or_else(|| "-".into()),
                     if c.customer.is_empty() {
-                        "(unassigned)"
+                        "(unassigned)".to_string()
                     } else {
-                        &c.customer
+                        printable(&c.customer)
                     },
-                    c.subject
+                    printable(&c.subject)
                 ));
             }
             out.push_str(&format!("{} case(s)\n", cases.len()));
@@ -149,9 +150,9 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             let mut out = format!(
                 "Case #{}: {}\n  customer: {}{}\n  status:   {:?}\n  tier:     {}\n  due:      {}\n  created:  {}\n",
                 case.id,
-                case.subject,
-                if case.customer.is_empty() { "(unassigned: sender unreadable)" } else { &case.customer },
-                case.customer_name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+                printable(&case.subject),
+                if case.customer.is_empty() { "(unassigned: sender unreadable)".to_string() } else { printable(&case.customer) },
+                case.customer_name.as_ref().map(|n| format!(" ({})", printable(n))).unwrap_or_default(),
                 case.status,
                 case.tier,
                 case.due_at.map(rfc3339).unwrap_or_else(|| "-".into()),
@@ -160,7 +161,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             if !case.participants.is_empty() {
                 out.push_str(&format!(
                     "  participants: {}\n",
-                    case.participants.join(", ")
+                    printable(&case.participants.join(", "))
                 ));
             }
             out.push_str(&format!("\nMessages ({}):\n", messages.len()));
@@ -168,19 +169,21 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 out.push_str(&format!(
                     "--- {} from {} — {}\n",
                     m.received_at.format("%Y-%m-%d %H:%M:%S UTC"),
-                    m.from
-                        .as_ref()
-                        .map(|a| a.email.as_str())
-                        .unwrap_or("(no sender)"),
-                    m.subject
+                    printable(
+                        m.from
+                            .as_ref()
+                            .map(|a| a.email.as_str())
+                            .unwrap_or("(no sender)")
+                    ),
+                    printable(&m.subject)
                 ));
                 for line in m.text.lines().take(20) {
-                    out.push_str(&format!("    {line}\n"));
+                    out.push_str(&format!("    {}\n", printable(line)));
                 }
             }
             out.push_str("\nHistory:\n");
             for e in &case.history {
-                out.push_str(&format!("  {}\n", event_line(e)));
+                out.push_str(&format!("  {}\n", printable(&event_line(e))));
             }
             Ok(Response::ok(out))
         }
@@ -194,10 +197,10 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 out.push_str(&format!(
                     "{:>5}  {} uid {}  {}  {}\n",
                     q.id,
-                    q.folder,
+                    printable(&q.folder),
                     q.uid,
                     q.at.to_rfc3339(),
-                    q.error
+                    printable(&q.error)
                 ));
             }
             out.push_str(&format!("{} message(s) in quarantine\n", entries.len()));
@@ -255,8 +258,8 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                     e.kind,
                     format!("{:?}", e.state).to_lowercase(),
                     e.attempts,
-                    e.to.join(", "),
-                    e.last_error.as_deref().unwrap_or("")
+                    printable(&e.to.join(", ")),
+                    printable(e.last_error.as_deref().unwrap_or(""))
                 ));
             }
             out.push_str(&format!(
@@ -418,4 +421,48 @@ fn event_line(e: &Event) -> String {
         v["kind"].as_str().unwrap_or(""),
         parts.join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::tests::{setup, src};
+
+    #[test]
+    fn admin_output_escapes_terminal_controls_and_json_stays_exact() {
+        // Attack: a subject and name with ESC sequences and CR, printed by
+        // `cases list`/`cases show`: they could retitle or clear the
+        // admin's terminal, or overwrite a row with a forged one.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        let raw = "From: =?utf-8?q?Eve=1B[2J?= <eve@example.org>\r\n\
+Subject: =?utf-8?q?hi=1B]0;pwned=07=0D____42__open?=\r\nMessage-ID: <e1@x>\r\n\r\n\
+body\u{1b}[31m red\r\n";
+        ing.ingest(Some(&src(1, 1)), raw.as_bytes(), None).unwrap();
+        for req in [
+            Request::CasesList { json: false },
+            Request::CaseShow { id: 1, json: false },
+            Request::OutboxList {
+                json: false,
+                all: true,
+            },
+        ] {
+            let out = handle(&ing, &req).unwrap().output;
+            assert!(
+                !out.chars().any(|c| c.is_control() && c != '\n'),
+                "{req:?}: {out:?}"
+            );
+            if !matches!(req, Request::OutboxList { .. }) {
+                assert!(out.contains("\\x1b"), "{req:?} shows the escape: {out}");
+            }
+        }
+        let json = handle(&ing, &Request::CaseShow { id: 1, json: true })
+            .unwrap()
+            .output;
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(
+            v["subject"].as_str().unwrap().contains('\u{1b}'),
+            "JSON is exact"
+        );
+    }
 }

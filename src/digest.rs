@@ -17,6 +17,7 @@ use crate::config::{Config, DigestConfig};
 use crate::effects::Effects;
 use crate::stats::{self, short_duration, Facts};
 use crate::store::{Batch, Store, StoreError, Tree};
+use crate::template::printable;
 
 /// Monday 1970-01-05 00:00 UTC.
 const ANCHOR_SECS: i64 = 4 * 86_400;
@@ -147,9 +148,9 @@ pub fn compose(
                         "  #{:<6} {:<30} {:<16} {} -> {}, {} after opening ({})",
                         f.id,
                         if f.customer.is_empty() {
-                            "(unassigned)"
+                            "(unassigned)".to_string()
                         } else {
-                            &f.customer
+                            printable(&f.customer)
                         },
                         reason.as_str(),
                         s.tier,
@@ -197,10 +198,10 @@ pub fn compose(
         out.push_str(&format!(
             "  #{:<6} {:<30} {:<12} open {}  {}\n",
             f.id,
-            f.customer,
+            printable(&f.customer),
             f.tier,
             short_duration((end - f.created_at).num_seconds()),
-            f.subject
+            printable(&f.subject)
         ));
     }
     out
@@ -222,7 +223,7 @@ fn top(out: &mut String, counts: BTreeMap<&str, u64>, unit: &str) {
         out.push_str("  (none)\n");
     }
     for (name, n) in v.into_iter().take(10) {
-        out.push_str(&format!("  {n:>4} {unit}  {name}\n"));
+        out.push_str(&format!("  {n:>4} {unit}  {}\n", printable(name)));
     }
 }
 

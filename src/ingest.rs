@@ -488,7 +488,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use std::cell::Cell;
@@ -505,7 +505,7 @@ mod tests {
         }
     }
 
-    fn setup(dir: &Path) -> (Ingestor, Arc<ManualClock>) {
+    pub(crate) fn setup(dir: &Path) -> (Ingestor, Arc<ManualClock>) {
         setup_with(dir, "")
     }
 
@@ -558,7 +558,7 @@ staff = ["agent@example.test"]
             .into_bytes()
     }
 
-    fn src(validity: u32, uid: u32) -> Source {
+    pub(crate) fn src(validity: u32, uid: u32) -> Source {
         Source {
             folder: "INBOX".into(),
             uid_validity: validity,

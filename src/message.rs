@@ -106,6 +106,14 @@ const MAX_TEXT: usize = 256 * 1024;
 /// Most references kept: threading needs the recent ones, and a header
 /// with thousands must not make every lookup slow.
 const MAX_REFERENCES: usize = 64;
+/// In-Reply-To names the one message answered; a few more are tolerated.
+const MAX_IN_REPLY_TO: usize = 8;
+/// Most header fields read from one message, most To/Cc addresses and
+/// most attachments listed: every loop over a message's parts is bounded
+/// by a constant, whatever the sender wrote.
+const MAX_FIELDS: usize = 200;
+const MAX_ADDRESSES: usize = 100;
+const MAX_ATTACHMENTS: usize = 500;
 
 /// Parses raw bytes; never panics (mail-parser runs under catch_unwind).
 pub fn parse(raw: &[u8]) -> InboundMail {
@@ -129,7 +137,7 @@ pub fn parse(raw: &[u8]) -> InboundMail {
         mail.message_id_derived = true;
     }
     mail.robot = robot;
-    mail.headers = header_fields(raw).take(200).collect();
+    mail.headers = header_fields(raw).take(MAX_FIELDS).collect();
     mail.content_hash = content_hash;
     mail.size = raw.len();
     mail.parse_error = parse_error;
@@ -164,7 +172,7 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
     }
     let msg = MessageParser::default().parse(raw)?;
     let addrs = |a: Option<&mail_parser::Address>| -> Vec<Addr> {
-        a.map(|a| a.iter().filter_map(addr).collect())
+        a.map(|a| a.iter().filter_map(addr).take(MAX_ADDRESSES).collect())
             .unwrap_or_default()
     };
     // The first From, as DMARC verifiers read it (mail-parser keeps the
@@ -206,6 +214,7 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
     }
     let attachments = msg
         .attachments()
+        .take(MAX_ATTACHMENTS)
         .map(|p| Attachment {
             name: p.attachment_name().map(str::to_string),
             content_type: p
@@ -227,7 +236,11 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
     Some(InboundMail {
         message_id,
         message_id_derived: false,
-        in_reply_to: ids(msg.in_reply_to()),
+        in_reply_to: {
+            let mut v = ids(msg.in_reply_to());
+            v.truncate(MAX_IN_REPLY_TO);
+            v
+        },
         references,
         subject: msg
             .subject()
@@ -318,7 +331,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn robot_headers(raw: &[u8]) -> RobotHeaders {
     let mut r = RobotHeaders::default();
-    for (name, value) in header_fields(raw) {
+    for (name, value) in header_fields(raw).take(MAX_FIELDS) {
         let v = value.to_ascii_lowercase();
         match name.as_str() {
             "auto-submitted" => r.auto_submitted = Some(v),
@@ -481,6 +494,26 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n-
         assert_eq!(m.from.unwrap().email, "\"x y\"@example.org");
         let m = parse(b"From: @example.org\r\n\r\nb\r\n");
         assert_eq!(m.from, None, "no local part: no sender");
+    }
+
+    #[test]
+    fn a_huge_in_reply_to_is_capped() {
+        // Attack: an In-Reply-To of 200,000 IDs (4.7 MB), each looked up
+        // one by one under the store's write lock.
+        let mut raw = String::from("From: a@example.org\r\nIn-Reply-To:");
+        for i in 0..200_000 {
+            raw.push_str(&format!(" <r{i}@example.org>\r\n"));
+        }
+        raw.push_str("To:");
+        for i in 0..5_000 {
+            raw.push_str(&format!(" u{i}@example.org,\r\n"));
+        }
+        raw.push_str(" last@example.org\r\n\r\nbody\r\n");
+        let m = parse(raw.as_bytes());
+        assert_eq!(m.in_reply_to.len(), MAX_IN_REPLY_TO);
+        assert_eq!(m.in_reply_to[0], "r0@example.org");
+        assert_eq!(m.to.len(), MAX_ADDRESSES);
+        assert!(m.headers.len() <= MAX_FIELDS);
     }
 
     #[test]
