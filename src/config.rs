@@ -101,7 +101,11 @@ pub struct Endpoint {
     /// Extra CA certificates (PEM) trusted besides the system roots.
     pub ca_file: Option<PathBuf>,
     pub username: Option<String>,
-    pub password: Option<Secret>,
+    /// Where the password comes from: read only when a connection is
+    /// made, so commands that only read the store need no mail secrets.
+    pub password: Option<PasswordSource>,
+    /// `mailbox` or `smtp`: names the keys in errors.
+    pub section: &'static str,
     /// With `auth = "xoauth2"`: where a fresh access token comes from.
     pub oauth: Option<TokenSource>,
     /// Per-command network timeout, so a silent server cannot hang us.
@@ -150,6 +154,54 @@ impl TokenSource {
     /// The SASL XOAUTH2 initial response (before base64).
     pub fn xoauth2(user: &str, token: &Secret) -> String {
         format!("user={user}\x01auth=Bearer {}\x01\x01", token.expose())
+    }
+}
+
+/// Where a password is read from (`password`, `password_env`,
+/// `password_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    Inline(Secret),
+    Env(String),
+    File(PathBuf),
+}
+
+impl PasswordSource {
+    /// The config key this source was given with.
+    pub fn key(&self) -> &'static str {
+        match self {
+            PasswordSource::Inline(_) => "password",
+            PasswordSource::Env(_) => "password_env",
+            PasswordSource::File(_) => "password_file",
+        }
+    }
+
+    /// Reads the password now (environment variable or file).
+    pub fn read(&self) -> Result<Secret, String> {
+        match self {
+            PasswordSource::Inline(s) => Ok(s.clone()),
+            PasswordSource::Env(name) => std::env::var(name)
+                .map(Secret::new)
+                .map_err(|_| format!("environment variable {name} is not set")),
+            // A trailing newline from `echo pw > file` is not part of it.
+            PasswordSource::File(file) => std::fs::read_to_string(file)
+                .map(|v| Secret::new(v.trim_end_matches(['\r', '\n'])))
+                .map_err(|e| format!("cannot read {}: {e}", file.display())),
+        }
+    }
+}
+
+impl Endpoint {
+    /// The password, read now; the error names its key
+    /// (`mailbox.password_env: environment variable X is not set`).
+    pub fn password(&self) -> Result<Option<Secret>, String> {
+        match &self.password {
+            None => Ok(None),
+            Some(src) => src
+                .read()
+                .map(Some)
+                .map_err(|e| format!("{}.{}: {e}", self.section, src.key())),
+        }
     }
 }
 
@@ -622,22 +674,18 @@ fn default_window() -> String {
 // ---------------------------------------------------------- loading
 
 impl Config {
-    /// Reads and validates `path`; `env` resolves `password_env`
-    /// (injected so tests need not touch the process environment).
+    /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path, &|k| std::env::var(k).ok())
+        Config::parse(&text, path)
     }
 
     /// Parses config text; `path` anchors relative paths and messages.
-    pub fn parse(
-        text: &str,
-        path: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    /// Secrets are not read here: see [`Config::secret_problems`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |problems: Vec<String>| ConfigError::Invalid {
             path: path.to_owned(),
             problems,
@@ -656,13 +704,34 @@ impl Config {
         let mut v = Validator {
             problems: Vec::new(),
             base,
-            env,
         };
         let config = v.config(raw, path);
         match config {
             Some(c) if v.problems.is_empty() => Ok(c),
             _ => Err(invalid(v.problems)),
         }
+    }
+
+    /// Secrets that cannot be read now (unset variables, unreadable
+    /// files), each naming its key. `run` refuses to start with any;
+    /// commands that only read the store never need them.
+    pub fn secret_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for ep in [&self.mailbox.endpoint, &self.smtp.endpoint] {
+            if let Err(e) = ep.password() {
+                out.push(e);
+            }
+            if let Some(TokenSource::File(p)) = &ep.oauth {
+                if let Err(e) = std::fs::metadata(p) {
+                    out.push(format!(
+                        "{}.oauth_token_file: cannot read {}: {e}",
+                        ep.section,
+                        p.display()
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The support address and its aliases, lower-case.
@@ -757,7 +826,6 @@ fn toml_problem(text: &str, key: &str, e: &toml::de::Error) -> String {
 struct Validator<'a> {
     problems: Vec<String>,
     base: &'a Path,
-    env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Validator<'_> {
@@ -803,7 +871,7 @@ impl Validator<'_> {
     #[allow(clippy::too_many_arguments)]
     fn endpoint(
         &mut self,
-        section: &str,
+        section: &'static str,
         host: String,
         port: Option<u16>,
         security: Security,
@@ -847,6 +915,7 @@ impl Validator<'_> {
             ca_file,
             username,
             password,
+            section,
             oauth: None,
             timeout: self.duration(&format!("{section}.timeout"), timeout),
         }
@@ -913,7 +982,7 @@ impl Validator<'_> {
         &mut self,
         section: &str,
         (plain, env_name, file): (Option<String>, Option<String>, Option<PathBuf>),
-    ) -> Option<Secret> {
+    ) -> Option<PasswordSource> {
         let given = [plain.is_some(), env_name.is_some(), file.is_some()]
             .iter()
             .filter(|b| **b)
@@ -926,35 +995,15 @@ impl Validator<'_> {
             return None;
         }
         if let Some(p) = plain {
-            return Some(Secret::new(p));
+            return Some(PasswordSource::Inline(Secret::new(p)));
         }
         if let Some(name) = env_name {
-            return match (self.env)(&name) {
-                Some(v) => Some(Secret::new(v)),
-                None => {
-                    self.problem(
-                        &format!("{section}.password_env"),
-                        format!("environment variable {name} is not set"),
-                    );
-                    None
-                }
-            };
+            if name.trim().is_empty() {
+                self.problem(&format!("{section}.password_env"), "must not be empty");
+            }
+            return Some(PasswordSource::Env(name));
         }
-        if let Some(file) = file {
-            let file = self.path(&file);
-            return match std::fs::read_to_string(&file) {
-                // A trailing newline from `echo pw > file` is not part of it.
-                Ok(v) => Some(Secret::new(v.trim_end_matches(['\r', '\n']))),
-                Err(e) => {
-                    self.problem(
-                        &format!("{section}.password_file"),
-                        format!("cannot read {}: {e}", file.display()),
-                    );
-                    None
-                }
-            };
-        }
-        None
+        file.map(|f| PasswordSource::File(self.path(&f)))
     }
 
     fn config(&mut self, raw: RawConfig, source: &Path) -> Option<Config> {
@@ -1473,9 +1522,7 @@ first_response = "4h"
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, Path::new("/etc/escalator.toml"), &|k| {
-            (k == "PW").then(|| "from-env".to_string())
-        })
+        Config::parse(text, Path::new("/etc/escalator.toml"))
     }
 
     fn problems(text: &str) -> String {
@@ -1565,16 +1612,34 @@ first_response = "4h"
 
     #[test]
     fn password_from_env_and_missing_env_named() {
-        let c = parse(&GOOD.replace("password = \"pw\"", "password_env = \"PW\"")).unwrap();
+        std::env::set_var("ESCALATOR_CONFIG_TEST_PW", "from-env");
+        let c = parse(&GOOD.replace(
+            "password = \"pw\"",
+            "password_env = \"ESCALATOR_CONFIG_TEST_PW\"",
+        ))
+        .unwrap();
         assert_eq!(
-            c.mailbox.endpoint.password.as_ref().unwrap().expose(),
+            c.mailbox.endpoint.password().unwrap().unwrap().expose(),
             "from-env"
         );
-        let e = problems(&GOOD.replace("password = \"pw\"", "password_env = \"NOPE\""));
+        assert!(c.secret_problems().is_empty());
+        let c = parse(&GOOD.replace("password = \"pw\"", "password_env = \"NOPE_UNSET\"")).unwrap();
+        let e = c.secret_problems().join("\n");
         assert!(
-            e.contains("mailbox.password_env") && e.contains("NOPE"),
+            e.contains("mailbox.password_env") && e.contains("NOPE_UNSET"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn store_only_use_needs_no_mail_secret() {
+        // Input: `stats`/`cases list` on a config whose password variable
+        // is not set (an admin or cron job that only reads the store).
+        // Loading succeeds; only a connection needs the secret.
+        let c = parse(&GOOD.replace("password = \"pw\"", "password_env = \"UNSET_FOR_STATS\""));
+        let c = c.expect("a config with an unset password variable loads");
+        assert_eq!(c.secret_problems().len(), 1);
+        assert!(c.mailbox.endpoint.password().is_err());
     }
 
     #[test]
@@ -1587,7 +1652,10 @@ first_response = "4h"
             &format!("password_file = {:?}", f.display().to_string()),
         );
         let c = parse(&text).unwrap();
-        assert_eq!(c.mailbox.endpoint.password.unwrap().expose(), "s3cret");
+        assert_eq!(
+            c.mailbox.endpoint.password().unwrap().unwrap().expose(),
+            "s3cret"
+        );
     }
 
     #[test]
@@ -1644,7 +1712,7 @@ first_response = "4h"
         for name in ["escalator.toml", "demo.toml"] {
             let path = root.join(name);
             let text = std::fs::read_to_string(&path).unwrap();
-            let r = Config::parse(&text, &path, &|_| Some("secret".into()));
+            let r = Config::parse(&text, &path);
             assert!(r.is_ok(), "{name}: {}", r.err().unwrap());
         }
     }

@@ -668,7 +668,7 @@ forward_to = ["tier2@example.test"]
 "#,
             dir.join("store").display()
         );
-        Config::parse(&text, Path::new("/x.toml"), &|_| None).unwrap()
+        Config::parse(&text, Path::new("/x.toml")).unwrap()
     }
 
     /// The text bodies of every queued mail, by kind.

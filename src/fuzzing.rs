@@ -72,7 +72,7 @@ impl Lookup for Memory {
 /// Runs `data` through parse, thread and policy, twice: as a first
 /// message and as a reply in the case the first one opened.
 pub fn parse_thread(data: &[u8]) {
-    let Ok(config) = Config::parse(CONFIG, Path::new("/fuzz.toml"), &|_| None) else {
+    let Ok(config) = Config::parse(CONFIG, Path::new("/fuzz.toml")) else {
         return;
     };
     let now = DateTime::from_timestamp(1_795_000_000, 0).unwrap_or_default();

@@ -535,7 +535,7 @@ staff = ["agent@example.test"]
 "#,
             dir.join("store").display()
         );
-        let config = Config::parse(&text, Path::new("/x.toml"), &|_| None).unwrap();
+        let config = Config::parse(&text, Path::new("/x.toml")).unwrap();
         let clock = Arc::new(ManualClock::new(
             DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")
                 .unwrap()

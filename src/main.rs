@@ -216,6 +216,14 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     let (config, req) = match cmd {
         Command::Run { config, once } => {
             let cfg = load(&config.config)?;
+            let missing = cfg.secret_problems();
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "{}: cannot start without the mail secrets:\n  {}",
+                    config.config.display(),
+                    missing.join("\n  ")
+                );
+            }
             if once {
                 escalator::app::run_once(cfg).await?;
             } else {
@@ -227,7 +235,20 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             return match Config::load(&config.config) {
                 Ok(c) => {
                     println!("{}", c.summary());
-                    Ok(ExitCode::SUCCESS)
+                    // A secret that cannot be read is fine for commands
+                    // that only read the store, and an error for `run`.
+                    let missing = c.secret_problems();
+                    for p in &missing {
+                        eprintln!(
+                            "warning: {p} (`run` refuses to start without it; store-only \
+                             commands such as `cases`, `stats` and `outbox` work)"
+                        );
+                    }
+                    Ok(if missing.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
                 }
                 Err(e) => {
                     eprintln!("{}", escalator::error_chain(&e));

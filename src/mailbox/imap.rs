@@ -34,12 +34,15 @@ pub enum ImapError {
     Folder(String, #[source] async_imap::error::Error),
     #[error("the server closed the connection")]
     Closed,
+    /// The password could not be read (variable unset, file unreadable).
+    #[error("cannot read the IMAP password: {0}")]
+    Secret(String),
 }
 
 impl ImapError {
     /// Wrong credentials: worth a longer pause and an error-level log.
     pub fn is_auth(&self) -> bool {
-        matches!(self, ImapError::Auth { .. })
+        matches!(self, ImapError::Auth { .. } | ImapError::Secret(_))
     }
 }
 
@@ -183,8 +186,8 @@ pub async fn connect(ep: &Endpoint) -> Result<ImapSession, ImapError> {
         };
     }
     let pass = ep
-        .password
-        .as_ref()
+        .password()
+        .map_err(ImapError::Secret)?
         .map(|p| p.expose().to_string())
         .unwrap_or_default();
     match tokio::time::timeout(ep.timeout, client.login(&user, &pass)).await {

@@ -148,7 +148,12 @@ impl SmtpMailer {
                 .map_err(|e| transient("STARTTLS with", &e))?
                 .map_err(step)?;
         }
-        let login = match (&ep.username, token, &ep.password) {
+        // Read at every connection: a rotated password file is picked up,
+        // and an unreadable one is the admin's to fix (kept, retried).
+        let password = ep
+            .password()
+            .map_err(|e| SmtpError::Transient(format!("cannot read the SMTP password: {e}")))?;
+        let login = match (&ep.username, token, &password) {
             (Some(u), Some(t), _) => Some((
                 Credentials::new(u.clone(), t.to_string()),
                 vec![Mechanism::Xoauth2],

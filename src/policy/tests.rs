@@ -52,7 +52,7 @@ survey = true
 "#;
 
 fn config() -> Config {
-    Config::parse(CONFIG, Path::new("/x.toml"), &|_| None).unwrap()
+    Config::parse(CONFIG, Path::new("/x.toml")).unwrap()
 }
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -639,7 +639,7 @@ fn resolve_within_counts_only_time_waiting_on_staff() {
             "first_response = \"4h\"\nfollow_up = \"8h\"",
             "first_response = \"4h\"\nfollow_up = \"4h\"",
         );
-    let c = Config::parse(&text, Path::new("/x.toml"), &|_| None).unwrap();
+    let c = Config::parse(&text, Path::new("/x.toml")).unwrap();
     // Monday 10:00 CET: open; answered at 12:00 (2h open).
     let (mut case, _) = new_case(
         &c,

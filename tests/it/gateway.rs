@@ -537,6 +537,69 @@ fn check_config_names_the_bad_key() {
     assert!(!text.contains("hunter2"), "secrets never printed");
 }
 
+#[test]
+fn store_only_commands_need_no_mail_secrets() {
+    // Input: an admin (or cron job) runs `stats` and `cases list` on the
+    // demo config without the IMAP/SMTP password variable: they read only
+    // the store and must work; `check-config` warns, `run` refuses.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("demo.toml");
+    let demo =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"))
+            .unwrap();
+    let store = dir.path().join("store");
+    std::fs::write(
+        &p,
+        demo.replace("/tmp/escalator-demo/store", store.to_str().unwrap()),
+    )
+    .unwrap();
+    let cfg = p.to_str().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_escalator"))
+            .args(args)
+            .env_remove("ESCALATOR_DEMO_PASSWORD")
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["stats", "--config", cfg][..],
+        &["stats", "--config", cfg, "--json"],
+        &["cases", "list", "--config", cfg],
+        &["outbox", "list", "--config", cfg],
+        &["quarantine", "list", "--config", cfg],
+    ] {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(&["check-config", "--config", cfg]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("mailbox.password_env"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(1), "not ready to run: {err}");
+    let out = run(&["run", "--once", "--config", cfg]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("ESCALATOR_DEMO_PASSWORD"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour codes off a terminal: {err:?}"
+    );
+    // A huge --since is a clear error, not a panic.
+    let out = run(&["stats", "--config", cfg, "--since", "100000000d"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("too long") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
 /// Every file of the corpus named by ESCALATOR_CORPUS ends up in exactly
 /// one case, with no panic and nothing quarantined.
 #[tokio::test(flavor = "multi_thread")]

@@ -141,6 +141,11 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_wro
         .wait_log("config reloaded", 1, Duration::from_secs(10))
         .await;
     assert!(log.contains("config reloaded"), "{log}");
+    // The log goes to a file: no colour codes (they were written always).
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI codes in a log file:\n{log:?}"
+    );
     assert!(
         log.contains("take effect only after a restart"),
         "the start-only change is named:\n{log}"
