@@ -37,6 +37,10 @@ pub enum Request {
     OutboxRetry {
         id: u64,
     },
+    /// One outbox mail, decoded for reading.
+    OutboxShow {
+        id: u64,
+    },
     CaseEscalate {
         id: u64,
         reason: String,
@@ -322,6 +326,18 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             let text = crate::digest::text(store, &config, &d, start, now, now)?;
             Ok(Response::ok(text))
         }
+        Request::OutboxShow { id } => {
+            let Some(entry) = store.outbox_entry(id)? else {
+                return Ok(Response::fail(format!("no outbox entry {id}\n")));
+            };
+            match store.raw_bytes(&outbox::OutboxEntry::raw_key(id))? {
+                Some(raw) => Ok(Response::ok(readable_mail(&entry, &raw))),
+                None => Ok(Response::fail(format!(
+                    "outbox entry {id}: its text is no longer kept (sent mail is pruned \
+                     after [store] keep_sent)\n"
+                ))),
+            }
+        }
         Request::OutboxRetry { id } => match outbox::retry(store, id, ingestor.clock.now())? {
             None => Ok(Response::fail(format!("no outbox entry {id}\n"))),
             Some(e) if e.state == OutboxState::Pending => Ok(Response::ok(format!(
@@ -398,6 +414,62 @@ fn change_case(
     store.flush()?;
     ingestor.wake.both();
     Ok(Some(queued))
+}
+
+/// A composed mail as a person reads it: decoded headers and text body,
+/// attachments listed; every value made printable.
+fn readable_mail(entry: &outbox::OutboxEntry, raw: &[u8]) -> String {
+    let mut out = format!(
+        "Outbox entry {} ({}, case #{}, {})\n",
+        entry.id,
+        entry.kind,
+        entry.case,
+        format!("{:?}", entry.state).to_lowercase()
+    );
+    let Some(m) = mail_parser::MessageParser::default().parse(raw) else {
+        out.push_str("(the stored mail cannot be parsed)\n");
+        return out;
+    };
+    let addrs = |a: Option<&mail_parser::Address>| -> String {
+        a.map(|a| {
+            a.iter()
+                .map(|x| match (x.name(), x.address()) {
+                    (Some(n), Some(e)) => format!("{n} <{e}>"),
+                    (_, Some(e)) => e.to_string(),
+                    (Some(n), None) => n.to_string(),
+                    (None, None) => String::new(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+    };
+    for (name, value) in [
+        ("From", addrs(m.from())),
+        ("To", entry.to.join(", ")),
+        ("Reply-To", addrs(m.reply_to())),
+        ("Subject", m.subject().unwrap_or_default().to_string()),
+        ("Message-ID", m.message_id().unwrap_or_default().to_string()),
+    ] {
+        if !value.is_empty() {
+            out.push_str(&format!("{name}: {}\n", printable(&value)));
+        }
+    }
+    out.push('\n');
+    for line in m.body_text(0).unwrap_or_default().lines() {
+        out.push_str(&printable(line));
+        out.push('\n');
+    }
+    for (i, a) in m.attachments().enumerate() {
+        use mail_parser::MimeHeaders;
+        out.push_str(&format!(
+            "[attachment {}: {} ({} bytes)]\n",
+            i + 1,
+            printable(a.attachment_name().unwrap_or("unnamed")),
+            a.len()
+        ));
+    }
+    out
 }
 
 fn event_line(e: &Event) -> String {

@@ -174,6 +174,10 @@ pub enum EventKind {
     /// No automatic answer was sent, and why.
     AckSuppressed {
         reason: String,
+        /// Which automatic-mail limit held it back (`recipient` or
+        /// `global`), when a limit did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
     },
     /// The outbox handed a mail to the SMTP server.
     MailSent {
@@ -349,7 +353,13 @@ mod tests {
         let mut c = Case::new(42, "a@example.org", "Help", "Frontline", "m@x", at);
         c.messages = vec![1, 2];
         c.due_at = Some(at);
-        c.push(at, EventKind::AckSuppressed { reason: "x".into() });
+        c.push(
+            at,
+            EventKind::AckSuppressed {
+                reason: "x".into(),
+                limit: None,
+            },
+        );
         let j = c.summary_json();
         assert_eq!(j["id"], 42);
         assert_eq!(j["status"], "open");

@@ -121,23 +121,46 @@ pub enum TokenSource {
     Command(String),
 }
 
+/// How long the token command may take before it is killed.
+pub const TOKEN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl TokenSource {
-    pub fn token(&self) -> Result<Secret, String> {
+    /// A fresh token. The command runs without blocking the runtime and
+    /// is killed after [`TOKEN_COMMAND_TIMEOUT`]; what it prints on
+    /// stderr goes to the log (it may hold details of the admin's
+    /// tooling), never into the error that is stored with a mail.
+    pub async fn token(&self) -> Result<Secret, String> {
         let text = match self {
-            TokenSource::File(p) => std::fs::read_to_string(p)
+            TokenSource::File(p) => tokio::fs::read_to_string(p)
+                .await
                 .map_err(|e| format!("cannot read the OAuth token file {}: {e}", p.display()))?,
             TokenSource::Command(c) => {
-                let out = std::process::Command::new("sh")
+                let child = tokio::process::Command::new("sh")
                     .arg("-c")
                     .arg(c)
                     .stdin(std::process::Stdio::null())
-                    .output()
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
                     .map_err(|e| format!("cannot run the OAuth token command: {e}"))?;
+                let out = tokio::time::timeout(TOKEN_COMMAND_TIMEOUT, child.wait_with_output())
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "the OAuth token command did not finish within {}s; killed",
+                            TOKEN_COMMAND_TIMEOUT.as_secs()
+                        )
+                    })?
+                    .map_err(|e| format!("cannot run the OAuth token command: {e}"))?;
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                if !stderr.trim().is_empty() {
+                    tracing::warn!(stderr = %stderr.trim(), "the OAuth token command wrote to stderr");
+                }
                 if !out.status.success() {
                     return Err(format!(
-                        "the OAuth token command failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
+                        "the OAuth token command failed ({}); its stderr is in the log",
+                        out.status
                     ));
                 }
                 String::from_utf8(out.stdout)
@@ -273,6 +296,10 @@ pub struct CasesConfig {
     /// last defence against a loop with another robot.
     pub auto_reply_limit: u32,
     pub auto_reply_window: Duration,
+    /// At most this many automatic mails per hour to everyone together
+    /// (0: no such limit): a flood from many forged senders must not turn
+    /// us into a backscatter source. Acks to new cases stop first.
+    pub auto_reply_global_limit: u32,
     /// Names this instance in the loop header of every mail we send.
     pub instance: String,
     /// Staff mail must also carry `dkim=pass` for the staff domain in the
@@ -590,6 +617,8 @@ struct RawCases {
     auto_reply_limit: u32,
     #[serde(default = "default_window")]
     auto_reply_window: String,
+    #[serde(default = "default_global_limit")]
+    auto_reply_global_limit: u32,
     instance: Option<String>,
     #[serde(default)]
     require_dkim_pass: bool,
@@ -603,6 +632,7 @@ impl Default for RawCases {
             support_addresses: Vec::new(),
             auto_reply_limit: default_limit(),
             auto_reply_window: default_window(),
+            auto_reply_global_limit: default_global_limit(),
             instance: None,
             require_dkim_pass: false,
             authserv_id: None,
@@ -669,6 +699,9 @@ fn default_limit() -> u32 {
 }
 fn default_window() -> String {
     "1h".into()
+}
+fn default_global_limit() -> u32 {
+    2000
 }
 
 // ---------------------------------------------------------- loading
@@ -1409,6 +1442,7 @@ impl Validator<'_> {
                 subject_tag: c.subject_tag,
                 support_addresses,
                 auto_reply_limit: c.auto_reply_limit,
+                auto_reply_global_limit: c.auto_reply_global_limit,
                 auto_reply_window,
                 instance,
                 require_dkim_pass: c.require_dkim_pass,
@@ -1717,8 +1751,31 @@ first_response = "4h"
         }
     }
 
-    #[test]
-    fn xoauth2_needs_a_token_source_and_reads_a_fresh_token_each_time() {
+    #[tokio::test]
+    async fn oauth_token_command_stderr_is_not_in_the_error() {
+        // Input: a token command that fails and prints details of the
+        // admin's tooling on stderr; that text went into the outbox's
+        // `last_error` (shown by `outbox list`, kept in the store).
+        let e = TokenSource::Command("echo 'vault token s.XYZ expired' >&2; exit 3".into())
+            .token()
+            .await
+            .unwrap_err();
+        assert!(e.contains("failed") && !e.contains("s.XYZ"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_oauth_token_command_times_out() {
+        // Input: a token command that never returns; it ran synchronously
+        // on the runtime with no timeout.
+        let e = TokenSource::Command("sleep 100000".into())
+            .token()
+            .await
+            .unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn xoauth2_needs_a_token_source_and_reads_a_fresh_token_each_time() {
         let dir = tempfile::tempdir().unwrap();
         let tok = dir.path().join("token");
         std::fs::write(&tok, "ya29.first\n").unwrap();
@@ -1731,17 +1788,18 @@ first_response = "4h"
         );
         let c = parse(&text).unwrap();
         let source = c.mailbox.endpoint.oauth.clone().unwrap();
-        assert_eq!(source.token().unwrap().expose(), "ya29.first");
+        assert_eq!(source.token().await.unwrap().expose(), "ya29.first");
         std::fs::write(&tok, "ya29.second").unwrap();
-        assert_eq!(source.token().unwrap().expose(), "ya29.second");
+        assert_eq!(source.token().await.unwrap().expose(), "ya29.second");
         assert_eq!(
             TokenSource::xoauth2("support@x.org", &Secret::new("t0k")),
             "user=support@x.org\x01auth=Bearer t0k\x01\x01"
         );
         let cmd = TokenSource::Command("printf 'from-cmd\\n'".into());
-        assert_eq!(cmd.token().unwrap().expose(), "from-cmd");
+        assert_eq!(cmd.token().await.unwrap().expose(), "from-cmd");
         assert!(TokenSource::Command("exit 3".into())
             .token()
+            .await
             .unwrap_err()
             .contains("failed"));
 

@@ -10,7 +10,8 @@ use crate::config::Config;
 use crate::outbox::compose::{self, Envelope};
 use crate::outbox::{OutboxEntry, OutboxState};
 use crate::policy::{self, Action};
-use crate::store::{id_key, Batch, MessageRecord, Store, StoreError, Tree};
+use crate::store::{id_key, Batch, MessageRecord, Store, StoreError, Tree, ALL_RECIPIENTS};
+use crate::suppress::recipient_key;
 use crate::thread::{MailKind, OwnId};
 
 /// Originals attached to one forward, at most (the rest are listed).
@@ -24,6 +25,35 @@ pub struct Effects<'a> {
     next_outbox: u64,
     /// The message being ingested, not yet in the store.
     pub current: Option<(&'a MessageRecord, &'a [u8])>,
+    /// Recipients (limit keys) of the automatic mails queued so far in
+    /// this batch: not yet in the store's index.
+    auto_queued: Vec<String>,
+}
+
+/// What the acknowledgement is called in limit messages.
+const ACK: &str = "acknowledgement";
+
+/// Says once a minute, in the log, that the global limit holds acks
+/// back: a flood would otherwise write a line per message.
+fn global_limit_reached(limit: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::error!(
+            limit,
+            "global automatic-mail limit reached (cases.auto_reply_global_limit): acks to new \
+             cases are held back; every message is still stored"
+        );
+    }
 }
 
 impl<'a> Effects<'a> {
@@ -38,6 +68,7 @@ impl<'a> Effects<'a> {
             now,
             next_outbox: store.counter("next_outbox")?,
             current: None,
+            auto_queued: Vec::new(),
         })
     }
 
@@ -74,7 +105,7 @@ impl<'a> Effects<'a> {
         let tag = format!("[{} #{}]", cfg.cases.subject_tag, case.id);
         match action {
             Action::Ack { eta } => {
-                if !self.within_limit(case, "acknowledgement")? {
+                if !self.within_limit(case, ACK)? {
                     return Ok(false);
                 }
                 let (subject, body) = policy::ack_text(case, eta, cfg, self.now);
@@ -227,29 +258,57 @@ impl<'a> Effects<'a> {
         Ok(true)
     }
 
-    /// Checks (and, for the caller, counts) the automatic-mail limit.
-    fn within_limit(&self, case: &mut Case, what: &str) -> Result<bool, StoreError> {
+    /// Checks the automatic-mail limits: per recipient (plus-addressed
+    /// variants are one), and for acks the global hourly one. Mails queued
+    /// earlier in this batch count too.
+    fn within_limit(&mut self, case: &mut Case, what: &str) -> Result<bool, StoreError> {
         let cfg = self.config;
-        let since = self.now
-            - chrono::Duration::from_std(cfg.cases.auto_reply_window)
-                .unwrap_or(chrono::Duration::hours(1));
-        if self.store.auto_replies_since(&case.customer, since)?
-            >= cfg.cases.auto_reply_limit as usize
-        {
-            case.push(
-                self.now,
-                EventKind::AckSuppressed {
-                    reason: format!(
-                        "{what} not sent: more than {} automatic mails to {} within {}",
-                        cfg.cases.auto_reply_limit,
-                        case.customer,
-                        humantime::format_duration(cfg.cases.auto_reply_window)
-                    ),
-                },
+        let window = chrono::Duration::from_std(cfg.cases.auto_reply_window)
+            .unwrap_or(chrono::Duration::hours(1));
+        let recipient = recipient_key(&case.customer);
+        let limit = cfg.cases.auto_reply_limit as usize;
+        let queued_here = self.auto_queued.iter().filter(|r| **r == recipient).count();
+        let sent = self
+            .store
+            .auto_replies_since(&recipient, self.now - window, limit)?;
+        if sent + queued_here >= limit {
+            let reason = format!(
+                "{what} not sent: more than {} automatic mails to {} within {}",
+                cfg.cases.auto_reply_limit,
+                case.customer,
+                humantime::format_duration(cfg.cases.auto_reply_window)
             );
-            return Ok(false);
+            return Ok(self.held(case, reason, "recipient"));
+        }
+        let global = cfg.cases.auto_reply_global_limit as usize;
+        if what == ACK && global > 0 {
+            let all = self.store.auto_replies_since(
+                ALL_RECIPIENTS,
+                self.now - chrono::Duration::hours(1),
+                global,
+            )?;
+            if all + self.auto_queued.len() >= global {
+                let reason = format!(
+                    "{what} not sent: the global limit of {global} automatic mails per hour \
+                     (cases.auto_reply_global_limit) is reached"
+                );
+                global_limit_reached(global);
+                return Ok(self.held(case, reason, "global"));
+            }
         }
         Ok(true)
+    }
+
+    /// Records that a limit held back an automatic mail.
+    fn held(&self, case: &mut Case, reason: String, limit: &str) -> bool {
+        case.push(
+            self.now,
+            EventKind::AckSuppressed {
+                reason,
+                limit: Some(limit.into()),
+            },
+        );
+        false
     }
 
     fn next_id(&mut self) -> u64 {
@@ -281,11 +340,18 @@ impl<'a> Effects<'a> {
         auto: &str,
     ) -> Result<u64, StoreError> {
         let id = self.customer_mail(batch, case, kind, subject, body, Some(auto))?;
+        let recipient = recipient_key(&case.customer);
         batch.put(
             Tree::AutoReplies,
-            Store::auto_reply_key(&case.customer, self.now, id),
+            Store::auto_reply_key(&recipient, self.now, id),
             Vec::new(),
         );
+        batch.put(
+            Tree::AutoReplies,
+            Store::auto_reply_key(ALL_RECIPIENTS, self.now, id),
+            Vec::new(),
+        );
+        self.auto_queued.push(recipient);
         Ok(id)
     }
 

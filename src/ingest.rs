@@ -480,11 +480,7 @@ fn index_value(case: CaseId, seq: u64) -> Vec<u8> {
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .map(|s| format!("panic while processing: {s}"))
-        .unwrap_or_else(|| "panic while processing".into())
+    format!("panic while processing: {}", crate::panic_text(p))
 }
 
 #[cfg(test)]
@@ -658,10 +654,64 @@ From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <g1@x>
         }
         assert_eq!(queued, 2, "two acks within the hour, then silence");
         let case4 = ing.store.case(4).unwrap().unwrap();
-        assert!(case4.history.iter().any(|e| matches!(&e.what, EventKind::AckSuppressed { reason } if reason.contains("automatic mails"))));
+        assert!(case4.history.iter().any(|e| matches!(&e.what, EventKind::AckSuppressed { reason, .. } if reason.contains("automatic mails"))));
         clock.advance(chrono::Duration::minutes(61));
         match ing.ingest(Some(&src(1, 5)), &mail(5), None).unwrap() {
             Outcome::Stored { queued, .. } => assert_eq!(queued, 1, "the window moved on"),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn plus_addressed_variants_share_one_auto_reply_limit() {
+        // Attack: a flood from `a+1@x`, `a+2@x`, ... to get one answer
+        // per variant out of the per-recipient cap.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        let mut queued = 0;
+        for n in 1..=6 {
+            let raw = format!(
+                "From: victim+{n}@example.org\r\nSubject: s{n}\r\nMessage-ID: <p{n}@x>\r\n\r\nb\r\n"
+            );
+            if let Outcome::Stored { queued: q, .. } =
+                ing.ingest(Some(&src(1, n)), raw.as_bytes(), None).unwrap()
+            {
+                queued += q;
+            }
+        }
+        assert_eq!(queued, 2, "auto_reply_limit = 2 for all variants together");
+        assert_eq!(ing.store.cases().count(), 6, "every message stored");
+    }
+
+    #[test]
+    fn a_flood_from_many_senders_stops_at_the_global_limit() {
+        // Attack: forged senders, each new, so the per-recipient cap never
+        // bites; we would mail thousands of strangers (backscatter).
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, clock) = setup_with(dir.path(), "auto_reply_global_limit = 3");
+        let mut queued = 0;
+        for n in 1..=8 {
+            let raw = format!(
+                "From: s{n}@example{n}.org\r\nSubject: s{n}\r\nMessage-ID: <g{n}@x>\r\n\r\nb\r\n"
+            );
+            if let Outcome::Stored { queued: q, .. } =
+                ing.ingest(Some(&src(1, n)), raw.as_bytes(), None).unwrap()
+            {
+                queued += q;
+            }
+        }
+        assert_eq!(queued, 3, "three acks within the hour, then none");
+        assert_eq!(ing.store.cases().count(), 8, "every message stored");
+        let held = ing.store.case(8).unwrap().unwrap();
+        assert!(held.history.iter().any(|e| matches!(
+            &e.what,
+            EventKind::AckSuppressed { limit: Some(l), reason }
+                if l == "global" && reason.contains("auto_reply_global_limit")
+        )));
+        clock.advance(chrono::Duration::minutes(61));
+        let raw = b"From: late@example.org\r\nSubject: x\r\nMessage-ID: <late@x>\r\n\r\nb\r\n";
+        match ing.ingest(Some(&src(1, 9)), raw, None).unwrap() {
+            Outcome::Stored { queued, .. } => assert_eq!(queued, 1, "the hour moved on"),
             o => panic!("{o:?}"),
         }
     }

@@ -156,6 +156,13 @@ enum OutboxCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Show one mail as its recipient reads it: the headers that matter
+    /// and the text, decoded (no quoted-printable), attachments listed.
+    Show {
+        id: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 fn main() -> ExitCode {
@@ -285,6 +292,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 (config, Request::OutboxList { json, all })
             }
             OutboxCommand::Retry { id, config } => (config, Request::OutboxRetry { id }),
+            OutboxCommand::Show { id, config } => (config, Request::OutboxShow { id }),
         },
     };
     let cfg = load(&config.config)?;

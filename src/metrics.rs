@@ -116,6 +116,9 @@ pub struct Metrics {
     /// By reason and the tier the case went to.
     pub escalations: Family,
     pub breaches: Family,
+    /// Automatic mails an automatic-mail limit held back, by `limit`
+    /// (`recipient`, or `global`: a flood reached the hourly cap).
+    pub auto_mail_held: Family,
     /// Mail accepted by the SMTP server, by kind (ack, notice, forward...).
     pub mail_sent: Family,
     /// Failed attempts: transient (retried) or permanent.
@@ -149,6 +152,9 @@ pub fn committed(events: &[Event]) {
                 .escalations
                 .inc(&[("reason", reason.as_str()), ("tier", to)]),
             EventKind::Breached { tier } => m.breaches.inc(&[("tier", tier)]),
+            EventKind::AckSuppressed {
+                limit: Some(limit), ..
+            } => m.auto_mail_held.inc(&[("limit", limit)]),
             _ => {}
         }
     }
@@ -197,6 +203,11 @@ fn render(store: &Store) -> String {
         &mut out,
         "escalator_deadlines_breached_total",
         "Deadlines passed at the top tier.",
+    );
+    m.auto_mail_held.render(
+        &mut out,
+        "escalator_auto_mail_held_total",
+        "Automatic mails held back by a limit: per recipient, or the global hourly one.",
     );
     m.mail_sent.render(
         &mut out,

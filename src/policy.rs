@@ -238,6 +238,7 @@ pub fn on_new_case(
             ctx.now,
             EventKind::AckSuppressed {
                 reason: s.to_string(),
+                limit: None,
             },
         );
         return Vec::new();

@@ -199,6 +199,10 @@ pub struct Store {
     key: [u8; 32],
 }
 
+/// The auto-reply index's key for every automatic mail, whoever it went
+/// to: the global hourly limit counts these. No address is just `*`.
+pub const ALL_RECIPIENTS: &str = "*";
+
 pub fn id_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
@@ -494,8 +498,16 @@ impl Store {
         k
     }
 
-    /// Recent automatic mails to `email` since `since`.
-    pub fn auto_replies_since(&self, email: &str, since: DateTime<Utc>) -> Result<usize> {
+    /// Recent automatic mails to `email` since `since`, counted up to
+    /// `at_most` (the limit being checked: a flood's entries are not
+    /// all counted for every mail). `email` is a key from
+    /// [`crate::suppress::recipient_key`], or [`ALL_RECIPIENTS`].
+    pub fn auto_replies_since(
+        &self,
+        email: &str,
+        since: DateTime<Utc>,
+        at_most: usize,
+    ) -> Result<usize> {
         let mut start = email.as_bytes().to_vec();
         start.push(0);
         let prefix_len = start.len();
@@ -510,6 +522,7 @@ impl Store {
                     .map(|(k, _)| k.len() > prefix_len)
                     .unwrap_or(false)
             })
+            .take(at_most)
             .count())
     }
 
@@ -1064,7 +1077,8 @@ mod tests {
         );
         s.apply(&b).unwrap();
         let since = DateTime::from_timestamp(150, 0).unwrap();
-        assert_eq!(s.auto_replies_since("a@x.org", since).unwrap(), 2);
+        assert_eq!(s.auto_replies_since("a@x.org", since, 10).unwrap(), 2);
+        assert_eq!(s.auto_replies_since("a@x.org", since, 1).unwrap(), 1);
     }
 
     #[test]

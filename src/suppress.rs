@@ -59,6 +59,22 @@ const ROBOT_LOCALS: &[&str] = &[
     "bounces",
 ];
 
+/// One recipient for the automatic-mail limit: plus-addressed variants of
+/// a mailbox (`a+1@x`, `a+2@x`) are the same person, so a flood cannot
+/// multiply its answers by varying the tag.
+pub fn recipient_key(email: &str) -> String {
+    let email = email.trim().to_lowercase();
+    match email.rsplit_once('@') {
+        // A quoted local part is taken as it is: `+` is just a character.
+        Some((local, domain)) if !local.starts_with('"') => {
+            let base = local.split('+').next().unwrap_or(local);
+            let base = if base.is_empty() { local } else { base };
+            format!("{base}@{domain}")
+        }
+        _ => email,
+    }
+}
+
 /// Returns why `mail` must not be answered automatically, if it must not.
 pub fn classify(mail: &InboundMail, support: &[String]) -> Option<Suppress> {
     let r = &mail.robot;
@@ -113,6 +129,23 @@ pub fn classify(mail: &InboundMail, support: &[String]) -> Option<Suppress> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plus_addresses_are_one_recipient() {
+        assert_eq!(recipient_key("A+1@X.org"), "a@x.org");
+        assert_eq!(recipient_key("a+2+3@x.org"), "a@x.org");
+        assert_eq!(recipient_key("a@x.org"), "a@x.org");
+        assert_eq!(recipient_key("+tag@x.org"), "+tag@x.org");
+        assert_eq!(recipient_key("\"a+b\"@x.org"), "\"a+b\"@x.org");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn recipient_key_never_panics(s in "\\PC{0,40}") {
+            let k = recipient_key(&s);
+            proptest::prop_assert_eq!(recipient_key(&k), k.clone());
+        }
+    }
     use crate::message::parse;
 
     fn check(headers: &str) -> Option<Suppress> {

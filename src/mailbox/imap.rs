@@ -168,7 +168,7 @@ pub async fn connect(ep: &Endpoint) -> Result<ImapSession, ImapError> {
     };
     let user = ep.username.clone().unwrap_or_default();
     if let Some(source) = &ep.oauth {
-        let token = source.token().map_err(|why| ImapError::Auth {
+        let token = source.token().await.map_err(|why| ImapError::Auth {
             user: user.clone(),
             why,
         })?;

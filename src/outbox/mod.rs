@@ -190,10 +190,23 @@ impl Outbox {
                 report.retrying += 1;
                 continue;
             }
-            match self.send_one(entry).await? {
-                OutboxState::Sent => report.sent += 1,
-                OutboxState::Failed => report.failed += 1,
-                _ => report.retrying += 1,
+            let id = entry.id;
+            let sending = std::panic::AssertUnwindSafe(self.send_one(entry));
+            match futures::FutureExt::catch_unwind(sending).await {
+                Ok(state) => match state? {
+                    OutboxState::Sent => report.sent += 1,
+                    OutboxState::Failed => report.failed += 1,
+                    _ => report.retrying += 1,
+                },
+                Err(panic) => {
+                    // One bad entry must not kill the worker (and, after a
+                    // restart, come first again): it is parked as failed
+                    // with the error, for a person to look at and retry.
+                    let why = crate::panic_text(&panic);
+                    tracing::error!(outbox_id = id, error = %why, "sending panicked; entry parked as failed");
+                    self.park(id, &why)?;
+                    report.failed += 1;
+                }
             }
         }
         if report.sent > 0 {
@@ -208,7 +221,20 @@ impl Outbox {
     }
 
     #[tracing::instrument(skip_all, fields(case_id = entry.case, outbox_id = entry.id, kind = %entry.kind))]
-    async fn send_one(&self, mut entry: OutboxEntry) -> Result<OutboxState, OutboxError> {
+    async fn send_one(&self, entry: OutboxEntry) -> Result<OutboxState, OutboxError> {
+        #[cfg(test)]
+        tests::maybe_panic(entry.id);
+        // The list came from a snapshot: the entry may have been settled
+        // since (its confirmation copy arrived, a person failed or retried
+        // it). Re-read it, and claim it as `sending`, under the lock.
+        let mut entry = {
+            let _w = self.store.lock();
+            match self.store.outbox_entry(entry.id)? {
+                Some(e) if matches!(e.state, OutboxState::Pending | OutboxState::Sending) => e,
+                Some(e) => return Ok(e.state),
+                None => return Ok(OutboxState::Failed),
+            }
+        };
         let Some(raw) = self.store.raw_bytes(&OutboxEntry::raw_key(entry.id))? else {
             entry.state = OutboxState::Failed;
             entry.last_error = Some("the mail's bytes are missing from the store".into());
@@ -223,6 +249,12 @@ impl Outbox {
         entry.attempt_at = Some(self.clock.now());
         {
             let _w = self.store.lock();
+            // Still ours: nothing settled it between the read and now.
+            match self.store.outbox_entry(entry.id)? {
+                Some(e) if matches!(e.state, OutboxState::Pending | OutboxState::Sending) => {}
+                Some(e) => return Ok(e.state),
+                None => return Ok(OutboxState::Failed),
+            }
             self.store.put_outbox(&entry, None)?;
         }
         // Durable before the effect: a crash from here on resends.
@@ -275,7 +307,18 @@ impl Outbox {
                 entry.state = OutboxState::Failed;
                 entry.last_error = Some(why);
             }
-            Err(SmtpError::Transient(why)) => {
+            Err(SmtpError::Unknown(why)) if self.confirm.is_some() => {
+                // As after a crash mid-send: the server may have the mail.
+                // Stay `sending`; the confirmation copy settles it within
+                // `confirm_wait`, and only without one is it sent again.
+                let wait = self.confirm.as_ref().map(|(_, w)| *w).unwrap_or_default();
+                entry.next_attempt_at =
+                    now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
+                entry.attempt_at = Some(now);
+                tracing::warn!(error = %why, until = %entry.next_attempt_at, "answer to the message data lost; waiting for the confirmation copy");
+                entry.last_error = Some(why);
+            }
+            Err(SmtpError::Transient(why)) | Err(SmtpError::Unknown(why)) => {
                 if now - entry.created_at > GIVE_UP_AFTER {
                     entry.state = OutboxState::Failed;
                     entry.last_error =
@@ -293,9 +336,31 @@ impl Outbox {
         Ok(entry.state)
     }
 
+    /// Parks an entry whose sending panicked: failed, with the error.
+    fn park(&self, id: u64, why: &str) -> Result<(), StoreError> {
+        let entry = {
+            let _w = self.store.lock();
+            self.store.outbox_entry(id)?
+        };
+        let Some(mut entry) = entry else {
+            return Ok(());
+        };
+        entry.state = OutboxState::Failed;
+        entry.last_error = Some(format!("internal error while sending: {why}"));
+        self.finish(&entry)?;
+        self.store.flush()
+    }
+
     /// Records a retry or a failure on the entry (and a failure in the case).
     fn finish(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
         let _w = self.store.lock();
+        // Settled meanwhile (its confirmation copy arrived while we were
+        // waiting for the server): sent stays sent.
+        if let Some(stored) = self.store.outbox_entry(entry.id)? {
+            if stored.state == OutboxState::Sent {
+                return Ok(());
+            }
+        }
         if entry.state != OutboxState::Failed {
             return self.store.put_outbox(entry, None);
         }
@@ -335,13 +400,190 @@ pub fn retry(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// The outbox entry whose sending panics next (tests only).
+    static PANIC_ON: Mutex<Option<u64>> = Mutex::new(None);
+
+    pub(super) fn maybe_panic(id: u64) {
+        let hit = {
+            let mut p = PANIC_ON.lock().unwrap_or_else(|p| p.into_inner());
+            (*p == Some(id)).then(|| p.take())
+        };
+        if hit.is_some() {
+            panic!("test-induced failure sending {id}");
+        }
+    }
+
+    /// Answers with scripted results (then success) and counts sends.
+    #[derive(Default)]
+    struct Script {
+        results: Mutex<VecDeque<Result<(), SmtpError>>>,
+        sent: Mutex<Vec<Vec<u8>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Mailer for Script {
+        async fn send(&self, _: &str, _: &[String], raw: &[u8]) -> Result<(), SmtpError> {
+            self.sent.lock().unwrap().push(raw.to_vec());
+            self.results.lock().unwrap().pop_front().unwrap_or(Ok(()))
+        }
+    }
+
+    fn entry(id: u64, now: DateTime<Utc>) -> OutboxEntry {
+        OutboxEntry {
+            id,
+            case: 0,
+            kind: "ack".into(),
+            message_id: format!("m{id}@example.test"),
+            from: "support@example.test".into(),
+            to: vec!["alice@example.org".into()],
+            subject: "s".into(),
+            state: OutboxState::Pending,
+            attempts: 0,
+            created_at: now,
+            next_attempt_at: now,
+            sent_at: None,
+            last_error: None,
+            attempt_at: None,
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        outbox: Outbox,
+        mailer: Arc<Script>,
+        clock: Arc<ManualClock>,
+    }
+
+    fn setup(ids: &[u64], confirm: bool) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+        let now = DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut batch = Batch::default();
+        for id in ids {
+            entry(*id, now)
+                .write(&mut batch, b"Subject: s\r\n\r\nbody\r\n".to_vec())
+                .unwrap();
+        }
+        store.apply(&batch).unwrap();
+        let clock = Arc::new(ManualClock::new(now));
+        let mailer = Arc::new(Script::default());
+        let outbox = Outbox {
+            journal: journal::Journal::open(&dir.path().join("store")).unwrap(),
+            store,
+            mailer: mailer.clone(),
+            clock: clock.clone(),
+            confirm: confirm
+                .then(|| ("support@example.test".to_string(), Duration::from_secs(120))),
+            wake: Default::default(),
+        };
+        Setup {
+            _dir: dir,
+            outbox,
+            mailer,
+            clock,
+        }
+    }
+
+    fn state(s: &Setup, id: u64) -> OutboxState {
+        s.outbox.store.outbox_entry(id).unwrap().unwrap().state
+    }
+
+    fn sends(s: &Setup) -> usize {
+        s.mailer.sent.lock().unwrap().len()
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
         assert_eq!(backoff(1), chrono::Duration::seconds(30));
         assert!(backoff(3) > backoff(2));
         assert_eq!(backoff(30), chrono::Duration::seconds(3600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_after_data_waits_for_the_confirmation_copy() {
+        // Input: the connection is cut after the message data went out:
+        // the server may have accepted it. It was resent at once (a
+        // duplicate); now it waits for the copy like after a crash.
+        let s = setup(&[1, 2], true);
+        s.mailer.results.lock().unwrap().extend([
+            Err(SmtpError::Unknown("timeout".into())),
+            Err(SmtpError::Unknown("cut".into())),
+        ]);
+        let cancel = CancellationToken::new();
+        s.outbox.drain(false, &cancel).await.unwrap();
+        assert_eq!(sends(&s), 2);
+        assert_eq!(state(&s, 1), OutboxState::Sending);
+        // A minute later: still waiting, nothing sent again.
+        s.clock.advance(chrono::Duration::seconds(60));
+        s.outbox.drain(false, &cancel).await.unwrap();
+        s.outbox.drain(true, &cancel).await.unwrap();
+        assert_eq!(sends(&s), 2, "no resend within confirm_wait");
+        // Entry 1's copy arrives: it was accepted, it is never resent.
+        {
+            let _w = s.outbox.store.lock();
+            let mut e = s.outbox.store.outbox_entry(1).unwrap().unwrap();
+            journal::mark_sent(&s.outbox.store, &mut e, s.clock.now()).unwrap();
+        }
+        // Past confirm_wait, entry 2 (no copy: the server never had it)
+        // goes out again, once.
+        s.clock.advance(chrono::Duration::seconds(61));
+        s.outbox.drain(false, &cancel).await.unwrap();
+        assert_eq!(sends(&s), 3);
+        assert_eq!(state(&s, 1), OutboxState::Sent);
+        assert_eq!(state(&s, 2), OutboxState::Sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_settled_since_the_snapshot_is_not_sent() {
+        // Race: the drain read its list, then the confirmation copy marked
+        // an entry sent; the drain overwrote that and sent it again.
+        let s = setup(&[1], true);
+        let snapshot = s.outbox.store.outbox_pending().unwrap();
+        {
+            let _w = s.outbox.store.lock();
+            let mut e = s.outbox.store.outbox_entry(1).unwrap().unwrap();
+            journal::mark_sent(&s.outbox.store, &mut e, s.clock.now()).unwrap();
+        }
+        for e in snapshot {
+            assert_eq!(s.outbox.send_one(e).await.unwrap(), OutboxState::Sent);
+        }
+        assert_eq!(sends(&s), 0, "sent already: not sent again");
+        assert_eq!(state(&s, 1), OutboxState::Sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_while_sending_parks_the_entry_and_the_rest_go_out() {
+        // Input: one entry whose sending panics; the worker died with it
+        // and, after a restart, the same entry came first again.
+        let s = setup(&[1, 2, 3], true);
+        *PANIC_ON.lock().unwrap() = Some(2);
+        let report = s
+            .outbox
+            .drain(false, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((report.sent, report.failed), (2, 1));
+        assert_eq!(state(&s, 2), OutboxState::Failed);
+        let parked = s.outbox.store.outbox_entry(2).unwrap().unwrap();
+        assert!(parked
+            .last_error
+            .unwrap()
+            .contains("test-induced failure sending 2"));
+        // A person retries it: it goes out.
+        retry(&s.outbox.store, 2, s.clock.now()).unwrap();
+        s.outbox
+            .drain(false, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(state(&s, 2), OutboxState::Sent);
+        assert_eq!(sends(&s), 3);
     }
 }

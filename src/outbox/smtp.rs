@@ -33,6 +33,11 @@ pub enum SmtpError {
     Permanent(String),
     #[error("cannot set up SMTP: {0}")]
     Setup(String),
+    /// The message data went out but the server's answer to it did not
+    /// come back (timeout, connection cut): it may have accepted the
+    /// mail. Like a crash mid-send, this waits for the confirmation copy.
+    #[error("SMTP server's answer to the message data was lost: {0}")]
+    Unknown(String),
 }
 
 /// Sends raw mail; a trait so the outbox worker can be tested without a
@@ -57,7 +62,6 @@ pub struct SmtpMailer {
 struct Kept {
     conn: AsyncSmtpConnection,
     used: Instant,
-    token: Option<String>,
 }
 
 /// Servers drop idle clients after a minute or so; past this, reconnect
@@ -235,20 +239,10 @@ impl Mailer for SmtpMailer {
         let rcpt = to.iter().map(|a| parse(a)).collect::<Result<Vec<_>, _>>()?;
         let envelope = Envelope::new(Some(parse(from)?), rcpt)
             .map_err(|e| SmtpError::Permanent(e.to_string()))?;
-        let token = match &self.cfg.endpoint.oauth {
-            Some(source) => Some(
-                source
-                    .token()
-                    .map_err(SmtpError::Transient)?
-                    .expose()
-                    .to_string(),
-            ),
-            None => None,
-        };
         let mut slot = self.conn.lock().await;
-        let stale = slot.as_ref().is_some_and(|k| {
-            k.conn.has_broken() || k.token != token || k.used.elapsed() > MAX_IDLE
-        });
+        let stale = slot
+            .as_ref()
+            .is_some_and(|k| k.conn.has_broken() || k.used.elapsed() > MAX_IDLE);
         if stale {
             if let Some(mut k) = slot.take() {
                 let _ = tokio::time::timeout(Duration::from_secs(2), k.conn.quit()).await;
@@ -256,29 +250,90 @@ impl Mailer for SmtpMailer {
         }
         let mut kept = match slot.take() {
             Some(k) => k,
-            None => Kept {
-                conn: self.connect(token.as_deref()).await?,
-                used: Instant::now(),
-                token,
-            },
+            None => {
+                // A token only for a new login: the command is not run
+                // for every mail.
+                let token = match &self.cfg.endpoint.oauth {
+                    Some(source) => Some(
+                        source
+                            .token()
+                            .await
+                            .map_err(SmtpError::Transient)?
+                            .expose()
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                Kept {
+                    conn: self.connect(token.as_deref()).await?,
+                    used: Instant::now(),
+                }
+            }
         };
         // Enough time for a large forward on a slow link.
         let limit = self.cfg.endpoint.timeout + Duration::from_secs(raw.len() as u64 / 50_000);
-        let result = tokio::time::timeout(limit, kept.conn.send(&envelope, raw)).await;
+        let data_sent = std::sync::atomic::AtomicBool::new(false);
+        let result = tokio::time::timeout(
+            limit,
+            transaction(&mut kept.conn, &envelope, raw, &data_sent),
+        )
+        .await;
+        let after_data = data_sent.load(std::sync::atomic::Ordering::SeqCst);
         match result {
-            Ok(Ok(_)) => {
+            Ok(Ok(())) => {
                 kept.used = Instant::now();
                 *slot = Some(kept);
                 Ok(())
             }
             // Any error leaves the connection in an unknown state: drop it.
-            Ok(Err(e)) => Err(classify(&e)),
-            Err(_) => Err(SmtpError::Transient(format!(
-                "no answer from {} within {limit:?}",
-                self.cfg.endpoint.host
-            ))),
+            Ok(Err(e)) => match classify(&e) {
+                SmtpError::Transient(why) if after_data => Err(SmtpError::Unknown(why)),
+                other => Err(other),
+            },
+            Err(_) => {
+                let why = format!("no answer from {} within {limit:?}", self.cfg.endpoint.host);
+                Err(if after_data {
+                    SmtpError::Unknown(why)
+                } else {
+                    SmtpError::Transient(why)
+                })
+            }
         }
     }
+}
+
+/// MAIL, RCPT, DATA, then the message: lettre's `send`, split so that we
+/// know whether a failure came before the data went out (the server has
+/// nothing) or after (it may have accepted the mail).
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    raw: &[u8],
+    data_sent: &std::sync::atomic::AtomicBool,
+) -> Result<(), lettre::transport::smtp::Error> {
+    use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+    use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
+    let mut options = Vec::new();
+    let non_ascii = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii && conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !raw.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), options))
+        .await?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), Vec::new())).await?;
+    }
+    conn.command(Data).await?;
+    data_sent.store(true, std::sync::atomic::Ordering::SeqCst);
+    conn.message(raw).await?;
+    Ok(())
 }
 
 /// The error with its causes, as one line for the outbox record.
