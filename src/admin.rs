@@ -48,6 +48,10 @@ pub enum Request {
     CaseResolve {
         id: u64,
     },
+    /// Re-arms a parked timer (firing it failed) to fire now.
+    CaseRetry {
+        id: u64,
+    },
     /// KPIs of the cases opened in the last `since_secs` (None: all).
     Stats {
         since_secs: Option<u64>,
@@ -100,9 +104,11 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                         .and_then(|v| v.as_str().map(str::to_string))
                         .unwrap_or_default(),
                     c.tier,
-                    c.due_at
-                        .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
-                        .unwrap_or_else(|| "-".into()),
+                    match (&c.parked_timer, c.due_at) {
+                        (Some(_), _) => "timer parked!".to_string(),
+                        (None, Some(d)) => d.format("%Y-%m-%d %H:%M UTC").to_string(),
+                        (None, None) => "-".into(),
+                    },
                     if c.customer.is_empty() {
                         "(unassigned)".to_string()
                     } else {
@@ -162,6 +168,14 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 case.due_at.map(rfc3339).unwrap_or_else(|| "-".into()),
                 rfc3339(case.created_at),
             );
+            if let Some(p) = &case.parked_timer {
+                out.push_str(&format!(
+                    "  timer:    PARKED since {} ({}); `escalator cases retry {}` re-arms it\n",
+                    rfc3339(p.at),
+                    printable(&p.error),
+                    case.id
+                ));
+            }
             if !case.participants.is_empty() {
                 out.push_str(&format!(
                     "  participants: {}\n",
@@ -297,6 +311,33 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 None => Ok(Response::fail(format!("no case #{id}\n"))),
                 Some((_, n)) => Ok(Response::ok(format!(
                     "case #{id} resolved ({n} mail(s) queued)\n"
+                ))),
+            }
+        }
+        Request::CaseRetry { id } => {
+            let who = std::env::var("USER").unwrap_or_else(|_| "admin".into());
+            let mut had = false;
+            let changed = change_case(ingestor, id, |c, ctx| {
+                if let Some(p) = c.parked_timer.take() {
+                    had = true;
+                    c.timer = Some(crate::case::Timer {
+                        at: ctx.now.min(p.timer.at),
+                        kind: p.timer.kind,
+                    });
+                    c.push(
+                        ctx.now,
+                        crate::case::EventKind::TimerRearmed {
+                            by: format!("cli:{who}"),
+                        },
+                    );
+                }
+                Vec::new()
+            })?;
+            match changed {
+                None => Ok(Response::fail(format!("no case #{id}\n"))),
+                Some(_) if !had => Ok(Response::fail(format!("case #{id} has no parked timer\n"))),
+                Some(_) => Ok(Response::ok(format!(
+                    "case #{id}: timer re-armed; it fires now\n"
                 ))),
             }
         }

@@ -51,6 +51,11 @@ pub struct Case {
     /// The next timer and what it does; indexed in the store by time.
     #[serde(default)]
     pub timer: Option<Timer>,
+    /// A timer whose firing failed (a panic in the rules): taken out of
+    /// the index so it cannot stop the scheduler again, kept here with
+    /// the error until a person re-arms it (`escalator cases retry`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_timer: Option<ParkedTimer>,
     /// The deadline passed at the top tier with no answer.
     #[serde(default)]
     pub breached: bool,
@@ -100,6 +105,14 @@ pub struct Case {
 pub struct Timer {
     pub at: DateTime<Utc>,
     pub kind: TimerKind,
+}
+
+/// A timer set aside because firing it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedTimer {
+    pub timer: Timer,
+    pub error: String,
+    pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +266,15 @@ pub enum EventKind {
         mail: String,
         error: String,
     },
+    /// Firing the case's timer failed; it is parked until a person
+    /// re-arms it.
+    TimerParked {
+        error: String,
+    },
+    /// A person re-armed a parked timer.
+    TimerRearmed {
+        by: String,
+    },
 }
 
 impl Case {
@@ -283,6 +305,7 @@ impl Case {
             last_message_id: root.to_string(),
             waiting_since: Some(now),
             timer: None,
+            parked_timer: None,
             breached: false,
             warn_at: None,
             open_secs: 0,
@@ -332,6 +355,7 @@ impl Case {
             "previous_case": self.previous_case,
             "repeat_customer": self.repeat_customer,
             "resolved_at": self.resolved_at.map(rfc3339),
+            "timer_error": self.parked_timer.as_ref().map(|p| p.error.clone()),
         })
     }
 }

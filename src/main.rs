@@ -105,6 +105,12 @@ enum CasesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Re-arm a case's parked timer (firing it failed; see `cases show`).
+    Retry {
+        id: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Escalate a case one tier by hand.
     Escalate {
         id: u64,
@@ -270,6 +276,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 (config, Request::CaseEscalate { id, reason })
             }
             CasesCommand::Resolve { id, config } => (config, Request::CaseResolve { id }),
+            CasesCommand::Retry { id, config } => (config, Request::CaseRetry { id }),
         },
         Command::Quarantine { command } => match command {
             QuarantineCommand::List { config, json } => (config, Request::QuarantineList { json }),

@@ -56,7 +56,13 @@ impl Scheduler {
                 break;
             }
             for id in &due {
-                self.fire(*id, now)?;
+                let firing = std::panic::AssertUnwindSafe(|| self.fire(*id, now));
+                match std::panic::catch_unwind(firing) {
+                    Ok(r) => r?,
+                    // One bad case must not stop every timer (nor come
+                    // first again after a restart): its timer is parked.
+                    Err(panic) => self.park(*id, &crate::panic_text(&panic), now)?,
+                }
             }
             fired += due.len();
             if due.len() < BATCH {
@@ -77,8 +83,42 @@ impl Scheduler {
         Ok(fired)
     }
 
+    /// Takes a case's timer out of the index after firing it panicked,
+    /// keeping it and the error in the case for a person.
+    fn park(&self, id: CaseId, error: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        tracing::error!(
+            case_id = id,
+            error,
+            "firing the timer panicked; timer parked (escalator cases retry {id})"
+        );
+        let _w = self.store.lock();
+        let Some(mut case) = self.store.case(id)? else {
+            return Ok(());
+        };
+        let before = case.timer;
+        let Some(timer) = case.timer.take() else {
+            return self.store.drop_stale_timers(id, now);
+        };
+        case.parked_timer = Some(crate::case::ParkedTimer {
+            timer,
+            error: error.to_string(),
+            at: now,
+        });
+        case.push(
+            now,
+            crate::case::EventKind::TimerParked {
+                error: error.to_string(),
+            },
+        );
+        let mut batch = Batch::default();
+        self.store.write_case(&mut batch, before, &case)?;
+        self.store.apply(&batch)
+    }
+
     #[tracing::instrument(skip(self, now), fields(case_id = id))]
     fn fire(&self, id: CaseId, now: DateTime<Utc>) -> Result<(), StoreError> {
+        #[cfg(test)]
+        tests::maybe_panic(id);
         let _w = self.store.lock();
         let mut batch = Batch::default();
         let Some(mut case) = self.store.case(id)? else {
@@ -140,5 +180,73 @@ impl Scheduler {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ingest::tests::{setup, src};
+    use std::sync::Mutex;
+
+    static PANIC_ON: Mutex<Option<CaseId>> = Mutex::new(None);
+
+    pub(super) fn maybe_panic(id: CaseId) {
+        let hit = {
+            let mut p = PANIC_ON.lock().unwrap_or_else(|p| p.into_inner());
+            (*p == Some(id)).then(|| p.take())
+        };
+        if hit.is_some() {
+            panic!("test-induced failure firing case {id}");
+        }
+    }
+
+    #[test]
+    fn a_panicking_timer_is_parked_and_the_others_fire() {
+        // Input: one case whose timer panics when it fires (a deadline
+        // overflow, say); the scheduler task died and, after a restart,
+        // that timer fired first again.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, clock) = setup(dir.path());
+        for n in 1..=3u32 {
+            let raw = format!(
+                "From: c{n}@example.org\r\nSubject: s{n}\r\nMessage-ID: <t{n}@x>\r\n\r\nb\r\n"
+            );
+            ing.ingest(Some(&src(1, n)), raw.as_bytes(), None).unwrap();
+        }
+        let sched = Scheduler {
+            store: ing.store.clone(),
+            config: ing.config.clone(),
+            clock: clock.clone(),
+            wake: ing.wake.clone(),
+        };
+        clock.advance(chrono::Duration::hours(5));
+        *PANIC_ON.lock().unwrap() = Some(2);
+        assert_eq!(sched.pass().unwrap(), 3);
+        let parked = ing.store.case(2).unwrap().unwrap();
+        assert!(parked.timer.is_none());
+        let p = parked.parked_timer.clone().unwrap();
+        assert!(p.error.contains("test-induced failure firing case 2"));
+        assert!(parked
+            .history
+            .iter()
+            .any(|e| matches!(e.what, crate::case::EventKind::TimerParked { .. })));
+        for id in [1, 3] {
+            let c = ing.store.case(id).unwrap().unwrap();
+            assert!(c.parked_timer.is_none());
+            assert!(
+                c.timer.is_some_and(|t| t.at > clock.now()),
+                "fired and moved on"
+            );
+        }
+        // It never fires again by itself.
+        assert_eq!(sched.pass().unwrap(), 0);
+        // A person re-arms it: it fires now, as the others did.
+        let req = crate::admin::Request::CaseRetry { id: 2 };
+        let out = crate::admin::handle(&ing, &req).unwrap();
+        assert_eq!(out.code, 0, "{}", out.output);
+        assert_eq!(sched.pass().unwrap(), 1);
+        let c = ing.store.case(2).unwrap().unwrap();
+        assert!(c.parked_timer.is_none() && c.timer.is_some());
     }
 }
