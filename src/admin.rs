@@ -249,6 +249,11 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                     Some(Outcome::Stored { case, .. }) => {
                         out.push_str(&format!("{id}: stored in case #{case}\n"))
                     }
+                    Some(Outcome::Refetch { folder, uid }) => out.push_str(&format!(
+                        "{id}: the server would not give it; uid {uid} of {} is fetched again \
+                         on the watcher's next pass\n",
+                        printable(&folder)
+                    )),
                     Some(_) => out.push_str(&format!("{id}: already stored\n")),
                 }
             }

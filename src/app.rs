@@ -50,11 +50,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
         wake: wake.clone(),
     });
     Ok(Parts {
-        watcher: Watcher {
-            config: config.clone(),
-            ingestor: ingestor.clone(),
-            wake: wake.clone(),
-        },
+        watcher: Watcher::new(config.clone(), ingestor.clone(), wake.clone()),
         scheduler: Scheduler {
             store: store.clone(),
             config: live.clone(),

@@ -57,6 +57,12 @@ pub enum Outcome {
     Confirmed {
         outbox_id: u64,
     },
+    /// A quarantined message the server would not give: the folder's
+    /// cursor was rewound so the watcher fetches it again.
+    Refetch {
+        folder: String,
+        uid: u32,
+    },
 }
 
 pub struct Ingestor {
@@ -82,6 +88,33 @@ impl Ingestor {
         raw: &[u8],
         truncated: Option<u64>,
     ) -> Result<Outcome, StoreError> {
+        // A message takes about three times its size in the store (raw,
+        // parsed text, log overhead).
+        self.commit(src, raw.len() as u64 * 3, |now| {
+            let planned = catch_unwind(AssertUnwindSafe(|| self.plan(src, raw, truncated, now)));
+            match planned {
+                Ok(r) => r,
+                Err(panic) => self.quarantine_plan(src, raw, &panic_text(&panic), now, false),
+            }
+        })
+    }
+
+    /// Records a message the server will not give: a quarantine entry with
+    /// the server's words and no bytes, and the cursor moves past it.
+    pub fn quarantine_unfetched(&self, src: &Source, why: &str) -> Result<Outcome, StoreError> {
+        self.commit(Some(src), 4096, |now| {
+            self.quarantine_plan(Some(src), &[], why, now, true)
+        })
+    }
+
+    /// Plans under the store's lock and writes the plan with the cursor
+    /// in one transaction.
+    fn commit(
+        &self,
+        src: Option<&Source>,
+        need: u64,
+        plan: impl FnOnce(DateTime<Utc>) -> Result<Plan, StoreError>,
+    ) -> Result<Outcome, StoreError> {
         let _w = self.store.lock();
         let cursor = match src.filter(|s| s.cursor) {
             Some(s) => {
@@ -95,16 +128,9 @@ impl Ingestor {
             }
             None => None,
         };
-        // A message takes about three times its size in the store (raw,
-        // parsed text, log overhead).
         self.store
-            .ensure_space(self.config.get().store.min_free, raw.len() as u64 * 3)?;
-        let now = self.clock.now();
-        let planned = catch_unwind(AssertUnwindSafe(|| self.plan(src, raw, truncated, now)));
-        let mut plan = match planned {
-            Ok(r) => r?,
-            Err(panic) => self.quarantine_plan(src, raw, &panic_text(&panic), now)?,
-        };
+            .ensure_space(self.config.get().store.min_free, need)?;
+        let mut plan = plan(self.clock.now())?;
         if let (Some(s), Some(c)) = (src, cursor) {
             let last = match c {
                 Some(c) if c.uid_validity == s.uid_validity => c.last_uid.max(s.uid),
@@ -129,6 +155,7 @@ impl Ingestor {
         raw: &[u8],
         error: &str,
         now: DateTime<Utc>,
+        unfetched: bool,
     ) -> Result<Plan, StoreError> {
         let id = self.store.counter("next_quarantine")?;
         tracing::error!(quarantine_id = id, error, "message quarantined");
@@ -147,6 +174,7 @@ impl Ingestor {
             at: now,
             attempts: 1,
             sent: src.is_some_and(|s| s.sent),
+            unfetched,
         };
         batch.put_json(Tree::Quarantine, id_key(id), &entry)?;
         batch.put(
@@ -393,6 +421,9 @@ impl Ingestor {
         let Some(entry) = self.store.quarantine_entry(id)? else {
             return Ok(None);
         };
+        if entry.unfetched {
+            return self.refetch(&entry).map(Some);
+        }
         // Where it came from decides how it is read: a message from the
         // Sent folder is an agent's, not a customer's (entries from before
         // `sent` was kept are recognised by their folder).
@@ -415,6 +446,39 @@ impl Ingestor {
         }
         self.store.flush()?;
         Ok(Some(outcome))
+    }
+}
+
+impl Ingestor {
+    /// Retry of a message the server would not give: rewind its folder's
+    /// cursor to just before it, so the watcher fetches it again (what it
+    /// already stored after it is recognised and not stored twice).
+    fn refetch(&self, entry: &QuarantineEntry) -> Result<Outcome, StoreError> {
+        {
+            let _w = self.store.lock();
+            let mut b = Batch::default();
+            if let Some(c) = self.store.cursor(&entry.folder)? {
+                if c.uid_validity == entry.uid_validity && c.last_uid >= entry.uid {
+                    b.put_json(
+                        Tree::Cursors,
+                        entry.folder.as_bytes().to_vec(),
+                        &Cursor {
+                            uid_validity: c.uid_validity,
+                            last_uid: entry.uid.saturating_sub(1),
+                        },
+                    )?;
+                }
+            }
+            b.remove(Tree::Quarantine, id_key(entry.id));
+            b.remove(Tree::Quarantine, Store::quarantine_raw_key(entry.id));
+            self.store.apply(&b)?;
+        }
+        self.store.flush()?;
+        self.wake.both();
+        Ok(Outcome::Refetch {
+            folder: entry.folder.clone(),
+            uid: entry.uid,
+        })
     }
 }
 

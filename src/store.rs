@@ -185,6 +185,10 @@ pub struct QuarantineEntry {
     /// must ingest it as an agent's mail again.
     #[serde(default)]
     pub sent: bool,
+    /// The server would not give the message: no bytes are kept, and a
+    /// retry rewinds the folder's cursor so the watcher fetches it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unfetched: bool,
 }
 
 pub struct Store {

@@ -7,7 +7,7 @@
 pub mod imap;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -23,6 +23,9 @@ use imap::{timed, ImapError, ImapSession};
 const IDLE_RENEW: Duration = Duration::from_secs(25 * 60);
 /// UIDs per FETCH round, and most bytes fetched in one round.
 const CHUNK: usize = 200;
+/// Tries at fetching one message the server will not give, before it is
+/// quarantined with the server's words (and the cursor may pass it).
+const FETCH_ATTEMPTS: u32 = 3;
 const CHUNK_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,15 +52,47 @@ pub struct Watcher {
     /// Told after each committed batch, so acks go out at once and the
     /// scheduler sees new deadlines.
     pub wake: Arc<Wakers>,
+    /// Per folder: where fetching last broke (see [`Trouble`]).
+    trouble: Mutex<HashMap<String, Trouble>>,
 }
 
 impl Watcher {
-    /// One pass: connect, ingest everything new, log out.
+    pub fn new(config: Arc<Config>, ingestor: Arc<Ingestor>, wake: Arc<Wakers>) -> Watcher {
+        Watcher {
+            config,
+            ingestor,
+            wake,
+            trouble: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One pass: connect, ingest everything new, log out. A fetch that
+    /// breaks the connection is retried on a new one, narrowing down to
+    /// the message at fault as the daemon does.
     pub async fn once(&self, cancel: &CancellationToken) -> Result<PassReport, WatchError> {
-        let mut s = imap::connect(&self.config.mailbox.endpoint).await?;
-        let report = self.pass(&mut s, cancel).await?;
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.logout()).await;
-        Ok(report)
+        let mut tries = 0;
+        loop {
+            let mut s = imap::connect(&self.config.mailbox.endpoint).await?;
+            match self.pass(&mut s, cancel).await {
+                Ok(report) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), s.logout()).await;
+                    return Ok(report);
+                }
+                Err(WatchError::Imap(e)) if tries < 4 * FETCH_ATTEMPTS && self.in_trouble() => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "fetch failed; trying again on a new connection");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn in_trouble(&self) -> bool {
+        !self
+            .trouble
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// Watches until cancelled. Server trouble is logged and retried
@@ -226,54 +261,55 @@ impl Watcher {
         // `n:*` matches the last message even when n is past it.
         let mut uids: Vec<u32> = found.into_iter().filter(|u| *u >= start).collect();
         uids.sort_unstable();
-        for chunk in uids.chunks(CHUNK) {
+        let mut rest: &[u32] = &uids;
+        while !rest.is_empty() {
             if cancel.is_cancelled() {
                 break;
             }
+            // Near a message that broke earlier fetches: one at a time,
+            // and one that failed alone too often is quarantined.
+            let trouble = self.trouble(folder, validity);
+            if let Some(t) = trouble.as_ref().filter(|t| t.stuck_on(rest[0])) {
+                let src = Source {
+                    folder: folder.clone(),
+                    uid_validity: validity,
+                    uid: rest[0],
+                    sent,
+                    cursor: true,
+                };
+                let why = format!("the server would not FETCH uid {}: {}", rest[0], t.error);
+                tracing::error!(uid = rest[0], error = %t.error, "fetching this message failed {FETCH_ATTEMPTS} times; quarantined");
+                self.ingestor.quarantine_unfetched(&src, &why)?;
+                report.quarantined += 1;
+                self.clear_trouble(folder);
+                rest = &rest[1..];
+                continue;
+            }
+            let n = match &trouble {
+                Some(t) if rest[0] <= t.until => 1,
+                _ => CHUNK.min(rest.len()),
+            };
+            let (chunk, after) = rest.split_at(n);
+            rest = after;
             // When these messages were first seen: the start of the
             // ingest latency metric.
             let seen = std::time::Instant::now();
-            let sizes = self.sizes(s, chunk).await?;
-            let max = self.config.mailbox.max_message_size;
-            let mut group: Vec<u32> = Vec::new();
-            let mut bytes = 0u64;
-            let mut groups = Vec::new();
-            for &uid in chunk {
-                let size = sizes.get(&uid).copied().unwrap_or(0) as u64;
-                if size > max {
-                    continue;
+            let Fetched {
+                mut bodies,
+                mut refused,
+            } = match self.fetch_chunk(s, chunk).await {
+                Ok(f) => f,
+                Err(e) => {
+                    self.note_trouble(folder, validity, chunk, &e);
+                    return Err(e);
                 }
-                if !group.is_empty() && bytes + size > CHUNK_BYTES {
-                    groups.push(std::mem::take(&mut group));
-                    bytes = 0;
-                }
-                bytes += size;
-                group.push(uid);
-            }
-            if !group.is_empty() {
-                groups.push(group);
-            }
-            let mut bodies: HashMap<u32, (Vec<u8>, Option<u64>)> = HashMap::new();
-            for g in groups {
-                for (uid, raw) in self.fetch(s, &g, "BODY.PEEK[]").await? {
-                    bodies.insert(uid, (raw, None));
-                }
-            }
-            for &uid in chunk {
-                let size = sizes.get(&uid).copied().unwrap_or(0) as u64;
-                if size > max {
-                    for (u, raw) in self.fetch(s, &[uid], "BODY.PEEK[HEADER]").await? {
-                        bodies.insert(u, (raw, Some(size)));
-                    }
-                }
+            };
+            if n == 1 {
+                self.clear_trouble_at(folder, chunk[0]);
             }
             // In UID order, so the cursor only ever moves forward over
             // messages that are stored.
             for &uid in chunk {
-                let Some((raw, truncated)) = bodies.remove(&uid) else {
-                    continue; // expunged meanwhile
-                };
-                report.fetched += 1;
                 let src = Source {
                     folder: folder.clone(),
                     uid_validity: validity,
@@ -281,7 +317,17 @@ impl Watcher {
                     sent,
                     cursor: true,
                 };
-                let outcome = self.ingestor.ingest(Some(&src), &raw, truncated)?;
+                let outcome = match (bodies.remove(&uid), refused.remove(&uid)) {
+                    (Some((raw, truncated)), _) => {
+                        report.fetched += 1;
+                        self.ingestor.ingest(Some(&src), &raw, truncated)?
+                    }
+                    // The server keeps refusing this one message: kept in
+                    // quarantine with its words, so the rest go on and
+                    // the cursor passes nothing unrecorded.
+                    (None, Some(why)) => self.ingestor.quarantine_unfetched(&src, &why)?,
+                    (None, None) => continue, // expunged meanwhile
+                };
                 let m = &crate::metrics::METRICS;
                 let label = match outcome {
                     Outcome::Stored { new, .. } => {
@@ -302,6 +348,7 @@ impl Watcher {
                         report.quarantined += 1;
                         "quarantined"
                     }
+                    Outcome::Refetch { .. } => "refetch",
                 };
                 m.ingested.inc(&[("outcome", label)]);
             }
@@ -346,6 +393,182 @@ impl Watcher {
             .collect())
     }
 
+    /// Sizes, then bytes of one chunk (headers only over the size limit).
+    async fn fetch_chunk(&self, s: &mut ImapSession, chunk: &[u32]) -> Result<Fetched, WatchError> {
+        let sizes = match self.sizes(s, chunk).await {
+            // The server refused the sizes of this chunk (a message it
+            // cannot read): take them one by one; one it refuses counts as
+            // small and meets the same refusal when fetched.
+            Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {
+                let mut each = HashMap::new();
+                for &uid in chunk {
+                    match self.sizes(s, &[uid]).await {
+                        Ok(one) => each.extend(one),
+                        Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                each
+            }
+            other => other?,
+        };
+        let max = self.config.mailbox.max_message_size;
+        let mut group: Vec<u32> = Vec::new();
+        let mut bytes = 0u64;
+        let mut groups = Vec::new();
+        for &uid in chunk {
+            let size = sizes.get(&uid).copied().unwrap_or(0) as u64;
+            if size > max {
+                continue;
+            }
+            if !group.is_empty() && bytes + size > CHUNK_BYTES {
+                groups.push(std::mem::take(&mut group));
+                bytes = 0;
+            }
+            bytes += size;
+            group.push(uid);
+        }
+        if !group.is_empty() {
+            groups.push(group);
+        }
+        let mut got = Fetched::default();
+        for g in groups {
+            self.fetch_each(s, &g, "BODY.PEEK[]", None, &mut got)
+                .await?;
+        }
+        for &uid in chunk {
+            let size = sizes.get(&uid).copied().unwrap_or(0) as u64;
+            if size > max {
+                self.fetch_each(s, &[uid], "BODY.PEEK[HEADER]", Some(size), &mut got)
+                    .await?;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Where fetching `folder` last broke, if it is still stuck there.
+    fn trouble(&self, folder: &str, validity: u32) -> Option<Trouble> {
+        let map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(folder).filter(|t| t.validity == validity).cloned()
+    }
+
+    /// Counts a failed fetch of `chunk`. A chunk that failed
+    /// [`FETCH_ATTEMPTS`] times is then fetched one UID at a time; a
+    /// single UID that failed as often is quarantined on the next pass.
+    fn note_trouble(&self, folder: &str, validity: u32, chunk: &[u32], e: &WatchError) {
+        let mut map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        let first = chunk[0];
+        let last = chunk[chunk.len() - 1];
+        let t = map.entry(folder.to_string()).or_insert(Trouble {
+            validity,
+            at: first,
+            until: 0,
+            failures: 0,
+            error: String::new(),
+        });
+        if t.validity != validity {
+            t.validity = validity;
+            t.until = 0;
+        }
+        if t.at != first {
+            t.at = first;
+            t.failures = 0;
+        }
+        t.failures += 1;
+        t.error = crate::error_chain(e);
+        if chunk.len() > 1 && t.failures >= FETCH_ATTEMPTS {
+            t.until = t.until.max(last);
+            t.failures = 0;
+        }
+    }
+
+    fn clear_trouble(&self, folder: &str) {
+        let mut map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get_mut(folder) {
+            t.failures = 0;
+        }
+    }
+
+    /// A single UID came through: the failures counted were elsewhere.
+    fn clear_trouble_at(&self, folder: &str, uid: u32) {
+        let mut map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get_mut(folder) {
+            if t.at == uid {
+                t.failures = 0;
+            }
+            if uid >= t.until {
+                map.remove(folder);
+            }
+        }
+    }
+
+    /// Fetches `uids` into `got`. When the server refuses the set, or
+    /// answers without a message's bytes, each missing UID is fetched on
+    /// its own, up to [`FETCH_ATTEMPTS`] times; one it still will not
+    /// give (and has not expunged) goes to `got.refused` with its words.
+    /// Connection trouble is returned as an error: the pass is retried.
+    async fn fetch_each(
+        &self,
+        s: &mut ImapSession,
+        uids: &[u32],
+        what: &str,
+        truncated: Option<u64>,
+        got: &mut Fetched,
+    ) -> Result<(), WatchError> {
+        let mut why = "the server's FETCH answer held no message".to_string();
+        match self.fetch(s, uids, what).await {
+            Ok(v) => got
+                .bodies
+                .extend(v.into_iter().map(|(u, raw)| (u, (raw, truncated)))),
+            Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {
+                why = e.to_string();
+                tracing::warn!(uids = uids.len(), error = %why, "the server refused a FETCH; fetching one message at a time");
+            }
+            Err(e) => return Err(e),
+        }
+        for &uid in uids {
+            if got.bodies.contains_key(&uid) {
+                continue;
+            }
+            let mut body = None;
+            for _ in 0..FETCH_ATTEMPTS {
+                match self.fetch(s, &[uid], what).await {
+                    Ok(mut v) if !v.is_empty() => {
+                        body = v.pop().map(|(_, raw)| raw);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {
+                        why = e.to_string();
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match body {
+                Some(raw) => {
+                    got.bodies.insert(uid, (raw, truncated));
+                }
+                None if self.exists(s, uid).await? => {
+                    tracing::error!(uid, error = %why, "the server will not give this message; quarantined");
+                    got.refused
+                        .insert(uid, format!("the server would not FETCH uid {uid}: {why}"));
+                }
+                None => {} // expunged meanwhile
+            }
+        }
+        Ok(())
+    }
+
+    /// Is `uid` still in the selected folder?
+    async fn exists(&self, s: &mut ImapSession, uid: u32) -> Result<bool, WatchError> {
+        let ep = &self.config.mailbox.endpoint;
+        let found = timed(ep, "UID SEARCH", s.uid_search(format!("UID {uid}")), |e| {
+            ImapError::Protocol("UID SEARCH", e)
+        })
+        .await?;
+        Ok(found.contains(&uid))
+    }
+
     async fn fetch(
         &self,
         s: &mut ImapSession,
@@ -381,6 +604,45 @@ impl Watcher {
             })
             .collect())
     }
+}
+
+/// Where fetching a folder broke the connection (a message the server
+/// cannot read may make it hang up): kept across reconnects, so the
+/// watcher narrows down to the message instead of failing forever.
+#[derive(Debug, Clone)]
+struct Trouble {
+    validity: u32,
+    /// The first UID of the fetch that failed.
+    at: u32,
+    /// Up to this UID, fetch one message at a time.
+    until: u32,
+    /// Failed fetches in a row starting at `at`.
+    failures: u32,
+    error: String,
+}
+
+impl Trouble {
+    /// Has fetching `uid` alone failed often enough to give up on it?
+    fn stuck_on(&self, uid: u32) -> bool {
+        self.at == uid && uid <= self.until && self.failures >= FETCH_ATTEMPTS
+    }
+}
+
+/// What a FETCH round brought: bytes (with the real size when only the
+/// headers were fetched), and the UIDs the server refused, with its words.
+#[derive(Default)]
+struct Fetched {
+    bodies: HashMap<u32, (Vec<u8>, Option<u64>)>,
+    refused: HashMap<u32, String>,
+}
+
+/// The server answered NO or BAD: it refuses this command, the
+/// connection itself is fine.
+fn refusal(e: &async_imap::error::Error) -> bool {
+    matches!(
+        e,
+        async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_)
+    )
 }
 
 /// `1,3,5:9` from sorted UIDs.

@@ -960,3 +960,74 @@ async fn smtp_over_starttls_and_implicit_tls_checks_the_certificate() {
         "Postfix saw TLS:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_the_server_will_not_fetch_is_quarantined_and_the_rest_go_on() {
+    // Input: one message in the middle of the folder that the IMAP server
+    // cannot read (here: its file is unreadable). Its whole chunk failed
+    // on every pass (ingest stalled), or a FETCH answer without its body
+    // was taken as expunged and the cursor moved past it (lost).
+    let s = Setup::new(&["support", "alice"], "");
+    for n in 1..=3 {
+        let raw = mail(
+            "alice@example.test",
+            "support@example.test",
+            &format!("Topic {n}"),
+            &format!("unfetchable-{n}@alice.test"),
+            "",
+            "hello",
+        );
+        s.stack.deliver_maildir("support", &raw, n);
+    }
+    // Let Dovecot index the folder, then take away its read access to
+    // the second message's file.
+    assert_eq!(s.stack.fetch("support", "INBOX").await.len(), 3);
+    let md = s.stack.dir.join("mail/support/Maildir");
+    let victim = ["cur", "new"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(md.join(d)).unwrap().flatten())
+        .map(|e| e.path())
+        .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("unfetchable-2@")))
+        .expect("the second message's file");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // Dovecot caches what it read; a fresh index makes it read the file.
+    for f in std::fs::read_dir(&md).unwrap().flatten() {
+        if f.file_name().to_string_lossy().starts_with("dovecot.index") {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+    s.once();
+    let subjects: Vec<String> = s
+        .cases()
+        .iter()
+        .map(|c| c["subject"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(subjects.len(), 2, "the others are stored: {subjects:?}");
+    assert!(!subjects.contains(&"Topic 2".to_string()));
+    let q = escalator(&["quarantine", "list", "--json", "--config", s.cfg()]);
+    let q: Value = serde_json::from_slice(&q.stdout).unwrap();
+    let q = q.as_array().unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert!(
+        q[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("would not FETCH uid 2"),
+        "{q:?}"
+    );
+    // Readable again: a person's retry fetches it on the next pass.
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let id = q[0]["id"].to_string();
+    let out = escalator(&["quarantine", "retry", &id, "--config", s.cfg()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    s.once();
+    assert_eq!(s.cases().len(), 3, "now stored, and nothing twice");
+    let q = escalator(&["quarantine", "list", "--json", "--config", s.cfg()]);
+    let q: Value = serde_json::from_slice(&q.stdout).unwrap();
+    assert_eq!(q.as_array().unwrap().len(), 0);
+}
