@@ -271,6 +271,13 @@ pub enum EventKind {
     TimerParked {
         error: String,
     },
+    /// A staff reply was not passed on: it still held part of the
+    /// forward (its marker or summary), which the customer must not see.
+    RelayBlocked {
+        from: String,
+        message_id: String,
+        reason: String,
+    },
     /// A person re-armed a parked timer.
     TimerRearmed {
         by: String,

@@ -402,6 +402,21 @@ impl<'a> Effects<'a> {
         attachments: Vec<Vec<u8>>,
     ) -> Result<u64, StoreError> {
         let support = self.config.smtp.from.clone();
+        // The marker a reply is cut at: its token is this mail's own
+        // Message-ID (unique, keyed), so the cut is at our line only.
+        let own = OwnId {
+            case: case.id,
+            kind,
+            seq: self.next_outbox,
+        }
+        .format(self.store.key(), self.config.support_domain());
+        let token = own.split('@').next().unwrap_or("");
+        let body = format!(
+            "{}
+
+{body}",
+            crate::quote::marker_line(token)
+        );
         let id = self.queue(
             batch,
             case.id,
@@ -409,7 +424,7 @@ impl<'a> Effects<'a> {
             to.to_vec(),
             None,
             subject,
-            body,
+            &body,
             None,
             Vec::new(),
             Some("auto-generated"),
@@ -797,6 +812,14 @@ forward_to = ["tier2@example.test"]
             assert!(kinds.contains(&kind), "{kind} not queued: {kinds:?}");
         }
         for (kind, body) in &all {
+            // Staff-facing mail opens with its own marker line.
+            let staff = ["forward", "warning", "breach"].contains(&kind.as_str());
+            let first = body.lines().next().unwrap_or("");
+            assert_eq!(
+                staff,
+                first.contains(crate::quote::MARKER_WORDS) && first.contains("[ref: c7."),
+                "{kind}: {first:?}"
+            );
             for line in body.lines() {
                 let t = line.trim_start();
                 assert!(

@@ -13,6 +13,7 @@
 //! - [`thread`]: which case a message belongs to (pure).
 //! - [`case`]: the case record and its history.
 //! - [`policy`]: deadlines, ETAs and what to send (pure).
+//! - [`quote`]: where a reply's new text ends; the marker of staff mail (pure).
 //! - [`template`]: admin-editable message texts (pure).
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
@@ -45,6 +46,7 @@ pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;
+pub mod quote;
 pub mod scheduler;
 pub mod stats;
 pub mod store;

@@ -58,6 +58,10 @@ pub struct InboundMail {
     pub date: Option<DateTime<Utc>>,
     /// The text body (HTML rendered to text when there is no text part).
     pub text: String,
+    /// With only an HTML body: the new text of it, quote containers cut
+    /// before it became text (see [`crate::quote::html_new_text`]).
+    #[serde(default)]
+    pub html_reply: Option<String>,
     pub attachments: Vec<Attachment>,
     pub robot: RobotHeaders,
     /// Hash of the message without trace headers: the same message
@@ -156,6 +160,7 @@ fn empty() -> InboundMail {
         cc: Vec::new(),
         date: None,
         text: String::new(),
+        html_reply: None,
         attachments: Vec::new(),
         robot: RobotHeaders::default(),
         content_hash: String::new(),
@@ -212,6 +217,26 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
         text.truncate(cut);
         text.push_str("\n[... truncated; the original is attached to forwards]");
     }
+    let html_only = msg
+        .text_body
+        .first()
+        .and_then(|id| msg.part(*id))
+        .is_some_and(|p| matches!(p.body, mail_parser::PartType::Html(_)));
+    let html_reply = if html_only {
+        msg.body_html(0).map(|h| {
+            let mut h = h.into_owned();
+            if h.len() > MAX_TEXT {
+                let mut cut = MAX_TEXT;
+                while !h.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                h.truncate(cut);
+            }
+            crate::quote::html_new_text(&h)
+        })
+    } else {
+        None
+    };
     let attachments = msg
         .attachments()
         .take(MAX_ATTACHMENTS)
@@ -253,6 +278,7 @@ fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
             .date()
             .and_then(|d| Utc.timestamp_opt(d.to_timestamp(), 0).single()),
         text,
+        html_reply,
         attachments,
         robot: RobotHeaders::default(),
         content_hash: String::new(),

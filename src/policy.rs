@@ -339,7 +339,7 @@ fn staff_message(
     from: String,
     ctx: &Ctx,
 ) -> Vec<Action> {
-    let text = new_text(&mail.text);
+    let text = reply_text(mail);
     if is_note(&text) {
         case.push(
             ctx.now,
@@ -371,6 +371,20 @@ fn staff_message(
     // An agent's answer from the shared mailbox already went to the
     // customer; a tier's reply to a forward has to be passed on.
     if role != Role::SupportAgent && !relay_text.is_empty() && !case.customer.is_empty() {
+        // Anything of the forward still in it (a client whose quoting we
+        // could not cut): nothing goes out, the case keeps waiting, and
+        // the history says why.
+        if let Some(reason) = crate::quote::leaks(&relay_text) {
+            case.push(
+                ctx.now,
+                EventKind::RelayBlocked {
+                    from,
+                    message_id: mail.message_id.clone(),
+                    reason,
+                },
+            );
+            return Vec::new();
+        }
         actions.push(Action::Relay {
             text: relay_text,
             from: from.clone(),
@@ -555,37 +569,19 @@ fn contains_phrase(hay: &str, phrase: &str) -> bool {
     false
 }
 
-/// The text a person wrote now: quoted earlier mail left out.
+/// The text a person wrote now: quoted earlier mail left out (see
+/// [`crate::quote`]).
 pub fn new_text(body: &str) -> String {
-    let mut out = Vec::new();
-    let lines: Vec<&str> = body.lines().collect();
-    for (i, line) in lines.iter().enumerate() {
-        let t = line.trim();
-        if t.starts_with('>') {
-            continue;
-        }
-        let lower = t.to_lowercase();
-        let wrote = lower.ends_with("wrote:")
-            || lower.ends_with("schrieb:")
-            || lower.ends_with("a écrit :")
-            || (lower.starts_with("on ")
-                && lines
-                    .get(i + 1)
-                    .is_some_and(|n| n.trim().to_lowercase().ends_with("wrote:")));
-        if wrote
-            || lower.starts_with("-----original message-----")
-            || lower.starts_with("---------- forwarded message")
-            || (lower.starts_with("from:")
-                && lines.get(i + 1).is_some_and(|n| {
-                    let n = n.trim().to_lowercase();
-                    n.starts_with("sent:") || n.starts_with("date:") || n.starts_with("to:")
-                }))
-        {
-            break;
-        }
-        out.push(*line);
+    crate::quote::new_text(body)
+}
+
+/// The new text of a message: from its HTML with the quote containers
+/// cut, when it has only HTML; from its text otherwise.
+pub fn reply_text(mail: &InboundMail) -> String {
+    match &mail.html_reply {
+        Some(text) => text.clone(),
+        None => new_text(&mail.text),
     }
-    out.join("\n").trim().to_string()
 }
 
 /// Words a rating may carry besides its number ("5 - great", "4 stars").

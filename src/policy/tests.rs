@@ -417,6 +417,63 @@ fn verified_staff_reply_is_relayed_note_is_not_and_resolve_resolves() {
 }
 
 #[test]
+fn staff_replies_never_relay_the_forwards_summary() {
+    // Input: a German Outlook reply (no English markers) and one from a
+    // client whose quoting we do not know: the whole forward (summary,
+    // history, notes) went to the customer.
+    let c = config();
+    let (mut case, _) = new_case(
+        &c,
+        at(MON_9),
+        &mail("alice@example.org", "Printer", "", "help"),
+        1,
+    );
+    let ctx = Ctx {
+        config: &c,
+        now: at("2026-11-23T10:00:00Z"),
+    };
+    let german = mail(
+        "tier2@example.test",
+        "AW: x",
+        "",
+        "Der Drucker ist repariert.\n\n-----Ursprüngliche Nachricht-----\nVon: Support\n\
+         Gesendet: Montag\nCustomer waiting:  2h\nWhy escalated:     stale",
+    );
+    let a = on_message(&mut case, &german, Role::Staff, None, &ctx);
+    assert_eq!(
+        a,
+        vec![Action::Relay {
+            text: "Der Drucker ist repariert.".into(),
+            from: "tier2@example.test".into()
+        }]
+    );
+    let unknown = mail(
+        "tier2@example.test",
+        "Re: x",
+        "",
+        "Done.\n\n=== original follows ===\nCustomer waiting:  2h\nNote from tier 1: VIP, be nice",
+    );
+    assert!(on_message(&mut case, &unknown, Role::Staff, None, &ctx).is_empty());
+    assert!(case.history.iter().any(|e| matches!(
+        &e.what,
+        EventKind::RelayBlocked { reason, .. } if reason.contains("summary")
+    )));
+    // An HTML-only Outlook reply: cut at its quote container.
+    let raw = "From: tier2@example.test\r\nSubject: RE: x\r\nMessage-ID: <h1@x>\r\n\
+Content-Type: text/html; charset=utf-8\r\n\r\n<div>Replaced the fuser.</div>\
+<div id=\"divRplyFwdMsg\"><b>From:</b> Support<br>Customer waiting: 2h</div>\r\n";
+    let html = crate::message::parse(raw.as_bytes());
+    let a = on_message(&mut case, &html, Role::Staff, None, &ctx);
+    assert_eq!(
+        a,
+        vec![Action::Relay {
+            text: "Replaced the fuser.".into(),
+            from: "tier2@example.test".into()
+        }]
+    );
+}
+
+#[test]
 fn a_follow_up_starting_with_a_digit_is_not_a_rating() {
     // Input: after the survey, "3rd floor printer still jams!" (short,
     // starts with 1-5) was taken as CSAT 3 and the case stayed resolved.
