@@ -527,6 +527,7 @@ fn timers_and_memory(sz: &Sizes, rows: &mut Vec<Row>) {
             config: live.clone(),
             clock: clock.clone(),
             wake: Arc::new(Wakers::default()),
+            pruned_at: Default::default(),
         };
         let ingestor = Ingestor {
             store: store.clone(),

@@ -377,7 +377,10 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 return Ok(Response::fail(format!("no outbox entry {id}\n")));
             };
             match store.raw_bytes(&outbox::OutboxEntry::raw_key(id))? {
-                Some(raw) => Ok(Response::ok(readable_mail(&entry, &raw))),
+                Some(raw) => {
+                    let raw = outbox::expand(store, &entry, raw)?;
+                    Ok(Response::ok(readable_mail(&entry, &raw)))
+                }
                 None => Ok(Response::fail(format!(
                     "outbox entry {id}: its text is no longer kept (sent mail is pruned \
                      after [store] keep_sent)\n"

@@ -56,6 +56,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
             config: live.clone(),
             clock: clock.clone(),
             wake: wake.clone(),
+            pruned_at: Default::default(),
         },
         outbox: {
             let outbox = Outbox {

@@ -283,6 +283,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Stop writing while this much of the store's disk is still free.
     pub min_free: u64,
+    /// How long the bytes of sent mail are kept (the entry stays), and
+    /// the automatic-mail records used for the limits.
+    pub keep_sent: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -600,10 +603,15 @@ struct RawStore {
     path: PathBuf,
     #[serde(default = "default_min_free")]
     min_free: String,
+    #[serde(default = "default_keep_sent")]
+    keep_sent: String,
 }
 
 fn default_min_free() -> String {
     "64MB".into()
+}
+fn default_keep_sent() -> String {
+    "30d".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -1436,6 +1444,14 @@ impl Validator<'_> {
                         self.problem("store.min_free", e);
                         0
                     }
+                },
+                keep_sent: {
+                    let d = self.duration("store.keep_sent", &raw.store.keep_sent);
+                    if d < Duration::from_secs(3600) && parse_duration(&raw.store.keep_sent).is_ok()
+                    {
+                        self.problem("store.keep_sent", "must be at least 1h");
+                    }
+                    d
                 },
             },
             cases: CasesConfig {

@@ -399,7 +399,7 @@ impl<'a> Effects<'a> {
         to: &[String],
         subject: &str,
         body: &str,
-        attachments: Vec<Vec<u8>>,
+        attach: Vec<u64>,
     ) -> Result<u64, StoreError> {
         let support = self.config.smtp.from.clone();
         // The marker a reply is cut at: its token is this mail's own
@@ -411,12 +411,7 @@ impl<'a> Effects<'a> {
         }
         .format(self.store.key(), self.config.support_domain());
         let token = own.split('@').next().unwrap_or("");
-        let body = format!(
-            "{}
-
-{body}",
-            crate::quote::marker_line(token)
-        );
+        let body = format!("{}\n\n{body}", crate::quote::marker_line(token));
         let id = self.queue(
             batch,
             case.id,
@@ -429,7 +424,7 @@ impl<'a> Effects<'a> {
             Vec::new(),
             Some("auto-generated"),
             Some(&support),
-            attachments,
+            attach,
         )?;
         self.queued_event(case, id, kind, &to.join(", "));
         Ok(id)
@@ -449,7 +444,7 @@ impl<'a> Effects<'a> {
         references: Vec<String>,
         auto: Option<&str>,
         reply_to: Option<&str>,
-        attachments: Vec<Vec<u8>>,
+        attach: Vec<u64>,
     ) -> Result<u64, StoreError> {
         let cfg = self.config;
         let id = self.next_id();
@@ -459,6 +454,18 @@ impl<'a> Effects<'a> {
             seq: id,
         }
         .format(self.store.key(), cfg.support_domain());
+        // The originals are not copied into the entry: each is a
+        // placeholder that the outbox replaces with the stored message
+        // when it sends (see `outbox::expand`).
+        let attach_nonce = if attach.is_empty() {
+            String::new()
+        } else {
+            crate::outbox::attach_nonce(self.store.key(), &message_id)
+        };
+        let attachments = attach
+            .iter()
+            .map(|seq| crate::outbox::placeholder(&attach_nonce, *seq).into_bytes())
+            .collect();
         let first = to.first().cloned().unwrap_or_default();
         let raw = compose::compose(
             &Envelope {
@@ -495,6 +502,8 @@ impl<'a> Effects<'a> {
             sent_at: None,
             last_error: None,
             attempt_at: None,
+            attach,
+            attach_nonce,
         };
         entry.write(batch, raw)?;
         batch.put(
@@ -611,22 +620,23 @@ impl<'a> Effects<'a> {
     }
 
     /// The conversation as text in time order, and (if `attach`) the
-    /// original messages to attach.
-    fn conversation(
-        &self,
-        case: &Case,
-        attach: bool,
-    ) -> Result<(String, Vec<Vec<u8>>), StoreError> {
+    /// stored messages to attach (by number).
+    fn conversation(&self, case: &Case, attach: bool) -> Result<(String, Vec<u64>), StoreError> {
         let tz = self.config.calendar.timezone;
         let mut text = String::from("\n==== Conversation ====\n");
         let mut attachments = Vec::new();
         let mut attached_bytes = 0;
         let mut left_out = 0;
         for seq in &case.messages {
-            let (record, raw) = match self.current {
-                Some((rec, raw)) if rec.seq == *seq => (rec.clone(), Some(raw.to_vec())),
+            let (record, raw_len) = match self.current {
+                Some((rec, raw)) if rec.seq == *seq => (rec.clone(), raw.len()),
                 _ => match self.store.message(*seq)? {
-                    Some(r) => (r, if attach { self.store.raw(*seq)? } else { None }),
+                    // Only headers are stored of a message over the size
+                    // limit; its record's size is the real one.
+                    Some(r) => {
+                        let len = if r.truncated { 0 } else { r.size };
+                        (r, len)
+                    }
                     None => continue,
                 },
             };
@@ -665,13 +675,11 @@ impl<'a> Effects<'a> {
                 ));
             }
             if attach {
-                if let Some(raw) = raw {
-                    if attached_bytes + raw.len() <= MAX_ATTACHED_BYTES {
-                        attached_bytes += raw.len();
-                        attachments.push(raw);
-                    } else {
-                        left_out += 1;
-                    }
+                if attached_bytes + raw_len <= MAX_ATTACHED_BYTES {
+                    attached_bytes += raw_len;
+                    attachments.push(*seq);
+                } else {
+                    left_out += 1;
                 }
             }
         }
@@ -828,5 +836,73 @@ forward_to = ["tier2@example.test"]
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_forward_references_the_originals_instead_of_copying_them() {
+        // Input: a case with a 200 KB message escalated through tiers:
+        // every forward stored another copy of every original.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let store = Store::open(&cfg.store.path).unwrap();
+        let now = Utc::now();
+        let big = format!(
+            "From: eve@example.org\r\nSubject: logs\r\nMessage-ID: <big@x>\r\n\r\n{}\r\n",
+            "log line 1234567890\r\n".repeat(10_000)
+        );
+        let record = MessageRecord {
+            seq: 5,
+            case: 7,
+            message_id: "big@x".into(),
+            content_hash: "h".into(),
+            from: None,
+            to: Vec::new(),
+            cc: Vec::new(),
+            subject: "logs".into(),
+            date: None,
+            received_at: now,
+            folder: "INBOX".into(),
+            uid: 1,
+            text: "log line".into(),
+            attachments: Vec::new(),
+            size: big.len(),
+            suppressed: None,
+            truncated: false,
+            parse_error: None,
+            several_from: false,
+        };
+        let mut batch = Batch::default();
+        batch.put_json(Tree::Messages, id_key(5), &record).unwrap();
+        batch.put(Tree::Raw, id_key(5), big.clone().into_bytes());
+        store.apply(&batch).unwrap();
+        let mut case = Case::new(7, "eve@example.org", "logs", "Frontline", "big@x", now);
+        case.messages = vec![5];
+        let mut batch = Batch::default();
+        let mut fx = Effects::new(&store, &cfg, now).unwrap();
+        let forward = Action::Forward {
+            tier: 1,
+            previous: "Frontline".into(),
+            reason: Reason::Stale,
+            detail: String::new(),
+        };
+        fx.apply(&mut batch, &mut case, vec![forward]).unwrap();
+        fx.finish(&mut batch);
+        store.apply(&batch).unwrap();
+        let entry = store.outbox().next().unwrap().unwrap();
+        let stored = store
+            .raw_bytes(&crate::outbox::OutboxEntry::raw_key(entry.id))
+            .unwrap()
+            .unwrap();
+        assert!(
+            stored.len() < 20_000,
+            "no copy of the original: {} bytes",
+            stored.len()
+        );
+        assert_eq!(entry.attach, vec![5]);
+        let sent = crate::outbox::expand(&store, &entry, stored).unwrap();
+        let m = mail_parser::MessageParser::default().parse(&sent).unwrap();
+        let attached = m.attachments().next().unwrap();
+        assert_eq!(attached.len(), big.len(), "the original goes out whole");
+        assert!(String::from_utf8_lossy(&sent).contains("Message-ID: <big@x>"));
     }
 }

@@ -274,6 +274,9 @@ fn render(store: &Store) -> String {
 
 /// Binds the endpoint now (so a taken port fails start-up loudly) and
 /// returns the server to spawn.
+/// Connections the metrics endpoint serves at once.
+pub const MAX_CONNECTIONS: usize = 8;
+
 pub async fn serve(
     listen: SocketAddr,
     store: Arc<Store>,
@@ -281,6 +284,9 @@ pub async fn serve(
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "metrics endpoint listening");
+    // A scraper needs one connection; a flood of them must not pile up
+    // tasks and store reads. Past the limit, connections are closed.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(async move {
         loop {
             let (conn, _) = tokio::select! {
@@ -294,9 +300,15 @@ pub async fn serve(
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!("metrics endpoint busy; connection closed");
+                drop(conn);
+                continue;
+            };
             let store = store.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, &store)).await;
+                drop(slot);
             });
         }
     })
@@ -342,6 +354,37 @@ async fn answer(mut conn: tokio::net::TcpStream, store: &Arc<Store>) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_endpoint_serves_a_bounded_number_of_connections() {
+        // Attack: thousands of idle connections to the metrics port, each
+        // a task (and, once a request comes, a store read).
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(addr, store, cancel.clone()).await.unwrap());
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed at once, not left waiting")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the connection over the limit is closed");
+        drop(idle);
+        cancel.cancel();
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

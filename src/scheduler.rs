@@ -39,7 +39,13 @@ pub struct Scheduler {
     pub config: Arc<crate::config::Live>,
     pub clock: Arc<dyn Clock>,
     pub wake: Arc<Wakers>,
+    /// When the store was last pruned (sent mail's bytes, old automatic
+    /// mail records): at most hourly.
+    pub pruned_at: std::sync::Mutex<Option<DateTime<Utc>>>,
 }
+
+/// Sent mails whose bytes one pruning round looks at, at most.
+const PRUNE_BATCH: usize = 10_000;
 
 /// Timers handled per transaction round.
 const BATCH: usize = 256;
@@ -70,6 +76,7 @@ impl Scheduler {
             }
         }
         let config = self.config.get();
+        self.prune(&config)?;
         if crate::digest::maybe_queue(&self.store, &config, self.clock.now())?.is_some() {
             self.wake.outbox.notify_one();
         }
@@ -81,6 +88,31 @@ impl Scheduler {
             self.wake.outbox.notify_one();
         }
         Ok(fired)
+    }
+
+    /// Once an hour: the bytes of mail sent longer than `keep_sent` ago,
+    /// and automatic-mail records no limit looks at any more.
+    fn prune(&self, config: &crate::config::Config) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        {
+            let mut last = self.pruned_at.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| now - t < chrono::Duration::hours(1)) {
+                return Ok(());
+            }
+            *last = Some(now);
+        }
+        let keep = chrono::Duration::from_std(config.store.keep_sent)
+            .unwrap_or(chrono::Duration::days(30));
+        let bodies = self.store.prune_sent(now - keep, PRUNE_BATCH)?;
+        let window = chrono::Duration::from_std(config.cases.auto_reply_window)
+            .unwrap_or(chrono::Duration::hours(1))
+            .max(chrono::Duration::hours(1))
+            .max(keep);
+        let records = self.store.prune_auto_replies(now - window)?;
+        if bodies + records > 0 {
+            tracing::info!(bodies, records, "store pruned (store.keep_sent)");
+        }
+        Ok(())
     }
 
     /// Takes a case's timer out of the index after firing it panicked,
@@ -219,6 +251,7 @@ pub(crate) mod tests {
             config: ing.config.clone(),
             clock: clock.clone(),
             wake: ing.wake.clone(),
+            pruned_at: Default::default(),
         };
         clock.advance(chrono::Duration::hours(5));
         *PANIC_ON.lock().unwrap() = Some(2);

@@ -502,6 +502,70 @@ impl Store {
         k
     }
 
+    /// Drops the bytes of mail sent before `cutoff` (the entries stay, for
+    /// the CLI and the KPIs), going on from where the last call stopped
+    /// and looking at most at `limit` entries. Entries are in creation
+    /// order, so the walk stops at the first one created after `cutoff`.
+    /// Returns how many mails lost their bytes.
+    pub fn prune_sent(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<usize> {
+        let _w = self.lock();
+        let from = self.counter("pruned_outbox_upto")?;
+        let mut batch = Batch::default();
+        let mut next = from;
+        let mut pruned = 0;
+        for item in self.tree(Tree::Outbox).range(id_key(from)..).take(limit) {
+            let (k, v) = item?;
+            let e: OutboxEntry =
+                serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt {
+                    key: format!("Outbox/{}", String::from_utf8_lossy(&k)),
+                    source,
+                })?;
+            if e.created_at >= cutoff {
+                break;
+            }
+            // Unsent (pending, failed) mail keeps its bytes for a retry.
+            if e.state == OutboxState::Sent && e.sent_at.is_some_and(|t| t < cutoff) {
+                batch.remove(Tree::Raw, OutboxEntry::raw_key(e.id));
+                pruned += 1;
+            }
+            next = e.id + 1;
+        }
+        if next != from {
+            batch.put(
+                Tree::Meta,
+                "pruned_outbox_upto",
+                next.to_be_bytes().to_vec(),
+            );
+            self.apply(&batch)?;
+        }
+        Ok(pruned)
+    }
+
+    /// Drops automatic-mail records older than `cutoff` (they only count
+    /// for the limits' windows). Returns how many.
+    pub fn prune_auto_replies(&self, cutoff: DateTime<Utc>) -> Result<usize> {
+        let _w = self.lock();
+        let cut = cutoff.timestamp_millis();
+        let mut batch = Batch::default();
+        let mut n = 0;
+        for item in self.tree(Tree::AutoReplies).iter() {
+            let (k, _) = item?;
+            // Key: recipient, 0, time (8 bytes), outbox id (8 bytes).
+            let Some(at) = k.len().checked_sub(16).and_then(|i| k.get(i..i + 8)) else {
+                continue;
+            };
+            let at = i64::from_be_bytes(at.try_into().unwrap_or([0; 8]));
+            if at < cut {
+                batch.remove(Tree::AutoReplies, k.to_vec());
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.apply(&batch)?;
+        }
+        Ok(n)
+    }
+
     /// Recent automatic mails to `email` since `since`, counted up to
     /// `at_most` (the limit being checked: a flood's entries are not
     /// all counted for every mail). `email` is a key from

@@ -64,6 +64,50 @@ pub struct OutboxEntry {
     /// When the current attempt began (for an entry left `sending`).
     #[serde(default)]
     pub attempt_at: Option<DateTime<Utc>>,
+    /// Stored messages attached by reference (forwards): their bytes are
+    /// put in at sending, so a forward does not copy the originals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attach: Vec<u64>,
+    /// Makes the placeholders of `attach` impossible to guess or to write
+    /// into a customer's text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub attach_nonce: String,
+}
+
+/// The nonce of a mail's attachment placeholders: keyed, so a customer
+/// cannot know it and put a placeholder into their own text.
+pub fn attach_nonce(key: &[u8; 32], message_id: &str) -> String {
+    let h = blake3::keyed_hash(key, format!("attach:{message_id}").as_bytes());
+    h.to_hex()[..24].to_string()
+}
+
+/// The bytes standing in for stored message `seq` in a composed mail.
+pub fn placeholder(nonce: &str, seq: u64) -> String {
+    format!("escalator-original-{nonce}-{seq}")
+}
+
+/// The mail as it goes out: each placeholder replaced by the stored
+/// message it stands for. A message no longer stored becomes a note; a
+/// read error is an error.
+pub fn expand(store: &Store, entry: &OutboxEntry, raw: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    if entry.attach.is_empty() {
+        return Ok(raw);
+    }
+    let mut out = raw;
+    for seq in &entry.attach {
+        let ph = placeholder(&entry.attach_nonce, *seq);
+        let Some(at) = out.windows(ph.len()).position(|w| w == ph.as_bytes()) else {
+            continue;
+        };
+        let original = match store.raw(*seq)? {
+            Some(bytes) => bytes,
+            None => {
+                format!("X-Escalator-Note: message {seq} is no longer stored\r\n\r\n").into_bytes()
+            }
+        };
+        out.splice(at..at + ph.len(), original);
+    }
+    Ok(out)
 }
 
 impl OutboxEntry {
@@ -235,7 +279,8 @@ impl Outbox {
                 None => return Ok(OutboxState::Failed),
             }
         };
-        let Some(raw) = self.store.raw_bytes(&OutboxEntry::raw_key(entry.id))? else {
+        let stored = self.store.raw_bytes(&OutboxEntry::raw_key(entry.id))?;
+        let Some(raw) = stored.map(|r| expand(&self.store, &entry, r)).transpose()? else {
             entry.state = OutboxState::Failed;
             entry.last_error = Some("the mail's bytes are missing from the store".into());
             self.finish(&entry)?;
@@ -450,6 +495,8 @@ pub(crate) mod tests {
             sent_at: None,
             last_error: None,
             attempt_at: None,
+            attach: Vec::new(),
+            attach_nonce: String::new(),
         }
     }
 
@@ -557,6 +604,48 @@ pub(crate) mod tests {
         }
         assert_eq!(sends(&s), 0, "sent already: not sent again");
         assert_eq!(state(&s, 1), OutboxState::Sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sent_mail_bodies_are_pruned_after_keep_sent_and_metadata_stays() {
+        // Input: a store running for months: every sent mail's bytes (and
+        // every forward's copy of the originals) were kept forever.
+        let s = setup(&[1, 2, 3], true);
+        s.outbox
+            .drain(false, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(sends(&s), 3);
+        // A fourth, failed, created at the same time: keeps its bytes.
+        let mut failed = entry(4, s.clock.now());
+        failed.state = OutboxState::Failed;
+        let mut b = Batch::default();
+        failed.write(&mut b, b"x".to_vec()).unwrap();
+        s.outbox.store.apply(&b).unwrap();
+        let store = &s.outbox.store;
+        let has_raw = |id| {
+            store
+                .raw_bytes(&OutboxEntry::raw_key(id))
+                .unwrap()
+                .is_some()
+        };
+        // Before the cutoff nothing goes.
+        assert_eq!(
+            store
+                .prune_sent(s.clock.now() - chrono::Duration::days(30), 100)
+                .unwrap(),
+            0
+        );
+        assert!(has_raw(1));
+        s.clock.advance(chrono::Duration::days(31));
+        let cutoff = s.clock.now() - chrono::Duration::days(30);
+        assert_eq!(store.prune_sent(cutoff, 100).unwrap(), 3);
+        assert!(!has_raw(1) && !has_raw(2) && !has_raw(3));
+        assert!(has_raw(4), "unsent mail keeps its bytes");
+        let e = store.outbox_entry(2).unwrap().unwrap();
+        assert_eq!(e.state, OutboxState::Sent, "the entry itself stays");
+        // The walk resumes where it stopped: nothing is looked at twice.
+        assert_eq!(store.prune_sent(cutoff, 100).unwrap(), 0);
     }
 
     #[tokio::test(start_paused = true)]
