@@ -270,7 +270,18 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
                 })
                 .collect::<Result<_, _>>()?;
             if as_json {
-                return Ok(Response::ok(json(&entries)));
+                // The placeholders' nonce stays inside the store.
+                let v: Vec<serde_json::Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut v = serde_json::to_value(e).unwrap_or_default();
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("attach_nonce");
+                        }
+                        v
+                    })
+                    .collect();
+                return Ok(Response::ok(json(&v)));
             }
             let mut out = String::new();
             for e in &entries {

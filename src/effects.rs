@@ -732,32 +732,9 @@ mod tests {
     use std::path::Path;
 
     fn config(dir: &Path) -> Config {
-        let text = format!(
-            r#"
-[mailbox]
-host = "127.0.0.1"
-security = "plain"
-username = "s"
-password = "p"
-[smtp]
-host = "127.0.0.1"
-security = "plain"
-from = "Support <support@example.test>"
-[store]
-path = "{}"
-[[tiers]]
-name = "Frontline"
-first_response = "4h"
-staff = ["agent@example.test"]
-[[tiers]]
-name = "Tier 2"
-first_response = "4h"
-staff = ["tier2@example.test"]
-forward_to = ["tier2@example.test"]
-"#,
-            dir.join("store").display()
-        );
-        Config::parse(&text, Path::new("/x.toml")).unwrap()
+        let tier2 = "[[tiers]]\nname = \"Tier 2\"\nfirst_response = \"4h\"\n\
+                     staff = [\"tier2@example.test\"]\nforward_to = [\"tier2@example.test\"]";
+        crate::testing::config(dir, "", tier2)
     }
 
     /// The text bodies of every queued mail, by kind.

@@ -571,31 +571,8 @@ pub(crate) mod tests {
 
     /// `cases` goes into `[cases]` (more keys, or `require_dkim_pass`).
     fn setup_with(dir: &Path, cases: &str) -> (Ingestor, Arc<ManualClock>) {
-        let text = format!(
-            r#"
-[mailbox]
-host = "127.0.0.1"
-security = "plain"
-username = "s"
-password = "p"
-[smtp]
-host = "127.0.0.1"
-security = "plain"
-from = "Support <support@example.test>"
-[store]
-path = "{}"
-[cases]
-auto_reply_limit = 2
-auto_reply_window = "1h"
-{cases}
-[[tiers]]
-name = "Frontline"
-first_response = "4h"
-staff = ["agent@example.test"]
-"#,
-            dir.join("store").display()
-        );
-        let config = Config::parse(&text, Path::new("/x.toml")).unwrap();
+        let cases = format!("auto_reply_limit = 2\nauto_reply_window = \"1h\"\n{cases}");
+        let config = crate::testing::config(dir, &cases, "");
         let clock = Arc::new(ManualClock::new(
             DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")
                 .unwrap()

@@ -52,6 +52,8 @@ pub mod stats;
 pub mod store;
 pub mod suppress;
 pub mod template;
+#[cfg(test)]
+pub mod testing;
 pub mod thread;
 pub mod tls;
 

@@ -219,18 +219,11 @@ impl Scheduler {
 pub(crate) mod tests {
     use super::*;
     use crate::ingest::tests::{setup, src};
-    use std::sync::Mutex;
 
-    static PANIC_ON: Mutex<Option<CaseId>> = Mutex::new(None);
+    pub(super) static PANIC_ON: crate::testing::PanicPoint = crate::testing::PanicPoint::new();
 
     pub(super) fn maybe_panic(id: CaseId) {
-        let hit = {
-            let mut p = PANIC_ON.lock().unwrap_or_else(|p| p.into_inner());
-            (*p == Some(id)).then(|| p.take())
-        };
-        if hit.is_some() {
-            panic!("test-induced failure firing case {id}");
-        }
+        PANIC_ON.reach(id, "firing case");
     }
 
     #[test]
@@ -254,7 +247,7 @@ pub(crate) mod tests {
             pruned_at: Default::default(),
         };
         clock.advance(chrono::Duration::hours(5));
-        *PANIC_ON.lock().unwrap() = Some(2);
+        PANIC_ON.aim(2);
         assert_eq!(sched.pass().unwrap(), 3);
         let parked = ing.store.case(2).unwrap().unwrap();
         assert!(parked.timer.is_none());

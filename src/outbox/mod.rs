@@ -452,16 +452,10 @@ pub(crate) mod tests {
     use std::sync::Mutex;
 
     /// The outbox entry whose sending panics next (tests only).
-    static PANIC_ON: Mutex<Option<u64>> = Mutex::new(None);
+    pub(super) static PANIC_ON: crate::testing::PanicPoint = crate::testing::PanicPoint::new();
 
     pub(super) fn maybe_panic(id: u64) {
-        let hit = {
-            let mut p = PANIC_ON.lock().unwrap_or_else(|p| p.into_inner());
-            (*p == Some(id)).then(|| p.take())
-        };
-        if hit.is_some() {
-            panic!("test-induced failure sending {id}");
-        }
+        PANIC_ON.reach(id, "sending");
     }
 
     /// Answers with scripted results (then success) and counts sends.
@@ -653,7 +647,7 @@ pub(crate) mod tests {
         // Input: one entry whose sending panics; the worker died with it
         // and, after a restart, the same entry came first again.
         let s = setup(&[1, 2, 3], true);
-        *PANIC_ON.lock().unwrap() = Some(2);
+        PANIC_ON.aim(2);
         let report = s
             .outbox
             .drain(false, &CancellationToken::new())
