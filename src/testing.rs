@@ -40,9 +40,11 @@ staff = ["agent@example.test"]
 }
 
 /// Makes the work on one id panic once (a timer's case, an outbox entry).
+#[derive(Default)]
 pub struct PanicPoint(Mutex<Option<u64>>);
 
 impl PanicPoint {
+    /// For a `static` (where `Default` cannot be called).
     pub const fn new() -> PanicPoint {
         PanicPoint(Mutex::new(None))
     }
