@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::outbox::compose::{self, Envelope};
 use crate::outbox::{OutboxEntry, OutboxState};
 use crate::policy::{self, Action};
-use crate::store::{id_key, Batch, MessageRecord, Store, StoreError, Tree, ALL_RECIPIENTS};
+use crate::store::{Batch, MessageRecord, Store, StoreError, Tree, ALL_RECIPIENTS};
 use crate::suppress::recipient_key;
 use crate::thread::{MailKind, OwnId};
 
@@ -506,15 +506,7 @@ impl<'a> Effects<'a> {
             attach_nonce,
         };
         entry.write(batch, raw)?;
-        batch.put(
-            Tree::MessageIds,
-            Store::message_id_key(&message_id, "out"),
-            {
-                let mut v = id_key(case_id).to_vec();
-                v.extend_from_slice(&id_key(id));
-                v
-            },
-        );
+        Store::index_message_id(batch, &message_id, "out", case_id, id);
         Ok(id)
     }
 
@@ -729,6 +721,7 @@ fn human(d: std::time::Duration) -> String {
 mod tests {
     use super::*;
     use crate::case::Reason;
+    use crate::store::id_key;
     use std::path::Path;
 
     fn config(dir: &Path) -> Config {

@@ -335,10 +335,12 @@ impl Ingestor {
 
         batch.put_json(Tree::Messages, id_key(seq), &record)?;
         batch.put(Tree::Raw, id_key(seq), raw.to_vec());
-        batch.put(
-            Tree::MessageIds,
-            Store::message_id_key(&mail.message_id, &mail.content_hash),
-            index_value(case.id, seq),
+        Store::index_message_id(
+            &mut batch,
+            &mail.message_id,
+            &mail.content_hash,
+            case.id,
+            seq,
         );
         if new && !case.customer.is_empty() {
             batch.put(
@@ -535,12 +537,6 @@ fn dkim_ok(mail: &InboundMail, sender: &str, config: &Config) -> bool {
     let domain = sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
     let authserv_id = config.cases.authserv_id.as_deref().unwrap_or("");
     crate::authres::dkim_pass(&mail.headers, authserv_id, domain)
-}
-
-fn index_value(case: CaseId, seq: u64) -> Vec<u8> {
-    let mut v = id_key(case).to_vec();
-    v.extend_from_slice(&id_key(seq));
-    v
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {

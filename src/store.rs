@@ -84,9 +84,12 @@ pub enum Tree {
     /// Compact per-case facts for KPIs, keyed by opening time, and the
     /// set of unresolved cases: `stats` reads these, never whole cases.
     Facts,
+    /// `message_id \0 case`: the cases holding a Message-ID in case
+    /// (= age) order, each once, whatever the messages' contents.
+    MessageCases,
 }
 
-const TREES: [(Tree, &str); 13] = [
+const TREES: [(Tree, &str); 14] = [
     (Tree::Meta, "meta"),
     (Tree::Cases, "cases"),
     (Tree::Messages, "messages"),
@@ -100,6 +103,7 @@ const TREES: [(Tree, &str); 13] = [
     (Tree::Deadlines, "deadlines"),
     (Tree::OutboxPending, "outbox_pending"),
     (Tree::Facts, "facts"),
+    (Tree::MessageCases, "message_cases"),
 ];
 
 /// sled's page cache; its default (1 GiB) would dwarf the daemon.
@@ -738,7 +742,7 @@ impl Store {
     /// Builds the derived trees (facts, pending outbox) of a store
     /// written before they existed. Runs once; cheap when done.
     fn build_indexes(&self) -> Result<()> {
-        const VERSION: &[u8] = b"4";
+        const VERSION: &[u8] = b"5";
         let meta = self.tree(Tree::Meta);
         if meta.get(b"indexes")?.as_deref() == Some(VERSION) {
             return Ok(());
@@ -760,6 +764,22 @@ impl Store {
         }
         for entry in self.outbox() {
             Self::outbox_index(&mut batch, &entry?);
+            if batch.ops.len() > 3000 {
+                self.apply(&std::mem::take(&mut batch))?;
+            }
+        }
+        // Version 5: Message-IDs by case, from the index by content.
+        for r in self.tree(Tree::MessageIds).iter() {
+            let (k, v) = r?;
+            let Some(sep) = k.iter().rposition(|b| *b == 0) else {
+                continue;
+            };
+            let Some(case) = v.get(..8) else {
+                continue;
+            };
+            let mut key = k[..=sep].to_vec();
+            key.extend_from_slice(case);
+            batch.put(Tree::MessageCases, key, Vec::new());
             if batch.ops.len() > 3000 {
                 self.apply(&std::mem::take(&mut batch))?;
             }
@@ -886,6 +906,28 @@ impl Store {
         k
     }
 
+    /// Indexes a stored message (or our own mail, `suffix` "out") under
+    /// its Message-ID: by content for duplicates, by case for threading.
+    pub fn index_message_id(
+        batch: &mut Batch,
+        message_id: &str,
+        suffix: &str,
+        case: CaseId,
+        seq: u64,
+    ) {
+        let mut v = id_key(case).to_vec();
+        v.extend_from_slice(&id_key(seq));
+        batch.put(
+            Tree::MessageIds,
+            Self::message_id_key(message_id, suffix),
+            v,
+        );
+        let mut k = message_id.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&id_key(case));
+        batch.put(Tree::MessageCases, k, Vec::new());
+    }
+
     /// Is the exact message (by ID and content) already stored?
     pub fn has_message(&self, message_id: &str, content_hash: &str) -> Result<bool> {
         Ok(self
@@ -910,17 +952,15 @@ impl Lookup for Store {
     fn cases_with_message_id(&self, message_id: &str) -> Vec<CaseId> {
         let mut prefix = message_id.as_bytes().to_vec();
         prefix.push(0);
-        let mut out: Vec<CaseId> = self
-            .tree(Tree::MessageIds)
+        // Case order: the oldest cases first, so however many cases a
+        // sender opens with a copied ID, the original's is looked at.
+        self.tree(Tree::MessageCases)
             .scan_prefix(&prefix)
             .take(crate::thread::MAX_CASES_PER_ID)
             .filter_map(|r| r.ok())
-            .filter_map(|(_, v)| <[u8; 8]>::try_from(v.get(..8)?).ok())
+            .filter_map(|(k, _)| <[u8; 8]>::try_from(k.get(prefix.len()..)?).ok())
             .map(u64::from_be_bytes)
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+            .collect()
     }
 
     fn case(&self, id: CaseId) -> Option<Case> {
@@ -1071,6 +1111,47 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cases_holding_a_message_id_come_oldest_first_each_once() {
+        // Attack: a sender opens thousands of cases with a copied
+        // Message-ID (contents tuned so their index keys sort first);
+        // the original's case must still be among those looked at.
+        use crate::thread::Lookup;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s")).unwrap();
+        let mut b = Batch::default();
+        for (case, hash) in [(9, "0000"), (3, "ffff"), (9, "0001"), (7, "0002")] {
+            Store::index_message_id(&mut b, "alice-1@example.org", hash, case, case * 10);
+        }
+        s.apply(&b).unwrap();
+        assert_eq!(
+            s.cases_with_message_id("alice-1@example.org"),
+            vec![3, 7, 9]
+        );
+        assert!(s.cases_with_message_id("alice-1@example.or").is_empty());
+    }
+
+    #[test]
+    fn a_store_from_before_the_case_index_is_upgraded() {
+        // A store written by the previous release has Message-IDs indexed
+        // by content only; opening it builds the by-case index once.
+        use crate::thread::Lookup;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let s = Store::open(&path).unwrap();
+            let mut v = id_key(4).to_vec();
+            v.extend_from_slice(&id_key(40));
+            s.tree(Tree::MessageIds)
+                .insert(Store::message_id_key("old@example.org", "hash"), v)
+                .unwrap();
+            s.tree(Tree::Meta).insert("indexes", b"4".to_vec()).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.cases_with_message_id("old@example.org"), vec![4]);
+    }
 
     #[test]
     fn batch_is_atomic_and_readable() {
