@@ -32,7 +32,7 @@ use escalator::clock::{Clock, SystemClock};
 use escalator::config::{Config, Live};
 use escalator::ingest::Ingestor;
 use escalator::scheduler::{Scheduler, Wakers};
-use escalator::store::{Batch, Store};
+use escalator::store::{Store, StoreError};
 use support::MailStack;
 
 struct Sizes {
@@ -442,7 +442,7 @@ fn latency(sz: &Sizes, rows: &mut Vec<Row>) {
 fn add_cases(store: &Store, first_id: u64, count: usize, due: usize) {
     let now = Utc::now();
     let week = 7 * 86_400_000i64;
-    let mut batch = Batch::default();
+    let mut cases = Vec::with_capacity(1000);
     for i in 0..count {
         let id = first_id + i as u64;
         let at = if i < due {
@@ -463,12 +463,18 @@ fn add_cases(store: &Store, first_id: u64, count: usize, due: usize) {
             at,
             kind: TimerKind::Due,
         });
-        store.write_case(&mut batch, None, &c).unwrap();
-        if i % 1000 == 999 {
-            store.apply(&std::mem::take(&mut batch)).unwrap();
+        cases.push(c);
+        if i % 1000 == 999 || i + 1 == count {
+            store
+                .transact(|tx| {
+                    for c in cases.drain(..) {
+                        tx.put_case(&c)?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .unwrap();
         }
     }
-    store.apply(&batch).unwrap();
     store.flush().unwrap();
 }
 
@@ -567,8 +573,9 @@ fn timers_and_memory(sz: &Sizes, rows: &mut Vec<Row>) {
         // The mail the passes queued is not part of the idle minute.
         for e in store.outbox_pending().unwrap() {
             let mut e = e;
-            let _w = store.lock();
-            escalator::outbox::journal::mark_sent(&store, &mut e, Utc::now()).unwrap();
+            store
+                .transact(|tx| escalator::outbox::journal::mark_sent(tx, &mut e, Utc::now()))
+                .unwrap();
         }
         store.flush().unwrap();
     }

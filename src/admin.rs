@@ -6,11 +6,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::case::{rfc3339, Case, Event};
-use crate::effects::Effects;
+use crate::effects::{self, EffectsError};
 use crate::ingest::{Ingestor, Outcome};
 use crate::outbox::{self, OutboxState};
 use crate::policy::{self, Ctx};
-use crate::store::Batch;
 use crate::store::StoreError;
 use crate::template::printable;
 
@@ -82,7 +81,7 @@ fn json(v: &impl Serialize) -> String {
 }
 
 /// Handles one request against the store behind `ingestor`.
-pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError> {
+pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsError> {
     let store = &*ingestor.store;
     match *req {
         Request::CasesList { json: as_json } => {
@@ -387,7 +386,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, StoreError
             let Some(entry) = store.outbox_entry(id)? else {
                 return Ok(Response::fail(format!("no outbox entry {id}\n")));
             };
-            match store.raw_bytes(&outbox::OutboxEntry::raw_key(id))? {
+            match store.outbox_raw(id)? {
                 Some(raw) => {
                     let raw = outbox::expand(store, &entry, raw)?;
                     Ok(Response::ok(readable_mail(&entry, &raw)))
@@ -448,32 +447,15 @@ fn change_case(
     ingestor: &Ingestor,
     id: u64,
     f: impl FnOnce(&mut Case, &Ctx) -> Vec<crate::policy::Action>,
-) -> Result<Option<(Case, usize)>, StoreError> {
-    let store = &*ingestor.store;
-    let queued = {
-        let _w = store.lock();
-        let Some(mut case) = store.case(id)? else {
-            return Ok(None);
-        };
-        let before = case.timer;
-        let now = ingestor.clock.now();
-        let config = ingestor.config.get();
-        let ctx = Ctx {
-            config: &config,
-            now,
-        };
-        let actions = f(&mut case, &ctx);
-        let mut batch = Batch::default();
-        let mut effects = Effects::new(store, &config, now)?;
-        let queued = effects.apply(&mut batch, &mut case, actions)?;
-        effects.finish(&mut batch);
-        store.write_case(&mut batch, before, &case)?;
-        store.apply(&batch)?;
-        (case, queued)
-    };
-    store.flush()?;
+) -> Result<Option<(Case, usize)>, EffectsError> {
+    let config = ingestor.config.get();
+    let now = ingestor.clock.now();
+    let changed = effects::change_case(&ingestor.store, &config, now, id, |_, case, ctx| {
+        Ok(Some(f(case, ctx)))
+    })?;
+    ingestor.store.flush()?;
     ingestor.wake.both();
-    Ok(Some(queued))
+    Ok(changed)
 }
 
 /// A composed mail as a person reads it: decoded headers and text body,

@@ -14,9 +14,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, DigestConfig};
-use crate::effects::Effects;
+use crate::effects::{Effects, EffectsError};
 use crate::stats::{self, short_duration, Facts};
-use crate::store::{Batch, Store, StoreError, Tree};
+use crate::store::{Store, StoreError};
 use crate::template::printable;
 
 /// Monday 1970-01-05 00:00 UTC.
@@ -45,38 +45,34 @@ pub fn maybe_queue(
     store: &Store,
     config: &Config,
     now: DateTime<Utc>,
-) -> Result<Option<u64>, StoreError> {
+) -> Result<Option<u64>, EffectsError> {
     let Some(d) = &config.digest else {
         return Ok(None);
     };
     let (start, end) = last_period(now, d.every);
-    let _w = store.lock();
-    let sent_until = store
-        .tree(Tree::Meta)
-        .get(MARKER)?
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map(i64::from_be_bytes);
-    let mut batch = Batch::default();
-    batch.put(Tree::Meta, MARKER, end.timestamp().to_be_bytes().to_vec());
-    let id = match sent_until {
-        Some(t) if t >= end.timestamp() => return Ok(None),
-        // A new store (or digests just switched on): the first digest
-        // covers the first full period from now, not the past.
-        None => None,
-        Some(_) => {
-            let body = text(store, config, d, start, end, now)?;
-            let subject = format!(
-                "Escalation review {} to {}",
-                start.format("%Y-%m-%d %H:%M"),
-                end.format("%Y-%m-%d %H:%M UTC")
-            );
-            let mut effects = Effects::new(store, config, now)?;
-            let id = effects.digest(&mut batch, d.to.clone(), &subject, &body)?;
-            effects.finish(&mut batch);
-            Some(id)
+    let id = store.transact(|tx| {
+        let sent_until = tx.marker(MARKER)?;
+        if sent_until.is_some_and(|t| t >= end.timestamp()) {
+            return Ok(None);
         }
-    };
-    store.apply(&batch)?;
+        tx.set_marker(MARKER, end.timestamp());
+        match sent_until {
+            // A new store (or digests just switched on): the first digest
+            // covers the first full period from now, not the past.
+            None => Ok(None),
+            Some(_) => {
+                let body = text(store, config, d, start, end, now)?;
+                let subject = format!(
+                    "Escalation review {} to {}",
+                    start.format("%Y-%m-%d %H:%M"),
+                    end.format("%Y-%m-%d %H:%M UTC")
+                );
+                let mut effects = Effects::new(config, now);
+                let id = effects.digest(tx, d.to.clone(), &subject, &body)?;
+                Ok::<_, EffectsError>(Some(id))
+            }
+        }
+    })?;
     store.flush()?;
     if let Some(id) = id {
         tracing::info!(outbox_id = id, %start, %end, "review digest queued");

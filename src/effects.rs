@@ -1,33 +1,85 @@
-//! Effects: the policy's actions become outbox entries, written into the
-//! same batch as the case change that caused them. Here live the texts of
-//! the mails (besides the admin-editable acknowledgement template) and
-//! the per-recipient limit on automatic mail.
+//! Effects: the policy's actions become outbox entries, written in the
+//! same transaction as the case change that caused them. Here live the
+//! texts of the mails (besides the admin-editable acknowledgement
+//! template), the limits on automatic mail, and [`step`]: the one way a
+//! changed case and its mails are written.
 
 use chrono::{DateTime, Utc};
 
 use crate::case::{rfc3339, Case, CaseId, EventKind, Reason};
 use crate::config::Config;
 use crate::outbox::compose::{self, Envelope};
-use crate::outbox::{OutboxEntry, OutboxState};
-use crate::policy::{self, Action};
-use crate::store::{Batch, MessageRecord, Store, StoreError, Tree, ALL_RECIPIENTS};
+use crate::policy::{self, Action, Ctx};
+use crate::record::{MessageRecord, OutboxEntry, OutboxState};
+use crate::store::{Sequence, Store, StoreError, Tx, ALL_RECIPIENTS};
 use crate::suppress::recipient_key;
 use crate::thread::{MailKind, OwnId};
 
 /// Originals attached to one forward, at most (the rest are listed).
 const MAX_ATTACHED_BYTES: usize = 20 << 20;
 
+/// Why queueing a case's mails failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EffectsError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing a mail's bytes failed. mail-builder writes into memory, so
+    /// this does not happen in practice; it is not a store failure.
+    #[error("cannot compose a mail")]
+    Compose(#[source] std::io::Error),
+}
+
 /// Queues mails for one case change.
 pub struct Effects<'a> {
-    pub store: &'a Store,
     pub config: &'a Config,
     pub now: DateTime<Utc>,
-    next_outbox: u64,
-    /// The message being ingested, not yet in the store.
+    /// The message being ingested (its bytes, to attach to a forward).
     pub current: Option<(&'a MessageRecord, &'a [u8])>,
-    /// Recipients (limit keys) of the automatic mails queued so far in
-    /// this batch: not yet in the store's index.
-    auto_queued: Vec<String>,
+}
+
+/// Writes a changed case and queues the mails for `actions`, in `tx`:
+/// the one step behind ingest, timers and the CLI. Returns how many
+/// mails were queued. The case's new events are counted in the metrics
+/// once the transaction commits.
+pub fn step(
+    tx: &mut Tx<'_>,
+    fx: &mut Effects<'_>,
+    case: &mut Case,
+    actions: Vec<Action>,
+) -> Result<usize, EffectsError> {
+    let queued = fx.apply(tx, case, actions)?;
+    tx.put_case(case)?;
+    let events = case
+        .history
+        .get(case.stored_events..)
+        .unwrap_or_default()
+        .to_vec();
+    tx.on_commit(move || crate::metrics::committed(&events));
+    Ok(queued)
+}
+
+/// Changes case `id` as `f` decides (None: leave it as it is), with the
+/// mails that causes, in one transaction. Returns the case and how many
+/// mails were queued, or None when there is no such case or `f` declined.
+pub fn change_case(
+    store: &Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    id: CaseId,
+    f: impl FnOnce(&mut Tx<'_>, &mut Case, &Ctx) -> Result<Option<Vec<Action>>, EffectsError>,
+) -> Result<Option<(Case, usize)>, EffectsError> {
+    store.transact(|tx| {
+        let Some(mut case) = tx.case(id)? else {
+            return Ok(None);
+        };
+        let ctx = Ctx { config, now };
+        let Some(actions) = f(tx, &mut case, &ctx)? else {
+            return Ok(None);
+        };
+        let mut fx = Effects::new(config, now);
+        let queued = step(tx, &mut fx, &mut case, actions)?;
+        Ok(Some((case, queued)))
+    })
 }
 
 /// What the acknowledgement is called in limit messages.
@@ -57,60 +109,44 @@ fn global_limit_reached(limit: usize) {
 }
 
 impl<'a> Effects<'a> {
-    pub fn new(
-        store: &'a Store,
-        config: &'a Config,
-        now: DateTime<Utc>,
-    ) -> Result<Self, StoreError> {
-        Ok(Effects {
-            store,
+    pub fn new(config: &'a Config, now: DateTime<Utc>) -> Self {
+        Effects {
             config,
             now,
-            next_outbox: store.counter("next_outbox")?,
             current: None,
-            auto_queued: Vec::new(),
-        })
-    }
-
-    /// Writes the outbox counter; call once after the last `apply`.
-    pub fn finish(self, batch: &mut Batch) {
-        batch.put(
-            Tree::Meta,
-            "next_outbox",
-            self.next_outbox.to_be_bytes().to_vec(),
-        );
+        }
     }
 
     /// Queues the mails for `actions`; returns how many were queued.
     pub fn apply(
         &mut self,
-        batch: &mut Batch,
+        tx: &mut Tx<'_>,
         case: &mut Case,
         actions: Vec<Action>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<usize, EffectsError> {
         let mut queued = 0;
         for action in actions {
-            queued += self.one(batch, case, action)? as usize;
+            queued += self.one(tx, case, action)? as usize;
         }
         Ok(queued)
     }
 
     fn one(
         &mut self,
-        batch: &mut Batch,
+        tx: &mut Tx<'_>,
         case: &mut Case,
         action: Action,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, EffectsError> {
         let cfg = self.config;
         let tag = format!("[{} #{}]", cfg.cases.subject_tag, case.id);
         match action {
             Action::Ack { eta } => {
-                if !self.within_limit(case, ACK)? {
+                if !self.within_limit(tx, case, ACK)? {
                     return Ok(false);
                 }
                 let (subject, body) = policy::ack_text(case, eta, cfg, self.now);
                 let id =
-                    self.robot_mail(batch, case, MailKind::Ack, &subject, &body, "auto-replied")?;
+                    self.robot_mail(tx, case, MailKind::Ack, &subject, &body, "auto-replied")?;
                 let to = case.customer.clone();
                 case.push(
                     self.now,
@@ -122,7 +158,7 @@ impl<'a> Effects<'a> {
                 );
             }
             Action::Notice { eta } => {
-                if !self.within_limit(case, "escalation notice")? {
+                if !self.within_limit(tx, case, "escalation notice")? {
                     return Ok(false);
                 }
                 let v = policy::values(case, eta, cfg, self.now);
@@ -142,7 +178,7 @@ impl<'a> Effects<'a> {
                     v["support_name"]
                 );
                 let id = self.robot_mail(
-                    batch,
+                    tx,
                     case,
                     MailKind::Notice,
                     &subject,
@@ -152,7 +188,7 @@ impl<'a> Effects<'a> {
                 self.queued_event(case, id, MailKind::Notice, &case.customer.clone());
             }
             Action::Survey => {
-                if !self.within_limit(case, "survey")? {
+                if !self.within_limit(tx, case, "survey")? {
                     return Ok(false);
                 }
                 let v = policy::values(case, self.now, cfg, self.now);
@@ -164,7 +200,7 @@ impl<'a> Effects<'a> {
                     v["customer_name"], case.id, v["subject"], v["support_name"]
                 );
                 let id = self.robot_mail(
-                    batch,
+                    tx,
                     case,
                     MailKind::Survey,
                     &subject,
@@ -177,7 +213,7 @@ impl<'a> Effects<'a> {
                 let subject = format!("{tag} Re: {}", case.subject);
                 let v = policy::values(case, self.now, cfg, self.now);
                 let body = format!("{text}\n\n-- \n{} · case #{}\n", v["support_name"], case.id);
-                let id = self.customer_mail(batch, case, MailKind::Relay, &subject, &body, None)?;
+                let id = self.customer_mail(tx, case, MailKind::Relay, &subject, &body, None)?;
                 case.push(
                     self.now,
                     EventKind::Relayed {
@@ -195,14 +231,15 @@ impl<'a> Effects<'a> {
                 let t = &cfg.tiers[tier];
                 let subject = format!("{tag} Escalated to {}: {}", t.name, case.subject);
                 let mut body = self.summary(
+                    tx,
                     case,
                     &format!("Escalated to {}", t.name),
                     Some((reason, &detail, &previous)),
                 )?;
-                let (history, attachments) = self.conversation(case, true)?;
+                let (history, attachments) = self.conversation(tx, case, true)?;
                 body.push_str(&history);
                 self.staff_mail(
-                    batch,
+                    tx,
                     case,
                     MailKind::Forward,
                     &t.forward_to,
@@ -222,17 +259,9 @@ impl<'a> Effects<'a> {
                     .map(|d| policy::format_eta(d, cfg.calendar.timezone))
                     .unwrap_or_default();
                 let subject = format!("{tag} Reminder: answer due by {due}: {}", case.subject);
-                let mut body = self.summary(case, "Reminder: the deadline is near", None)?;
-                body.push_str(&self.conversation(case, false)?.0);
-                self.staff_mail(
-                    batch,
-                    case,
-                    MailKind::Warn,
-                    &to,
-                    &subject,
-                    &body,
-                    Vec::new(),
-                )?;
+                let mut body = self.summary(tx, case, "Reminder: the deadline is near", None)?;
+                body.push_str(&self.conversation(tx, case, false)?.0);
+                self.staff_mail(tx, case, MailKind::Warn, &to, &subject, &body, Vec::new())?;
             }
             Action::Renotify { tier } => {
                 let t = &cfg.tiers[tier];
@@ -242,10 +271,10 @@ impl<'a> Effects<'a> {
                 }
                 let subject = format!("{tag} Deadline passed: {}", case.subject);
                 let mut body =
-                    self.summary(case, "The deadline passed with no staff answer", None)?;
-                body.push_str(&self.conversation(case, false)?.0);
+                    self.summary(tx, case, "The deadline passed with no staff answer", None)?;
+                body.push_str(&self.conversation(tx, case, false)?.0);
                 self.staff_mail(
-                    batch,
+                    tx,
                     case,
                     MailKind::Renotify,
                     &to,
@@ -261,17 +290,19 @@ impl<'a> Effects<'a> {
     /// Checks the automatic-mail limits: per recipient (plus-addressed
     /// variants are one), and for acks the global hourly one. Mails queued
     /// earlier in this batch count too.
-    fn within_limit(&mut self, case: &mut Case, what: &str) -> Result<bool, StoreError> {
+    fn within_limit(
+        &mut self,
+        tx: &mut Tx<'_>,
+        case: &mut Case,
+        what: &str,
+    ) -> Result<bool, StoreError> {
         let cfg = self.config;
         let window = chrono::Duration::from_std(cfg.cases.auto_reply_window)
             .unwrap_or(chrono::Duration::hours(1));
         let recipient = recipient_key(&case.customer);
         let limit = cfg.cases.auto_reply_limit as usize;
-        let queued_here = self.auto_queued.iter().filter(|r| **r == recipient).count();
-        let sent = self
-            .store
-            .auto_replies_since(&recipient, self.now - window, limit)?;
-        if sent + queued_here >= limit {
+        let sent = tx.auto_replies_since(&recipient, self.now - window, limit)?;
+        if sent >= limit {
             let reason = format!(
                 "{what} not sent: more than {} automatic mails to {} within {}",
                 cfg.cases.auto_reply_limit,
@@ -282,12 +313,12 @@ impl<'a> Effects<'a> {
         }
         let global = cfg.cases.auto_reply_global_limit as usize;
         if what == ACK && global > 0 {
-            let all = self.store.auto_replies_since(
+            let all = tx.auto_replies_since(
                 ALL_RECIPIENTS,
                 self.now - chrono::Duration::hours(1),
                 global,
             )?;
-            if all + self.auto_queued.len() >= global {
+            if all >= global {
                 let reason = format!(
                     "{what} not sent: the global limit of {global} automatic mails per hour \
                      (cases.auto_reply_global_limit) is reached"
@@ -311,12 +342,6 @@ impl<'a> Effects<'a> {
         false
     }
 
-    fn next_id(&mut self) -> u64 {
-        let id = self.next_outbox;
-        self.next_outbox += 1;
-        id
-    }
-
     fn queued_event(&self, case: &mut Case, id: u64, kind: MailKind, to: &str) {
         case.push(
             self.now,
@@ -332,39 +357,29 @@ impl<'a> Effects<'a> {
     /// per-recipient limit (the caller checked `within_limit`).
     fn robot_mail(
         &mut self,
-        batch: &mut Batch,
+        tx: &mut Tx<'_>,
         case: &Case,
         kind: MailKind,
         subject: &str,
         body: &str,
         auto: &str,
-    ) -> Result<u64, StoreError> {
-        let id = self.customer_mail(batch, case, kind, subject, body, Some(auto))?;
-        let recipient = recipient_key(&case.customer);
-        batch.put(
-            Tree::AutoReplies,
-            Store::auto_reply_key(&recipient, self.now, id),
-            Vec::new(),
-        );
-        batch.put(
-            Tree::AutoReplies,
-            Store::auto_reply_key(ALL_RECIPIENTS, self.now, id),
-            Vec::new(),
-        );
-        self.auto_queued.push(recipient);
+    ) -> Result<u64, EffectsError> {
+        let id = self.customer_mail(tx, case, kind, subject, body, Some(auto))?;
+        tx.record_auto_reply(&recipient_key(&case.customer), self.now, id);
+        tx.record_auto_reply(ALL_RECIPIENTS, self.now, id);
         Ok(id)
     }
 
     /// A mail to the customer, in the case's thread.
     fn customer_mail(
         &mut self,
-        batch: &mut Batch,
+        tx: &mut Tx<'_>,
         case: &Case,
         kind: MailKind,
         subject: &str,
         body: &str,
         auto: Option<&str>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<u64, EffectsError> {
         let mut refs = vec![case.root_message_id.clone()];
         if case.last_message_id != case.root_message_id && !case.last_message_id.is_empty() {
             refs.push(case.last_message_id.clone());
@@ -375,7 +390,7 @@ impl<'a> Effects<'a> {
             &case.last_message_id
         };
         self.queue(
-            batch,
+            tx,
             case.id,
             kind,
             vec![case.customer.clone()],
@@ -393,33 +408,23 @@ impl<'a> Effects<'a> {
     #[allow(clippy::too_many_arguments)]
     fn staff_mail(
         &mut self,
-        batch: &mut Batch,
+        tx: &mut Tx<'_>,
         case: &mut Case,
         kind: MailKind,
         to: &[String],
         subject: &str,
         body: &str,
         attach: Vec<u64>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<u64, EffectsError> {
         let support = self.config.smtp.from.clone();
-        // The marker a reply is cut at: its token is this mail's own
-        // Message-ID (unique, keyed), so the cut is at our line only.
-        let own = OwnId {
-            case: case.id,
-            kind,
-            seq: self.next_outbox,
-        }
-        .format(self.store.key(), self.config.support_domain());
-        let token = own.split('@').next().unwrap_or("");
-        let body = format!("{}\n\n{body}", crate::quote::marker_line(token));
         let id = self.queue(
-            batch,
+            tx,
             case.id,
             kind,
             to.to_vec(),
             None,
             subject,
-            &body,
+            body,
             None,
             Vec::new(),
             Some("auto-generated"),
@@ -433,7 +438,7 @@ impl<'a> Effects<'a> {
     #[allow(clippy::too_many_arguments)]
     fn queue(
         &mut self,
-        batch: &mut Batch,
+        tx: &mut Tx<'_>,
         case_id: CaseId,
         kind: MailKind,
         to: Vec<String>,
@@ -445,22 +450,32 @@ impl<'a> Effects<'a> {
         auto: Option<&str>,
         reply_to: Option<&str>,
         attach: Vec<u64>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<u64, EffectsError> {
         let cfg = self.config;
-        let id = self.next_id();
+        let id = tx.next_id(Sequence::Outbox)?;
         let message_id = OwnId {
             case: case_id,
             kind,
             seq: id,
         }
-        .format(self.store.key(), cfg.support_domain());
+        .format(tx.key(), cfg.support_domain());
+        // Staff-facing mail opens with the marker a reply is cut at: its
+        // token is this mail's own Message-ID (unique, keyed).
+        let marked;
+        let body = if kind.staff_facing() {
+            let token = message_id.split('@').next().unwrap_or("");
+            marked = format!("{}\n\n{body}", crate::quote::marker_line(token));
+            marked.as_str()
+        } else {
+            body
+        };
         // The originals are not copied into the entry: each is a
         // placeholder that the outbox replaces with the stored message
         // when it sends (see `outbox::expand`).
         let attach_nonce = if attach.is_empty() {
             String::new()
         } else {
-            crate::outbox::attach_nonce(self.store.key(), &message_id)
+            crate::outbox::attach_nonce(tx.key(), &message_id)
         };
         let attachments = attach
             .iter()
@@ -486,7 +501,7 @@ impl<'a> Effects<'a> {
             },
             body,
         )
-        .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        .map_err(EffectsError::Compose)?;
         let entry = OutboxEntry {
             id,
             case: case_id,
@@ -505,21 +520,21 @@ impl<'a> Effects<'a> {
             attach,
             attach_nonce,
         };
-        entry.write(batch, raw)?;
-        Store::index_message_id(batch, &message_id, "out", case_id, id);
+        tx.put_outbox(&entry, Some(&raw))?;
+        tx.index_message_id(&message_id, "out", case_id, id);
         Ok(id)
     }
 
     /// The review digest to `to` (no case; not threaded to anything).
     pub fn digest(
         &mut self,
-        batch: &mut Batch,
+        tx: &mut Tx<'_>,
         to: Vec<String>,
         subject: &str,
         body: &str,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<u64, EffectsError> {
         self.queue(
-            batch,
+            tx,
             0,
             MailKind::Digest,
             to,
@@ -537,6 +552,7 @@ impl<'a> Effects<'a> {
     /// The plain-text head of staff mail: who, how long, why, by when.
     fn summary(
         &self,
+        tx: &mut Tx<'_>,
         case: &Case,
         title: &str,
         why: Option<(Reason, &str, &str)>,
@@ -557,8 +573,7 @@ impl<'a> Effects<'a> {
         let earlier = if case.customer.is_empty() {
             0
         } else {
-            self.store
-                .customer_cases(&case.customer)?
+            tx.customer_cases(&case.customer)?
                 .iter()
                 .filter(|c| **c != case.id)
                 .count()
@@ -613,7 +628,12 @@ impl<'a> Effects<'a> {
 
     /// The conversation as text in time order, and (if `attach`) the
     /// stored messages to attach (by number).
-    fn conversation(&self, case: &Case, attach: bool) -> Result<(String, Vec<u64>), StoreError> {
+    fn conversation(
+        &self,
+        tx: &mut Tx<'_>,
+        case: &Case,
+        attach: bool,
+    ) -> Result<(String, Vec<u64>), StoreError> {
         let tz = self.config.calendar.timezone;
         let mut text = String::from("\n==== Conversation ====\n");
         let mut attachments = Vec::new();
@@ -622,7 +642,7 @@ impl<'a> Effects<'a> {
         for seq in &case.messages {
             let (record, raw_len) = match self.current {
                 Some((rec, raw)) if rec.seq == *seq => (rec.clone(), raw.len()),
-                _ => match self.store.message(*seq)? {
+                _ => match tx.message(*seq)? {
                     // Only headers are stored of a message over the size
                     // limit; its record's size is the real one.
                     Some(r) => {
@@ -721,7 +741,6 @@ fn human(d: std::time::Duration) -> String {
 mod tests {
     use super::*;
     use crate::case::Reason;
-    use crate::store::id_key;
     use std::path::Path;
 
     fn config(dir: &Path) -> Config {
@@ -736,10 +755,7 @@ mod tests {
             .outbox()
             .map(|e| {
                 let e = e.unwrap();
-                let raw = store
-                    .raw_bytes(&crate::outbox::OutboxEntry::raw_key(e.id))
-                    .unwrap()
-                    .unwrap();
+                let raw = store.outbox_raw(e.id).unwrap().unwrap();
                 let m = mail_parser::MessageParser::default().parse(&raw).unwrap();
                 (e.kind, m.body_text(0).unwrap_or_default().into_owned())
             })
@@ -760,8 +776,7 @@ mod tests {
         let mut case = Case::new(7, "eve@example.org", evil, "Frontline", "r@x", now);
         case.customer_name = Some("Eve\nINJECTED: call +1 555".into());
         case.due_at = Some(now);
-        let mut batch = Batch::default();
-        let mut fx = Effects::new(&store, &cfg, now).unwrap();
+        let mut fx = Effects::new(&cfg, now);
         let actions = vec![
             Action::Ack { eta: now },
             Action::Notice { eta: now },
@@ -779,9 +794,9 @@ mod tests {
             Action::Warn { tier: 1 },
             Action::Renotify { tier: 1 },
         ];
-        fx.apply(&mut batch, &mut case, actions).unwrap();
-        fx.finish(&mut batch);
-        store.apply(&batch).unwrap();
+        store
+            .transact(|tx| fx.apply(tx, &mut case, actions))
+            .unwrap();
         let all = bodies(&store);
         let kinds: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
         for kind in [
@@ -841,28 +856,23 @@ mod tests {
             parse_error: None,
             several_from: false,
         };
-        let mut batch = Batch::default();
-        batch.put_json(Tree::Messages, id_key(5), &record).unwrap();
-        batch.put(Tree::Raw, id_key(5), big.clone().into_bytes());
-        store.apply(&batch).unwrap();
+        store
+            .transact(|tx| tx.put_message(&record, big.as_bytes()))
+            .unwrap();
         let mut case = Case::new(7, "eve@example.org", "logs", "Frontline", "big@x", now);
         case.messages = vec![5];
-        let mut batch = Batch::default();
-        let mut fx = Effects::new(&store, &cfg, now).unwrap();
+        let mut fx = Effects::new(&cfg, now);
         let forward = Action::Forward {
             tier: 1,
             previous: "Frontline".into(),
             reason: Reason::Stale,
             detail: String::new(),
         };
-        fx.apply(&mut batch, &mut case, vec![forward]).unwrap();
-        fx.finish(&mut batch);
-        store.apply(&batch).unwrap();
-        let entry = store.outbox().next().unwrap().unwrap();
-        let stored = store
-            .raw_bytes(&crate::outbox::OutboxEntry::raw_key(entry.id))
-            .unwrap()
+        store
+            .transact(|tx| fx.apply(tx, &mut case, vec![forward]))
             .unwrap();
+        let entry = store.outbox().next().unwrap().unwrap();
+        let stored = store.outbox_raw(entry.id).unwrap().unwrap();
         assert!(
             stored.len() < 20_000,
             "no copy of the original: {} bytes",

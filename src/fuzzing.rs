@@ -58,14 +58,15 @@ struct Memory {
 }
 
 impl Lookup for Memory {
-    fn is_stored(&self, _: &str, _: &str) -> bool {
-        false
+    type Error = std::convert::Infallible;
+    fn is_stored(&self, _: &str, _: &str) -> Result<bool, Self::Error> {
+        Ok(false)
     }
-    fn cases_with_message_id(&self, id: &str) -> Vec<CaseId> {
-        self.ids.get(id).copied().into_iter().collect()
+    fn cases_with_message_id(&self, id: &str) -> Result<Vec<CaseId>, Self::Error> {
+        Ok(self.ids.get(id).copied().into_iter().collect())
     }
-    fn case(&self, id: CaseId) -> Option<Case> {
-        self.cases.get(&id).cloned()
+    fn case(&self, id: CaseId) -> Result<Option<Case>, Self::Error> {
+        Ok(self.cases.get(&id).cloned())
     }
 }
 

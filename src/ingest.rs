@@ -15,13 +15,11 @@ use chrono::{DateTime, Utc};
 use crate::case::{Case, CaseId, EventKind};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::effects::Effects;
+use crate::effects::{self, Effects, EffectsError};
 use crate::message::{self, InboundMail};
-use crate::outbox::OutboxState;
 use crate::policy::{self, Ctx, Role};
-use crate::store::{
-    id_key, Batch, Cursor, MessageRecord, QuarantineEntry, Store, StoreError, Tree,
-};
+use crate::record::{Cursor, MessageRecord, OutboxState, QuarantineEntry};
+use crate::store::{Sequence, Store, StoreError, Tx};
 use crate::suppress;
 use crate::thread::{self, Decision, OwnId, Parties};
 
@@ -73,12 +71,6 @@ pub struct Ingestor {
     pub wake: Arc<crate::scheduler::Wakers>,
 }
 
-/// The planned writes for one message.
-struct Plan {
-    batch: Batch,
-    outcome: Outcome,
-}
-
 impl Ingestor {
     /// Ingests one message. `truncated` is the real size when only the
     /// headers were fetched (over `max_message_size`).
@@ -88,83 +80,88 @@ impl Ingestor {
         raw: &[u8],
         truncated: Option<u64>,
     ) -> Result<Outcome, StoreError> {
-        // A message takes about three times its size in the store (raw,
-        // parsed text, log overhead).
-        self.commit(src, raw.len() as u64 * 3, |now| {
-            let planned = catch_unwind(AssertUnwindSafe(|| self.plan(src, raw, truncated, now)));
-            match planned {
-                Ok(r) => r,
-                Err(panic) => self.quarantine_plan(src, raw, &panic_text(&panic), now, false),
+        let min_free = self.config.get().store.min_free;
+        self.store.transact(|tx| {
+            if self.already_done(tx, src)? {
+                return Ok(Outcome::AlreadyDone);
             }
+            // A message takes about three times its size in the store
+            // (raw, parsed text, log overhead).
+            self.store.ensure_space(min_free, raw.len() as u64 * 3)?;
+            let now = self.clock.now();
+            let before = tx.savepoint();
+            let planned =
+                catch_unwind(AssertUnwindSafe(|| self.plan(tx, src, raw, truncated, now)));
+            // Anything but a store failure quarantines the message: what
+            // the failed plan wrote is undone, the rest goes on.
+            let why = match planned {
+                Ok(Ok(outcome)) => {
+                    self.advance_cursor(tx, src)?;
+                    return Ok(outcome);
+                }
+                Ok(Err(EffectsError::Store(e))) => return Err(e),
+                Ok(Err(e)) => format!("error while processing: {}", crate::error_chain(&e)),
+                Err(panic) => panic_text(&panic),
+            };
+            tx.rollback(before);
+            let outcome = self.quarantine(tx, src, raw, &why, now, false)?;
+            self.advance_cursor(tx, src)?;
+            Ok(outcome)
         })
     }
 
     /// Records a message the server will not give: a quarantine entry with
     /// the server's words and no bytes, and the cursor moves past it.
     pub fn quarantine_unfetched(&self, src: &Source, why: &str) -> Result<Outcome, StoreError> {
-        self.commit(Some(src), 4096, |now| {
-            self.quarantine_plan(Some(src), &[], why, now, true)
+        self.store.transact(|tx| {
+            if self.already_done(tx, Some(src))? {
+                return Ok(Outcome::AlreadyDone);
+            }
+            let outcome = self.quarantine(tx, Some(src), &[], why, self.clock.now(), true)?;
+            self.advance_cursor(tx, Some(src))?;
+            Ok(outcome)
         })
     }
 
-    /// Plans under the store's lock and writes the plan with the cursor
-    /// in one transaction.
-    fn commit(
-        &self,
-        src: Option<&Source>,
-        need: u64,
-        plan: impl FnOnce(DateTime<Utc>) -> Result<Plan, StoreError>,
-    ) -> Result<Outcome, StoreError> {
-        let _w = self.store.lock();
-        let cursor = match src.filter(|s| s.cursor) {
-            Some(s) => {
-                let c = self.store.cursor(&s.folder)?;
-                if let Some(c) = c {
-                    if c.uid_validity == s.uid_validity && s.uid <= c.last_uid {
-                        return Ok(Outcome::AlreadyDone);
-                    }
-                }
-                Some(c)
-            }
-            None => None,
+    /// Is the folder's cursor already past this message?
+    fn already_done(&self, tx: &mut Tx<'_>, src: Option<&Source>) -> Result<bool, StoreError> {
+        let Some(s) = src.filter(|s| s.cursor) else {
+            return Ok(false);
         };
-        self.store
-            .ensure_space(self.config.get().store.min_free, need)?;
-        let mut plan = plan(self.clock.now())?;
-        if let (Some(s), Some(c)) = (src, cursor) {
-            let last = match c {
-                Some(c) if c.uid_validity == s.uid_validity => c.last_uid.max(s.uid),
-                _ => s.uid,
-            };
-            plan.batch.put_json(
-                Tree::Cursors,
-                s.folder.as_bytes().to_vec(),
-                &Cursor {
-                    uid_validity: s.uid_validity,
-                    last_uid: last,
-                },
-            )?;
-        }
-        self.store.apply(&plan.batch)?;
-        Ok(plan.outcome)
+        Ok(tx
+            .cursor(&s.folder)?
+            .is_some_and(|c| c.uid_validity == s.uid_validity && s.uid <= c.last_uid))
     }
 
-    fn quarantine_plan(
+    /// Moves the folder's cursor over this message, in its transaction.
+    fn advance_cursor(&self, tx: &mut Tx<'_>, src: Option<&Source>) -> Result<(), StoreError> {
+        let Some(s) = src.filter(|s| s.cursor) else {
+            return Ok(());
+        };
+        let last = match tx.cursor(&s.folder)? {
+            Some(c) if c.uid_validity == s.uid_validity => c.last_uid.max(s.uid),
+            _ => s.uid,
+        };
+        tx.set_cursor(
+            &s.folder,
+            &Cursor {
+                uid_validity: s.uid_validity,
+                last_uid: last,
+            },
+        )
+    }
+
+    fn quarantine(
         &self,
+        tx: &mut Tx<'_>,
         src: Option<&Source>,
         raw: &[u8],
         error: &str,
         now: DateTime<Utc>,
         unfetched: bool,
-    ) -> Result<Plan, StoreError> {
-        let id = self.store.counter("next_quarantine")?;
+    ) -> Result<Outcome, StoreError> {
+        let id = tx.next_id(Sequence::Quarantine)?;
         tracing::error!(quarantine_id = id, error, "message quarantined");
-        let mut batch = Batch::default();
-        batch.put(
-            Tree::Meta,
-            "next_quarantine",
-            (id + 1).to_be_bytes().to_vec(),
-        );
         let entry = QuarantineEntry {
             id,
             folder: src.map(|s| s.folder.clone()).unwrap_or_default(),
@@ -176,45 +173,36 @@ impl Ingestor {
             sent: src.is_some_and(|s| s.sent),
             unfetched,
         };
-        batch.put_json(Tree::Quarantine, id_key(id), &entry)?;
-        batch.put(
-            Tree::Quarantine,
-            Store::quarantine_raw_key(id),
-            raw.to_vec(),
-        );
-        Ok(Plan {
-            batch,
-            outcome: Outcome::Quarantined { id },
-        })
+        tx.put_quarantine(&entry, raw)?;
+        Ok(Outcome::Quarantined { id })
     }
 
+    /// Threads one message and writes what it means (case, message,
+    /// mails) into `tx`.
     fn plan(
         &self,
+        tx: &mut Tx<'_>,
         src: Option<&Source>,
         raw: &[u8],
         truncated: Option<u64>,
         now: DateTime<Utc>,
-    ) -> Result<Plan, StoreError> {
-        let store = &*self.store;
+    ) -> Result<Outcome, EffectsError> {
         let snapshot = self.config.get();
         let config = &*snapshot;
         #[cfg(test)]
         tests::maybe_panic();
         let mail = message::parse(raw);
-        if let Some(id) = self.own_copy(&mail)? {
-            return Ok(Plan {
-                batch: Batch::default(),
-                outcome: Outcome::Confirmed { outbox_id: id },
-            });
+        if let Some(id) = self.own_copy(tx, &mail)? {
+            return Ok(Outcome::Confirmed { outbox_id: id });
         }
         let support = config.support_addresses();
         let is_staff = |a: &str| config.tiers.iter().any(|t| t.is_staff(a));
-        let key = store.key();
+        let key = *tx.key();
         let parties = Parties {
             support: &support,
             is_staff: &is_staff,
         };
-        let decision = thread::decide(&mail, store, &parties, &config.cases.subject_tag, key);
+        let decision = thread::decide(&mail, &*tx, &parties, &config.cases.subject_tag, &key)?;
         let ctx = Ctx { config, now };
         let from_sent = src.is_some_and(|s| s.sent);
         let sender = mail
@@ -222,17 +210,13 @@ impl Ingestor {
             .as_ref()
             .map(|a| a.email.clone())
             .unwrap_or_default();
-        let mut batch = Batch::default();
         let mut previous = None;
         let joined = match decision {
             Decision::Duplicate => {
                 tracing::debug!(message_id = %mail.message_id, "already stored");
-                return Ok(Plan {
-                    batch,
-                    outcome: Outcome::Duplicate,
-                });
+                return Ok(Outcome::Duplicate);
             }
-            Decision::Join { case, via } => match store.case(case)? {
+            Decision::Join { case, via } => match tx.case(case)? {
                 // Long after resolution, the customer's new mail is a new
                 // matter: a new case that links to the old one.
                 Some(c)
@@ -250,8 +234,7 @@ impl Ingestor {
         let (mut case, new, via) = match joined {
             Some((c, via)) => (c, false, via),
             None => {
-                let id = store.counter("next_case")?;
-                batch.put(Tree::Meta, "next_case", (id + 1).to_be_bytes().to_vec());
+                let id = tx.next_id(Sequence::Case)?;
                 let mut c = policy::open_case(id, &mail, config, now);
                 c.previous_case = previous;
                 if from_sent {
@@ -265,11 +248,9 @@ impl Ingestor {
         };
         let span = tracing::info_span!("case", case_id = case.id);
         let _e = span.enter();
-        let timer_before = case.timer;
-        let seq = store.counter("next_message")?;
-        batch.put(Tree::Meta, "next_message", (seq + 1).to_be_bytes().to_vec());
+        let seq = tx.next_id(Sequence::Message)?;
         let suppressed = suppress::classify(&mail, &support);
-        let role = role(&case, &mail, &sender, from_sent, key, config);
+        let role = role(&case, &mail, &sender, from_sent, &key, config);
         if !new {
             case.push(
                 now,
@@ -288,7 +269,7 @@ impl Ingestor {
         let actions = if new && from_sent {
             policy::on_message(&mut case, &mail, Role::SupportAgent, None, &ctx)
         } else if new {
-            let recent = self.recent_cases(&case, now)?;
+            let recent = self.recent_cases(tx, &case, now)?;
             policy::on_new_case(&mut case, &mail, suppressed.as_ref(), recent, &ctx)
         } else {
             policy::on_message(&mut case, &mail, role, suppressed.as_ref(), &ctx)
@@ -328,42 +309,24 @@ impl Ingestor {
                 "message has several From fields; the first counts"
             );
         }
-        let mut effects = Effects::new(store, config, now)?;
-        effects.current = Some((&record, raw));
-        let queued = effects.apply(&mut batch, &mut case, actions)?;
-        effects.finish(&mut batch);
-
-        batch.put_json(Tree::Messages, id_key(seq), &record)?;
-        batch.put(Tree::Raw, id_key(seq), raw.to_vec());
-        Store::index_message_id(
-            &mut batch,
-            &mail.message_id,
-            &mail.content_hash,
-            case.id,
-            seq,
-        );
+        // Stored first: a forward queued now reads it with the others.
+        tx.put_message(&record, raw)?;
         if new && !case.customer.is_empty() {
-            batch.put(
-                Tree::Customers,
-                Store::customer_key(&case.customer, case.id),
-                Vec::new(),
-            );
+            tx.add_customer_case(&case.customer, case.id);
         }
-        store.write_case(&mut batch, timer_before, &case)?;
+        let mut fx = Effects::new(config, now);
+        let queued = effects::step(tx, &mut fx, &mut case, actions)?;
         tracing::info!(new, via, message_id = %mail.message_id, queued, "message stored");
-        Ok(Plan {
-            batch,
-            outcome: Outcome::Stored {
-                case: case.id,
-                new,
-                queued,
-            },
+        Ok(Outcome::Stored {
+            case: case.id,
+            new,
+            queued,
         })
     }
 
     /// Is this the confirmation copy of a mail we sent? If so, settles
     /// its outbox entry (it reached the server) and returns the entry.
-    fn own_copy(&self, mail: &InboundMail) -> Result<Option<u64>, StoreError> {
+    fn own_copy(&self, tx: &mut Tx<'_>, mail: &InboundMail) -> Result<Option<u64>, StoreError> {
         let snapshot = self.config.get();
         let config = &*snapshot;
         let ours = mail
@@ -374,10 +337,10 @@ impl Ingestor {
         if !ours {
             return Ok(None);
         }
-        let Some(own) = OwnId::verify(&mail.message_id, self.store.key()) else {
+        let Some(own) = OwnId::verify(&mail.message_id, tx.key()) else {
             return Ok(None);
         };
-        let Some(mut entry) = self.store.outbox_entry(own.seq)? else {
+        let Some(mut entry) = tx.outbox_entry(own.seq)? else {
             return Ok(None);
         };
         if entry.message_id != mail.message_id {
@@ -388,14 +351,19 @@ impl Ingestor {
                 outbox_id = entry.id,
                 "confirmation copy: the server had accepted this mail"
             );
-            crate::outbox::journal::mark_sent(&self.store, &mut entry, self.clock.now())?;
+            crate::outbox::journal::mark_sent(tx, &mut entry, self.clock.now())?;
         }
         Ok(Some(entry.id))
     }
 
     /// The customer's cases within the repeat-customer window, this one
     /// included.
-    fn recent_cases(&self, case: &Case, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    fn recent_cases(
+        &self,
+        tx: &mut Tx<'_>,
+        case: &Case,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
         let config = self.config.get();
         let Some(r) = &config.repeat_customer else {
             return Ok(1);
@@ -405,8 +373,8 @@ impl Ingestor {
         }
         let since = now - chrono::Duration::from_std(r.within).unwrap_or(chrono::Duration::MAX);
         let mut n = 1;
-        for id in self.store.customer_cases(&case.customer)? {
-            if let Some(c) = self.store.case(id)? {
+        for id in tx.customer_cases(&case.customer)? {
+            if let Some(c) = tx.case(id)? {
                 if c.created_at >= since && c.id != case.id {
                     n += 1;
                 }
@@ -439,13 +407,10 @@ impl Ingestor {
         };
         // A message that fails again gets a fresh entry; the old one goes.
         let outcome = self.ingest(Some(&src), &raw, None)?;
-        {
-            let _w = self.store.lock();
-            let mut b = Batch::default();
-            b.remove(Tree::Quarantine, id_key(id));
-            b.remove(Tree::Quarantine, Store::quarantine_raw_key(id));
-            self.store.apply(&b)?;
-        }
+        self.store.transact(|tx| {
+            tx.remove_quarantine(id);
+            Ok::<_, StoreError>(())
+        })?;
         self.store.flush()?;
         Ok(Some(outcome))
     }
@@ -456,14 +421,11 @@ impl Ingestor {
     /// cursor to just before it, so the watcher fetches it again (what it
     /// already stored after it is recognised and not stored twice).
     fn refetch(&self, entry: &QuarantineEntry) -> Result<Outcome, StoreError> {
-        {
-            let _w = self.store.lock();
-            let mut b = Batch::default();
-            if let Some(c) = self.store.cursor(&entry.folder)? {
+        self.store.transact(|tx| {
+            if let Some(c) = tx.cursor(&entry.folder)? {
                 if c.uid_validity == entry.uid_validity && c.last_uid >= entry.uid {
-                    b.put_json(
-                        Tree::Cursors,
-                        entry.folder.as_bytes().to_vec(),
+                    tx.set_cursor(
+                        &entry.folder,
                         &Cursor {
                             uid_validity: c.uid_validity,
                             last_uid: entry.uid.saturating_sub(1),
@@ -471,10 +433,9 @@ impl Ingestor {
                     )?;
                 }
             }
-            b.remove(Tree::Quarantine, id_key(entry.id));
-            b.remove(Tree::Quarantine, Store::quarantine_raw_key(entry.id));
-            self.store.apply(&b)?;
-        }
+            tx.remove_quarantine(entry.id);
+            Ok::<_, StoreError>(())
+        })?;
         self.store.flush()?;
         self.wake.both();
         Ok(Outcome::Refetch {

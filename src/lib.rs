@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod policy;
 pub mod quote;
+pub mod record;
 pub mod scheduler;
 pub mod stats;
 pub mod store;

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::case::CaseId;
 use crate::clock::Clock;
-use crate::effects::Effects;
-use crate::policy::{self, Ctx};
-use crate::store::{Batch, Store, StoreError};
+use crate::effects::{self, EffectsError};
+use crate::policy;
+use crate::store::{Store, StoreError};
 
 /// Wakes the workers when there is something for them.
 #[derive(Debug, Default)]
@@ -77,8 +77,13 @@ impl Scheduler {
         }
         let config = self.config.get();
         self.prune(&config)?;
-        if crate::digest::maybe_queue(&self.store, &config, self.clock.now())?.is_some() {
-            self.wake.outbox.notify_one();
+        match crate::digest::maybe_queue(&self.store, &config, self.clock.now()) {
+            Ok(Some(_)) => self.wake.outbox.notify_one(),
+            Ok(None) => {}
+            Err(EffectsError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "cannot queue the review digest")
+            }
         }
         if fired > 0 {
             crate::metrics::METRICS
@@ -123,58 +128,50 @@ impl Scheduler {
             error,
             "firing the timer panicked; timer parked (escalator cases retry {id})"
         );
-        let _w = self.store.lock();
-        let Some(mut case) = self.store.case(id)? else {
-            return Ok(());
-        };
-        let before = case.timer;
-        let Some(timer) = case.timer.take() else {
-            return self.store.drop_stale_timers(id, now);
-        };
-        case.parked_timer = Some(crate::case::ParkedTimer {
-            timer,
-            error: error.to_string(),
-            at: now,
-        });
-        case.push(
-            now,
-            crate::case::EventKind::TimerParked {
+        self.store.transact(|tx| {
+            let Some(mut case) = tx.case(id)? else {
+                return Ok(());
+            };
+            let Some(timer) = case.timer.take() else {
+                return tx.drop_stale_timers(id, now);
+            };
+            case.parked_timer = Some(crate::case::ParkedTimer {
+                timer,
                 error: error.to_string(),
-            },
-        );
-        let mut batch = Batch::default();
-        self.store.write_case(&mut batch, before, &case)?;
-        self.store.apply(&batch)
+                at: now,
+            });
+            case.push(
+                now,
+                crate::case::EventKind::TimerParked {
+                    error: error.to_string(),
+                },
+            );
+            tx.put_case(&case)
+        })
     }
 
     #[tracing::instrument(skip(self, now), fields(case_id = id))]
     fn fire(&self, id: CaseId, now: DateTime<Utc>) -> Result<(), StoreError> {
         #[cfg(test)]
         tests::maybe_panic(id);
-        let _w = self.store.lock();
-        let mut batch = Batch::default();
-        let Some(mut case) = self.store.case(id)? else {
-            return Ok(());
-        };
-        let before = case.timer;
-        // An index entry the case no longer has (already moved on).
-        let stale_entry = before.is_none_or(|t| t.at > now);
-        if stale_entry {
-            self.store.drop_stale_timers(id, now)?;
-            return Ok(());
-        }
         let config = self.config.get();
-        let ctx = Ctx {
-            config: &config,
-            now,
-        };
-        let actions = policy::on_timer(&mut case, &ctx);
-        tracing::info!(kind = ?before.map(|t| t.kind), actions = actions.len(), "timer fired");
-        let mut effects = Effects::new(&self.store, &config, now)?;
-        effects.apply(&mut batch, &mut case, actions)?;
-        effects.finish(&mut batch);
-        self.store.write_case(&mut batch, before, &case)?;
-        self.store.apply(&batch)
+        let fired = effects::change_case(&self.store, &config, now, id, |tx, case, ctx| {
+            let before = case.timer;
+            // An index entry the case no longer has (already moved on).
+            if before.is_none_or(|t| t.at > now) {
+                tx.drop_stale_timers(id, now)?;
+                return Ok(Some(Vec::new()));
+            }
+            let actions = policy::on_timer(case, ctx);
+            tracing::info!(kind = ?before.map(|t| t.kind), actions = actions.len(), "timer fired");
+            Ok(Some(actions))
+        });
+        match fired {
+            Ok(_) => Ok(()),
+            Err(EffectsError::Store(e)) => Err(e),
+            // Its mails cannot be written: parked like a panic, for a person.
+            Err(e) => self.park(id, &crate::error_chain(&e), now),
+        }
     }
 
     /// Runs until cancelled.

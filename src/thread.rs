@@ -14,13 +14,16 @@
 use crate::case::{Case, CaseId};
 use crate::message::InboundMail;
 
-/// What the store can answer for threading.
+/// What the store can answer for threading. A failed read is an error,
+/// never "not stored": taken as absent it would open a duplicate case.
 pub trait Lookup {
+    type Error;
     /// Is this exact message (ID and content hash) stored already?
-    fn is_stored(&self, message_id: &str, content_hash: &str) -> bool;
-    /// Cases holding a message with this ID (ours or customers').
-    fn cases_with_message_id(&self, message_id: &str) -> Vec<CaseId>;
-    fn case(&self, id: CaseId) -> Option<Case>;
+    fn is_stored(&self, message_id: &str, content_hash: &str) -> Result<bool, Self::Error>;
+    /// Cases holding a message with this ID (ours or customers'), oldest
+    /// first, at most [`MAX_CASES_PER_ID`].
+    fn cases_with_message_id(&self, message_id: &str) -> Result<Vec<CaseId>, Self::Error>;
+    fn case(&self, id: CaseId) -> Result<Option<Case>, Self::Error>;
 }
 
 /// Where an inbound message goes.
@@ -265,15 +268,15 @@ fn closeness(case: &Case, sender: &str, mail: &InboundMail, parties: &Parties) -
 /// the sender wins (customer, participant, then support/staff writing to
 /// that case's customer), then the oldest: never an order a sender can
 /// tune, such as a content hash.
-pub fn decide(
+pub fn decide<L: Lookup>(
     mail: &InboundMail,
-    lookup: &dyn Lookup,
+    lookup: &L,
     parties: &Parties,
     tag: &str,
     key: &[u8; 32],
-) -> Decision {
-    if lookup.is_stored(&mail.message_id, &mail.content_hash) {
-        return Decision::Duplicate;
+) -> Result<Decision, L::Error> {
+    if lookup.is_stored(&mail.message_id, &mail.content_hash)? {
+        return Ok(Decision::Duplicate);
     }
     let sender = mail.from.as_ref().map(|a| a.email.as_str()).unwrap_or("");
     let belongs = |case: &Case| closeness(case, sender, mail, parties).is_some();
@@ -282,42 +285,47 @@ pub fn decide(
     let refs = mail.in_reply_to.iter().chain(mail.references.iter().rev());
     for id in refs {
         if let Some(own) = OwnId::verify(id, key) {
-            if let Some(case) = lookup.case(own.case) {
+            if let Some(case) = lookup.case(own.case)? {
                 if belongs(&case) {
-                    return Decision::Join {
+                    return Ok(Decision::Join {
                         case: case.id,
                         via: Via::OwnReference,
-                    };
+                    });
                 }
             }
             continue;
         }
-        let mut ids = lookup.cases_with_message_id(id);
+        let mut ids = lookup.cases_with_message_id(id)?;
         ids.sort_unstable();
         ids.dedup();
-        let best = ids
-            .into_iter()
-            .filter_map(|case_id| lookup.case(case_id))
-            .filter_map(|case| Some((closeness(&case, sender, mail, parties)?, case.id)))
-            .min();
+        let mut best: Option<(u8, CaseId)> = None;
+        for case_id in ids {
+            if let Some(case) = lookup.case(case_id)? {
+                if let Some(rank) = closeness(&case, sender, mail, parties) {
+                    if best.is_none_or(|b| (rank, case.id) < b) {
+                        best = Some((rank, case.id));
+                    }
+                }
+            }
+        }
         if let Some((_, case)) = best {
-            return Decision::Join {
+            return Ok(Decision::Join {
                 case,
                 via: Via::Reference,
-            };
+            });
         }
     }
     if let Some(id) = subject_case(&mail.subject, tag) {
-        if let Some(case) = lookup.case(id) {
+        if let Some(case) = lookup.case(id)? {
             if belongs(&case) {
-                return Decision::Join {
+                return Ok(Decision::Join {
                     case: id,
                     via: Via::Tag,
-                };
+                });
             }
         }
     }
-    Decision::New
+    Ok(Decision::New)
 }
 
 #[cfg(test)]
@@ -337,14 +345,15 @@ mod tests {
     }
 
     impl Lookup for Fake {
-        fn is_stored(&self, id: &str, hash: &str) -> bool {
-            self.stored.iter().any(|(i, h)| i == id && h == hash)
+        type Error = std::convert::Infallible;
+        fn is_stored(&self, id: &str, hash: &str) -> Result<bool, Self::Error> {
+            Ok(self.stored.iter().any(|(i, h)| i == id && h == hash))
         }
-        fn cases_with_message_id(&self, id: &str) -> Vec<CaseId> {
-            self.ids.get(id).cloned().unwrap_or_default()
+        fn cases_with_message_id(&self, id: &str) -> Result<Vec<CaseId>, Self::Error> {
+            Ok(self.ids.get(id).cloned().unwrap_or_default())
         }
-        fn case(&self, id: CaseId) -> Option<Case> {
-            self.cases.get(&id).cloned()
+        fn case(&self, id: CaseId) -> Result<Option<Case>, Self::Error> {
+            Ok(self.cases.get(&id).cloned())
         }
     }
 
@@ -384,6 +393,7 @@ mod tests {
             "Case",
             &KEY,
         )
+        .unwrap_or_else(|e| match e {})
     }
 
     #[test]

@@ -16,7 +16,16 @@ use chrono::{DateTime, Utc};
 
 use super::{OutboxEntry, OutboxState};
 use crate::case::EventKind;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Tx};
+
+/// Why replaying the journal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot empty the sent journal")]
+    Io(#[source] std::io::Error),
+}
 
 pub struct Journal {
     path: PathBuf,
@@ -52,24 +61,25 @@ impl Journal {
 
     /// Marks every journaled entry sent in the store, then empties the
     /// journal. Returns how many entries it settled.
-    pub fn replay(&self, store: &Store, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    pub fn replay(&self, store: &Store, now: DateTime<Utc>) -> Result<usize, JournalError> {
         let text = std::fs::read_to_string(&self.path).unwrap_or_default();
         let mut settled = 0;
         for id in text.lines().filter_map(|l| l.trim().parse::<u64>().ok()) {
-            let _w = store.lock();
-            let Some(mut e) = store.outbox_entry(id)? else {
-                continue;
-            };
-            if !matches!(e.state, OutboxState::Sending | OutboxState::Pending) {
-                continue;
-            }
-            mark_sent(store, &mut e, now)?;
-            settled += 1;
+            let done = store.transact(|tx| {
+                let Some(mut e) = tx.outbox_entry(id)? else {
+                    return Ok::<_, StoreError>(false);
+                };
+                if !e.state.is_pending() {
+                    return Ok(false);
+                }
+                mark_sent(tx, &mut e, now)?;
+                Ok(true)
+            })?;
+            settled += done as usize;
         }
         store.flush()?;
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        f.set_len(0)
-            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        f.set_len(0).map_err(JournalError::Io)?;
         if settled > 0 {
             tracing::info!(
                 settled,
@@ -80,9 +90,13 @@ impl Journal {
     }
 }
 
-/// Marks an entry sent and records it in its case (write lock held).
-pub fn mark_sent(store: &Store, e: &mut OutboxEntry, now: DateTime<Utc>) -> Result<(), StoreError> {
-    if let Some(stored) = store.outbox_entry(e.id)? {
+/// Marks an entry sent and records it in its case.
+pub fn mark_sent(
+    tx: &mut Tx<'_>,
+    e: &mut OutboxEntry,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if let Some(stored) = tx.outbox_entry(e.id)? {
         if stored.state == OutboxState::Sent {
             // Already settled (by its confirmation copy): once only.
             *e = stored;
@@ -92,8 +106,8 @@ pub fn mark_sent(store: &Store, e: &mut OutboxEntry, now: DateTime<Utc>) -> Resu
     e.state = OutboxState::Sent;
     e.sent_at = Some(now);
     e.last_error = None;
-    let mut case = store.case(e.case)?;
-    if let Some(c) = case.as_mut() {
+    tx.put_outbox(e, None)?;
+    if let Some(mut c) = tx.case(e.case)? {
         c.push(
             now,
             EventKind::MailSent {
@@ -102,6 +116,7 @@ pub fn mark_sent(store: &Store, e: &mut OutboxEntry, now: DateTime<Utc>) -> Resu
                 to: e.to.join(", "),
             },
         );
+        tx.put_case(&c)?;
     }
-    store.put_outbox(e, case.as_ref())
+    Ok(())
 }

@@ -25,54 +25,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::case::{CaseId, EventKind};
+use crate::case::EventKind;
 use crate::clock::Clock;
-use crate::store::{id_key, Batch, Store, StoreError, Tree};
+use crate::store::{Store, StoreError};
 use smtp::{Mailer, SmtpError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutboxState {
-    Pending,
-    /// Handed to SMTP; not yet known to be accepted.
-    Sending,
-    Sent,
-    /// Refused for good (or retried past `GIVE_UP_AFTER`).
-    Failed,
-}
-
-/// One outgoing mail. Its bytes live beside it in the raw tree.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OutboxEntry {
-    pub id: u64,
-    pub case: CaseId,
-    /// What the mail is: ack, notice, forward...
-    pub kind: String,
-    pub message_id: String,
-    pub from: String,
-    pub to: Vec<String>,
-    pub subject: String,
-    pub state: OutboxState,
-    pub attempts: u32,
-    pub created_at: DateTime<Utc>,
-    pub next_attempt_at: DateTime<Utc>,
-    pub sent_at: Option<DateTime<Utc>>,
-    pub last_error: Option<String>,
-    /// When the current attempt began (for an entry left `sending`).
-    #[serde(default)]
-    pub attempt_at: Option<DateTime<Utc>>,
-    /// Stored messages attached by reference (forwards): their bytes are
-    /// put in at sending, so a forward does not copy the originals.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attach: Vec<u64>,
-    /// Makes the placeholders of `attach` impossible to guess or to write
-    /// into a customer's text.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub attach_nonce: String,
-}
+pub use crate::record::{OutboxEntry, OutboxState};
 
 /// The nonce of a mail's attachment placeholders: keyed, so a customer
 /// cannot know it and put a placeholder into their own text.
@@ -110,22 +70,6 @@ pub fn expand(store: &Store, entry: &OutboxEntry, raw: Vec<u8>) -> Result<Vec<u8
     Ok(out)
 }
 
-impl OutboxEntry {
-    pub fn raw_key(id: u64) -> Vec<u8> {
-        let mut k = b"out".to_vec();
-        k.extend_from_slice(&id_key(id));
-        k
-    }
-
-    /// Adds this entry and its bytes to a batch.
-    pub fn write(&self, batch: &mut Batch, raw: Vec<u8>) -> Result<(), StoreError> {
-        batch.put_json(Tree::Outbox, id_key(self.id), self)?;
-        Store::outbox_index(batch, self);
-        batch.put(Tree::Raw, Self::raw_key(self.id), raw);
-        Ok(())
-    }
-}
-
 /// Transient failures are retried this long, then the entry fails.
 const GIVE_UP_AFTER: chrono::Duration = chrono::Duration::days(3);
 
@@ -160,6 +104,8 @@ pub struct Outbox {
 pub enum OutboxError {
     #[error("outbox store access failed")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
 }
 
 impl Outbox {
@@ -271,15 +217,13 @@ impl Outbox {
         // The list came from a snapshot: the entry may have been settled
         // since (its confirmation copy arrived, a person failed or retried
         // it). Re-read it, and claim it as `sending`, under the lock.
-        let mut entry = {
-            let _w = self.store.lock();
-            match self.store.outbox_entry(entry.id)? {
-                Some(e) if matches!(e.state, OutboxState::Pending | OutboxState::Sending) => e,
-                Some(e) => return Ok(e.state),
-                None => return Ok(OutboxState::Failed),
-            }
+        let Some(mut entry) = self.store.outbox_entry(entry.id)? else {
+            return Ok(OutboxState::Failed);
         };
-        let stored = self.store.raw_bytes(&OutboxEntry::raw_key(entry.id))?;
+        if !entry.state.is_pending() {
+            return Ok(entry.state);
+        }
+        let stored = self.store.outbox_raw(entry.id)?;
         let Some(raw) = stored.map(|r| expand(&self.store, &entry, r)).transpose()? else {
             entry.state = OutboxState::Failed;
             entry.last_error = Some("the mail's bytes are missing from the store".into());
@@ -292,15 +236,19 @@ impl Outbox {
         entry.state = OutboxState::Sending;
         entry.attempts += 1;
         entry.attempt_at = Some(self.clock.now());
-        {
-            let _w = self.store.lock();
+        let claimed = self.store.transact(|tx| {
             // Still ours: nothing settled it between the read and now.
-            match self.store.outbox_entry(entry.id)? {
-                Some(e) if matches!(e.state, OutboxState::Pending | OutboxState::Sending) => {}
-                Some(e) => return Ok(e.state),
-                None => return Ok(OutboxState::Failed),
+            match tx.outbox_entry(entry.id)? {
+                Some(e) if e.state.is_pending() => {
+                    tx.put_outbox(&entry, None)?;
+                    Ok::<_, StoreError>(None)
+                }
+                Some(e) => Ok(Some(e.state)),
+                None => Ok(Some(OutboxState::Failed)),
             }
-            self.store.put_outbox(&entry, None)?;
+        })?;
+        if let Some(state) = claimed {
+            return Ok(state);
         }
         // Durable before the effect: a crash from here on resends.
         self.store.flush_async().await?;
@@ -337,10 +285,8 @@ impl Outbox {
                     tracing::warn!(error = %e, "cannot write the sent journal; a crash now would send this mail again");
                 }
                 crate::fault::point(crate::fault::AFTER_SMTP_ACCEPT);
-                {
-                    let _w = self.store.lock();
-                    journal::mark_sent(&self.store, &mut entry, now)?;
-                }
+                self.store
+                    .transact(|tx| journal::mark_sent(tx, &mut entry, now))?;
                 // No flush here: the journal line already keeps the
                 // acceptance across a crash (and the confirmation copy
                 // across a power cut), so sled's own flush is enough.
@@ -383,11 +329,7 @@ impl Outbox {
 
     /// Parks an entry whose sending panicked: failed, with the error.
     fn park(&self, id: u64, why: &str) -> Result<(), StoreError> {
-        let entry = {
-            let _w = self.store.lock();
-            self.store.outbox_entry(id)?
-        };
-        let Some(mut entry) = entry else {
+        let Some(mut entry) = self.store.outbox_entry(id)? else {
             return Ok(());
         };
         entry.state = OutboxState::Failed;
@@ -398,29 +340,31 @@ impl Outbox {
 
     /// Records a retry or a failure on the entry (and a failure in the case).
     fn finish(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
-        let _w = self.store.lock();
-        // Settled meanwhile (its confirmation copy arrived while we were
-        // waiting for the server): sent stays sent.
-        if let Some(stored) = self.store.outbox_entry(entry.id)? {
-            if stored.state == OutboxState::Sent {
-                return Ok(());
+        let now = self.clock.now();
+        self.store.transact(|tx| {
+            // Settled meanwhile (its confirmation copy arrived while we
+            // were waiting for the server): sent stays sent.
+            if let Some(stored) = tx.outbox_entry(entry.id)? {
+                if stored.state == OutboxState::Sent {
+                    return Ok(());
+                }
             }
-        }
-        if entry.state != OutboxState::Failed {
-            return self.store.put_outbox(entry, None);
-        }
-        let mut case = self.store.case(entry.case)?;
-        if let Some(c) = case.as_mut() {
-            c.push(
-                self.clock.now(),
-                EventKind::MailFailed {
-                    outbox_id: entry.id,
-                    mail: entry.kind.clone(),
-                    error: entry.last_error.clone().unwrap_or_default(),
-                },
-            );
-        }
-        self.store.put_outbox(entry, case.as_ref())
+            tx.put_outbox(entry, None)?;
+            if entry.state == OutboxState::Failed {
+                if let Some(mut c) = tx.case(entry.case)? {
+                    c.push(
+                        now,
+                        EventKind::MailFailed {
+                            outbox_id: entry.id,
+                            mail: entry.kind.clone(),
+                            error: entry.last_error.clone().unwrap_or_default(),
+                        },
+                    );
+                    tx.put_case(&c)?;
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -430,18 +374,20 @@ pub fn retry(
     id: u64,
     now: DateTime<Utc>,
 ) -> Result<Option<OutboxEntry>, StoreError> {
-    let _w = store.lock();
-    let Some(mut e) = store.outbox_entry(id)? else {
-        return Ok(None);
-    };
-    if e.state == OutboxState::Failed {
-        e.state = OutboxState::Pending;
-        e.next_attempt_at = now;
-        e.created_at = now;
-        store.put_outbox(&e, None)?;
-        store.flush()?;
-    }
-    Ok(Some(e))
+    let e = store.transact(|tx| {
+        let Some(mut e) = tx.outbox_entry(id)? else {
+            return Ok::<_, StoreError>(None);
+        };
+        if e.state == OutboxState::Failed {
+            e.state = OutboxState::Pending;
+            e.next_attempt_at = now;
+            e.created_at = now;
+            tx.put_outbox(&e, None)?;
+        }
+        Ok(Some(e))
+    })?;
+    store.flush()?;
+    Ok(e)
 }
 
 #[cfg(test)]
@@ -507,13 +453,14 @@ pub(crate) mod tests {
         let now = DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let mut batch = Batch::default();
-        for id in ids {
-            entry(*id, now)
-                .write(&mut batch, b"Subject: s\r\n\r\nbody\r\n".to_vec())
-                .unwrap();
-        }
-        store.apply(&batch).unwrap();
+        store
+            .transact(|tx| {
+                for id in ids {
+                    tx.put_outbox(&entry(*id, now), Some(b"Subject: s\r\n\r\nbody\r\n"))?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
         let clock = Arc::new(ManualClock::new(now));
         let mailer = Arc::new(Script::default());
         let outbox = Outbox {
@@ -535,6 +482,18 @@ pub(crate) mod tests {
 
     fn state(s: &Setup, id: u64) -> OutboxState {
         s.outbox.store.outbox_entry(id).unwrap().unwrap().state
+    }
+
+    /// The confirmation copy of entry `id` arrives.
+    fn settle(s: &Setup, id: u64) {
+        let now = s.clock.now();
+        s.outbox
+            .store
+            .transact(|tx| {
+                let mut e = tx.outbox_entry(id)?.unwrap();
+                journal::mark_sent(tx, &mut e, now)
+            })
+            .unwrap();
     }
 
     fn sends(s: &Setup) -> usize {
@@ -568,11 +527,7 @@ pub(crate) mod tests {
         s.outbox.drain(true, &cancel).await.unwrap();
         assert_eq!(sends(&s), 2, "no resend within confirm_wait");
         // Entry 1's copy arrives: it was accepted, it is never resent.
-        {
-            let _w = s.outbox.store.lock();
-            let mut e = s.outbox.store.outbox_entry(1).unwrap().unwrap();
-            journal::mark_sent(&s.outbox.store, &mut e, s.clock.now()).unwrap();
-        }
+        settle(&s, 1);
         // Past confirm_wait, entry 2 (no copy: the server never had it)
         // goes out again, once.
         s.clock.advance(chrono::Duration::seconds(61));
@@ -588,11 +543,7 @@ pub(crate) mod tests {
         // an entry sent; the drain overwrote that and sent it again.
         let s = setup(&[1], true);
         let snapshot = s.outbox.store.outbox_pending().unwrap();
-        {
-            let _w = s.outbox.store.lock();
-            let mut e = s.outbox.store.outbox_entry(1).unwrap().unwrap();
-            journal::mark_sent(&s.outbox.store, &mut e, s.clock.now()).unwrap();
-        }
+        settle(&s, 1);
         for e in snapshot {
             assert_eq!(s.outbox.send_one(e).await.unwrap(), OutboxState::Sent);
         }
@@ -613,16 +564,12 @@ pub(crate) mod tests {
         // A fourth, failed, created at the same time: keeps its bytes.
         let mut failed = entry(4, s.clock.now());
         failed.state = OutboxState::Failed;
-        let mut b = Batch::default();
-        failed.write(&mut b, b"x".to_vec()).unwrap();
-        s.outbox.store.apply(&b).unwrap();
+        s.outbox
+            .store
+            .transact(|tx| tx.put_outbox(&failed, Some(b"x")))
+            .unwrap();
         let store = &s.outbox.store;
-        let has_raw = |id| {
-            store
-                .raw_bytes(&OutboxEntry::raw_key(id))
-                .unwrap()
-                .is_some()
-        };
+        let has_raw = |id| store.outbox_raw(id).unwrap().is_some();
         // Before the cutoff nothing goes.
         assert_eq!(
             store

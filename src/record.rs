@@ -1,0 +1,114 @@
+//! Records: the plain data the store keeps and the workers read and
+//! write — a stored message, an outgoing mail, a quarantined message, a
+//! folder's cursor. No behaviour beyond what the data itself says; the
+//! store imports these and no worker.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::case::CaseId;
+use crate::message::{Addr, Attachment};
+
+/// Where a folder's ingestion stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub uid_validity: u32,
+    /// Every UID up to this one is in the store (or in quarantine).
+    pub last_uid: u32,
+}
+
+/// A stored message without its raw bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub seq: u64,
+    pub case: CaseId,
+    pub message_id: String,
+    pub content_hash: String,
+    pub from: Option<Addr>,
+    pub to: Vec<Addr>,
+    pub cc: Vec<Addr>,
+    pub subject: String,
+    pub date: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub folder: String,
+    pub uid: u32,
+    pub text: String,
+    pub attachments: Vec<Attachment>,
+    pub size: usize,
+    /// Why this needs no automatic answer, if it needs none.
+    pub suppressed: Option<String>,
+    /// Set when only the headers were kept (over `max_message_size`).
+    pub truncated: bool,
+    pub parse_error: Option<String>,
+    /// The message had more than one `From:` field; `from` is the first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub several_from: bool,
+}
+
+/// A message that failed to process, kept with its error for a person.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    pub id: u64,
+    pub folder: String,
+    pub uid_validity: u32,
+    pub uid: u32,
+    pub error: String,
+    pub at: DateTime<Utc>,
+    pub attempts: u32,
+    /// The message came from the support mailbox's Sent folder: a retry
+    /// must ingest it as an agent's mail again.
+    #[serde(default)]
+    pub sent: bool,
+    /// The server would not give the message: no bytes are kept, and a
+    /// retry rewinds the folder's cursor so the watcher fetches it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unfetched: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxState {
+    Pending,
+    /// Handed to SMTP; not yet known to be accepted.
+    Sending,
+    Sent,
+    /// Refused for good (or retried past the outbox's give-up time).
+    Failed,
+}
+
+impl OutboxState {
+    /// Still to be sent (or settled by its confirmation copy).
+    pub fn is_pending(self) -> bool {
+        matches!(self, OutboxState::Pending | OutboxState::Sending)
+    }
+}
+
+/// One outgoing mail. Its bytes are kept beside it in the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub id: u64,
+    pub case: CaseId,
+    /// What the mail is: ack, notice, forward...
+    pub kind: String,
+    pub message_id: String,
+    pub from: String,
+    pub to: Vec<String>,
+    pub subject: String,
+    pub state: OutboxState,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    /// When the current attempt began (for an entry left `sending`).
+    #[serde(default)]
+    pub attempt_at: Option<DateTime<Utc>>,
+    /// Stored messages attached by reference (forwards): their bytes are
+    /// put in at sending, so a forward does not copy the originals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attach: Vec<u64>,
+    /// Makes the placeholders of `attach` impossible to guess or to write
+    /// into a customer's text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub attach_nonce: String,
+}

@@ -1,0 +1,1037 @@
+//! Store: everything escalator keeps — cases, messages with their raw
+//! bytes, the indexes threading and the scheduler read, the outbox, the
+//! quarantine, folder cursors, per-case facts for the KPIs — behind one
+//! typed interface. sled is the engine ([`sled`]); its trees, keys and
+//! encoding ([`codec`]) are never seen outside this module.
+//!
+//! Reads are methods of [`Store`]; writes happen in [`Store::transact`]:
+//! the closure reads (seeing its own writes) and writes through a [`Tx`],
+//! and everything it wrote is committed atomically when it returns `Ok`,
+//! or nothing if it returns an error. Transactions are serialised, so a
+//! read-modify-write inside one is never lost to another.
+
+mod codec;
+mod rawlog;
+mod sled;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+
+use crate::case::{Case, CaseId, Status, Timer};
+use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
+use crate::stats::Facts;
+use crate::thread::Lookup;
+use codec::{id_key, Tree};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process (a running daemon) holds the store.
+    #[error(
+        "the store {0} is in use by another escalator process (is the daemon running?); \
+         two processes on one store are not allowed"
+    )]
+    Locked(PathBuf),
+    #[error("cannot create the store directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the store {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The disk under the store failed a read or write.
+    #[error("store input/output failed")]
+    Io(#[source] std::io::Error),
+    /// The raw-message log failed a read or write.
+    #[error("the raw message log failed")]
+    RawLog(#[source] std::io::Error),
+    /// The engine failed in a way of its own.
+    #[error("the store engine failed")]
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("stored record {key} cannot be read")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode a record")]
+    Encode(#[source] serde_json::Error),
+    /// Writing on would risk a half-written store: sled cannot recover
+    /// from a full disk by itself, so we stop while there is room left.
+    #[error(
+        "the disk of the store {path} is nearly full: {available} bytes free, \
+         store.min_free is {min_free}; free some space, then start again (nothing was lost)"
+    )]
+    DiskFull {
+        path: PathBuf,
+        available: u64,
+        min_free: u64,
+    },
+    /// The store's secret could not be made.
+    #[error("cannot make the store's secret key: {0}")]
+    Random(String),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Numbers handed out by the store, never twice: a number used by a
+/// committed transaction is never handed out again, across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sequence {
+    Case,
+    Message,
+    Outbox,
+    Quarantine,
+}
+
+impl Sequence {
+    fn key(self) -> &'static str {
+        match self {
+            Sequence::Case => "next_case",
+            Sequence::Message => "next_message",
+            Sequence::Outbox => "next_outbox",
+            Sequence::Quarantine => "next_quarantine",
+        }
+    }
+}
+
+/// The auto-reply index's key for every automatic mail, whoever it went
+/// to: the global hourly limit counts these. No address is just `*`.
+pub const ALL_RECIPIENTS: &str = "*";
+
+/// Most cases looked at for one Message-ID (see [`Lookup`]).
+pub use crate::thread::MAX_CASES_PER_ID;
+
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    /// Serialises transactions in this process: a transaction's reads and
+    /// its writes see no other writer in between.
+    write: Mutex<()>,
+    key: [u8; 32],
+}
+
+impl Store {
+    /// Opens (creating, mode 0700) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        create_private_dir(path).map_err(|source| StoreError::CreateDir {
+            path: path.to_owned(),
+            source,
+        })?;
+        let db = sled::Db::open(path)?;
+        let mut store = Store {
+            path: path.to_owned(),
+            db,
+            write: Mutex::new(()),
+            key: [0; 32],
+        };
+        store.key = store.load_key()?;
+        store.build_indexes()?;
+        Ok(store)
+    }
+
+    /// Opens, waiting up to `wait` while another process holds the lock:
+    /// an admin command holds it for a moment, a daemon for good.
+    pub fn open_waiting(path: &Path, wait: std::time::Duration) -> Result<Store> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Store::open(path) {
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The secret behind our Message-IDs' hashes, made on first open.
+    pub fn key(&self) -> &[u8; 32] {
+        &self.key
+    }
+
+    fn load_key(&self) -> Result<[u8; 32]> {
+        if let Some(v) = self.db.get(Tree::Meta, b"key")? {
+            if let Ok(k) = <[u8; 32]>::try_from(v.as_slice()) {
+                return Ok(k);
+            }
+        }
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).map_err(|e| StoreError::Random(e.to_string()))?;
+        // Set once: a key written meanwhile wins, never two keys.
+        let v = self.db.meta_set_once(b"key", &k)?;
+        Ok(<[u8; 32]>::try_from(v.as_slice()).unwrap_or(k))
+    }
+
+    /// Refuses to write on when fewer than `min_free` + `need` bytes are
+    /// free on the store's disk.
+    pub fn ensure_space(&self, min_free: u64, need: u64) -> Result<()> {
+        let available = fs2::available_space(&self.path).unwrap_or(u64::MAX);
+        if available < min_free.saturating_add(need) {
+            return Err(StoreError::DiskFull {
+                path: self.path.clone(),
+                available,
+                min_free,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes everything committed so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()
+    }
+
+    pub async fn flush_async(&self) -> Result<()> {
+        self.db.flush_async().await
+    }
+
+    /// Runs `f` as one transaction: its writes are committed together
+    /// when it returns `Ok` (then its `on_commit` hooks run), and none
+    /// of them when it returns an error (or panics).
+    pub fn transact<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = Tx {
+            store: self,
+            _guard: guard,
+            ops: Vec::new(),
+            overlay: BTreeMap::new(),
+            timers: HashMap::new(),
+            on_commit: Vec::new(),
+            undo: Vec::new(),
+        };
+        let out = f(&mut tx)?;
+        self.db.apply(&tx.ops)?;
+        let hooks = std::mem::take(&mut tx.on_commit);
+        drop(tx);
+        for h in hooks {
+            h();
+        }
+        Ok(out)
+    }
+
+    // ----------------------------------------------------------- reads
+
+    fn get<T: DeserializeOwned>(&self, t: Tree, key: &[u8]) -> Result<Option<T>> {
+        match self.db.get(t, key)? {
+            None => Ok(None),
+            Some(v) => codec::decode(t, key, &v).map(Some),
+        }
+    }
+
+    fn scan<T: DeserializeOwned>(&self, t: Tree) -> impl Iterator<Item = Result<T>> + '_ {
+        self.db
+            .range(t, &[], None)
+            .map(move |r| r.and_then(|(k, v)| codec::decode(t, &k, &v)))
+    }
+
+    pub fn case(&self, id: CaseId) -> Result<Option<Case>> {
+        let mut c: Option<Case> = self.get(Tree::Cases, &id_key(id))?;
+        if let Some(c) = c.as_mut() {
+            c.stored_events = c.history.len();
+        }
+        Ok(c)
+    }
+
+    pub fn cases(&self) -> impl Iterator<Item = Result<Case>> + '_ {
+        self.scan(Tree::Cases)
+    }
+
+    pub fn message(&self, seq: u64) -> Result<Option<MessageRecord>> {
+        self.get(Tree::Messages, &id_key(seq))
+    }
+
+    /// A stored message's bytes.
+    pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        self.db.get(Tree::Raw, &id_key(seq))
+    }
+
+    /// Cases of a customer, oldest first.
+    pub fn customer_cases(&self, email: &str) -> Result<Vec<CaseId>> {
+        let prefix = codec::pair_key(email, &[]);
+        let mut out = Vec::new();
+        for r in self.db.prefix(Tree::Customers, &prefix) {
+            let (k, _) = r?;
+            if let Some(id) = codec::read_u64(&k[prefix.len()..]) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Is the exact message (by ID and content) already stored?
+    pub fn has_message(&self, message_id: &str, content_hash: &str) -> Result<bool> {
+        self.db.contains(
+            Tree::MessageIds,
+            &codec::message_id_key(message_id, content_hash),
+        )
+    }
+
+    /// The cases holding a message with this ID, oldest first, each once,
+    /// at most [`MAX_CASES_PER_ID`]: however many cases a sender opens
+    /// with a copied ID, the original's is among them.
+    pub fn cases_with_message_id(&self, message_id: &str) -> Result<Vec<CaseId>> {
+        let prefix = codec::pair_key(message_id, &[]);
+        let mut out = Vec::new();
+        for r in self
+            .db
+            .prefix(Tree::MessageCases, &prefix)
+            .take(MAX_CASES_PER_ID)
+        {
+            let (k, _) = r?;
+            if let Some(id) = codec::read_u64(&k[prefix.len()..]) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recent automatic mails to `recipient` since `since`, counted up to
+    /// `at_most` (the limit being checked: a flood's records are not all
+    /// counted for every mail). `recipient` is a key from
+    /// [`crate::suppress::recipient_key`], or [`ALL_RECIPIENTS`].
+    pub fn auto_replies_since(
+        &self,
+        recipient: &str,
+        since: DateTime<Utc>,
+        at_most: usize,
+    ) -> Result<usize> {
+        let start = codec::pair_key(recipient, &since.timestamp_millis().to_be_bytes());
+        let mut end = recipient.as_bytes().to_vec();
+        end.push(1);
+        let mut n = 0;
+        for r in self
+            .db
+            .range(Tree::AutoReplies, &start, Some(&end))
+            .take(at_most)
+        {
+            r?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Cases whose timer is at or before `now`, earliest first.
+    pub fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<CaseId>> {
+        let end = codec::deadline_key(now, u64::MAX);
+        let mut out = Vec::new();
+        for r in self.db.range(Tree::Deadlines, &[], Some(&end)).take(limit) {
+            let (k, _) = r?;
+            if let Some(id) = k.get(8..).and_then(codec::read_u64) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The earliest timer of all cases: the scheduler sleeps until then.
+    pub fn next_timer(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(self
+            .db
+            .first_key(Tree::Deadlines)?
+            .and_then(|k| codec::deadline_at(&k)))
+    }
+
+    pub fn cursor(&self, folder: &str) -> Result<Option<Cursor>> {
+        self.get(Tree::Cursors, folder.as_bytes())
+    }
+
+    pub fn outbox_entry(&self, id: u64) -> Result<Option<OutboxEntry>> {
+        self.get(Tree::Outbox, &id_key(id))
+    }
+
+    /// An outgoing mail's bytes (None once pruned after `keep_sent`).
+    pub fn outbox_raw(&self, id: u64) -> Result<Option<Vec<u8>>> {
+        self.db.get(Tree::Raw, &codec::outbox_raw_key(id))
+    }
+
+    pub fn outbox(&self) -> impl Iterator<Item = Result<OutboxEntry>> + '_ {
+        self.scan(Tree::Outbox)
+    }
+
+    /// Entries waiting to be sent, oldest first.
+    pub fn outbox_pending(&self) -> Result<Vec<OutboxEntry>> {
+        let mut out = Vec::new();
+        for r in self.db.range(Tree::OutboxPending, &[], None) {
+            let (k, _) = r?;
+            if let Some(e) = self.get::<OutboxEntry>(Tree::Outbox, &k)? {
+                if e.state.is_pending() {
+                    out.push(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many entries wait to be sent.
+    pub fn outbox_depth(&self) -> usize {
+        self.db.len(Tree::OutboxPending)
+    }
+
+    pub fn quarantined(&self) -> impl Iterator<Item = Result<QuarantineEntry>> + '_ {
+        self.db
+            .range(Tree::Quarantine, &[], None)
+            .filter(|r| r.as_ref().map(|(k, _)| k.len() == 8).unwrap_or(true))
+            .map(|r| r.and_then(|(k, v)| codec::decode(Tree::Quarantine, &k, &v)))
+    }
+
+    pub fn quarantine_entry(&self, id: u64) -> Result<Option<QuarantineEntry>> {
+        self.get(Tree::Quarantine, &id_key(id))
+    }
+
+    /// Raw bytes of a quarantined message.
+    pub fn quarantine_raw(&self, id: u64) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get(Tree::Quarantine, &codec::quarantine_raw_key(id))
+    }
+
+    /// Numbers of stored cases and messages.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.db.len(Tree::Cases), self.db.len(Tree::Messages))
+    }
+
+    /// Facts of the cases opened at or after `since`, oldest first.
+    pub fn facts_since(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> impl Iterator<Item = Result<Facts>> + '_ {
+        let start = match since {
+            Some(t) => codec::facts_key(t, 0),
+            None => b"c".to_vec(),
+        };
+        self.db
+            .range(Tree::Facts, &start, Some(b"d"))
+            .map(|r| r.and_then(|(k, v)| codec::decode(Tree::Facts, &k, &v)))
+    }
+
+    /// Facts of every unresolved case.
+    pub fn unresolved_facts(&self) -> impl Iterator<Item = Result<Facts>> + '_ {
+        self.db.prefix(Tree::Facts, b"u").filter_map(move |r| {
+            let (k, v) = match r {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e)),
+            };
+            let (at, id) = codec::unresolved_entry(&k, &v)?;
+            self.get(Tree::Facts, &codec::facts_key(at, id)).transpose()
+        })
+    }
+
+    /// Every unresolved case's tier and opening time, without decoding
+    /// its facts.
+    pub fn unresolved(&self) -> impl Iterator<Item = Result<(String, DateTime<Utc>)>> + '_ {
+        self.db.prefix(Tree::Facts, b"u").filter_map(|r| {
+            let (k, v) = match r {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e)),
+            };
+            let (at, _) = codec::unresolved_entry(&k, &v)?;
+            let tier = String::from_utf8_lossy(v.get(8..).unwrap_or_default()).into_owned();
+            Some(Ok((tier, at)))
+        })
+    }
+
+    /// Unresolved cases by the tier holding them: counts kept in step by
+    /// every case write, so this reads a handful of keys.
+    pub fn open_cases_by_tier(&self) -> Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for r in self.db.prefix(Tree::Meta, codec::OPEN_PREFIX) {
+            let (k, v) = r?;
+            let tier = String::from_utf8_lossy(&k[codec::OPEN_PREFIX.len()..]).into_owned();
+            let n = codec::read_u64(&v).unwrap_or(0);
+            if n > 0 {
+                out.insert(tier, n);
+            }
+        }
+        Ok(out)
+    }
+
+    // ----------------------------------------------------- maintenance
+
+    /// Drops the bytes of mail sent before `cutoff` (the entries stay, for
+    /// the CLI and the KPIs), going on from where the last call stopped
+    /// and looking at most at `limit` entries. Entries are in creation
+    /// order, so the walk stops at the first one created after `cutoff`.
+    /// Returns how many mails lost their bytes.
+    pub fn prune_sent(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<usize> {
+        self.transact(|tx| {
+            let from = tx.meta_u64("pruned_outbox_upto")?.unwrap_or(1);
+            let mut next = from;
+            let mut pruned = 0;
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = self
+                .db
+                .range(Tree::Outbox, &id_key(from), None)
+                .take(limit)
+                .collect::<Result<_>>()?;
+            for (k, v) in entries {
+                let e: OutboxEntry = codec::decode(Tree::Outbox, &k, &v)?;
+                if e.created_at >= cutoff {
+                    break;
+                }
+                // Unsent (pending, failed) mail keeps its bytes for a retry.
+                if e.state == crate::record::OutboxState::Sent
+                    && e.sent_at.is_some_and(|t| t < cutoff)
+                {
+                    tx.remove(Tree::Raw, codec::outbox_raw_key(e.id));
+                    pruned += 1;
+                }
+                next = e.id + 1;
+            }
+            if next != from {
+                tx.set_meta_u64("pruned_outbox_upto", next);
+            }
+            Ok(pruned)
+        })
+    }
+
+    /// Drops automatic-mail records older than `cutoff` (they only count
+    /// for the limits' windows). Returns how many.
+    pub fn prune_auto_replies(&self, cutoff: DateTime<Utc>) -> Result<usize> {
+        let cut = cutoff.timestamp_millis();
+        self.transact(|tx| {
+            let mut n = 0;
+            let keys: Vec<Vec<u8>> = self
+                .db
+                .range(Tree::AutoReplies, &[], None)
+                .map(|r| r.map(|(k, _)| k))
+                .collect::<Result<_>>()?;
+            for k in keys {
+                // Key: recipient, 0, time (8 bytes), outbox id (8 bytes).
+                let Some(at) = k.len().checked_sub(16).and_then(|i| k.get(i..i + 8)) else {
+                    continue;
+                };
+                let at = i64::from_be_bytes(at.try_into().unwrap_or([0; 8]));
+                if at < cut {
+                    tx.remove(Tree::AutoReplies, k);
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// Builds the derived indexes (facts, open counts, pending outbox,
+    /// Message-IDs by case) of a store written before they existed. Runs
+    /// once per index version; cheap when done.
+    fn build_indexes(&self) -> Result<()> {
+        const VERSION: &[u8] = b"5";
+        if self.db.get(Tree::Meta, b"indexes")?.as_deref() == Some(VERSION) {
+            return Ok(());
+        }
+        // Rebuilt from the records: the counts start from nothing.
+        self.transact(|tx| {
+            for r in self.db.prefix(Tree::Meta, codec::OPEN_PREFIX) {
+                tx.remove(Tree::Meta, r?.0);
+            }
+            for r in self.db.prefix(Tree::Facts, b"u") {
+                tx.remove(Tree::Facts, r?.0);
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        let cases: Vec<CaseId> = self
+            .db
+            .range(Tree::Cases, &[], None)
+            .map(|r| r.map(|(k, _)| codec::read_u64(&k).unwrap_or(0)))
+            .collect::<Result<_>>()?;
+        for chunk in cases.chunks(500) {
+            self.transact(|tx| {
+                for id in chunk {
+                    if let Some(case) = tx.case(*id)? {
+                        tx.case_indexes(&case)?;
+                    }
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        }
+        self.transact(|tx| {
+            for entry in self.outbox() {
+                tx.outbox_index(&entry?);
+            }
+            // Version 5: Message-IDs by case, from the index by content.
+            for r in self.db.range(Tree::MessageIds, &[], None) {
+                let (k, v) = r?;
+                let (Some(sep), Some(case)) = (k.iter().rposition(|b| *b == 0), v.get(..8)) else {
+                    continue;
+                };
+                let mut key = k[..=sep].to_vec();
+                key.extend_from_slice(case);
+                tx.put(Tree::MessageCases, key, Vec::new());
+            }
+            tx.put(Tree::Meta, b"indexes".to_vec(), VERSION.to_vec());
+            Ok::<_, StoreError>(())
+        })?;
+        self.db.flush()
+    }
+}
+
+/// A transaction: reads see the store plus this transaction's own
+/// writes; writes are committed together by [`Store::transact`].
+pub struct Tx<'s> {
+    store: &'s Store,
+    _guard: MutexGuard<'s, ()>,
+    ops: Vec<sled::Op>,
+    /// This transaction's writes by key, for reading them back.
+    overlay: BTreeMap<(Tree, Vec<u8>), Option<Vec<u8>>>,
+    /// The timer each case had when this transaction first read it: a
+    /// write moves its index entry from there.
+    timers: HashMap<CaseId, Option<Timer>>,
+    on_commit: Vec<Box<dyn FnOnce() + Send + 's>>,
+    /// What each change replaced, newest last: a rollback to a savepoint
+    /// undoes them.
+    undo: Vec<Undo>,
+}
+
+enum Undo {
+    Key((Tree, Vec<u8>), Option<Option<Vec<u8>>>),
+    Timer(CaseId, Option<Option<Timer>>),
+}
+
+/// A point in a transaction to roll back to (see [`Tx::rollback`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Savepoint {
+    ops: usize,
+    undo: usize,
+    hooks: usize,
+}
+
+impl<'s> Tx<'s> {
+    // ------------------------------------------------------ internals
+
+    fn put(&mut self, t: Tree, key: Vec<u8>, value: Vec<u8>) {
+        self.set(t, key, Some(value));
+    }
+
+    fn remove(&mut self, t: Tree, key: Vec<u8>) {
+        self.set(t, key, None);
+    }
+
+    fn set(&mut self, t: Tree, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let k = (t, key.clone());
+        let before = self.overlay.insert(k.clone(), value.clone());
+        self.undo.push(Undo::Key(k, before));
+        self.ops.push((t, key, value));
+    }
+
+    fn remember_timer(&mut self, id: CaseId, timer: Option<Timer>) {
+        let before = self.timers.insert(id, timer);
+        self.undo.push(Undo::Timer(id, before));
+    }
+
+    /// Where this transaction stands now.
+    pub fn savepoint(&self) -> Savepoint {
+        Savepoint {
+            ops: self.ops.len(),
+            undo: self.undo.len(),
+            hooks: self.on_commit.len(),
+        }
+    }
+
+    /// Forgets everything written since `sp` (a step that failed half
+    /// way), keeping what came before.
+    pub fn rollback(&mut self, sp: Savepoint) {
+        self.ops.truncate(sp.ops);
+        self.on_commit.truncate(sp.hooks);
+        while self.undo.len() > sp.undo {
+            match self.undo.pop() {
+                Some(Undo::Key(k, Some(v))) => {
+                    self.overlay.insert(k, v);
+                }
+                Some(Undo::Key(k, None)) => {
+                    self.overlay.remove(&k);
+                }
+                Some(Undo::Timer(id, Some(t))) => {
+                    self.timers.insert(id, t);
+                }
+                Some(Undo::Timer(id, None)) => {
+                    self.timers.remove(&id);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn get_bytes(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.overlay.get(&(t, key.to_vec())) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.db.get(t, key),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, t: Tree, key: &[u8]) -> Result<Option<T>> {
+        match self.get_bytes(t, key)? {
+            None => Ok(None),
+            Some(v) => codec::decode(t, key, &v).map(Some),
+        }
+    }
+
+    fn put_record<T: serde::Serialize>(&mut self, t: Tree, key: Vec<u8>, v: &T) -> Result<()> {
+        let bytes = codec::encode(v)?;
+        self.put(t, key, bytes);
+        Ok(())
+    }
+
+    /// The keys under `prefix`, stored and written here, in key order
+    /// (at most `limit` from the store).
+    fn prefix_keys(&self, t: Tree, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+        let mut keys: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
+        for r in self.store.db.prefix(t, prefix).take(limit) {
+            keys.insert(r?.0, true);
+        }
+        let from = (t, prefix.to_vec());
+        for ((tree, k), v) in self.overlay.range(from..) {
+            if *tree != t || !k.starts_with(prefix) {
+                break;
+            }
+            keys.insert(k.clone(), v.is_some());
+        }
+        Ok(keys
+            .into_iter()
+            .filter(|(_, live)| *live)
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn meta_u64(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self
+            .get_bytes(Tree::Meta, name.as_bytes())?
+            .and_then(|v| codec::read_u64(&v)))
+    }
+
+    fn set_meta_u64(&mut self, name: &str, v: u64) {
+        self.put(
+            Tree::Meta,
+            name.as_bytes().to_vec(),
+            v.to_be_bytes().to_vec(),
+        );
+    }
+
+    // ---------------------------------------------------------- reads
+
+    /// The store's secret (for our Message-IDs).
+    pub fn key(&self) -> &[u8; 32] {
+        self.store.key()
+    }
+
+    pub fn case(&mut self, id: CaseId) -> Result<Option<Case>> {
+        let mut c: Option<Case> = self.get(Tree::Cases, &id_key(id))?;
+        if let Some(c) = c.as_mut() {
+            c.stored_events = c.history.len();
+            if !self.timers.contains_key(&id) {
+                self.remember_timer(id, c.timer);
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn message(&self, seq: u64) -> Result<Option<MessageRecord>> {
+        self.get(Tree::Messages, &id_key(seq))
+    }
+
+    pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        self.get_bytes(Tree::Raw, &id_key(seq))
+    }
+
+    pub fn cursor(&self, folder: &str) -> Result<Option<Cursor>> {
+        self.get(Tree::Cursors, folder.as_bytes())
+    }
+
+    pub fn outbox_entry(&self, id: u64) -> Result<Option<OutboxEntry>> {
+        self.get(Tree::Outbox, &id_key(id))
+    }
+
+    pub fn quarantine_entry(&self, id: u64) -> Result<Option<QuarantineEntry>> {
+        self.get(Tree::Quarantine, &id_key(id))
+    }
+
+    pub fn quarantine_raw(&self, id: u64) -> Result<Option<Vec<u8>>> {
+        self.get_bytes(Tree::Quarantine, &codec::quarantine_raw_key(id))
+    }
+
+    /// See [`Store::has_message`].
+    pub fn has_message(&self, message_id: &str, content_hash: &str) -> Result<bool> {
+        let key = codec::message_id_key(message_id, content_hash);
+        Ok(self.get_bytes(Tree::MessageIds, &key)?.is_some())
+    }
+
+    /// See [`Store::cases_with_message_id`].
+    pub fn cases_with_message_id(&self, message_id: &str) -> Result<Vec<CaseId>> {
+        let prefix = codec::pair_key(message_id, &[]);
+        Ok(self
+            .prefix_keys(Tree::MessageCases, &prefix, MAX_CASES_PER_ID)?
+            .iter()
+            .filter_map(|k| codec::read_u64(&k[prefix.len()..]))
+            .take(MAX_CASES_PER_ID)
+            .collect())
+    }
+
+    /// See [`Store::customer_cases`].
+    pub fn customer_cases(&self, email: &str) -> Result<Vec<CaseId>> {
+        let prefix = codec::pair_key(email, &[]);
+        Ok(self
+            .prefix_keys(Tree::Customers, &prefix, usize::MAX)?
+            .iter()
+            .filter_map(|k| codec::read_u64(&k[prefix.len()..]))
+            .collect())
+    }
+
+    /// See [`Store::auto_replies_since`]; counts this transaction's too.
+    pub fn auto_replies_since(
+        &self,
+        recipient: &str,
+        since: DateTime<Utc>,
+        at_most: usize,
+    ) -> Result<usize> {
+        let prefix = codec::pair_key(recipient, &[]);
+        let from = codec::pair_key(recipient, &since.timestamp_millis().to_be_bytes());
+        let keys = self.prefix_keys(Tree::AutoReplies, &prefix, usize::MAX)?;
+        Ok(keys
+            .iter()
+            .filter(|k| k.as_slice() >= from.as_slice())
+            .take(at_most)
+            .count())
+    }
+
+    /// The next number of a sequence; it is used up when this
+    /// transaction commits.
+    pub fn next_id(&mut self, s: Sequence) -> Result<u64> {
+        let n = self.meta_u64(s.key())?.unwrap_or(1);
+        self.set_meta_u64(s.key(), n + 1);
+        Ok(n)
+    }
+
+    /// A stored marker: a point in time a worker has dealt with up to
+    /// (the digest's last period sent), in seconds.
+    pub fn marker(&self, name: &str) -> Result<Option<i64>> {
+        Ok(self.meta_u64(name)?.map(|v| v as i64))
+    }
+
+    pub fn set_marker(&mut self, name: &str, at: i64) {
+        self.set_meta_u64(name, at as u64);
+    }
+
+    // --------------------------------------------------------- writes
+
+    /// Writes a case with everything kept in step with it: its timer's
+    /// index entry, its facts, the unresolved index and the open counts.
+    pub fn put_case(&mut self, case: &Case) -> Result<()> {
+        let before = match self.timers.get(&case.id) {
+            Some(t) => *t,
+            None => self
+                .get::<Case>(Tree::Cases, &id_key(case.id))?
+                .and_then(|c| c.timer),
+        };
+        if before != case.timer {
+            if let Some(t) = before {
+                self.remove(Tree::Deadlines, codec::deadline_key(t.at, case.id));
+            }
+            if let Some(t) = case.timer {
+                self.put(
+                    Tree::Deadlines,
+                    codec::deadline_key(t.at, case.id),
+                    Vec::new(),
+                );
+            }
+        }
+        self.remember_timer(case.id, case.timer);
+        self.case_indexes(case)?;
+        self.put_record(Tree::Cases, id_key(case.id).to_vec(), case)
+    }
+
+    /// A case's facts, unresolved entry and open count.
+    fn case_indexes(&mut self, case: &Case) -> Result<()> {
+        let facts = Facts::of(case);
+        self.put_record(
+            Tree::Facts,
+            codec::facts_key(case.created_at, case.id),
+            &facts,
+        )?;
+        let ukey = codec::unresolved_key(case.id);
+        let old_tier = self
+            .get_bytes(Tree::Facts, &ukey)?
+            .and_then(|v| v.get(8..).map(<[u8]>::to_vec));
+        let new_tier = (case.status != Status::Resolved).then(|| case.tier.as_bytes().to_vec());
+        if case.status == Status::Resolved {
+            self.remove(Tree::Facts, ukey);
+        } else {
+            // Opening time and tier: enough to count open cases by tier
+            // and age without decoding anything, and to find the facts.
+            let mut v = case.created_at.timestamp_millis().to_be_bytes().to_vec();
+            v.extend_from_slice(case.tier.as_bytes());
+            self.put(Tree::Facts, ukey, v);
+        }
+        if old_tier != new_tier {
+            for (tier, delta) in [(old_tier, -1i64), (new_tier, 1)] {
+                if let Some(t) = tier {
+                    let mut key = codec::OPEN_PREFIX.to_vec();
+                    key.extend_from_slice(&t);
+                    let n = self
+                        .get_bytes(Tree::Meta, &key)?
+                        .and_then(|v| codec::read_u64(&v))
+                        .unwrap_or(0)
+                        .saturating_add_signed(delta);
+                    if n == 0 {
+                        self.remove(Tree::Meta, key);
+                    } else {
+                        self.put(Tree::Meta, key, n.to_be_bytes().to_vec());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a case to its customer's list (once, when it opens).
+    pub fn add_customer_case(&mut self, email: &str, case: CaseId) {
+        self.put(
+            Tree::Customers,
+            codec::customer_key(email, case),
+            Vec::new(),
+        );
+    }
+
+    /// Stores a message with its bytes and indexes it by Message-ID.
+    pub fn put_message(&mut self, record: &MessageRecord, raw: &[u8]) -> Result<()> {
+        self.put_record(Tree::Messages, id_key(record.seq).to_vec(), record)?;
+        self.put(Tree::Raw, id_key(record.seq).to_vec(), raw.to_vec());
+        self.index_message_id(
+            &record.message_id,
+            &record.content_hash,
+            record.case,
+            record.seq,
+        );
+        Ok(())
+    }
+
+    /// Indexes a Message-ID (of a message, or of our own mail with
+    /// `suffix` "out"): by content for duplicates, by case for threading.
+    pub fn index_message_id(&mut self, message_id: &str, suffix: &str, case: CaseId, seq: u64) {
+        let mut v = id_key(case).to_vec();
+        v.extend_from_slice(&id_key(seq));
+        self.put(
+            Tree::MessageIds,
+            codec::message_id_key(message_id, suffix),
+            v,
+        );
+        self.put(
+            Tree::MessageCases,
+            codec::pair_key(message_id, &id_key(case)),
+            Vec::new(),
+        );
+    }
+
+    /// Writes an outbox entry (and its bytes, when given) with its
+    /// pending-index entry.
+    pub fn put_outbox(&mut self, entry: &OutboxEntry, raw: Option<&[u8]>) -> Result<()> {
+        self.put_record(Tree::Outbox, id_key(entry.id).to_vec(), entry)?;
+        self.outbox_index(entry);
+        if let Some(raw) = raw {
+            self.put(Tree::Raw, codec::outbox_raw_key(entry.id), raw.to_vec());
+        }
+        Ok(())
+    }
+
+    fn outbox_index(&mut self, entry: &OutboxEntry) {
+        let key = id_key(entry.id).to_vec();
+        if entry.state.is_pending() {
+            self.put(Tree::OutboxPending, key, Vec::new());
+        } else {
+            self.remove(Tree::OutboxPending, key);
+        }
+    }
+
+    /// Counts an automatic mail to `recipient` (a limit key).
+    pub fn record_auto_reply(&mut self, recipient: &str, at: DateTime<Utc>, outbox_id: u64) {
+        self.put(
+            Tree::AutoReplies,
+            codec::auto_reply_key(recipient, at, outbox_id),
+            Vec::new(),
+        );
+    }
+
+    pub fn set_cursor(&mut self, folder: &str, cursor: &Cursor) -> Result<()> {
+        self.put_record(Tree::Cursors, folder.as_bytes().to_vec(), cursor)
+    }
+
+    pub fn put_quarantine(&mut self, entry: &QuarantineEntry, raw: &[u8]) -> Result<()> {
+        self.put_record(Tree::Quarantine, id_key(entry.id).to_vec(), entry)?;
+        self.put(
+            Tree::Quarantine,
+            codec::quarantine_raw_key(entry.id),
+            raw.to_vec(),
+        );
+        Ok(())
+    }
+
+    pub fn remove_quarantine(&mut self, id: u64) {
+        self.remove(Tree::Quarantine, id_key(id).to_vec());
+        self.remove(Tree::Quarantine, codec::quarantine_raw_key(id));
+    }
+
+    /// Removes timer index entries of `case` at or before `now` that its
+    /// record no longer has.
+    pub fn drop_stale_timers(&mut self, case: CaseId, now: DateTime<Utc>) -> Result<()> {
+        let end = codec::deadline_key(now, u64::MAX);
+        let stale: Vec<Vec<u8>> = self
+            .store
+            .db
+            .range(Tree::Deadlines, &[], Some(&end))
+            .filter_map(|r| match r {
+                Ok((k, _)) => (k.len() == 16 && k[8..] == id_key(case)).then_some(Ok(k)),
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_>>()?;
+        for k in stale {
+            self.remove(Tree::Deadlines, k);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` after this transaction commits (never if it does not).
+    pub fn on_commit(&mut self, f: impl FnOnce() + Send + 's) {
+        self.on_commit.push(Box::new(f));
+    }
+}
+
+impl Lookup for Tx<'_> {
+    type Error = StoreError;
+    fn is_stored(&self, message_id: &str, content_hash: &str) -> Result<bool> {
+        self.has_message(message_id, content_hash)
+    }
+    fn cases_with_message_id(&self, message_id: &str) -> Result<Vec<CaseId>> {
+        Tx::cases_with_message_id(self, message_id)
+    }
+    fn case(&self, id: CaseId) -> Result<Option<Case>> {
+        self.get(Tree::Cases, &id_key(id))
+    }
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if path.is_dir() {
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        }
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}

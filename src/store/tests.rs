@@ -1,0 +1,485 @@
+//! The store's conformance suite: written once against the interface and
+//! run for every engine in [`ENGINES`] (after garage's `db/test.rs`).
+//! Adding an engine is one line there.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::case::{EventKind, TimerKind};
+use crate::record::OutboxState;
+
+type Open = fn(&Path) -> Store;
+
+fn open_sled(path: &Path) -> Store {
+    match Store::open(path) {
+        Ok(s) => s,
+        Err(e) => panic!("open: {e}"),
+    }
+}
+
+/// Every engine the suite runs against.
+const ENGINES: &[(&str, Open)] = &[("sled", open_sled)];
+
+/// Runs `test` against a fresh store of every engine.
+fn each_engine(test: impl Fn(&str, Open, &Path)) {
+    for (name, open) in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        test(name, *open, &dir.path().join("store"));
+    }
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(secs, 0).unwrap()
+}
+
+fn case(id: CaseId, tier: &str, created: i64) -> Case {
+    Case::new(
+        id,
+        &format!("c{id}@x.org"),
+        "s",
+        tier,
+        &format!("m{id}@x"),
+        at(created),
+    )
+}
+
+fn record(seq: u64, case: CaseId, message_id: &str, hash: &str) -> MessageRecord {
+    MessageRecord {
+        seq,
+        case,
+        message_id: message_id.into(),
+        content_hash: hash.into(),
+        from: None,
+        to: Vec::new(),
+        cc: Vec::new(),
+        subject: "s".into(),
+        date: None,
+        received_at: at(0),
+        folder: "INBOX".into(),
+        uid: seq as u32,
+        text: "t".into(),
+        attachments: Vec::new(),
+        size: 1,
+        suppressed: None,
+        truncated: false,
+        parse_error: None,
+        several_from: false,
+    }
+}
+
+fn outbox(id: u64, state: OutboxState) -> OutboxEntry {
+    OutboxEntry {
+        id,
+        case: 1,
+        kind: "ack".into(),
+        message_id: format!("o{id}@x"),
+        from: "s@x".into(),
+        to: vec!["c@x".into()],
+        subject: "s".into(),
+        state,
+        attempts: 0,
+        created_at: at(id as i64),
+        next_attempt_at: at(0),
+        sent_at: None,
+        last_error: None,
+        attempt_at: None,
+        attach: Vec::new(),
+        attach_nonce: String::new(),
+    }
+}
+
+fn ok<T>(r: Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{}", crate::error_chain(&e)),
+    }
+}
+
+#[test]
+fn a_failing_transaction_leaves_nothing() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        let r: Result<()> = s.transact(|tx| {
+            tx.put_case(&case(1, "T1", 0))?;
+            tx.put_message(&record(1, 1, "a@x", "h"), b"raw")?;
+            tx.next_id(Sequence::Case)?;
+            tx.on_commit(|| panic!("a hook of a failed transaction ran"));
+            Err(StoreError::Random("the closure failed".into()))
+        });
+        assert!(r.is_err(), "{engine}");
+        assert!(ok(s.case(1)).is_none(), "{engine}");
+        assert!(!ok(s.has_message("a@x", "h")), "{engine}");
+        assert!(ok(s.open_cases_by_tier()).is_empty(), "{engine}");
+        let n = ok(s.transact(|tx| tx.next_id(Sequence::Case)));
+        assert_eq!(
+            n, 1,
+            "{engine}: the failed transaction's number is not used up"
+        );
+    });
+}
+
+#[test]
+fn a_transaction_reads_its_own_writes_and_rolls_back_to_a_savepoint() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        ok(s.transact(|tx| {
+            tx.put_message(&record(1, 4, "a@x", "h1"), b"one")?;
+            assert_eq!(tx.cases_with_message_id("a@x")?, vec![4], "{engine}");
+            assert!(tx.has_message("a@x", "h1")?);
+            let sp = tx.savepoint();
+            tx.put_message(&record(2, 2, "a@x", "h2"), b"two")?;
+            tx.put_case(&case(2, "T1", 0))?;
+            assert_eq!(tx.cases_with_message_id("a@x")?, vec![2, 4]);
+            tx.rollback(sp);
+            assert_eq!(tx.cases_with_message_id("a@x")?, vec![4]);
+            assert!(tx.case(2)?.is_none());
+            Ok(())
+        }));
+        assert_eq!(ok(s.cases_with_message_id("a@x")), vec![4], "{engine}");
+        assert_eq!(ok(s.raw(1)).as_deref(), Some(&b"one"[..]));
+        assert!(ok(s.raw(2)).is_none());
+        assert!(
+            ok(s.open_cases_by_tier()).is_empty(),
+            "{engine}: rolled back"
+        );
+    });
+}
+
+#[test]
+fn a_message_is_stored_once_by_id_and_content() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        let big = vec![b'x'; 100_000];
+        ok(s.transact(|tx| tx.put_message(&record(1, 1, "a@x", "h"), &big)));
+        assert!(ok(s.has_message("a@x", "h")), "{engine}");
+        assert!(!ok(s.has_message("a@x", "other")), "{engine}");
+        assert_eq!(
+            ok(s.raw(1)),
+            Some(big),
+            "{engine}: big bytes come back whole"
+        );
+        assert_eq!(ok(s.message(1)).map(|m| m.case), Some(1));
+    });
+}
+
+#[test]
+fn messages_sharing_a_message_id_are_both_kept_cases_oldest_first() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        ok(s.transact(|tx| {
+            tx.put_message(&record(1, 9, "shared@x", "0000"), b"a")?;
+            tx.put_message(&record(2, 3, "shared@x", "ffff"), b"b")?;
+            tx.put_message(&record(3, 9, "shared@x", "0001"), b"c")?;
+            tx.index_message_id("shared@x", "out", 7, 1);
+            Ok(())
+        }));
+        assert!(ok(s.has_message("shared@x", "0000")) && ok(s.has_message("shared@x", "ffff")));
+        assert_eq!(
+            ok(s.cases_with_message_id("shared@x")),
+            vec![3, 7, 9],
+            "{engine}"
+        );
+        assert!(ok(s.cases_with_message_id("shared@")).is_empty());
+    });
+}
+
+#[test]
+fn timers_come_due_in_deadline_order_within_the_limit() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        ok(s.transact(|tx| {
+            for (id, due) in [(1, 300), (2, 100), (3, 200), (4, 10_000)] {
+                let mut c = case(id, "T1", 0);
+                c.timer = Some(Timer {
+                    at: at(due),
+                    kind: TimerKind::Due,
+                });
+                tx.put_case(&c)?;
+            }
+            Ok(())
+        }));
+        assert_eq!(ok(s.due_timers(at(1000), 10)), vec![2, 3, 1], "{engine}");
+        assert_eq!(ok(s.due_timers(at(1000), 2)), vec![2, 3], "{engine}");
+        assert_eq!(ok(s.next_timer()), Some(at(100)));
+        // Moving a timer moves its index entry; clearing it removes it.
+        ok(s.transact(|tx| {
+            let mut c = tx.case(2)?.unwrap();
+            c.timer = Some(Timer {
+                at: at(5000),
+                kind: TimerKind::Due,
+            });
+            tx.put_case(&c)?;
+            let mut c = tx.case(3)?.unwrap();
+            c.timer = None;
+            tx.put_case(&c)
+        }));
+        assert_eq!(ok(s.due_timers(at(1000), 10)), vec![1], "{engine}");
+        assert_eq!(ok(s.next_timer()), Some(at(300)));
+    });
+}
+
+#[test]
+fn sequence_numbers_are_never_handed_out_twice_across_a_reopen() {
+    each_engine(|engine, open, path| {
+        let first = {
+            let s = open(path);
+            let a = ok(s.transact(|tx| tx.next_id(Sequence::Case)));
+            let b = ok(s.transact(|tx| tx.next_id(Sequence::Case)));
+            assert!(b > a, "{engine}");
+            ok(s.flush());
+            b
+        };
+        let s = open(path);
+        let again = ok(s.transact(|tx| tx.next_id(Sequence::Case)));
+        assert!(again > first, "{engine}: {again} after {first}");
+        // Sequences are independent.
+        assert_eq!(ok(s.transact(|tx| tx.next_id(Sequence::Outbox))), 1);
+    });
+}
+
+#[test]
+fn automatic_mail_is_counted_by_window_and_recipient() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        ok(s.transact(|tx| {
+            for (i, t) in [100, 200, 300].iter().enumerate() {
+                tx.record_auto_reply("a@x.org", at(*t), i as u64);
+            }
+            tx.record_auto_reply("a@x.orgg", at(300), 9);
+            // In the same transaction, the new records count.
+            assert_eq!(tx.auto_replies_since("a@x.org", at(150), 10)?, 2);
+            Ok(())
+        }));
+        assert_eq!(
+            ok(s.auto_replies_since("a@x.org", at(150), 10)),
+            2,
+            "{engine}"
+        );
+        assert_eq!(
+            ok(s.auto_replies_since("a@x.org", at(150), 1)),
+            1,
+            "{engine}"
+        );
+        assert_eq!(ok(s.auto_replies_since("a@x.org", at(0), 10)), 3);
+        assert_eq!(ok(s.prune_auto_replies(at(250))), 2);
+        assert_eq!(ok(s.auto_replies_since("a@x.org", at(0), 10)), 1);
+    });
+}
+
+#[test]
+fn open_case_counts_follow_tier_changes_and_resolution() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        let write = |c: &Case| ok(s.transact(|tx| tx.put_case(c)));
+        let mut a = case(1, "T1", 1000);
+        let b = case(2, "T1", 1000);
+        write(&a);
+        write(&b);
+        write(&a);
+        let counts = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 2)]), "{engine}");
+        a.tier = "T2".into();
+        write(&a);
+        assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 1), ("T2", 1)]));
+        a.status = Status::Resolved;
+        write(&a);
+        assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 1)]));
+        assert_eq!(s.unresolved().count(), 1);
+        a.status = Status::Open;
+        write(&a);
+        assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 1), ("T2", 1)]));
+    });
+}
+
+#[test]
+fn outbox_entries_leave_the_pending_list_when_settled() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        ok(s.transact(|tx| {
+            for id in 1..=3 {
+                tx.put_outbox(&outbox(id, OutboxState::Pending), Some(b"mail"))?;
+            }
+            Ok(())
+        }));
+        assert_eq!(s.outbox_depth(), 3, "{engine}");
+        ok(s.transact(|tx| {
+            let mut e = tx.outbox_entry(2)?.unwrap();
+            e.state = OutboxState::Sending;
+            tx.put_outbox(&e, None)?;
+            let mut e = tx.outbox_entry(1)?.unwrap();
+            e.state = OutboxState::Sent;
+            tx.put_outbox(&e, None)?;
+            let mut e = tx.outbox_entry(3)?.unwrap();
+            e.state = OutboxState::Failed;
+            tx.put_outbox(&e, None)
+        }));
+        let pending: Vec<u64> = ok(s.outbox_pending()).iter().map(|e| e.id).collect();
+        assert_eq!(pending, vec![2], "{engine}: sending stays pending");
+        assert_eq!(s.outbox_depth(), 1);
+        assert_eq!(ok(s.outbox_raw(1)).as_deref(), Some(&b"mail"[..]));
+        assert_eq!(s.outbox().count(), 3);
+    });
+}
+
+#[test]
+fn a_cursor_keeps_its_uidvalidity() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        assert!(ok(s.cursor("INBOX")).is_none(), "{engine}");
+        let c = Cursor {
+            uid_validity: 9,
+            last_uid: 3,
+        };
+        ok(s.transact(|tx| tx.set_cursor("INBOX", &c)));
+        assert_eq!(ok(s.cursor("INBOX")), Some(c), "{engine}");
+        assert!(ok(s.cursor("Sent")).is_none());
+    });
+}
+
+#[test]
+fn quarantine_keeps_the_entry_and_its_bytes_until_removed() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        let entry = QuarantineEntry {
+            id: 1,
+            folder: "Sent".into(),
+            uid_validity: 1,
+            uid: 5,
+            error: "boom".into(),
+            at: at(0),
+            attempts: 1,
+            sent: true,
+            unfetched: false,
+        };
+        ok(s.transact(|tx| tx.put_quarantine(&entry, b"raw bytes")));
+        let listed: Vec<QuarantineEntry> = s.quarantined().map(ok).collect();
+        assert_eq!(listed.len(), 1, "{engine}: the bytes are not an entry");
+        assert!(listed[0].sent);
+        assert_eq!(ok(s.quarantine_raw(1)).as_deref(), Some(&b"raw bytes"[..]));
+        ok(s.transact(|tx| {
+            tx.remove_quarantine(1);
+            Ok(())
+        }));
+        assert_eq!(s.quarantined().count(), 0);
+        assert!(ok(s.quarantine_raw(1)).is_none());
+    });
+}
+
+#[test]
+fn facts_come_by_opening_time() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        ok(s.transact(|tx| {
+            for (id, created) in [(1, 500), (2, 100), (3, 300)] {
+                tx.put_case(&case(id, "T1", created))?;
+            }
+            Ok(())
+        }));
+        let ids = |since| -> Vec<CaseId> { s.facts_since(since).map(|f| ok(f).id).collect() };
+        assert_eq!(ids(None), vec![2, 3, 1], "{engine}");
+        assert_eq!(ids(Some(at(200))), vec![3, 1], "{engine}");
+        assert_eq!(s.unresolved_facts().count(), 3);
+    });
+}
+
+#[test]
+fn concurrent_transactions_on_one_case_lose_no_update() {
+    each_engine(|engine, open, path| {
+        let s = Arc::new(open(path));
+        ok(s.transact(|tx| tx.put_case(&case(1, "T1", 0))));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        ok(s.transact(|tx| {
+                            let mut c = tx.case(1)?.unwrap();
+                            c.push(
+                                at(0),
+                                EventKind::Note {
+                                    from: format!("t{t}"),
+                                    message_id: format!("{i}"),
+                                },
+                            );
+                            tx.put_case(&c)
+                        }));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(ok(s.case(1)).unwrap().history.len(), 8 * 25, "{engine}");
+    });
+}
+
+#[test]
+fn on_commit_runs_after_the_commit() {
+    each_engine(|engine, open, path| {
+        let s = Arc::new(open(path));
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let (s2, seen2) = (s.clone(), seen.clone());
+        ok(s.transact(move |tx| {
+            tx.put_case(&case(1, "T1", 0))?;
+            tx.on_commit(move || {
+                *seen2.lock().unwrap() = Some(s2.case(1).map(|c| c.is_some()).unwrap_or(false));
+            });
+            Ok(())
+        }));
+        assert_eq!(*seen.lock().unwrap(), Some(true), "{engine}");
+    });
+}
+
+#[test]
+fn store_dir_is_private_and_the_key_survives_reopening() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("db");
+    let s = open_sled(&p);
+    let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let key = *s.key();
+    // sled locks per process with flock: a second open in the same
+    // process is not refused by the OS, so the refusal between
+    // processes is tested end to end in tests/.
+    drop(s);
+    assert_eq!(*open_sled(&p).key(), key);
+}
+
+#[test]
+fn a_store_from_before_the_case_index_is_upgraded() {
+    // A store written by the previous release has Message-IDs indexed
+    // by content only; opening it builds the by-case index once, and
+    // the open counts from the cases.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    {
+        let s = open_sled(&path);
+        let mut v = id_key(4).to_vec();
+        v.extend_from_slice(&id_key(40));
+        let ops = vec![
+            (
+                Tree::MessageIds,
+                codec::message_id_key("old@example.org", "hash"),
+                Some(v),
+            ),
+            (Tree::Meta, b"indexes".to_vec(), Some(b"4".to_vec())),
+            (
+                Tree::Cases,
+                id_key(4).to_vec(),
+                Some(codec::encode(&case(4, "T1", 0)).unwrap()),
+            ),
+        ];
+        ok(s.db.apply(&ops));
+        ok(s.flush());
+    }
+    let s = open_sled(&path);
+    assert_eq!(ok(s.cases_with_message_id("old@example.org")), vec![4]);
+    assert_eq!(ok(s.open_cases_by_tier()).get("T1"), Some(&1));
+}
