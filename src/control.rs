@@ -1,4 +1,4 @@
-//! The control socket: while the daemon owns the store (sled allows one
+//! The control socket: while the daemon owns the store (the embedded store allows one
 //! process), the CLI asks the daemon instead. A Unix socket inside the
 //! store directory, which is mode 0700, so only the store's owner can
 //! connect. One JSON request line in, one JSON response line out.

@@ -71,56 +71,103 @@ pub struct Ingestor {
     pub wake: Arc<crate::scheduler::Wakers>,
 }
 
+/// One message for [`Ingestor::ingest_batch`]: its bytes, or the
+/// server's refusal to give them.
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    /// `truncated` is the real size when only the headers were fetched
+    /// (over `max_message_size`).
+    Bytes {
+        raw: &'a [u8],
+        truncated: Option<u64>,
+    },
+    /// The server will not FETCH it: quarantined with its words.
+    Refused(&'a str),
+}
+
 impl Ingestor {
-    /// Ingests one message. `truncated` is the real size when only the
-    /// headers were fetched (over `max_message_size`).
+    /// Ingests one message (see [`Ingestor::ingest_batch`]).
     pub fn ingest(
         &self,
         src: Option<&Source>,
         raw: &[u8],
         truncated: Option<u64>,
     ) -> Result<Outcome, StoreError> {
-        let min_free = self.config.get().store.min_free;
-        self.store.transact(|tx| {
-            if self.already_done(tx, src)? {
-                return Ok(Outcome::AlreadyDone);
-            }
-            // A message takes about three times its size in the store
-            // (raw, parsed text, log overhead).
-            self.store.ensure_space(min_free, raw.len() as u64 * 3)?;
-            let now = self.clock.now();
-            let before = tx.savepoint();
-            let planned =
-                catch_unwind(AssertUnwindSafe(|| self.plan(tx, src, raw, truncated, now)));
-            // Anything but a store failure quarantines the message: what
-            // the failed plan wrote is undone, the rest goes on.
-            let why = match planned {
-                Ok(Ok(outcome)) => {
-                    self.advance_cursor(tx, src)?;
-                    return Ok(outcome);
-                }
-                Ok(Err(EffectsError::Store(e))) => return Err(e),
-                Ok(Err(e)) => format!("error while processing: {}", crate::error_chain(&e)),
-                Err(panic) => panic_text(&panic),
-            };
-            tx.rollback(before);
-            let outcome = self.quarantine(tx, src, raw, &why, now, false)?;
-            self.advance_cursor(tx, src)?;
-            Ok(outcome)
-        })
+        let item = Item::Bytes { raw, truncated };
+        self.ensure_space(&[item])?;
+        self.store.transact(|tx| self.ingest_one(tx, src, item))
     }
 
     /// Records a message the server will not give: a quarantine entry with
     /// the server's words and no bytes, and the cursor moves past it.
     pub fn quarantine_unfetched(&self, src: &Source, why: &str) -> Result<Outcome, StoreError> {
+        self.store
+            .transact(|tx| self.ingest_one(tx, Some(src), Item::Refused(why)))
+    }
+
+    /// Ingests messages of one folder, in UID order, in ONE transaction:
+    /// each is threaded seeing the ones before it, the cursor moves over
+    /// all of them, and one durable commit serves the whole fetch. A
+    /// message whose processing fails is quarantined (what it wrote is
+    /// undone) and the others go on; only a store failure fails the batch.
+    pub fn ingest_batch(&self, items: &[(Source, Item<'_>)]) -> Result<Vec<Outcome>, StoreError> {
+        let all: Vec<Item<'_>> = items.iter().map(|(_, i)| *i).collect();
+        self.ensure_space(&all)?;
         self.store.transact(|tx| {
-            if self.already_done(tx, Some(src))? {
-                return Ok(Outcome::AlreadyDone);
-            }
-            let outcome = self.quarantine(tx, Some(src), &[], why, self.clock.now(), true)?;
-            self.advance_cursor(tx, Some(src))?;
-            Ok(outcome)
+            items
+                .iter()
+                .map(|(src, item)| self.ingest_one(tx, Some(src), *item))
+                .collect()
         })
+    }
+
+    fn ensure_space(&self, items: &[Item<'_>]) -> Result<(), StoreError> {
+        // A message takes about three times its size in the store (raw,
+        // parsed text, log overhead).
+        let need: u64 = items
+            .iter()
+            .map(|i| match i {
+                Item::Bytes { raw, .. } => raw.len() as u64 * 3,
+                Item::Refused(_) => 4096,
+            })
+            .sum();
+        self.store
+            .ensure_space(self.config.get().store.min_free, need)
+    }
+
+    fn ingest_one(
+        &self,
+        tx: &mut Tx<'_>,
+        src: Option<&Source>,
+        item: Item<'_>,
+    ) -> Result<Outcome, StoreError> {
+        if self.already_done(tx, src)? {
+            return Ok(Outcome::AlreadyDone);
+        }
+        let now = self.clock.now();
+        let outcome = match item {
+            Item::Refused(why) => self.quarantine(tx, src, &[], why, now, true)?,
+            Item::Bytes { raw, truncated } => {
+                let before = tx.savepoint();
+                let planned =
+                    catch_unwind(AssertUnwindSafe(|| self.plan(tx, src, raw, truncated, now)));
+                // Anything but a store failure quarantines the message:
+                // what the failed plan wrote is undone, the rest goes on.
+                let why = match planned {
+                    Ok(Ok(outcome)) => {
+                        self.advance_cursor(tx, src)?;
+                        return Ok(outcome);
+                    }
+                    Ok(Err(EffectsError::Store(e))) => return Err(e),
+                    Ok(Err(e)) => format!("error while processing: {}", crate::error_chain(&e)),
+                    Err(panic) => panic_text(&panic),
+                };
+                tx.rollback(before);
+                self.quarantine(tx, src, raw, &why, now, false)?
+            }
+        };
+        self.advance_cursor(tx, src)?;
+        Ok(outcome)
     }
 
     /// Is the folder's cursor already past this message?
@@ -712,6 +759,96 @@ From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <g1@x>
             Outcome::Stored { queued, .. } => assert_eq!(queued, 1, "the hour moved on"),
             o => panic!("{o:?}"),
         }
+    }
+
+    #[test]
+    fn a_batch_threads_within_itself_and_quarantines_only_the_failing_message() {
+        // One transaction per fetched chunk: a reply fetched in the same
+        // chunk as the message it answers must join its case, and one
+        // message that fails must not take the others with it.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        let first = mail(1);
+        let reply = b"From: alice@example.org\r\nSubject: Re: topic 1\r\nMessage-ID: <r1@x>\r\n\
+In-Reply-To: <m1@x>\r\n\r\nmore\r\n"
+            .to_vec();
+        let third = mail(3);
+        let items = vec![
+            (
+                src(1, 1),
+                Item::Bytes {
+                    raw: &first,
+                    truncated: None,
+                },
+            ),
+            (
+                src(1, 2),
+                Item::Bytes {
+                    raw: &reply,
+                    truncated: None,
+                },
+            ),
+            (src(1, 3), Item::Refused("NO cannot read")),
+            (
+                src(1, 4),
+                Item::Bytes {
+                    raw: &third,
+                    truncated: None,
+                },
+            ),
+        ];
+        let out = ing.ingest_batch(&items).unwrap();
+        assert_eq!(
+            out[1],
+            Outcome::Stored {
+                case: 1,
+                new: false,
+                queued: 0
+            },
+            "the reply joined the case opened earlier in the batch"
+        );
+        assert!(matches!(out[2], Outcome::Quarantined { .. }));
+        assert!(matches!(
+            out[3],
+            Outcome::Stored {
+                case: 2,
+                new: true,
+                ..
+            }
+        ));
+        assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 4);
+        // Again: every UID is behind the cursor now.
+        let again = ing.ingest_batch(&items).unwrap();
+        assert!(again.iter().all(|o| *o == Outcome::AlreadyDone));
+        // A panic in the middle of a batch quarantines that message only.
+        let fourth = mail(5);
+        let sixth = mail(6);
+        PANIC.with(|p| p.set(true));
+        let out = ing
+            .ingest_batch(&[
+                (
+                    src(1, 5),
+                    Item::Bytes {
+                        raw: &fourth,
+                        truncated: None,
+                    },
+                ),
+                (
+                    src(1, 6),
+                    Item::Bytes {
+                        raw: &sixth,
+                        truncated: None,
+                    },
+                ),
+            ])
+            .unwrap();
+        assert!(matches!(out[0], Outcome::Quarantined { .. }), "{out:?}");
+        assert!(
+            matches!(out[1], Outcome::Stored { new: true, .. }),
+            "{out:?}"
+        );
+        assert_eq!(ing.store.cases().count(), 3);
+        assert_eq!(ing.store.quarantined().count(), 2);
     }
 
     #[test]

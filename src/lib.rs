@@ -3,7 +3,12 @@
 //! # Layout
 //!
 //! Data flows one way: mailbox → parse → thread → store → policy →
-//! outbox → SMTP.
+//! outbox → SMTP. Imports follow it: the pure modules (message, thread,
+//! policy, ...) import no worker; the store imports only the records and
+//! the pure modules it indexes for; the workers (ingest, scheduler,
+//! outbox, digest, admin) sit on top and write through
+//! [`store::Store::transact`], with [`effects::step`] as the one way a
+//! changed case and its mails are written.
 //!
 //! - [`config`]: the TOML file, validated; errors name their key.
 //! - [`mailbox`]: IMAP watcher (IDLE or polling), resumable by UID.
@@ -12,14 +17,20 @@
 //! - [`suppress`]: which mail must get no automatic answer (pure).
 //! - [`thread`]: which case a message belongs to (pure).
 //! - [`case`]: the case record and its history.
+//! - [`record`]: the other plain records the store keeps (messages,
+//!   outbox entries, quarantine, cursors).
 //! - [`policy`]: deadlines, ETAs and what to send (pure).
 //! - [`quote`]: where a reply's new text ends; the marker of staff mail (pure).
 //! - [`template`]: admin-editable message texts (pure).
+//! - [`stats`]: KPIs from per-case facts (pure).
+//! - [`store`]: one typed interface to everything kept, transactions
+//!   included; the sled engine and its encoding live inside it.
+//! - [`effects`]: the policy's actions as outbox entries, and the case
+//!   step every worker uses.
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
-//! - [`store`]: the only module that touches sled (and its raw log).
-//! - [`scheduler`]: case timers, and the digest's period.
-//! - [`stats`]: KPIs from per-case facts (pure); [`digest`] mails them.
+//! - [`scheduler`]: case timers, pruning, and the digest's period.
+//! - [`digest`]: the review digest mail.
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
 //! - [`tls`]: the rustls client config IMAP and SMTP share.
 //! - [`outbox`]: persisted outgoing mail, sent at most once per entry

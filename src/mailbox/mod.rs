@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::ingest::{Ingestor, Outcome, Source};
+use crate::ingest::{Ingestor, Item, Outcome, Source};
 use crate::scheduler::Wakers;
 use crate::store::StoreError;
 use imap::{timed, ImapError, ImapSession};
@@ -308,27 +308,40 @@ impl Watcher {
                 self.clear_trouble_at(folder, chunk[0]);
             }
             // In UID order, so the cursor only ever moves forward over
-            // messages that are stored.
+            // messages that are stored; the whole chunk in one transaction.
+            let src = |uid| Source {
+                folder: folder.clone(),
+                uid_validity: validity,
+                uid,
+                sent,
+                cursor: true,
+            };
+            let mut items = Vec::with_capacity(chunk.len());
             for &uid in chunk {
-                let src = Source {
-                    folder: folder.clone(),
-                    uid_validity: validity,
-                    uid,
-                    sent,
-                    cursor: true,
-                };
-                let outcome = match (bodies.remove(&uid), refused.remove(&uid)) {
+                match (bodies.get(&uid), refused.get(&uid)) {
                     (Some((raw, truncated)), _) => {
                         report.fetched += 1;
-                        self.ingestor.ingest(Some(&src), &raw, truncated)?
+                        items.push((
+                            src(uid),
+                            Item::Bytes {
+                                raw,
+                                truncated: *truncated,
+                            },
+                        ));
                     }
                     // The server keeps refusing this one message: kept in
                     // quarantine with its words, so the rest go on and
                     // the cursor passes nothing unrecorded.
-                    (None, Some(why)) => self.ingestor.quarantine_unfetched(&src, &why)?,
-                    (None, None) => continue, // expunged meanwhile
-                };
-                let m = &crate::metrics::METRICS;
+                    (None, Some(why)) => items.push((src(uid), Item::Refused(why))),
+                    (None, None) => {} // expunged meanwhile
+                }
+            }
+            let outcomes = self.ingestor.ingest_batch(&items)?;
+            drop(items);
+            bodies.clear();
+            refused.clear();
+            let m = &crate::metrics::METRICS;
+            for outcome in outcomes {
                 let label = match outcome {
                     Outcome::Stored { new, .. } => {
                         report.stored += 1;

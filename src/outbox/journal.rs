@@ -1,5 +1,5 @@
 //! The sent journal: shrinks the window between "the SMTP server said
-//! 250" and "the store knows it" from a sled flush (an fsync, milliseconds)
+//! 250" and "the store knows it" from a store flush (an fsync, milliseconds)
 //! to one `write(2)` (microseconds). Right after the 250 the outbox
 //! appends the entry's id here; the data is then in the kernel, so a
 //! killed process loses nothing. On start-up the journal is replayed into

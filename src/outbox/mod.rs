@@ -289,7 +289,7 @@ impl Outbox {
                     .transact(|tx| journal::mark_sent(tx, &mut entry, now))?;
                 // No flush here: the journal line already keeps the
                 // acceptance across a crash (and the confirmation copy
-                // across a power cut), so sled's own flush is enough.
+                // across a power cut), so the store's next flush is enough.
                 tracing::info!(to = ?entry.to, "mail sent");
                 return Ok(entry.state);
             }
