@@ -18,7 +18,7 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -587,7 +587,7 @@ pub struct Tx<'s> {
     _guard: MutexGuard<'s, ()>,
     ops: Vec<sled::Op>,
     /// This transaction's writes by key, for reading them back.
-    overlay: BTreeMap<(Tree, Vec<u8>), Option<Vec<u8>>>,
+    overlay: BTreeMap<(Tree, Vec<u8>), Option<Arc<[u8]>>>,
     /// The timer each case had when this transaction first read it: a
     /// write moves its index entry from there.
     timers: HashMap<CaseId, Option<Timer>>,
@@ -598,7 +598,7 @@ pub struct Tx<'s> {
 }
 
 enum Undo {
-    Key((Tree, Vec<u8>), Option<Option<Vec<u8>>>),
+    Key((Tree, Vec<u8>), Option<Option<Arc<[u8]>>>),
     Timer(CaseId, Option<Option<Timer>>),
 }
 
@@ -622,6 +622,7 @@ impl<'s> Tx<'s> {
     }
 
     fn set(&mut self, t: Tree, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let value: Option<Arc<[u8]>> = value.map(Arc::from);
         let k = (t, key.clone());
         let before = self.overlay.insert(k.clone(), value.clone());
         self.undo.push(Undo::Key(k, before));
@@ -668,7 +669,7 @@ impl<'s> Tx<'s> {
 
     fn get_bytes(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
         match self.overlay.get(&(t, key.to_vec())) {
-            Some(v) => Ok(v.clone()),
+            Some(v) => Ok(v.as_deref().map(<[u8]>::to_vec)),
             None => self.store.db.get(t, key),
         }
     }

@@ -2,6 +2,7 @@
 //! the process lock. Nothing outside the store sees a sled type.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -13,8 +14,9 @@ use super::StoreError;
 /// sled's page cache; its default (1 GiB) would dwarf the daemon.
 const CACHE_BYTES: u64 = 4 << 20;
 
-/// One write: a put (Some) or a remove (None).
-pub(super) type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
+/// One write: a put (Some) or a remove (None). Values are shared with
+/// the transaction's read-back overlay, not copied.
+pub(super) type Op = (Tree, Vec<u8>, Option<Arc<[u8]>>);
 
 pub(super) struct Db {
     db: sled::Db,
@@ -152,9 +154,10 @@ impl Db {
         let r = trees[..].transaction(|txs| {
             for ((tree, key, value), raw) in ops.iter().zip(&raw) {
                 let i = slot(*tree);
-                match raw.as_ref().or(value.as_ref()) {
+                let value = raw.as_deref().or(value.as_deref());
+                match value {
                     Some(v) => {
-                        txs[i].insert(key.as_slice(), v.as_slice())?;
+                        txs[i].insert(key.as_slice(), v)?;
                     }
                     None => {
                         txs[i].remove(key.as_slice())?;

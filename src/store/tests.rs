@@ -463,17 +463,17 @@ fn a_store_from_before_the_case_index_is_upgraded() {
         let s = open_sled(&path);
         let mut v = id_key(4).to_vec();
         v.extend_from_slice(&id_key(40));
-        let ops = vec![
+        let ops: Vec<sled::Op> = vec![
             (
                 Tree::MessageIds,
                 codec::message_id_key("old@example.org", "hash"),
-                Some(v),
+                Some(v.into()),
             ),
-            (Tree::Meta, b"indexes".to_vec(), Some(b"4".to_vec())),
+            (Tree::Meta, b"indexes".to_vec(), Some(b"4".to_vec().into())),
             (
                 Tree::Cases,
                 id_key(4).to_vec(),
-                Some(codec::encode(&case(4, "T1", 0)).unwrap()),
+                Some(codec::encode(&case(4, "T1", 0)).unwrap().into()),
             ),
         ];
         ok(s.db.apply(&ops));
