@@ -587,7 +587,7 @@ pub struct Tx<'s> {
     _guard: MutexGuard<'s, ()>,
     ops: Vec<sled::Op>,
     /// This transaction's writes by key, for reading them back.
-    overlay: BTreeMap<(Tree, Vec<u8>), Option<Arc<[u8]>>>,
+    overlay: BTreeMap<(Tree, Vec<u8>), Written>,
     /// The timer each case had when this transaction first read it: a
     /// write moves its index entry from there.
     timers: HashMap<CaseId, Option<Timer>>,
@@ -597,8 +597,11 @@ pub struct Tx<'s> {
     undo: Vec<Undo>,
 }
 
+/// What a transaction wrote under a key: a value, or None for removed.
+type Written = Option<Arc<[u8]>>;
+
 enum Undo {
-    Key((Tree, Vec<u8>), Option<Option<Arc<[u8]>>>),
+    Key((Tree, Vec<u8>), Option<Written>),
     Timer(CaseId, Option<Option<Timer>>),
 }
 
