@@ -151,7 +151,7 @@ fn config_text(stack: &MailStack, store: &Path, extra: &str) -> String {
     stack.config(
         "support",
         store,
-        &format!("\n[cases]\nauto_reply_limit = 100000000\n{extra}"),
+        &format!("\n[cases]\nauto_reply_limit = 100000000\nauto_reply_global_limit = 0\n{extra}"),
     )
 }
 
