@@ -13,6 +13,8 @@
 /// The words of the marker line; the token follows in `[ref: ...]`.
 pub const MARKER_WORDS: &str = "Reply above this line";
 
+const MARKER_LOWER: &str = "reply above this line";
+
 /// The marker line of a staff-facing mail whose token is `token` (the
 /// local part of its Message-ID: unique per mail, keyed).
 pub fn marker_line(token: &str) -> String {
@@ -106,13 +108,14 @@ const SENT: &[&str] = &[
 /// everything below it left out.
 pub fn new_text(body: &str) -> String {
     let lines: Vec<&str> = body.lines().collect();
+    // Each line folded once: the checks below look at a line and the next.
+    let lower: Vec<String> = lines.iter().map(|l| l.trim().to_lowercase()).collect();
     let mut out = Vec::new();
     for (i, line) in lines.iter().enumerate() {
-        let t = line.trim();
-        if t.starts_with('>') {
+        if lower[i].starts_with('>') {
             continue;
         }
-        if starts_quote(&lines, i) {
+        if starts_quote(&lower, i) {
             break;
         }
         out.push(*line);
@@ -120,32 +123,41 @@ pub fn new_text(body: &str) -> String {
     out.join("\n").trim().to_string()
 }
 
-/// Does a quote (or our marker) begin at line `i`?
-fn starts_quote(lines: &[&str], i: usize) -> bool {
-    let t = lines[i].trim();
-    let lower = t.to_lowercase();
-    let next = || lines.get(i + 1).map(|n| n.trim().to_lowercase());
-    if lower.contains(&MARKER_WORDS.to_lowercase()) || lower.contains("[ref: c") {
+/// Does a quote (or our marker) begin at line `i`? `lower` holds the
+/// lines trimmed and lower-cased.
+fn starts_quote(lower: &[String], i: usize) -> bool {
+    let l = lower[i].as_str();
+    let next = lower.get(i + 1).map(String::as_str);
+    // Every rule needs one of these; most lines of a mail have none.
+    let candidate = l.contains(':')
+        || l.starts_with('-')
+        || l.starts_with('_')
+        || l.contains("[ref: c")
+        || l.contains(MARKER_LOWER)
+        || next.is_some_and(|n| n.ends_with(':'));
+    if !candidate {
+        return false;
+    }
+    if l.contains(MARKER_LOWER) || l.contains("[ref: c") {
         return true;
     }
-    if is_wrote(&lower) {
+    if is_wrote(l) {
         return true;
     }
     // A "wrote:" line wrapped in two: "On Mon, 1 Jan 2024, Alice" and
     // "<alice@example.org> wrote:".
     let opens = ["on ", "am ", "le ", "el ", "il ", "op ", "em "];
-    if opens.iter().any(|o| lower.starts_with(o)) && next().is_some_and(|n| is_wrote(&n)) {
+    if opens.iter().any(|o| l.starts_with(o)) && next.is_some_and(is_wrote) {
         return true;
     }
-    if ORIGINAL.iter().any(|o| lower.starts_with(o)) {
+    if ORIGINAL.iter().any(|o| l.starts_with(o)) {
         return true;
     }
     // Outlook's separator: a line of underscores before the headers.
-    if t.len() >= 20 && t.chars().all(|c| c == '_') {
+    if l.len() >= 20 && l.chars().all(|c| c == '_') {
         return true;
     }
-    FROM.iter().any(|f| lower.starts_with(f))
-        && next().is_some_and(|n| SENT.iter().any(|s| n.starts_with(s)))
+    FROM.iter().any(|f| l.starts_with(f)) && next.is_some_and(|n| SENT.iter().any(|s| n.starts_with(s)))
 }
 
 /// Where clients start the quoted part of an HTML reply: Gmail's
