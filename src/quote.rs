@@ -157,7 +157,8 @@ fn starts_quote(lower: &[String], i: usize) -> bool {
     if l.len() >= 20 && l.chars().all(|c| c == '_') {
         return true;
     }
-    FROM.iter().any(|f| l.starts_with(f)) && next.is_some_and(|n| SENT.iter().any(|s| n.starts_with(s)))
+    FROM.iter().any(|f| l.starts_with(f))
+        && next.is_some_and(|n| SENT.iter().any(|s| n.starts_with(s)))
 }
 
 /// Where clients start the quoted part of an HTML reply: Gmail's

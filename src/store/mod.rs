@@ -795,20 +795,31 @@ impl<'s> Tx<'s> {
     }
 
     /// See [`Store::auto_replies_since`]; counts this transaction's too.
+    /// Reads only the window, however many older records there are.
     pub fn auto_replies_since(
         &self,
         recipient: &str,
         since: DateTime<Utc>,
         at_most: usize,
     ) -> Result<usize> {
-        let prefix = codec::pair_key(recipient, &[]);
         let from = codec::pair_key(recipient, &since.timestamp_millis().to_be_bytes());
-        let keys = self.prefix_keys(Tree::AutoReplies, &prefix, usize::MAX)?;
-        Ok(keys
-            .iter()
-            .filter(|k| k.as_slice() >= from.as_slice())
+        let mut end = recipient.as_bytes().to_vec();
+        end.push(1);
+        let mut keys: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
+        for r in self
+            .store
+            .db
+            .range(Tree::AutoReplies, &from, Some(&end))
             .take(at_most)
-            .count())
+        {
+            keys.insert(r?.0, true);
+        }
+        let start = (Tree::AutoReplies, from);
+        let stop = (Tree::AutoReplies, end);
+        for ((_, k), v) in self.overlay.range(start..stop) {
+            keys.insert(k.clone(), v.is_some());
+        }
+        Ok(keys.values().filter(|live| **live).take(at_most).count())
     }
 
     /// The next number of a sequence; it is used up when this
