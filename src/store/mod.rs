@@ -211,14 +211,19 @@ impl Store {
         let mut tx = Tx {
             store: self,
             _guard: guard,
-            ops: Vec::new(),
             overlay: BTreeMap::new(),
             timers: HashMap::new(),
             on_commit: Vec::new(),
             undo: Vec::new(),
         };
         let out = f(&mut tx)?;
-        self.db.apply(&tx.ops)?;
+        // Each key once, with its last value: a chunk of messages writes
+        // the cursor, the counters and a busy case many times.
+        let ops: Vec<sled::Op> = std::mem::take(&mut tx.overlay)
+            .into_iter()
+            .map(|((t, k), v)| (t, k, v))
+            .collect();
+        self.db.apply(&ops)?;
         let hooks = std::mem::take(&mut tx.on_commit);
         drop(tx);
         for h in hooks {
@@ -585,7 +590,6 @@ impl Store {
 pub struct Tx<'s> {
     store: &'s Store,
     _guard: MutexGuard<'s, ()>,
-    ops: Vec<sled::Op>,
     /// This transaction's writes by key, for reading them back.
     overlay: BTreeMap<(Tree, Vec<u8>), Written>,
     /// The timer each case had when this transaction first read it: a
@@ -608,7 +612,6 @@ enum Undo {
 /// A point in a transaction to roll back to (see [`Tx::rollback`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Savepoint {
-    ops: usize,
     undo: usize,
     hooks: usize,
 }
@@ -626,10 +629,9 @@ impl<'s> Tx<'s> {
 
     fn set(&mut self, t: Tree, key: Vec<u8>, value: Option<Vec<u8>>) {
         let value: Option<Arc<[u8]>> = value.map(Arc::from);
-        let k = (t, key.clone());
-        let before = self.overlay.insert(k.clone(), value.clone());
+        let k = (t, key);
+        let before = self.overlay.insert(k.clone(), value);
         self.undo.push(Undo::Key(k, before));
-        self.ops.push((t, key, value));
     }
 
     fn remember_timer(&mut self, id: CaseId, timer: Option<Timer>) {
@@ -640,7 +642,6 @@ impl<'s> Tx<'s> {
     /// Where this transaction stands now.
     pub fn savepoint(&self) -> Savepoint {
         Savepoint {
-            ops: self.ops.len(),
             undo: self.undo.len(),
             hooks: self.on_commit.len(),
         }
@@ -649,7 +650,6 @@ impl<'s> Tx<'s> {
     /// Forgets everything written since `sp` (a step that failed half
     /// way), keeping what came before.
     pub fn rollback(&mut self, sp: Savepoint) {
-        self.ops.truncate(sp.ops);
         self.on_commit.truncate(sp.hooks);
         while self.undo.len() > sp.undo {
             match self.undo.pop() {
