@@ -473,22 +473,28 @@ Content-Type: text/html; charset=utf-8\r\n\r\n<div>Replaced the fuser.</div>\
     );
 }
 
-#[test]
-fn a_follow_up_starting_with_a_digit_is_not_a_rating() {
-    // Input: after the survey, "3rd floor printer still jams!" (short,
-    // starts with 1-5) was taken as CSAT 3 and the case stayed resolved.
-    let c = config();
+/// Alice's case, resolved an hour after it opened, its survey queued.
+fn resolved_with_survey(c: &Config) -> (Case, Ctx<'_>) {
     let (mut case, _) = new_case(
-        &c,
+        c,
         at(MON_9),
         &mail("alice@example.org", "Printer", "", "help"),
         1,
     );
     let ctx = Ctx {
-        config: &c,
+        config: c,
         now: at("2026-11-23T10:00:00Z"),
     };
     assert_eq!(resolve_case(&mut case, "agent", &ctx), vec![Action::Survey]);
+    (case, ctx)
+}
+
+#[test]
+fn a_follow_up_starting_with_a_digit_is_not_a_rating() {
+    // Input: after the survey, "3rd floor printer still jams!" (short,
+    // starts with 1-5) was taken as CSAT 3 and the case stayed resolved.
+    let c = config();
+    let (mut case, ctx) = resolved_with_survey(&c);
     for text in [
         "3rd floor printer still jams!",
         "2 more printers broke",
@@ -510,17 +516,7 @@ fn a_follow_up_starting_with_a_digit_is_not_a_rating() {
 #[test]
 fn csat_reply_is_recorded_and_other_replies_reopen_or_start_anew() {
     let c = config();
-    let (mut case, _) = new_case(
-        &c,
-        at(MON_9),
-        &mail("alice@example.org", "Printer", "", "help"),
-        1,
-    );
-    let ctx = Ctx {
-        config: &c,
-        now: at("2026-11-23T10:00:00Z"),
-    };
-    assert_eq!(resolve_case(&mut case, "agent", &ctx), vec![Action::Survey]);
+    let (mut case, ctx) = resolved_with_survey(&c);
     assert!(resolve_case(&mut case, "agent", &ctx).is_empty(), "once");
     let five = mail(
         "alice@example.org",

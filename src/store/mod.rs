@@ -308,31 +308,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Recent automatic mails to `recipient` since `since`, counted up to
-    /// `at_most` (the limit being checked: a flood's records are not all
-    /// counted for every mail). `recipient` is a key from
-    /// [`crate::suppress::recipient_key`], or [`ALL_RECIPIENTS`].
-    pub fn auto_replies_since(
-        &self,
-        recipient: &str,
-        since: DateTime<Utc>,
-        at_most: usize,
-    ) -> Result<usize> {
-        let start = codec::pair_key(recipient, &since.timestamp_millis().to_be_bytes());
-        let mut end = recipient.as_bytes().to_vec();
-        end.push(1);
-        let mut n = 0;
-        for r in self
-            .db
-            .range(Tree::AutoReplies, &start, Some(&end))
-            .take(at_most)
-        {
-            r?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
     /// Cases whose timer is at or before `now`, earliest first.
     pub fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<CaseId>> {
         let end = codec::deadline_key(now, u64::MAX);
@@ -794,8 +769,12 @@ impl<'s> Tx<'s> {
             .collect())
     }
 
-    /// See [`Store::auto_replies_since`]; counts this transaction's too.
-    /// Reads only the window, however many older records there are.
+    /// Recent automatic mails to `recipient` since `since`, this
+    /// transaction's included, counted up to `at_most` (the limit being
+    /// checked: a flood's records are not all counted for every mail).
+    /// `recipient` is a key from [`crate::suppress::recipient_key`], or
+    /// [`ALL_RECIPIENTS`]. Reads only the window, however many older
+    /// records there are.
     pub fn auto_replies_since(
         &self,
         recipient: &str,
