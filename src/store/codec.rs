@@ -169,3 +169,203 @@ mod tests {
         assert_eq!(deadline_at(&deadline_key(early, 3)), Some(early));
     }
 }
+
+/// The per-case facts are read a million at a time by `stats`: they are
+/// kept in a compact binary form (version byte 1), and facts written as
+/// JSON by older releases are still read.
+pub(super) mod facts {
+    use chrono::{DateTime, Utc};
+
+    use crate::case::{Reason, Status};
+    use crate::stats::{Facts, Stint};
+
+    const V1: u8 = 1;
+
+    struct Writer(Vec<u8>);
+
+    impl Writer {
+        fn u8(&mut self, v: u8) {
+            self.0.push(v);
+        }
+        fn u64(&mut self, v: u64) {
+            self.0.extend_from_slice(&v.to_be_bytes());
+        }
+        fn time(&mut self, t: DateTime<Utc>) {
+            self.0
+                .extend_from_slice(&t.timestamp_millis().to_be_bytes());
+        }
+        fn opt_time(&mut self, t: Option<DateTime<Utc>>) {
+            match t {
+                Some(t) => {
+                    self.u8(1);
+                    self.time(t);
+                }
+                None => self.u8(0),
+            }
+        }
+        fn str(&mut self, s: &str) {
+            // Longer texts are cut at a character boundary: facts hold
+            // names and short subjects.
+            let mut end = s.len().min(u16::MAX as usize);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.0.extend_from_slice(&(end as u16).to_be_bytes());
+            self.0.extend_from_slice(&s.as_bytes()[..end]);
+        }
+        fn count(&mut self, n: usize) {
+            self.0
+                .extend_from_slice(&(n.min(u16::MAX as usize) as u16).to_be_bytes());
+        }
+    }
+
+    pub(in crate::store) fn encode(f: &Facts) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(128));
+        w.u8(V1);
+        w.u64(f.id);
+        w.str(&f.customer);
+        w.str(&f.subject);
+        w.time(f.created_at);
+        w.u8(match f.status {
+            Status::Open => 0,
+            Status::Answered => 1,
+            Status::Resolved => 2,
+        });
+        w.str(&f.tier);
+        w.u8(f.repeat_customer as u8);
+        w.opt_time(f.first_answer_at);
+        w.opt_time(f.resolved_at);
+        w.u8(f.csat.unwrap_or(0));
+        let stints = &f.stints[..f.stints.len().min(u16::MAX as usize)];
+        w.count(stints.len());
+        for s in stints {
+            w.str(&s.tier);
+            w.time(s.from);
+            w.opt_time(s.first_answer);
+            match s.left {
+                Some((at, reason)) => {
+                    w.u8(1);
+                    w.time(at);
+                    w.u8(match reason {
+                        Reason::Stale => 0,
+                        Reason::RepeatCustomer => 1,
+                        Reason::Trigger => 2,
+                        Reason::Manual => 3,
+                    });
+                }
+                None => w.u8(0),
+            }
+            w.u8(s.deadline_missed as u8);
+        }
+        let triggers = &f.triggers[..f.triggers.len().min(u16::MAX as usize)];
+        w.count(triggers.len());
+        for t in triggers {
+            w.str(t);
+        }
+        w.0
+    }
+
+    struct Reader<'a>(&'a [u8]);
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+            self.0 = rest;
+            Some(head)
+        }
+        fn u8(&mut self) -> Option<u8> {
+            self.take(1).map(|b| b[0])
+        }
+        fn u16(&mut self) -> Option<usize> {
+            Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize)
+        }
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+        }
+        fn time(&mut self) -> Option<DateTime<Utc>> {
+            let ms = i64::from_be_bytes(self.take(8)?.try_into().ok()?);
+            DateTime::from_timestamp_millis(ms)
+        }
+        fn opt_time(&mut self) -> Option<Option<DateTime<Utc>>> {
+            match self.u8()? {
+                0 => Some(None),
+                1 => Some(Some(self.time()?)),
+                _ => None,
+            }
+        }
+        fn str(&mut self) -> Option<String> {
+            let n = self.u16()?;
+            String::from_utf8(self.take(n)?.to_vec()).ok()
+        }
+    }
+
+    /// None when the bytes are not facts of version 1.
+    pub(in crate::store) fn decode(bytes: &[u8]) -> Option<Facts> {
+        let mut r = Reader(bytes);
+        if r.u8()? != V1 {
+            return None;
+        }
+        let id = r.u64()?;
+        let customer = r.str()?;
+        let subject = r.str()?;
+        let created_at = r.time()?;
+        let status = match r.u8()? {
+            0 => Status::Open,
+            1 => Status::Answered,
+            2 => Status::Resolved,
+            _ => return None,
+        };
+        let tier = r.str()?;
+        let repeat_customer = r.u8()? != 0;
+        let first_answer_at = r.opt_time()?;
+        let resolved_at = r.opt_time()?;
+        let csat = Some(r.u8()?).filter(|v| *v != 0);
+        let mut stints = Vec::new();
+        for _ in 0..r.u16()? {
+            let tier = r.str()?;
+            let from = r.time()?;
+            let first_answer = r.opt_time()?;
+            let left = match r.u8()? {
+                0 => None,
+                1 => {
+                    let at = r.time()?;
+                    let reason = match r.u8()? {
+                        0 => Reason::Stale,
+                        1 => Reason::RepeatCustomer,
+                        2 => Reason::Trigger,
+                        3 => Reason::Manual,
+                        _ => return None,
+                    };
+                    Some((at, reason))
+                }
+                _ => return None,
+            };
+            let deadline_missed = r.u8()? != 0;
+            stints.push(Stint {
+                tier,
+                from,
+                first_answer,
+                left,
+                deadline_missed,
+            });
+        }
+        let mut triggers = Vec::new();
+        for _ in 0..r.u16()? {
+            triggers.push(r.str()?);
+        }
+        r.0.is_empty().then_some(Facts {
+            id,
+            customer,
+            subject,
+            created_at,
+            status,
+            tier,
+            repeat_customer,
+            first_answer_at,
+            resolved_at,
+            csat,
+            stints,
+            triggers,
+        })
+    }
+}

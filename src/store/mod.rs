@@ -65,6 +65,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("stored record {key} is malformed")]
+    Malformed { key: String },
     #[error("cannot encode a record")]
     Encode(#[source] serde_json::Error),
     /// Writing on would risk a half-written store: sled cannot recover
@@ -398,7 +400,7 @@ impl Store {
         };
         self.db
             .range(Tree::Facts, &start, Some(b"d"))
-            .map(|r| r.and_then(|(k, v)| codec::decode(Tree::Facts, &k, &v)))
+            .map(|r| r.and_then(|(k, v)| decode_facts(&k, &v)))
     }
 
     /// Facts of every unresolved case.
@@ -409,7 +411,12 @@ impl Store {
                 Err(e) => return Some(Err(e)),
             };
             let (at, id) = codec::unresolved_entry(&k, &v)?;
-            self.get(Tree::Facts, &codec::facts_key(at, id)).transpose()
+            let key = codec::facts_key(at, id);
+            match self.db.get(Tree::Facts, &key) {
+                Ok(Some(v)) => Some(decode_facts(&key, &v)),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
         })
     }
 
@@ -849,12 +856,12 @@ impl<'s> Tx<'s> {
 
     /// A case's facts, unresolved entry and open count.
     fn case_indexes(&mut self, case: &Case) -> Result<()> {
-        let facts = Facts::of(case);
-        self.put_record(
+        let facts = codec::facts::encode(&Facts::of(case));
+        self.put(
             Tree::Facts,
             codec::facts_key(case.created_at, case.id),
-            &facts,
-        )?;
+            facts,
+        );
         let ukey = codec::unresolved_key(case.id);
         let old_tier = self
             .get_bytes(Tree::Facts, &ukey)?
@@ -1013,6 +1020,16 @@ impl Lookup for Tx<'_> {
     fn case(&self, id: CaseId) -> Result<Option<Case>> {
         self.get(Tree::Cases, &id_key(id))
     }
+}
+
+/// Facts in the compact form, or as JSON from an older release.
+fn decode_facts(key: &[u8], value: &[u8]) -> Result<Facts> {
+    if value.first() == Some(&b'{') {
+        return codec::decode(Tree::Facts, key, value);
+    }
+    codec::facts::decode(value).ok_or_else(|| StoreError::Malformed {
+        key: format!("Facts/{}", String::from_utf8_lossy(key)),
+    })
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {

@@ -478,3 +478,44 @@ fn a_store_from_before_the_case_index_is_upgraded() {
     assert_eq!(ok(s.cases_with_message_id("old@example.org")), vec![4]);
     assert_eq!(ok(s.open_cases_by_tier()).get("T1"), Some(&1));
 }
+
+#[test]
+fn facts_round_trip_compactly_and_old_json_facts_are_read() {
+    use crate::case::Reason;
+    let mut c = case(7, "T1", 1000);
+    c.push(
+        at(1500),
+        EventKind::Escalated {
+            from: "T1".into(),
+            to: "T2".into(),
+            reason: Reason::Trigger,
+            detail: "phrase \"supervisor\"".into(),
+        },
+    );
+    c.tier = "T2".into();
+    c.csat = Some(4);
+    c.subject = "İade talebi ✓".into();
+    let facts = Facts::of(&c);
+    let bytes = codec::facts::encode(&facts);
+    assert_eq!(codec::facts::decode(&bytes), Some(facts.clone()));
+    assert!(
+        bytes.len() < serde_json::to_vec(&facts).unwrap().len() / 2,
+        "compact"
+    );
+    assert!(
+        codec::facts::decode(&bytes[..bytes.len() - 1]).is_none(),
+        "cut short"
+    );
+    // Facts an older release wrote as JSON still read.
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_sled(&dir.path().join("s"));
+    let json = serde_json::to_vec(&facts).unwrap();
+    let ops: Vec<sled::Op> = vec![(
+        Tree::Facts,
+        codec::facts_key(facts.created_at, facts.id),
+        Some(json.into()),
+    )];
+    ok(s.db.apply(&ops));
+    let read: Vec<Facts> = s.facts_since(None).map(ok).collect();
+    assert_eq!(read, vec![facts]);
+}
