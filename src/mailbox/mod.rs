@@ -27,6 +27,8 @@ const CHUNK: usize = 200;
 /// quarantined with the server's words (and the cursor may pass it).
 const FETCH_ATTEMPTS: u32 = 3;
 const CHUNK_BYTES: u64 = 32 << 20;
+/// Most message bytes one ingest transaction holds before it commits.
+const TX_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -336,7 +338,22 @@ impl Watcher {
                     (None, None) => {} // expunged meanwhile
                 }
             }
-            let outcomes = self.ingestor.ingest_batch(&items)?;
+            // One transaction per few MB: the transaction holds its
+            // messages' bytes until it commits.
+            let mut outcomes = Vec::with_capacity(items.len());
+            let mut start = 0;
+            while start < items.len() {
+                let mut end = start;
+                let mut bytes = 0;
+                while end < items.len() && (end == start || bytes < TX_BYTES) {
+                    if let Item::Bytes { raw, .. } = items[end].1 {
+                        bytes += raw.len();
+                    }
+                    end += 1;
+                }
+                outcomes.extend(self.ingestor.ingest_batch(&items[start..end])?);
+                start = end;
+            }
             drop(items);
             bodies.clear();
             refused.clear();
