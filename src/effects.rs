@@ -289,7 +289,7 @@ impl<'a> Effects<'a> {
 
     /// Checks the automatic-mail limits: per recipient (plus-addressed
     /// variants are one), and for acks the global hourly one. Mails queued
-    /// earlier in this batch count too.
+    /// earlier in this transaction count too.
     fn within_limit(
         &mut self,
         tx: &mut Tx<'_>,

@@ -1,8 +1,9 @@
-//! Ingest: one raw message → parse → thread → policy → one store
-//! transaction. The transaction holds the message, its indexes, its case,
-//! the outbox entries it causes and the mailbox cursor, so a crash leaves
-//! either all of it or none; re-fetching after a crash finds the message
-//! stored (same Message-ID and content) and ingests nothing twice.
+//! Ingest: raw messages → parse → thread → policy → one store
+//! transaction per run of fetched messages. The transaction holds each
+//! message, its indexes, its case, the outbox entries it causes and the
+//! mailbox cursor, so a crash leaves either all of it or none; re-fetching
+//! after a crash finds the messages stored (same Message-ID and content)
+//! and ingests nothing twice.
 //!
 //! Anything that panics on the way is caught: the message goes to
 //! quarantine with the error, and the messages after it carry on.

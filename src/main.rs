@@ -193,8 +193,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go through a writer thread: ingest logs while it holds the
-/// store's write lock, and a stderr nobody reads (a full pipe) must not
+/// Logs go through a writer thread: ingest logs while it is inside a
+/// store transaction, and a stderr nobody reads (a full pipe) must not
 /// stop mail from being taken in. If the writer falls behind by its whole
 /// buffer, lines are dropped rather than work blocked. The guard flushes
 /// what is left when main returns.
