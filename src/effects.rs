@@ -318,10 +318,17 @@ impl<'a> Effects<'a> {
                 self.now - chrono::Duration::hours(1),
                 global,
             )?;
-            if all >= global {
+            // A flood's senders are new (forged) addresses; a customer
+            // with an earlier case is still told their case number.
+            let known = tx
+                .customer_cases(&case.customer)?
+                .iter()
+                .any(|c| *c != case.id);
+            if all >= global && !known {
                 let reason = format!(
                     "{what} not sent: the global limit of {global} automatic mails per hour \
-                     (cases.auto_reply_global_limit) is reached"
+                     (cases.auto_reply_global_limit) is reached, and {} has no earlier case",
+                    case.customer
                 );
                 global_limit_reached(global);
                 return Ok(self.held(case, reason, "global"));

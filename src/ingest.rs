@@ -754,9 +754,17 @@ From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <g1@x>
             EventKind::AckSuppressed { limit: Some(l), reason }
                 if l == "global" && reason.contains("auto_reply_global_limit")
         )));
+        // A customer with an earlier case still gets their ack.
+        let raw = b"From: s1@example1.org\r\nSubject: other\r\nMessage-ID: <known@x>\r\n\r\nb\r\n";
+        match ing.ingest(Some(&src(1, 20)), raw, None).unwrap() {
+            Outcome::Stored {
+                new: true, queued, ..
+            } => assert_eq!(queued, 1, "known sender"),
+            o => panic!("{o:?}"),
+        }
         clock.advance(chrono::Duration::minutes(61));
         let raw = b"From: late@example.org\r\nSubject: x\r\nMessage-ID: <late@x>\r\n\r\nb\r\n";
-        match ing.ingest(Some(&src(1, 9)), raw, None).unwrap() {
+        match ing.ingest(Some(&src(1, 21)), raw, None).unwrap() {
             Outcome::Stored { queued, .. } => assert_eq!(queued, 1, "the hour moved on"),
             o => panic!("{o:?}"),
         }
