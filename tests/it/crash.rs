@@ -141,9 +141,12 @@ async fn crash_sigkill_at_random_moments_loses_and_doubles_nothing() {
     users.extend((0..customers).map(|c| format!("c{c}")));
     let users_ref: Vec<&str> = users.iter().map(String::as_str).collect();
     let s = Setup::with_tiers(&users_ref, &cfg_tiers());
+    // Short against the default 5m so the test ends soon, long enough
+    // that a confirmation copy delayed by a loaded machine still counts
+    // (3 s once let a copy arrive late and the ack go out twice).
     let text = std::fs::read_to_string(&s.config).unwrap().replacen(
         "[store]",
-        "confirm_wait = \"3s\"\n\n[store]",
+        "confirm_wait = \"10s\"\n\n[store]",
         1,
     );
     std::fs::write(&s.config, text).unwrap();
