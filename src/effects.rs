@@ -10,7 +10,7 @@ use crate::case::{rfc3339, Case, CaseId, EventKind, Reason};
 use crate::config::Config;
 use crate::outbox::compose::{self, Envelope};
 use crate::policy::{self, Action, Ctx};
-use crate::record::{MessageRecord, OutboxEntry, OutboxState};
+use crate::record::{OutboxEntry, OutboxState};
 use crate::store::{Sequence, Store, StoreError, Tx, ALL_RECIPIENTS};
 use crate::suppress::recipient_key;
 use crate::thread::{MailKind, OwnId};
@@ -33,8 +33,6 @@ pub enum EffectsError {
 pub struct Effects<'a> {
     pub config: &'a Config,
     pub now: DateTime<Utc>,
-    /// The message being ingested (its bytes, to attach to a forward).
-    pub current: Option<(&'a MessageRecord, &'a [u8])>,
 }
 
 /// Writes a changed case and queues the mails for `actions`, in `tx`:
@@ -110,11 +108,7 @@ fn global_limit_reached(limit: usize) {
 
 impl<'a> Effects<'a> {
     pub fn new(config: &'a Config, now: DateTime<Utc>) -> Self {
-        Effects {
-            config,
-            now,
-            current: None,
-        }
+        Effects { config, now }
     }
 
     /// Queues the mails for `actions`; returns how many were queued.
@@ -647,18 +641,13 @@ impl<'a> Effects<'a> {
         let mut attached_bytes = 0;
         let mut left_out = 0;
         for seq in &case.messages {
-            let (record, raw_len) = match self.current {
-                Some((rec, raw)) if rec.seq == *seq => (rec.clone(), raw.len()),
-                _ => match tx.message(*seq)? {
-                    // Only headers are stored of a message over the size
-                    // limit; its record's size is the real one.
-                    Some(r) => {
-                        let len = if r.truncated { 0 } else { r.size };
-                        (r, len)
-                    }
-                    None => continue,
-                },
+            // The message being ingested is in the transaction already.
+            let Some(record) = tx.message(*seq)? else {
+                continue;
             };
+            // Only headers are stored of a message over the size limit;
+            // its record's size is the real one.
+            let raw_len = if record.truncated { 0 } else { record.size };
             let from = record
                 .from
                 .as_ref()
@@ -748,6 +737,7 @@ fn human(d: std::time::Duration) -> String {
 mod tests {
     use super::*;
     use crate::case::Reason;
+    use crate::record::MessageRecord;
     use std::path::Path;
 
     fn config(dir: &Path) -> Config {

@@ -296,10 +296,7 @@ impl Watcher {
             // When these messages were first seen: the start of the
             // ingest latency metric.
             let seen = std::time::Instant::now();
-            let Fetched {
-                mut bodies,
-                mut refused,
-            } = match self.fetch_chunk(s, chunk).await {
+            let Fetched { bodies, refused } = match self.fetch_chunk(s, chunk).await {
                 Ok(f) => f,
                 Err(e) => {
                     self.note_trouble(folder, validity, chunk, &e);
@@ -310,7 +307,7 @@ impl Watcher {
                 self.clear_trouble_at(folder, chunk[0]);
             }
             // In UID order, so the cursor only ever moves forward over
-            // messages that are stored; the whole chunk in one transaction.
+            // messages that are stored.
             let src = |uid| Source {
                 folder: folder.clone(),
                 uid_validity: validity,
@@ -354,9 +351,6 @@ impl Watcher {
                 outcomes.extend(self.ingestor.ingest_batch(&items[start..end])?);
                 start = end;
             }
-            drop(items);
-            bodies.clear();
-            refused.clear();
             let m = &crate::metrics::METRICS;
             for outcome in outcomes {
                 let label = match outcome {

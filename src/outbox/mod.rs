@@ -216,13 +216,28 @@ impl Outbox {
         tests::maybe_panic(entry.id);
         // The list came from a snapshot: the entry may have been settled
         // since (its confirmation copy arrived, a person failed or retried
-        // it). Re-read it, and claim it as `sending`, under the lock.
-        let Some(mut entry) = self.store.outbox_entry(entry.id)? else {
-            return Ok(OutboxState::Failed);
+        // it). It is read again and claimed as `sending` in one transaction.
+        let now = self.clock.now();
+        let claimed = self.store.transact(|tx| {
+            let Some(mut e) = tx.outbox_entry(entry.id)? else {
+                return Ok::<_, StoreError>(Err(OutboxState::Failed));
+            };
+            if !e.state.is_pending() {
+                return Ok(Err(e.state));
+            }
+            if e.state == OutboxState::Sending {
+                tracing::warn!("sending again after an interruption mid-send; the recipient may see it twice (same Message-ID)");
+            }
+            e.state = OutboxState::Sending;
+            e.attempts += 1;
+            e.attempt_at = Some(now);
+            tx.put_outbox(&e, None)?;
+            Ok(Ok(e))
+        })?;
+        let mut entry = match claimed {
+            Ok(e) => e,
+            Err(state) => return Ok(state),
         };
-        if !entry.state.is_pending() {
-            return Ok(entry.state);
-        }
         let stored = self.store.outbox_raw(entry.id)?;
         let Some(raw) = stored.map(|r| expand(&self.store, &entry, r)).transpose()? else {
             entry.state = OutboxState::Failed;
@@ -230,26 +245,6 @@ impl Outbox {
             self.finish(&entry)?;
             return Ok(entry.state);
         };
-        if entry.state == OutboxState::Sending {
-            tracing::warn!("sending again after an interruption mid-send; the recipient may see it twice (same Message-ID)");
-        }
-        entry.state = OutboxState::Sending;
-        entry.attempts += 1;
-        entry.attempt_at = Some(self.clock.now());
-        let claimed = self.store.transact(|tx| {
-            // Still ours: nothing settled it between the read and now.
-            match tx.outbox_entry(entry.id)? {
-                Some(e) if e.state.is_pending() => {
-                    tx.put_outbox(&entry, None)?;
-                    Ok::<_, StoreError>(None)
-                }
-                Some(e) => Ok(Some(e.state)),
-                None => Ok(Some(OutboxState::Failed)),
-            }
-        })?;
-        if let Some(state) = claimed {
-            return Ok(state);
-        }
         // Durable before the effect: a crash from here on resends.
         self.store.flush_async().await?;
         let mut rcpt = entry.to.clone();

@@ -270,19 +270,6 @@ impl Store {
         self.db.get(Tree::Raw, &id_key(seq))
     }
 
-    /// Cases of a customer, oldest first.
-    pub fn customer_cases(&self, email: &str) -> Result<Vec<CaseId>> {
-        let prefix = codec::pair_key(email, &[]);
-        let mut out = Vec::new();
-        for r in self.db.prefix(Tree::Customers, &prefix) {
-            let (k, _) = r?;
-            if let Some(id) = codec::read_u64(&k[prefix.len()..]) {
-                out.push(id);
-            }
-        }
-        Ok(out)
-    }
-
     /// Is the exact message (by ID and content) already stored?
     pub fn has_message(&self, message_id: &str, content_hash: &str) -> Result<bool> {
         self.db.contains(
@@ -729,24 +716,12 @@ impl<'s> Tx<'s> {
         self.get(Tree::Messages, &id_key(seq))
     }
 
-    pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
-        self.get_bytes(Tree::Raw, &id_key(seq))
-    }
-
     pub fn cursor(&self, folder: &str) -> Result<Option<Cursor>> {
         self.get(Tree::Cursors, folder.as_bytes())
     }
 
     pub fn outbox_entry(&self, id: u64) -> Result<Option<OutboxEntry>> {
         self.get(Tree::Outbox, &id_key(id))
-    }
-
-    pub fn quarantine_entry(&self, id: u64) -> Result<Option<QuarantineEntry>> {
-        self.get(Tree::Quarantine, &id_key(id))
-    }
-
-    pub fn quarantine_raw(&self, id: u64) -> Result<Option<Vec<u8>>> {
-        self.get_bytes(Tree::Quarantine, &codec::quarantine_raw_key(id))
     }
 
     /// See [`Store::has_message`].
@@ -766,7 +741,7 @@ impl<'s> Tx<'s> {
             .collect())
     }
 
-    /// See [`Store::customer_cases`].
+    /// Cases of a customer, oldest first (this transaction's included).
     pub fn customer_cases(&self, email: &str) -> Result<Vec<CaseId>> {
         let prefix = codec::pair_key(email, &[]);
         Ok(self
