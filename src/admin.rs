@@ -543,6 +543,38 @@ mod tests {
     use crate::ingest::tests::{setup, src};
 
     #[test]
+    fn outbox_show_decodes_what_the_mailbox_holds_encoded() {
+        // Input: the demo showed raw quoted-printable (`=E2=80=94`) where a
+        // person expects to read the mail.
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        let raw = "From: Jörg <joerg@example.org>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe_=E2=80=94_Drucker?=\r\n\
+Message-ID: <q1@x>\r\n\r\nkaputt\r\n";
+        ing.ingest(Some(&src(1, 1)), raw.as_bytes(), None).unwrap();
+        let stored = ing.store.outbox_raw(1).unwrap().unwrap();
+        let stored = String::from_utf8_lossy(&stored);
+        assert!(
+            stored.contains("=C3") || stored.contains("=E2") || stored.contains("base64"),
+            "{stored}"
+        );
+        let out = handle(&ing, &Request::OutboxShow { id: 1 }).unwrap();
+        assert_eq!(out.code, 0);
+        assert!(out.output.contains("Grüße — Drucker"), "{}", out.output);
+        assert!(
+            !out.output.contains("=C3") && !out.output.contains("=E2"),
+            "{}",
+            out.output
+        );
+        assert!(
+            out.output.contains("To: joerg@example.org"),
+            "{}",
+            out.output
+        );
+        let none = handle(&ing, &Request::OutboxShow { id: 99 }).unwrap();
+        assert_eq!(none.code, 1);
+    }
+
+    #[test]
     fn admin_output_escapes_terminal_controls_and_json_stays_exact() {
         // Attack: a subject and name with ESC sequences and CR, printed by
         // `cases list`/`cases show`: they could retitle or clear the

@@ -355,6 +355,31 @@ async fn answer(mut conn: tokio::net::TcpStream, store: &Arc<Store>) -> std::io:
 mod tests {
     use super::*;
 
+    #[test]
+    fn held_automatic_mail_is_counted_by_limit() {
+        let held = |limit: &str| Event {
+            at: chrono::Utc::now(),
+            what: EventKind::AckSuppressed {
+                reason: "x".into(),
+                limit: Some(limit.into()),
+            },
+        };
+        let before = METRICS.auto_mail_held.get(&[("limit", "global")]);
+        committed(&[held("global"), held("global"), held("recipient")]);
+        assert_eq!(
+            METRICS.auto_mail_held.get(&[("limit", "global")]),
+            before + 2
+        );
+        let mut out = String::new();
+        METRICS
+            .auto_mail_held
+            .render(&mut out, "escalator_auto_mail_held_total", "h");
+        assert!(
+            out.contains("escalator_auto_mail_held_total{limit=\"global\"}"),
+            "{out}"
+        );
+    }
+
     #[tokio::test]
     async fn the_endpoint_serves_a_bounded_number_of_connections() {
         // Attack: thousands of idle connections to the metrics port, each

@@ -248,6 +248,10 @@ pub(crate) mod tests {
         assert_eq!(sched.pass().unwrap(), 3);
         let parked = ing.store.case(2).unwrap().unwrap();
         assert!(parked.timer.is_none());
+        let json = parked.summary_json();
+        assert!(json["timer_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("test-induced failure")));
         let p = parked.parked_timer.clone().unwrap();
         assert!(p.error.contains("test-induced failure firing case 2"));
         assert!(parked
