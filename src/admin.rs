@@ -123,15 +123,16 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
             let Some(case) = store.case(id)? else {
                 return Ok(Response::fail(format!("no case #{id}\n")));
             };
+            let history = store.history(id)?;
             let mut messages = Vec::new();
-            for seq in &case.messages {
-                if let Some(m) = store.message(*seq)? {
+            for seq in store.case_messages(id)? {
+                if let Some(m) = store.message(seq)? {
                     messages.push(m);
                 }
             }
             if as_json {
                 let mut v = case.summary_json();
-                v["history"] = serde_json::to_value(&case.history).unwrap_or_default();
+                v["history"] = serde_json::to_value(&history).unwrap_or_default();
                 v["message_list"] = serde_json::to_value(
                     messages
                         .iter()
@@ -199,7 +200,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                 }
             }
             out.push_str("\nHistory:\n");
-            for e in &case.history {
+            for e in &history {
                 out.push_str(&format!("  {}\n", printable(&event_line(e))));
             }
             Ok(Response::ok(out))
@@ -431,8 +432,9 @@ pub fn stats_report(
     let window = store
         .facts_since(since)
         .map_while(|r| r.map_err(|e| window_err = Some(e)).ok());
+    // The window's own unresolved cases come with its facts.
     let open = store
-        .unresolved()
+        .unresolved(since)
         .map_while(|r| r.map_err(|e| open_err = Some(e)).ok());
     let report = crate::stats::report(window, open, &tiers, since, now);
     match window_err.or(open_err) {

@@ -18,7 +18,13 @@ pub enum Status {
     Resolved,
 }
 
-/// A case as stored.
+/// A case as stored: the summary of the case; its messages and history
+/// are kept as records of their own.
+///
+/// The store keeps this record in a positional binary encoding: a field
+/// added, removed or moved here, or a variant inserted before others in
+/// an enum it holds, needs a new record version in `store::codec` (with
+/// a reader for the old one). Add enum variants at the end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Case {
     pub id: CaseId,
@@ -34,8 +40,15 @@ pub struct Case {
     pub priority: Option<String>,
     /// People the customer had in To/Cc: their replies join the case.
     pub participants: Vec<String>,
-    /// Keys of the stored messages, in arrival order.
-    pub messages: Vec<u64>,
+    /// How many messages the case holds. Their keys are kept apart from
+    /// the case (`Store::case_messages`), so adding one to a long case
+    /// does not rewrite the whole list.
+    #[serde(default)]
+    pub message_count: u64,
+    /// Messages added since the case was read, in arrival order: the
+    /// store appends them when it writes the case.
+    #[serde(skip)]
+    pub new_messages: Vec<u64>,
     pub escalations: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -54,7 +67,7 @@ pub struct Case {
     /// A timer whose firing failed (a panic in the rules): taken out of
     /// the index so it cannot stop the scheduler again, kept here with
     /// the error until a person re-arms it (`escalator cases retry`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub parked_timer: Option<ParkedTimer>,
     /// The deadline passed at the top tier with no answer.
     #[serde(default)]
@@ -93,11 +106,15 @@ pub struct Case {
     /// `repeat_customer.within` when this one opened.
     #[serde(default)]
     pub repeat_customer: bool,
-    pub history: Vec<Event>,
-    /// How many events the stored record had when read: those after it
-    /// are new, and are counted in metrics once the write commits.
+    /// How many events the case's history holds. Like the messages, the
+    /// events are kept apart from the case (`Store::history`).
+    #[serde(default)]
+    pub event_count: u64,
+    /// Events since the case was read, oldest first: the store appends
+    /// them to the history when it writes the case, and the metrics
+    /// count them once that commits.
     #[serde(skip)]
-    pub stored_events: usize,
+    pub new_events: Vec<Event>,
 }
 
 /// A case's next timer.
@@ -303,7 +320,8 @@ impl Case {
             tier: tier.to_string(),
             priority: None,
             participants: Vec::new(),
-            messages: Vec::new(),
+            message_count: 0,
+            new_messages: Vec::new(),
             escalations: 0,
             created_at: now,
             updated_at: now,
@@ -326,8 +344,8 @@ impl Case {
             csat: None,
             previous_case: None,
             repeat_customer: false,
-            history: Vec::new(),
-            stored_events: 0,
+            event_count: 0,
+            new_events: Vec::new(),
         }
     }
 
@@ -337,7 +355,7 @@ impl Case {
 
     pub fn push(&mut self, at: DateTime<Utc>, what: EventKind) {
         self.updated_at = at;
-        self.history.push(Event { at, what });
+        self.new_events.push(Event { at, what });
     }
 
     /// The JSON view printed by `cases list --json`: the contract fields.
@@ -350,7 +368,7 @@ impl Case {
             "status": self.status,
             "tier": self.tier,
             "priority": self.priority,
-            "messages": self.messages.len(),
+            "messages": self.message_count + self.new_messages.len() as u64,
             "escalations": self.escalations,
             "created_at": rfc3339(self.created_at),
             "updated_at": rfc3339(self.updated_at),
@@ -382,7 +400,8 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         let mut c = Case::new(42, "a@example.org", "Help", "Frontline", "m@x", at);
-        c.messages = vec![1, 2];
+        c.message_count = 1;
+        c.new_messages = vec![2];
         c.due_at = Some(at);
         c.push(
             at,
@@ -396,7 +415,7 @@ mod tests {
         assert_eq!(j["status"], "open");
         assert_eq!(j["messages"], 2);
         assert_eq!(j["due_at"], "2026-01-01T10:00:00Z");
-        let e = serde_json::to_value(&c.history[0]).unwrap();
+        let e = serde_json::to_value(&c.new_events[0]).unwrap();
         assert_eq!(e["kind"], "ack_suppressed");
         assert_eq!(e["reason"], "x");
     }

@@ -96,14 +96,25 @@ pub fn text(
         .collect::<Result<_, _>>()?;
     let open: Vec<Facts> = store.unresolved_facts().collect::<Result<_, _>>()?;
     let tiers: Vec<String> = config.tiers.iter().map(|t| t.name.clone()).collect();
-    let report = stats::report(
-        window.iter().cloned(),
-        open.iter().map(|f| (f.tier.clone(), f.created_at)),
-        &tiers,
-        Some(start),
-        end.min(now),
-    );
+    let report = period_report(&window, &open, &tiers, start, end.min(now));
     Ok(compose(&report, &window, &open, start, end, d))
+}
+
+/// The KPIs of the period [start, end) from its facts and those of
+/// every unresolved case.
+fn period_report(
+    window: &[Facts],
+    open: &[Facts],
+    tiers: &[String],
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> stats::Report {
+    // The window's unresolved cases are counted from the window.
+    let outside = open
+        .iter()
+        .filter(|f| f.created_at < start || f.created_at >= end)
+        .map(|f| (f.tier.clone(), f.created_at));
+    stats::report(window.iter().cloned(), outside, tiers, Some(start), end)
 }
 
 /// Pure: the digest from the period's facts and the unresolved cases'.
@@ -282,13 +293,7 @@ mod tests {
             to: vec!["boss@x.org".into()],
             every: Duration::from_secs(7 * 86_400),
         };
-        let report = stats::report(
-            window.iter().cloned(),
-            open.iter().map(|f| (f.tier.clone(), f.created_at)),
-            &[],
-            Some(start),
-            end,
-        );
+        let report = period_report(&window, &open, &[], start, end);
         let text = compose(&report, &window, &open, start, end, &d);
         assert!(text.contains("Escalations in the period (1)"), "{text}");
         assert!(text.contains("#5"), "{text}");

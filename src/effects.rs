@@ -46,12 +46,8 @@ pub fn step(
     actions: Vec<Action>,
 ) -> Result<usize, EffectsError> {
     let queued = fx.apply(tx, case, actions)?;
+    let events = case.new_events.clone();
     tx.put_case(case)?;
-    let events = case
-        .history
-        .get(case.stored_events..)
-        .unwrap_or_default()
-        .to_vec();
     tx.on_commit(move || crate::metrics::committed(&events));
     Ok(queued)
 }
@@ -640,9 +636,9 @@ impl<'a> Effects<'a> {
         let mut attachments = Vec::new();
         let mut attached_bytes = 0;
         let mut left_out = 0;
-        for seq in &case.messages {
-            // The message being ingested is in the transaction already.
-            let Some(record) = tx.message(*seq)? else {
+        // The message being ingested is in the transaction already.
+        for seq in tx.case_messages(case)? {
+            let Some(record) = tx.message(seq)? else {
                 continue;
             };
             // Only headers are stored of a message over the size limit;
@@ -685,7 +681,7 @@ impl<'a> Effects<'a> {
             if attach {
                 if attached_bytes + raw_len <= MAX_ATTACHED_BYTES {
                     attached_bytes += raw_len;
-                    attachments.push(*seq);
+                    attachments.push(seq);
                 } else {
                     left_out += 1;
                 }
@@ -857,7 +853,7 @@ mod tests {
             .transact(|tx| tx.put_message(&record, big.as_bytes()))
             .unwrap();
         let mut case = Case::new(7, "eve@example.org", "logs", "Frontline", "big@x", now);
-        case.messages = vec![5];
+        case.new_messages = vec![5];
         let mut fx = Effects::new(&cfg, now);
         let forward = Action::Forward {
             tier: 1,

@@ -313,7 +313,7 @@ impl Ingestor {
                 },
             );
         }
-        case.messages.push(seq);
+        case.new_messages.push(seq);
         let actions = if new && from_sent {
             policy::on_message(&mut case, &mail, Role::SupportAgent, None, &ctx)
         } else if new {
@@ -638,8 +638,10 @@ In-Reply-To: <m1@x>\r\n\r\n#resolve\r\nFixed it.\r\n";
         let case = ing.store.case(1).unwrap().unwrap();
         assert_eq!(case.status, crate::case::Status::Answered, "clock stopped");
         assert!(case.timer.is_none() && case.due_at.is_none());
-        assert!(case
-            .history
+        assert!(ing
+            .store
+            .history(1)
+            .unwrap()
             .iter()
             .any(|e| matches!(e.what, EventKind::UnverifiedStaff { .. })));
         // The support address's own copy in the inbox counts the same.
@@ -699,8 +701,8 @@ From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <g1@x>
             }
         }
         assert_eq!(queued, 2, "two acks within the hour, then silence");
-        let case4 = ing.store.case(4).unwrap().unwrap();
-        assert!(case4.history.iter().any(|e| matches!(&e.what, EventKind::AckSuppressed { reason, .. } if reason.contains("automatic mails"))));
+        let case4 = ing.store.history(4).unwrap();
+        assert!(case4.iter().any(|e| matches!(&e.what, EventKind::AckSuppressed { reason, .. } if reason.contains("automatic mails"))));
         clock.advance(chrono::Duration::minutes(61));
         match ing.ingest(Some(&src(1, 5)), &mail(5), None).unwrap() {
             Outcome::Stored { queued, .. } => assert_eq!(queued, 1, "the window moved on"),
@@ -748,8 +750,8 @@ From: agent@example.test\r\nSubject: Re: [Case #1] topic 1\r\nMessage-ID: <g1@x>
         }
         assert_eq!(queued, 3, "three acks within the hour, then none");
         assert_eq!(ing.store.cases().count(), 8, "every message stored");
-        let held = ing.store.case(8).unwrap().unwrap();
-        assert!(held.history.iter().any(|e| matches!(
+        let held = ing.store.history(8).unwrap();
+        assert!(held.iter().any(|e| matches!(
             &e.what,
             EventKind::AckSuppressed { limit: Some(l), reason }
                 if l == "global" && reason.contains("auto_reply_global_limit")
@@ -917,7 +919,11 @@ Subject: About your order\r\nMessage-ID: <out1@x>\r\n\r\nYour order shipped.\r\n
         let case = ing.store.case(1).unwrap().unwrap();
         assert_eq!(case.customer, "bob@example.org", "the agent wrote to bob");
         assert_eq!(case.status, crate::case::Status::Answered);
-        let record = ing.store.message(case.messages[0]).unwrap().unwrap();
+        let record = ing
+            .store
+            .message(ing.store.case_messages(1).unwrap()[0])
+            .unwrap()
+            .unwrap();
         assert_eq!(record.folder, "Sent");
     }
 

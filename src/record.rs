@@ -2,6 +2,11 @@
 //! write — a stored message, an outgoing mail, a quarantined message, a
 //! folder's cursor. No behaviour beyond what the data itself says; the
 //! store imports these and no worker.
+//!
+//! The store keeps these in a positional binary encoding (as the case:
+//! see [`crate::case::Case`]): changing a struct's fields, or inserting
+//! an enum variant before others, needs a new record version in
+//! `store::codec`. Add enum variants at the end.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -41,7 +46,7 @@ pub struct MessageRecord {
     pub truncated: bool,
     pub parse_error: Option<String>,
     /// The message had more than one `From:` field; `from` is the first.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub several_from: bool,
 }
 
@@ -61,7 +66,7 @@ pub struct QuarantineEntry {
     pub sent: bool,
     /// The server would not give the message: no bytes are kept, and a
     /// retry rewinds the folder's cursor so the watcher fetches it again.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub unfetched: bool,
 }
 
@@ -105,10 +110,10 @@ pub struct OutboxEntry {
     pub attempt_at: Option<DateTime<Utc>>,
     /// Stored messages attached by reference (forwards): their bytes are
     /// put in at sending, so a forward does not copy the originals.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub attach: Vec<u64>,
     /// Makes the placeholders of `attach` impossible to guess or to write
     /// into a customer's text.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(default)]
     pub attach_nonce: String,
 }

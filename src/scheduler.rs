@@ -146,7 +146,7 @@ impl Scheduler {
                     error: error.to_string(),
                 },
             );
-            tx.put_case(&case)
+            tx.put_case(&mut case)
         })
     }
 
@@ -254,8 +254,10 @@ pub(crate) mod tests {
             .is_some_and(|e| e.contains("test-induced failure")));
         let p = parked.parked_timer.clone().unwrap();
         assert!(p.error.contains("test-induced failure firing case 2"));
-        assert!(parked
-            .history
+        assert!(ing
+            .store
+            .history(2)
+            .unwrap()
             .iter()
             .any(|e| matches!(e.what, crate::case::EventKind::TimerParked { .. })));
         for id in [1, 3] {

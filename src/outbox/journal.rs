@@ -116,7 +116,7 @@ pub fn mark_sent(
                 to: e.to.join(", "),
             },
         );
-        tx.put_case(&c)?;
+        tx.put_case(&mut c)?;
     }
     Ok(())
 }

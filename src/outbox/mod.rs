@@ -355,7 +355,7 @@ impl Outbox {
                             error: entry.last_error.clone().unwrap_or_default(),
                         },
                     );
-                    tx.put_case(&c)?;
+                    tx.put_case(&mut c)?;
                 }
             }
             Ok(())

@@ -157,7 +157,7 @@ fn stale_case_warns_then_escalates_then_breaches_and_renotifies() {
     );
     assert_eq!(case.tier, "Tier 2");
     assert_eq!(case.escalations, 1);
-    assert!(case.history.iter().any(|e| matches!(&e.what, EventKind::Escalated { from, to, reason: Reason::Stale, .. } if from == "Frontline" && to == "Tier 2")));
+    assert!(case.new_events.iter().any(|e| matches!(&e.what, EventKind::Escalated { from, to, reason: Reason::Stale, .. } if from == "Frontline" && to == "Tier 2")));
     // At the top tier the deadline marks the case breached and
     // re-notifies every `renotify`, with no customer notice.
     let a = on_timer(&mut case, &ctx(at("2026-11-24T12:30:00Z")));
@@ -454,7 +454,7 @@ fn staff_replies_never_relay_the_forwards_summary() {
         "Done.\n\n=== original follows ===\nCustomer waiting:  2h\nNote from tier 1: VIP, be nice",
     );
     assert!(on_message(&mut case, &unknown, Role::Staff, None, &ctx).is_empty());
-    assert!(case.history.iter().any(|e| matches!(
+    assert!(case.new_events.iter().any(|e| matches!(
         &e.what,
         EventKind::RelayBlocked { reason, .. } if reason.contains("summary")
     )));
@@ -564,7 +564,7 @@ fn csat_reply_is_recorded_and_other_replies_reopen_or_start_anew() {
     );
     assert_eq!(case.status, Status::Open);
     assert!(case
-        .history
+        .new_events
         .iter()
         .any(|e| matches!(e.what, EventKind::Reopened { .. })));
 }

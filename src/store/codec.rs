@@ -31,9 +31,14 @@ pub(super) enum Tree {
     /// `message_id \0 case`: the cases holding a Message-ID in case
     /// (= age) order, each once, whatever the messages' contents.
     MessageCases,
+    /// `case ++ n`: a case's n-th event (JSON: read only to show or
+    /// forward a case).
+    History,
+    /// `case ++ n`: the key of a case's n-th message.
+    CaseMessages,
 }
 
-pub(super) const TREES: [(Tree, &str); 14] = [
+pub(super) const TREES: [(Tree, &str); 16] = [
     (Tree::Meta, "meta"),
     (Tree::Cases, "cases"),
     (Tree::Messages, "messages"),
@@ -48,6 +53,8 @@ pub(super) const TREES: [(Tree, &str); 14] = [
     (Tree::OutboxPending, "outbox_pending"),
     (Tree::Facts, "facts"),
     (Tree::MessageCases, "message_cases"),
+    (Tree::History, "history"),
+    (Tree::CaseMessages, "case_messages"),
 ];
 
 impl Tree {
@@ -113,18 +120,26 @@ pub(super) fn facts_key(at: DateTime<Utc>, case: CaseId) -> Vec<u8> {
     k
 }
 
-/// `u` ++ id: present while the case is unresolved.
-pub(super) fn unresolved_key(case: CaseId) -> Vec<u8> {
+/// `u` ++ opening time ++ id: present while the case is unresolved, its
+/// value the tier holding it. In opening order, so the unresolved cases
+/// opened before a window are one range, and the facts key is the same
+/// but for its first byte.
+pub(super) fn unresolved_key(at: DateTime<Utc>, case: CaseId) -> Vec<u8> {
     let mut k = b"u".to_vec();
-    k.extend_from_slice(&id_key(case));
+    k.extend(deadline_key(at, case));
     k
 }
 
-/// An unresolved-index entry: the case's opening time and id.
-pub(super) fn unresolved_entry(k: &[u8], v: &[u8]) -> Option<(DateTime<Utc>, CaseId)> {
-    let id = read_u64(k.get(1..9)?)?;
-    let ms = i64::from_be_bytes(<[u8; 8]>::try_from(v.get(..8)?).ok()?);
-    Some((DateTime::from_timestamp_millis(ms)?, id))
+/// An unresolved-index entry: the case's facts key, opening time and
+/// tier.
+pub(super) fn unresolved_entry<'v>(
+    k: &[u8],
+    v: &'v [u8],
+) -> Option<(Vec<u8>, DateTime<Utc>, &'v [u8])> {
+    let at = deadline_at(k.get(1..)?)?;
+    let mut facts = b"c".to_vec();
+    facts.extend_from_slice(k.get(1..17)?);
+    Some((facts, at, v))
 }
 
 pub(super) fn quarantine_raw_key(id: u64) -> Vec<u8> {
@@ -140,19 +155,61 @@ pub(super) fn outbox_raw_key(id: u64) -> Vec<u8> {
     k
 }
 
+/// `case ++ n`: the n-th item of a case's list (history, messages).
+pub(super) fn item_key(case: CaseId, n: u64) -> Vec<u8> {
+    let mut k = id_key(case).to_vec();
+    k.extend_from_slice(&id_key(n));
+    k
+}
+
+/// Case records: compact (see [`encode`]). Cases written as JSON by
+/// older releases (their history and messages inline) are converted
+/// when the store opens: this tells them apart.
+pub(super) fn is_legacy_case(value: &[u8]) -> bool {
+    value.first() == Some(&b'{')
+}
+
+/// The version byte of records in postcard. JSON records (from older
+/// releases, and events) start with `{`.
+const COMPACT_V1: u8 = 1;
+
+/// A record in the compact encoding: [`COMPACT_V1`], then postcard.
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(value, vec![COMPACT_V1])
+        .map_err(|e| StoreError::EncodeBinary(e.to_string()))
+}
+
+/// A record as JSON: for the history's events, whose kinds are told
+/// apart by name (postcard cannot read a tagged enum).
+pub(super) fn encode_json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(StoreError::Encode)
 }
 
+/// A record in either encoding.
 pub(super) fn decode<T: DeserializeOwned>(
     tree: Tree,
     key: &[u8],
     value: &[u8],
 ) -> Result<T, StoreError> {
-    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
-        key: format!("{tree:?}/{}", String::from_utf8_lossy(key)),
-        source,
-    })
+    let name = || format!("{tree:?}/{}", printable_key(key));
+    match value.split_first() {
+        Some((&COMPACT_V1, rest)) => {
+            postcard::from_bytes(rest).map_err(|_| StoreError::Malformed { key: name() })
+        }
+        Some((b'{', _)) => serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+            key: name(),
+            source,
+        }),
+        _ => Err(StoreError::Malformed { key: name() }),
+    }
+}
+
+/// A key as text for an error: numbers as numbers.
+fn printable_key(key: &[u8]) -> String {
+    match read_u64(key) {
+        Some(n) => n.to_string(),
+        None => String::from_utf8_lossy(key).into_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 
-use crate::case::{Case, CaseId, Status, Timer};
+use crate::case::{Case, CaseId, Event, Status, Timer};
 use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
 use crate::stats::Facts;
 use crate::thread::Lookup;
@@ -69,6 +69,8 @@ pub enum StoreError {
     Malformed { key: String },
     #[error("cannot encode a record")]
     Encode(#[source] serde_json::Error),
+    #[error("cannot encode a record: {0}")]
+    EncodeBinary(String),
     /// Writing on would risk a half-written store: sled cannot recover
     /// from a full disk by itself, so we stop while there is room left.
     #[error(
@@ -249,16 +251,39 @@ impl Store {
             .map(move |r| r.and_then(|(k, v)| codec::decode(t, &k, &v)))
     }
 
+    /// A case's summary (its messages: [`Store::case_messages`], its
+    /// history: [`Store::history`]).
     pub fn case(&self, id: CaseId) -> Result<Option<Case>> {
-        let mut c: Option<Case> = self.get(Tree::Cases, &id_key(id))?;
-        if let Some(c) = c.as_mut() {
-            c.stored_events = c.history.len();
+        match self.db.get(Tree::Cases, &id_key(id))? {
+            None => Ok(None),
+            Some(v) => codec::decode(Tree::Cases, &id_key(id), &v).map(Some),
         }
-        Ok(c)
     }
 
     pub fn cases(&self) -> impl Iterator<Item = Result<Case>> + '_ {
-        self.scan(Tree::Cases)
+        self.db
+            .range(Tree::Cases, &[], None)
+            .map(|r| r.and_then(|(k, v)| codec::decode(Tree::Cases, &k, &v)))
+    }
+
+    /// A case's history, oldest first.
+    pub fn history(&self, id: CaseId) -> Result<Vec<Event>> {
+        self.db
+            .prefix(Tree::History, &id_key(id))
+            .map(|r| r.and_then(|(k, v)| codec::decode(Tree::History, &k, &v)))
+            .collect()
+    }
+
+    /// The keys of a case's messages, in arrival order.
+    pub fn case_messages(&self, id: CaseId) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for r in self.db.prefix(Tree::CaseMessages, &id_key(id)) {
+            let (k, v) = r?;
+            out.push(codec::read_u64(&v).ok_or_else(|| StoreError::Malformed {
+                key: format!("CaseMessages/{}", String::from_utf8_lossy(&k)),
+            })?);
+        }
+        Ok(out)
     }
 
     pub fn message(&self, seq: u64) -> Result<Option<MessageRecord>> {
@@ -390,15 +415,14 @@ impl Store {
             .map(|r| r.and_then(|(k, v)| decode_facts(&k, &v)))
     }
 
-    /// Facts of every unresolved case.
+    /// Facts of every unresolved case, oldest first.
     pub fn unresolved_facts(&self) -> impl Iterator<Item = Result<Facts>> + '_ {
         self.db.prefix(Tree::Facts, b"u").filter_map(move |r| {
             let (k, v) = match r {
                 Ok(kv) => kv,
                 Err(e) => return Some(Err(e)),
             };
-            let (at, id) = codec::unresolved_entry(&k, &v)?;
-            let key = codec::facts_key(at, id);
+            let (key, _, _) = codec::unresolved_entry(&k, &v)?;
             match self.db.get(Tree::Facts, &key) {
                 Ok(Some(v)) => Some(decode_facts(&key, &v)),
                 Ok(None) => None,
@@ -407,18 +431,26 @@ impl Store {
         })
     }
 
-    /// Every unresolved case's tier and opening time, without decoding
-    /// its facts.
-    pub fn unresolved(&self) -> impl Iterator<Item = Result<(String, DateTime<Utc>)>> + '_ {
-        self.db.prefix(Tree::Facts, b"u").filter_map(|r| {
-            let (k, v) = match r {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(e)),
-            };
-            let (at, _) = codec::unresolved_entry(&k, &v)?;
-            let tier = String::from_utf8_lossy(v.get(8..).unwrap_or_default()).into_owned();
-            Some(Ok((tier, at)))
-        })
+    /// The tier and opening time of every unresolved case opened before
+    /// `before` (all with None), oldest first, without decoding facts.
+    pub fn unresolved(
+        &self,
+        before: Option<DateTime<Utc>>,
+    ) -> impl Iterator<Item = Result<(String, DateTime<Utc>)>> + '_ {
+        let end = match before {
+            Some(t) => codec::unresolved_key(t, 0),
+            None => b"v".to_vec(),
+        };
+        self.db
+            .range(Tree::Facts, b"u", Some(&end))
+            .filter_map(|r| {
+                let (k, v) = match r {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(e)),
+                };
+                let (_, at, tier) = codec::unresolved_entry(&k, &v)?;
+                Some(Ok((String::from_utf8_lossy(tier).into_owned(), at)))
+            })
     }
 
     /// Unresolved cases by the tier holding them: counts kept in step by
@@ -504,7 +536,7 @@ impl Store {
     /// Message-IDs by case) of a store written before they existed. Runs
     /// once per index version; cheap when done.
     fn build_indexes(&self) -> Result<()> {
-        const VERSION: &[u8] = b"5";
+        const VERSION: &[u8] = b"6";
         if self.db.get(Tree::Meta, b"indexes")?.as_deref() == Some(VERSION) {
             return Ok(());
         }
@@ -526,7 +558,14 @@ impl Store {
         for chunk in cases.chunks(500) {
             self.transact(|tx| {
                 for id in chunk {
-                    if let Some(case) = tx.case(*id)? {
+                    let key = id_key(*id);
+                    let Some(v) = tx.get_bytes(Tree::Cases, &key)? else {
+                        continue;
+                    };
+                    if codec::is_legacy_case(&v) {
+                        tx.convert_legacy_case(&key, &v)?;
+                    } else {
+                        let case = codec::decode(Tree::Cases, &key, &v)?;
                         tx.case_indexes(&case)?;
                     }
                 }
@@ -701,15 +740,40 @@ impl<'s> Tx<'s> {
         self.store.key()
     }
 
+    /// A case's summary, as [`Store::case`] (this transaction's writes
+    /// included).
     pub fn case(&mut self, id: CaseId) -> Result<Option<Case>> {
-        let mut c: Option<Case> = self.get(Tree::Cases, &id_key(id))?;
-        if let Some(c) = c.as_mut() {
-            c.stored_events = c.history.len();
+        let c = self.read_case(id)?;
+        if let Some(c) = &c {
             if !self.timers.contains_key(&id) {
                 self.remember_timer(id, c.timer);
             }
         }
         Ok(c)
+    }
+
+    fn read_case(&self, id: CaseId) -> Result<Option<Case>> {
+        match self.get_bytes(Tree::Cases, &id_key(id))? {
+            None => Ok(None),
+            Some(v) => codec::decode(Tree::Cases, &id_key(id), &v).map(Some),
+        }
+    }
+
+    /// The keys of a case's messages in arrival order: the stored ones,
+    /// then those added to `case` since it was read.
+    pub fn case_messages(&self, case: &Case) -> Result<Vec<u64>> {
+        let prefix = id_key(case.id);
+        let mut out = Vec::new();
+        for k in self.prefix_keys(Tree::CaseMessages, &prefix, usize::MAX)? {
+            let v = self.get_bytes(Tree::CaseMessages, &k)?;
+            out.push(v.as_deref().and_then(codec::read_u64).ok_or_else(|| {
+                StoreError::Malformed {
+                    key: format!("CaseMessages/{}", String::from_utf8_lossy(&k)),
+                }
+            })?);
+        }
+        out.extend_from_slice(&case.new_messages);
+        Ok(out)
     }
 
     pub fn message(&self, seq: u64) -> Result<Option<MessageRecord>> {
@@ -803,14 +867,15 @@ impl<'s> Tx<'s> {
 
     // --------------------------------------------------------- writes
 
-    /// Writes a case with everything kept in step with it: its timer's
-    /// index entry, its facts, the unresolved index and the open counts.
-    pub fn put_case(&mut self, case: &Case) -> Result<()> {
+    /// Writes a case with everything kept in step with it: its new
+    /// messages and events appended to its lists (and moved out of
+    /// `case`), its timer's index entry, its facts, the unresolved index
+    /// and the open counts. Costs the same for a case of 5,000 messages
+    /// as for a new one: nothing already stored is rewritten.
+    pub fn put_case(&mut self, case: &mut Case) -> Result<()> {
         let before = match self.timers.get(&case.id) {
             Some(t) => *t,
-            None => self
-                .get::<Case>(Tree::Cases, &id_key(case.id))?
-                .and_then(|c| c.timer),
+            None => self.read_case(case.id)?.and_then(|c| c.timer),
         };
         if before != case.timer {
             if let Some(t) = before {
@@ -826,30 +891,38 @@ impl<'s> Tx<'s> {
         }
         self.remember_timer(case.id, case.timer);
         self.case_indexes(case)?;
+        for seq in std::mem::take(&mut case.new_messages) {
+            let key = codec::item_key(case.id, case.message_count);
+            self.put(Tree::CaseMessages, key, id_key(seq).to_vec());
+            case.message_count += 1;
+        }
+        for e in std::mem::take(&mut case.new_events) {
+            let key = codec::item_key(case.id, case.event_count);
+            self.put(Tree::History, key, codec::encode_json(&e)?);
+            case.event_count += 1;
+        }
         self.put_record(Tree::Cases, id_key(case.id).to_vec(), case)
     }
 
-    /// A case's facts, unresolved entry and open count.
+    /// A case's facts (updated by its new events), unresolved entry and
+    /// open count.
     fn case_indexes(&mut self, case: &Case) -> Result<()> {
-        let facts = codec::facts::encode(&Facts::of(case));
-        self.put(
-            Tree::Facts,
-            codec::facts_key(case.created_at, case.id),
-            facts,
-        );
-        let ukey = codec::unresolved_key(case.id);
-        let old_tier = self
-            .get_bytes(Tree::Facts, &ukey)?
-            .and_then(|v| v.get(8..).map(<[u8]>::to_vec));
+        let key = codec::facts_key(case.created_at, case.id);
+        let prev = match self.get_bytes(Tree::Facts, &key)? {
+            Some(v) => Some(decode_facts(&key, &v)?),
+            None => None,
+        };
+        let facts = codec::facts::encode(&Facts::update(prev, case));
+        self.put(Tree::Facts, key, facts);
+        let ukey = codec::unresolved_key(case.created_at, case.id);
+        let old_tier = self.get_bytes(Tree::Facts, &ukey)?;
         let new_tier = (case.status != Status::Resolved).then(|| case.tier.as_bytes().to_vec());
         if case.status == Status::Resolved {
             self.remove(Tree::Facts, ukey);
         } else {
-            // Opening time and tier: enough to count open cases by tier
-            // and age without decoding anything, and to find the facts.
-            let mut v = case.created_at.timestamp_millis().to_be_bytes().to_vec();
-            v.extend_from_slice(case.tier.as_bytes());
-            self.put(Tree::Facts, ukey, v);
+            // Opening time (key) and tier: enough to count open cases
+            // by tier and age without decoding anything.
+            self.put(Tree::Facts, ukey, case.tier.as_bytes().to_vec());
         }
         if old_tier != new_tier {
             for (tier, delta) in [(old_tier, -1i64), (new_tier, 1)] {
@@ -870,6 +943,34 @@ impl<'s> Tx<'s> {
             }
         }
         Ok(())
+    }
+
+    /// Version 6: a case of an older release (JSON, its history and
+    /// messages inline) becomes a summary with its lists beside it, and
+    /// its facts are computed afresh from its whole history.
+    fn convert_legacy_case(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut v: serde_json::Value = codec::decode(Tree::Cases, key, value)?;
+        let take = |v: &mut serde_json::Value, field: &str| {
+            v.as_object_mut()
+                .and_then(|o| o.remove(field))
+                .filter(|v| !v.is_null())
+                .unwrap_or_else(|| serde_json::Value::Array(Vec::new()))
+        };
+        let history = take(&mut v, "history");
+        let messages = take(&mut v, "messages");
+        let corrupt = |source| StoreError::Corrupt {
+            key: format!("Cases/{}", codec::read_u64(key).unwrap_or(0)),
+            source,
+        };
+        let mut case: Case = serde_json::from_value(v).map_err(corrupt)?;
+        case.new_events = serde_json::from_value(history).map_err(corrupt)?;
+        case.new_messages = serde_json::from_value(messages).map_err(corrupt)?;
+        case.event_count = 0;
+        case.message_count = 0;
+        // Its timer is indexed already; its facts start from nothing.
+        self.remember_timer(case.id, case.timer);
+        self.remove(Tree::Facts, codec::facts_key(case.created_at, case.id));
+        self.put_case(&mut case)
     }
 
     /// Adds a case to its customer's list (once, when it opens).
@@ -993,7 +1094,7 @@ impl Lookup for Tx<'_> {
         Tx::cases_with_message_id(self, message_id)
     }
     fn case(&self, id: CaseId) -> Result<Option<Case>> {
-        self.get(Tree::Cases, &id_key(id))
+        self.read_case(id)
     }
 }
 

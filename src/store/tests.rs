@@ -103,7 +103,7 @@ fn a_failing_transaction_leaves_nothing() {
     each_engine(|engine, open, path| {
         let s = open(path);
         let r: Result<()> = s.transact(|tx| {
-            tx.put_case(&case(1, "T1", 0))?;
+            tx.put_case(&mut case(1, "T1", 0))?;
             tx.put_message(&record(1, 1, "a@x", "h"), b"raw")?;
             tx.next_id(Sequence::Case)?;
             tx.on_commit(|| panic!("a hook of a failed transaction ran"));
@@ -131,7 +131,7 @@ fn a_transaction_reads_its_own_writes_and_rolls_back_to_a_savepoint() {
             assert!(tx.has_message("a@x", "h1")?);
             let sp = tx.savepoint();
             tx.put_message(&record(2, 2, "a@x", "h2"), b"two")?;
-            tx.put_case(&case(2, "T1", 0))?;
+            tx.put_case(&mut case(2, "T1", 0))?;
             assert_eq!(tx.cases_with_message_id("a@x")?, vec![2, 4]);
             tx.rollback(sp);
             assert_eq!(tx.cases_with_message_id("a@x")?, vec![4]);
@@ -197,7 +197,7 @@ fn timers_come_due_in_deadline_order_within_the_limit() {
                     at: at(due),
                     kind: TimerKind::Due,
                 });
-                tx.put_case(&c)?;
+                tx.put_case(&mut c)?;
             }
             Ok(())
         }));
@@ -211,10 +211,10 @@ fn timers_come_due_in_deadline_order_within_the_limit() {
                 at: at(5000),
                 kind: TimerKind::Due,
             });
-            tx.put_case(&c)?;
+            tx.put_case(&mut c)?;
             let mut c = tx.case(3)?.unwrap();
             c.timer = None;
-            tx.put_case(&c)
+            tx.put_case(&mut c)
         }));
         assert_eq!(ok(s.due_timers(at(1000), 10)), vec![1], "{engine}");
         assert_eq!(ok(s.next_timer()), Some(at(300)));
@@ -268,25 +268,25 @@ fn automatic_mail_is_counted_by_window_and_recipient() {
 fn open_case_counts_follow_tier_changes_and_resolution() {
     each_engine(|engine, open, path| {
         let s = open(path);
-        let write = |c: &Case| ok(s.transact(|tx| tx.put_case(c)));
+        let write = |c: &mut Case| ok(s.transact(|tx| tx.put_case(c)));
         let mut a = case(1, "T1", 1000);
-        let b = case(2, "T1", 1000);
-        write(&a);
-        write(&b);
-        write(&a);
+        let mut b = case(2, "T1", 1000);
+        write(&mut a);
+        write(&mut b);
+        write(&mut a);
         let counts = |v: &[(&str, u64)]| -> BTreeMap<String, u64> {
             v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
         };
         assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 2)]), "{engine}");
         a.tier = "T2".into();
-        write(&a);
+        write(&mut a);
         assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 1), ("T2", 1)]));
         a.status = Status::Resolved;
-        write(&a);
+        write(&mut a);
         assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 1)]));
-        assert_eq!(s.unresolved().count(), 1);
+        assert_eq!(s.unresolved(None).count(), 1);
         a.status = Status::Open;
-        write(&a);
+        write(&mut a);
         assert_eq!(ok(s.open_cases_by_tier()), counts(&[("T1", 1), ("T2", 1)]));
     });
 }
@@ -371,14 +371,68 @@ fn facts_come_by_opening_time() {
         let s = open(path);
         ok(s.transact(|tx| {
             for (id, created) in [(1, 500), (2, 100), (3, 300)] {
-                tx.put_case(&case(id, "T1", created))?;
+                tx.put_case(&mut case(id, "T1", created))?;
             }
             Ok(())
         }));
         let ids = |since| -> Vec<CaseId> { s.facts_since(since).map(|f| ok(f).id).collect() };
         assert_eq!(ids(None), vec![2, 3, 1], "{engine}");
         assert_eq!(ids(Some(at(200))), vec![3, 1], "{engine}");
-        assert_eq!(s.unresolved_facts().count(), 3);
+        let open: Vec<CaseId> = s.unresolved_facts().map(|f| ok(f).id).collect();
+        assert_eq!(open, vec![2, 3, 1], "{engine}");
+        // The unresolved cases opened before a window, by opening time.
+        let before = |t| -> Vec<DateTime<Utc>> { s.unresolved(t).map(|r| ok(r).1).collect() };
+        assert_eq!(before(Some(at(400))), vec![at(100), at(300)], "{engine}");
+        assert_eq!(before(None).len(), 3, "{engine}");
+    });
+}
+
+#[test]
+fn a_case_keeps_its_messages_and_history_in_order_however_it_is_written() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        let mut c = case(1, "T1", 0);
+        let event = |n: i64| Event {
+            at: at(n),
+            what: EventKind::Reopened {
+                message_id: format!("m{n}"),
+            },
+        };
+        c.new_messages = vec![10, 11];
+        c.new_events = vec![event(1), event(2)];
+        ok(s.transact(|tx| tx.put_case(&mut c)));
+        assert!(c.new_messages.is_empty() && c.new_events.is_empty());
+        // Two writes of the case in one transaction (a chunk with two
+        // replies), each from a fresh read, and one more later.
+        ok(s.transact(|tx| {
+            for seq in [12, 13] {
+                let mut c = tx.case(1)?.expect("stored");
+                c.new_messages.push(seq);
+                c.new_events.push(event(seq as i64));
+                assert_eq!(tx.case_messages(&c)?.last(), Some(&seq), "{engine}");
+                tx.put_case(&mut c)?;
+            }
+            Ok(())
+        }));
+        // A write rolled back leaves no item behind.
+        let _ = s.transact(|tx| {
+            let mut c = tx.case(1)?.expect("stored");
+            c.new_messages.push(99);
+            tx.put_case(&mut c)?;
+            Err::<(), _>(StoreError::Malformed { key: "x".into() })
+        });
+        let stored = ok(s.case(1)).unwrap();
+        assert_eq!(
+            (stored.message_count, stored.event_count),
+            (4, 4),
+            "{engine}"
+        );
+        assert_eq!(ok(s.case_messages(1)), vec![10, 11, 12, 13], "{engine}");
+        let at_: Vec<i64> = ok(s.history(1)).iter().map(|e| e.at.timestamp()).collect();
+        assert_eq!(at_, vec![1, 2, 12, 13], "{engine}");
+        // Another case's lists are its own.
+        ok(s.transact(|tx| tx.put_case(&mut case(2, "T1", 0))));
+        assert!(ok(s.case_messages(2)).is_empty() && ok(s.history(2)).is_empty());
     });
 }
 
@@ -386,7 +440,7 @@ fn facts_come_by_opening_time() {
 fn concurrent_transactions_on_one_case_lose_no_update() {
     each_engine(|engine, open, path| {
         let s = Arc::new(open(path));
-        ok(s.transact(|tx| tx.put_case(&case(1, "T1", 0))));
+        ok(s.transact(|tx| tx.put_case(&mut case(1, "T1", 0))));
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let s = s.clone();
@@ -401,7 +455,7 @@ fn concurrent_transactions_on_one_case_lose_no_update() {
                                     message_id: format!("{i}"),
                                 },
                             );
-                            tx.put_case(&c)
+                            tx.put_case(&mut c)
                         }));
                     }
                 })
@@ -410,7 +464,8 @@ fn concurrent_transactions_on_one_case_lose_no_update() {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(ok(s.case(1)).unwrap().history.len(), 8 * 25, "{engine}");
+        assert_eq!(ok(s.history(1)).len(), 8 * 25, "{engine}");
+        assert_eq!(ok(s.case(1)).unwrap().event_count, 8 * 25, "{engine}");
     });
 }
 
@@ -421,7 +476,7 @@ fn on_commit_runs_after_the_commit() {
         let seen = Arc::new(std::sync::Mutex::new(None));
         let (s2, seen2) = (s.clone(), seen.clone());
         ok(s.transact(move |tx| {
-            tx.put_case(&case(1, "T1", 0))?;
+            tx.put_case(&mut case(1, "T1", 0))?;
             tx.on_commit(move || {
                 *seen2.lock().unwrap() = Some(s2.case(1).map(|c| c.is_some()).unwrap_or(false));
             });
@@ -449,15 +504,27 @@ fn store_dir_is_private_and_the_key_survives_reopening() {
 
 #[test]
 fn a_store_from_before_the_case_index_is_upgraded() {
-    // A store written by the previous release has Message-IDs indexed
-    // by content only; opening it builds the by-case index once, and
-    // the open counts from the cases.
+    // A store written by an older release has Message-IDs indexed by
+    // content only and cases as JSON with their history and messages
+    // inline; opening it builds the by-case index once, the open counts
+    // from the cases, and moves each case's lists out of its record.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s");
+    let mut old = case(4, "T1", 0);
+    old.push(
+        at(5),
+        EventKind::Reopened {
+            message_id: "x".into(),
+        },
+    );
     {
         let s = open_sled(&path);
         let mut v = id_key(4).to_vec();
         v.extend_from_slice(&id_key(40));
+        let mut legacy = serde_json::to_value(&old).unwrap();
+        legacy["history"] = serde_json::to_value(&old.new_events).unwrap();
+        legacy["messages"] = serde_json::json!([40, 41]);
+        let legacy = serde_json::to_vec(&legacy).unwrap();
         let ops: Vec<sled::Op> = vec![
             (
                 Tree::MessageIds,
@@ -465,11 +532,7 @@ fn a_store_from_before_the_case_index_is_upgraded() {
                 Some(v.into()),
             ),
             (Tree::Meta, b"indexes".to_vec(), Some(b"4".to_vec().into())),
-            (
-                Tree::Cases,
-                id_key(4).to_vec(),
-                Some(codec::encode(&case(4, "T1", 0)).unwrap().into()),
-            ),
+            (Tree::Cases, id_key(4).to_vec(), Some(legacy.into())),
         ];
         ok(s.db.apply(&ops));
         ok(s.flush());
@@ -477,6 +540,16 @@ fn a_store_from_before_the_case_index_is_upgraded() {
     let s = open_sled(&path);
     assert_eq!(ok(s.cases_with_message_id("old@example.org")), vec![4]);
     assert_eq!(ok(s.open_cases_by_tier()).get("T1"), Some(&1));
+    assert_eq!(ok(s.case_messages(4)), vec![40, 41]);
+    let history = ok(s.history(4));
+    assert_eq!(history, old.new_events);
+    let c = ok(s.case(4)).unwrap();
+    assert_eq!((c.message_count, c.event_count), (2, 1));
+    // Once: opening again changes nothing.
+    drop(s);
+    let s = open_sled(&path);
+    assert_eq!(ok(s.case_messages(4)), vec![40, 41]);
+    assert_eq!(ok(s.history(4)), old.new_events);
 }
 
 #[test]
@@ -545,17 +618,23 @@ fn a_store_written_by_the_previous_release_opens_with_everything_in_it() {
             "dave@example.test"
         ]
     );
-    assert_eq!(
-        cases[0].messages.len(),
-        3,
-        "alice's thread with bob's reply"
-    );
-    let total: usize = cases.iter().map(|c| c.messages.len()).sum();
-    assert_eq!(total, 5);
-    for seq in cases.iter().flat_map(|c| &c.messages) {
-        let raw = ok(s.raw(*seq)).expect("every message's bytes");
-        assert!(!raw.is_empty());
-        assert!(ok(s.message(*seq)).is_some());
+    let lists: Vec<Vec<u64>> = cases.iter().map(|c| ok(s.case_messages(c.id))).collect();
+    assert_eq!(lists[0].len(), 3, "alice's thread with bob's reply");
+    assert_eq!(lists.iter().map(Vec::len).sum::<usize>(), 5);
+    for (c, list) in cases.iter().zip(&lists) {
+        assert_eq!(c.message_count as usize, list.len());
+        for seq in list {
+            let raw = ok(s.raw(*seq)).expect("every message's bytes");
+            assert!(!raw.is_empty());
+            assert_eq!(ok(s.message(*seq)).expect("its record").case, c.id);
+        }
+        // The history moved out of the case record, every event of it.
+        let history = ok(s.history(c.id));
+        assert_eq!(history.len() as u64, c.event_count);
+        assert!(
+            matches!(history[0].what, EventKind::Created { .. }),
+            "{history:?}"
+        );
     }
     // Threading finds the old messages through the index built on open.
     assert_eq!(
@@ -577,4 +656,32 @@ fn a_store_written_by_the_previous_release_opens_with_everything_in_it() {
     // And it takes new writes.
     let n = ok(s.transact(|tx| tx.next_id(Sequence::Case)));
     assert_eq!(n, 4, "case numbers go on where the old release stopped");
+}
+
+#[test]
+fn records_are_compact_and_older_json_records_still_read() {
+    let mut e = outbox(3, OutboxState::Sent);
+    e.attach = vec![7, 8];
+    let compact = codec::encode(&e).unwrap();
+    let json = serde_json::to_vec(&e).unwrap();
+    assert_eq!(compact[0], 1, "version byte");
+    assert!(
+        compact.len() * 2 < json.len(),
+        "{} vs {}",
+        compact.len(),
+        json.len()
+    );
+    for bytes in [&compact, &json] {
+        let back: OutboxEntry = codec::decode(Tree::Outbox, b"k", bytes).unwrap();
+        assert_eq!((back.id, back.attach.clone()), (3, vec![7, 8]));
+    }
+    let c = case(9, "T1", 5);
+    let back: Case = codec::decode(Tree::Cases, b"k", &codec::encode(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    // Bytes of neither kind are an error naming the record, never a
+    // default value.
+    let err = codec::decode::<OutboxEntry>(Tree::Outbox, &id_key(3), b"\x09junk").unwrap_err();
+    assert!(err.to_string().contains("Outbox/3"), "{err}");
+    let err = codec::decode::<OutboxEntry>(Tree::Outbox, &id_key(3), &compact[..10]).unwrap_err();
+    assert!(matches!(err, StoreError::Malformed { .. }), "{err}");
 }
