@@ -155,8 +155,12 @@ fn config_text(stack: &MailStack, store: &Path, extra: &str) -> String {
     )
 }
 
+/// Queues of the several-mailboxes run.
+const QUEUES: usize = 8;
+
 fn users() -> Vec<String> {
     let mut u: Vec<String> = vec!["support".into(), "tier2".into(), "direct".into()];
+    u.extend((0..QUEUES).map(|q| format!("q{q}")));
     u.extend((0..CUSTOMERS).map(customer));
     u
 }
@@ -744,6 +748,81 @@ first_response = "4h"
     ));
 }
 
+/// Runs `escalator run --once` on `cfg`; its log (JSON lines).
+fn run_once(cfg: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_escalator"))
+        .args(["--log-format", "json", "run", "--once", "--config"])
+        .arg(cfg)
+        .env("ESCALATOR_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
+    log
+}
+
+/// 7: the same messages in one mailbox, and spread over eight queues'
+/// mailboxes (one IMAP connection each, all at once): total ingest time.
+fn queues(sz: &Sizes, rows: &mut Vec<Row>) {
+    let stack = start_stack();
+    let mail = corpus(sz.n);
+    let per = sz.n / QUEUES;
+    for (i, m) in mail.iter().enumerate().take(per * QUEUES) {
+        stack.deliver_maildir("support", m, i);
+        stack.deliver_maildir(&format!("q{}", i / per), m, i);
+    }
+    let ingest = |text: &dyn Fn(&Path) -> String| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("escalator.toml");
+        // No confirmation copies: they would land in the mailboxes read
+        // by the next run.
+        let text = text(&dir.path().join("store")).replacen(
+            "[smtp]\n",
+            "[smtp]\nconfirm_copies = false\n",
+            1,
+        );
+        fs::write(&cfg, text).unwrap();
+        let log = run_once(&cfg);
+        let new_cases = log_field(&log, "one cycle done", "fetched").unwrap_or(0) as usize;
+        assert_eq!(new_cases, per * QUEUES, "every message fetched: {log}");
+        log_field(&log, "one cycle done", "ingest_ms").unwrap() as f64 / 1000.0
+    };
+    let limits = "\n[cases]\nauto_reply_limit = 100000000\nauto_reply_global_limit = 0\n";
+    // Dovecot indexes new Maildir files on first access: warm both up
+    // with one untimed run each, then time a second run on a new store.
+    let one = |store: &Path| config_text(&stack, store, "");
+    let several = |store: &Path| {
+        let mut t = String::new();
+        for q in 0..QUEUES {
+            t += &stack.queue(
+                &format!("q{q}"),
+                &format!("q{q}"),
+                &format!("address = \"q{q}@{}\"", support::DOMAIN),
+            );
+        }
+        t + &stack.smtp_and_store(store)
+            + limits
+            + "\n[[tiers]]\nname = \"Frontline\"\nfirst_response = \"4h\"\n"
+    };
+    ingest(&one);
+    ingest(&several);
+    drain_postfix(&stack);
+    let single_s = ingest(&one);
+    drain_postfix(&stack);
+    let eight_s = ingest(&several);
+    drain_postfix(&stack);
+    rows.push(row(
+        &format!(
+            "7. Ingest {} messages from {QUEUES} queues ({per} each)",
+            per * QUEUES
+        ),
+        format!("{eight_s:.1} s"),
+        format!("{single_s:.1} s (one queue, same messages)"),
+        format!("{:.2}x", eight_s / single_s),
+        "≤ 1.2x",
+    ));
+}
+
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = fs::read_to_string("/proc/meminfo")
@@ -769,9 +848,9 @@ async fn main() {
     let sz = sizes();
     let mut rows = Vec::new();
     // ESCALATOR_BENCH_SECTIONS: a comma list of ingest, latency, timers,
-    // append.
+    // append, queues.
     let sections = std::env::var("ESCALATOR_BENCH_SECTIONS")
-        .unwrap_or_else(|_| "ingest,latency,timers,append".into());
+        .unwrap_or_else(|_| "ingest,latency,timers,append,queues".into());
     if sections.contains("ingest") {
         ingest_and_acks(&sz, &mut rows).await;
     }
@@ -783,6 +862,9 @@ async fn main() {
     }
     if sections.contains("append") {
         tokio::task::block_in_place(|| append(&mut rows));
+    }
+    if sections.contains("queues") {
+        tokio::task::block_in_place(|| queues(&sz, &mut rows));
     }
     println!("\nescalator benchmark — {}\n", machine());
     println!("| figure | escalator | baseline | ratio | goal |\n|---|---|---|---|---|");

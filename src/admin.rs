@@ -18,6 +18,9 @@ use crate::template::printable;
 pub enum Request {
     CasesList {
         json: bool,
+        /// Only the cases of this queue.
+        #[serde(default)]
+        queue: Option<String>,
     },
     CaseShow {
         id: u64,
@@ -84,8 +87,17 @@ fn json(v: &impl Serialize) -> String {
 pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsError> {
     let store = &*ingestor.store;
     match *req {
-        Request::CasesList { json: as_json } => {
-            let cases: Vec<Case> = store.cases().collect::<Result<_, _>>()?;
+        Request::CasesList {
+            json: as_json,
+            ref queue,
+        } => {
+            let cases: Vec<Case> = store
+                .cases()
+                .filter(|c| match (queue, c) {
+                    (Some(q), Ok(c)) => &c.queue == q,
+                    _ => true,
+                })
+                .collect::<Result<_, _>>()?;
             if as_json {
                 let v: Vec<_> = cases.iter().map(Case::summary_json).collect();
                 return Ok(Response::ok(json(&v)));
@@ -158,12 +170,13 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                 return Ok(Response::ok(json(&v)));
             }
             let mut out = format!(
-                "Case #{}: {}\n  customer: {}{}\n  status:   {:?}\n  tier:     {}\n  due:      {}\n  created:  {}\n",
+                "Case #{}: {}\n  customer: {}{}\n  status:   {:?}\n  queue:    {}\n  tier:     {}\n  due:      {}\n  created:  {}\n",
                 case.id,
                 printable(&case.subject),
                 if case.customer.is_empty() { "(unassigned: sender unreadable)".to_string() } else { printable(&case.customer) },
                 case.customer_name.as_ref().map(|n| format!(" ({})", printable(n))).unwrap_or_default(),
                 case.status,
+                case.queue,
                 case.tier,
                 case.due_at.map(rfc3339).unwrap_or_else(|| "-".into()),
                 rfc3339(case.created_at),
@@ -420,13 +433,8 @@ pub fn stats_report(
     let store = &*ingestor.store;
     let since = since_secs
         .map(|s| now - chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)));
-    let tiers: Vec<String> = ingestor
-        .config
-        .get()
-        .tiers
-        .iter()
-        .map(|t| t.name.clone())
-        .collect();
+    let config = ingestor.config.get();
+    let (tiers, queues) = config.names();
     // Streamed: a million cases' facts need not sit in memory at once.
     let (mut window_err, mut open_err) = (None, None);
     let window = store
@@ -436,7 +444,11 @@ pub fn stats_report(
     let open = store
         .unresolved(since)
         .map_while(|r| r.map_err(|e| open_err = Some(e)).ok());
-    let report = crate::stats::report(window, open, &tiers, since, now);
+    let order = crate::stats::Order {
+        tiers: &tiers,
+        queues: &queues,
+    };
+    let report = crate::stats::report(window, open, &order, since, now);
     match window_err.or(open_err) {
         Some(e) => Err(e),
         None => Ok(report),
@@ -588,7 +600,10 @@ Subject: =?utf-8?q?hi=1B]0;pwned=07=0D____42__open?=\r\nMessage-ID: <e1@x>\r\n\r
 body\u{1b}[31m red\r\n";
         ing.ingest(Some(&src(1, 1)), raw.as_bytes(), None).unwrap();
         for req in [
-            Request::CasesList { json: false },
+            Request::CasesList {
+                json: false,
+                queue: None,
+            },
             Request::CaseShow { id: 1, json: false },
             Request::OutboxList {
                 json: false,

@@ -1,5 +1,5 @@
-//! Runs the daemon: opens the store, starts the mailbox watcher, the
-//! timer scheduler, the outbox worker and the control socket, and on
+//! Runs the daemon: opens the store, starts a mailbox watcher per queue,
+//! the timer scheduler, the outbox worker and the control socket, and on
 //! shutdown lets each finish its current transaction, flushes, and
 //! returns.
 
@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Live};
@@ -29,10 +30,36 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(8);
 struct Parts {
     live: Arc<Live>,
     store: Arc<Store>,
-    watcher: Watcher,
+    /// One per queue.
+    watchers: Vec<Watcher>,
     scheduler: Scheduler,
     outbox: Outbox,
     ingestor: Arc<Ingestor>,
+}
+
+/// The SMTP client: `[smtp]`'s, with the queues that send through a
+/// server of their own routed there by their From address.
+fn mailer(config: &Config) -> anyhow::Result<Arc<dyn Mailer>> {
+    let main: Arc<dyn Mailer> =
+        Arc::new(SmtpMailer::new(&config.smtp).context("cannot set up SMTP")?);
+    let mut routes = Vec::new();
+    for q in &config.queues {
+        if let Some(ep) = &q.smtp {
+            let smtp = crate::config::SmtpConfig {
+                endpoint: ep.clone(),
+                ..config.smtp.clone()
+            };
+            let m: Arc<dyn Mailer> = Arc::new(
+                SmtpMailer::new(&smtp)
+                    .with_context(|| format!("cannot set up SMTP for queue {}", q.name))?,
+            );
+            routes.push((q.address.to_lowercase(), m));
+        }
+    }
+    if routes.is_empty() {
+        return Ok(main);
+    }
+    Ok(Arc::new(crate::outbox::smtp::ByFrom { main, routes }))
 }
 
 fn parts(config: Config) -> anyhow::Result<Parts> {
@@ -40,8 +67,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
     let config = Arc::new(config);
     let store = Arc::new(Store::open_waiting(&config.store.path, STORE_WAIT)?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let mailer: Arc<dyn Mailer> =
-        Arc::new(SmtpMailer::new(&config.smtp).context("cannot set up SMTP")?);
+    let mailer = mailer(&config)?;
     let wake = Arc::new(Wakers::default());
     let ingestor = Arc::new(Ingestor {
         store: store.clone(),
@@ -50,7 +76,11 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
         wake: wake.clone(),
     });
     Ok(Parts {
-        watcher: Watcher::new(config.clone(), ingestor.clone(), wake.clone()),
+        watchers: config
+            .queues
+            .iter()
+            .map(|q| Watcher::new(config.clone(), &q.name, ingestor.clone(), wake.clone()))
+            .collect(),
         scheduler: Scheduler {
             store: store.clone(),
             config: live.clone(),
@@ -65,7 +95,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
                 confirm: config
                     .smtp
                     .confirm_copies
-                    .then(|| (config.smtp.from.clone(), config.smtp.confirm_wait)),
+                    .then_some(config.smtp.confirm_wait),
                 store: store.clone(),
                 mailer,
                 clock,
@@ -88,9 +118,9 @@ fn reload(live: &Live, wake: &Wakers) {
     match Config::load(&old.source) {
         Ok(new) => {
             let fixed =
-                |c: &Config| format!("{:?}{:?}{:?}{:?}", c.mailbox, c.smtp, c.store, c.metrics);
+                |c: &Config| format!("{:?}{:?}{:?}{:?}", c.queues, c.smtp, c.store, c.metrics);
             if fixed(&new) != fixed(&old) {
-                tracing::warn!("[mailbox], [smtp], [store] and [metrics] changes take effect only after a restart");
+                tracing::warn!("[mailbox]/[[mailboxes]], [smtp], [store] and [metrics] changes take effect only after a restart");
             }
             live.set(new);
             // Timers may be computed differently now; let the scheduler look.
@@ -133,7 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let Parts {
         live,
         store,
-        watcher,
+        watchers,
         scheduler,
         outbox,
         ingestor,
@@ -151,16 +181,20 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     // than taking mail in that cannot be kept.
     let fatal = CancellationToken::new();
     let fatal_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    {
+    for watcher in watchers {
         let (fatal, slot, cancel) = (fatal.clone(), fatal_error.clone(), cancel.clone());
-        tracker.spawn(async move {
-            if let Err(e) = watcher.run(cancel).await {
-                let text = crate::error_chain(&e);
-                tracing::error!(error = %text, "stopping: the store cannot take more mail");
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
-                fatal.cancel();
+        let span = tracing::info_span!("mailbox", queue = %watcher.queue);
+        tracker.spawn(
+            async move {
+                if let Err(e) = watcher.run(cancel).await {
+                    let text = crate::error_chain(&e);
+                    tracing::error!(error = %text, "stopping: the store cannot take more mail");
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+                    fatal.cancel();
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     tracker.spawn(scheduler.run(cancel.clone()));
     tracker.spawn(outbox.run(cancel.clone()));
@@ -200,17 +234,31 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
 pub async fn run_once(config: Config) -> anyhow::Result<()> {
     let Parts {
         store,
-        watcher,
+        watchers,
         scheduler,
         outbox,
         ..
     } = parts(config)?;
     let cancel = CancellationToken::new();
     let started = std::time::Instant::now();
-    let pass = watcher
-        .once(&cancel)
-        .await
-        .context("cannot ingest from the mailbox")?;
+    // Every queue at once; one that fails holds up no other, and the
+    // mail and timers of the rest are still dealt with below.
+    let passes = futures::future::join_all(watchers.iter().map(|w| {
+        w.once(&cancel)
+            .instrument(tracing::info_span!("mailbox", queue = %w.queue))
+    }))
+    .await;
+    let mut pass = crate::mailbox::PassReport::default();
+    let mut failed = Vec::new();
+    for (w, r) in watchers.iter().zip(passes) {
+        match r {
+            Ok(r) => pass.add(&r),
+            Err(e) => {
+                tracing::error!(queue = %w.queue, error = %crate::error_chain(&e), "cannot ingest from the mailbox");
+                failed.push(w.queue.clone());
+            }
+        }
+    }
     let ingest_ms = started.elapsed().as_millis() as u64;
     let fired = scheduler.pass()?;
     let sending = std::time::Instant::now();
@@ -234,6 +282,12 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
         tracing::warn!(
             retrying = drained.retrying,
             "some mail could not be sent yet; it stays queued for the next run"
+        );
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "cannot ingest from the mailbox of queue(s) {} (the others were read)",
+            failed.join(", ")
         );
     }
     Ok(())

@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 /// Case numbers are small integers customers can read out on the phone.
 pub type CaseId = u64;
 
+/// The queue of a lone `[mailbox]`, and of cases from before queues.
+pub const DEFAULT_QUEUE: &str = "default";
+
+pub fn default_queue() -> String {
+    DEFAULT_QUEUE.to_string()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -35,6 +42,11 @@ pub struct Case {
     /// The subject of the first message, without our tag.
     pub subject: String,
     pub status: Status,
+    /// The queue the case belongs to (`[[mailboxes]] name`): its mail
+    /// is sent from that queue's address, and it escalates along that
+    /// queue's tiers.
+    #[serde(default = "default_queue")]
+    pub queue: String,
     /// The name of the tier that holds the case.
     pub tier: String,
     pub priority: Option<String>,
@@ -317,6 +329,7 @@ impl Case {
             customer_name: None,
             subject: subject.to_string(),
             status: Status::Open,
+            queue: default_queue(),
             tier: tier.to_string(),
             priority: None,
             participants: Vec::new(),
@@ -366,6 +379,7 @@ impl Case {
             "customer_name": self.customer_name,
             "subject": self.subject,
             "status": self.status,
+            "queue": self.queue,
             "tier": self.tier,
             "priority": self.priority,
             "messages": self.message_count + self.new_messages.len() as u64,

@@ -40,7 +40,9 @@ impl Live {
 pub struct Config {
     /// The file this came from, for messages and relative paths.
     pub source: PathBuf,
-    pub mailbox: MailboxConfig,
+    /// The queues: a mailbox each, with its address and escalation path.
+    /// At least one; a lone `[mailbox]` is the queue `default`.
+    pub queues: Vec<QueueConfig>,
     pub smtp: SmtpConfig,
     pub store: StoreConfig,
     pub cases: CasesConfig,
@@ -104,8 +106,8 @@ pub struct Endpoint {
     /// Where the password comes from: read only when a connection is
     /// made, so commands that only read the store need no mail secrets.
     pub password: Option<PasswordSource>,
-    /// `mailbox` or `smtp`: names the keys in errors.
-    pub section: &'static str,
+    /// `mailbox`, `mailboxes[1]`, `smtp`...: names the keys in errors.
+    pub section: String,
     /// With `auth = "xoauth2"`: where a fresh access token comes from.
     pub oauth: Option<TokenSource>,
     /// Per-command network timeout, so a silent server cannot hang us.
@@ -261,6 +263,23 @@ pub struct MailboxConfig {
     pub max_message_size: u64,
     /// The folder agents' replies from the shared mailbox land in.
     pub sent_folder: Option<String>,
+}
+
+/// A queue: one support address with its own mailbox, sender identity
+/// and escalation path. Cases remember their queue by name.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// A short id (`support`, `billing`); `default` for `[mailbox]`.
+    pub name: String,
+    pub mailbox: MailboxConfig,
+    /// The From of every mail sent for the queue's cases: the queue's
+    /// `address`, or `[smtp] from`.
+    pub from_name: Option<String>,
+    pub address: String,
+    /// The escalation path: indexes into [`Config::tiers`], in order.
+    pub path: Vec<usize>,
+    /// The server this queue's mail goes through, when not `[smtp]`.
+    pub smtp: Option<Endpoint>,
 }
 
 #[derive(Debug, Clone)]
@@ -441,7 +460,8 @@ pub enum ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    mailbox: RawMailbox,
+    mailbox: Option<RawMailbox>,
+    mailboxes: Option<Vec<RawMailbox>>,
     smtp: RawSmtp,
     store: RawStore,
     #[serde(default)]
@@ -563,6 +583,12 @@ struct RawMailbox {
     #[serde(default = "default_max_size")]
     max_message_size: String,
     sent_folder: Option<String>,
+    /// Only in `[[mailboxes]]`: the queue's id, From address, escalation
+    /// path and SMTP server.
+    name: Option<String>,
+    address: Option<String>,
+    tiers: Option<Vec<String>>,
+    smtp: Option<RawSmtp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -584,13 +610,14 @@ struct RawSmtp {
     auth: Option<String>,
     oauth_token_file: Option<PathBuf>,
     oauth_token_command: Option<String>,
-    from: String,
+    /// Required in `[smtp]` unless every queue has an address; refused
+    /// in a queue's `smtp` (the queue's address is its From).
+    from: Option<String>,
     #[serde(default = "default_timeout")]
     timeout: String,
-    #[serde(default = "default_true")]
-    confirm_copies: bool,
-    #[serde(default = "default_confirm_wait")]
-    confirm_wait: String,
+    /// Only in `[smtp]`.
+    confirm_copies: Option<bool>,
+    confirm_wait: Option<String>,
 }
 
 fn default_confirm_wait() -> String {
@@ -758,7 +785,12 @@ impl Config {
     /// commands that only read the store never need them.
     pub fn secret_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for ep in [&self.mailbox.endpoint, &self.smtp.endpoint] {
+        let endpoints = self
+            .queues
+            .iter()
+            .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))
+            .chain([&self.smtp.endpoint]);
+        for ep in endpoints {
             if let Err(e) = ep.password() {
                 out.push(e);
             }
@@ -775,17 +807,63 @@ impl Config {
         out
     }
 
-    /// The support address and its aliases, lower-case.
+    /// Every support address (each queue's, `[smtp] from`, the
+    /// aliases), lower-case: never a customer, never a participant.
     pub fn support_addresses(&self) -> Vec<String> {
-        let mut all = vec![self.smtp.from.to_lowercase()];
-        all.extend(self.cases.support_addresses.iter().cloned());
+        let mut all: Vec<String> = Vec::new();
+        let own = self
+            .queues
+            .iter()
+            .map(|q| q.address.as_str())
+            .chain([self.smtp.from.as_str()]);
+        for a in own.chain(self.cases.support_addresses.iter().map(String::as_str)) {
+            let a = a.to_lowercase();
+            if !a.is_empty() && !all.contains(&a) {
+                all.push(a);
+            }
+        }
         all
     }
 
-    /// The domain of the support address, for our Message-IDs.
+    /// The names of the tiers and of the queues, in config order.
+    pub fn names(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.tiers.iter().map(|t| t.name.clone()).collect(),
+            self.queues.iter().map(|q| q.name.clone()).collect(),
+        )
+    }
+
+    /// Is this one of the queues' own addresses (the From of our mail)?
+    pub fn is_queue_address(&self, addr: &str) -> bool {
+        self.queues
+            .iter()
+            .any(|q| q.address.eq_ignore_ascii_case(addr))
+    }
+
+    /// The queue a case of queue `name` is handled by: the first queue
+    /// when the config no longer has one of that name.
+    pub fn queue(&self, name: &str) -> &QueueConfig {
+        self.queues
+            .iter()
+            .find(|q| q.name == name)
+            .or_else(|| self.queues.first())
+            .unwrap_or_else(|| unreachable!("a valid config has a queue"))
+    }
+
+    /// The address mail not of any queue (the digest) is sent from.
+    pub fn main_sender(&self) -> (Option<&str>, &str) {
+        if self.smtp.from.is_empty() {
+            let q = self.queue("");
+            (q.from_name.as_deref(), &q.address)
+        } else {
+            (self.smtp.from_name.as_deref(), &self.smtp.from)
+        }
+    }
+
+    /// The domain of the main address, for our Message-IDs.
     pub fn support_domain(&self) -> &str {
-        self.smtp
-            .from
+        self.main_sender()
+            .1
             .rsplit_once('@')
             .map(|(_, d)| d)
             .unwrap_or("localhost")
@@ -808,16 +886,37 @@ impl Config {
                 }
             )
         };
-        let mut s = format!(
-            "config {} is valid\n  mailbox: {} folder {} as {}\n  smtp:    {} from {}\n  store:   {}\n  tiers:   ",
-            self.source.display(),
-            ep(&self.mailbox.endpoint),
-            self.mailbox.folder,
-            self.mailbox.endpoint.username.as_deref().unwrap_or("-"),
+        let mut s = format!("config {} is valid\n  queues:", self.source.display());
+        for q in &self.queues {
+            let path: Vec<&str> = q
+                .path
+                .iter()
+                .map(|&i| self.tiers[i].name.as_str())
+                .collect();
+            s.push_str(&format!(
+                "\n    {}: {} folder {} as {}, from {}, path {}{}",
+                q.name,
+                ep(&q.mailbox.endpoint),
+                q.mailbox.folder,
+                q.mailbox.endpoint.username.as_deref().unwrap_or("-"),
+                q.address,
+                path.join(" → "),
+                q.smtp
+                    .as_ref()
+                    .map(|e| format!(", smtp {}", ep(e)))
+                    .unwrap_or_default(),
+            ));
+        }
+        s.push_str(&format!(
+            "\n  smtp:    {} from {}\n  store:   {}\n  tiers:   ",
             ep(&self.smtp.endpoint),
-            self.smtp.from,
+            if self.smtp.from.is_empty() {
+                "(each queue's address)"
+            } else {
+                &self.smtp.from
+            },
             self.store.path.display(),
-        );
+        ));
         let tiers: Vec<String> = self
             .tiers
             .iter()
@@ -912,7 +1011,7 @@ impl Validator<'_> {
     #[allow(clippy::too_many_arguments)]
     fn endpoint(
         &mut self,
-        section: &'static str,
+        section: &str,
         host: String,
         port: Option<u16>,
         security: Security,
@@ -956,7 +1055,7 @@ impl Validator<'_> {
             ca_file,
             username,
             password,
-            section,
+            section: section.to_string(),
             oauth: None,
             timeout: self.duration(&format!("{section}.timeout"), timeout),
         }
@@ -1047,47 +1146,10 @@ impl Validator<'_> {
         file.map(|f| PasswordSource::File(self.path(&f)))
     }
 
-    fn config(&mut self, raw: RawConfig, source: &Path) -> Option<Config> {
-        let m = raw.mailbox;
-        let mailbox_endpoint = self.endpoint(
-            "mailbox",
-            m.host,
-            m.port,
-            m.security,
-            m.allow_insecure,
-            m.ca_file,
-            Some(m.username),
-            (m.password, m.password_env, m.password_file),
-            &m.timeout,
-            (993, 143),
-        );
-        let mailbox_endpoint = self.oauth(
-            "mailbox",
-            mailbox_endpoint,
-            m.auth,
-            m.oauth_token_file,
-            m.oauth_token_command,
-        );
-        if mailbox_endpoint.password.is_none() && mailbox_endpoint.oauth.is_none() {
-            self.problem(
-                "mailbox.password",
-                "IMAP needs a password (password_env, password_file or password) or auth = \"xoauth2\" with a token source",
-            );
-        }
-        let poll_interval = self.duration("mailbox.poll_interval", &m.poll_interval);
-        if poll_interval < Duration::from_secs(1) && parse_duration(&m.poll_interval).is_ok() {
-            self.problem("mailbox.poll_interval", "must be at least 1s");
-        }
-        let max_message_size = match parse_size(&m.max_message_size) {
-            Ok(n) => n,
-            Err(e) => {
-                self.problem("mailbox.max_message_size", e);
-                0
-            }
-        };
-        let s = raw.smtp;
-        let smtp_endpoint = self.endpoint(
-            "smtp",
+    /// An SMTP server's connection keys (`[smtp]`, or a queue's `smtp`).
+    fn smtp_endpoint(&mut self, section: &str, s: RawSmtp) -> Endpoint {
+        let ep = self.endpoint(
+            section,
             s.host,
             s.port,
             s.security,
@@ -1098,25 +1160,273 @@ impl Validator<'_> {
             &s.timeout,
             (465, 587),
         );
-        let smtp_endpoint = self.oauth(
-            "smtp",
-            smtp_endpoint,
+        self.oauth(
+            section,
+            ep,
             s.auth,
             s.oauth_token_file,
             s.oauth_token_command,
-        );
-        let (from_name, from) = match parse_mailbox(&s.from) {
+        )
+    }
+
+    /// `"Name <addr>"` or `addr` under `key`.
+    fn address(&mut self, key: &str, text: &str) -> (Option<String>, String) {
+        match parse_mailbox(text) {
             Some(x) => x,
             None => {
                 self.problem(
-                    "smtp.from",
-                    format!(
-                        "{:?} is not an address; write \"Support <support@example.com>\"",
-                        s.from
-                    ),
+                    key,
+                    format!("{text:?} is not an address; write \"Support <support@example.com>\""),
                 );
                 (None, String::new())
             }
+        }
+    }
+
+    /// The queues from `[mailbox]` (one, `default`) or `[[mailboxes]]`.
+    fn queues(
+        &mut self,
+        single: Option<RawMailbox>,
+        several: Option<Vec<RawMailbox>>,
+        tiers: &[TierConfig],
+        smtp_from: (&Option<String>, &String),
+    ) -> Vec<QueueConfig> {
+        let raw: Vec<(String, RawMailbox)> = match (single, several) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    "mailboxes",
+                    "give either one [mailbox] or [[mailboxes]], not both \
+                     ([mailbox] is the same as one [[mailboxes]] named \"default\")",
+                );
+                return Vec::new();
+            }
+            (Some(m), None) => {
+                let only_in_list = [
+                    ("name", m.name.is_some()),
+                    ("address", m.address.is_some()),
+                    ("tiers", m.tiers.is_some()),
+                    ("smtp", m.smtp.is_some()),
+                ];
+                for (k, set) in only_in_list {
+                    if set {
+                        self.problem(
+                            &format!("mailbox.{k}"),
+                            "only in [[mailboxes]]: [mailbox] is the one queue \"default\", \
+                             sending from [smtp] from",
+                        );
+                    }
+                }
+                vec![("mailbox".to_string(), m)]
+            }
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    self.problem("mailboxes", "at least one [[mailboxes]] is needed");
+                }
+                list.into_iter()
+                    .enumerate()
+                    .map(|(i, m)| (format!("mailboxes[{i}]"), m))
+                    .collect()
+            }
+            (None, None) => {
+                self.problem(
+                    "mailbox",
+                    "missing: give [mailbox], or one [[mailboxes]] per support address",
+                );
+                return Vec::new();
+            }
+        };
+        let mut queues: Vec<QueueConfig> = Vec::new();
+        for (key, m) in raw {
+            let q = self.queue(&key, m, tiers, smtp_from);
+            if queues.iter().any(|o| o.name == q.name) {
+                self.problem(
+                    &format!("{key}.name"),
+                    format!("queue {:?} is defined twice", q.name),
+                );
+            }
+            if let Some(o) = queues
+                .iter()
+                .find(|o| !q.address.is_empty() && o.address.eq_ignore_ascii_case(&q.address))
+            {
+                self.problem(
+                    &format!("{key}.address"),
+                    format!("{} is already the address of queue {:?}", q.address, o.name),
+                );
+            }
+            let same_folder = |o: &QueueConfig| {
+                let (a, b) = (&o.mailbox, &q.mailbox);
+                a.endpoint.host.eq_ignore_ascii_case(&b.endpoint.host)
+                    && a.endpoint.port == b.endpoint.port
+                    && a.endpoint.username == b.endpoint.username
+                    && a.folder == b.folder
+            };
+            if let Some(o) = queues.iter().find(|o| same_folder(o)) {
+                self.problem(
+                    &key,
+                    format!(
+                        "watches the same folder as queue {:?}: each message would be read twice",
+                        o.name
+                    ),
+                );
+            }
+            queues.push(q);
+        }
+        queues
+    }
+
+    /// One queue: its mailbox and what it adds to it.
+    fn queue(
+        &mut self,
+        key: &str,
+        mut m: RawMailbox,
+        tiers: &[TierConfig],
+        (smtp_from_name, smtp_from): (&Option<String>, &String),
+    ) -> QueueConfig {
+        let name = match (&m.name, key) {
+            (_, "mailbox") => "default".to_string(),
+            (None, _) => {
+                self.problem(
+                    &format!("{key}.name"),
+                    "missing: a short id for the queue, like \"billing\"",
+                );
+                String::new()
+            }
+            (Some(n), _) => {
+                let ok = !n.is_empty()
+                    && n.len() <= 32
+                    && n.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_'
+                    });
+                if !ok {
+                    self.problem(
+                        &format!("{key}.name"),
+                        format!("{n:?}: use up to 32 lower-case letters, digits, - or _"),
+                    );
+                }
+                n.clone()
+            }
+        };
+        let (from_name, address) = match &m.address {
+            Some(a) => self.address(&format!("{key}.address"), a),
+            None => (smtp_from_name.clone(), smtp_from.clone()),
+        };
+        let path = match &m.tiers {
+            None => (0..tiers.len()).collect(),
+            Some(names) => {
+                if names.is_empty() {
+                    self.problem(&format!("{key}.tiers"), "name at least one tier");
+                }
+                let mut path = Vec::new();
+                for (j, n) in names.iter().enumerate() {
+                    match tiers.iter().position(|t| &t.name == n) {
+                        Some(i) if path.contains(&i) => self.problem(
+                            &format!("{key}.tiers[{j}]"),
+                            format!("tier {n:?} is named twice"),
+                        ),
+                        Some(i) => path.push(i),
+                        None => {
+                            let known: Vec<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
+                            self.problem(
+                                &format!("{key}.tiers[{j}]"),
+                                format!(
+                                    "no tier named {n:?} (the [[tiers]] are: {})",
+                                    known.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                path
+            }
+        };
+        let smtp = m.smtp.take().map(|mut s| {
+            let k = format!("{key}.smtp");
+            for (field, set) in [
+                ("from", s.from.take().is_some()),
+                ("confirm_copies", s.confirm_copies.is_some()),
+                ("confirm_wait", s.confirm_wait.is_some()),
+            ] {
+                if set {
+                    self.problem(
+                        &format!("{k}.{field}"),
+                        "not here: the queue's address is its From, and \
+                         confirmation copies are set in [smtp]",
+                    );
+                }
+            }
+            self.smtp_endpoint(&k, s)
+        });
+        let mailbox = self.mailbox(key, m);
+        QueueConfig {
+            name,
+            mailbox,
+            from_name,
+            address,
+            path,
+            smtp,
+        }
+    }
+
+    /// A queue's IMAP settings.
+    fn mailbox(&mut self, key: &str, m: RawMailbox) -> MailboxConfig {
+        let endpoint = self.endpoint(
+            key,
+            m.host,
+            m.port,
+            m.security,
+            m.allow_insecure,
+            m.ca_file,
+            Some(m.username),
+            (m.password, m.password_env, m.password_file),
+            &m.timeout,
+            (993, 143),
+        );
+        let endpoint = self.oauth(
+            key,
+            endpoint,
+            m.auth,
+            m.oauth_token_file,
+            m.oauth_token_command,
+        );
+        if endpoint.password.is_none() && endpoint.oauth.is_none() {
+            self.problem(
+                &format!("{key}.password"),
+                "IMAP needs a password (password_env, password_file or password) or auth = \"xoauth2\" with a token source",
+            );
+        }
+        let poll_interval = self.duration(&format!("{key}.poll_interval"), &m.poll_interval);
+        if poll_interval < Duration::from_secs(1) && parse_duration(&m.poll_interval).is_ok() {
+            self.problem(&format!("{key}.poll_interval"), "must be at least 1s");
+        }
+        let max_message_size = match parse_size(&m.max_message_size) {
+            Ok(n) => n,
+            Err(e) => {
+                self.problem(&format!("{key}.max_message_size"), e);
+                0
+            }
+        };
+        MailboxConfig {
+            endpoint,
+            folder: m.folder,
+            poll_interval,
+            idle: m.idle,
+            max_message_size,
+            sent_folder: m.sent_folder,
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig, source: &Path) -> Option<Config> {
+        let mut s = raw.smtp;
+        let confirm_copies = s.confirm_copies.unwrap_or(true);
+        let confirm_wait = self.duration(
+            "smtp.confirm_wait",
+            &s.confirm_wait.clone().unwrap_or_else(default_confirm_wait),
+        );
+        let raw_from = s.from.take();
+        let smtp_endpoint = self.smtp_endpoint("smtp", s);
+        let (from_name, from) = match &raw_from {
+            Some(f) => self.address("smtp.from", f),
+            None => (None, String::new()),
         };
 
         let c = raw.cases;
@@ -1142,7 +1452,7 @@ impl Validator<'_> {
             }
         }
         let auto_reply_window = self.duration("cases.auto_reply_window", &c.auto_reply_window);
-        let instance = c.instance.unwrap_or_else(|| from.clone());
+        let instance = c.instance.clone();
         let authserv_id = c
             .authserv_id
             .as_deref()
@@ -1164,7 +1474,10 @@ impl Validator<'_> {
                  results from anyone else are not trusted",
             );
         }
-        if instance.chars().any(|ch| ch.is_control()) {
+        if instance
+            .as_deref()
+            .is_some_and(|i| i.chars().any(|ch| ch.is_control()))
+        {
             self.problem("cases.instance", "must not contain control characters");
         }
 
@@ -1252,12 +1565,6 @@ impl Validator<'_> {
             }
             let staff = self.addresses(&format!("{key}.staff"), &t.staff, true);
             let forward_to = self.addresses(&format!("{key}.forward_to"), &t.forward_to, false);
-            if i > 0 && forward_to.is_empty() {
-                self.problem(
-                    &format!("{key}.forward_to"),
-                    "a tier above the first needs forward_to: where its escalated cases are sent",
-                );
-            }
             let warn_before = t.warn_before.as_deref().map(|w| {
                 let wk = format!("{key}.warn_before");
                 match w.trim().strip_suffix('%') {
@@ -1419,22 +1726,50 @@ impl Validator<'_> {
             }
         };
 
+        let queues = self.queues(raw.mailbox, raw.mailboxes, &tiers, (&from_name, &from));
+        if queues.is_empty() {
+            // Refused above; every Config has a queue.
+            return None;
+        }
+        // A tier a case can be escalated to (above the first of some
+        // queue's path) needs somewhere to send the case.
+        let mut reached: Vec<usize> = queues
+            .iter()
+            .flat_map(|q| q.path.iter().skip(1).copied())
+            .collect();
+        reached.sort_unstable();
+        reached.dedup();
+        for i in reached {
+            if tiers[i].forward_to.is_empty() {
+                self.problem(
+                    &format!("tiers[{i}].forward_to"),
+                    "a tier above the first needs forward_to: where its escalated cases are sent",
+                );
+            }
+        }
+        if raw_from.is_none() && queues.iter().any(|q| q.address.is_empty()) {
+            self.problem(
+                "smtp.from",
+                "missing: the From of mail for queues without an address \
+                 (write \"Support <support@example.com>\")",
+            );
+        }
+        // The loop header names this installation: the main address by
+        // default.
+        let instance = instance
+            .or_else(|| Some(from.clone()).filter(|f| !f.is_empty()))
+            .or_else(|| queues.first().map(|q| q.address.clone()))
+            .unwrap_or_default();
+
         Some(Config {
             source: source.to_owned(),
-            mailbox: MailboxConfig {
-                endpoint: mailbox_endpoint,
-                folder: m.folder,
-                poll_interval,
-                idle: m.idle,
-                max_message_size,
-                sent_folder: m.sent_folder,
-            },
+            queues,
             smtp: SmtpConfig {
                 endpoint: smtp_endpoint,
                 from_name,
                 from,
-                confirm_copies: s.confirm_copies,
-                confirm_wait: self.duration("smtp.confirm_wait", &s.confirm_wait),
+                confirm_copies,
+                confirm_wait,
             },
             store: StoreConfig {
                 path: self.path(&raw.store.path),
@@ -1582,12 +1917,167 @@ first_response = "4h"
         }
     }
 
+    /// Two queues: support (all tiers) and billing (its own path, its
+    /// own From and SMTP account).
+    const QUEUES: &str = r#"
+[[mailboxes]]
+name = "support"
+host = "127.0.0.1"
+port = 1143
+security = "plain"
+username = "support"
+password = "pw"
+
+[[mailboxes]]
+name = "billing"
+address = "Acme Billing <billing@example.test>"
+tiers = ["Billing", "Finance"]
+host = "127.0.0.1"
+port = 1143
+security = "plain"
+username = "billing-login"
+password = "pw"
+[mailboxes.smtp]
+host = "127.0.0.1"
+port = 2526
+security = "plain"
+username = "billing-login"
+password = "pw2"
+
+[smtp]
+host = "127.0.0.1"
+port = 2525
+security = "plain"
+from = "Example Support <support@example.test>"
+
+[store]
+path = "/tmp/x"
+
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+
+[[tiers]]
+name = "Finance"
+first_response = "8h"
+forward_to = ["fin@example.test"]
+
+[[tiers]]
+name = "Billing"
+first_response = "2h"
+forward_to = ["bill@example.test"]
+"#;
+
+    #[test]
+    fn queues_have_their_own_address_path_and_smtp() {
+        let c = parse(QUEUES).unwrap();
+        let names: Vec<&str> = c.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["support", "billing"]);
+        let (sup, bil) = (&c.queues[0], &c.queues[1]);
+        // A queue without an address sends from [smtp] from.
+        assert_eq!(sup.address, "support@example.test");
+        assert_eq!(sup.path, vec![0, 1, 2], "all tiers in config order");
+        assert!(sup.smtp.is_none());
+        assert_eq!(bil.address, "billing@example.test");
+        assert_eq!(bil.from_name.as_deref(), Some("Acme Billing"));
+        assert_eq!(bil.path, vec![2, 1], "Billing, then Finance");
+        assert_eq!(
+            bil.mailbox.endpoint.username.as_deref(),
+            Some("billing-login")
+        );
+        assert_eq!(bil.smtp.as_ref().map(|e| e.port), Some(2526));
+        // Every queue's address is a support address; unknown queue
+        // names (cases of a queue since removed) go to the first.
+        let support = c.support_addresses();
+        assert!(support.contains(&"billing@example.test".to_string()));
+        assert!(c.is_queue_address("Billing@Example.test"));
+        assert_eq!(c.queue("gone").name, "support");
+        let summary = c.summary();
+        assert!(
+            summary.contains("billing: 127.0.0.1:1143") && summary.contains("Billing → Finance"),
+            "{summary}"
+        );
+        // A lone [mailbox] is the queue `default`, from [smtp] from.
+        let one = parse(GOOD).unwrap();
+        assert_eq!(one.queues.len(), 1);
+        assert_eq!(one.queues[0].name, "default");
+        assert_eq!(one.queues[0].address, "support@example.test");
+    }
+
+    #[test]
+    fn bad_queues_are_refused_naming_the_key() {
+        let e = problems(&QUEUES.replace(
+            r#"tiers = ["Billing", "Finance"]"#,
+            r#"tiers = ["Billing", "Finanse"]"#,
+        ));
+        assert!(
+            e.contains("mailboxes[1].tiers[1]: no tier named \"Finanse\""),
+            "{e}"
+        );
+        let both =
+            format!("{QUEUES}\n[mailbox]\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\n");
+        let e = problems(&both);
+        assert!(
+            e.contains("mailboxes: give either one [mailbox] or [[mailboxes]], not both"),
+            "{e}"
+        );
+        let e = problems(&QUEUES.replace(r#"name = "billing""#, r#"name = "support""#));
+        assert!(
+            e.contains("mailboxes[1].name: queue \"support\" is defined twice"),
+            "{e}"
+        );
+        let e = problems(&QUEUES.replace(r#"name = "billing""#, r#"name = "Billing Team""#));
+        assert!(e.contains("mailboxes[1].name"), "{e}");
+        let e = problems(&QUEUES.replace(
+            "billing-login\"\npassword = \"pw\"\n[mailboxes.smtp]",
+            "support\"\npassword = \"pw\"\n[mailboxes.smtp]",
+        ));
+        assert!(
+            e.contains("mailboxes[1]: watches the same folder as queue \"support\""),
+            "{e}"
+        );
+        let e = problems(&QUEUES.replace(
+            "Acme Billing <billing@example.test>",
+            "support@example.test",
+        ));
+        assert!(
+            e.contains("mailboxes[1].address: support@example.test is already"),
+            "{e}"
+        );
+        let e = problems(&QUEUES.replace("port = 2526", "port = 2526\nfrom = \"x@example.test\""));
+        assert!(e.contains("mailboxes[1].smtp.from: not here"), "{e}");
+        let e = problems(&GOOD.replace(
+            "password = \"pw\"",
+            "password = \"pw\"\naddress = \"b@example.test\"",
+        ));
+        assert!(e.contains("mailbox.address: only in [[mailboxes]]"), "{e}");
+        let e = problems(&QUEUES.replace("from = \"Example Support <support@example.test>\"", ""));
+        assert!(e.contains("smtp.from: missing"), "{e}");
+        // With an address on every queue, [smtp] needs no from: the
+        // first queue's is the main one (the digest's sender).
+        let own = QUEUES
+            .replace("from = \"Example Support <support@example.test>\"", "")
+            .replace(
+                "\nname = \"support\"\n",
+                "\nname = \"support\"\naddress = \"help@example.test\"\n",
+            );
+        let c = parse(&own).unwrap();
+        assert_eq!(c.main_sender().1, "help@example.test");
+        assert_eq!(c.support_domain(), "example.test");
+        assert_eq!(c.cases.instance, "help@example.test");
+        let none = GOOD.replace("[mailbox]", "[unused]");
+        assert!(
+            problems(&none).contains("unknown field"),
+            "typo'd section names are refused"
+        );
+    }
+
     #[test]
     fn good_config_parses_with_defaults() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.mailbox.folder, "INBOX");
-        assert_eq!(c.mailbox.poll_interval, Duration::from_secs(60));
-        assert!(c.mailbox.idle);
+        assert_eq!(c.queues[0].mailbox.folder, "INBOX");
+        assert_eq!(c.queues[0].mailbox.poll_interval, Duration::from_secs(60));
+        assert!(c.queues[0].mailbox.idle);
         assert_eq!(c.smtp.from, "support@example.test");
         assert_eq!(c.smtp.from_name.as_deref(), Some("Example Support"));
         assert_eq!(c.cases.subject_tag, "Case");
@@ -1669,7 +2159,13 @@ first_response = "4h"
         ))
         .unwrap();
         assert_eq!(
-            c.mailbox.endpoint.password().unwrap().unwrap().expose(),
+            c.queues[0]
+                .mailbox
+                .endpoint
+                .password()
+                .unwrap()
+                .unwrap()
+                .expose(),
             "from-env"
         );
         assert!(c.secret_problems().is_empty());
@@ -1689,7 +2185,7 @@ first_response = "4h"
         let c = parse(&GOOD.replace("password = \"pw\"", "password_env = \"UNSET_FOR_STATS\""));
         let c = c.expect("a config with an unset password variable loads");
         assert_eq!(c.secret_problems().len(), 1);
-        assert!(c.mailbox.endpoint.password().is_err());
+        assert!(c.queues[0].mailbox.endpoint.password().is_err());
     }
 
     #[test]
@@ -1703,7 +2199,13 @@ first_response = "4h"
         );
         let c = parse(&text).unwrap();
         assert_eq!(
-            c.mailbox.endpoint.password().unwrap().unwrap().expose(),
+            c.queues[0]
+                .mailbox
+                .endpoint
+                .password()
+                .unwrap()
+                .unwrap()
+                .expose(),
             "s3cret"
         );
     }
@@ -1803,7 +2305,7 @@ first_response = "4h"
             ),
         );
         let c = parse(&text).unwrap();
-        let source = c.mailbox.endpoint.oauth.clone().unwrap();
+        let source = c.queues[0].mailbox.endpoint.oauth.clone().unwrap();
         assert_eq!(source.token().await.unwrap().expose(), "ya29.first");
         std::fs::write(&tok, "ya29.second").unwrap();
         assert_eq!(source.token().await.unwrap().expose(), "ya29.second");

@@ -95,8 +95,12 @@ pub fn text(
         .take_while(|f| f.as_ref().map(|f| f.created_at < end).unwrap_or(true))
         .collect::<Result<_, _>>()?;
     let open: Vec<Facts> = store.unresolved_facts().collect::<Result<_, _>>()?;
-    let tiers: Vec<String> = config.tiers.iter().map(|t| t.name.clone()).collect();
-    let report = period_report(&window, &open, &tiers, start, end.min(now));
+    let (tiers, queues) = config.names();
+    let order = stats::Order {
+        tiers: &tiers,
+        queues: &queues,
+    };
+    let report = period_report(&window, &open, &order, start, end.min(now));
     Ok(compose(&report, &window, &open, start, end, d))
 }
 
@@ -105,7 +109,7 @@ pub fn text(
 fn period_report(
     window: &[Facts],
     open: &[Facts],
-    tiers: &[String],
+    order: &stats::Order<'_>,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
 ) -> stats::Report {
@@ -113,8 +117,12 @@ fn period_report(
     let outside = open
         .iter()
         .filter(|f| f.created_at < start || f.created_at >= end)
-        .map(|f| (f.tier.clone(), f.created_at));
-    stats::report(window.iter().cloned(), outside, tiers, Some(start), end)
+        .map(|f| stats::OpenCase {
+            queue: f.queue.clone(),
+            tier: f.tier.clone(),
+            created_at: f.created_at,
+        });
+    stats::report(window.iter().cloned(), outside, order, Some(start), end)
 }
 
 /// Pure: the digest from the period's facts and the unresolved cases'.
@@ -293,7 +301,11 @@ mod tests {
             to: vec!["boss@x.org".into()],
             every: Duration::from_secs(7 * 86_400),
         };
-        let report = period_report(&window, &open, &[], start, end);
+        let order = stats::Order {
+            tiers: &[],
+            queues: &[],
+        };
+        let report = period_report(&window, &open, &order, start, end);
         let text = compose(&report, &window, &open, start, end, &d);
         assert!(text.contains("Escalations in the period (1)"), "{text}");
         assert!(text.contains("#5"), "{text}");

@@ -388,7 +388,7 @@ impl<'a> Effects<'a> {
         };
         self.queue(
             tx,
-            case.id,
+            (case.id, &case.queue),
             kind,
             vec![case.customer.clone()],
             case.customer_name.as_deref(),
@@ -413,10 +413,10 @@ impl<'a> Effects<'a> {
         body: &str,
         attach: Vec<u64>,
     ) -> Result<u64, EffectsError> {
-        let support = self.config.smtp.from.clone();
+        let support = self.config.queue(&case.queue).address.clone();
         let id = self.queue(
             tx,
-            case.id,
+            (case.id, &case.queue),
             kind,
             to.to_vec(),
             None,
@@ -433,10 +433,12 @@ impl<'a> Effects<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Queues one mail of case `case_id` of queue `queue`, from that
+    /// queue's address (case 0, queue "": the main address).
     fn queue(
         &mut self,
         tx: &mut Tx<'_>,
-        case_id: CaseId,
+        (case_id, queue): (CaseId, &str),
         kind: MailKind,
         to: Vec<String>,
         to_name: Option<&str>,
@@ -479,10 +481,16 @@ impl<'a> Effects<'a> {
             .map(|seq| crate::outbox::placeholder(&attach_nonce, *seq).into_bytes())
             .collect();
         let first = to.first().cloned().unwrap_or_default();
+        let (from_name, from) = if queue.is_empty() {
+            cfg.main_sender()
+        } else {
+            let q = cfg.queue(queue);
+            (q.from_name.as_deref(), q.address.as_str())
+        };
         let raw = compose::compose(
             &Envelope {
-                from_name: cfg.smtp.from_name.as_deref(),
-                from: &cfg.smtp.from,
+                from_name,
+                from,
                 to_name,
                 to: &first,
                 subject,
@@ -504,7 +512,7 @@ impl<'a> Effects<'a> {
             case: case_id,
             kind: kind.as_str().into(),
             message_id: message_id.clone(),
-            from: cfg.smtp.from.clone(),
+            from: from.to_string(),
             to,
             subject: subject.to_string(),
             state: OutboxState::Pending,
@@ -532,7 +540,7 @@ impl<'a> Effects<'a> {
     ) -> Result<u64, EffectsError> {
         self.queue(
             tx,
-            0,
+            (0, ""),
             MailKind::Digest,
             to,
             None,

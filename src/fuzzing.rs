@@ -95,7 +95,7 @@ pub fn parse_thread(data: &[u8]) {
         config: &config,
         now,
     };
-    let mut case = policy::open_case(1, &mail, &config, now);
+    let mut case = policy::open_case(1, &mail, &config, "default", now);
     let _ = policy::on_new_case(&mut case, &mail, suppressed.as_ref(), 2, &ctx);
     memory.ids.insert(mail.message_id.clone(), 1);
     memory.cases.insert(1, case.clone());

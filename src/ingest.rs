@@ -27,6 +27,9 @@ use crate::thread::{self, Decision, OwnId, Parties};
 /// Where a message came from in the mailbox.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// The queue whose mailbox it is in: a new case opened by it belongs
+    /// to that queue.
+    pub queue: String,
     pub folder: String,
     pub uid_validity: u32,
     pub uid: u32,
@@ -35,6 +38,17 @@ pub struct Source {
     /// Check and move the folder's UID cursor: false when a person
     /// re-runs a quarantined message (the cursor is long past it).
     pub cursor: bool,
+}
+
+/// The store's key for the cursor of a queue's folder: the folder alone
+/// for the queue `default` (as before queues), else queue and folder
+/// apart by a NUL, which no IMAP folder name holds.
+pub fn cursor_key(queue: &str, folder: &str) -> String {
+    if queue == crate::case::DEFAULT_QUEUE {
+        folder.to_string()
+    } else {
+        format!("{queue}\0{folder}")
+    }
 }
 
 /// What ingesting one message did.
@@ -177,7 +191,7 @@ impl Ingestor {
             return Ok(false);
         };
         Ok(tx
-            .cursor(&s.folder)?
+            .cursor(&cursor_key(&s.queue, &s.folder))?
             .is_some_and(|c| c.uid_validity == s.uid_validity && s.uid <= c.last_uid))
     }
 
@@ -186,12 +200,13 @@ impl Ingestor {
         let Some(s) = src.filter(|s| s.cursor) else {
             return Ok(());
         };
-        let last = match tx.cursor(&s.folder)? {
+        let key = cursor_key(&s.queue, &s.folder);
+        let last = match tx.cursor(&key)? {
             Some(c) if c.uid_validity == s.uid_validity => c.last_uid.max(s.uid),
             _ => s.uid,
         };
         tx.set_cursor(
-            &s.folder,
+            &key,
             &Cursor {
                 uid_validity: s.uid_validity,
                 last_uid: last,
@@ -212,6 +227,9 @@ impl Ingestor {
         tracing::error!(quarantine_id = id, error, "message quarantined");
         let entry = QuarantineEntry {
             id,
+            queue: src
+                .map(|s| s.queue.clone())
+                .unwrap_or_else(|| crate::case::DEFAULT_QUEUE.into()),
             folder: src.map(|s| s.folder.clone()).unwrap_or_default(),
             uid_validity: src.map(|s| s.uid_validity).unwrap_or(0),
             uid: src.map(|s| s.uid).unwrap_or(0),
@@ -283,7 +301,12 @@ impl Ingestor {
             Some((c, via)) => (c, false, via),
             None => {
                 let id = tx.next_id(Sequence::Case)?;
-                let mut c = policy::open_case(id, &mail, config, now);
+                // The queue whose mailbox it reached (the main queue for
+                // mail with no mailbox: tests, the fuzzer).
+                let queue = src
+                    .map(|s| s.queue.as_str())
+                    .unwrap_or_else(|| config.queue("").name.as_str());
+                let mut c = policy::open_case(id, &mail, config, queue, now);
                 c.previous_case = previous;
                 if from_sent {
                     // An agent wrote first from the shared mailbox: the
@@ -380,7 +403,7 @@ impl Ingestor {
         let ours = mail
             .from
             .as_ref()
-            .is_some_and(|a| a.email == config.smtp.from)
+            .is_some_and(|a| config.is_queue_address(&a.email))
             && mail.robot.loop_header.as_deref() == Some(config.cases.instance.as_str());
         if !ours {
             return Ok(None);
@@ -445,8 +468,10 @@ impl Ingestor {
         // Where it came from decides how it is read: a message from the
         // Sent folder is an agent's, not a customer's (entries from before
         // `sent` was kept are recognised by their folder).
-        let sent_folder = self.config.get().mailbox.sent_folder.clone();
+        let config = self.config.get();
+        let sent_folder = config.queue(&entry.queue).mailbox.sent_folder.clone();
         let src = Source {
+            queue: entry.queue.clone(),
             sent: entry.sent || sent_folder.as_deref() == Some(entry.folder.as_str()),
             folder: entry.folder,
             uid_validity: entry.uid_validity,
@@ -469,11 +494,12 @@ impl Ingestor {
     /// cursor to just before it, so the watcher fetches it again (what it
     /// already stored after it is recognised and not stored twice).
     fn refetch(&self, entry: &QuarantineEntry) -> Result<Outcome, StoreError> {
+        let key = cursor_key(&entry.queue, &entry.folder);
         self.store.transact(|tx| {
-            if let Some(c) = tx.cursor(&entry.folder)? {
+            if let Some(c) = tx.cursor(&key)? {
                 if c.uid_validity == entry.uid_validity && c.last_uid >= entry.uid {
                     tx.set_cursor(
-                        &entry.folder,
+                        &key,
                         &Cursor {
                             uid_validity: c.uid_validity,
                             last_uid: entry.uid.saturating_sub(1),
@@ -602,6 +628,7 @@ pub(crate) mod tests {
 
     pub(crate) fn src(validity: u32, uid: u32) -> Source {
         Source {
+            queue: "default".into(),
             folder: "INBOX".into(),
             uid_validity: validity,
             uid,

@@ -10,13 +10,16 @@
 //! [`store::Store::transact`], with [`effects::step`] as the one way a
 //! changed case and its mails are written.
 //!
-//! - [`config`]: the TOML file, validated; errors name their key.
-//! - [`mailbox`]: IMAP watcher (IDLE or polling), resumable by UID.
+//! - [`config`]: the TOML file, validated; errors name their key. Its
+//!   queues (`[[mailboxes]]`) each have a mailbox, an address and an
+//!   escalation path.
+//! - [`mailbox`]: one IMAP watcher per queue (IDLE or polling),
+//!   resumable by UID.
 //! - [`message`]: raw bytes → [`message::InboundMail`] (pure, total).
 //! - [`authres`]: which Authentication-Results to trust (pure).
 //! - [`suppress`]: which mail must get no automatic answer (pure).
 //! - [`thread`]: which case a message belongs to (pure).
-//! - [`case`]: the case record and its history.
+//! - [`case`]: the case record (its queue, tier, timers) and its history.
 //! - [`record`]: the other plain records the store keeps (messages,
 //!   outbox entries, quarantine, cursors).
 //! - [`policy`]: deadlines, ETAs and what to send (pure).

@@ -96,6 +96,9 @@ enum CasesCommand {
         config: ConfigArg,
         #[arg(long)]
         json: bool,
+        /// Only the cases of this queue (`[[mailboxes]] name`).
+        #[arg(long, value_name = "NAME")]
+        queue: Option<String>,
     },
     /// Show one case with its messages and history.
     Show {
@@ -270,7 +273,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             };
         }
         Command::Cases { command } => match command {
-            CasesCommand::List { config, json } => (config, Request::CasesList { json }),
+            CasesCommand::List {
+                config,
+                json,
+                queue,
+            } => (config, Request::CasesList { json, queue }),
             CasesCommand::Show { id, config, json } => (config, Request::CaseShow { id, json }),
             CasesCommand::Escalate { id, reason, config } => {
                 (config, Request::CaseEscalate { id, reason })

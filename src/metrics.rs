@@ -124,6 +124,10 @@ pub struct Metrics {
     /// Failed attempts: transient (retried) or permanent.
     pub mail_failures: Family,
     pub imap_errors: AtomicU64,
+    /// The same two per queue: `ingested` by queue and outcome, IMAP
+    /// errors by queue (new series, so the totals keep their labels).
+    pub queue_ingested: Family,
+    pub queue_imap_errors: Family,
     pub smtp_errors: AtomicU64,
     pub timers_fired: AtomicU64,
     /// Times the scheduler woke up (a timer, or new mail changing timers).
@@ -224,6 +228,16 @@ fn render(store: &Store) -> String {
         "escalator_imap_errors_total",
         "IMAP connection or protocol errors.",
         &m.imap_errors,
+    );
+    m.queue_ingested.render(
+        &mut out,
+        "escalator_queue_messages_ingested_total",
+        "Messages fetched from a queue's mailbox, by queue and outcome.",
+    );
+    m.queue_imap_errors.render(
+        &mut out,
+        "escalator_queue_imap_errors_total",
+        "IMAP connection or protocol errors of a queue's mailbox.",
     );
     counter(
         &mut out,

@@ -76,6 +76,37 @@ impl Ctx<'_> {
     fn tier_index(&self, name: &str) -> usize {
         tier_index(self.config, name)
     }
+
+    /// The case's escalation path: its queue's tiers (indexes into the
+    /// config's), in order.
+    fn path(&self, case: &Case) -> &[usize] {
+        &self.config.queue(&case.queue).path
+    }
+
+    /// The tier after the case's on its path (for a case whose tier is
+    /// off its path, moved by hand or by a config change: the first of
+    /// the path that comes after it in config order).
+    fn next_tier(&self, case: &Case) -> Option<usize> {
+        let path = self.path(case);
+        let idx = self.tier_index(&case.tier);
+        match path.iter().position(|&i| i == idx) {
+            Some(p) => path.get(p + 1).copied(),
+            None => path.iter().copied().find(|&i| i > idx),
+        }
+    }
+
+    /// Is tier `target` on the case's path, above the case's tier?
+    fn is_above(&self, case: &Case, target: usize) -> bool {
+        let path = self.path(case);
+        let idx = self.tier_index(&case.tier);
+        let Some(t) = path.iter().position(|&i| i == target) else {
+            return false;
+        };
+        match path.iter().position(|&i| i == idx) {
+            Some(p) => t > p,
+            None => target > idx,
+        }
+    }
     fn calendar_add(&self, from: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
         self.config.calendar.business.add(from, d)
     }
@@ -90,8 +121,17 @@ pub fn tier_index(config: &Config, name: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Opens a new case from its first message (at the first tier).
-pub fn open_case(id: u64, mail: &InboundMail, config: &Config, now: DateTime<Utc>) -> Case {
+/// Opens a new case of `queue` from its first message, at the first tier
+/// of the queue's path.
+pub fn open_case(
+    id: u64,
+    mail: &InboundMail,
+    config: &Config,
+    queue: &str,
+    now: DateTime<Utc>,
+) -> Case {
+    let q = config.queue(queue);
+    let first = q.path.first().copied().unwrap_or(0);
     let customer = mail
         .from
         .as_ref()
@@ -107,10 +147,11 @@ pub fn open_case(id: u64, mail: &InboundMail, config: &Config, now: DateTime<Utc
         id,
         &customer,
         &subject,
-        &config.tiers[0].name,
+        &config.tiers[first].name,
         &mail.message_id,
         now,
     );
+    case.queue = q.name.clone();
     case.customer_name = mail.from.as_ref().and_then(|a| a.name.clone());
     case.push(
         now,
@@ -252,7 +293,7 @@ pub fn on_new_case(
     let mut actions = Vec::new();
     if let Some(r) = &ctx.config.repeat_customer {
         case.repeat_customer = recent_cases >= r.cases as usize;
-        if case.repeat_customer && r.tier > ctx.tier_index(&case.tier) {
+        if case.repeat_customer && ctx.is_above(case, r.tier) {
             let detail = format!(
                 "case {} of this customer within {}",
                 recent_cases,
@@ -458,7 +499,7 @@ fn customer_message(case: &mut Case, mail: &InboundMail, ctx: &Ctx) -> Vec<Actio
     let mut actions = apply_triggers(case, mail, true, ctx);
     if let Some(r) = &ctx.config.repeat_customer {
         if let Some(m) = r.unanswered {
-            if case.unanswered >= m && r.tier > ctx.tier_index(&case.tier) {
+            if case.unanswered >= m && ctx.is_above(case, r.tier) {
                 let detail = format!("{} customer messages unanswered", case.unanswered);
                 actions.extend(escalate_to(
                     case,
@@ -500,8 +541,7 @@ fn apply_triggers(case: &mut Case, mail: &InboundMail, notify: bool, ctx: &Ctx) 
             }
         }
         if escalate {
-            let next = ctx.tier_index(&case.tier) + 1;
-            if next < ctx.config.tiers.len() {
+            if let Some(next) = ctx.next_tier(case) {
                 actions.extend(escalate_to(case, next, Reason::Trigger, &why, notify, ctx));
             }
         }
@@ -663,8 +703,8 @@ fn without_signature(text: &str) -> &str {
     &text[..end]
 }
 
-/// Moves the case up to tier `target`, with a forward and (if `notify`)
-/// a notice to the customer.
+/// Moves the case up its path to tier `target`, with a forward and (if
+/// `notify`) a notice to the customer.
 pub fn escalate_to(
     case: &mut Case,
     target: usize,
@@ -673,8 +713,7 @@ pub fn escalate_to(
     notify: bool,
     ctx: &Ctx,
 ) -> Vec<Action> {
-    let from = ctx.tier_index(&case.tier);
-    if target <= from || target >= ctx.config.tiers.len() {
+    if target >= ctx.config.tiers.len() || !ctx.is_above(case, target) {
         return Vec::new();
     }
     let t = &ctx.config.tiers[target];
@@ -712,8 +751,10 @@ pub fn escalate_to(
 
 /// A person escalates by hand (`escalator cases escalate`).
 pub fn escalate_manually(case: &mut Case, why: &str, ctx: &Ctx) -> Vec<Action> {
-    let next = ctx.tier_index(&case.tier) + 1;
-    escalate_to(case, next, Reason::Manual, why, true, ctx)
+    match ctx.next_tier(case) {
+        Some(next) => escalate_to(case, next, Reason::Manual, why, true, ctx),
+        None => Vec::new(),
+    }
 }
 
 /// Resolves the case; the survey goes out once.
@@ -744,7 +785,7 @@ pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
         return Vec::new();
     }
     let idx = ctx.tier_index(&case.tier);
-    let last = ctx.config.tiers.len() - 1;
+    let next = ctx.next_tier(case);
     match timer.kind {
         TimerKind::Warn => {
             case.warn_at = None;
@@ -757,7 +798,7 @@ pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
             set_timer(case, ctx);
             vec![Action::Warn { tier: idx }]
         }
-        TimerKind::Due if idx < last => {
+        TimerKind::Due if next.is_some() => {
             let waited = case
                 .waiting_since
                 .map(|w| ctx.config.calendar.business.between(w, ctx.now))
@@ -767,7 +808,10 @@ pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
                 case.tier,
                 humantime::format_duration(Duration::from_secs(waited.as_secs()))
             );
-            escalate_to(case, idx + 1, Reason::Stale, &detail, true, ctx)
+            match next {
+                Some(n) => escalate_to(case, n, Reason::Stale, &detail, true, ctx),
+                None => Vec::new(),
+            }
         }
         TimerKind::ResolveDue => {
             let t = &ctx.config.tiers[idx];
@@ -777,10 +821,9 @@ pub fn on_timer(case: &mut Case, ctx: &Ctx) -> Vec<Action> {
                 humantime::format_duration(t.resolve_within.unwrap_or_default()),
                 t.name
             );
-            if idx < last {
-                escalate_to(case, idx + 1, Reason::Stale, &detail, true, ctx)
-            } else {
-                breach(case, idx, ctx)
+            match next {
+                Some(n) => escalate_to(case, n, Reason::Stale, &detail, true, ctx),
+                None => breach(case, idx, ctx),
             }
         }
         TimerKind::Due => breach(case, idx, ctx),
@@ -909,15 +952,13 @@ pub fn values(
         }
     }
     v.insert("eta_in_words", words);
+    // The case's queue speaks for it: its name and address.
+    let q = config.queue(&case.queue);
     v.insert(
         "support_name",
-        config
-            .smtp
-            .from_name
-            .clone()
-            .unwrap_or_else(|| "Support".into()),
+        q.from_name.clone().unwrap_or_else(|| "Support".into()),
     );
-    v.insert("support_address", config.smtp.from.clone());
+    v.insert("support_address", q.address.clone());
     // Every value is one line, whichever text it goes into: a subject or
     // name with an encoded line break must not add a paragraph to mail
     // that comes from the support address.

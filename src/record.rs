@@ -54,6 +54,9 @@ pub struct MessageRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QuarantineEntry {
     pub id: u64,
+    /// The queue whose mailbox the message is in.
+    #[serde(default = "crate::case::default_queue")]
+    pub queue: String,
     pub folder: String,
     pub uid_validity: u32,
     pub uid: u32,

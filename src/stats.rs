@@ -19,6 +19,9 @@ use crate::case::{rfc3339, Case, CaseId, EventKind, Reason, Status};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Facts {
     pub id: CaseId,
+    /// The queue the case belongs to.
+    #[serde(default = "crate::case::default_queue")]
+    pub queue: String,
     pub customer: String,
     pub subject: String,
     pub created_at: DateTime<Utc>,
@@ -118,6 +121,7 @@ impl Facts {
         }
         Facts {
             id: case.id,
+            queue: case.queue.clone(),
             customer: case.customer.clone(),
             subject: case.subject.chars().take(SUBJECT_CHARS).collect(),
             created_at: case.created_at,
@@ -226,6 +230,25 @@ pub struct Report {
     pub overall: Kpis,
     /// In the config's tier order; tiers no longer configured follow.
     pub tiers: Vec<TierKpis>,
+    /// The KPIs of each queue's cases, in the config's queue order;
+    /// queues no longer configured follow.
+    pub queues: Vec<QueueKpis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueKpis {
+    pub queue: String,
+    #[serde(flatten)]
+    pub kpis: Kpis,
+}
+
+/// An unresolved case outside the report's window: what the open-case
+/// ages need of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenCase {
+    pub queue: String,
+    pub tier: String,
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -280,8 +303,8 @@ const REASONS: [Reason; 4] = [
     Reason::Manual,
 ];
 
-fn tier_acc<'a>(tiers: &'a mut BTreeMap<String, Acc>, tier: &str) -> &'a mut Acc {
-    tiers.entry(tier.to_owned()).or_insert_with(new_acc)
+fn acc_of<'a>(sets: &'a mut BTreeMap<String, Acc>, name: &str) -> &'a mut Acc {
+    sets.entry(name.to_owned()).or_insert_with(new_acc)
 }
 
 fn count_reason(by_reason: &mut BTreeMap<String, u64>, r: Reason) {
@@ -301,55 +324,69 @@ fn new_acc() -> Acc {
     a
 }
 
+/// Counts one case of the window in an overall or per-queue set.
+fn add_case(o: &mut Acc, f: &Facts) {
+    o.kpis.cases += 1;
+    if f.escalated() {
+        o.kpis.escalated += 1;
+    }
+    let mut reasons: Vec<Reason> = f
+        .stints
+        .iter()
+        .filter_map(|s| s.left.as_ref().map(|l| l.1))
+        .collect();
+    reasons.sort_by_key(|r| r.as_str());
+    reasons.dedup();
+    for r in reasons {
+        count_reason(&mut o.kpis.escalated_by_reason, r);
+    }
+    if let Some(a) = f.first_answer_at {
+        o.first_answer.push((a - f.created_at).num_seconds());
+    }
+    if let Some(r) = f.resolved_at {
+        o.resolve.push((r - f.created_at).num_seconds());
+    }
+    o.kpis.breached += f.breached() as u64;
+    o.kpis.repeat_customers += f.repeat_customer as u64;
+    if let Some(s) = f.csat {
+        o.kpis.csat_count += 1;
+        o.csat_sum += s as u64;
+    }
+}
+
+/// The configured tiers and queues, in config order: the report lists
+/// them even when they had no case.
+pub struct Order<'a> {
+    pub tiers: &'a [String],
+    pub queues: &'a [String],
+}
+
 /// Computes the report from the window's facts and, for the open-case
-/// ages, the tier and opening time of the unresolved cases outside the
-/// window (the window's own unresolved cases are counted from their
-/// facts: one pass over a million cases, not two).
+/// ages, the unresolved cases outside the window (the window's own
+/// unresolved cases are counted from their facts: one pass over a
+/// million cases, not two).
 pub fn report(
     window: impl Iterator<Item = Facts>,
-    open: impl Iterator<Item = (String, DateTime<Utc>)>,
-    tier_order: &[String],
+    open: impl Iterator<Item = OpenCase>,
+    order: &Order<'_>,
     since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Report {
     let mut overall = new_acc();
     let mut tiers: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut queues: BTreeMap<String, Acc> = BTreeMap::new();
     for f in window {
         if f.status != Status::Resolved {
             let age = now - f.created_at;
             overall.kpis.open.add(age);
-            tier_acc(&mut tiers, &f.tier).kpis.open.add(age);
+            acc_of(&mut tiers, &f.tier).kpis.open.add(age);
+            acc_of(&mut queues, &f.queue).kpis.open.add(age);
         }
-        let o = &mut overall;
-        o.kpis.cases += 1;
-        if f.escalated() {
-            o.kpis.escalated += 1;
-        }
-        let mut reasons: Vec<Reason> = f
-            .stints
-            .iter()
-            .filter_map(|s| s.left.as_ref().map(|l| l.1))
-            .collect();
-        reasons.sort_by_key(|r| r.as_str());
-        reasons.dedup();
-        for r in reasons {
-            count_reason(&mut o.kpis.escalated_by_reason, r);
-        }
-        if let Some(a) = f.first_answer_at {
-            o.first_answer.push((a - f.created_at).num_seconds());
-        }
-        if let Some(r) = f.resolved_at {
-            o.resolve.push((r - f.created_at).num_seconds());
-        }
-        o.kpis.breached += f.breached() as u64;
-        o.kpis.repeat_customers += f.repeat_customer as u64;
-        if let Some(s) = f.csat {
-            o.kpis.csat_count += 1;
-            o.csat_sum += s as u64;
-        }
+        add_case(&mut overall, &f);
+        add_case(acc_of(&mut queues, &f.queue), &f);
         let last = f.stints.len().saturating_sub(1);
         for (i, s) in f.stints.iter().enumerate() {
-            let t = tier_acc(&mut tiers, &s.tier);
+            let t = acc_of(&mut tiers, &s.tier);
             t.kpis.cases += 1;
             if let Some((_, reason)) = &s.left {
                 t.kpis.escalated += 1;
@@ -371,31 +408,37 @@ pub fn report(
             }
         }
     }
-    for (tier, created_at) in open {
-        let age = now - created_at;
+    for o in open {
+        let age = now - o.created_at;
         overall.kpis.open.add(age);
-        tier_acc(&mut tiers, &tier).kpis.open.add(age);
-    }
-    let mut ordered = Vec::new();
-    for name in tier_order {
-        let acc = tiers.remove(name).unwrap_or_else(new_acc);
-        ordered.push(TierKpis {
-            tier: name.clone(),
-            kpis: acc.finish(),
-        });
-    }
-    for (name, acc) in tiers {
-        ordered.push(TierKpis {
-            tier: name,
-            kpis: acc.finish(),
-        });
+        acc_of(&mut tiers, &o.tier).kpis.open.add(age);
+        acc_of(&mut queues, &o.queue).kpis.open.add(age);
     }
     Report {
         since: since.map(rfc3339),
         until: rfc3339(now),
         overall: overall.finish(),
-        tiers: ordered,
+        tiers: in_order(tiers, order.tiers)
+            .map(|(tier, kpis)| TierKpis { tier, kpis })
+            .collect(),
+        queues: in_order(queues, order.queues)
+            .map(|(queue, kpis)| QueueKpis { queue, kpis })
+            .collect(),
     }
+}
+
+/// The named sets in config order (empty ones too), then the rest.
+fn in_order(
+    mut sets: BTreeMap<String, Acc>,
+    names: &[String],
+) -> impl Iterator<Item = (String, Kpis)> {
+    let mut out = Vec::new();
+    for name in names {
+        let acc = sets.remove(name).unwrap_or_else(new_acc);
+        out.push((name.clone(), acc.finish()));
+    }
+    out.extend(sets.into_iter().map(|(n, a)| (n, a.finish())));
+    out.into_iter()
 }
 
 /// A duration the way people say it: "3h 20m", "2d 4h", "45s".
@@ -415,8 +458,16 @@ pub fn short_duration(secs: i64) -> String {
 impl Report {
     /// The table `escalator stats` prints: one column per tier.
     pub fn text(&self) -> String {
-        let mut cols: Vec<(&str, &Kpis)> = vec![("overall", &self.overall)];
-        cols.extend(self.tiers.iter().map(|t| (t.tier.as_str(), &t.kpis)));
+        let mut cols: Vec<(String, &Kpis)> = vec![("overall".into(), &self.overall)];
+        cols.extend(self.tiers.iter().map(|t| (t.tier.clone(), &t.kpis)));
+        // Queues get columns of their own once there is more than one.
+        if self.queues.len() > 1 {
+            cols.extend(
+                self.queues
+                    .iter()
+                    .map(|q| (format!("queue {}", q.queue), &q.kpis)),
+            );
+        }
         let width = cols
             .iter()
             .map(|(n, _)| n.chars().count())
@@ -558,13 +609,36 @@ mod tests {
             if id % 2 == 0 {
                 resolve(&mut c, id * 2, Some((id / 2) as u8));
             }
+            c.queue = if id <= 5 { "support" } else { "billing" }.into();
             cases.push(c);
         }
         let facts: Vec<Facts> = cases.iter().map(Facts::of).collect();
         // All ten are in the window: its unresolved ones are counted
         // from their facts, and one more opened before it comes apart.
-        let before = std::iter::once(("T2".to_string(), at(-200)));
-        let r = report(facts.into_iter(), before, &tiers, None, at(30));
+        let before = std::iter::once(OpenCase {
+            queue: "support".into(),
+            tier: "T2".into(),
+            created_at: at(-200),
+        });
+        let queues = vec![
+            "support".to_string(),
+            "billing".to_string(),
+            "spare".to_string(),
+        ];
+        let order = Order {
+            tiers: &tiers,
+            queues: &queues,
+        };
+        let r = report(facts.into_iter(), before, &order, None, at(30));
+        // Per queue: cases 1-5 and the old one are support's, 6-10
+        // billing's; a configured queue without cases is listed too.
+        let names: Vec<&str> = r.queues.iter().map(|q| q.queue.as_str()).collect();
+        assert_eq!(names, ["support", "billing", "spare"]);
+        let (sup, bil) = (&r.queues[0].kpis, &r.queues[1].kpis);
+        assert_eq!((sup.cases, sup.escalated, sup.open.total), (5, 4, 4));
+        assert_eq!((bil.cases, bil.escalated, bil.open.total), (5, 0, 2));
+        assert_eq!((bil.resolve.count, bil.csat_count), (3, 3));
+        assert_eq!(r.queues[2].kpis.cases, 0);
         let o = &r.overall;
         assert_eq!(o.cases, 10);
         assert_eq!(o.escalated, 4);

@@ -1,5 +1,6 @@
-//! Mailbox: watches the support folder over IMAP and feeds every new
-//! message to ingest. Resumable by UID (the cursor lives in the store and
+//! Mailbox: watches one queue's folder over IMAP and feeds every new
+//! message to ingest (one watcher per queue, each with its own connection
+//! and backoff, so one mailbox down holds up no other). Resumable by UID (the cursor lives in the store and
 //! moves in the same transaction as the message), read-only (EXAMINE and
 //! BODY.PEEK, so customers' mail keeps its flags), IDLE when the server
 //! has it, polling otherwise, and reconnecting with backoff forever.
@@ -13,7 +14,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, MailboxConfig};
 use crate::ingest::{Ingestor, Item, Outcome, Source};
 use crate::scheduler::Wakers;
 use crate::store::StoreError;
@@ -48,8 +49,20 @@ pub struct PassReport {
     pub quarantined: usize,
 }
 
+impl PassReport {
+    pub fn add(&mut self, r: &PassReport) {
+        self.fetched += r.fetched;
+        self.stored += r.stored;
+        self.new_cases += r.new_cases;
+        self.duplicates += r.duplicates;
+        self.quarantined += r.quarantined;
+    }
+}
+
 pub struct Watcher {
     pub config: Arc<Config>,
+    /// The queue whose mailbox this watches.
+    pub queue: String,
     pub ingestor: Arc<Ingestor>,
     /// Told after each committed batch, so acks go out at once and the
     /// scheduler sees new deadlines.
@@ -59,9 +72,15 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(config: Arc<Config>, ingestor: Arc<Ingestor>, wake: Arc<Wakers>) -> Watcher {
+    pub fn new(
+        config: Arc<Config>,
+        queue: &str,
+        ingestor: Arc<Ingestor>,
+        wake: Arc<Wakers>,
+    ) -> Watcher {
         Watcher {
             config,
+            queue: queue.to_string(),
             ingestor,
             wake,
             trouble: Mutex::new(HashMap::new()),
@@ -74,7 +93,7 @@ impl Watcher {
     pub async fn once(&self, cancel: &CancellationToken) -> Result<PassReport, WatchError> {
         let mut tries = 0;
         loop {
-            let mut s = imap::connect(&self.config.mailbox.endpoint).await?;
+            let mut s = imap::connect(&self.mailbox().endpoint).await?;
             match self.pass(&mut s, cancel).await {
                 Ok(report) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), s.logout()).await;
@@ -87,6 +106,10 @@ impl Watcher {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn mailbox(&self) -> &MailboxConfig {
+        &self.config.queue(&self.queue).mailbox
     }
 
     fn in_trouble(&self) -> bool {
@@ -108,7 +131,9 @@ impl Watcher {
                 Err(WatchError::Store(e)) => return Err(e),
                 Err(e) => {
                     failures += 1;
-                    crate::metrics::inc(&crate::metrics::METRICS.imap_errors);
+                    let m = &crate::metrics::METRICS;
+                    crate::metrics::inc(&m.imap_errors);
+                    m.queue_imap_errors.inc(&[("queue", &self.queue)]);
                     let auth = matches!(&e, WatchError::Imap(i) if i.is_auth());
                     // Wrong credentials won't fix themselves quickly: wait
                     // longer, so the server's lockout is not provoked.
@@ -133,7 +158,7 @@ impl Watcher {
         cancel: &CancellationToken,
         failures: &mut u32,
     ) -> Result<(), WatchError> {
-        let ep = &self.config.mailbox.endpoint;
+        let ep = &self.mailbox().endpoint;
         let mut s = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             r = imap::connect(ep) => r?,
@@ -142,17 +167,12 @@ impl Watcher {
             ImapError::Protocol("CAPABILITY", e)
         })
         .await?;
-        let idle = self.config.mailbox.idle && caps.has_str("IDLE");
-        tracing::info!(host = %ep.host, folder = %self.config.mailbox.folder, idle, "watching mailbox");
+        let idle = self.mailbox().idle && caps.has_str("IDLE");
+        tracing::info!(host = %ep.host, folder = %self.mailbox().folder, idle, "watching mailbox");
         let wait = if idle {
-            IDLE_RENEW.min(
-                self.config
-                    .mailbox
-                    .poll_interval
-                    .max(Duration::from_secs(60)),
-            )
+            IDLE_RENEW.min(self.mailbox().poll_interval.max(Duration::from_secs(60)))
         } else {
-            self.config.mailbox.poll_interval
+            self.mailbox().poll_interval
         };
         loop {
             self.pass(&mut s, cancel).await?;
@@ -205,18 +225,14 @@ impl Watcher {
         s: &mut ImapSession,
         cancel: &CancellationToken,
     ) -> Result<PassReport, WatchError> {
-        let inbox = self.config.mailbox.folder.clone();
+        let inbox = self.mailbox().folder.clone();
         let mut report = self.pass_folder(s, &inbox, false, cancel).await?;
-        if let Some(sent) = self.config.mailbox.sent_folder.clone() {
+        if let Some(sent) = self.mailbox().sent_folder.clone() {
             let r = self.pass_folder(s, &sent, true, cancel).await?;
-            report.fetched += r.fetched;
-            report.stored += r.stored;
-            report.new_cases += r.new_cases;
-            report.duplicates += r.duplicates;
-            report.quarantined += r.quarantined;
+            report.add(&r);
             // IDLE watches the inbox: select it again.
             timed(
-                &self.config.mailbox.endpoint,
+                &self.mailbox().endpoint,
                 "EXAMINE",
                 s.examine(&inbox),
                 |e| ImapError::Folder(inbox.clone(), e),
@@ -234,7 +250,7 @@ impl Watcher {
         sent: bool,
         cancel: &CancellationToken,
     ) -> Result<PassReport, WatchError> {
-        let ep = &self.config.mailbox.endpoint;
+        let ep = &self.mailbox().endpoint;
         let mut report = PassReport::default();
         let mbox = timed(ep, "EXAMINE", s.examine(folder), |e| {
             ImapError::Folder(folder.clone(), e)
@@ -242,7 +258,8 @@ impl Watcher {
         .await?;
         let validity = mbox.uid_validity.unwrap_or(0);
         let store = &self.ingestor.store;
-        let start = match store.cursor(folder)? {
+        let cursor = crate::ingest::cursor_key(&self.queue, folder);
+        let start = match store.cursor(&cursor)? {
             Some(c) if c.uid_validity == validity => c.last_uid.saturating_add(1),
             Some(c) => {
                 tracing::warn!(old = c.uid_validity, new = validity, "UIDVALIDITY changed; re-scanning the folder (stored messages are not ingested twice)");
@@ -273,6 +290,7 @@ impl Watcher {
             let trouble = self.trouble(folder, validity);
             if let Some(t) = trouble.as_ref().filter(|t| t.stuck_on(rest[0])) {
                 let src = Source {
+                    queue: self.queue.clone(),
                     folder: folder.clone(),
                     uid_validity: validity,
                     uid: rest[0],
@@ -309,6 +327,7 @@ impl Watcher {
             // In UID order, so the cursor only ever moves forward over
             // messages that are stored.
             let src = |uid| Source {
+                queue: self.queue.clone(),
                 folder: folder.clone(),
                 uid_validity: validity,
                 uid,
@@ -375,6 +394,8 @@ impl Watcher {
                     Outcome::Refetch { .. } => "refetch",
                 };
                 m.ingested.inc(&[("outcome", label)]);
+                m.queue_ingested
+                    .inc(&[("queue", &self.queue), ("outcome", label)]);
             }
             store.flush_async().await?;
             self.wake.both();
@@ -397,7 +418,7 @@ impl Watcher {
         s: &mut ImapSession,
         uids: &[u32],
     ) -> Result<HashMap<u32, u32>, WatchError> {
-        let ep = &self.config.mailbox.endpoint;
+        let ep = &self.mailbox().endpoint;
         let set = uid_set(uids);
         let fetches = timed(
             ep,
@@ -436,7 +457,7 @@ impl Watcher {
             }
             other => other?,
         };
-        let max = self.config.mailbox.max_message_size;
+        let max = self.mailbox().max_message_size;
         let mut group: Vec<u32> = Vec::new();
         let mut bytes = 0u64;
         let mut groups = Vec::new();
@@ -585,7 +606,7 @@ impl Watcher {
 
     /// Is `uid` still in the selected folder?
     async fn exists(&self, s: &mut ImapSession, uid: u32) -> Result<bool, WatchError> {
-        let ep = &self.config.mailbox.endpoint;
+        let ep = &self.mailbox().endpoint;
         let found = timed(ep, "UID SEARCH", s.uid_search(format!("UID {uid}")), |e| {
             ImapError::Protocol("UID SEARCH", e)
         })
@@ -599,7 +620,7 @@ impl Watcher {
         uids: &[u32],
         what: &str,
     ) -> Result<Vec<(u32, Vec<u8>)>, WatchError> {
-        let ep = &self.config.mailbox.endpoint;
+        let ep = &self.mailbox().endpoint;
         let set = uid_set(uids);
         let query = format!("(UID {what})");
         // Drain the whole response before the next command.

@@ -93,9 +93,10 @@ pub struct Outbox {
     pub clock: Arc<dyn Clock>,
     /// Where accepted mail is noted the instant the server says 250.
     pub journal: journal::Journal,
-    /// With confirmation copies: the support address, Bcc'd on every
-    /// mail, and how long an interrupted send waits for its copy.
-    pub confirm: Option<(String, Duration)>,
+    /// With confirmation copies (each mail Bcc'd to the address it is
+    /// from: its queue's mailbox): how long an interrupted send waits
+    /// for its copy.
+    pub confirm: Option<Duration>,
     /// Woken when ingest or the scheduler queued new mail.
     pub wake: Arc<crate::scheduler::Wakers>,
 }
@@ -131,7 +132,7 @@ impl Outbox {
     /// An entry left `sending` by a crash: until when to wait for the
     /// confirmation copy (None: send it now).
     fn awaiting_copy(&self, entry: &OutboxEntry, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let (_, wait) = self.confirm.as_ref()?;
+        let wait = self.confirm.as_ref()?;
         if entry.state != OutboxState::Sending {
             return None;
         }
@@ -248,10 +249,10 @@ impl Outbox {
         // Durable before the effect: a crash from here on resends.
         self.store.flush_async().await?;
         let mut rcpt = entry.to.clone();
-        if let Some((support, _)) = &self.confirm {
+        if self.confirm.is_some() {
             // Same transaction, so the copy's arrival proves acceptance.
-            if !rcpt.contains(support) {
-                rcpt.push(support.clone());
+            if !rcpt.iter().any(|r| r.eq_ignore_ascii_case(&entry.from)) {
+                rcpt.push(entry.from.clone());
             }
         }
         let result = self.mailer.send(&entry.from, &rcpt, &raw).await;
@@ -297,7 +298,7 @@ impl Outbox {
                 // As after a crash mid-send: the server may have the mail.
                 // Stay `sending`; the confirmation copy settles it within
                 // `confirm_wait`, and only without one is it sent again.
-                let wait = self.confirm.as_ref().map(|(_, w)| *w).unwrap_or_default();
+                let wait = self.confirm.unwrap_or_default();
                 entry.next_attempt_at =
                     now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
                 entry.attempt_at = Some(now);
@@ -463,8 +464,7 @@ pub(crate) mod tests {
             store,
             mailer: mailer.clone(),
             clock: clock.clone(),
-            confirm: confirm
-                .then(|| ("support@example.test".to_string(), Duration::from_secs(120))),
+            confirm: confirm.then_some(Duration::from_secs(120)),
             wake: Default::default(),
         };
         Setup {

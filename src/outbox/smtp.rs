@@ -47,6 +47,27 @@ pub trait Mailer: Send + Sync {
     async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError>;
 }
 
+/// Sends each mail through the server of the queue whose address it is
+/// from (a queue's own `smtp`), the rest through `main` (`[smtp]`).
+pub struct ByFrom {
+    pub main: Arc<dyn Mailer>,
+    /// Lower-case From address → that queue's server.
+    pub routes: Vec<(String, Arc<dyn Mailer>)>,
+}
+
+#[async_trait::async_trait]
+impl Mailer for ByFrom {
+    async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError> {
+        let route = self
+            .routes
+            .iter()
+            .find(|(a, _)| a.eq_ignore_ascii_case(from))
+            .map(|(_, m)| m)
+            .unwrap_or(&self.main);
+        route.send(from, to, raw).await
+    }
+}
+
 pub struct SmtpMailer {
     cfg: SmtpConfig,
     /// For STARTTLS (lettre upgrades its own stream).

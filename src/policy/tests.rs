@@ -64,7 +64,7 @@ fn mail(from: &str, subject: &str, extra: &str, body: &str) -> InboundMail {
 }
 
 fn new_case(c: &Config, now: DateTime<Utc>, m: &InboundMail, recent: usize) -> (Case, Vec<Action>) {
-    let mut case = open_case(7, m, c, now);
+    let mut case = open_case(7, m, c, "default", now);
     let ctx = Ctx { config: c, now };
     let a = on_new_case(&mut case, m, None, recent, &ctx);
     (case, a)
@@ -754,4 +754,109 @@ fn resolve_within_counts_only_time_waiting_on_staff() {
         "{a:?}"
     );
     assert_eq!(case.tier, "Tier 2");
+}
+
+/// The policy config with two queues: `support` on every tier, and
+/// `billing` on "Billing" then "Tier 2" (skipping Frontline).
+fn queues_config() -> Config {
+    let text = CONFIG
+        .replace("[mailbox]\n", "[[mailboxes]]\nname = \"support\"\n")
+        .replace(
+            "[smtp]\n",
+            "[[mailboxes]]\nname = \"billing\"\naddress = \"Billing <billing@example.test>\"\n\
+             tiers = [\"Billing\", \"Tier 2\"]\nhost = \"127.0.0.1\"\nsecurity = \"plain\"\n\
+             username = \"b\"\npassword = \"p\"\n[smtp]\n",
+        )
+        .replace(
+            "[repeat_customer]",
+            "[[tiers]]\nname = \"Billing\"\nforward_to = [\"bill@example.test\"]\n\
+             first_response = \"2h\"\n[repeat_customer]",
+        );
+    Config::parse(&text, Path::new("/x.toml")).unwrap()
+}
+
+#[test]
+fn a_queue_escalates_along_its_own_path_and_speaks_with_its_own_address() {
+    let c = queues_config();
+    let now = at(MON_9);
+    let m = mail("alice@example.org", "Invoice", "", "wrong amount");
+    let mut case = open_case(9, &m, &c, "billing", now);
+    assert_eq!(
+        (case.queue.as_str(), case.tier.as_str()),
+        ("billing", "Billing")
+    );
+    let ctx = Ctx { config: &c, now };
+    on_new_case(&mut case, &m, None, 1, &ctx);
+    let (subject, body) = ack_text(&case, case.due_at.unwrap(), &c, now);
+    assert!(subject.contains("Invoice"));
+    assert!(!body.contains("support@example.test"), "{body}");
+    // Stale at Billing: up to Tier 2, the next on billing's path (not
+    // Frontline, which comes first in the config).
+    let later = case.timer.unwrap().at;
+    let mut fired = Vec::new();
+    let mut t = later;
+    while case.tier == "Billing" {
+        let ctx = Ctx { config: &c, now: t };
+        fired.extend(on_timer(&mut case, &ctx));
+        t = case.timer.map(|x| x.at).unwrap_or(t);
+    }
+    assert_eq!(case.tier, "Tier 2");
+    let forward = fired.iter().find_map(|a| match a {
+        Action::Forward { tier, .. } => Some(*tier),
+        _ => None,
+    });
+    assert_eq!(forward.map(|i| c.tiers[i].name.as_str()), Some("Tier 2"));
+    // Tier 2 is billing's last: its deadline breaches, nothing further.
+    let ctx = Ctx {
+        config: &c,
+        now: case.due_at.unwrap() + chrono::Duration::minutes(1),
+    };
+    case.timer = Some(Timer {
+        at: case.due_at.unwrap(),
+        kind: TimerKind::Due,
+    });
+    on_timer(&mut case, &ctx);
+    assert!(case.breached && case.tier == "Tier 2");
+    // A support case goes Frontline → Tier 2 → Billing (config order).
+    let mut s = open_case(10, &m, &c, "support", now);
+    assert_eq!(s.tier, "Frontline");
+    let ctx = Ctx { config: &c, now };
+    assert_eq!(ctx.next_tier(&s), Some(1));
+    s.tier = "Tier 2".into();
+    assert_eq!(ctx.next_tier(&s), Some(2));
+    // Manual escalation follows the path too; at its end it does nothing.
+    let mut b = open_case(11, &m, &c, "billing", now);
+    escalate_manually(&mut b, "by hand", &ctx);
+    assert_eq!(b.tier, "Tier 2");
+    assert!(escalate_manually(&mut b, "again", &ctx).is_empty());
+    assert_eq!(b.tier, "Tier 2");
+}
+
+#[test]
+fn a_repeat_customer_tier_off_a_queues_path_is_not_used_there() {
+    // repeat_customer.tier is "Tier 2". On billing's path it is above
+    // Billing, so billing's repeat customers go there.
+    let c = queues_config();
+    let now = at(MON_9);
+    let m = mail("bob@example.org", "Again", "", "third time");
+    let mut case = open_case(12, &m, &c, "billing", now);
+    let ctx = Ctx { config: &c, now };
+    on_new_case(&mut case, &m, None, 3, &ctx);
+    assert_eq!(case.tier, "Tier 2");
+    assert!(case.repeat_customer);
+    // A billing path of Billing alone: Tier 2 is not on it, and a case
+    // never leaves its queue's path for it.
+    let text = CONFIG
+        .replace("[mailbox]\n", "[[mailboxes]]\nname = \"billing\"\ntiers = [\"Billing\"]\n")
+        .replace(
+            "[repeat_customer]",
+            "[[tiers]]\nname = \"Billing\"\nforward_to = [\"bill@example.test\"]\nfirst_response = \"2h\"\n[repeat_customer]",
+        );
+    let c2 = Config::parse(&text, Path::new("/x.toml")).unwrap();
+    let mut d = open_case(13, &m, &c2, "billing", now);
+    let ctx = Ctx { config: &c2, now };
+    let actions = on_new_case(&mut d, &m, None, 3, &ctx);
+    assert!(d.repeat_customer, "still marked as a repeat customer");
+    assert_eq!(d.tier, "Billing");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Forward { .. })));
 }

@@ -130,8 +130,22 @@ pub(super) fn unresolved_key(at: DateTime<Utc>, case: CaseId) -> Vec<u8> {
     k
 }
 
+/// An unresolved-index value: `queue \0 tier`.
+pub(super) fn unresolved_entry_value(case: &crate::case::Case) -> Vec<u8> {
+    pair_key(&case.queue, case.tier.as_bytes())
+}
+
+/// The queue and tier of an unresolved-index value.
+pub(super) fn unresolved_value(v: &[u8]) -> (String, String) {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match v.iter().position(|b| *b == 0) {
+        Some(i) => (text(&v[..i]), text(&v[i + 1..])),
+        None => (crate::case::default_queue(), text(v)),
+    }
+}
+
 /// An unresolved-index entry: the case's facts key, opening time and
-/// tier.
+/// value.
 pub(super) fn unresolved_entry<'v>(
     k: &[u8],
     v: &'v [u8],
@@ -228,8 +242,10 @@ mod tests {
 }
 
 /// The per-case facts are read a million at a time by `stats`: they are
-/// kept in a compact binary form (version byte 1), and facts written as
-/// JSON by older releases are still read.
+/// kept in a compact binary form written by hand (dates as milliseconds;
+/// postcard would keep chrono's dates as text, slower to read back).
+/// Version 2 adds the queue at the end; version 1 (no queue: `default`)
+/// and facts written as JSON by older releases are still read.
 pub(super) mod facts {
     use chrono::{DateTime, Utc};
 
@@ -237,6 +253,7 @@ pub(super) mod facts {
     use crate::stats::{Facts, Stint};
 
     const V1: u8 = 1;
+    const V2: u8 = 2;
 
     struct Writer(Vec<u8>);
 
@@ -278,7 +295,7 @@ pub(super) mod facts {
 
     pub(in crate::store) fn encode(f: &Facts) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(128));
-        w.u8(V1);
+        w.u8(V2);
         w.u64(f.id);
         w.str(&f.customer);
         w.str(&f.subject);
@@ -319,6 +336,7 @@ pub(super) mod facts {
         for t in triggers {
             w.str(t);
         }
+        w.str(&f.queue);
         w.0
     }
 
@@ -356,10 +374,11 @@ pub(super) mod facts {
         }
     }
 
-    /// None when the bytes are not facts of version 1.
+    /// None when the bytes are not facts of version 1 or 2.
     pub(in crate::store) fn decode(bytes: &[u8]) -> Option<Facts> {
         let mut r = Reader(bytes);
-        if r.u8()? != V1 {
+        let version = r.u8()?;
+        if version != V1 && version != V2 {
             return None;
         }
         let id = r.u64()?;
@@ -410,8 +429,13 @@ pub(super) mod facts {
         for _ in 0..r.u16()? {
             triggers.push(r.str()?);
         }
+        let queue = match version {
+            V1 => crate::case::default_queue(),
+            _ => r.str()?,
+        };
         r.0.is_empty().then_some(Facts {
             id,
+            queue,
             customer,
             subject,
             created_at,

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 
 use crate::case::{Case, CaseId, Event, Status, Timer};
 use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
-use crate::stats::Facts;
+use crate::stats::{Facts, OpenCase};
 use crate::thread::Lookup;
 use codec::{id_key, Tree};
 
@@ -431,12 +431,13 @@ impl Store {
         })
     }
 
-    /// The tier and opening time of every unresolved case opened before
-    /// `before` (all with None), oldest first, without decoding facts.
+    /// The queue, tier and opening time of every unresolved case opened
+    /// before `before` (all with None), oldest first, without decoding
+    /// facts.
     pub fn unresolved(
         &self,
         before: Option<DateTime<Utc>>,
-    ) -> impl Iterator<Item = Result<(String, DateTime<Utc>)>> + '_ {
+    ) -> impl Iterator<Item = Result<OpenCase>> + '_ {
         let end = match before {
             Some(t) => codec::unresolved_key(t, 0),
             None => b"v".to_vec(),
@@ -448,8 +449,13 @@ impl Store {
                     Ok(kv) => kv,
                     Err(e) => return Some(Err(e)),
                 };
-                let (_, at, tier) = codec::unresolved_entry(&k, &v)?;
-                Some(Ok((String::from_utf8_lossy(tier).into_owned(), at)))
+                let (_, created_at, value) = codec::unresolved_entry(&k, &v)?;
+                let (queue, tier) = codec::unresolved_value(value);
+                Some(Ok(OpenCase {
+                    queue,
+                    tier,
+                    created_at,
+                }))
             })
     }
 
@@ -915,14 +921,16 @@ impl<'s> Tx<'s> {
         let facts = codec::facts::encode(&Facts::update(prev, case));
         self.put(Tree::Facts, key, facts);
         let ukey = codec::unresolved_key(case.created_at, case.id);
-        let old_tier = self.get_bytes(Tree::Facts, &ukey)?;
+        let old_tier = self
+            .get_bytes(Tree::Facts, &ukey)?
+            .map(|v| codec::unresolved_value(&v).1.into_bytes());
         let new_tier = (case.status != Status::Resolved).then(|| case.tier.as_bytes().to_vec());
         if case.status == Status::Resolved {
             self.remove(Tree::Facts, ukey);
         } else {
-            // Opening time (key) and tier: enough to count open cases
-            // by tier and age without decoding anything.
-            self.put(Tree::Facts, ukey, case.tier.as_bytes().to_vec());
+            // Opening time (key), queue and tier: enough to count open
+            // cases by age without decoding anything.
+            self.put(Tree::Facts, ukey, codec::unresolved_entry_value(case));
         }
         if old_tier != new_tier {
             for (tier, delta) in [(old_tier, -1i64), (new_tier, 1)] {

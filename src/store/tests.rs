@@ -341,6 +341,7 @@ fn quarantine_keeps_the_entry_and_its_bytes_until_removed() {
     each_engine(|engine, open, path| {
         let s = open(path);
         let entry = QuarantineEntry {
+            queue: "default".into(),
             id: 1,
             folder: "Sent".into(),
             uid_validity: 1,
@@ -381,7 +382,8 @@ fn facts_come_by_opening_time() {
         let open: Vec<CaseId> = s.unresolved_facts().map(|f| ok(f).id).collect();
         assert_eq!(open, vec![2, 3, 1], "{engine}");
         // The unresolved cases opened before a window, by opening time.
-        let before = |t| -> Vec<DateTime<Utc>> { s.unresolved(t).map(|r| ok(r).1).collect() };
+        let before =
+            |t| -> Vec<DateTime<Utc>> { s.unresolved(t).map(|r| ok(r).created_at).collect() };
         assert_eq!(before(Some(at(400))), vec![at(100), at(300)], "{engine}");
         assert_eq!(before(None).len(), 3, "{engine}");
     });

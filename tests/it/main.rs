@@ -8,5 +8,6 @@ mod crash;
 mod escalation;
 mod gateway;
 mod operations;
+mod queues;
 mod reliability;
 mod support;

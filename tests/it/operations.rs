@@ -237,6 +237,10 @@ async fn metrics_endpoint_counts_ingest_escalations_mail_and_latency() {
     }
     for (name, want) in [
         ("escalator_messages_ingested_total{outcome=\"stored\"}", 1.0),
+        (
+            "escalator_queue_messages_ingested_total{queue=\"default\",outcome=\"stored\"}",
+            1.0,
+        ),
         ("escalator_cases_opened_total", 1.0),
         (
             "escalator_escalations_total{reason=\"trigger\",tier=\"Tier 2\"}",

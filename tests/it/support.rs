@@ -632,6 +632,44 @@ first_response = "8h"
             )
     }
 
+    /// A `[[mailboxes]]` entry: queue `name` watching `user`'s INBOX
+    /// (password: the user's name), with `extra` keys (address, tiers).
+    pub fn queue(&self, name: &str, user: &str, extra: &str) -> String {
+        format!(
+            r#"
+[[mailboxes]]
+name = "{name}"
+host = "127.0.0.1"
+port = {imap}
+security = "plain"
+username = "{user}"
+password = "{user}"
+poll_interval = "1s"
+timeout = "20s"
+{extra}
+"#,
+            imap = self.imap_port,
+        )
+    }
+
+    /// `[smtp]` (from `support`) and `[store]`, for configs with queues.
+    pub fn smtp_and_store(&self, store: &Path) -> String {
+        format!(
+            r#"
+[smtp]
+host = "127.0.0.1"
+port = {smtp}
+security = "plain"
+from = "Example Support <support@{DOMAIN}>"
+
+[store]
+path = "{store}"
+"#,
+            smtp = self.smtp_port,
+            store = store.display()
+        )
+    }
+
     /// The connection and store part of a config, without tiers.
     pub fn config_head(&self, support: &str, store: &Path) -> String {
         format!(
@@ -710,7 +748,8 @@ impl Setup {
         })
     }
 
-    fn build(users: &[&str], text: impl FnOnce(&MailStack, &Path) -> String) -> Setup {
+    /// A setup whose whole config is `text(stack, store path)`.
+    pub fn build(users: &[&str], text: impl FnOnce(&MailStack, &Path) -> String) -> Setup {
         let stack = MailStack::start(users);
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("escalator.toml");
