@@ -139,7 +139,10 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
             let mut messages = Vec::new();
             for seq in store.case_messages(id)? {
                 if let Some(m) = store.message(seq)? {
-                    messages.push(m);
+                    // The text is read from the stored bytes.
+                    let raw = if m.truncated { None } else { store.raw(seq)? };
+                    let text = m.text(raw.as_deref());
+                    messages.push((m, text));
                 }
             }
             if as_json {
@@ -148,7 +151,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                 v["message_list"] = serde_json::to_value(
                     messages
                         .iter()
-                        .map(|m| {
+                        .map(|(m, text)| {
                             serde_json::json!({
                                 "seq": m.seq,
                                 "message_id": m.message_id,
@@ -161,7 +164,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                                 "suppressed": m.suppressed,
                                 "truncated": m.truncated,
                                 "parse_error": m.parse_error,
-                                "text": m.text,
+                                "text": text,
                             })
                         })
                         .collect::<Vec<_>>(),
@@ -196,7 +199,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                 ));
             }
             out.push_str(&format!("\nMessages ({}):\n", messages.len()));
-            for m in &messages {
+            for (m, text) in &messages {
                 out.push_str(&format!(
                     "--- {} from {} — {}\n",
                     m.received_at.format("%Y-%m-%d %H:%M:%S UTC"),
@@ -208,7 +211,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                     ),
                     printable(&m.subject)
                 ));
-                for line in m.text.lines().take(20) {
+                for line in text.lines().take(20) {
                     out.push_str(&format!("    {}\n", printable(line)));
                 }
             }
@@ -435,24 +438,21 @@ pub fn stats_report(
         .map(|s| now - chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)));
     let config = ingestor.config.get();
     let (tiers, queues) = config.names();
-    // Streamed: a million cases' facts need not sit in memory at once.
-    let (mut window_err, mut open_err) = (None, None);
-    let window = store
-        .facts_since(since)
-        .map_while(|r| r.map_err(|e| window_err = Some(e)).ok());
-    // The window's own unresolved cases come with its facts.
-    let open = store
-        .unresolved(since)
-        .map_while(|r| r.map_err(|e| open_err = Some(e)).ok());
+    // Streamed: a million cases' facts never sit in memory at once.
+    let mut tally = crate::stats::Tally::new(now);
+    store.each_fact(since, true, |f| tally.add(f))?;
+    // The window's own unresolved cases came with its facts; those
+    // opened before it are read from the unresolved index.
+    if since.is_some() {
+        for o in store.unresolved(since) {
+            tally.add_open(&o?);
+        }
+    }
     let order = crate::stats::Order {
         tiers: &tiers,
         queues: &queues,
     };
-    let report = crate::stats::report(window, open, &order, since, now);
-    match window_err.or(open_err) {
-        Some(e) => Err(e),
-        None => Ok(report),
-    }
+    Ok(tally.finish(&order, since))
 }
 
 /// Applies a person's change to a case: policy, mails, store, in one
@@ -555,6 +555,29 @@ fn event_line(e: &Event) -> String {
 mod tests {
     use super::*;
     use crate::ingest::tests::{setup, src};
+
+    #[test]
+    fn stats_count_each_open_case_once_whatever_the_window() {
+        // Input: all-time stats counted the open cases twice (from the
+        // window's facts and again from the unresolved index).
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, clock) = setup(dir.path());
+        for (i, who) in ["ann", "bob", "cid"].iter().enumerate() {
+            let raw = format!(
+                "From: {who}@example.org\r\nSubject: s\r\nMessage-ID: <{who}@x>\r\n\r\nhi\r\n"
+            );
+            ing.ingest(Some(&src(1, i as u32 + 1)), raw.as_bytes(), None)
+                .unwrap();
+            clock.advance(chrono::Duration::hours(2));
+        }
+        let now = ing.clock.now();
+        let all = stats_report(&ing, None, now).unwrap();
+        assert_eq!((all.overall.cases, all.overall.open.total), (3, 3));
+        // A window holding the last case: the two before it are open too.
+        let recent = stats_report(&ing, Some(3 * 3600), now).unwrap();
+        assert_eq!((recent.overall.cases, recent.overall.open.total), (1, 3));
+        assert_eq!(recent.queues[0].kpis.open.total, 3);
+    }
 
     #[test]
     fn outbox_show_decodes_what_the_mailbox_holds_encoded() {

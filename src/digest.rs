@@ -90,11 +90,9 @@ pub fn text(
     now: DateTime<Utc>,
 ) -> Result<String, StoreError> {
     // Facts come in opening order: stop at the period's end.
-    let window: Vec<Facts> = store
-        .facts_since(Some(start))
-        .take_while(|f| f.as_ref().map(|f| f.created_at < end).unwrap_or(true))
-        .collect::<Result<_, _>>()?;
-    let open: Vec<Facts> = store.unresolved_facts().collect::<Result<_, _>>()?;
+    let mut window: Vec<Facts> = store.facts_since(Some(start))?;
+    window.retain(|f| f.created_at < end);
+    let open: Vec<Facts> = store.unresolved_facts()?;
     let (tiers, queues) = config.names();
     let order = stats::Order {
         tiers: &tiers,

@@ -673,7 +673,8 @@ impl<'a> Effects<'a> {
                 text.push_str(&format!("[automatic or robot mail: {s}]\n"));
             }
             text.push('\n');
-            text.push_str(record.text.trim_end());
+            let raw = if record.truncated { None } else { tx.raw(seq)? };
+            text.push_str(record.text(raw.as_deref()).trim_end());
             text.push('\n');
             for a in &record.attachments {
                 text.push_str(&format!(
@@ -849,7 +850,6 @@ mod tests {
             received_at: now,
             folder: "INBOX".into(),
             uid: 1,
-            text: "log line".into(),
             attachments: Vec::new(),
             size: big.len(),
             suppressed: None,
@@ -874,11 +874,14 @@ mod tests {
             .unwrap();
         let entry = store.outbox().next().unwrap().unwrap();
         let stored = store.outbox_raw(entry.id).unwrap().unwrap();
+        // The conversation's text (read from the stored bytes) is in
+        // the body; the original itself is not copied in as well.
         assert!(
-            stored.len() < 20_000,
+            stored.len() < big.len() + 20_000,
             "no copy of the original: {} bytes",
             stored.len()
         );
+        assert!(String::from_utf8_lossy(&stored).contains("log line 1234567890"));
         assert_eq!(entry.attach, vec![5]);
         let sent = crate::outbox::expand(&store, &entry, stored).unwrap();
         let m = mail_parser::MessageParser::default().parse(&sent).unwrap();

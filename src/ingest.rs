@@ -359,13 +359,6 @@ impl Ingestor {
             received_at: now,
             folder: src.map(|s| s.folder.clone()).unwrap_or_default(),
             uid: src.map(|s| s.uid).unwrap_or(0),
-            text: match truncated {
-                Some(size) => format!(
-                    "[This message is {size} bytes, over mailbox.max_message_size: only its \
-                     headers were stored. Read it in the support mailbox.]"
-                ),
-                None => mail.text.clone(),
-            },
             attachments: mail.attachments.clone(),
             size: truncated.map(|s| s as usize).unwrap_or(mail.size),
             suppressed: suppressed.as_ref().map(|s| s.to_string()),

@@ -37,7 +37,6 @@ pub struct MessageRecord {
     pub received_at: DateTime<Utc>,
     pub folder: String,
     pub uid: u32,
-    pub text: String,
     pub attachments: Vec<Attachment>,
     pub size: usize,
     /// Why this needs no automatic answer, if it needs none.
@@ -48,6 +47,25 @@ pub struct MessageRecord {
     /// The message had more than one `From:` field; `from` is the first.
     #[serde(default)]
     pub several_from: bool,
+}
+
+impl MessageRecord {
+    /// The message's text, read from its stored bytes (`raw`) rather than
+    /// kept twice: for a message over the size limit (headers only), a
+    /// note saying so.
+    pub fn text(&self, raw: Option<&[u8]>) -> String {
+        if self.truncated {
+            return format!(
+                "[This message is {} bytes, over mailbox.max_message_size: only its \
+                 headers were stored. Read it in the support mailbox.]",
+                self.size
+            );
+        }
+        match raw {
+            Some(raw) => crate::message::parse(raw).text,
+            None => "[the message's bytes are missing from the store]".into(),
+        }
+    }
 }
 
 /// A message that failed to process, kept with its error for a person.

@@ -303,8 +303,15 @@ const REASONS: [Reason; 4] = [
     Reason::Manual,
 ];
 
-fn acc_of<'a>(sets: &'a mut BTreeMap<String, Acc>, name: &str) -> &'a mut Acc {
-    sets.entry(name.to_owned()).or_insert_with(new_acc)
+fn acc_of<'a>(sets: &'a mut Vec<(String, Acc)>, name: &str) -> &'a mut Acc {
+    let i = match sets.iter().position(|(n, _)| n == name) {
+        Some(i) => i,
+        None => {
+            sets.push((name.to_owned(), new_acc()));
+            sets.len() - 1
+        }
+    };
+    &mut sets[i].1
 }
 
 fn count_reason(by_reason: &mut BTreeMap<String, u64>, r: Reason) {
@@ -372,21 +379,50 @@ pub fn report(
     since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Report {
-    let mut overall = new_acc();
-    let mut tiers: BTreeMap<String, Acc> = BTreeMap::new();
-    let mut queues: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut t = Tally::new(now);
     for f in window {
-        if f.status != Status::Resolved {
-            let age = now - f.created_at;
-            overall.kpis.open.add(age);
-            acc_of(&mut tiers, &f.tier).kpis.open.add(age);
-            acc_of(&mut queues, &f.queue).kpis.open.add(age);
+        t.add(&f);
+    }
+    for o in open {
+        t.add_open(&o);
+    }
+    t.finish(order, since)
+}
+
+/// The report being counted, one case at a time: the store hands each
+/// case's facts by reference (decoded into one reused value), so a
+/// million cases cost no allocation each.
+pub struct Tally {
+    now: DateTime<Utc>,
+    overall: Acc,
+    /// By name, in the order first seen: a handful, searched linearly.
+    tiers: Vec<(String, Acc)>,
+    queues: Vec<(String, Acc)>,
+}
+
+impl Tally {
+    pub fn new(now: DateTime<Utc>) -> Tally {
+        Tally {
+            now,
+            overall: new_acc(),
+            tiers: Vec::new(),
+            queues: Vec::new(),
         }
-        add_case(&mut overall, &f);
-        add_case(acc_of(&mut queues, &f.queue), &f);
+    }
+
+    /// Counts a case of the window.
+    pub fn add(&mut self, f: &Facts) {
+        if f.status != Status::Resolved {
+            let age = self.now - f.created_at;
+            self.overall.kpis.open.add(age);
+            acc_of(&mut self.tiers, &f.tier).kpis.open.add(age);
+            acc_of(&mut self.queues, &f.queue).kpis.open.add(age);
+        }
+        add_case(&mut self.overall, f);
+        add_case(acc_of(&mut self.queues, &f.queue), f);
         let last = f.stints.len().saturating_sub(1);
         for (i, s) in f.stints.iter().enumerate() {
-            let t = acc_of(&mut tiers, &s.tier);
+            let t = acc_of(&mut self.tiers, &s.tier);
             t.kpis.cases += 1;
             if let Some((_, reason)) = &s.left {
                 t.kpis.escalated += 1;
@@ -408,37 +444,46 @@ pub fn report(
             }
         }
     }
-    for o in open {
-        let age = now - o.created_at;
-        overall.kpis.open.add(age);
-        acc_of(&mut tiers, &o.tier).kpis.open.add(age);
-        acc_of(&mut queues, &o.queue).kpis.open.add(age);
+
+    /// Counts an unresolved case opened outside the window (its age only).
+    pub fn add_open(&mut self, o: &OpenCase) {
+        let age = self.now - o.created_at;
+        self.overall.kpis.open.add(age);
+        acc_of(&mut self.tiers, &o.tier).kpis.open.add(age);
+        acc_of(&mut self.queues, &o.queue).kpis.open.add(age);
     }
-    Report {
-        since: since.map(rfc3339),
-        until: rfc3339(now),
-        overall: overall.finish(),
-        tiers: in_order(tiers, order.tiers)
-            .map(|(tier, kpis)| TierKpis { tier, kpis })
-            .collect(),
-        queues: in_order(queues, order.queues)
-            .map(|(queue, kpis)| QueueKpis { queue, kpis })
-            .collect(),
+
+    pub fn finish(self, order: &Order<'_>, since: Option<DateTime<Utc>>) -> Report {
+        Report {
+            since: since.map(rfc3339),
+            until: rfc3339(self.now),
+            overall: self.overall.finish(),
+            tiers: in_order(self.tiers, order.tiers)
+                .into_iter()
+                .map(|(tier, kpis)| TierKpis { tier, kpis })
+                .collect(),
+            queues: in_order(self.queues, order.queues)
+                .into_iter()
+                .map(|(queue, kpis)| QueueKpis { queue, kpis })
+                .collect(),
+        }
     }
 }
 
-/// The named sets in config order (empty ones too), then the rest.
-fn in_order(
-    mut sets: BTreeMap<String, Acc>,
-    names: &[String],
-) -> impl Iterator<Item = (String, Kpis)> {
+/// The named sets in config order (empty ones too), then the rest by
+/// name.
+fn in_order(mut sets: Vec<(String, Acc)>, names: &[String]) -> Vec<(String, Kpis)> {
     let mut out = Vec::new();
     for name in names {
-        let acc = sets.remove(name).unwrap_or_else(new_acc);
+        let acc = match sets.iter().position(|(n, _)| n == name) {
+            Some(i) => sets.swap_remove(i).1,
+            None => new_acc(),
+        };
         out.push((name.clone(), acc.finish()));
     }
+    sets.sort_by(|a, b| a.0.cmp(&b.0));
     out.extend(sets.into_iter().map(|(n, a)| (n, a.finish())));
-    out.into_iter()
+    out
 }
 
 /// A duration the way people say it: "3h 20m", "2d 4h", "45s".

@@ -11,6 +11,7 @@
 //! read-modify-write inside one is never lost to another.
 
 mod codec;
+mod facts;
 mod rawlog;
 mod sled;
 #[cfg(test)]
@@ -23,9 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 
-use crate::case::{Case, CaseId, Event, Status, Timer};
+use crate::case::{Case, CaseId, Event, Timer};
 use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
-use crate::stats::{Facts, OpenCase};
 use crate::thread::Lookup;
 use codec::{id_key, Tree};
 
@@ -401,64 +401,6 @@ impl Store {
         (self.db.len(Tree::Cases), self.db.len(Tree::Messages))
     }
 
-    /// Facts of the cases opened at or after `since`, oldest first.
-    pub fn facts_since(
-        &self,
-        since: Option<DateTime<Utc>>,
-    ) -> impl Iterator<Item = Result<Facts>> + '_ {
-        let start = match since {
-            Some(t) => codec::facts_key(t, 0),
-            None => b"c".to_vec(),
-        };
-        self.db
-            .range(Tree::Facts, &start, Some(b"d"))
-            .map(|r| r.and_then(|(k, v)| decode_facts(&k, &v)))
-    }
-
-    /// Facts of every unresolved case, oldest first.
-    pub fn unresolved_facts(&self) -> impl Iterator<Item = Result<Facts>> + '_ {
-        self.db.prefix(Tree::Facts, b"u").filter_map(move |r| {
-            let (k, v) = match r {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(e)),
-            };
-            let (key, _, _) = codec::unresolved_entry(&k, &v)?;
-            match self.db.get(Tree::Facts, &key) {
-                Ok(Some(v)) => Some(decode_facts(&key, &v)),
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            }
-        })
-    }
-
-    /// The queue, tier and opening time of every unresolved case opened
-    /// before `before` (all with None), oldest first, without decoding
-    /// facts.
-    pub fn unresolved(
-        &self,
-        before: Option<DateTime<Utc>>,
-    ) -> impl Iterator<Item = Result<OpenCase>> + '_ {
-        let end = match before {
-            Some(t) => codec::unresolved_key(t, 0),
-            None => b"v".to_vec(),
-        };
-        self.db
-            .range(Tree::Facts, b"u", Some(&end))
-            .filter_map(|r| {
-                let (k, v) = match r {
-                    Ok(kv) => kv,
-                    Err(e) => return Some(Err(e)),
-                };
-                let (_, created_at, value) = codec::unresolved_entry(&k, &v)?;
-                let (queue, tier) = codec::unresolved_value(value);
-                Some(Ok(OpenCase {
-                    queue,
-                    tier,
-                    created_at,
-                }))
-            })
-    }
-
     /// Unresolved cases by the tier holding them: counts kept in step by
     /// every case write, so this reads a handful of keys.
     pub fn open_cases_by_tier(&self) -> Result<BTreeMap<String, u64>> {
@@ -542,7 +484,7 @@ impl Store {
     /// Message-IDs by case) of a store written before they existed. Runs
     /// once per index version; cheap when done.
     fn build_indexes(&self) -> Result<()> {
-        const VERSION: &[u8] = b"6";
+        const VERSION: &[u8] = b"7";
         if self.db.get(Tree::Meta, b"indexes")?.as_deref() == Some(VERSION) {
             return Ok(());
         }
@@ -556,6 +498,7 @@ impl Store {
             }
             Ok::<_, StoreError>(())
         })?;
+        self.bucket_old_facts()?;
         let cases: Vec<CaseId> = self
             .db
             .range(Tree::Cases, &[], None)
@@ -786,6 +729,11 @@ impl<'s> Tx<'s> {
         self.get(Tree::Messages, &id_key(seq))
     }
 
+    /// A stored message's bytes (this transaction's included).
+    pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        self.get_bytes(Tree::Raw, &id_key(seq))
+    }
+
     pub fn cursor(&self, folder: &str) -> Result<Option<Cursor>> {
         self.get(Tree::Cursors, folder.as_bytes())
     }
@@ -910,49 +858,6 @@ impl<'s> Tx<'s> {
         self.put_record(Tree::Cases, id_key(case.id).to_vec(), case)
     }
 
-    /// A case's facts (updated by its new events), unresolved entry and
-    /// open count.
-    fn case_indexes(&mut self, case: &Case) -> Result<()> {
-        let key = codec::facts_key(case.created_at, case.id);
-        let prev = match self.get_bytes(Tree::Facts, &key)? {
-            Some(v) => Some(decode_facts(&key, &v)?),
-            None => None,
-        };
-        let facts = codec::facts::encode(&Facts::update(prev, case));
-        self.put(Tree::Facts, key, facts);
-        let ukey = codec::unresolved_key(case.created_at, case.id);
-        let old_tier = self
-            .get_bytes(Tree::Facts, &ukey)?
-            .map(|v| codec::unresolved_value(&v).1.into_bytes());
-        let new_tier = (case.status != Status::Resolved).then(|| case.tier.as_bytes().to_vec());
-        if case.status == Status::Resolved {
-            self.remove(Tree::Facts, ukey);
-        } else {
-            // Opening time (key), queue and tier: enough to count open
-            // cases by age without decoding anything.
-            self.put(Tree::Facts, ukey, codec::unresolved_entry_value(case));
-        }
-        if old_tier != new_tier {
-            for (tier, delta) in [(old_tier, -1i64), (new_tier, 1)] {
-                if let Some(t) = tier {
-                    let mut key = codec::OPEN_PREFIX.to_vec();
-                    key.extend_from_slice(&t);
-                    let n = self
-                        .get_bytes(Tree::Meta, &key)?
-                        .and_then(|v| codec::read_u64(&v))
-                        .unwrap_or(0)
-                        .saturating_add_signed(delta);
-                    if n == 0 {
-                        self.remove(Tree::Meta, key);
-                    } else {
-                        self.put(Tree::Meta, key, n.to_be_bytes().to_vec());
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Version 6: a case of an older release (JSON, its history and
     /// messages inline) becomes a summary with its lists beside it, and
     /// its facts are computed afresh from its whole history.
@@ -977,7 +882,7 @@ impl<'s> Tx<'s> {
         case.message_count = 0;
         // Its timer is indexed already; its facts start from nothing.
         self.remember_timer(case.id, case.timer);
-        self.remove(Tree::Facts, codec::facts_key(case.created_at, case.id));
+        self.forget_facts(case.id)?;
         self.put_case(&mut case)
     }
 
@@ -1104,16 +1009,6 @@ impl Lookup for Tx<'_> {
     fn case(&self, id: CaseId) -> Result<Option<Case>> {
         self.read_case(id)
     }
-}
-
-/// Facts in the compact form, or as JSON from an older release.
-fn decode_facts(key: &[u8], value: &[u8]) -> Result<Facts> {
-    if value.first() == Some(&b'{') {
-        return codec::decode(Tree::Facts, key, value);
-    }
-    codec::facts::decode(value).ok_or_else(|| StoreError::Malformed {
-        key: format!("Facts/{}", String::from_utf8_lossy(key)),
-    })
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {

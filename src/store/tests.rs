@@ -8,8 +8,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::*;
-use crate::case::{EventKind, TimerKind};
+use crate::case::{EventKind, Status, TimerKind};
 use crate::record::OutboxState;
+use crate::stats::Facts;
 
 type Open = fn(&Path) -> Store;
 
@@ -60,7 +61,6 @@ fn record(seq: u64, case: CaseId, message_id: &str, hash: &str) -> MessageRecord
         received_at: at(0),
         folder: "INBOX".into(),
         uid: seq as u32,
-        text: "t".into(),
         attachments: Vec::new(),
         size: 1,
         suppressed: None,
@@ -367,7 +367,7 @@ fn quarantine_keeps_the_entry_and_its_bytes_until_removed() {
 }
 
 #[test]
-fn facts_come_by_opening_time() {
+fn facts_are_chosen_by_opening_time() {
     each_engine(|engine, open, path| {
         let s = open(path);
         ok(s.transact(|tx| {
@@ -376,11 +376,12 @@ fn facts_come_by_opening_time() {
             }
             Ok(())
         }));
-        let ids = |since| -> Vec<CaseId> { s.facts_since(since).map(|f| ok(f).id).collect() };
-        assert_eq!(ids(None), vec![2, 3, 1], "{engine}");
-        assert_eq!(ids(Some(at(200))), vec![3, 1], "{engine}");
-        let open: Vec<CaseId> = s.unresolved_facts().map(|f| ok(f).id).collect();
-        assert_eq!(open, vec![2, 3, 1], "{engine}");
+        let ids =
+            |since| -> Vec<CaseId> { ok(s.facts_since(since)).iter().map(|f| f.id).collect() };
+        assert_eq!(ids(None), vec![1, 2, 3], "{engine}: case order");
+        assert_eq!(ids(Some(at(200))), vec![1, 3], "{engine}");
+        let open: Vec<CaseId> = ok(s.unresolved_facts()).iter().map(|f| f.id).collect();
+        assert_eq!(open, vec![2, 3, 1], "{engine}: by opening time");
         // The unresolved cases opened before a window, by opening time.
         let before =
             |t| -> Vec<DateTime<Utc>> { s.unresolved(t).map(|r| ok(r).created_at).collect() };
@@ -581,18 +582,42 @@ fn facts_round_trip_compactly_and_old_json_facts_are_read() {
         codec::facts::decode(&bytes[..bytes.len() - 1]).is_none(),
         "cut short"
     );
-    // Facts an older release wrote as JSON still read.
+    // Facts an older release wrote, one record per case as JSON or
+    // compact (version 1, without a queue), move into buckets on open.
     let dir = tempfile::tempdir().unwrap();
-    let s = open_sled(&dir.path().join("s"));
-    let json = serde_json::to_vec(&facts).unwrap();
-    let ops: Vec<sled::Op> = vec![(
-        Tree::Facts,
-        codec::facts_key(facts.created_at, facts.id),
-        Some(json.into()),
-    )];
-    ok(s.db.apply(&ops));
-    let read: Vec<Facts> = s.facts_since(None).map(ok).collect();
-    assert_eq!(read, vec![facts]);
+    let path = dir.path().join("s");
+    let mut v1 = facts.clone();
+    v1.id = 8;
+    let mut v1_bytes = codec::facts::encode(&v1);
+    v1_bytes[0] = 1;
+    let queue_len = 2 + v1.queue.len();
+    v1_bytes.truncate(v1_bytes.len() - queue_len);
+    {
+        let s = open_sled(&path);
+        let ops: Vec<sled::Op> = vec![
+            (
+                Tree::Facts,
+                codec::facts_key(facts.created_at, facts.id),
+                Some(serde_json::to_vec(&facts).unwrap().into()),
+            ),
+            (
+                Tree::Facts,
+                codec::facts_key(v1.created_at, v1.id),
+                Some(v1_bytes.into()),
+            ),
+            (Tree::Meta, b"indexes".to_vec(), Some(b"6".to_vec().into())),
+        ];
+        ok(s.db.apply(&ops));
+        ok(s.flush());
+    }
+    let s = open_sled(&path);
+    let read = ok(s.facts_since(None));
+    assert_eq!(read, vec![facts, v1]);
+    assert_eq!(
+        s.db.prefix(Tree::Facts, b"c").count(),
+        0,
+        "moved, not copied"
+    );
 }
 
 #[test]
@@ -651,7 +676,7 @@ fn a_store_written_by_the_previous_release_opens_with_everything_in_it() {
     assert!(ok(s.cursor("INBOX")).is_some());
     // The KPIs read the facts the old release wrote (JSON) and the counts
     // rebuilt from the cases.
-    assert_eq!(s.facts_since(None).map(ok).count(), 3);
+    assert_eq!(ok(s.facts_since(None)).len(), 3);
     let open = ok(s.open_cases_by_tier());
     assert_eq!(open.get("Frontline"), Some(&2), "{open:?}");
     assert_eq!(open.get("Tier 2"), Some(&1), "{open:?}");
@@ -686,4 +711,52 @@ fn records_are_compact_and_older_json_records_still_read() {
     assert!(err.to_string().contains("Outbox/3"), "{err}");
     let err = codec::decode::<OutboxEntry>(Tree::Outbox, &id_key(3), &compact[..10]).unwrap_err();
     assert!(matches!(err, StoreError::Malformed { .. }), "{err}");
+}
+
+#[test]
+fn facts_of_many_cases_are_each_read_once_and_kept_up_to_date() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        // 300 cases over several buckets, written in two transactions
+        // out of order; case 150 written twice in one.
+        ok(s.transact(|tx| {
+            for id in (151..=300).rev() {
+                tx.put_case(&mut case(id, "T1", id as i64))?;
+            }
+            Ok(())
+        }));
+        ok(s.transact(|tx| {
+            for id in 1..=150 {
+                tx.put_case(&mut case(id, "T1", id as i64))?;
+            }
+            let mut c = tx.case(150)?.expect("just written");
+            c.push(
+                at(1000),
+                EventKind::Escalated {
+                    from: "T1".into(),
+                    to: "T2".into(),
+                    reason: crate::case::Reason::Manual,
+                    detail: String::new(),
+                },
+            );
+            c.tier = "T2".into();
+            tx.put_case(&mut c)
+        }));
+        let mut seen = Vec::new();
+        let n = ok(s.each_fact(Some(at(101)), true, |f| seen.push((f.id, f.stints.len()))));
+        assert_eq!(n, 200, "{engine}");
+        let ids: Vec<CaseId> = seen.iter().map(|x| x.0).collect();
+        assert_eq!(
+            ids,
+            (101..=300).collect::<Vec<_>>(),
+            "{engine}: each once, in order"
+        );
+        assert_eq!(
+            seen[49],
+            (150, 2),
+            "{engine}: the escalation is in its facts"
+        );
+        assert_eq!(ok(s.each_fact(None, true, |_| ())), 300);
+        assert_eq!(ok(s.each_fact(Some(at(301)), true, |_| ())), 0);
+    });
 }

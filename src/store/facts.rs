@@ -1,0 +1,338 @@
+//! The KPI facts of every case, and the index of unresolved cases.
+//!
+//! `stats` reads the facts of every case in its window: a million cases
+//! in about a second. sled's iterator walks down the tree again for every
+//! item (about 2 µs each) and pages every byte in from its log (the page
+//! cache is small), so the facts are not one record per case but packed,
+//! compressed, in buckets of [`BUCKET`] consecutive cases, `b ++ id /
+//! BUCKET`: a million cases are 15,625 records of a few KB. A bucket's
+//! header says the opening times it spans, so a window skips the buckets
+//! before it without decoding them. A case write rewrites its bucket; a
+//! chunk of messages writes each bucket it touched once.
+//!
+//! `u ++ opening time ++ id` → `queue \0 tier` is present while a case is
+//! unresolved: open cases by age without decoding facts. The per-tier
+//! open counts (meta `open/<tier>`) are kept in step with it.
+
+use chrono::{DateTime, Utc};
+
+use super::codec::{self, read_u64, Tree};
+use super::{Result, Store, StoreError, Tx};
+use crate::case::{Case, CaseId, Status};
+use crate::stats::{Facts, OpenCase};
+
+/// Cases per facts bucket.
+pub(super) const BUCKET: u64 = 64;
+/// Buckets are lz4-compressed after their header: the facts of 64
+/// neighbouring cases repeat tier and queue names and nearby times, and
+/// `stats` time is mostly sled paging bytes in, so fewer bytes read is
+/// what makes it fast. lz4_flex: pure Rust, no unsafe with these
+/// features, decompresses at GB/s.
+const BUCKET_LZ4: u8 = 2;
+/// Most bytes a bucket's entries may claim to decompress to: a corrupt
+/// length must not make us allocate gigabytes.
+const MAX_BUCKET_BYTES: usize = 8 << 20;
+
+fn bucket_key(case: CaseId) -> Vec<u8> {
+    let mut k = b"b".to_vec();
+    k.extend_from_slice(&(case / BUCKET).to_be_bytes());
+    k
+}
+
+/// One case's entry in a bucket.
+struct Entry {
+    id: CaseId,
+    created_ms: i64,
+    /// The facts in their compact encoding ([`codec::facts`]).
+    facts: Vec<u8>,
+}
+
+/// Bucket: version, earliest and latest opening time (ms), count, then
+/// compressed: per case, id, opening time, length, facts. Entries in
+/// case order.
+fn encode_bucket(entries: &[Entry]) -> Vec<u8> {
+    let min = entries.iter().map(|e| e.created_ms).min().unwrap_or(0);
+    let max = entries.iter().map(|e| e.created_ms).max().unwrap_or(0);
+    let size: usize = entries.iter().map(|e| 20 + e.facts.len()).sum();
+    let mut body = Vec::with_capacity(size);
+    for e in entries {
+        body.extend_from_slice(&e.id.to_be_bytes());
+        body.extend_from_slice(&e.created_ms.to_be_bytes());
+        body.extend_from_slice(&(e.facts.len() as u32).to_be_bytes());
+        body.extend_from_slice(&e.facts);
+    }
+    let packed = lz4_flex::block::compress_prepend_size(&body);
+    let mut v = Vec::with_capacity(19 + packed.len());
+    v.push(BUCKET_LZ4);
+    v.extend_from_slice(&min.to_be_bytes());
+    v.extend_from_slice(&max.to_be_bytes());
+    v.extend_from_slice(&(entries.len() as u16).to_be_bytes());
+    v.extend_from_slice(&packed);
+    v
+}
+
+/// Calls `f(id, opening ms, facts bytes)` for each entry opened at or
+/// after `since_ms`; None when the bucket is malformed. `buf` holds the
+/// decompressed entries (reused from bucket to bucket).
+fn each_entry(
+    v: &[u8],
+    since_ms: i64,
+    buf: &mut Vec<u8>,
+    mut f: impl FnMut(CaseId, i64, &[u8]) -> Result<()>,
+) -> Option<Result<()>> {
+    let (&version, rest) = v.split_first()?;
+    if version != BUCKET_LZ4 {
+        return None;
+    }
+    let max = i64::from_be_bytes(rest.get(8..16)?.try_into().ok()?);
+    if max < since_ms {
+        return Some(Ok(()));
+    }
+    let n = u16::from_be_bytes(rest.get(16..18)?.try_into().ok()?);
+    let packed = rest.get(18..)?;
+    let claimed = u32::from_le_bytes(packed.get(..4)?.try_into().ok()?) as usize;
+    if claimed > MAX_BUCKET_BYTES {
+        return None;
+    }
+    buf.clear();
+    buf.resize(claimed, 0);
+    let got = lz4_flex::block::decompress_into(packed.get(4..)?, buf).ok()?;
+    let body = buf.get(..got)?;
+    let mut at = 0;
+    for _ in 0..n {
+        let id = read_u64(body.get(at..at + 8)?)?;
+        let created = i64::from_be_bytes(body.get(at + 8..at + 16)?.try_into().ok()?);
+        let len = u32::from_be_bytes(body.get(at + 16..at + 20)?.try_into().ok()?) as usize;
+        let facts = body.get(at + 20..at + 20 + len)?;
+        at += 20 + len;
+        if created >= since_ms {
+            if let Err(e) = f(id, created, facts) {
+                return Some(Err(e));
+            }
+        }
+    }
+    (at == body.len()).then_some(Ok(()))
+}
+
+fn decode_bucket(key: &[u8], v: &[u8]) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    let ok = each_entry(v, i64::MIN, &mut buf, |id, created_ms, facts| {
+        out.push(Entry {
+            id,
+            created_ms,
+            facts: facts.to_vec(),
+        });
+        Ok(())
+    });
+    match ok {
+        Some(r) => r.map(|()| out),
+        None => Err(malformed(key)),
+    }
+}
+
+fn malformed(key: &[u8]) -> StoreError {
+    StoreError::Malformed {
+        key: format!("Facts/{}", String::from_utf8_lossy(key)),
+    }
+}
+
+/// Facts in the compact form, or as JSON from an older release.
+pub(super) fn decode_facts(key: &[u8], value: &[u8]) -> Result<Facts> {
+    if value.first() == Some(&b'{') {
+        return codec::decode(Tree::Facts, key, value);
+    }
+    codec::facts::decode(value).ok_or_else(|| malformed(key))
+}
+
+impl Store {
+    /// Calls `f` with the facts of every case opened at or after `since`
+    /// (all with None), in case order; returns how many. The facts are
+    /// decoded into one value that is reused: copy what must outlive
+    /// the call. With `kpis_only`, `customer` and `subject` are left
+    /// empty (`stats` reads neither).
+    pub fn each_fact(
+        &self,
+        since: Option<DateTime<Utc>>,
+        kpis_only: bool,
+        mut f: impl FnMut(&Facts),
+    ) -> Result<usize> {
+        let since_ms = since.map_or(i64::MIN, |t| t.timestamp_millis());
+        let mut facts = codec::facts::empty();
+        let mut buf = Vec::new();
+        let mut n = 0;
+        for r in self.db.prefix(Tree::Facts, b"b") {
+            let (k, v) = r?;
+            let done = each_entry(&v, since_ms, &mut buf, |_, _, bytes| {
+                codec::facts::decode_into(bytes, &mut facts, kpis_only)
+                    .ok_or_else(|| malformed(&k))?;
+                f(&facts);
+                n += 1;
+                Ok(())
+            });
+            done.ok_or_else(|| malformed(&k))??;
+        }
+        Ok(n)
+    }
+
+    /// The facts of the cases opened at or after `since`, in case order
+    /// (for small windows; `stats` uses [`Store::each_fact`]).
+    pub fn facts_since(&self, since: Option<DateTime<Utc>>) -> Result<Vec<Facts>> {
+        let mut out = Vec::new();
+        self.each_fact(since, false, |f| out.push(f.clone()))?;
+        Ok(out)
+    }
+
+    /// Facts of every unresolved case, oldest first.
+    pub fn unresolved_facts(&self) -> Result<Vec<Facts>> {
+        let mut out = Vec::new();
+        for r in self.db.prefix(Tree::Facts, b"u") {
+            let (k, _) = r?;
+            let Some(id) = k.get(9..17).and_then(read_u64) else {
+                continue;
+            };
+            let key = bucket_key(id);
+            let Some(v) = self.db.get(Tree::Facts, &key)? else {
+                continue;
+            };
+            if let Some(e) = decode_bucket(&key, &v)?.into_iter().find(|e| e.id == id) {
+                out.push(decode_facts(&key, &e.facts)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The queue, tier and opening time of every unresolved case opened
+    /// before `before` (all with None), oldest first, without decoding
+    /// facts.
+    pub fn unresolved(
+        &self,
+        before: Option<DateTime<Utc>>,
+    ) -> impl Iterator<Item = Result<OpenCase>> + '_ {
+        let end = match before {
+            Some(t) => codec::unresolved_key(t, 0),
+            None => b"v".to_vec(),
+        };
+        self.db
+            .range(Tree::Facts, b"u", Some(&end))
+            .filter_map(|r| {
+                let (k, v) = match r {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(e)),
+                };
+                let (created_at, value) = codec::unresolved_entry(&k, &v)?;
+                let (queue, tier) = codec::unresolved_value(value);
+                Some(Ok(OpenCase {
+                    queue,
+                    tier,
+                    created_at,
+                }))
+            })
+    }
+
+    /// Index version 7: facts kept one record per case (`c ++ opening
+    /// time ++ id`, compact or JSON) move into buckets.
+    pub(super) fn bucket_old_facts(&self) -> Result<()> {
+        loop {
+            let old: Vec<(Vec<u8>, Vec<u8>)> = self
+                .db
+                .prefix(Tree::Facts, b"c")
+                .take(2000)
+                .collect::<Result<_>>()?;
+            if old.is_empty() {
+                return Ok(());
+            }
+            self.transact(|tx| {
+                for (k, v) in old {
+                    let facts = decode_facts(&k, &v)?;
+                    tx.write_facts(&facts)?;
+                    tx.remove(Tree::Facts, k);
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        }
+    }
+}
+
+impl Tx<'_> {
+    /// The stored facts of a case (this transaction's writes included).
+    pub(super) fn read_facts(&self, id: CaseId) -> Result<Option<Facts>> {
+        let key = bucket_key(id);
+        let Some(v) = self.get_bytes(Tree::Facts, &key)? else {
+            return Ok(None);
+        };
+        match decode_bucket(&key, &v)?.into_iter().find(|e| e.id == id) {
+            Some(e) => decode_facts(&key, &e.facts).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a case's facts into its bucket.
+    pub(super) fn write_facts(&mut self, facts: &Facts) -> Result<()> {
+        let key = bucket_key(facts.id);
+        let mut entries = match self.get_bytes(Tree::Facts, &key)? {
+            Some(v) => decode_bucket(&key, &v)?,
+            None => Vec::new(),
+        };
+        let entry = Entry {
+            id: facts.id,
+            created_ms: facts.created_at.timestamp_millis(),
+            facts: codec::facts::encode(facts),
+        };
+        match entries.binary_search_by_key(&facts.id, |e| e.id) {
+            Ok(i) => entries[i] = entry,
+            Err(i) => entries.insert(i, entry),
+        }
+        self.put(Tree::Facts, key, encode_bucket(&entries));
+        Ok(())
+    }
+
+    /// Drops a case's facts (a legacy case about to be recomputed).
+    pub(super) fn forget_facts(&mut self, id: CaseId) -> Result<()> {
+        let key = bucket_key(id);
+        if let Some(v) = self.get_bytes(Tree::Facts, &key)? {
+            let mut entries = decode_bucket(&key, &v)?;
+            entries.retain(|e| e.id != id);
+            self.put(Tree::Facts, key, encode_bucket(&entries));
+        }
+        Ok(())
+    }
+
+    /// A case's facts (updated by its new events), unresolved entry and
+    /// open count.
+    pub(super) fn case_indexes(&mut self, case: &Case) -> Result<()> {
+        let prev = self.read_facts(case.id)?;
+        self.write_facts(&Facts::update(prev, case))?;
+        let ukey = codec::unresolved_key(case.created_at, case.id);
+        let old_tier = self
+            .get_bytes(Tree::Facts, &ukey)?
+            .map(|v| codec::unresolved_value(&v).1.into_bytes());
+        let new_tier = (case.status != Status::Resolved).then(|| case.tier.as_bytes().to_vec());
+        if case.status == Status::Resolved {
+            self.remove(Tree::Facts, ukey);
+        } else {
+            // Opening time (key), queue and tier: enough to count open
+            // cases by age without decoding anything.
+            self.put(Tree::Facts, ukey, codec::unresolved_entry_value(case));
+        }
+        if old_tier != new_tier {
+            for (tier, delta) in [(old_tier, -1i64), (new_tier, 1)] {
+                if let Some(t) = tier {
+                    let mut key = codec::OPEN_PREFIX.to_vec();
+                    key.extend_from_slice(&t);
+                    let n = self
+                        .get_bytes(Tree::Meta, &key)?
+                        .and_then(|v| read_u64(&v))
+                        .unwrap_or(0)
+                        .saturating_add_signed(delta);
+                    if n == 0 {
+                        self.remove(Tree::Meta, key);
+                    } else {
+                        self.put(Tree::Meta, key, n.to_be_bytes().to_vec());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
