@@ -31,8 +31,9 @@ pub(super) enum Tree {
     /// `message_id \0 case`: the cases holding a Message-ID in case
     /// (= age) order, each once, whatever the messages' contents.
     MessageCases,
-    /// `case ++ n`: a case's n-th event (JSON: read only to show or
-    /// forward a case).
+    /// `case ++ n`: the events one write of a case added, its n-th
+    /// event first (a JSON list: read only to show a case). One record
+    /// per write, not per event: a new case adds three or four events.
     History,
     /// `case ++ n`: the key of a case's n-th message.
     CaseMessages,
@@ -178,7 +179,7 @@ pub(super) fn is_legacy_case(value: &[u8]) -> bool {
 }
 
 /// The version byte of records in postcard. JSON records (from older
-/// releases, and events) start with `{`.
+/// releases, and the history's lists of events) start with `{` or `[`.
 const COMPACT_V1: u8 = 1;
 
 /// A record in the compact encoding: [`COMPACT_V1`], then postcard.
@@ -204,10 +205,12 @@ pub(super) fn decode<T: DeserializeOwned>(
         Some((&COMPACT_V1, rest)) => {
             postcard::from_bytes(rest).map_err(|_| StoreError::Malformed { key: name() })
         }
-        Some((b'{', _)) => serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
-            key: name(),
-            source,
-        }),
+        Some((b'{' | b'[', _)) => {
+            serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+                key: name(),
+                source,
+            })
+        }
         _ => Err(StoreError::Malformed { key: name() }),
     }
 }

@@ -268,10 +268,13 @@ impl Store {
 
     /// A case's history, oldest first.
     pub fn history(&self, id: CaseId) -> Result<Vec<Event>> {
-        self.db
-            .prefix(Tree::History, &id_key(id))
-            .map(|r| r.and_then(|(k, v)| codec::decode(Tree::History, &k, &v)))
-            .collect()
+        let mut out = Vec::new();
+        for r in self.db.prefix(Tree::History, &id_key(id)) {
+            let (k, v) = r?;
+            let events: Vec<Event> = codec::decode(Tree::History, &k, &v)?;
+            out.extend(events);
+        }
+        Ok(out)
     }
 
     /// The keys of a case's messages, in arrival order.
@@ -850,10 +853,11 @@ impl<'s> Tx<'s> {
             self.put(Tree::CaseMessages, key, id_key(seq).to_vec());
             case.message_count += 1;
         }
-        for e in std::mem::take(&mut case.new_events) {
+        let events = std::mem::take(&mut case.new_events);
+        if !events.is_empty() {
             let key = codec::item_key(case.id, case.event_count);
-            self.put(Tree::History, key, codec::encode_json(&e)?);
-            case.event_count += 1;
+            self.put(Tree::History, key, codec::encode_json(&events)?);
+            case.event_count += events.len() as u64;
         }
         self.put_record(Tree::Cases, id_key(case.id).to_vec(), case)
     }
