@@ -308,3 +308,52 @@ async fn check_config_shows_the_queues_and_refuses_an_unknown_tier_naming_the_ke
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_with_its_own_smtp_server_sends_through_it_and_only_it() {
+    // billing's mail goes through a server of its own; here that server
+    // is down (a closed port), so billing's ack waits in the outbox while
+    // support's, through [smtp], arrives.
+    let closed = crate::support::free_port();
+    let s = two_queues(&["support", "billing", "alice", "bob"], None);
+    let text = std::fs::read_to_string(&s.config).unwrap().replacen(
+        "tiers = [\"Billing\", \"Finance\"]\n",
+        &format!(
+            "tiers = [\"Billing\", \"Finance\"]\n[mailboxes.smtp]\nhost = \"127.0.0.1\"\nport = {closed}\nsecurity = \"plain\"\ntimeout = \"5s\"\n"
+        ),
+        1,
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let stack = &s.stack;
+    for (who, queue, subject) in [
+        ("alice", "support", "Printer"),
+        ("bob", "billing", "Invoice"),
+    ] {
+        let raw = mail(
+            &format!("{who} <{who}@example.test>"),
+            &format!("{queue}@example.test"),
+            subject,
+            &format!("{who}1@x.test"),
+            "",
+            "Hello.",
+        );
+        stack
+            .send(&MailStack::addr(who), &[&MailStack::addr(queue)], &raw)
+            .unwrap();
+    }
+    stack.settle().await;
+    s.once();
+    let a = stack.wait_for("alice", 1, Duration::from_secs(20)).await;
+    assert_eq!(a.len(), 1, "support's ack went through [smtp]");
+    assert!(stack.fetch("bob", "INBOX").await.is_empty());
+    let out = escalator(&["outbox", "list", "--json", "--config", s.cfg()]);
+    let waiting: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert_eq!(waiting[0]["from"], "billing@example.test");
+    assert!(
+        waiting[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{waiting:?}"
+    );
+}
