@@ -175,7 +175,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
         scheduler.wake.clone(),
         cancel.clone(),
     ));
-    let pending = store.outbox_depth();
+    let pending = store.outbox_depth()?;
     tracing::info!(store = %store.path().display(), pending_mail = pending, "escalator started");
     // A store failure in the watcher stops the daemon: better a loud exit
     // than taking mail in that cannot be kept.

@@ -982,7 +982,7 @@ Subject: About your order\r\nMessage-ID: <out1@x>\r\n\r\nYour order shipped.\r\n
                 .unwrap(),
             Outcome::Stored { .. }
         ));
-        assert_eq!(ing.store.counts().1, 4);
+        assert_eq!(ing.store.counts().unwrap().1, 4);
     }
 
     #[test]

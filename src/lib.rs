@@ -27,7 +27,8 @@
 //! - [`template`]: admin-editable message texts (pure).
 //! - [`stats`]: KPIs from per-case facts (pure).
 //! - [`store`]: one typed interface to everything kept, transactions
-//!   included; the sled engine and its encoding live inside it.
+//!   included; its engines (sled, PostgreSQL) and their encoding live
+//!   inside it.
 //! - [`effects`]: the policy's actions as outbox entries, and the case
 //!   step every worker uses.
 //! - [`ingest`]: one message through parse/thread/policy into one store

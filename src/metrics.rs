@@ -257,11 +257,13 @@ fn render(store: &Store) -> String {
         "Times the timer scheduler woke up.",
         &m.scheduler_wakeups,
     );
-    let _ = writeln!(
-        out,
-        "# HELP escalator_outbox_depth Mail waiting to be sent.\n# TYPE escalator_outbox_depth gauge\nescalator_outbox_depth {}",
-        store.outbox_depth()
-    );
+    // A gauge the store cannot read is left out, not shown as 0.
+    if let Ok(depth) = store.outbox_depth() {
+        let _ = writeln!(
+            out,
+            "# HELP escalator_outbox_depth Mail waiting to be sent.\n# TYPE escalator_outbox_depth gauge\nescalator_outbox_depth {depth}",
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP escalator_open_cases Unresolved cases, by the tier holding them.\n# TYPE escalator_open_cases gauge"

@@ -11,7 +11,9 @@
 //! read-modify-write inside one is never lost to another.
 
 mod codec;
+mod engine;
 mod facts;
+mod postgres;
 mod rawlog;
 mod sled;
 #[cfg(test)]
@@ -119,7 +121,7 @@ pub use crate::thread::MAX_CASES_PER_ID;
 
 pub struct Store {
     path: PathBuf,
-    db: sled::Db,
+    db: engine::Db,
     /// Serialises transactions in this process: a transaction's reads and
     /// its writes see no other writer in between.
     write: Mutex<()>,
@@ -133,7 +135,23 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        let db = sled::Db::open(path)?;
+        let db = engine::Db::Sled(sled::SledDb::open(path)?);
+        Store::with(path, db)
+    }
+
+    /// Opens the store in the PostgreSQL database at `url` (applying its
+    /// schema migrations); `path` is this node's own directory (the sent
+    /// journal, the control socket).
+    pub fn open_postgres(url: &str, path: &Path) -> Result<Store> {
+        create_private_dir(path).map_err(|source| StoreError::CreateDir {
+            path: path.to_owned(),
+            source,
+        })?;
+        let db = engine::Db::Postgres(postgres::PgDb::open(url)?);
+        Store::with(path, db)
+    }
+
+    fn with(path: &Path, db: engine::Db) -> Result<Store> {
         let mut store = Store {
             path: path.to_owned(),
             db,
@@ -184,6 +202,9 @@ impl Store {
     /// Refuses to write on when fewer than `min_free` + `need` bytes are
     /// free on the store's disk.
     pub fn ensure_space(&self, min_free: u64, need: u64) -> Result<()> {
+        if !self.db.is_local() {
+            return Ok(());
+        }
         let available = fs2::available_space(&self.path).unwrap_or(u64::MAX);
         if available < min_free.saturating_add(need) {
             return Err(StoreError::DiskFull {
@@ -212,6 +233,10 @@ impl Store {
         f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
         let guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.db.begin()?;
+        // Ends the engine's transaction however `f` leaves (an error, a
+        // panic) unless it committed.
+        let mut open = Open(&self.db, true);
         let mut tx = Tx {
             store: self,
             _guard: guard,
@@ -227,7 +252,8 @@ impl Store {
             .into_iter()
             .map(|((t, k), v)| (t, k, v))
             .collect();
-        self.db.apply(&ops)?;
+        open.1 = false;
+        self.db.commit(&ops)?;
         let hooks = std::mem::take(&mut tx.on_commit);
         drop(tx);
         for h in hooks {
@@ -378,7 +404,7 @@ impl Store {
     }
 
     /// How many entries wait to be sent.
-    pub fn outbox_depth(&self) -> usize {
+    pub fn outbox_depth(&self) -> Result<usize> {
         self.db.len(Tree::OutboxPending)
     }
 
@@ -400,8 +426,8 @@ impl Store {
     }
 
     /// Numbers of stored cases and messages.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.db.len(Tree::Cases), self.db.len(Tree::Messages))
+    pub fn counts(&self) -> Result<(usize, usize)> {
+        Ok((self.db.len(Tree::Cases)?, self.db.len(Tree::Messages)?))
     }
 
     /// Unresolved cases by the tier holding them: counts kept in step by
@@ -1012,6 +1038,17 @@ impl Lookup for Tx<'_> {
     }
     fn case(&self, id: CaseId) -> Result<Option<Case>> {
         self.read_case(id)
+    }
+}
+
+/// An engine transaction to end if its store transaction did not commit.
+struct Open<'d>(&'d engine::Db, bool);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = self.0.abort();
+        }
     }
 }
 

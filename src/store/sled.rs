@@ -18,7 +18,7 @@ const CACHE_BYTES: u64 = 4 << 20;
 /// the transaction's read-back overlay, not copied.
 pub(super) type Op = (Tree, Vec<u8>, Option<Arc<[u8]>>);
 
-pub(super) struct Db {
+pub(super) struct SledDb {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     raw_log: RawLog,
@@ -33,9 +33,9 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-impl Db {
+impl SledDb {
     /// Opens the database in `path` (which exists, mode 0700).
-    pub(super) fn open(path: &Path) -> Result<Db, StoreError> {
+    pub(super) fn open(path: &Path) -> Result<SledDb, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
@@ -61,7 +61,7 @@ impl Db {
             path: path.to_owned(),
             source: Box::new(e),
         })?;
-        Ok(Db { db, trees, raw_log })
+        Ok(SledDb { db, trees, raw_log })
     }
 
     fn tree(&self, t: Tree) -> &sled::Tree {

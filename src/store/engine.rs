@@ -1,0 +1,115 @@
+//! The engines behind the store: sled (embedded, the default) and
+//! PostgreSQL (shared by the nodes of a cluster). Both keep the same key
+//! spaces with the same keys and values ([`super::codec`]); this enum is
+//! the one place that tells them apart.
+
+use super::codec::Tree;
+use super::postgres::PgDb;
+use super::sled::{Op, SledDb};
+use super::StoreError;
+
+type Result<T> = std::result::Result<T, StoreError>;
+type Rows<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + 'a>;
+
+pub(super) enum Db {
+    Sled(SledDb),
+    Postgres(PgDb),
+}
+
+impl Db {
+    pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self {
+            Db::Sled(d) => d.get(t, key),
+            Db::Postgres(d) => d.get(t, key),
+        }
+    }
+
+    pub(super) fn contains(&self, t: Tree, key: &[u8]) -> Result<bool> {
+        match self {
+            Db::Sled(d) => d.contains(t, key),
+            Db::Postgres(d) => d.contains(t, key),
+        }
+    }
+
+    /// Keys and values from `start` (inclusive) to `end` (exclusive; None:
+    /// to the end), in key order.
+    pub(super) fn range(&self, t: Tree, start: &[u8], end: Option<&[u8]>) -> Rows<'_> {
+        match self {
+            Db::Sled(d) => Box::new(d.range(t, start, end)),
+            Db::Postgres(d) => Box::new(d.range(t, start, end)),
+        }
+    }
+
+    pub(super) fn prefix(&self, t: Tree, prefix: &[u8]) -> Rows<'_> {
+        match self {
+            Db::Sled(d) => Box::new(d.prefix(t, prefix)),
+            Db::Postgres(d) => Box::new(d.prefix(t, prefix)),
+        }
+    }
+
+    pub(super) fn first_key(&self, t: Tree) -> Result<Option<Vec<u8>>> {
+        match self {
+            Db::Sled(d) => d.first_key(t),
+            Db::Postgres(d) => d.first_key(t),
+        }
+    }
+
+    pub(super) fn len(&self, t: Tree) -> Result<usize> {
+        match self {
+            Db::Sled(d) => Ok(d.len(t)),
+            Db::Postgres(d) => d.len(t),
+        }
+    }
+
+    pub(super) fn meta_set_once(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>> {
+        match self {
+            Db::Sled(d) => d.meta_set_once(key, value),
+            Db::Postgres(d) => d.meta_set_once(key, value),
+        }
+    }
+
+    /// Starts a store transaction (PostgreSQL: takes the cluster-wide
+    /// transaction lock; sled: the in-process lock is enough).
+    pub(super) fn begin(&self) -> Result<()> {
+        match self {
+            Db::Sled(_) => Ok(()),
+            Db::Postgres(d) => d.begin(),
+        }
+    }
+
+    /// Writes every op or none, ending the transaction.
+    pub(super) fn commit(&self, ops: &[Op]) -> Result<()> {
+        match self {
+            Db::Sled(d) => d.apply(ops),
+            Db::Postgres(d) => d.commit(ops),
+        }
+    }
+
+    /// Ends a transaction that writes nothing.
+    pub(super) fn abort(&self) -> Result<()> {
+        match self {
+            Db::Sled(_) => Ok(()),
+            Db::Postgres(d) => d.abort(),
+        }
+    }
+
+    /// Makes everything committed durable (PostgreSQL's commits are).
+    pub(super) fn flush(&self) -> Result<()> {
+        match self {
+            Db::Sled(d) => d.flush(),
+            Db::Postgres(_) => Ok(()),
+        }
+    }
+
+    pub(super) async fn flush_async(&self) -> Result<()> {
+        match self {
+            Db::Sled(d) => d.flush_async().await,
+            Db::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Is this the embedded engine (a store directory on this machine)?
+    pub(super) fn is_local(&self) -> bool {
+        matches!(self, Db::Sled(_))
+    }
+}

@@ -1,0 +1,343 @@
+//! The PostgreSQL engine: the store's key spaces as rows of one table
+//! (`migrations/postgres/`), so every node of a cluster reads and writes
+//! the same store.
+//!
+//! One connection, owned by a thread of its own: the store's interface is
+//! synchronous and is called from tokio tasks, where a blocking client
+//! must not start its own runtime. Callers hand the thread a job and wait
+//! for its answer.
+//!
+//! Transactions: [`PgDb::begin`] opens a PostgreSQL transaction and takes
+//! a transaction-scoped advisory lock, so transactions are serialised
+//! across every process on the database (as the in-process lock does for
+//! one); the transaction's reads run inside it, its writes are applied
+//! at [`PgDb::commit`] with the COMMIT.
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+
+use postgres::{Client, NoTls};
+
+use super::codec::Tree;
+use super::sled::Op;
+use super::StoreError;
+
+/// The advisory lock every store transaction takes (any number; this one
+/// spells "escl").
+const TX_LOCK: i64 = 0x6573_636c;
+/// The advisory lock migrations run under.
+const MIGRATE_LOCK: i64 = 0x6573_636d;
+/// Rows fetched per round trip when scanning a range.
+const PAGE: i64 = 1000;
+
+/// Versioned schema migrations, applied in order, each once.
+const MIGRATIONS: [(i32, &str); 1] = [(1, include_str!("../../migrations/postgres/0001_kv.sql"))];
+
+type Job = Box<dyn FnOnce(&mut Client) + Send>;
+
+pub(super) struct PgDb {
+    jobs: mpsc::Sender<Job>,
+}
+
+fn engine(e: postgres::Error) -> StoreError {
+    StoreError::Engine(Box::new(e))
+}
+
+fn gone() -> StoreError {
+    StoreError::Engine("the PostgreSQL connection thread stopped".into())
+}
+
+impl PgDb {
+    /// Connects, and brings the schema up to date.
+    pub(super) fn open(url: &str) -> Result<PgDb, StoreError> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready, started) = mpsc::channel();
+        let url = url.to_string();
+        std::thread::Builder::new()
+            .name("escalator-postgres".into())
+            .spawn(move || {
+                let mut client = match Client::connect(&url, NoTls) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready.send(Err(engine(e)));
+                        return;
+                    }
+                };
+                let _ = ready.send(migrate(&mut client).map_err(engine));
+                for job in rx {
+                    job(&mut client);
+                }
+            })
+            .map_err(|e| StoreError::Engine(Box::new(e)))?;
+        started.recv().map_err(|_| gone())??;
+        Ok(PgDb { jobs })
+    }
+
+    /// Runs `f` on the connection's thread and waits for its answer.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Box::new(move |c| {
+                let _ = tx.send(f(c));
+            }))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?.map_err(engine)
+    }
+
+    pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let (tree, key) = (tree_id(t), key.to_vec());
+        self.call(move |c| {
+            let row = c.query_opt(
+                "SELECT value FROM escalator_kv WHERE tree = $1 AND key = $2",
+                &[&tree, &key],
+            )?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    pub(super) fn contains(&self, t: Tree, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.get(t, key)?.is_some())
+    }
+
+    /// Keys and values from `start` (inclusive) to `end` (exclusive), in
+    /// key order, fetched a page at a time.
+    pub(super) fn range(
+        &self,
+        t: Tree,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        Range {
+            db: self,
+            tree: tree_id(t),
+            from: start.to_vec(),
+            inclusive: true,
+            end: end.map(<[u8]>::to_vec),
+            buf: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    pub(super) fn prefix(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        let end = prefix_end(prefix);
+        self.range(t, prefix, end.as_deref())
+    }
+
+    pub(super) fn first_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
+        let tree = tree_id(t);
+        self.call(move |c| {
+            let row = c.query_opt(
+                "SELECT key FROM escalator_kv WHERE tree = $1 ORDER BY key LIMIT 1",
+                &[&tree],
+            )?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    pub(super) fn len(&self, t: Tree) -> Result<usize, StoreError> {
+        let tree = tree_id(t);
+        self.call(move |c| {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM escalator_kv WHERE tree = $1",
+                    &[&tree],
+                )?
+                .get(0);
+            Ok(n.max(0) as usize)
+        })
+    }
+
+    /// Sets `key` in meta unless it is set; returns what is set after.
+    pub(super) fn meta_set_once(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let (tree, key, value) = (tree_id(Tree::Meta), key.to_vec(), value.to_vec());
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO escalator_kv (tree, key, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tree, key) DO NOTHING",
+                &[&tree, &key, &value],
+            )?;
+            let row = c.query_one(
+                "SELECT value FROM escalator_kv WHERE tree = $1 AND key = $2",
+                &[&tree, &key],
+            )?;
+            Ok(row.get(0))
+        })
+    }
+
+    /// Opens a transaction holding the store's lock (see the module).
+    pub(super) fn begin(&self) -> Result<(), StoreError> {
+        self.call(|c| {
+            c.batch_execute("BEGIN")?;
+            c.execute("SELECT pg_advisory_xact_lock($1)", &[&TX_LOCK])?;
+            Ok(())
+        })
+    }
+
+    /// Writes every op and commits; on failure nothing is written.
+    pub(super) fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let ops: Vec<(i16, Vec<u8>, Option<Vec<u8>>)> = ops
+            .iter()
+            .map(|(t, k, v)| (tree_id(*t), k.clone(), v.as_deref().map(<[u8]>::to_vec)))
+            .collect();
+        self.call(move |c| {
+            let written = (|| {
+                let put = c.prepare(
+                    "INSERT INTO escalator_kv (tree, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                )?;
+                let del = c.prepare("DELETE FROM escalator_kv WHERE tree = $1 AND key = $2")?;
+                for (tree, key, value) in &ops {
+                    match value {
+                        Some(v) => c.execute(&put, &[tree, key, v])?,
+                        None => c.execute(&del, &[tree, key])?,
+                    };
+                }
+                c.batch_execute("COMMIT")
+            })();
+            if written.is_err() {
+                let _ = c.batch_execute("ROLLBACK");
+            }
+            written
+        })
+    }
+
+    /// Ends a transaction without writing (its closure failed).
+    pub(super) fn abort(&self) -> Result<(), StoreError> {
+        self.call(|c| c.batch_execute("ROLLBACK"))
+    }
+}
+
+/// A page-at-a-time scan.
+struct Range<'d> {
+    db: &'d PgDb,
+    tree: i16,
+    /// Where the next page starts; after the first page, exclusive.
+    from: Vec<u8>,
+    inclusive: bool,
+    end: Option<Vec<u8>>,
+    buf: VecDeque<(Vec<u8>, Vec<u8>)>,
+    done: bool,
+}
+
+impl Iterator for Range<'_> {
+    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() && !self.done {
+            let (tree, from, inclusive, end) = (
+                self.tree,
+                self.from.clone(),
+                self.inclusive,
+                self.end.clone(),
+            );
+            let page = self.db.call(move |c| {
+                let op = if inclusive { ">=" } else { ">" };
+                let rows = match &end {
+                    Some(e) => c.query(
+                        &format!(
+                            "SELECT key, value FROM escalator_kv WHERE tree = $1 AND key {op} $2 \
+                             AND key < $3 ORDER BY key LIMIT {PAGE}"
+                        ),
+                        &[&tree, &from, e],
+                    )?,
+                    None => c.query(
+                        &format!(
+                            "SELECT key, value FROM escalator_kv WHERE tree = $1 AND key {op} $2 \
+                             ORDER BY key LIMIT {PAGE}"
+                        ),
+                        &[&tree, &from],
+                    )?,
+                };
+                Ok(rows
+                    .into_iter()
+                    .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                    .collect::<Vec<_>>())
+            });
+            match page {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Ok(rows) => {
+                    self.done = (rows.len() as i64) < PAGE;
+                    if let Some((k, _)) = rows.last() {
+                        self.from = k.clone();
+                        self.inclusive = false;
+                    }
+                    self.buf.extend(rows);
+                }
+            }
+        }
+        self.buf.pop_front().map(Ok)
+    }
+}
+
+fn tree_id(t: Tree) -> i16 {
+    t.index() as i16
+}
+
+/// The first key after every key starting with `prefix` (None: no end).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Applies the migrations not yet applied, under an advisory lock so two
+/// nodes starting at once do not both run one.
+fn migrate(c: &mut Client) -> Result<(), postgres::Error> {
+    c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])?;
+    let result = (|| {
+        c.batch_execute(
+            "CREATE TABLE IF NOT EXISTS escalator_migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )?;
+        for (version, sql) in MIGRATIONS {
+            let done = c
+                .query_opt(
+                    "SELECT 1 FROM escalator_migrations WHERE version = $1",
+                    &[&version],
+                )?
+                .is_some();
+            if !done {
+                let mut tx = c.transaction()?;
+                tx.batch_execute(sql)?;
+                tx.execute(
+                    "INSERT INTO escalator_migrations (version) VALUES ($1)",
+                    &[&version],
+                )?;
+                tx.commit()?;
+            }
+        }
+        Ok(())
+    })();
+    c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_its_successor() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+}
