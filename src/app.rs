@@ -62,10 +62,62 @@ fn mailer(config: &Config) -> anyhow::Result<Arc<dyn Mailer>> {
     Ok(Arc::new(crate::outbox::smtp::ByFrom { main, routes }))
 }
 
+/// Opens the store the config names: sled in `store.path`, or the
+/// PostgreSQL database (its URL read now, TLS unless the server is on
+/// this machine or the admin allowed plain).
+pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
+    use crate::config::{Security, StoreEngine};
+    use crate::store::PgTls;
+    match &config.store.engine {
+        StoreEngine::Sled => Ok(Store::open_waiting(&config.store.path, wait)?),
+        StoreEngine::Postgres {
+            url,
+            security,
+            allow_insecure,
+            ca_file,
+        } => {
+            let key = match url {
+                crate::config::PasswordSource::Inline(_) => "store.url",
+                crate::config::PasswordSource::Env(_) => "store.url_env",
+                crate::config::PasswordSource::File(_) => "store.url_file",
+            };
+            let url = url.read().map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+            let parsed: postgres::Config = url
+                .expose()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{key}: not a PostgreSQL connection string: {e}"))?;
+            let tls = match security {
+                Security::Plain => {
+                    let local = parsed.get_hosts().iter().all(|h| match h {
+                        postgres::config::Host::Tcp(h) => {
+                            crate::config::is_loopback(h.trim_matches(['[', ']']))
+                        }
+                        postgres::config::Host::Unix(_) => true,
+                    });
+                    if !local && !allow_insecure {
+                        anyhow::bail!(
+                            "store.security: \"plain\" sends the database password and every \
+                             record unencrypted; refused for a server not on this machine unless \
+                             store.allow_insecure = true"
+                        );
+                    }
+                    PgTls::Plain
+                }
+                _ => PgTls::Verify(
+                    crate::tls::client_config(ca_file.as_deref())
+                        .map_err(|e| anyhow::anyhow!("store.ca_file: {e}"))?,
+                ),
+            };
+            Ok(Store::open_postgres(url.expose(), tls, &config.store.path)?)
+        }
+    }
+}
+
 fn parts(config: Config) -> anyhow::Result<Parts> {
     let live = Live::new(config.clone());
     let config = Arc::new(config);
-    let store = Arc::new(Store::open_waiting(&config.store.path, STORE_WAIT)?);
+    let store = Arc::new(open_store(&config, STORE_WAIT)?);
+    store.lock_for_daemon()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mailer = mailer(&config)?;
     let wake = Arc::new(Wakers::default());

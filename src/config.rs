@@ -299,12 +299,31 @@ pub struct SmtpConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// sled: the store itself. PostgreSQL: this node's own files (the
+    /// sent journal, the control socket).
     pub path: PathBuf,
+    pub engine: StoreEngine,
     /// Stop writing while this much of the store's disk is still free.
     pub min_free: u64,
     /// How long the bytes of sent mail are kept (the entry stays), and
     /// the automatic-mail records used for the limits.
     pub keep_sent: Duration,
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone)]
+pub enum StoreEngine {
+    /// Embedded, in `path` (the default).
+    Sled,
+    /// A PostgreSQL database, shared by the nodes of a cluster.
+    Postgres {
+        /// The connection string (`postgres://...` or `host=... dbname=...`),
+        /// a secret read only when connecting.
+        url: PasswordSource,
+        security: Security,
+        allow_insecure: bool,
+        ca_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -628,6 +647,15 @@ fn default_confirm_wait() -> String {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     path: PathBuf,
+    /// "sled" (default) or "postgres".
+    engine: Option<String>,
+    url: Option<String>,
+    url_env: Option<String>,
+    url_file: Option<PathBuf>,
+    security: Option<Security>,
+    #[serde(default)]
+    allow_insecure: bool,
+    ca_file: Option<PathBuf>,
     #[serde(default = "default_min_free")]
     min_free: String,
     #[serde(default = "default_keep_sent")]
@@ -790,6 +818,16 @@ impl Config {
             .iter()
             .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))
             .chain([&self.smtp.endpoint]);
+        if let StoreEngine::Postgres { url, .. } = &self.store.engine {
+            if let Err(e) = url.read() {
+                let key = match url {
+                    PasswordSource::Inline(_) => "url",
+                    PasswordSource::Env(_) => "url_env",
+                    PasswordSource::File(_) => "url_file",
+                };
+                out.push(format!("store.{key}: {e}"));
+            }
+        }
         for ep in endpoints {
             if let Err(e) = ep.password() {
                 out.push(e);
@@ -915,7 +953,14 @@ impl Config {
             } else {
                 &self.smtp.from
             },
-            self.store.path.display(),
+            match &self.store.engine {
+                StoreEngine::Sled => format!("sled in {}", self.store.path.display()),
+                StoreEngine::Postgres { url, security, .. } => format!(
+                    "postgres (url from {}, {security}), node files in {}",
+                    url.key().replace("password", "url"),
+                    self.store.path.display()
+                ),
+            },
         ));
         let tiers: Vec<String> = self
             .tiers
@@ -1179,6 +1224,66 @@ impl Validator<'_> {
                     format!("{text:?} is not an address; write \"Support <support@example.com>\""),
                 );
                 (None, String::new())
+            }
+        }
+    }
+
+    /// `[store] engine` and its connection keys.
+    fn store_engine(&mut self, s: &RawStore) -> StoreEngine {
+        let postgres_only = [
+            ("url", s.url.is_some()),
+            ("url_env", s.url_env.is_some()),
+            ("url_file", s.url_file.is_some()),
+            ("security", s.security.is_some()),
+            ("ca_file", s.ca_file.is_some()),
+            ("allow_insecure", s.allow_insecure),
+        ];
+        match s.engine.as_deref().unwrap_or("sled") {
+            "sled" => {
+                for (k, set) in postgres_only {
+                    if set {
+                        self.problem(&format!("store.{k}"), "only with engine = \"postgres\"");
+                    }
+                }
+                StoreEngine::Sled
+            }
+            "postgres" => {
+                let given = [s.url.is_some(), s.url_env.is_some(), s.url_file.is_some()]
+                    .iter()
+                    .filter(|b| **b)
+                    .count();
+                if given != 1 {
+                    self.problem(
+                        "store.url",
+                        "engine = \"postgres\" needs exactly one of url_env (an environment \
+                         variable), url_file (a file holding it) or url",
+                    );
+                }
+                let url = match (&s.url, &s.url_env, &s.url_file) {
+                    (_, Some(env), _) => PasswordSource::Env(env.clone()),
+                    (_, _, Some(file)) => PasswordSource::File(self.path(file)),
+                    (Some(u), _, _) => PasswordSource::Inline(Secret::new(u.clone())),
+                    _ => PasswordSource::Env(String::new()),
+                };
+                let ca_file = s.ca_file.as_ref().map(|p| self.path(p));
+                if let Some(p) = &ca_file {
+                    if !p.is_file() {
+                        self.problem("store.ca_file", format!("no such file {}", p.display()));
+                    }
+                }
+                StoreEngine::Postgres {
+                    url,
+                    security: s.security.unwrap_or(Security::Tls),
+                    allow_insecure: s.allow_insecure,
+                    ca_file,
+                }
+            }
+            other => {
+                self.problem(
+                    "store.engine",
+                    format!("{other:?} is not an engine: \"sled\" (the default) or \"postgres\""),
+                );
+                StoreEngine::Sled
             }
         }
     }
@@ -1773,6 +1878,7 @@ impl Validator<'_> {
             },
             store: StoreConfig {
                 path: self.path(&raw.store.path),
+                engine: self.store_engine(&raw.store),
                 min_free: match parse_size(&raw.store.min_free) {
                     Ok(n) => n,
                     Err(e) => {
@@ -1811,7 +1917,7 @@ impl Validator<'_> {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+pub fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost")
         || host
             .trim_matches(['[', ']'])

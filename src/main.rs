@@ -322,6 +322,27 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
 /// Runs an admin request on the store, or via the daemon that holds it.
 async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
     let path = cfg.store.path.clone();
+    if !matches!(cfg.store.engine, escalator::config::StoreEngine::Sled) {
+        // A daemon of this node answers over its socket (and wakes its
+        // workers); without one, the database is used directly.
+        if escalator::control::socket_path(&path).exists() {
+            if let Ok(r) = escalator::control::ask(&path, req).await {
+                return Ok(r);
+            }
+        }
+        let (c, req) = (cfg.clone(), req.clone());
+        return tokio::task::spawn_blocking(move || {
+            let store = escalator::app::open_store(&c, std::time::Duration::ZERO)?;
+            let ingestor = Ingestor {
+                store: Arc::new(store),
+                config: escalator::config::Live::new(c),
+                clock: Arc::new(SystemClock),
+                wake: Default::default(),
+            };
+            Ok(admin::handle(&ingestor, &req)?)
+        })
+        .await?;
+    }
     match Store::open(&path) {
         Ok(store) => {
             let ingestor = Ingestor {

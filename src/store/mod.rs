@@ -10,6 +10,8 @@
 //! or nothing if it returns an error. Transactions are serialised, so a
 //! read-modify-write inside one is never lost to another.
 
+pub use self::postgres::PgTls;
+
 mod codec;
 mod engine;
 mod facts;
@@ -40,6 +42,12 @@ pub enum StoreError {
          two processes on one store are not allowed"
     )]
     Locked(PathBuf),
+    /// Another daemon runs on this PostgreSQL database.
+    #[error(
+        "another escalator daemon runs on this database; several daemons on one database \
+         are not supported yet (the cluster's leases and claims are not built)"
+    )]
+    InUse,
     #[error("cannot create the store directory {path}")]
     CreateDir {
         path: PathBuf,
@@ -142,13 +150,27 @@ impl Store {
     /// Opens the store in the PostgreSQL database at `url` (applying its
     /// schema migrations); `path` is this node's own directory (the sent
     /// journal, the control socket).
-    pub fn open_postgres(url: &str, path: &Path) -> Result<Store> {
+    pub fn open_postgres(url: &str, tls: PgTls, path: &Path) -> Result<Store> {
         create_private_dir(path).map_err(|source| StoreError::CreateDir {
             path: path.to_owned(),
             source,
         })?;
-        let db = engine::Db::Postgres(postgres::PgDb::open(url)?);
+        let db = engine::Db::Postgres(postgres::PgDb::open(url, tls)?);
         Store::with(path, db)
+    }
+
+    /// For a daemon: makes sure no other daemon runs on this store
+    /// (sled: the open store is locked already; PostgreSQL: a lock held
+    /// while this store is open). Several daemons on one database need
+    /// the cluster's leases and claims, which are not built yet.
+    pub fn lock_for_daemon(&self) -> Result<()> {
+        match &self.db {
+            engine::Db::Sled(_) => Ok(()),
+            engine::Db::Postgres(pg) => match pg.try_lock_daemon()? {
+                true => Ok(()),
+                false => Err(StoreError::InUse),
+            },
+        }
     }
 
     fn with(path: &Path, db: engine::Db) -> Result<Store> {

@@ -16,7 +16,11 @@
 use std::collections::VecDeque;
 use std::sync::mpsc;
 
-use postgres::{Client, NoTls};
+use std::sync::Arc;
+
+use ::postgres::config::SslMode;
+use ::postgres::{Client, NoTls};
+use tokio_rustls::rustls::ClientConfig;
 
 use super::codec::Tree;
 use super::sled::Op;
@@ -25,6 +29,9 @@ use super::StoreError;
 /// The advisory lock every store transaction takes (any number; this one
 /// spells "escl").
 const TX_LOCK: i64 = 0x6573_636c;
+/// The advisory lock a daemon holds while it runs: one daemon per
+/// database until the cluster (leases, claims) is built.
+const DAEMON_LOCK: i64 = 0x6573_636e;
 /// The advisory lock migrations run under.
 const MIGRATE_LOCK: i64 = 0x6573_636d;
 /// Rows fetched per round trip when scanning a range.
@@ -34,6 +41,15 @@ const PAGE: i64 = 1000;
 const MIGRATIONS: [(i32, &str); 1] = [(1, include_str!("../../migrations/postgres/0001_kv.sql"))];
 
 type Job = Box<dyn FnOnce(&mut Client) + Send>;
+
+/// How the connection is protected.
+pub enum PgTls {
+    /// No TLS (the caller has checked the server is on this machine, or
+    /// that the admin allowed it).
+    Plain,
+    /// TLS with certificate and host-name checks (the IMAP/SMTP setup).
+    Verify(Arc<ClientConfig>),
+}
 
 pub(super) struct PgDb {
     jobs: mpsc::Sender<Job>,
@@ -49,14 +65,24 @@ fn gone() -> StoreError {
 
 impl PgDb {
     /// Connects, and brings the schema up to date.
-    pub(super) fn open(url: &str) -> Result<PgDb, StoreError> {
+    pub(super) fn open(url: &str, tls: PgTls) -> Result<PgDb, StoreError> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready, started) = mpsc::channel();
         let url = url.to_string();
         std::thread::Builder::new()
             .name("escalator-postgres".into())
             .spawn(move || {
-                let mut client = match Client::connect(&url, NoTls) {
+                let connected = url.parse::<::postgres::Config>().and_then(|mut pg| {
+                    // TLS is required, never "preferred": a server (or a
+                    // man in the middle) that declines it is refused.
+                    match tls {
+                        PgTls::Plain => pg.ssl_mode(SslMode::Disable).connect(NoTls),
+                        PgTls::Verify(config) => pg.ssl_mode(SslMode::Require).connect(
+                            tokio_postgres_rustls::MakeRustlsConnect::new((*config).clone()),
+                        ),
+                    }
+                });
+                let mut client = match connected {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready.send(Err(engine(e)));
@@ -168,6 +194,17 @@ impl PgDb {
                 &[&tree, &key],
             )?;
             Ok(row.get(0))
+        })
+    }
+
+    /// Takes the daemon lock of the database for as long as this engine
+    /// lives (a session lock): false when another process holds it.
+    pub(super) fn try_lock_daemon(&self) -> Result<bool, StoreError> {
+        self.call(|c| {
+            let got: bool = c
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK])?
+                .get(0);
+            Ok(got)
         })
     }
 

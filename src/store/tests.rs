@@ -31,7 +31,7 @@ fn each_engine(test: impl Fn(&str, Open<'_>, &Path)) {
     let pg = crate::testing::Postgres::start();
     let url = pg.database("conformance");
     let dir = tempfile::tempdir().unwrap();
-    let open_pg = |path: &Path| match Store::open_postgres(&url, path) {
+    let open_pg = |path: &Path| match Store::open_postgres(&url, PgTls::Plain, path) {
         Ok(s) => s,
         Err(e) => panic!("open: {}", crate::error_chain(&e)),
     };

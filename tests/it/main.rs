@@ -8,6 +8,7 @@ mod crash;
 mod escalation;
 mod gateway;
 mod operations;
+mod postgres;
 mod queues;
 mod reliability;
 mod support;
