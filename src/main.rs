@@ -86,6 +86,24 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// The store itself.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy a sled store into the (empty) PostgreSQL database of the
+    /// config's [store]; resumable, and verified key space by key space.
+    Migrate {
+        /// The sled store's directory (its daemon stopped).
+        #[arg(long, value_name = "PATH")]
+        from_sled: std::path::PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,6 +262,39 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 escalator::app::run_once(cfg).await?;
             } else {
                 escalator::app::run(cfg, shutdown_signal()).await?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Store {
+            command: StoreCommand::Migrate { from_sled, config },
+        } => {
+            let cfg = load(&config.config)?;
+            if matches!(cfg.store.engine, escalator::config::StoreEngine::Sled) {
+                anyhow::bail!(
+                    "store migrate copies into the PostgreSQL database of [store]; {} has engine = \"sled\"",
+                    config.config.display()
+                );
+            }
+            let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let source = Store::open(&from_sled).with_context(|| {
+                    format!(
+                        "cannot open the sled store {} (is its daemon stopped?)",
+                        from_sled.display()
+                    )
+                })?;
+                let target = escalator::app::open_store(&cfg, std::time::Duration::ZERO)?;
+                // No daemon may write while the store moves.
+                target.lock_for_daemon()?;
+                Ok(source.copy_into(&target)?)
+            })
+            .await??;
+            if copied.already_done {
+                println!("the database holds a finished copy already; counts verified:");
+            } else {
+                println!("copied and verified:");
+            }
+            for (name, n) in &copied.rows {
+                println!("  {name:<16} {n}");
             }
             return Ok(ExitCode::SUCCESS);
         }

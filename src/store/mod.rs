@@ -10,11 +10,13 @@
 //! or nothing if it returns an error. Transactions are serialised, so a
 //! read-modify-write inside one is never lost to another.
 
+pub use self::migrate::Copied;
 pub use self::postgres::PgTls;
 
 mod codec;
 mod engine;
 mod facts;
+mod migrate;
 mod postgres;
 mod rawlog;
 mod sled;
@@ -42,6 +44,9 @@ pub enum StoreError {
          two processes on one store are not allowed"
     )]
     Locked(PathBuf),
+    /// A copy between engines cannot go on.
+    #[error("cannot migrate the store: {0}")]
+    Migrate(String),
     /// Another daemon runs on this PostgreSQL database.
     #[error(
         "another escalator daemon runs on this database; several daemons on one database \

@@ -766,3 +766,54 @@ fn facts_of_many_cases_are_each_read_once_and_kept_up_to_date() {
         assert_eq!(ok(s.each_fact(Some(at(301)), true, |_| ())), 0);
     });
 }
+
+#[test]
+fn a_sled_store_copied_into_postgresql_is_the_same_store_even_when_the_copy_is_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = open_sled(&dir.path().join("sled"));
+    ok(sled.transact(|tx| {
+        for id in 1..=1200 {
+            tx.put_case(&mut case(id, "T1", id as i64))?;
+        }
+        tx.put_message(&record(7, 3, "m@x", "h"), b"raw bytes of message 7")?;
+        tx.put_outbox(&outbox(4, OutboxState::Pending), Some(b"the mail"))?;
+        tx.next_id(Sequence::Case)?;
+        Ok(())
+    }));
+    let pg = crate::testing::Postgres::start();
+    let url = pg.database("migrate");
+    let target = match Store::open_postgres(&url, PgTls::Plain, &dir.path().join("node")) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    // Interrupted: only the cases were copied (in three batches).
+    ok(sled.copy_tree(&target, Tree::Cases, "cases"));
+    let copied = ok(sled.copy_into(&target));
+    assert!(!copied.already_done);
+    assert_eq!(copied.rows["cases"], 1200);
+    assert_eq!(copied.rows["raw"], 2, "a message's and a mail's bytes");
+    // The same store: its secret, sequences, records and raw bytes.
+    drop(target);
+    let target = match Store::open_postgres(&url, PgTls::Plain, &dir.path().join("node")) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(target.key(), sled.key(), "our Message-IDs stay verifiable");
+    assert_eq!(ok(target.case(600)), ok(sled.case(600)));
+    assert_eq!(
+        ok(target.raw(7)).as_deref(),
+        Some(&b"raw bytes of message 7"[..])
+    );
+    assert_eq!(ok(target.outbox_pending()).len(), 1);
+    assert_eq!(ok(target.each_fact(None, true, |_| ())), 1200);
+    let next = ok(target.transact(|tx| tx.next_id(Sequence::Case)));
+    assert_eq!(next, 2, "numbering goes on");
+    // Run again at once: nothing to do, the counts agree.
+    assert!(ok(sled.copy_into(&target)).already_done);
+    // Once the target has moved on (a new case), copying is refused.
+    ok(target.transact(|tx| tx.put_case(&mut case(1201, "T1", 5))));
+    assert!(matches!(
+        sled.copy_into(&target),
+        Err(StoreError::Migrate(_))
+    ));
+}

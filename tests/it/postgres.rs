@@ -137,3 +137,129 @@ async fn the_database_connection_uses_tls_unless_told_otherwise() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_migrate_copies_a_sled_store_and_the_daemon_goes_on_without_a_second_ack() {
+    let s = Setup::new(&["support", "alice", "bob"], "");
+    let send = |who: &str, id: &str| {
+        s.send(
+            who,
+            &mail(
+                &format!("{who} <{who}@example.test>"),
+                "support@example.test",
+                "Printer",
+                id,
+                "",
+                "Help.",
+            ),
+        )
+    };
+    send("alice", "m1@alice.test");
+    s.stack.settle().await;
+    s.once();
+    assert_eq!(
+        s.stack
+            .wait_for("alice", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    let sled_path = s.config.parent().unwrap().join("store");
+
+    // The same config, its store moved to PostgreSQL.
+    let pg = Postgres::start();
+    let url = pg.database("it_migrate");
+    let node = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        &format!("path = \"{}\"", sled_path.display()),
+        &format!(
+            "path = \"{}\"\nengine = \"postgres\"\nurl = \"{url}\"\nsecurity = \"plain\"",
+            node.path().join("node").display()
+        ),
+    );
+    let pg_cfg = node.path().join("escalator.toml");
+    std::fs::write(&pg_cfg, text).unwrap();
+    let cfg = pg_cfg.to_str().unwrap();
+    let migrate = || {
+        escalator(&[
+            "store",
+            "migrate",
+            "--from-sled",
+            sled_path.to_str().unwrap(),
+            "--config",
+            cfg,
+        ])
+    };
+    let out = migrate();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("copied and verified"), "{text}");
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(name)
+                    .map(|n| n.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert_eq!(count("cases "), 1);
+    assert_eq!(count("messages "), 1);
+    assert_eq!(count("outbox "), 1, "the ack, sent");
+    // Again: nothing to do, the counts still agree.
+    let again = migrate();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("finished copy already"));
+
+    // The daemon on PostgreSQL goes on from where sled stopped: the
+    // mailbox is not re-read into a second ack, and numbering goes on.
+    let once = escalator(&["run", "--once", "--config", cfg]);
+    assert!(
+        once.status.success(),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    send("bob", "m2@bob.test");
+    s.stack.settle().await;
+    let once = escalator(&["run", "--once", "--config", cfg]);
+    assert!(
+        once.status.success(),
+        "{}",
+        String::from_utf8_lossy(&once.stderr)
+    );
+    let out = escalator(&["cases", "list", "--json", "--config", cfg]);
+    let cases: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> = cases.iter().map(|c| c["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, vec![1, 2], "{cases:?}");
+    assert_eq!(
+        s.stack
+            .wait_for("bob", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    s.stack.settle().await;
+    assert_eq!(
+        s.stack.fetch("alice", "INBOX").await.len(),
+        1,
+        "no second ack"
+    );
+    // Into a database that holds a store already: refused.
+    let other = tempfile::tempdir().unwrap();
+    let sled2 = other.path().join("store");
+    std::fs::create_dir_all(&sled2).unwrap();
+    let out = escalator(&[
+        "store",
+        "migrate",
+        "--from-sled",
+        sled2.to_str().unwrap(),
+        "--config",
+        cfg,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("already holds a store"), "{err}");
+}
