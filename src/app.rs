@@ -43,7 +43,7 @@ fn mailer(config: &Config) -> anyhow::Result<Arc<dyn Mailer>> {
     let main: Arc<dyn Mailer> =
         Arc::new(SmtpMailer::new(&config.smtp).context("cannot set up SMTP")?);
     let mut routes = Vec::new();
-    for q in &config.queues {
+    for q in config.queues.iter() {
         if let Some(ep) = &q.smtp {
             let smtp = crate::config::SmtpConfig {
                 endpoint: ep.clone(),

@@ -41,8 +41,8 @@ pub struct Config {
     /// The file this came from, for messages and relative paths.
     pub source: PathBuf,
     /// The queues: a mailbox each, with its address and escalation path.
-    /// At least one; a lone `[mailbox]` is the queue `default`.
-    pub queues: Vec<QueueConfig>,
+    /// A lone `[mailbox]` is the queue `default`.
+    pub queues: Queues,
     pub smtp: SmtpConfig,
     pub store: StoreConfig,
     pub cases: CasesConfig,
@@ -263,6 +263,31 @@ pub struct MailboxConfig {
     pub max_message_size: u64,
     /// The folder agents' replies from the shared mailbox land in.
     pub sent_folder: Option<String>,
+}
+
+/// The queues of a config: never empty (the only constructor says so),
+/// so there is always a first one to fall back to.
+#[derive(Debug, Clone)]
+pub struct Queues(Vec<QueueConfig>);
+
+impl Queues {
+    /// None when there is no queue.
+    pub fn new(queues: Vec<QueueConfig>) -> Option<Queues> {
+        (!queues.is_empty()).then_some(Queues(queues))
+    }
+
+    /// The first queue: it sends mail of no queue when `[smtp]` has no
+    /// `from`, and handles cases of a queue since removed.
+    pub fn main(&self) -> &QueueConfig {
+        &self.0[0]
+    }
+}
+
+impl std::ops::Deref for Queues {
+    type Target = [QueueConfig];
+    fn deref(&self) -> &[QueueConfig] {
+        &self.0
+    }
 }
 
 /// A queue: one support address with its own mailbox, sender identity
@@ -884,14 +909,13 @@ impl Config {
         self.queues
             .iter()
             .find(|q| q.name == name)
-            .or_else(|| self.queues.first())
-            .unwrap_or_else(|| unreachable!("a valid config has a queue"))
+            .unwrap_or_else(|| self.queues.main())
     }
 
     /// The address mail not of any queue (the digest) is sent from.
     pub fn main_sender(&self) -> (Option<&str>, &str) {
         if self.smtp.from.is_empty() {
-            let q = self.queue("");
+            let q = self.queues.main();
             (q.from_name.as_deref(), &q.address)
         } else {
             (self.smtp.from_name.as_deref(), &self.smtp.from)
@@ -925,7 +949,7 @@ impl Config {
             )
         };
         let mut s = format!("config {} is valid\n  queues:", self.source.display());
-        for q in &self.queues {
+        for q in self.queues.iter() {
             let path: Vec<&str> = q
                 .path
                 .iter()
@@ -1832,10 +1856,8 @@ impl Validator<'_> {
         };
 
         let queues = self.queues(raw.mailbox, raw.mailboxes, &tiers, (&from_name, &from));
-        if queues.is_empty() {
-            // Refused above; every Config has a queue.
-            return None;
-        }
+        // None (no queue) was refused above, naming the key.
+        let queues = Queues::new(queues)?;
         // A tier a case can be escalated to (above the first of some
         // queue's path) needs somewhere to send the case.
         let mut reached: Vec<usize> = queues
@@ -1863,8 +1885,7 @@ impl Validator<'_> {
         // default.
         let instance = instance
             .or_else(|| Some(from.clone()).filter(|f| !f.is_empty()))
-            .or_else(|| queues.first().map(|q| q.address.clone()))
-            .unwrap_or_default();
+            .unwrap_or_else(|| queues.main().address.clone());
 
         Some(Config {
             source: source.to_owned(),

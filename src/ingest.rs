@@ -305,7 +305,7 @@ impl Ingestor {
                 // mail with no mailbox: tests, the fuzzer).
                 let queue = src
                     .map(|s| s.queue.as_str())
-                    .unwrap_or_else(|| config.queue("").name.as_str());
+                    .unwrap_or_else(|| config.queues.main().name.as_str());
                 let mut c = policy::open_case(id, &mail, config, queue, now);
                 c.previous_case = previous;
                 if from_sent {

@@ -89,7 +89,13 @@ impl PgDb {
                         return;
                     }
                 };
-                let _ = ready.send(migrate(&mut client).map_err(engine));
+                // A statement that hangs (a lost server, a lock held by a
+                // stuck node) fails after a minute instead of holding the
+                // daemon forever.
+                let ready_now = client
+                    .batch_execute("SET statement_timeout = '60s'")
+                    .and_then(|()| migrate(&mut client));
+                let _ = ready.send(ready_now.map_err(engine));
                 for job in rx {
                     job(&mut client);
                 }
