@@ -18,6 +18,9 @@
 #[path = "../tests/it/support.rs"]
 mod support;
 
+#[path = "../src/testing/postgres.rs"]
+mod postgres_server;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -783,6 +786,57 @@ fn stats_only(sz: &Sizes, rows: &mut Vec<Row>) {
     ));
 }
 
+/// 8: the same mailbox ingested into sled and into PostgreSQL (a private
+/// server, fsync on as in production), one run each on a new store.
+fn postgres(sz: &Sizes, rows: &mut Vec<Row>) {
+    let stack = start_stack();
+    let mail = corpus(sz.n);
+    for (i, m) in mail.iter().enumerate() {
+        stack.deliver_maildir("support", m, i);
+    }
+    let pg = postgres_server::Postgres::start_with(true);
+    let ingest = |engine: &str, n: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("escalator.toml");
+        let mut text = config_text(&stack, &dir.path().join("store"), "").replacen(
+            "[smtp]\n",
+            "[smtp]\nconfirm_copies = false\n",
+            1,
+        );
+        if engine == "postgres" {
+            let url = pg.database(&format!("bench_{n}"));
+            text = text.replacen(
+                "[store]\n",
+                &format!("[store]\nengine = \"postgres\"\nurl = \"{url}\"\nsecurity = \"plain\"\n"),
+                1,
+            );
+        }
+        fs::write(&cfg, text).unwrap();
+        let log = run_once(&cfg);
+        assert_eq!(
+            log_field(&log, "one cycle done", "fetched"),
+            Some(sz.n as u64),
+            "{log}"
+        );
+        log_field(&log, "one cycle done", "ingest_ms").unwrap() as f64 / 1000.0
+    };
+    // Warm Dovecot's index with one untimed run.
+    ingest("sled", 0);
+    drain_postfix(&stack);
+    let sled_s = ingest("sled", 1);
+    drain_postfix(&stack);
+    let pg_s = ingest("postgres", 2);
+    drain_postfix(&stack);
+    let (pg_rate, sled_rate) = (sz.n as f64 / pg_s, sz.n as f64 / sled_s);
+    rows.push(row(
+        &format!("8. Ingest {} messages into PostgreSQL", sz.n),
+        format!("{pg_rate:.0} msg/s"),
+        format!("{sled_rate:.0} msg/s (sled, same mailbox)"),
+        format!("{:.2}x", pg_rate / sled_rate),
+        "≥ 0.5x (issue 12)",
+    ));
+}
+
 /// Runs `escalator run --once` on `cfg`; its log (JSON lines).
 fn run_once(cfg: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_escalator"))
@@ -883,9 +937,9 @@ async fn main() {
     let sz = sizes();
     let mut rows = Vec::new();
     // ESCALATOR_BENCH_SECTIONS: a comma list of ingest, latency, timers,
-    // append, queues.
+    // append, stats (profiling: stats alone), queues, postgres.
     let sections = std::env::var("ESCALATOR_BENCH_SECTIONS")
-        .unwrap_or_else(|_| "ingest,latency,timers,append,queues".into());
+        .unwrap_or_else(|_| "ingest,latency,timers,append,queues,postgres".into());
     if sections.contains("ingest") {
         ingest_and_acks(&sz, &mut rows).await;
     }
@@ -903,6 +957,9 @@ async fn main() {
     }
     if sections.contains("queues") {
         tokio::task::block_in_place(|| queues(&sz, &mut rows));
+    }
+    if sections.contains("postgres") {
+        tokio::task::block_in_place(|| postgres(&sz, &mut rows));
     }
     println!("\nescalator benchmark — {}\n", machine());
     println!("| figure | escalator | baseline | ratio | goal |\n|---|---|---|---|---|");

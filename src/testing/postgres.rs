@@ -14,7 +14,15 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    /// A server for tests: fsync off (a crash of the test machine loses
+    /// nothing anyone needs).
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// With `durable`, PostgreSQL fsyncs as in production (for the
+    /// benchmark's comparison with sled, which does).
+    pub fn start_with(durable: bool) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| {
@@ -72,8 +80,9 @@ impl Postgres {
             .arg(pg.dir.path().join("log"))
             .arg("-o")
             .arg(format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off",
-                pg.dir.path().display()
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync={}",
+                pg.dir.path().display(),
+                if durable { "on" } else { "off" }
             ))
             .arg("start"));
         pg
