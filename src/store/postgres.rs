@@ -223,24 +223,44 @@ impl PgDb {
         })
     }
 
-    /// Writes every op and commits; on failure nothing is written.
+    /// Writes every op and commits; on failure nothing is written. All
+    /// puts are one statement and all removals another (arrays unnested),
+    /// not a round trip per key: a chunk of messages writes thousands.
+    /// The transaction's overlay holds each key once, as an upsert of
+    /// several rows needs.
     pub(super) fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
-        let ops: Vec<(i16, Vec<u8>, Option<Vec<u8>>)> = ops
-            .iter()
-            .map(|(t, k, v)| (tree_id(*t), k.clone(), v.as_deref().map(<[u8]>::to_vec)))
-            .collect();
+        let (mut put_t, mut put_k, mut put_v) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
+        for (t, k, v) in ops {
+            match v {
+                Some(v) => {
+                    put_t.push(tree_id(*t));
+                    put_k.push(k.clone());
+                    put_v.push(v.to_vec());
+                }
+                None => {
+                    del_t.push(tree_id(*t));
+                    del_k.push(k.clone());
+                }
+            }
+        }
         self.call(move |c| {
             let written = (|| {
-                let put = c.prepare(
-                    "INSERT INTO escalator_kv (tree, key, value) VALUES ($1, $2, $3) \
-                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
-                )?;
-                let del = c.prepare("DELETE FROM escalator_kv WHERE tree = $1 AND key = $2")?;
-                for (tree, key, value) in &ops {
-                    match value {
-                        Some(v) => c.execute(&put, &[tree, key, v])?,
-                        None => c.execute(&del, &[tree, key])?,
-                    };
+                if !put_t.is_empty() {
+                    c.execute(
+                        "INSERT INTO escalator_kv (tree, key, value) \
+                         SELECT * FROM unnest($1::int2[], $2::bytea[], $3::bytea[]) \
+                         ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                        &[&put_t, &put_k, &put_v],
+                    )?;
+                }
+                if !del_t.is_empty() {
+                    c.execute(
+                        "DELETE FROM escalator_kv k \
+                         USING unnest($1::int2[], $2::bytea[]) AS d(tree, key) \
+                         WHERE k.tree = d.tree AND k.key = d.key",
+                        &[&del_t, &del_k],
+                    )?;
                 }
                 c.batch_execute("COMMIT")
             })();

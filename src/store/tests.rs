@@ -16,7 +16,8 @@ use crate::stats::Facts;
 type Open<'a> = &'a dyn Fn(&Path) -> Store;
 
 fn open_sled(path: &Path) -> Store {
-    match Store::open(path) {
+    // A store just dropped may be held a moment by sled's own threads.
+    match Store::open_waiting(path, std::time::Duration::from_secs(10)) {
         Ok(s) => s,
         Err(e) => panic!("open: {}", crate::error_chain(&e)),
     }
