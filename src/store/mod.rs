@@ -271,7 +271,6 @@ impl Store {
             timers: HashMap::new(),
             on_commit: Vec::new(),
             undo: Vec::new(),
-            read_cache: Mutex::new(HashMap::new()),
         };
         let out = f(&mut tx)?;
         // Each key once, with its last value: a chunk of messages writes
@@ -613,11 +612,6 @@ pub struct Tx<'s> {
     /// What each change replaced, newest last: a rollback to a savepoint
     /// undoes them.
     undo: Vec<Undo>,
-    /// What this transaction read from the engine, by key: nobody else
-    /// writes while it runs, so a second read of a key (the counters, the
-    /// cursor, a busy case, a facts bucket) need not go to the engine
-    /// again — for PostgreSQL, a round trip to the server each.
-    read_cache: Mutex<HashMap<(Tree, Vec<u8>), Written>>,
 }
 
 /// What a transaction wrote under a key: a value, or None for removed.
@@ -690,17 +684,10 @@ impl<'s> Tx<'s> {
     }
 
     fn get_bytes(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let k = (t, key.to_vec());
-        if let Some(v) = self.overlay.get(&k) {
-            return Ok(v.as_deref().map(<[u8]>::to_vec));
+        match self.overlay.get(&(t, key.to_vec())) {
+            Some(v) => Ok(v.as_deref().map(<[u8]>::to_vec)),
+            None => self.store.db.get(t, key),
         }
-        let mut cache = self.read_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = cache.get(&k) {
-            return Ok(v.as_deref().map(<[u8]>::to_vec));
-        }
-        let v = self.store.db.get(t, key)?;
-        cache.insert(k, v.as_deref().map(Arc::from));
-        Ok(v)
     }
 
     fn get<T: DeserializeOwned>(&self, t: Tree, key: &[u8]) -> Result<Option<T>> {
