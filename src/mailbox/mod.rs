@@ -120,15 +120,27 @@ impl Watcher {
             .is_empty()
     }
 
-    /// Watches until cancelled. Server trouble is logged and retried
-    /// with backoff, forever; a store failure (a full disk) is returned,
-    /// because going on could only lose mail.
+    /// Watches until cancelled. Server trouble (and a store database
+    /// that cannot be reached for a while) is logged and retried with
+    /// backoff, forever; any other store failure (a full disk) is
+    /// returned, because going on could only lose mail.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StoreError> {
         let mut failures: u32 = 0;
         loop {
             match self.session(&cancel, &mut failures).await {
                 Ok(()) => return Ok(()),
-                Err(WatchError::Store(e)) => return Err(e),
+                Err(WatchError::Store(e)) if !e.is_transient() => return Err(e),
+                Err(WatchError::Store(e)) => {
+                    // Nothing of the failed transaction was written: the
+                    // folder is read again from its cursor.
+                    failures += 1;
+                    let wait = Duration::from_secs((1u64 << failures.min(5)).min(30));
+                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "the store's database cannot be reached; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
                 Err(e) => {
                     failures += 1;
                     let m = &crate::metrics::METRICS;

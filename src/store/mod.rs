@@ -44,6 +44,11 @@ pub enum StoreError {
          two processes on one store are not allowed"
     )]
     Locked(PathBuf),
+    /// The database cannot be reached now (a connection lost or
+    /// refused): nothing of the failed transaction was written, and a
+    /// later try may work.
+    #[error("the store's database cannot be reached: {0}")]
+    Unavailable(String),
     /// A copy between engines cannot go on.
     #[error("cannot migrate the store: {0}")]
     Migrate(String),
@@ -100,6 +105,14 @@ pub enum StoreError {
     /// The store's secret could not be made.
     #[error("cannot make the store's secret key: {0}")]
     Random(String),
+}
+
+impl StoreError {
+    /// A failure that may pass (the database restarting): workers retry
+    /// with backoff instead of stopping the daemon.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 type Result<T> = std::result::Result<T, StoreError>;

@@ -40,7 +40,109 @@ const PAGE: i64 = 1000;
 /// Versioned schema migrations, applied in order, each once.
 const MIGRATIONS: [(i32, &str); 1] = [(1, include_str!("../../migrations/postgres/0001_kv.sql"))];
 
-type Job = Box<dyn FnOnce(&mut Client) + Send>;
+type Job = Box<dyn FnOnce(&mut Session) + Send>;
+
+/// The connection thread's state: the client (None after it was lost,
+/// until the next call reconnects), and whether a store transaction is
+/// open on it. A connection lost inside a transaction is not replaced
+/// until that transaction has ended (its writes were never committed;
+/// reads of a new connection would not hold its lock).
+struct Session {
+    config: ::postgres::Config,
+    tls: PgTls,
+    client: Option<Client>,
+    in_tx: bool,
+    lost_in_tx: bool,
+    /// This process holds the daemon lock: taken again on a new
+    /// connection (a session lock dies with its connection).
+    daemon_lock: bool,
+}
+
+/// Where a call stands in a store transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Begin,
+    End,
+    Inside,
+}
+
+impl Session {
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        let mut config = self.config.clone();
+        let mut client = match &self.tls {
+            PgTls::Plain => config.ssl_mode(SslMode::Disable).connect(NoTls)?,
+            // TLS is required, never "preferred": a server (or a man in
+            // the middle) that declines it is refused.
+            PgTls::Verify(tls) => config.ssl_mode(SslMode::Require).connect(
+                tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone()),
+            )?,
+        };
+        // A statement that hangs (a lost server, a lock held by a stuck
+        // node) fails after a minute instead of holding the daemon.
+        client.batch_execute("SET statement_timeout = '60s'")?;
+        Ok(client)
+    }
+
+    fn run<T>(
+        &mut self,
+        mark: Mark,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        if self.lost_in_tx {
+            if mark == Mark::End {
+                self.lost_in_tx = false;
+                self.in_tx = false;
+            }
+            return Err(StoreError::Unavailable(
+                "the connection to PostgreSQL was lost inside a transaction; nothing of it was \
+                 committed"
+                    .into(),
+            ));
+        }
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            let mut c = match self.connect() {
+                Ok(c) => c,
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            };
+            if self.daemon_lock {
+                let got = c
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK])
+                    .map(|r| r.get::<_, bool>(0));
+                match got {
+                    Ok(true) => {}
+                    // Another daemon started while our connection was down.
+                    Ok(false) => return Err(StoreError::InUse),
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                }
+            }
+            self.client = Some(c);
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Err(StoreError::Unavailable("no connection".into()));
+        };
+        let r = f(client);
+        if client.is_closed() {
+            self.client = None;
+            if self.in_tx && mark != Mark::End {
+                self.lost_in_tx = true;
+            }
+            if mark == Mark::End {
+                self.in_tx = false;
+            }
+            return Err(StoreError::Unavailable(match r {
+                Err(e) => e.to_string(),
+                Ok(_) => "the connection to PostgreSQL closed".into(),
+            }));
+        }
+        match (mark, &r) {
+            (Mark::Begin, Ok(_)) => self.in_tx = true,
+            (Mark::End, _) => self.in_tx = false,
+            _ => {}
+        }
+        r.map_err(engine)
+    }
+}
 
 /// How the connection is protected.
 pub enum PgTls {
@@ -66,38 +168,23 @@ fn gone() -> StoreError {
 impl PgDb {
     /// Connects, and brings the schema up to date.
     pub(super) fn open(url: &str, tls: PgTls) -> Result<PgDb, StoreError> {
+        let config: ::postgres::Config = url.parse().map_err(engine)?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready, started) = mpsc::channel();
-        let url = url.to_string();
         std::thread::Builder::new()
             .name("escalator-postgres".into())
             .spawn(move || {
-                let connected = url.parse::<::postgres::Config>().and_then(|mut pg| {
-                    // TLS is required, never "preferred": a server (or a
-                    // man in the middle) that declines it is refused.
-                    match tls {
-                        PgTls::Plain => pg.ssl_mode(SslMode::Disable).connect(NoTls),
-                        PgTls::Verify(config) => pg.ssl_mode(SslMode::Require).connect(
-                            tokio_postgres_rustls::MakeRustlsConnect::new((*config).clone()),
-                        ),
-                    }
-                });
-                let mut client = match connected {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = ready.send(Err(engine(e)));
-                        return;
-                    }
+                let mut session = Session {
+                    config,
+                    tls,
+                    client: None,
+                    in_tx: false,
+                    lost_in_tx: false,
+                    daemon_lock: false,
                 };
-                // A statement that hangs (a lost server, a lock held by a
-                // stuck node) fails after a minute instead of holding the
-                // daemon forever.
-                let ready_now = client
-                    .batch_execute("SET statement_timeout = '60s'")
-                    .and_then(|()| migrate(&mut client));
-                let _ = ready.send(ready_now.map_err(engine));
+                let _ = ready.send(session.run(Mark::Inside, migrate));
                 for job in rx {
-                    job(&mut client);
+                    job(&mut session);
                 }
             })
             .map_err(|e| StoreError::Engine(Box::new(e)))?;
@@ -110,13 +197,21 @@ impl PgDb {
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.call_marked(Mark::Inside, f)
+    }
+
+    fn call_marked<T: Send + 'static>(
+        &self,
+        mark: Mark,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
-            .send(Box::new(move |c| {
-                let _ = tx.send(f(c));
+            .send(Box::new(move |s: &mut Session| {
+                let _ = tx.send(s.run(mark, f));
             }))
             .map_err(|_| gone())?;
-        rx.recv().map_err(|_| gone())?.map_err(engine)
+        rx.recv().map_err(|_| gone())?
     }
 
     pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -206,17 +301,27 @@ impl PgDb {
     /// Takes the daemon lock of the database for as long as this engine
     /// lives (a session lock): false when another process holds it.
     pub(super) fn try_lock_daemon(&self) -> Result<bool, StoreError> {
-        self.call(|c| {
-            let got: bool = c
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK])?
-                .get(0);
-            Ok(got)
-        })
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Box::new(move |s: &mut Session| {
+                let got = s.run(Mark::Inside, |c| {
+                    let got: bool = c
+                        .query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK])?
+                        .get(0);
+                    Ok(got)
+                });
+                if let Ok(true) = got {
+                    s.daemon_lock = true;
+                }
+                let _ = tx.send(got);
+            }))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
     }
 
     /// Opens a transaction holding the store's lock (see the module).
     pub(super) fn begin(&self) -> Result<(), StoreError> {
-        self.call(|c| {
+        self.call_marked(Mark::Begin, |c| {
             c.batch_execute("BEGIN")?;
             c.execute("SELECT pg_advisory_xact_lock($1)", &[&TX_LOCK])?;
             Ok(())
@@ -244,7 +349,7 @@ impl PgDb {
                 }
             }
         }
-        self.call(move |c| {
+        self.call_marked(Mark::End, move |c| {
             let written = (|| {
                 if !put_t.is_empty() {
                     c.execute(
@@ -273,7 +378,7 @@ impl PgDb {
 
     /// Ends a transaction without writing (its closure failed).
     pub(super) fn abort(&self) -> Result<(), StoreError> {
-        self.call(|c| c.batch_execute("ROLLBACK"))
+        self.call_marked(Mark::End, |c| c.batch_execute("ROLLBACK"))
     }
 }
 

@@ -99,6 +99,20 @@ impl Postgres {
         }
     }
 
+    /// Restarts the server (fast shutdown: every connection is cut).
+    pub fn restart(&self) {
+        let data = self.dir.path().join("data");
+        run(self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            // Its output to the log file: a pipe would be held open by
+            // the new server and never end.
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-m", "fast", "restart"]));
+    }
+
     /// The URL of database `name`, created on first use. (On a thread of
     /// its own: the blocking client must not run inside a tokio test.)
     pub fn database(&self, name: &str) -> String {

@@ -263,3 +263,78 @@ async fn store_migrate_copies_a_sled_store_and_the_daemon_goes_on_without_a_seco
     assert!(!out.status.success());
     assert!(err.contains("already holds a store"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_mid_run_loses_nothing_and_the_daemon_goes_on() {
+    let pg = Postgres::start();
+    let s = on_postgres(
+        &["support", "alice", "bob"],
+        &pg,
+        "it_restart",
+        "security = \"plain\"\n",
+    );
+    let mut d = s.daemon();
+    let send = |who: &str, id: &str| {
+        s.send(
+            who,
+            &mail(
+                &format!("{who} <{who}@example.test>"),
+                "support@example.test",
+                "Hello",
+                id,
+                "",
+                "Help.",
+            ),
+        )
+    };
+    send("alice", "r1@alice.test");
+    assert_eq!(
+        s.stack
+            .wait_for("alice", 1, Duration::from_secs(30))
+            .await
+            .len(),
+        1
+    );
+    // Every connection is cut; the daemon reconnects by itself.
+    pg.restart();
+    send("bob", "r2@bob.test");
+    let bob = s.stack.wait_for("bob", 1, Duration::from_secs(60)).await;
+    let log = d.log();
+    assert_eq!(
+        bob.len(),
+        1,
+        "bob's mail after the restart was answered:\n{log}"
+    );
+    // The daemon took its lock again on the new connection: a second
+    // daemon is still refused.
+    let other = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        &format!(
+            "path = \"{}",
+            s.config.parent().unwrap().join("store").display()
+        ),
+        &format!("path = \"{}", other.path().join("node2").display()),
+    );
+    let second = other.path().join("escalator.toml");
+    std::fs::write(&second, text).unwrap();
+    let out = escalator(&["run", "--once", "--config", second.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another escalator daemon"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases = s.cases();
+    assert_eq!(cases.len(), 2, "{cases:?}");
+    s.stack.settle().await;
+    assert_eq!(
+        s.stack.fetch("alice", "INBOX").await.len(),
+        1,
+        "no second ack"
+    );
+}
