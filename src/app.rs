@@ -118,9 +118,15 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
     let config = Arc::new(config);
     let store = Arc::new(open_store(&config, STORE_WAIT)?);
     store.lock_for_daemon()?;
+    let wake = Arc::new(Wakers::default());
+    {
+        // Work committed by another process (the CLI of another node)
+        // wakes the outbox and the timers at once.
+        let wake = wake.clone();
+        store.listen(move || wake.both())?;
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mailer = mailer(&config)?;
-    let wake = Arc::new(Wakers::default());
     let ingestor = Arc::new(Ingestor {
         store: store.clone(),
         config: live.clone(),

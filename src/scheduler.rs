@@ -18,6 +18,10 @@ use crate::effects::{self, EffectsError};
 use crate::policy;
 use crate::store::{Store, StoreError};
 
+/// How often workers look at a store other processes write to, in case
+/// a notification of their work was lost.
+pub const SHARED_POLL: Duration = Duration::from_secs(15);
+
 /// Wakes the workers when there is something for them.
 #[derive(Debug, Default)]
 pub struct Wakers {
@@ -202,6 +206,11 @@ impl Scheduler {
                 // Nothing due at all: sleep until mail changes that.
                 Ok(None) => Duration::from_secs(24 * 3600),
                 Err(_) => Duration::from_secs(10),
+            };
+            let wait = if self.store.is_shared() {
+                wait.min(SHARED_POLL)
+            } else {
+                wait
             };
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -115,7 +115,15 @@ impl Outbox {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
             let wait = match self.drain(false, &cancel).await {
-                Ok(_) => self.next_wake().unwrap_or(Duration::from_secs(3600)),
+                Ok(_) => self.next_wake().unwrap_or(Duration::from_secs(3600)).min(
+                    // Another process may queue mail, and its
+                    // notification may be lost: look again now and then.
+                    if self.store.is_shared() {
+                        crate::scheduler::SHARED_POLL
+                    } else {
+                        Duration::MAX
+                    },
+                ),
                 Err(e) => {
                     tracing::error!(error = %crate::error_chain(&e), "outbox drain failed; retrying in 10s");
                     Duration::from_secs(10)

@@ -13,7 +13,8 @@ type Rows<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + 'a>;
 
 pub(super) enum Db {
     Sled(SledDb),
-    Postgres(PgDb),
+    // Boxed: its connection settings are large, and one store has one.
+    Postgres(Box<PgDb>),
 }
 
 impl Db {

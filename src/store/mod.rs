@@ -173,8 +173,24 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        let db = engine::Db::Postgres(postgres::PgDb::open(url, tls)?);
+        let db = engine::Db::Postgres(Box::new(postgres::PgDb::open(url, tls)?));
         Store::with(path, db)
+    }
+
+    /// Is this store shared with other processes that write (PostgreSQL)?
+    /// Their work reaches this one by [`Store::listen`], and by polling
+    /// where a notification may be lost.
+    pub fn is_shared(&self) -> bool {
+        !self.db.is_local()
+    }
+
+    /// Calls `wake` when another process commits mail to send or moves
+    /// timers (PostgreSQL: LISTEN/NOTIFY; sled: never, nobody else writes).
+    pub fn listen(&self, wake: impl Fn() + Send + 'static) -> Result<()> {
+        match &self.db {
+            engine::Db::Sled(_) => Ok(()),
+            engine::Db::Postgres(pg) => pg.listen(wake),
+        }
     }
 
     /// For a daemon: makes sure no other daemon runs on this store

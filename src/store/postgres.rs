@@ -145,6 +145,7 @@ impl Session {
 }
 
 /// How the connection is protected.
+#[derive(Clone)]
 pub enum PgTls {
     /// No TLS (the caller has checked the server is on this machine, or
     /// that the admin allowed it).
@@ -155,7 +156,14 @@ pub enum PgTls {
 
 pub(super) struct PgDb {
     jobs: mpsc::Sender<Job>,
+    /// For connections of their own (the listener).
+    config: ::postgres::Config,
+    tls: PgTls,
 }
+
+/// The channel a commit that queued mail or moved timers notifies: the
+/// other processes on the database wake their workers.
+const CHANNEL: &str = "escalator_work";
 
 fn engine(e: postgres::Error) -> StoreError {
     StoreError::Engine(Box::new(e))
@@ -169,6 +177,7 @@ impl PgDb {
     /// Connects, and brings the schema up to date.
     pub(super) fn open(url: &str, tls: PgTls) -> Result<PgDb, StoreError> {
         let config: ::postgres::Config = url.parse().map_err(engine)?;
+        let (own_config, own_tls) = (config.clone(), tls.clone());
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready, started) = mpsc::channel();
         std::thread::Builder::new()
@@ -189,7 +198,53 @@ impl PgDb {
             })
             .map_err(|e| StoreError::Engine(Box::new(e)))?;
         started.recv().map_err(|_| gone())??;
-        Ok(PgDb { jobs })
+        Ok(PgDb {
+            jobs,
+            config: own_config,
+            tls: own_tls,
+        })
+    }
+
+    /// Calls `wake` whenever another process's commit queued mail or
+    /// moved timers (LISTEN on a connection of its own, reconnected with
+    /// backoff; notifications sent while it is down are lost, so workers
+    /// also poll).
+    pub(super) fn listen(&self, wake: impl Fn() + Send + 'static) -> Result<(), StoreError> {
+        let session = Session {
+            config: self.config.clone(),
+            tls: self.tls.clone(),
+            client: None,
+            in_tx: false,
+            lost_in_tx: false,
+            daemon_lock: false,
+        };
+        std::thread::Builder::new()
+            .name("escalator-listen".into())
+            .spawn(move || {
+                let mut failures = 0u32;
+                loop {
+                    let listened = session.connect().and_then(|mut c| {
+                        c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+                        failures = 0;
+                        // Wake once after (re)connecting: what was
+                        // notified meanwhile is lost.
+                        wake();
+                        let mut n = c.notifications();
+                        let mut it = n.blocking_iter();
+                        while let Some(_note) = ::postgres::fallible_iterator::FallibleIterator::next(&mut it)? {
+                            wake();
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = listened {
+                        tracing::warn!(error = %e, "listening for other nodes' work failed; reconnecting");
+                    }
+                    failures += 1;
+                    std::thread::sleep(std::time::Duration::from_secs(1 << failures.min(5)));
+                }
+            })
+            .map_err(|e| StoreError::Engine(Box::new(e)))?;
+        Ok(())
     }
 
     /// Runs `f` on the connection's thread and waits for its answer.
@@ -336,6 +391,9 @@ impl PgDb {
     pub(super) fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
         let (mut put_t, mut put_k, mut put_v) = (Vec::new(), Vec::new(), Vec::new());
         let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
+        let wakes = ops
+            .iter()
+            .any(|(t, _, _)| matches!(t, Tree::OutboxPending | Tree::Deadlines));
         for (t, k, v) in ops {
             match v {
                 Some(v) => {
@@ -366,6 +424,10 @@ impl PgDb {
                          WHERE k.tree = d.tree AND k.key = d.key",
                         &[&del_t, &del_k],
                     )?;
+                }
+                if wakes {
+                    // Delivered when (and only if) the commit succeeds.
+                    c.batch_execute(&format!("NOTIFY {CHANNEL}"))?;
                 }
                 c.batch_execute("COMMIT")
             })();

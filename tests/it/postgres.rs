@@ -338,3 +338,73 @@ async fn a_postgresql_restart_mid_run_loses_nothing_and_the_daemon_goes_on() {
         "no second ack"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn work_committed_by_another_process_wakes_the_daemon_at_once() {
+    // The CLI of another node writes the database directly: its
+    // escalation's forward is sent by the daemon within seconds (NOTIFY),
+    // not at the daemon's next poll.
+    let pg = Postgres::start();
+    let s = on_postgres(
+        &["support", "alice", "tier2"],
+        &pg,
+        "it_notify",
+        "security = \"plain\"\n",
+    );
+    let mut d = s.daemon();
+    s.send(
+        "alice",
+        &mail(
+            "Alice <alice@example.test>",
+            "support@example.test",
+            "Printer",
+            "n1@alice.test",
+            "",
+            "Help.",
+        ),
+    );
+    assert_eq!(
+        s.stack
+            .wait_for("alice", 1, Duration::from_secs(30))
+            .await
+            .len(),
+        1
+    );
+    let other = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        &format!(
+            "path = \"{}",
+            s.config.parent().unwrap().join("store").display()
+        ),
+        &format!("path = \"{}", other.path().join("node2").display()),
+    );
+    let second = other.path().join("escalator.toml");
+    std::fs::write(&second, text).unwrap();
+    // Let the daemon settle (the ack's confirmation copy ingested) into
+    // its sleep first.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let started = std::time::Instant::now();
+    let out = escalator(&[
+        "cases",
+        "escalate",
+        "1",
+        "--reason",
+        "VIP",
+        "--config",
+        second.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fwd = s.stack.wait_for("tier2", 1, Duration::from_secs(30)).await;
+    assert_eq!(fwd.len(), 1, "{}", d.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken, not polled: {:?}",
+        started.elapsed()
+    );
+    let out = d.stop();
+    assert!(out.status.success());
+}
