@@ -102,11 +102,23 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                 let v: Vec<_> = cases.iter().map(Case::summary_json).collect();
                 return Ok(Response::ok(json(&v)));
             }
+            // With several queues, the tier column names the queue too.
+            let several = ingestor.config.get().queues.len() > 1;
             let mut out = format!(
                 "{:>6}  {:<8}  {:<12}  {:<20}  {:<28}  {}\n",
-                "CASE", "STATUS", "TIER", "DUE", "CUSTOMER", "SUBJECT"
+                "CASE",
+                "STATUS",
+                if several { "QUEUE/TIER" } else { "TIER" },
+                "DUE",
+                "CUSTOMER",
+                "SUBJECT"
             );
             for c in &cases {
+                let tier = if several {
+                    format!("{}/{}", c.queue, c.tier)
+                } else {
+                    c.tier.clone()
+                };
                 out.push_str(&format!(
                     "{:>6}  {:<8}  {:<12}  {:<20}  {:<28}  {}\n",
                     c.id,
@@ -114,7 +126,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))
                         .unwrap_or_default(),
-                    c.tier,
+                    tier,
                     match (&c.parked_timer, c.due_at) {
                         (Some(_), _) => "timer parked!".to_string(),
                         (None, Some(d)) => d.format("%Y-%m-%d %H:%M UTC").to_string(),

@@ -214,6 +214,14 @@ async fn each_customer_is_answered_from_the_queue_they_wrote_to_and_a_cross_queu
     );
     assert_eq!(s.cases().len(), 2, "copies open no case");
 
+    // The text list names each case's queue.
+    let out = escalator(&["cases", "list", "--config", s.cfg()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("QUEUE/TIER") && text.contains("billing/Finance"),
+        "{text}"
+    );
+
     // Per-queue filters and KPIs.
     let out = escalator(&[
         "cases",
