@@ -336,3 +336,42 @@ impl Tx<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: CaseId) -> Entry {
+        Entry {
+            id,
+            created_ms: id as i64 * 1000,
+            facts: vec![7; 40],
+        }
+    }
+
+    #[test]
+    fn a_corrupt_bucket_is_an_error_naming_it_never_a_huge_allocation() {
+        let good = encode_bucket(&[entry(1), entry(2)]);
+        assert_eq!(decode_bucket(b"b1", &good).unwrap().len(), 2);
+        // A decompressed size of 4 GiB claimed by a damaged record.
+        let mut huge = good.clone();
+        huge[19..23].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = decode_bucket(b"b1", &huge).err().expect("refused");
+        assert!(matches!(err, StoreError::Malformed { .. }), "{err}");
+        // Cut short, or a count larger than its entries.
+        assert!(decode_bucket(b"b1", &good[..good.len() - 3]).is_err());
+        let mut more = good.clone();
+        more[17..19].copy_from_slice(&3u16.to_be_bytes());
+        assert!(decode_bucket(b"b1", &more).is_err());
+        // A window after the bucket's last opening skips it unread.
+        let mut buf = Vec::new();
+        let mut seen = 0;
+        each_entry(&good, 10_000, &mut buf, |_, _, _| {
+            seen += 1;
+            Ok(())
+        })
+        .expect("well formed")
+        .expect("no error");
+        assert_eq!(seen, 0);
+    }
+}

@@ -9,6 +9,22 @@ use crate::support::{escalator, header, mail, Setup};
 mod postgres_server;
 use postgres_server::Postgres;
 
+/// The same config for a second node (its own directory, the same
+/// database); the temp dir holding it, and its path.
+fn second_node(s: &Setup) -> (tempfile::TempDir, std::path::PathBuf) {
+    let other = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        &format!(
+            "path = \"{}",
+            s.config.parent().unwrap().join("store").display()
+        ),
+        &format!("path = \"{}", other.path().join("node2").display()),
+    );
+    let second = other.path().join("escalator.toml");
+    std::fs::write(&second, text).unwrap();
+    (other, second)
+}
+
 /// The tests' usual config with its store in database `db` of `pg`.
 fn on_postgres(users: &[&str], pg: &Postgres, db: &str, security: &str) -> Setup {
     let url = pg.database(db);
@@ -66,16 +82,7 @@ async fn the_daemon_keeps_its_cases_in_postgresql_and_a_second_daemon_is_refused
     let mut d = s.daemon();
     d.wait_log("escalator started", 1, Duration::from_secs(20))
         .await;
-    let other = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(&s.config).unwrap().replace(
-        &format!(
-            "path = \"{}",
-            s.config.parent().unwrap().join("store").display()
-        ),
-        &format!("path = \"{}", other.path().join("node2").display()),
-    );
-    let second = other.path().join("escalator.toml");
-    std::fs::write(&second, text).unwrap();
+    let (_other, second) = second_node(&s);
     let out = escalator(&["run", "--once", "--config", second.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -307,16 +314,7 @@ async fn a_postgresql_restart_mid_run_loses_nothing_and_the_daemon_goes_on() {
     );
     // The daemon took its lock again on the new connection: a second
     // daemon is still refused.
-    let other = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(&s.config).unwrap().replace(
-        &format!(
-            "path = \"{}",
-            s.config.parent().unwrap().join("store").display()
-        ),
-        &format!("path = \"{}", other.path().join("node2").display()),
-    );
-    let second = other.path().join("escalator.toml");
-    std::fs::write(&second, text).unwrap();
+    let (_other, second) = second_node(&s);
     let out = escalator(&["run", "--once", "--config", second.to_str().unwrap()]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("another escalator daemon"),
@@ -370,16 +368,7 @@ async fn work_committed_by_another_process_wakes_the_daemon_at_once() {
             .len(),
         1
     );
-    let other = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(&s.config).unwrap().replace(
-        &format!(
-            "path = \"{}",
-            s.config.parent().unwrap().join("store").display()
-        ),
-        &format!("path = \"{}", other.path().join("node2").display()),
-    );
-    let second = other.path().join("escalator.toml");
-    std::fs::write(&second, text).unwrap();
+    let (_other, second) = second_node(&s);
     // Let the daemon settle (the ack's confirmation copy ingested) into
     // its sleep first.
     tokio::time::sleep(Duration::from_secs(4)).await;
