@@ -61,6 +61,11 @@ pub enum Request {
     },
     /// The review digest of the last `digest.every`, up to now.
     Digest,
+    /// The cluster's nodes, who holds which mailbox, outbox depth, due
+    /// timers.
+    ClusterStatus {
+        json: bool,
+    },
 }
 
 /// What to print and the exit code.
@@ -410,6 +415,15 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
             let start = now - chrono::Duration::from_std(d.every).unwrap_or_default();
             let text = crate::digest::text(store, &config, &d, start, now, now)?;
             Ok(Response::ok(text))
+        }
+        Request::ClusterStatus { json: as_json } => {
+            let now = ingestor.clock.now();
+            let status = crate::cluster::status(store, &ingestor.config.get(), now)?;
+            Ok(Response::ok(if as_json {
+                json(&status) + "\n"
+            } else {
+                status.text(now)
+            }))
         }
         Request::OutboxShow { id } => {
             let Some(entry) = store.outbox_entry(id)? else {

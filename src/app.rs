@@ -1,7 +1,8 @@
-//! Runs the daemon: opens the store, starts a mailbox watcher per queue,
-//! the timer scheduler, the outbox worker and the control socket, and on
-//! shutdown lets each finish its current transaction, flushes, and
-//! returns.
+//! Runs the daemon: opens the store, starts a mailbox watcher per queue
+//! (on a shared store, per queue whose lease this node holds: see
+//! [`crate::cluster`]), the timer scheduler, the outbox worker and (on the
+//! embedded store) the control socket, and on shutdown lets each finish
+//! its current transaction, flushes, and returns.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::mailbox::Watcher;
 use crate::outbox::smtp::{Mailer, SmtpMailer};
 use crate::outbox::Outbox;
 use crate::scheduler::{Scheduler, Wakers};
-use crate::store::Store;
+use crate::store::{NodeInfo, Store, StoreError};
 
 /// How long start-up waits for a store held by an admin command.
 const STORE_WAIT: Duration = Duration::from_secs(5);
@@ -32,9 +33,12 @@ struct Parts {
     store: Arc<Store>,
     /// One per queue.
     watchers: Vec<Watcher>,
+    /// This node of a cluster (a shared store), else None.
+    node: Option<NodeInfo>,
     scheduler: Scheduler,
     outbox: Outbox,
     ingestor: Arc<Ingestor>,
+    config: Arc<Config>,
 }
 
 /// The SMTP client: `[smtp]`'s, with the queues that send through a
@@ -75,6 +79,7 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
             security,
             allow_insecure,
             ca_file,
+            pool,
         } => {
             let key = match url {
                 crate::config::PasswordSource::Inline(_) => "store.url",
@@ -108,7 +113,12 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
                         .map_err(|e| anyhow::anyhow!("store.ca_file: {e}"))?,
                 ),
             };
-            Ok(Store::open_postgres(url.expose(), tls, &config.store.path)?)
+            Ok(Store::open_postgres(
+                url.expose(),
+                tls,
+                *pool,
+                &config.store.path,
+            )?)
         }
     }
 }
@@ -146,10 +156,23 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
             wake: wake.clone(),
             pruned_at: Default::default(),
         },
+        node: store.is_shared().then(|| NodeInfo {
+            node: crate::cluster::node_name(None, config.cluster.node.as_deref()),
+            host: crate::cluster::host_name(),
+            pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+            started_at: chrono::Utc::now(),
+        }),
         outbox: {
+            let journal = if store.is_shared() {
+                // Daemons of a cluster on one machine may share the
+                // directory: each takes a journal slot of its own.
+                crate::outbox::journal::Journal::open_slot(store.path())
+            } else {
+                crate::outbox::journal::Journal::open(store.path())
+            };
             let outbox = Outbox {
-                journal: crate::outbox::journal::Journal::open(store.path())
-                    .context("cannot open the sent journal")?,
+                journal: journal.context("cannot open the sent journal")?,
+                claim: store.is_shared().then_some(config.cluster.claim),
                 confirm: config
                     .smtp
                     .confirm_copies
@@ -160,11 +183,19 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
                 wake,
             };
             outbox.recover()?;
+            if store.is_shared() {
+                crate::outbox::journal::Journal::settle_orphans(
+                    store.path(),
+                    &store,
+                    chrono::Utc::now(),
+                )?;
+            }
             outbox
         },
         live,
         store,
         ingestor,
+        config,
     })
 }
 
@@ -225,6 +256,8 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
         scheduler,
         outbox,
         ingestor,
+        node,
+        config,
     } = parts(config)?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -239,20 +272,55 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     // than taking mail in that cannot be kept.
     let fatal = CancellationToken::new();
     let fatal_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    for watcher in watchers {
-        let (fatal, slot, cancel) = (fatal.clone(), fatal_error.clone(), cancel.clone());
-        let span = tracing::info_span!("mailbox", queue = %watcher.queue);
-        tracker.spawn(
-            async move {
-                if let Err(e) = watcher.run(cancel).await {
-                    let text = crate::error_chain(&e);
-                    tracing::error!(error = %text, "stopping: the store cannot take more mail");
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    let fail = move |slot: &std::sync::Mutex<Option<String>>, e: &StoreError| {
+        let text = crate::error_chain(e);
+        tracing::error!(error = %text, "stopping: the store cannot take more mail");
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    };
+    match node {
+        None => {
+            for watcher in watchers {
+                let (fatal, slot, cancel) = (fatal.clone(), fatal_error.clone(), cancel.clone());
+                let span = tracing::info_span!("mailbox", queue = %watcher.queue);
+                tracker.spawn(
+                    async move {
+                        if let Err(e) = watcher.run(cancel).await {
+                            fail(&slot, &e);
+                            fatal.cancel();
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        Some(me) => {
+            // The watchers come and go with this node's leases.
+            drop(watchers);
+            let spawn: crate::cluster::Spawn = {
+                let (config, ingestor, wake) =
+                    (config.clone(), ingestor.clone(), scheduler.wake.clone());
+                Arc::new(move |queue: &str, fence, stop| {
+                    let w = Watcher::new(config.clone(), queue, ingestor.clone(), wake.clone())
+                        .fenced(fence);
+                    let span = tracing::info_span!("mailbox", queue = %queue);
+                    tokio::spawn(w.run(stop).instrument(span))
+                })
+            };
+            let membership = crate::cluster::Membership {
+                store: store.clone(),
+                me,
+                lease: config.cluster.lease,
+                queues: config.queues.iter().map(|q| q.name.clone()).collect(),
+                spawn,
+            };
+            let (fatal, slot, cancel) = (fatal.clone(), fatal_error.clone(), cancel.clone());
+            tracker.spawn(async move {
+                if let Err(e) = membership.run(cancel).await {
+                    fail(&slot, &e);
                     fatal.cancel();
                 }
-            }
-            .instrument(span),
-        );
+            });
+        }
     }
     tracker.spawn(scheduler.run(cancel.clone()));
     tracker.spawn(outbox.run(cancel.clone()));
@@ -262,8 +330,11 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
             .with_context(|| format!("metrics.listen: cannot listen on {listen}"))?;
         tracker.spawn(server);
     }
-    let control = crate::control::serve(ingestor, cancel.clone())?;
-    tracker.spawn(control);
+    if !store.is_shared() {
+        // On PostgreSQL the CLI uses the database itself.
+        let control = crate::control::serve(ingestor, cancel.clone())?;
+        tracker.spawn(control);
+    }
     tracker.close();
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down: finishing current work"),
@@ -295,10 +366,31 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
         watchers,
         scheduler,
         outbox,
+        node,
+        config,
         ..
     } = parts(config)?;
     let cancel = CancellationToken::new();
     let started = std::time::Instant::now();
+    // On a shared store: only the mailboxes no running node watches, each
+    // under its lease for this run.
+    let leases = match node {
+        Some(me) => {
+            let queues: Vec<String> = config.queues.iter().map(|q| q.name.clone()).collect();
+            Some(
+                crate::cluster::leases_for_once(store.clone(), me, config.cluster.lease, &queues)
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    let watchers: Vec<Watcher> = match &leases {
+        None => watchers,
+        Some(l) => watchers
+            .into_iter()
+            .filter_map(|w| l.fences.get(&w.queue).cloned().map(|f| w.fenced(f)))
+            .collect(),
+    };
     // Every queue at once; one that fails holds up no other, and the
     // mail and timers of the rest are still dealt with below.
     let passes = futures::future::join_all(watchers.iter().map(|w| {
@@ -316,6 +408,9 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
                 failed.push(w.queue.clone());
             }
         }
+    }
+    if let Some(l) = leases {
+        l.release().await;
     }
     let ingest_ms = started.elapsed().as_millis() as u64;
     let fired = scheduler.pass()?;

@@ -55,6 +55,42 @@ pub struct Config {
     pub templates: Templates,
     pub digest: Option<DigestConfig>,
     pub metrics: MetricsConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: how the daemons on one PostgreSQL store share the work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This daemon's name (None: the host name and the pid; `run --node`
+    /// overrides both).
+    pub node: Option<String>,
+    /// How long a mailbox lease lasts without renewal: a dead node's
+    /// mailboxes are taken over this long after its last renewal.
+    pub lease: Duration,
+    /// How long a mail whose sending began belongs to the node sending
+    /// it: after that, another node settles it (its confirmation copy,
+    /// or a resend).
+    pub claim: Duration,
+}
+
+/// Connections per process on PostgreSQL by default, and at most.
+pub const DEFAULT_POOL: usize = 4;
+pub const MAX_POOL: usize = 64;
+
+/// Checks a node name: what the cluster's tables, logs and status show.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("give 1 to 64 characters".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'))
+    {
+        return Err(format!(
+            "{name:?}: use letters, digits and - _ . : @ only"
+        ));
+    }
+    Ok(())
 }
 
 /// The periodic review digest of escalated cases.
@@ -348,6 +384,9 @@ pub enum StoreEngine {
         security: Security,
         allow_insecure: bool,
         ca_file: Option<PathBuf>,
+        /// Connections per process: one runs the store's transactions,
+        /// the others reads, leases and heartbeats.
+        pool: usize,
     },
 }
 
@@ -523,6 +562,35 @@ struct RawConfig {
     digest: Option<RawDigest>,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    node: Option<String>,
+    #[serde(default = "default_lease")]
+    lease: String,
+    #[serde(default = "default_claim")]
+    claim: String,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster {
+            node: None,
+            lease: default_lease(),
+            claim: default_claim(),
+        }
+    }
+}
+
+fn default_lease() -> String {
+    "15s".into()
+}
+fn default_claim() -> String {
+    "2m".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -681,6 +749,7 @@ struct RawStore {
     #[serde(default)]
     allow_insecure: bool,
     ca_file: Option<PathBuf>,
+    pool: Option<usize>,
     #[serde(default = "default_min_free")]
     min_free: String,
     #[serde(default = "default_keep_sent")]
@@ -1261,6 +1330,7 @@ impl Validator<'_> {
             ("security", s.security.is_some()),
             ("ca_file", s.ca_file.is_some()),
             ("allow_insecure", s.allow_insecure),
+            ("pool", s.pool.is_some()),
         ];
         match s.engine.as_deref().unwrap_or("sled") {
             "sled" => {
@@ -1295,11 +1365,23 @@ impl Validator<'_> {
                         self.problem("store.ca_file", format!("no such file {}", p.display()));
                     }
                 }
+                let pool = s.pool.unwrap_or(DEFAULT_POOL);
+                if !(crate::store::MIN_POOL..=MAX_POOL).contains(&pool) {
+                    self.problem(
+                        "store.pool",
+                        format!(
+                            "{pool} connections: give {} to {MAX_POOL} (one runs the store's \
+                             transactions, the others reads and the cluster's leases)",
+                            crate::store::MIN_POOL
+                        ),
+                    );
+                }
                 StoreEngine::Postgres {
                     url,
                     security: s.security.unwrap_or(Security::Tls),
                     allow_insecure: s.allow_insecure,
                     ca_file,
+                    pool,
                 }
             }
             other => {
@@ -1783,6 +1865,7 @@ impl Validator<'_> {
                 },
             },
         };
+        let cluster = self.cluster(&raw.cluster);
         let mut triggers = Vec::new();
         for (i, t) in raw.triggers.into_iter().enumerate() {
             let key = format!("triggers[{i}]");
@@ -1934,7 +2017,39 @@ impl Validator<'_> {
             templates: Templates { ack },
             digest,
             metrics,
+            cluster,
         })
+    }
+
+    /// `[cluster]`: read whatever the engine (a sled store has one
+    /// process and ignores it).
+    fn cluster(&mut self, c: &RawCluster) -> ClusterConfig {
+        if let Some(n) = &c.node {
+            if let Err(e) = check_node_name(n) {
+                self.problem("cluster.node", e);
+            }
+        }
+        let lease = self.duration("cluster.lease", &c.lease);
+        if parse_duration(&c.lease).is_ok()
+            && !(Duration::from_secs(3)..=Duration::from_secs(600)).contains(&lease)
+        {
+            self.problem(
+                "cluster.lease",
+                "give 3s to 10m (renewed every third of it; a dead node's mailboxes wait this long)",
+            );
+        }
+        let claim = self.duration("cluster.claim", &c.claim);
+        if parse_duration(&c.claim).is_ok() && claim < Duration::from_secs(30) {
+            self.problem(
+                "cluster.claim",
+                "must be at least 30s: a mail being sent must not be taken over mid-send",
+            );
+        }
+        ClusterConfig {
+            node: c.node.clone(),
+            lease,
+            claim,
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::effects::{self, Effects, EffectsError};
 use crate::message::{self, InboundMail};
 use crate::policy::{self, Ctx, Role};
 use crate::record::{Cursor, MessageRecord, OutboxState, QuarantineEntry};
-use crate::store::{Sequence, Store, StoreError, Tx};
+use crate::store::{Fence, Sequence, Store, StoreError, Tx};
 use crate::suppress;
 use crate::thread::{self, Decision, OwnId, Parties};
 
@@ -115,9 +115,18 @@ impl Ingestor {
 
     /// Records a message the server will not give: a quarantine entry with
     /// the server's words and no bytes, and the cursor moves past it.
-    pub fn quarantine_unfetched(&self, src: &Source, why: &str) -> Result<Outcome, StoreError> {
-        self.store
-            .transact(|tx| self.ingest_one(tx, Some(src), Item::Refused(why)))
+    pub fn quarantine_unfetched(
+        &self,
+        src: &Source,
+        why: &str,
+        fence: Option<&Fence>,
+    ) -> Result<Outcome, StoreError> {
+        self.store.transact(|tx| {
+            if let Some(f) = fence {
+                tx.fence(f.clone());
+            }
+            self.ingest_one(tx, Some(src), Item::Refused(why))
+        })
     }
 
     /// Ingests messages of one folder, in UID order, in ONE transaction:
@@ -126,9 +135,23 @@ impl Ingestor {
     /// message whose processing fails is quarantined (what it wrote is
     /// undone) and the others go on; only a store failure fails the batch.
     pub fn ingest_batch(&self, items: &[(Source, Item<'_>)]) -> Result<Vec<Outcome>, StoreError> {
+        self.ingest_batch_fenced(items, None)
+    }
+
+    /// As [`Ingestor::ingest_batch`], committed only while `fence`'s
+    /// mailbox lease is held (a watcher on a shared store): a node that
+    /// lost the mailbox writes nothing, not even its cursor.
+    pub fn ingest_batch_fenced(
+        &self,
+        items: &[(Source, Item<'_>)],
+        fence: Option<&Fence>,
+    ) -> Result<Vec<Outcome>, StoreError> {
         let all: Vec<Item<'_>> = items.iter().map(|(_, i)| *i).collect();
         self.ensure_space(&all)?;
         self.store.transact(|tx| {
+            if let Some(f) = fence {
+                tx.fence(f.clone());
+            }
             items
                 .iter()
                 .map(|(src, item)| self.ingest_one(tx, Some(src), *item))

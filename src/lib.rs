@@ -39,6 +39,8 @@
 //! - [`tls`]: the rustls client config IMAP and SMTP share.
 //! - [`outbox`]: persisted outgoing mail, sent at most once per entry
 //!   mark, retried with backoff.
+//! - [`cluster`]: several daemons on one PostgreSQL store: heartbeats,
+//!   mailbox leases with fencing tokens, which node watches what.
 //! - [`app`]: wires the workers, runs them until shutdown.
 //! - [`admin`]: what the CLI prints and changes (cases, outbox,
 //!   quarantine), shared by the CLI and the daemon's control socket.
@@ -49,6 +51,7 @@ pub mod authres;
 pub mod calendar;
 pub mod case;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod digest;

@@ -46,6 +46,10 @@ enum Command {
         /// Ingest everything new, send the outbox, then exit.
         #[arg(long)]
         once: bool,
+        /// This daemon's name in a cluster (default: `[cluster] node`, else
+        /// the host name and the pid).
+        #[arg(long, env = "ESCALATOR_NODE", value_name = "NAME")]
+        node: Option<String>,
     },
     /// Validate a config file and print a summary.
     CheckConfig {
@@ -90,6 +94,23 @@ enum Command {
     Store {
         #[command(subcommand)]
         command: StoreCommand,
+    },
+    /// Several daemons on one PostgreSQL store.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The nodes and when each was last seen, which node holds which
+    /// mailbox and until when, the outbox depth, the due timers.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -248,8 +269,13 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     let (config, req) = match cmd {
-        Command::Run { config, once } => {
-            let cfg = load(&config.config)?;
+        Command::Run { config, once, node } => {
+            let mut cfg = load(&config.config)?;
+            if let Some(n) = node {
+                escalator::config::check_node_name(&n)
+                    .map_err(|e| anyhow::anyhow!("--node: {e}"))?;
+                cfg.cluster.node = Some(n);
+            }
             let missing = cfg.secret_problems();
             if !missing.is_empty() {
                 anyhow::bail!(
@@ -284,7 +310,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 })?;
                 let target = escalator::app::open_store(&cfg, std::time::Duration::ZERO)?;
                 // No daemon may write while the store moves.
-                target.lock_for_daemon()?;
+                target.lock_out_daemons()?;
                 Ok(source.copy_into(&target)?)
             })
             .await??;
@@ -352,6 +378,9 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             },
         ),
         Command::Digest { config, print: _ } => (config, Request::Digest),
+        Command::Cluster {
+            command: ClusterCommand::Status { config, json },
+        } => (config, Request::ClusterStatus { json }),
         Command::Outbox { command } => match command {
             OutboxCommand::List { config, json, all } => {
                 (config, Request::OutboxList { json, all })
@@ -374,13 +403,8 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
 async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
     let path = cfg.store.path.clone();
     if !matches!(cfg.store.engine, escalator::config::StoreEngine::Sled) {
-        // A daemon of this node answers over its socket (and wakes its
-        // workers); without one, the database is used directly.
-        if escalator::control::socket_path(&path).exists() {
-            if let Ok(r) = escalator::control::ask(&path, req).await {
-                return Ok(r);
-            }
-        }
+        // The database itself, whatever daemons run: what the CLI commits
+        // wakes them through NOTIFY.
         let (c, req) = (cfg.clone(), req.clone());
         return tokio::task::spawn_blocking(move || {
             let store = escalator::app::open_store(&c, std::time::Duration::ZERO)?;

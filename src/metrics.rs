@@ -128,6 +128,9 @@ pub struct Metrics {
     /// errors by queue (new series, so the totals keep their labels).
     pub queue_ingested: Family,
     pub queue_imap_errors: Family,
+    /// Ingest commits refused because this node had lost the mailbox's
+    /// lease (a cluster on PostgreSQL).
+    pub fenced: AtomicU64,
     pub smtp_errors: AtomicU64,
     pub timers_fired: AtomicU64,
     /// Times the scheduler woke up (a timer, or new mail changing timers).
@@ -238,6 +241,12 @@ fn render(store: &Store) -> String {
         &mut out,
         "escalator_queue_imap_errors_total",
         "IMAP connection or protocol errors of a queue's mailbox.",
+    );
+    counter(
+        &mut out,
+        "escalator_fenced_writes_total",
+        "Ingest commits refused because another node had taken the mailbox's lease.",
+        &m.fenced,
     );
     counter(
         &mut out,

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, MailboxConfig};
 use crate::ingest::{Ingestor, Item, Outcome, Source};
 use crate::scheduler::Wakers;
-use crate::store::StoreError;
+use crate::store::{Fence, StoreError};
 use imap::{timed, ImapError, ImapSession};
 
 /// RFC 2177: re-issue IDLE before 29 minutes.
@@ -69,6 +69,9 @@ pub struct Watcher {
     pub wake: Arc<Wakers>,
     /// Per folder: where fetching last broke (see [`Trouble`]).
     trouble: Mutex<HashMap<String, Trouble>>,
+    /// On a shared store: the lease this node watches the mailbox under;
+    /// every ingest transaction commits only while it is held.
+    fence: Option<Fence>,
 }
 
 impl Watcher {
@@ -84,7 +87,15 @@ impl Watcher {
             ingestor,
             wake,
             trouble: Mutex::new(HashMap::new()),
+            fence: None,
         }
+    }
+
+    /// Watches under a mailbox lease: what it ingests is written only
+    /// while the lease is held with this token.
+    pub fn fenced(mut self, fence: Fence) -> Watcher {
+        self.fence = Some(fence);
+        self
     }
 
     /// One pass: connect, ingest everything new, log out. A fetch that
@@ -122,8 +133,9 @@ impl Watcher {
 
     /// Watches until cancelled. Server trouble (and a store database
     /// that cannot be reached for a while) is logged and retried with
-    /// backoff, forever; any other store failure (a full disk) is
-    /// returned, because going on could only lose mail.
+    /// backoff, forever; any other store failure (a full disk, a lease
+    /// lost to another node) is returned, because going on could only
+    /// lose or double mail.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StoreError> {
         let mut failures: u32 = 0;
         loop {
@@ -311,7 +323,8 @@ impl Watcher {
                 };
                 let why = format!("the server would not FETCH uid {}: {}", rest[0], t.error);
                 tracing::error!(uid = rest[0], error = %t.error, "fetching this message failed {FETCH_ATTEMPTS} times; quarantined");
-                self.ingestor.quarantine_unfetched(&src, &why)?;
+                self.ingestor
+                    .quarantine_unfetched(&src, &why, self.fence.as_ref())?;
                 report.quarantined += 1;
                 self.clear_trouble(folder);
                 rest = &rest[1..];
@@ -379,7 +392,10 @@ impl Watcher {
                     }
                     end += 1;
                 }
-                outcomes.extend(self.ingestor.ingest_batch(&items[start..end])?);
+                outcomes.extend(
+                    self.ingestor
+                        .ingest_batch_fenced(&items[start..end], self.fence.as_ref())?,
+                );
                 start = end;
             }
             let m = &crate::metrics::METRICS;

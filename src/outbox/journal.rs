@@ -30,11 +30,20 @@ pub enum JournalError {
 pub struct Journal {
     path: PathBuf,
     file: Mutex<File>,
+    /// A slot's lock (see [`Journal::open_slot`]), held while we live.
+    _slot: Option<File>,
 }
 
+/// Most daemons of one cluster on one machine sharing a directory.
+const SLOTS: usize = 256;
+
 impl Journal {
+    /// The journal of the one process the embedded store allows.
     pub fn open(store_dir: &Path) -> std::io::Result<Journal> {
-        let path = store_dir.join("sent.journal");
+        Journal::at(store_dir.join("sent.journal"), None)
+    }
+
+    fn at(path: PathBuf, slot: Option<File>) -> std::io::Result<Journal> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -43,7 +52,48 @@ impl Journal {
         Ok(Journal {
             path,
             file: Mutex::new(file),
+            _slot: slot,
         })
+    }
+
+    /// For a node of a cluster, where several daemons on one machine may
+    /// share the directory: the journal of the first free slot
+    /// (`sent-N.journal`, held by a lock on `sent-N.lock` for the life of
+    /// the process). A slot is free only when its last daemon has exited,
+    /// so a restarted daemon takes over (and replays) the journal its
+    /// predecessor left.
+    pub fn open_slot(dir: &Path) -> std::io::Result<Journal> {
+        use fs2::FileExt;
+        for n in 0..SLOTS {
+            let lock = slot_lock(dir, n)?;
+            if lock.try_lock_exclusive().is_ok() {
+                return Journal::at(dir.join(format!("sent-{n}.journal")), Some(lock));
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "{SLOTS} daemons hold journals in {} already",
+            dir.display()
+        )))
+    }
+
+    /// Replays the journals of slots no daemon holds (their daemons died
+    /// and none has started since): what they had sent is marked sent.
+    pub fn settle_orphans(dir: &Path, store: &Store, now: DateTime<Utc>) -> Result<usize, JournalError> {
+        use fs2::FileExt;
+        let mut settled = 0;
+        for n in 0..SLOTS {
+            let journal = dir.join(format!("sent-{n}.journal"));
+            if !journal.exists() {
+                continue;
+            }
+            let lock = slot_lock(dir, n).map_err(JournalError::Io)?;
+            if lock.try_lock_exclusive().is_ok() {
+                settled += Journal::at(journal, Some(lock))
+                    .map_err(JournalError::Io)?
+                    .replay(store, now)?;
+            }
+        }
+        Ok(settled)
     }
 
     /// Records that the server accepted entry `id`: one write call.
@@ -88,6 +138,15 @@ impl Journal {
         }
         Ok(settled)
     }
+}
+
+fn slot_lock(dir: &Path, n: usize) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(format!("sent-{n}.lock")))
 }
 
 /// Marks an entry sent and records it in its case.

@@ -99,6 +99,9 @@ pub struct Outbox {
     pub confirm: Option<Duration>,
     /// Woken when ingest or the scheduler queued new mail.
     pub wake: Arc<crate::scheduler::Wakers>,
+    /// On a shared store (a cluster): how long an entry whose sending
+    /// began belongs to the node sending it (`[cluster] claim`).
+    pub claim: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,12 +151,23 @@ impl Outbox {
         (until > now).then_some(until)
     }
 
+    /// An entry left `sending` that nobody may touch yet: another node
+    /// of the cluster claimed it (until its claim expires), or it waits
+    /// for its confirmation copy. Until when.
+    fn held(&self, entry: &OutboxEntry, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let claimed = self.claim.and_then(|claim| {
+            let until = entry.attempt_at? + chrono::Duration::from_std(claim).ok()?;
+            (entry.state == OutboxState::Sending && until > now).then_some(until)
+        });
+        claimed.max(self.awaiting_copy(entry, now))
+    }
+
     fn next_wake(&self) -> Option<Duration> {
         let now = self.clock.now();
         let pending = self.store.outbox_pending().ok()?;
         let next = pending
             .iter()
-            .map(|e| self.awaiting_copy(e, now).unwrap_or(e.next_attempt_at))
+            .map(|e| self.held(e, now).unwrap_or(e.next_attempt_at))
             .min()?;
         Some(
             (next - now)
@@ -184,8 +198,8 @@ impl Outbox {
             if !all && entry.next_attempt_at > now {
                 continue;
             }
-            if let Some(at) = self.awaiting_copy(&entry, now) {
-                tracing::debug!(outbox_id = entry.id, until = %at, "interrupted send: waiting for its copy");
+            if let Some(at) = self.held(&entry, now) {
+                tracing::debug!(outbox_id = entry.id, until = %at, "being sent by another node, or waiting for its copy");
                 report.retrying += 1;
                 continue;
             }
@@ -232,6 +246,10 @@ impl Outbox {
                 return Ok::<_, StoreError>(Err(OutboxState::Failed));
             };
             if !e.state.is_pending() {
+                return Ok(Err(e.state));
+            }
+            // Claimed by another node since our list was read.
+            if self.held(&e, now).is_some() {
                 return Ok(Err(e.state));
             }
             if e.state == OutboxState::Sending {
@@ -474,6 +492,7 @@ pub(crate) mod tests {
             clock: clock.clone(),
             confirm: confirm.then_some(Duration::from_secs(120)),
             wake: Default::default(),
+            claim: None,
         };
         Setup {
             _dir: dir,

@@ -3,6 +3,7 @@
 //! spaces with the same keys and values ([`super::codec`]); this enum is
 //! the one place that tells them apart.
 
+use super::cluster::Fence;
 use super::codec::Tree;
 use super::postgres::PgDb;
 use super::sled::{Op, SledDb};
@@ -78,11 +79,12 @@ impl Db {
         }
     }
 
-    /// Writes every op or none, ending the transaction.
-    pub(super) fn commit(&self, ops: &[Op]) -> Result<()> {
+    /// Writes every op or none, ending the transaction; with a fence,
+    /// only while its lease is held (sled: one process, nothing to check).
+    pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<()> {
         match self {
             Db::Sled(d) => d.apply(ops),
-            Db::Postgres(d) => d.commit(ops),
+            Db::Postgres(d) => d.commit(ops, fence),
         }
     }
 

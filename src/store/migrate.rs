@@ -73,11 +73,10 @@ impl Store {
         }
         let copied = self.verify(target)?;
         target.db.begin()?;
-        target.db.commit(&[(
-            Tree::Meta,
-            done_key.into_bytes(),
-            Some(b"1".to_vec().into()),
-        )])?;
+        target.db.commit(
+            &[(Tree::Meta, done_key.into_bytes(), Some(b"1".to_vec().into()))],
+            None,
+        )?;
         Ok(copied)
     }
 
@@ -110,7 +109,7 @@ impl Store {
             }
             ops.push((Tree::Meta, mark.clone(), Some(last.clone().into())));
             target.db.begin()?;
-            target.db.commit(&ops)?;
+            target.db.commit(&ops, None)?;
             after = Some(last);
         }
     }

@@ -10,9 +10,11 @@
 //! or nothing if it returns an error. Transactions are serialised, so a
 //! read-modify-write inside one is never lost to another.
 
+pub use self::cluster::{Fence, LeaseRow, NodeInfo, NodeRow};
 pub use self::migrate::Copied;
-pub use self::postgres::PgTls;
+pub use self::postgres::{PgTls, MIN_POOL};
 
+mod cluster;
 mod codec;
 mod engine;
 mod facts;
@@ -52,12 +54,20 @@ pub enum StoreError {
     /// A copy between engines cannot go on.
     #[error("cannot migrate the store: {0}")]
     Migrate(String),
-    /// Another daemon runs on this PostgreSQL database.
+    /// A daemon runs on the database while a store is being migrated
+    /// into it (either way round).
     #[error(
-        "another escalator daemon runs on this database; several daemons on one database \
-         are not supported yet (the cluster's leases and claims are not built)"
+        "the database is in use: a store migration and a daemon cannot run on it at the same \
+         time (stop every daemon of the cluster, or wait for the migration to finish)"
     )]
     InUse,
+    /// The transaction depended on a mailbox's lease that this node no
+    /// longer holds: nothing of it was written.
+    #[error("the lease on mailbox {0} was lost to another node; nothing was written for it")]
+    Fenced(String),
+    /// A cluster operation on the embedded store, which has one process.
+    #[error("the embedded store (sled) has no cluster; several daemons need engine = \"postgres\"")]
+    NotShared,
     #[error("cannot create the store directory {path}")]
     CreateDir {
         path: PathBuf,
@@ -168,12 +178,13 @@ impl Store {
     /// Opens the store in the PostgreSQL database at `url` (applying its
     /// schema migrations); `path` is this node's own directory (the sent
     /// journal, the control socket).
-    pub fn open_postgres(url: &str, tls: PgTls, path: &Path) -> Result<Store> {
+    /// `pool` is how many connections it opens (at least [`MIN_POOL`]).
+    pub fn open_postgres(url: &str, tls: PgTls, pool: usize, path: &Path) -> Result<Store> {
         create_private_dir(path).map_err(|source| StoreError::CreateDir {
             path: path.to_owned(),
             source,
         })?;
-        let db = engine::Db::Postgres(Box::new(postgres::PgDb::open(url, tls)?));
+        let db = engine::Db::Postgres(Box::new(postgres::PgDb::open(url, tls, pool)?));
         Store::with(path, db)
     }
 
@@ -193,14 +204,23 @@ impl Store {
         }
     }
 
-    /// For a daemon: makes sure no other daemon runs on this store
-    /// (sled: the open store is locked already; PostgreSQL: a lock held
-    /// while this store is open). Several daemons on one database need
-    /// the cluster's leases and claims, which are not built yet.
+    /// For a daemon: makes sure no migration writes into this store while
+    /// it runs (sled: the open store is locked already; PostgreSQL: a
+    /// shared lock every daemon of the cluster holds while it runs).
     pub fn lock_for_daemon(&self) -> Result<()> {
+        self.lock_daemons(postgres::LockMode::Shared)
+    }
+
+    /// For `store migrate`: makes sure no daemon runs on this store while
+    /// a store moves into it.
+    pub fn lock_out_daemons(&self) -> Result<()> {
+        self.lock_daemons(postgres::LockMode::Exclusive)
+    }
+
+    fn lock_daemons(&self, mode: postgres::LockMode) -> Result<()> {
         match &self.db {
             engine::Db::Sled(_) => Ok(()),
-            engine::Db::Postgres(pg) => match pg.try_lock_daemon()? {
+            engine::Db::Postgres(pg) => match pg.try_lock_daemon(mode)? {
                 true => Ok(()),
                 false => Err(StoreError::InUse),
             },
@@ -300,6 +320,7 @@ impl Store {
             timers: HashMap::new(),
             on_commit: Vec::new(),
             undo: Vec::new(),
+            fence: None,
         };
         let out = f(&mut tx)?;
         // Each key once, with its last value: a chunk of messages writes
@@ -309,7 +330,7 @@ impl Store {
             .map(|((t, k), v)| (t, k, v))
             .collect();
         open.1 = false;
-        self.db.commit(&ops)?;
+        self.db.commit(&ops, tx.fence.as_ref())?;
         let hooks = std::mem::take(&mut tx.on_commit);
         drop(tx);
         for h in hooks {
@@ -641,6 +662,8 @@ pub struct Tx<'s> {
     /// What each change replaced, newest last: a rollback to a savepoint
     /// undoes them.
     undo: Vec<Undo>,
+    /// The mailbox lease this transaction's writes depend on.
+    fence: Option<Fence>,
 }
 
 /// What a transaction wrote under a key: a value, or None for removed.
@@ -659,6 +682,15 @@ pub struct Savepoint {
 }
 
 impl<'s> Tx<'s> {
+    /// Makes this transaction's commit depend on `fence`'s lease: if its
+    /// node no longer holds the mailbox with that token when the
+    /// transaction commits, nothing is written and the commit fails with
+    /// [`StoreError::Fenced`]. (The embedded store has one process and no
+    /// leases: nothing to check.)
+    pub fn fence(&mut self, fence: Fence) {
+        self.fence = Some(fence);
+    }
+
     // ------------------------------------------------------ internals
 
     fn put(&mut self, t: Tree, key: Vec<u8>, value: Vec<u8>) {

@@ -2,26 +2,32 @@
 //! (`migrations/postgres/`), so every node of a cluster reads and writes
 //! the same store.
 //!
-//! One connection, owned by a thread of its own: the store's interface is
-//! synchronous and is called from tokio tasks, where a blocking client
-//! must not start its own runtime. Callers hand the thread a job and wait
-//! for its answer.
+//! Connections ("lanes"), each owned by a thread of its own: the store's
+//! interface is synchronous and is called from tokio tasks, where a
+//! blocking client must not start its own runtime. Callers hand a lane a
+//! job and wait for its answer. One lane runs the store's transactions
+//! and nothing else; the others (`[store] pool` minus one) serve reads
+//! and the cluster's leases and heartbeats, which must never run inside
+//! a store transaction (a rollback would undo them).
 //!
 //! Transactions: [`PgDb::begin`] opens a PostgreSQL transaction and takes
 //! a transaction-scoped advisory lock, so transactions are serialised
 //! across every process on the database (as the in-process lock does for
-//! one); the transaction's reads run inside it, its writes are applied
-//! at [`PgDb::commit`] with the COMMIT.
+//! one); its writes are applied at [`PgDb::commit`] with the COMMIT. Its
+//! reads may run on any lane: every writer waits for the lock, so what a
+//! lane reads at READ COMMITTED is what the transaction would read.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-
 use std::sync::Arc;
+
 
 use ::postgres::config::SslMode;
 use ::postgres::{Client, NoTls};
 use tokio_rustls::rustls::ClientConfig;
 
+use super::cluster::Fence;
 use super::codec::Tree;
 use super::sled::Op;
 use super::StoreError;
@@ -29,8 +35,8 @@ use super::StoreError;
 /// The advisory lock every store transaction takes (any number; this one
 /// spells "escl").
 const TX_LOCK: i64 = 0x6573_636c;
-/// The advisory lock a daemon holds while it runs: one daemon per
-/// database until the cluster (leases, claims) is built.
+/// The advisory lock a daemon holds (shared) while it runs; `store
+/// migrate` takes it exclusive, so no daemon writes while a store moves.
 const DAEMON_LOCK: i64 = 0x6573_636e;
 /// The advisory lock migrations run under.
 const MIGRATE_LOCK: i64 = 0x6573_636d;
@@ -38,7 +44,10 @@ const MIGRATE_LOCK: i64 = 0x6573_636d;
 const PAGE: i64 = 1000;
 
 /// Versioned schema migrations, applied in order, each once.
-const MIGRATIONS: [(i32, &str); 1] = [(1, include_str!("../../migrations/postgres/0001_kv.sql"))];
+const MIGRATIONS: [(i32, &str); 2] = [
+    (1, include_str!("../../migrations/postgres/0001_kv.sql")),
+    (2, include_str!("../../migrations/postgres/0002_cluster.sql")),
+];
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
 
@@ -53,9 +62,26 @@ struct Session {
     client: Option<Client>,
     in_tx: bool,
     lost_in_tx: bool,
-    /// This process holds the daemon lock: taken again on a new
+    /// The daemon lock this connection holds: taken again on a new
     /// connection (a session lock dies with its connection).
-    daemon_lock: bool,
+    daemon_lock: Option<LockMode>,
+}
+
+/// How the daemon lock is held: by every daemon of a cluster (shared),
+/// or by one `store migrate` alone (exclusive).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+impl LockMode {
+    fn sql(self) -> &'static str {
+        match self {
+            LockMode::Shared => "SELECT pg_try_advisory_lock_shared($1)",
+            LockMode::Exclusive => "SELECT pg_try_advisory_lock($1)",
+        }
+    }
 }
 
 /// Where a call stands in a store transaction.
@@ -105,13 +131,13 @@ impl Session {
                 Ok(c) => c,
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             };
-            if self.daemon_lock {
+            if let Some(mode) = self.daemon_lock {
                 let got = c
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK])
+                    .query_one(mode.sql(), &[&DAEMON_LOCK])
                     .map(|r| r.get::<_, bool>(0));
                 match got {
                     Ok(true) => {}
-                    // Another daemon started while our connection was down.
+                    // A migration started while our connection was down.
                     Ok(false) => return Err(StoreError::InUse),
                     Err(e) => return Err(StoreError::Unavailable(e.to_string())),
                 }
@@ -144,6 +170,59 @@ impl Session {
     }
 }
 
+impl Session {
+    fn new(config: ::postgres::Config, tls: PgTls) -> Session {
+        Session {
+            config,
+            tls,
+            client: None,
+            in_tx: false,
+            lost_in_tx: false,
+            daemon_lock: None,
+        }
+    }
+}
+
+impl Lane {
+    /// Starts the lane's thread; the first lane also brings the schema
+    /// up to date before it answers.
+    fn start(config: &::postgres::Config, tls: &PgTls, first: bool) -> Result<Lane, StoreError> {
+        let mut session = Session::new(config.clone(), tls.clone());
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready, started) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("escalator-postgres".into())
+            .spawn(move || {
+                let connected = if first {
+                    session.run(Mark::Inside, migrate)
+                } else {
+                    session.run(Mark::Inside, |_| Ok(()))
+                };
+                let _ = ready.send(connected);
+                for job in rx {
+                    job(&mut session);
+                }
+            })
+            .map_err(|e| StoreError::Engine(Box::new(e)))?;
+        started.recv().map_err(|_| gone())??;
+        Ok(Lane { jobs })
+    }
+
+    fn call<T: Send + 'static>(
+        &self,
+        mark: Mark,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Box::new(move |s: &mut Session| {
+                let _ = tx.send(s.run(mark, f));
+            }))
+            .map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
 /// How the connection is protected.
 #[derive(Clone)]
 pub enum PgTls {
@@ -154,12 +233,25 @@ pub enum PgTls {
     Verify(Arc<ClientConfig>),
 }
 
-pub(super) struct PgDb {
+/// One connection and the thread that owns it.
+struct Lane {
     jobs: mpsc::Sender<Job>,
+}
+
+pub(super) struct PgDb {
+    /// Runs the store's transactions (begin, commit, abort) only.
+    tx: Lane,
+    /// Reads, leases, heartbeats: never inside a store transaction.
+    others: Vec<Lane>,
+    next: AtomicUsize,
     /// For connections of their own (the listener).
     config: ::postgres::Config,
     tls: PgTls,
 }
+
+/// The fewest connections a store opens: one for transactions, one for
+/// the rest.
+pub const MIN_POOL: usize = 2;
 
 /// The channel a commit that queued mail or moved timers notifies: the
 /// other processes on the database wake their workers.
@@ -174,34 +266,21 @@ fn gone() -> StoreError {
 }
 
 impl PgDb {
-    /// Connects, and brings the schema up to date.
-    pub(super) fn open(url: &str, tls: PgTls) -> Result<PgDb, StoreError> {
+    /// Connects `pool` connections (at least [`MIN_POOL`]), and brings
+    /// the schema up to date.
+    pub(super) fn open(url: &str, tls: PgTls, pool: usize) -> Result<PgDb, StoreError> {
         let config: ::postgres::Config = url.parse().map_err(engine)?;
-        let (own_config, own_tls) = (config.clone(), tls.clone());
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (ready, started) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("escalator-postgres".into())
-            .spawn(move || {
-                let mut session = Session {
-                    config,
-                    tls,
-                    client: None,
-                    in_tx: false,
-                    lost_in_tx: false,
-                    daemon_lock: false,
-                };
-                let _ = ready.send(session.run(Mark::Inside, migrate));
-                for job in rx {
-                    job(&mut session);
-                }
-            })
-            .map_err(|e| StoreError::Engine(Box::new(e)))?;
-        started.recv().map_err(|_| gone())??;
+        let mut lanes = Vec::new();
+        for n in 0..pool.max(MIN_POOL) {
+            lanes.push(Lane::start(&config, &tls, n == 0)?);
+        }
+        let tx = lanes.remove(0);
         Ok(PgDb {
-            jobs,
-            config: own_config,
-            tls: own_tls,
+            tx,
+            others: lanes,
+            next: AtomicUsize::new(0),
+            config,
+            tls,
         })
     }
 
@@ -210,14 +289,7 @@ impl PgDb {
     /// backoff; notifications sent while it is down are lost, so workers
     /// also poll).
     pub(super) fn listen(&self, wake: impl Fn() + Send + 'static) -> Result<(), StoreError> {
-        let session = Session {
-            config: self.config.clone(),
-            tls: self.tls.clone(),
-            client: None,
-            in_tx: false,
-            lost_in_tx: false,
-            daemon_lock: false,
-        };
+        let session = Session::new(self.config.clone(), self.tls.clone());
         std::thread::Builder::new()
             .name("escalator-listen".into())
             .spawn(move || {
@@ -247,26 +319,17 @@ impl PgDb {
         Ok(())
     }
 
-    /// Runs `f` on the connection's thread and waits for its answer.
-    fn call<T: Send + 'static>(
+    /// Runs `f` on a lane other than the transactions' and waits for
+    /// its answer.
+    pub(super) fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.call_marked(Mark::Inside, f)
-    }
-
-    fn call_marked<T: Send + 'static>(
-        &self,
-        mark: Mark,
-        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.jobs
-            .send(Box::new(move |s: &mut Session| {
-                let _ = tx.send(s.run(mark, f));
-            }))
-            .map_err(|_| gone())?;
-        rx.recv().map_err(|_| gone())?
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.others.len().max(1);
+        match self.others.get(n) {
+            Some(lane) => lane.call(Mark::Inside, f),
+            None => Err(gone()),
+        }
     }
 
     pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -353,20 +416,22 @@ impl PgDb {
         })
     }
 
-    /// Takes the daemon lock of the database for as long as this engine
-    /// lives (a session lock): false when another process holds it.
-    pub(super) fn try_lock_daemon(&self) -> Result<bool, StoreError> {
+    /// Takes the daemon lock of the database in `mode` for as long as
+    /// this engine lives (a session lock): false when it is held in a
+    /// mode that excludes ours.
+    pub(super) fn try_lock_daemon(&self, mode: LockMode) -> Result<bool, StoreError> {
+        let Some(lane) = self.others.first() else {
+            return Err(gone());
+        };
         let (tx, rx) = mpsc::sync_channel(1);
-        self.jobs
+        lane.jobs
             .send(Box::new(move |s: &mut Session| {
                 let got = s.run(Mark::Inside, |c| {
-                    let got: bool = c
-                        .query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK])?
-                        .get(0);
+                    let got: bool = c.query_one(mode.sql(), &[&DAEMON_LOCK])?.get(0);
                     Ok(got)
                 });
                 if let Ok(true) = got {
-                    s.daemon_lock = true;
+                    s.daemon_lock = Some(mode);
                 }
                 let _ = tx.send(got);
             }))
@@ -376,7 +441,7 @@ impl PgDb {
 
     /// Opens a transaction holding the store's lock (see the module).
     pub(super) fn begin(&self) -> Result<(), StoreError> {
-        self.call_marked(Mark::Begin, |c| {
+        self.tx.call(Mark::Begin, |c| {
             c.batch_execute("BEGIN")?;
             c.execute("SELECT pg_advisory_xact_lock($1)", &[&TX_LOCK])?;
             Ok(())
@@ -387,8 +452,13 @@ impl PgDb {
     /// puts are one statement and all removals another (arrays unnested),
     /// not a round trip per key: a chunk of messages writes thousands.
     /// The transaction's overlay holds each key once, as an upsert of
-    /// several rows needs.
-    pub(super) fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+    /// several rows needs. With a `fence`, the commit first checks that
+    /// the lease it names is still held with its token (and keeps the
+    /// row from changing hands until the COMMIT): a node that lost its
+    /// mailbox writes nothing for it.
+    pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<(), StoreError> {
+        let fence = fence.cloned();
+        let fenced_mailbox = fence.as_ref().map(|f| f.mailbox.clone()).unwrap_or_default();
         let (mut put_t, mut put_k, mut put_v) = (Vec::new(), Vec::new(), Vec::new());
         let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
         let wakes = ops
@@ -407,8 +477,22 @@ impl PgDb {
                 }
             }
         }
-        self.call_marked(Mark::End, move |c| {
+        let (fenced_tx, fenced_rx) = mpsc::sync_channel(1);
+        let result = self.tx.call(Mark::End, move |c| {
             let written = (|| {
+                if let Some(f) = &fence {
+                    let row = c.query_opt(
+                        "SELECT holder, token FROM escalator_leases WHERE mailbox = $1 FOR SHARE",
+                        &[&f.mailbox],
+                    )?;
+                    let held = row.is_some_and(|r| {
+                        r.get::<_, String>(0) == f.holder && r.get::<_, i64>(1) == f.token
+                    });
+                    if !held {
+                        let _ = fenced_tx.send(());
+                        return c.batch_execute("ROLLBACK");
+                    }
+                }
                 if !put_t.is_empty() {
                     c.execute(
                         "INSERT INTO escalator_kv (tree, key, value) \
@@ -435,12 +519,16 @@ impl PgDb {
                 let _ = c.batch_execute("ROLLBACK");
             }
             written
-        })
+        });
+        if fenced_rx.try_recv().is_ok() {
+            return Err(StoreError::Fenced(fenced_mailbox));
+        }
+        result
     }
 
     /// Ends a transaction without writing (its closure failed).
     pub(super) fn abort(&self) -> Result<(), StoreError> {
-        self.call_marked(Mark::End, |c| c.batch_execute("ROLLBACK"))
+        self.tx.call(Mark::End, |c| c.batch_execute("ROLLBACK"))
     }
 }
 

@@ -32,7 +32,7 @@ fn each_engine(test: impl Fn(&str, Open<'_>, &Path)) {
     let pg = crate::testing::Postgres::start();
     let url = pg.database("conformance");
     let dir = tempfile::tempdir().unwrap();
-    let open_pg = |path: &Path| match Store::open_postgres(&url, PgTls::Plain, path) {
+    let open_pg = |path: &Path| match Store::open_postgres(&url, PgTls::Plain, 2, path) {
         Ok(s) => s,
         Err(e) => panic!("open: {}", crate::error_chain(&e)),
     };
@@ -544,7 +544,7 @@ fn a_store_from_before_the_case_index_is_upgraded() {
             (Tree::Meta, b"indexes".to_vec(), Some(b"4".to_vec().into())),
             (Tree::Cases, id_key(4).to_vec(), Some(legacy.into())),
         ];
-        ok(s.db.commit(&ops));
+        ok(s.db.commit(&ops, None));
         ok(s.flush());
     }
     let s = open_sled(&path);
@@ -614,7 +614,7 @@ fn facts_round_trip_compactly_and_old_json_facts_are_read() {
             ),
             (Tree::Meta, b"indexes".to_vec(), Some(b"6".to_vec().into())),
         ];
-        ok(s.db.commit(&ops));
+        ok(s.db.commit(&ops, None));
         ok(s.flush());
     }
     let s = open_sled(&path);
@@ -783,7 +783,7 @@ fn a_sled_store_copied_into_postgresql_is_the_same_store_even_when_the_copy_is_r
     }));
     let pg = crate::testing::Postgres::start();
     let url = pg.database("migrate");
-    let target = match Store::open_postgres(&url, PgTls::Plain, &dir.path().join("node")) {
+    let target = match Store::open_postgres(&url, PgTls::Plain, 2, &dir.path().join("node")) {
         Ok(s) => s,
         Err(e) => panic!("{e}"),
     };
@@ -795,7 +795,7 @@ fn a_sled_store_copied_into_postgresql_is_the_same_store_even_when_the_copy_is_r
     assert_eq!(copied.rows["raw"], 2, "a message's and a mail's bytes");
     // The same store: its secret, sequences, records and raw bytes.
     drop(target);
-    let target = match Store::open_postgres(&url, PgTls::Plain, &dir.path().join("node")) {
+    let target = match Store::open_postgres(&url, PgTls::Plain, 2, &dir.path().join("node")) {
         Ok(s) => s,
         Err(e) => panic!("{e}"),
     };
@@ -817,4 +817,123 @@ fn a_sled_store_copied_into_postgresql_is_the_same_store_even_when_the_copy_is_r
         sled.copy_into(&target),
         Err(StoreError::Migrate(_))
     ));
+}
+
+// ------------------------------------------------- the cluster (PostgreSQL)
+
+fn pg_store(pg: &crate::testing::Postgres, db: &str, dir: &Path) -> Store {
+    match Store::open_postgres(&pg.database(db), PgTls::Plain, 2, dir) {
+        Ok(s) => s,
+        Err(e) => panic!("{}", crate::error_chain(&e)),
+    }
+}
+
+#[test]
+fn a_lease_has_one_holder_until_it_expires_and_each_new_holder_a_higher_token() {
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        pg_store(&pg, "leases", &dir.path().join("a")),
+        pg_store(&pg, "leases", &dir.path().join("b")),
+    );
+    let lease = std::time::Duration::from_millis(800);
+    let t1 = ok(a.acquire_lease("sales", "node-a", lease)).expect("free: taken");
+    assert_eq!(ok(b.acquire_lease("sales", "node-b", lease)), None, "held");
+    assert!(ok(a.renew_lease("sales", "node-a", t1, lease)));
+    assert!(!ok(b.renew_lease("sales", "node-b", t1, lease)), "not b's");
+    // Expired: b takes it with a higher token, and a can no longer renew.
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    let t2 = ok(b.acquire_lease("sales", "node-b", lease)).expect("expired: taken");
+    assert!(t2 > t1, "{t2} > {t1}");
+    assert!(!ok(a.renew_lease("sales", "node-a", t1, lease)));
+    // Released: free at once, for a new token again.
+    ok(b.release_lease("sales", "node-b", t2));
+    let t3 = ok(a.acquire_lease("sales", "node-a", lease)).expect("released: taken");
+    assert!(t3 > t2);
+    let leases = ok(a.leases());
+    assert_eq!(leases.len(), 1);
+    assert_eq!((leases[0].holder.as_str(), leases[0].token), ("node-a", t3));
+    // The embedded store has no cluster: said, not pretended.
+    let sled = open_sled(&dir.path().join("sled"));
+    assert!(matches!(
+        sled.acquire_lease("sales", "x", lease),
+        Err(StoreError::NotShared)
+    ));
+}
+
+#[test]
+fn a_write_fenced_by_a_lost_lease_writes_nothing() {
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        pg_store(&pg, "fence", &dir.path().join("a")),
+        pg_store(&pg, "fence", &dir.path().join("b")),
+    );
+    let lease = std::time::Duration::from_millis(500);
+    let old = ok(a.acquire_lease("sales", "node-a", lease)).unwrap();
+    let fence = |holder: &str, token| Fence {
+        mailbox: "sales".into(),
+        holder: holder.into(),
+        token,
+    };
+    // Held: the fenced write commits.
+    ok(a.transact(|tx| {
+        tx.fence(fence("node-a", old));
+        tx.set_cursor("sales\0INBOX", &cursor(7, 10))
+    }));
+    // a pauses past its lease; b takes the mailbox over.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let new = ok(b.acquire_lease("sales", "node-b", lease)).unwrap();
+    // a wakes and commits what it fetched: refused, nothing written.
+    let r = a.transact(|tx| {
+        tx.fence(fence("node-a", old));
+        tx.set_cursor("sales\0INBOX", &cursor(7, 99))?;
+        tx.put_case(&mut case(1, "T1", 5))
+    });
+    assert!(matches!(r, Err(StoreError::Fenced(ref m)) if m == "sales"), "{r:?}");
+    assert_eq!(ok(b.cursor("sales\0INBOX")).map(|c| c.last_uid), Some(10));
+    assert!(ok(b.case(1)).is_none());
+    // The same holder name with the old token is refused too (a node
+    // restarted under a fixed name is a new holder).
+    let r = b.transact(|tx| {
+        tx.fence(fence("node-b", old));
+        tx.set_cursor("sales\0INBOX", &cursor(7, 99))
+    });
+    assert!(matches!(r, Err(StoreError::Fenced(_))), "{r:?}");
+    ok(b.transact(|tx| {
+        tx.fence(fence("node-b", new));
+        tx.set_cursor("sales\0INBOX", &cursor(7, 11))
+    }));
+    assert_eq!(ok(a.cursor("sales\0INBOX")).map(|c| c.last_uid), Some(11));
+}
+
+#[test]
+fn nodes_are_alive_while_they_beat_and_a_clean_stop_leaves_at_once() {
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let s = pg_store(&pg, "nodes", &dir.path().join("a"));
+    let info = |n: &str| NodeInfo {
+        node: n.into(),
+        host: "h".into(),
+        pid: 1,
+        started_at: at(0),
+    };
+    let lease = std::time::Duration::from_millis(700);
+    assert_eq!(ok(s.heartbeat(&info("a"), lease)), 1);
+    assert_eq!(ok(s.heartbeat(&info("b"), lease)), 2);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // Only a beats again: b counts as gone, and is listed as such.
+    assert_eq!(ok(s.heartbeat(&info("a"), lease)), 1);
+    let nodes = ok(s.nodes(lease));
+    let seen: Vec<(&str, bool)> = nodes.iter().map(|n| (n.node.as_str(), n.alive)).collect();
+    assert_eq!(seen, [("a", true), ("b", false)]);
+    ok(s.leave("a"));
+    assert_eq!(ok(s.nodes(lease)).len(), 1);
+}
+
+fn cursor(uid_validity: u32, last_uid: u32) -> Cursor {
+    Cursor {
+        uid_validity,
+        last_uid,
+    }
 }
