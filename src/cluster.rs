@@ -169,12 +169,18 @@ impl Membership {
             let asked = Instant::now();
             let fence = h.fence.clone();
             let renewed = self
-                .call(move |s, _, lease| s.renew_lease(&fence.mailbox, &fence.holder, fence.token, lease))
+                .call(move |s, _, lease| {
+                    s.renew_lease(&fence.mailbox, &fence.holder, fence.token, lease)
+                })
                 .await;
             match renewed {
                 Ok(true) => h.until = asked + self.lease,
                 Ok(false) => {
-                    tracing::warn!(queue, token = h.fence.token, "lease lost (expired or taken over); stopping this mailbox's watcher");
+                    tracing::warn!(
+                        queue,
+                        token = h.fence.token,
+                        "lease lost (expired or taken over); stopping this mailbox's watcher"
+                    );
                     if let Some(h) = held.remove(&queue) {
                         h.stop.cancel();
                     }
@@ -198,12 +204,22 @@ impl Membership {
         let share = share(self.queues.len(), live);
         while held.len() > share {
             // The last in config order: nodes agree on which to keep.
-            let Some(queue) = self.queues.iter().rev().find(|q| held.contains_key(*q)).cloned()
+            let Some(queue) = self
+                .queues
+                .iter()
+                .rev()
+                .find(|q| held.contains_key(*q))
+                .cloned()
             else {
                 break;
             };
             if let Some(h) = held.remove(&queue) {
-                tracing::info!(queue, live, share, "handing a mailbox over to a node with fewer");
+                tracing::info!(
+                    queue,
+                    live,
+                    share,
+                    "handing a mailbox over to a node with fewer"
+                );
                 self.give_back(&queue, h).await;
             }
         }
@@ -277,13 +293,19 @@ impl Membership {
         let mut wait = self.lease / 3;
         let now = Instant::now();
         for h in held.values() {
-            let stop_at = h.until.checked_sub(safety_margin(self.lease)).unwrap_or(now);
+            let stop_at = h
+                .until
+                .checked_sub(safety_margin(self.lease))
+                .unwrap_or(now);
             wait = wait.min(stop_at.saturating_duration_since(now));
         }
         if held.len() < self.queues.len() {
             if let Ok(leases) = self.call(|s, _, _| s.leases()).await {
                 let me = &self.me.node;
-                for l in leases.iter().filter(|l| &l.holder != me && l.remaining_ms >= 0) {
+                for l in leases
+                    .iter()
+                    .filter(|l| &l.holder != me && l.remaining_ms >= 0)
+                {
                     let ms = u64::try_from(l.remaining_ms).unwrap_or(0) + 50;
                     wait = wait.min(Duration::from_millis(ms));
                 }
@@ -510,7 +532,11 @@ impl Status {
             }
             let _ = writeln!(out, "mailboxes:");
             for m in &self.mailboxes {
-                let extra = if m.configured { "" } else { "  (not in this config)" };
+                let extra = if m.configured {
+                    ""
+                } else {
+                    "  (not in this config)"
+                };
                 match (&m.holder, m.expires_at) {
                     (Some(h), Some(until)) => {
                         let _ = writeln!(
@@ -567,6 +593,9 @@ mod tests {
             default.ends_with(&format!("-{}", std::process::id())),
             "{default}"
         );
-        assert!(crate::config::check_node_name(&default).is_ok(), "{default}");
+        assert!(
+            crate::config::check_node_name(&default).is_ok(),
+            "{default}"
+        );
     }
 }

@@ -86,9 +86,7 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'))
     {
-        return Err(format!(
-            "{name:?}: use letters, digits and - _ . : @ only"
-        ));
+        return Err(format!("{name:?}: use letters, digits and - _ . : @ only"));
     }
     Ok(())
 }

@@ -98,3 +98,15 @@ pub fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+/// Runs blocking work (a store transaction) from async code without
+/// holding up the other tasks of the runtime's worker: on a multi-thread
+/// runtime the worker hands its other tasks over first (a lease renewal
+/// must not wait behind an ingest commit); on a single-thread runtime
+/// (tests in paused time) it just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}

@@ -78,7 +78,11 @@ impl Journal {
 
     /// Replays the journals of slots no daemon holds (their daemons died
     /// and none has started since): what they had sent is marked sent.
-    pub fn settle_orphans(dir: &Path, store: &Store, now: DateTime<Utc>) -> Result<usize, JournalError> {
+    pub fn settle_orphans(
+        dir: &Path,
+        store: &Store,
+        now: DateTime<Utc>,
+    ) -> Result<usize, JournalError> {
         use fs2::FileExt;
         let mut settled = 0;
         for n in 0..SLOTS {

@@ -74,7 +74,11 @@ impl Store {
         let copied = self.verify(target)?;
         target.db.begin()?;
         target.db.commit(
-            &[(Tree::Meta, done_key.into_bytes(), Some(b"1".to_vec().into()))],
+            &[(
+                Tree::Meta,
+                done_key.into_bytes(),
+                Some(b"1".to_vec().into()),
+            )],
             None,
         )?;
         Ok(copied)

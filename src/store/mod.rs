@@ -66,7 +66,9 @@ pub enum StoreError {
     #[error("the lease on mailbox {0} was lost to another node; nothing was written for it")]
     Fenced(String),
     /// A cluster operation on the embedded store, which has one process.
-    #[error("the embedded store (sled) has no cluster; several daemons need engine = \"postgres\"")]
+    #[error(
+        "the embedded store (sled) has no cluster; several daemons need engine = \"postgres\""
+    )]
     NotShared,
     #[error("cannot create the store directory {path}")]
     CreateDir {

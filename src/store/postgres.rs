@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-
 use ::postgres::config::SslMode;
 use ::postgres::{Client, NoTls};
 use tokio_rustls::rustls::ClientConfig;
@@ -46,7 +45,10 @@ const PAGE: i64 = 1000;
 /// Versioned schema migrations, applied in order, each once.
 const MIGRATIONS: [(i32, &str); 2] = [
     (1, include_str!("../../migrations/postgres/0001_kv.sql")),
-    (2, include_str!("../../migrations/postgres/0002_cluster.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_cluster.sql"),
+    ),
 ];
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
@@ -106,6 +108,13 @@ impl Session {
         // A statement that hangs (a lost server, a lock held by a stuck
         // node) fails after a minute instead of holding the daemon.
         client.batch_execute("SET statement_timeout = '60s'")?;
+        // A node paused or cut off inside a store transaction would hold
+        // the store's lock, and so every node's writes, for as long as it
+        // is stuck: the server ends such a session after 30 s idle
+        // (nothing of its transaction is written). The transactions' lane
+        // is idle while the node reads on other lanes and works out a
+        // chunk of messages, seconds on a loaded machine: hence not less.
+        client.batch_execute("SET idle_in_transaction_session_timeout = '30s'")?;
         Ok(client)
     }
 
@@ -458,7 +467,10 @@ impl PgDb {
     /// mailbox writes nothing for it.
     pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<(), StoreError> {
         let fence = fence.cloned();
-        let fenced_mailbox = fence.as_ref().map(|f| f.mailbox.clone()).unwrap_or_default();
+        let fenced_mailbox = fence
+            .as_ref()
+            .map(|f| f.mailbox.clone())
+            .unwrap_or_default();
         let (mut put_t, mut put_k, mut put_v) = (Vec::new(), Vec::new(), Vec::new());
         let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
         let wakes = ops
@@ -481,8 +493,13 @@ impl PgDb {
         let result = self.tx.call(Mark::End, move |c| {
             let written = (|| {
                 if let Some(f) = &fence {
+                    // No row lock: it would hold up the holder's own
+                    // renewals. Every store transaction waits for the
+                    // store's lock, so a node that takes the mailbox
+                    // over after this check reads (inside its own
+                    // transactions) everything this one commits.
                     let row = c.query_opt(
-                        "SELECT holder, token FROM escalator_leases WHERE mailbox = $1 FOR SHARE",
+                        "SELECT holder, token FROM escalator_leases WHERE mailbox = $1",
                         &[&f.mailbox],
                     )?;
                     let held = row.is_some_and(|r| {

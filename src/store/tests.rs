@@ -890,7 +890,10 @@ fn a_write_fenced_by_a_lost_lease_writes_nothing() {
         tx.set_cursor("sales\0INBOX", &cursor(7, 99))?;
         tx.put_case(&mut case(1, "T1", 5))
     });
-    assert!(matches!(r, Err(StoreError::Fenced(ref m)) if m == "sales"), "{r:?}");
+    assert!(
+        matches!(r, Err(StoreError::Fenced(ref m)) if m == "sales"),
+        "{r:?}"
+    );
     assert_eq!(ok(b.cursor("sales\0INBOX")).map(|c| c.last_uid), Some(10));
     assert!(ok(b.case(1)).is_none());
     // The same holder name with the old token is refused too (a node

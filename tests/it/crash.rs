@@ -33,7 +33,7 @@ escalate = true
 }
 
 /// The kind letter and case of one of escalator's Message-IDs.
-fn own_id(raw: &[u8]) -> Option<(u64, char, String)> {
+pub fn own_id(raw: &[u8]) -> Option<(u64, char, String)> {
     let id = header(raw, "Message-ID")?;
     let local = id.trim_matches(['<', '>']).split('@').next()?.to_string();
     let mut parts = local.split('.');

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster;
 mod crash;
 mod escalation;
 mod gateway;
@@ -12,3 +13,6 @@ mod postgres;
 mod queues;
 mod reliability;
 mod support;
+
+#[path = "../../src/testing/postgres.rs"]
+mod postgres_server;

@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use crate::support::{escalator, header, mail, Setup};
 
-#[path = "../../src/testing/postgres.rs"]
-mod postgres_server;
-use postgres_server::Postgres;
+use crate::postgres_server::Postgres;
 
 /// The same config for a second node (its own directory, the same
 /// database); the temp dir holding it, and its path.
@@ -86,7 +84,10 @@ async fn the_daemon_keeps_its_cases_in_postgresql_and_another_node_leaves_its_ma
     let out = escalator(&["run", "--once", "--config", second.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("another node watches this mailbox; skipped"), "{err}");
+    assert!(
+        err.contains("another node watches this mailbox; skipped"),
+        "{err}"
+    );
     // The CLI of another node reads the database directly.
     let out = escalator(&[
         "cases",
@@ -269,7 +270,7 @@ async fn store_migrate_copies_a_sled_store_and_the_daemon_goes_on_without_a_seco
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_postgresql_restart_mid_run_loses_nothing_and_the_daemon_goes_on() {
+async fn a_postgresql_restart_mid_run_loses_nothing_and_both_daemons_go_on() {
     let pg = Postgres::start();
     let s = on_postgres(
         &["support", "alice", "bob"],
@@ -277,7 +278,9 @@ async fn a_postgresql_restart_mid_run_loses_nothing_and_the_daemon_goes_on() {
         "it_restart",
         "security = \"plain\"\n",
     );
-    let mut d = s.daemon();
+    // Two nodes: both must come back.
+    let mut d = s.node("n1");
+    let mut d2 = s.node("n2");
     let send = |who: &str, id: &str| {
         s.send(
             who,
@@ -309,21 +312,28 @@ async fn a_postgresql_restart_mid_run_loses_nothing_and_the_daemon_goes_on() {
         1,
         "bob's mail after the restart was answered:\n{log}"
     );
-    // The daemon took its lock again on the new connection: a second
-    // daemon is still refused.
-    let (_other, second) = second_node(&s);
-    let out = escalator(&["run", "--once", "--config", second.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("another escalator daemon"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = d.stop();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Both nodes are back in the cluster, and the mailbox is watched.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = escalator(&["cluster", "status", "--json", "--config", s.cfg()]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let alive = status["nodes"]
+            .as_array()
+            .map(|n| n.iter().filter(|n| n["alive"] == true).count());
+        if alive == Some(2) && !status["mailboxes"][0]["holder"].is_null() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for d in [&mut d, &mut d2] {
+        let out = d.stop();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let cases = s.cases();
     assert_eq!(cases.len(), 2, "{cases:?}");
     s.stack.settle().await;

@@ -829,11 +829,22 @@ impl Setup {
     /// Starts the daemon; its log goes to a file (a pipe nobody reads
     /// would fill up and block it).
     pub fn daemon(&self) -> Daemon {
+        self.daemon_with(&[], "")
+    }
+
+    /// Starts a daemon of a cluster named `node` (the same config as the
+    /// others), its log in a file of its own.
+    pub fn node(&self, node: &str) -> Daemon {
+        self.daemon_with(&["--node", node], node)
+    }
+
+    fn daemon_with(&self, args: &[&str], tag: &str) -> Daemon {
         let log = self
             .config
-            .with_extension(format!("{}.log", std::process::id()));
+            .with_extension(format!("{}{tag}.log", std::process::id()));
         let child = Command::new(env!("CARGO_BIN_EXE_escalator"))
             .args(["run", "--config", self.cfg()])
+            .args(args)
             .env("ESCALATOR_LOG", "info")
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -857,6 +868,14 @@ impl Daemon {
             .unwrap()
             .success();
         assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// SIGKILL, as a crash or power cut would; waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
     }
 
     /// The daemon's log so far.
