@@ -2330,6 +2330,41 @@ forward_to = ["bill@example.test"]
     }
 
     #[test]
+    fn cluster_keys_have_defaults_and_bad_ones_are_named() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.cluster.lease, Duration::from_secs(15));
+        assert_eq!(c.cluster.claim, Duration::from_secs(120));
+        assert_eq!(c.cluster.node, None);
+        let pg = GOOD.replacen(
+            "[store]\n",
+            "[store]\nengine = \"postgres\"\nurl_env = \"PGURL\"\n",
+            1,
+        );
+        match &parse(&pg).unwrap().store.engine {
+            StoreEngine::Postgres { pool, .. } => assert_eq!(*pool, DEFAULT_POOL),
+            other => panic!("{other:?}"),
+        }
+        for (tail, key) in [
+            ("[cluster]\nlease = \"1s\"\n", "cluster.lease"),
+            ("[cluster]\nlease = \"soon\"\n", "cluster.lease"),
+            ("[cluster]\nclaim = \"5s\"\n", "cluster.claim"),
+            // A name is shown in tables and logs: no spaces, no controls.
+            ("[cluster]\nnode = \"a b\\n\"\n", "cluster.node"),
+            ("[cluster]\nnode = \"\"\n", "cluster.node"),
+            ("[cluster]\nnodes = \"x\"\n", "cluster.nodes"),
+        ] {
+            let e = problems(&format!("{pg}{tail}"));
+            assert!(e.contains(key), "{tail}: {e}");
+        }
+        let e = problems(&pg.replace("url_env = \"PGURL\"\n", "url_env = \"PGURL\"\npool = 1\n"));
+        assert!(e.contains("store.pool"), "{e}");
+        let e = problems(&GOOD.replacen("[store]\n", "[store]\npool = 4\n", 1));
+        assert!(e.contains("store.pool: only with engine"), "{e}");
+        let named = parse(&format!("{GOOD}[cluster]\nnode = \"eu-1\"\n")).unwrap();
+        assert_eq!(named.cluster.node.as_deref(), Some("eu-1"));
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_path_and_line() {
         let text = GOOD.replace("password = \"pw\"", "password = \"pw\"\npasword = \"x\"");
         let e = problems(&text);

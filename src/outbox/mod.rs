@@ -560,6 +560,41 @@ pub(crate) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn mail_another_node_is_sending_is_left_to_it_until_its_claim_expires() {
+        // A cluster without confirmation copies: node B read its list
+        // while node A had entry 1 `sending`. Without claims B sent it at
+        // once: two nodes, one mail, two deliveries.
+        let mut s = setup(&[1, 2], false);
+        s.outbox.claim = Some(Duration::from_secs(120));
+        let now = s.clock.now();
+        let snapshot = s.outbox.store.outbox_pending().unwrap();
+        s.outbox
+            .store
+            .transact(|tx| {
+                let mut e = tx.outbox_entry(1)?.unwrap();
+                e.state = OutboxState::Sending;
+                e.attempt_at = Some(now - chrono::Duration::seconds(10));
+                tx.put_outbox(&e, None)
+            })
+            .unwrap();
+        // From the stale snapshot too: the claim is read again.
+        for e in snapshot {
+            s.outbox.send_one(e).await.unwrap();
+        }
+        let cancel = CancellationToken::new();
+        s.outbox.drain(true, &cancel).await.unwrap();
+        assert_eq!(sends(&s), 1, "only entry 2");
+        assert_eq!(state(&s, 1), OutboxState::Sending);
+        // A died mid-send: once the claim has expired, B sends it, once.
+        s.clock.advance(chrono::Duration::seconds(111));
+        s.outbox.drain(false, &cancel).await.unwrap();
+        assert_eq!(sends(&s), 2);
+        assert_eq!(state(&s, 1), OutboxState::Sent);
+        s.outbox.drain(true, &cancel).await.unwrap();
+        assert_eq!(sends(&s), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_entry_settled_since_the_snapshot_is_not_sent() {
         // Race: the drain read its list, then the confirmation copy marked
         // an entry sent; the drain overwrote that and sent it again.
@@ -615,27 +650,29 @@ pub(crate) mod tests {
     async fn a_panic_while_sending_parks_the_entry_and_the_rest_go_out() {
         // Input: one entry whose sending panics; the worker died with it
         // and, after a restart, the same entry came first again.
-        let s = setup(&[1, 2, 3], true);
-        PANIC_ON.aim(2);
+        // Entry 902: PANIC_ON is shared by the tests running at the same
+        // time, whose entries are numbered from 1.
+        let s = setup(&[1, 902, 3], true);
+        PANIC_ON.aim(902);
         let report = s
             .outbox
             .drain(false, &CancellationToken::new())
             .await
             .unwrap();
         assert_eq!((report.sent, report.failed), (2, 1));
-        assert_eq!(state(&s, 2), OutboxState::Failed);
-        let parked = s.outbox.store.outbox_entry(2).unwrap().unwrap();
+        assert_eq!(state(&s, 902), OutboxState::Failed);
+        let parked = s.outbox.store.outbox_entry(902).unwrap().unwrap();
         assert!(parked
             .last_error
             .unwrap()
-            .contains("test-induced failure sending 2"));
+            .contains("test-induced failure sending 902"));
         // A person retries it: it goes out.
-        retry(&s.outbox.store, 2, s.clock.now()).unwrap();
+        retry(&s.outbox.store, 902, s.clock.now()).unwrap();
         s.outbox
             .drain(false, &CancellationToken::new())
             .await
             .unwrap();
-        assert_eq!(state(&s, 2), OutboxState::Sent);
+        assert_eq!(state(&s, 902), OutboxState::Sent);
         assert_eq!(sends(&s), 3);
     }
 }
