@@ -138,7 +138,7 @@ impl Session {
             self.client = None;
             let mut c = match self.connect() {
                 Ok(c) => c,
-                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                Err(e) => return Err(StoreError::Unavailable(crate::error_chain(&e))),
             };
             if let Some(mode) = self.daemon_lock {
                 let got = c
@@ -148,7 +148,7 @@ impl Session {
                     Ok(true) => {}
                     // A migration started while our connection was down.
                     Ok(false) => return Err(StoreError::InUse),
-                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                    Err(e) => return Err(StoreError::Unavailable(crate::error_chain(&e))),
                 }
             }
             self.client = Some(c);
@@ -166,7 +166,7 @@ impl Session {
                 self.in_tx = false;
             }
             return Err(StoreError::Unavailable(match r {
-                Err(e) => e.to_string(),
+                Err(e) => crate::error_chain(&e),
                 Ok(_) => "the connection to PostgreSQL closed".into(),
             }));
         }

@@ -23,6 +23,16 @@ impl Postgres {
     /// With `durable`, PostgreSQL fsyncs as in production (for the
     /// benchmark's comparison with sled, which does).
     pub fn start_with(durable: bool) -> Postgres {
+        Postgres::start_opts(durable, None)
+    }
+
+    /// A server that also speaks TLS with this certificate and key (PEM
+    /// files; plain connections are still taken, for the tests' own).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Postgres {
+        Postgres::start_opts(false, Some((cert, key)))
+    }
+
+    fn start_opts(durable: bool, tls: Option<(&std::path::Path, &std::path::Path)>) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| {
@@ -68,6 +78,31 @@ impl Postgres {
             as_postgres,
         };
         let data = pg.dir.path().join("data");
+        let mut ssl = String::new();
+        if let Some((cert, key)) = tls {
+            // The server reads them as itself, and wants its key private.
+            let (c, k) = (
+                pg.dir.path().join("server.crt"),
+                pg.dir.path().join("server.key"),
+            );
+            for (from, to, mode) in [(cert, &c, 0o644), (key, &k, 0o600)] {
+                use std::os::unix::fs::PermissionsExt;
+                if let Err(e) = std::fs::copy(from, to) {
+                    panic!("{}: {e}", from.display());
+                }
+                let _ = std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode));
+                if pg.as_postgres {
+                    run(std::process::Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(to));
+                }
+            }
+            ssl = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                c.display(),
+                k.display()
+            );
+        }
         run(pg
             .cmd("initdb")
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
@@ -80,7 +115,7 @@ impl Postgres {
             .arg(pg.dir.path().join("log"))
             .arg("-o")
             .arg(format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync={}",
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync={}{ssl}",
                 pg.dir.path().display(),
                 if durable { "on" } else { "off" }
             ))

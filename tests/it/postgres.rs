@@ -144,6 +144,46 @@ async fn the_database_connection_uses_tls_unless_told_otherwise() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_database_connection_checks_the_server_certificate_against_ca_file() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = crate::support::private_ca(certs.path());
+    let (cert, key) = crate::support::server_cert(certs.path(), "pg", &["127.0.0.1"], &ca);
+    let pg = Postgres::start_tls(&cert, &key);
+    let ca_file = format!("ca_file = \"{}\"\n", ca.0.display());
+    let s = on_postgres(&["support", "alice"], &pg, "it_ca", &ca_file);
+    s.send(
+        "alice",
+        &mail(
+            "Alice <alice@example.test>",
+            "support@example.test",
+            "Over TLS",
+            "ca1@alice.test",
+            "",
+            "Help.",
+        ),
+    );
+    s.stack.settle().await;
+    s.once();
+    assert_eq!(s.cases().len(), 1);
+    // Another CA's certificate is refused: no store is opened.
+    let other = tempfile::tempdir().unwrap();
+    let stranger = crate::support::private_ca(other.path());
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace(
+            &ca.0.display().to_string(),
+            &stranger.0.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = escalator(&["cases", "list", "--config", s.cfg()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn store_migrate_copies_a_sled_store_and_the_daemon_goes_on_without_a_second_ack() {
     let s = Setup::new(&["support", "alice", "bob"], "");
     let send = |who: &str, id: &str| {
