@@ -21,6 +21,9 @@ mod support;
 #[path = "../src/testing/postgres.rs"]
 mod postgres_server;
 
+#[path = "pipeline/cluster.rs"]
+mod cluster;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -937,29 +940,38 @@ async fn main() {
     let sz = sizes();
     let mut rows = Vec::new();
     // ESCALATOR_BENCH_SECTIONS: a comma list of ingest, latency, timers,
-    // append, stats (profiling: stats alone), queues, postgres.
+    // append, stats (profiling: stats alone), queues, postgres, cluster,
+    // pgtimers.
     let sections = std::env::var("ESCALATOR_BENCH_SECTIONS")
-        .unwrap_or_else(|_| "ingest,latency,timers,append,queues,postgres".into());
-    if sections.contains("ingest") {
+        .unwrap_or_else(|_| "ingest,latency,timers,append,queues,postgres,cluster,pgtimers".into());
+    let sections: Vec<&str> = sections.split(',').map(str::trim).collect();
+    let on = |name: &str| sections.contains(&name);
+    if on("ingest") {
         ingest_and_acks(&sz, &mut rows).await;
     }
-    if sections.contains("latency") {
+    if on("latency") {
         tokio::task::block_in_place(|| latency(&sz, &mut rows));
     }
-    if sections.contains("timers") {
+    if on("timers") {
         tokio::task::block_in_place(|| timers_and_memory(&sz, &mut rows));
     }
-    if sections.contains("append") {
+    if on("append") {
         tokio::task::block_in_place(|| append(&mut rows));
     }
-    if sections.contains("stats") {
+    if on("stats") {
         tokio::task::block_in_place(|| stats_only(&sz, &mut rows));
     }
-    if sections.contains("queues") {
+    if on("queues") {
         tokio::task::block_in_place(|| queues(&sz, &mut rows));
     }
-    if sections.contains("postgres") {
+    if on("postgres") {
         tokio::task::block_in_place(|| postgres(&sz, &mut rows));
+    }
+    if on("cluster") {
+        tokio::task::block_in_place(|| cluster::cluster(&sz, &mut rows));
+    }
+    if on("pgtimers") {
+        tokio::task::block_in_place(|| cluster::timers(&sz, &mut rows));
     }
     println!("\nescalator benchmark — {}\n", machine());
     println!("| figure | escalator | baseline | ratio | goal |\n|---|---|---|---|---|");
