@@ -808,9 +808,13 @@ fn postgres(sz: &Sizes, rows: &mut Vec<Row>) {
         );
         if engine == "postgres" {
             let url = pg.database(&format!("bench_{n}"));
+            // ESCALATOR_BENCH_PG_POOL: connections per process (default 4).
+            let pool = env_or("ESCALATOR_BENCH_PG_POOL", 4usize);
             text = text.replacen(
                 "[store]\n",
-                &format!("[store]\nengine = \"postgres\"\nurl = \"{url}\"\nsecurity = \"plain\"\n"),
+                &format!(
+                    "[store]\nengine = \"postgres\"\nurl = \"{url}\"\nsecurity = \"plain\"\npool = {pool}\n"
+                ),
                 1,
             );
         }

@@ -317,7 +317,9 @@ impl Membership {
 
 /// For `run --once` on a shared store: takes each queue's lease that is
 /// free (a queue another node watches is skipped, with a note) and keeps
-/// them renewed until the returned guard is dropped, which releases them.
+/// them renewed until [`OnceLeases::release`]. A cycle does not join the
+/// node list: counted as a live node, it would make the daemons hand
+/// mailboxes over for the seconds it runs.
 pub async fn leases_for_once(
     store: Arc<Store>,
     me: NodeInfo,
@@ -329,7 +331,6 @@ pub async fn leases_for_once(
         let (store, node) = (store.clone(), me.clone());
         let queues = queues.to_vec();
         let got = tokio::task::spawn_blocking(move || {
-            store.heartbeat(&node, lease)?;
             let mut got = Vec::new();
             for q in queues {
                 got.push((q.clone(), store.acquire_lease(&q, &node.node, lease)?));
@@ -377,7 +378,6 @@ pub async fn leases_for_once(
     };
     Ok(OnceLeases {
         store,
-        node: me.node,
         fences,
         stop,
         keeper: Some(keeper),
@@ -387,29 +387,23 @@ pub async fn leases_for_once(
 /// The leases of one `run --once`.
 pub struct OnceLeases {
     store: Arc<Store>,
-    node: String,
     pub fences: BTreeMap<String, Fence>,
     stop: CancellationToken,
     keeper: Option<JoinHandle<()>>,
 }
 
 impl OnceLeases {
-    /// Releases every lease and leaves the node list.
+    /// Releases every lease.
     pub async fn release(mut self) {
         self.stop.cancel();
         if let Some(k) = self.keeper.take() {
             let _ = k.await;
         }
-        let (store, fences, node) = (
-            self.store.clone(),
-            std::mem::take(&mut self.fences),
-            self.node.clone(),
-        );
+        let (store, fences) = (self.store.clone(), std::mem::take(&mut self.fences));
         let _ = tokio::task::spawn_blocking(move || {
             for f in fences.values() {
                 let _ = store.release_lease(&f.mailbox, &f.holder, f.token);
             }
-            let _ = store.leave(&node);
         })
         .await;
     }

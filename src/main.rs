@@ -50,6 +50,10 @@ enum Command {
         /// the host name and the pid).
         #[arg(long, env = "ESCALATOR_NODE", value_name = "NAME")]
         node: Option<String>,
+        /// Where this daemon's /metrics listens, instead of `[metrics]
+        /// listen` (several daemons of a cluster on one machine).
+        #[arg(long, env = "ESCALATOR_METRICS_LISTEN", value_name = "ADDR:PORT")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Validate a config file and print a summary.
     CheckConfig {
@@ -269,8 +273,16 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     let (config, req) = match cmd {
-        Command::Run { config, once, node } => {
+        Command::Run {
+            config,
+            once,
+            node,
+            metrics_listen,
+        } => {
             let mut cfg = load(&config.config)?;
+            if metrics_listen.is_some() {
+                cfg.metrics.listen = metrics_listen;
+            }
             if let Some(n) = node {
                 escalator::config::check_node_name(&n)
                     .map_err(|e| anyhow::anyhow!("--node: {e}"))?;

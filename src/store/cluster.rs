@@ -71,7 +71,7 @@ impl Store {
     pub fn heartbeat(&self, me: &NodeInfo, lease: std::time::Duration) -> Result<usize> {
         let me = me.clone();
         let lease = ms(lease);
-        self.pg()?.call(move |c| {
+        self.pg()?.call_outside(move |c| {
             c.execute(
                 "INSERT INTO escalator_nodes (node, host, pid, started_at, last_seen) \
                  VALUES ($1, $2, $3, $4, now()) \
@@ -98,7 +98,7 @@ impl Store {
     /// at once, not a lease later.
     pub fn leave(&self, node: &str) -> Result<()> {
         let node = node.to_string();
-        self.pg()?.call(move |c| {
+        self.pg()?.call_outside(move |c| {
             c.execute("DELETE FROM escalator_nodes WHERE node = $1", &[&node])?;
             Ok(())
         })
@@ -107,7 +107,7 @@ impl Store {
     /// The nodes, alive (seen within `lease`) first, by name.
     pub fn nodes(&self, lease: std::time::Duration) -> Result<Vec<NodeRow>> {
         let lease = ms(lease);
-        self.pg()?.call(move |c| {
+        self.pg()?.call_outside(move |c| {
             let rows = c.query(
                 "SELECT node, host, pid, started_at, last_seen, \
                  last_seen > now() - $1::bigint * interval '1 millisecond' AS alive \
@@ -137,7 +137,7 @@ impl Store {
         lease: std::time::Duration,
     ) -> Result<Option<i64>> {
         let (mailbox, holder, lease) = (mailbox.to_string(), holder.to_string(), ms(lease));
-        self.pg()?.call(move |c| {
+        self.pg()?.call_outside(move |c| {
             let row = c.query_opt(
                 "INSERT INTO escalator_leases AS l (mailbox, holder, token, acquired_at, expires_at) \
                  VALUES ($1, $2, nextval('escalator_lease_tokens'), now(), \
@@ -163,7 +163,7 @@ impl Store {
         lease: std::time::Duration,
     ) -> Result<bool> {
         let (mailbox, holder, lease) = (mailbox.to_string(), holder.to_string(), ms(lease));
-        self.pg()?.call(move |c| {
+        self.pg()?.call_outside(move |c| {
             let n = c.execute(
                 "UPDATE escalator_leases \
                  SET expires_at = now() + $4::bigint * interval '1 millisecond' \
@@ -178,7 +178,7 @@ impl Store {
     /// its share): the next node to look takes it with a new token.
     pub fn release_lease(&self, mailbox: &str, holder: &str, token: i64) -> Result<()> {
         let (mailbox, holder) = (mailbox.to_string(), holder.to_string());
-        self.pg()?.call(move |c| {
+        self.pg()?.call_outside(move |c| {
             c.execute(
                 "UPDATE escalator_leases SET expires_at = now() \
                  WHERE mailbox = $1 AND holder = $2 AND token = $3 AND expires_at > now()",
@@ -190,7 +190,7 @@ impl Store {
 
     /// Every lease, by mailbox.
     pub fn leases(&self) -> Result<Vec<LeaseRow>> {
-        self.pg()?.call(|c| {
+        self.pg()?.call_outside(|c| {
             let rows = c.query(
                 "SELECT mailbox, holder, token, acquired_at, expires_at, \
                  (extract(epoch FROM (expires_at - now())) * 1000)::bigint \

@@ -17,6 +17,7 @@
 //! reads may run on any lane: every writer waits for the lock, so what a
 //! lane reads at READ COMMITTED is what the transaction would read.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -258,6 +259,14 @@ pub(super) struct PgDb {
     tls: PgTls,
 }
 
+thread_local! {
+    /// This thread is inside a store transaction (between begin and
+    /// commit or abort).
+    static IN_TX: Cell<bool> = const { Cell::new(false) };
+    /// The lane this thread reads on outside transactions.
+    static LANE: std::cell::OnceCell<usize> = const { std::cell::OnceCell::new() };
+}
+
 /// The fewest connections a store opens: one for transactions, one for
 /// the rest.
 pub const MIN_POOL: usize = 2;
@@ -328,17 +337,33 @@ impl PgDb {
         Ok(())
     }
 
-    /// Runs `f` on a lane other than the transactions' and waits for
-    /// its answer.
+    /// Runs `f` and waits for its answer: on the transactions' lane when
+    /// this thread is inside a store transaction (its reads then run in
+    /// the same server session, measured faster than another lane), else
+    /// on one of the other lanes, the same one for a thread each time.
     pub(super) fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.others.len().max(1);
-        match self.others.get(n) {
-            Some(lane) => lane.call(Mark::Inside, f),
-            None => Err(gone()),
+        if IN_TX.with(Cell::get) {
+            return self.tx.call(Mark::Inside, f);
         }
+        self.other().call(Mark::Inside, f)
+    }
+
+    /// For work that must never run inside a store transaction (leases,
+    /// heartbeats): a lane other than the transactions'.
+    pub(super) fn call_outside<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.other().call(Mark::Inside, f)
+    }
+
+    fn other(&self) -> &Lane {
+        let n = LANE.with(|l| *l.get_or_init(|| self.next.fetch_add(1, Ordering::Relaxed)))
+            % self.others.len().max(1);
+        self.others.get(n).unwrap_or(&self.tx)
     }
 
     pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -454,7 +479,9 @@ impl PgDb {
             c.batch_execute("BEGIN")?;
             c.execute("SELECT pg_advisory_xact_lock($1)", &[&TX_LOCK])?;
             Ok(())
-        })
+        })?;
+        IN_TX.with(|t| t.set(true));
+        Ok(())
     }
 
     /// Writes every op and commits; on failure nothing is written. All
@@ -466,6 +493,7 @@ impl PgDb {
     /// row from changing hands until the COMMIT): a node that lost its
     /// mailbox writes nothing for it.
     pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<(), StoreError> {
+        IN_TX.with(|t| t.set(false));
         let fence = fence.cloned();
         let fenced_mailbox = fence
             .as_ref()
@@ -545,6 +573,7 @@ impl PgDb {
 
     /// Ends a transaction without writing (its closure failed).
     pub(super) fn abort(&self) -> Result<(), StoreError> {
+        IN_TX.with(|t| t.set(false));
         self.tx.call(Mark::End, |c| c.batch_execute("ROLLBACK"))
     }
 }

@@ -205,6 +205,19 @@ async fn three_daemons_on_two_mailboxes_take_in_every_message_once() {
     );
 }
 
+/// One mailbox holding 800 new threads from 4 customers: the setup, the
+/// number of messages, the number of customers.
+fn one_mailbox_filled(pg: &Postgres, db: &str, tag: &str) -> (Setup, usize, usize) {
+    let customers = 4;
+    let mut users = vec!["support", "tier2"];
+    let names: Vec<String> = (0..customers).map(|c| format!("c{c}")).collect();
+    users.extend(names.iter().map(String::as_str));
+    let s = cluster(pg, db, &users, &[("support", "support")]);
+    let n = 800;
+    seed(&s, "support", tag, n, customers);
+    (s, n, customers)
+}
+
 /// Starts `n1`, waits until it watches the mailbox and has taken some
 /// mail in, then starts `n2`.
 async fn holder_mid_ingest(s: &Setup, progress: usize) -> (Daemon, Daemon) {
@@ -224,13 +237,7 @@ async fn holder_mid_ingest(s: &Setup, progress: usize) -> (Daemon, Daemon) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_lease_holder_s_mailbox_is_taken_over_within_a_lease_and_nothing_is_lost() {
     let pg = Postgres::start();
-    let customers = 4;
-    let mut users = vec!["support", "tier2"];
-    let names: Vec<String> = (0..customers).map(|c| format!("c{c}")).collect();
-    users.extend(names.iter().map(String::as_str));
-    let s = cluster(&pg, "it_kill", &users, &[("support", "support")]);
-    let n = 800;
-    seed(&s, "support", "k", n, customers);
+    let (s, n, customers) = one_mailbox_filled(&pg, "it_kill", "k");
     let (mut n1, n2) = holder_mid_ingest(&s, 50).await;
     assert_eq!(n2.log().matches("lease taken").count(), 0, "n1 holds it");
     n1.kill();
@@ -253,13 +260,7 @@ async fn a_killed_lease_holder_s_mailbox_is_taken_over_within_a_lease_and_nothin
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_lease_holder_that_wakes_up_writes_nothing_and_steps_back() {
     let pg = Postgres::start();
-    let customers = 4;
-    let mut users = vec!["support", "tier2"];
-    let names: Vec<String> = (0..customers).map(|c| format!("c{c}")).collect();
-    users.extend(names.iter().map(String::as_str));
-    let s = cluster(&pg, "it_pause", &users, &[("support", "support")]);
-    let n = 800;
-    seed(&s, "support", "p", n, customers);
+    let (s, n, customers) = one_mailbox_filled(&pg, "it_pause", "p");
     let (n1, n2) = holder_mid_ingest(&s, 50).await;
     n1.signal("STOP");
     // Paused past its lease (and past the database's limit on a session

@@ -63,13 +63,33 @@ fn case_of<'a>(cases: &'a [Value], customer: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no case of {customer}: {cases:?}"))
 }
 
+const USERS: [&str; 6] = ["support", "billing", "alice", "bob", "tier2", "fin"];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_customer_is_answered_from_the_queue_they_wrote_to_and_a_cross_queue_reply_joins_its_case(
 ) {
-    let s = two_queues(
-        &["support", "billing", "alice", "bob", "tier2", "fin"],
-        None,
+    answered_from_their_queue(two_queues(&USERS, None)).await;
+}
+
+/// The same with the store in PostgreSQL (issue 12).
+#[tokio::test(flavor = "multi_thread")]
+async fn on_postgresql_each_customer_is_answered_from_their_queue_and_a_cross_queue_reply_joins_its_case(
+) {
+    let pg = crate::postgres_server::Postgres::start();
+    let s = two_queues(&USERS, None);
+    let text = std::fs::read_to_string(&s.config).unwrap().replacen(
+        "[store]\n",
+        &format!(
+            "[store]\nengine = \"postgres\"\nurl = \"{}\"\nsecurity = \"plain\"\n",
+            pg.database("it_queues")
+        ),
+        1,
     );
+    std::fs::write(&s.config, text).unwrap();
+    answered_from_their_queue(s).await;
+}
+
+async fn answered_from_their_queue(s: Setup) {
     let stack = &s.stack;
     let to = |user: &str| [MailStack::addr(user)];
     let send = |from: &str, to_user: &str, raw: &[u8]| {
