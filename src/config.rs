@@ -1046,10 +1046,19 @@ impl Config {
             },
             match &self.store.engine {
                 StoreEngine::Sled => format!("sled in {}", self.store.path.display()),
-                StoreEngine::Postgres { url, security, .. } => format!(
-                    "postgres (url from {}, {security}), node files in {}",
+                StoreEngine::Postgres {
+                    url,
+                    security,
+                    pool,
+                    ..
+                } => format!(
+                    "postgres (url from {}, {security}, {pool} connections), node files in {}\n  \
+                     cluster: node {}, lease {}, claim {}",
                     url.key().replace("password", "url"),
-                    self.store.path.display()
+                    self.store.path.display(),
+                    self.cluster.node.as_deref().unwrap_or("(host name and pid)"),
+                    humantime::format_duration(self.cluster.lease),
+                    humantime::format_duration(self.cluster.claim),
                 ),
             },
         ));
