@@ -1051,7 +1051,8 @@ impl Config {
                     security,
                     pool,
                     ..
-                } => format!(
+                } =>
+                    format!(
                     "postgres (url from {}, {security}, {pool} connections), node files in {}\n  \
                      cluster: node {}, lease {}, claim {}",
                     url.key().replace("password", "url"),

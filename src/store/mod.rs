@@ -323,6 +323,7 @@ impl Store {
             on_commit: Vec::new(),
             undo: Vec::new(),
             fence: None,
+            reads: Default::default(),
         };
         let out = f(&mut tx)?;
         // Each key once, with its last value: a chunk of messages writes
@@ -666,6 +667,9 @@ pub struct Tx<'s> {
     undo: Vec<Undo>,
     /// The mailbox lease this transaction's writes depend on.
     fence: Option<Fence>,
+    /// On a shared engine, values read from the store in this
+    /// transaction (see [`Tx::get_bytes`]).
+    reads: std::cell::RefCell<HashMap<(Tree, Vec<u8>), Written>>,
 }
 
 /// What a transaction wrote under a key: a value, or None for removed.
@@ -747,10 +751,24 @@ impl<'s> Tx<'s> {
     }
 
     fn get_bytes(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.overlay.get(&(t, key.to_vec())) {
-            Some(v) => Ok(v.as_deref().map(<[u8]>::to_vec)),
-            None => self.store.db.get(t, key),
+        let k = (t, key.to_vec());
+        if let Some(v) = self.overlay.get(&k) {
+            return Ok(v.as_deref().map(<[u8]>::to_vec));
         }
+        if self.store.db.is_local() {
+            return self.store.db.get(t, key);
+        }
+        // A shared engine: a read is a round trip, and a message's work
+        // reads some keys twice. Nobody else writes while this
+        // transaction holds the store's lock, so a value read once stays.
+        if let Some(v) = self.reads.borrow().get(&k) {
+            return Ok(v.as_deref().map(<[u8]>::to_vec));
+        }
+        let v = self.store.db.get(t, key)?;
+        self.reads
+            .borrow_mut()
+            .insert(k, v.as_deref().map(Arc::from));
+        Ok(v)
     }
 
     fn get<T: DeserializeOwned>(&self, t: Tree, key: &[u8]) -> Result<Option<T>> {

@@ -137,6 +137,8 @@ impl Session {
         }
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
+            // Statements belong to the connection that prepared them.
+            STATEMENTS.with(|s| s.borrow_mut().clear());
             let mut c = match self.connect() {
                 Ok(c) => c,
                 Err(e) => return Err(StoreError::Unavailable(crate::error_chain(&e))),
@@ -260,11 +262,26 @@ pub(super) struct PgDb {
 }
 
 thread_local! {
+    /// A lane's prepared statements by their text (each lane is a thread
+    /// with one connection): a query then costs one round trip, not two
+    /// (prepare, then execute).
+    static STATEMENTS: std::cell::RefCell<std::collections::HashMap<String, ::postgres::Statement>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
     /// This thread is inside a store transaction (between begin and
     /// commit or abort).
     static IN_TX: Cell<bool> = const { Cell::new(false) };
     /// The lane this thread reads on outside transactions.
     static LANE: std::cell::OnceCell<usize> = const { std::cell::OnceCell::new() };
+}
+
+/// The statement for `sql` on this lane's connection, prepared once.
+fn prepared(c: &mut Client, sql: &str) -> Result<::postgres::Statement, postgres::Error> {
+    if let Some(st) = STATEMENTS.with(|s| s.borrow().get(sql).cloned()) {
+        return Ok(st);
+    }
+    let st = c.prepare(sql)?;
+    STATEMENTS.with(|s| s.borrow_mut().insert(sql.to_string(), st.clone()));
+    Ok(st)
 }
 
 /// The fewest connections a store opens: one for transactions, one for
@@ -369,10 +386,11 @@ impl PgDb {
     pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let (tree, key) = (tree_id(t), key.to_vec());
         self.call(move |c| {
-            let row = c.query_opt(
+            let st = prepared(
+                c,
                 "SELECT value FROM escalator_kv WHERE tree = $1 AND key = $2",
-                &[&tree, &key],
             )?;
+            let row = c.query_opt(&st, &[&tree, &key])?;
             Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
         })
     }
@@ -476,8 +494,8 @@ impl PgDb {
     /// Opens a transaction holding the store's lock (see the module).
     pub(super) fn begin(&self) -> Result<(), StoreError> {
         self.tx.call(Mark::Begin, |c| {
-            c.batch_execute("BEGIN")?;
-            c.execute("SELECT pg_advisory_xact_lock($1)", &[&TX_LOCK])?;
+            // One round trip (the lock's number is ours, not input).
+            c.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({TX_LOCK})"))?;
             Ok(())
         })?;
         IN_TX.with(|t| t.set(true));
@@ -526,10 +544,11 @@ impl PgDb {
                     // store's lock, so a node that takes the mailbox
                     // over after this check reads (inside its own
                     // transactions) everything this one commits.
-                    let row = c.query_opt(
+                    let st = prepared(
+                        c,
                         "SELECT holder, token FROM escalator_leases WHERE mailbox = $1",
-                        &[&f.mailbox],
                     )?;
+                    let row = c.query_opt(&st, &[&f.mailbox])?;
                     let held = row.is_some_and(|r| {
                         r.get::<_, String>(0) == f.holder && r.get::<_, i64>(1) == f.token
                     });
@@ -539,26 +558,29 @@ impl PgDb {
                     }
                 }
                 if !put_t.is_empty() {
-                    c.execute(
+                    let st = prepared(
+                        c,
                         "INSERT INTO escalator_kv (tree, key, value) \
                          SELECT * FROM unnest($1::int2[], $2::bytea[], $3::bytea[]) \
                          ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
-                        &[&put_t, &put_k, &put_v],
                     )?;
+                    c.execute(&st, &[&put_t, &put_k, &put_v])?;
                 }
                 if !del_t.is_empty() {
-                    c.execute(
+                    let st = prepared(
+                        c,
                         "DELETE FROM escalator_kv k \
                          USING unnest($1::int2[], $2::bytea[]) AS d(tree, key) \
                          WHERE k.tree = d.tree AND k.key = d.key",
-                        &[&del_t, &del_k],
                     )?;
+                    c.execute(&st, &[&del_t, &del_k])?;
                 }
                 if wakes {
                     // Delivered when (and only if) the commit succeeds.
-                    c.batch_execute(&format!("NOTIFY {CHANNEL}"))?;
+                    c.batch_execute(&format!("NOTIFY {CHANNEL}; COMMIT"))
+                } else {
+                    c.batch_execute("COMMIT")
                 }
-                c.batch_execute("COMMIT")
             })();
             if written.is_err() {
                 let _ = c.batch_execute("ROLLBACK");
@@ -604,20 +626,26 @@ impl Iterator for Range<'_> {
             let page = self.db.call(move |c| {
                 let op = if inclusive { ">=" } else { ">" };
                 let rows = match &end {
-                    Some(e) => c.query(
-                        &format!(
-                            "SELECT key, value FROM escalator_kv WHERE tree = $1 AND key {op} $2 \
-                             AND key < $3 ORDER BY key LIMIT {PAGE}"
-                        ),
-                        &[&tree, &from, e],
-                    )?,
-                    None => c.query(
-                        &format!(
-                            "SELECT key, value FROM escalator_kv WHERE tree = $1 AND key {op} $2 \
-                             ORDER BY key LIMIT {PAGE}"
-                        ),
-                        &[&tree, &from],
-                    )?,
+                    Some(e) => {
+                        let st = prepared(
+                            c,
+                            &format!(
+                                "SELECT key, value FROM escalator_kv WHERE tree = $1 \
+                                 AND key {op} $2 AND key < $3 ORDER BY key LIMIT {PAGE}"
+                            ),
+                        )?;
+                        c.query(&st, &[&tree, &from, e])?
+                    }
+                    None => {
+                        let st = prepared(
+                            c,
+                            &format!(
+                                "SELECT key, value FROM escalator_kv WHERE tree = $1 \
+                                 AND key {op} $2 ORDER BY key LIMIT {PAGE}"
+                            ),
+                        )?;
+                        c.query(&st, &[&tree, &from])?
+                    }
                 };
                 Ok(rows
                     .into_iter()
