@@ -247,6 +247,59 @@ async fn reload_on_hangup(live: Arc<Live>, wake: Arc<Wakers>, cancel: Cancellati
     }
 }
 
+/// A store failure a worker cannot ride out (a full disk) stops the
+/// daemon: better a loud exit than taking mail in that cannot be kept.
+#[derive(Clone, Default)]
+struct Fatal {
+    stop: CancellationToken,
+    error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Fatal {
+    fn fail(&self, e: &StoreError) {
+        let text = crate::error_chain(e);
+        tracing::error!(error = %text, "stopping: the store cannot take more mail");
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        self.stop.cancel();
+    }
+}
+
+/// Starts the mailbox watchers: one per queue on the embedded store; on a
+/// shared store the node's part in the cluster, which starts a watcher
+/// for each mailbox whose lease it gets and stops it when it goes.
+fn watch_mailboxes(
+    tracker: &TaskTracker,
+    watchers: Vec<Watcher>,
+    cluster: Option<crate::cluster::Membership>,
+    fatal: &Fatal,
+    cancel: &CancellationToken,
+) {
+    let (fatal, cancel) = (fatal.clone(), cancel.clone());
+    match cluster {
+        None => {
+            for watcher in watchers {
+                let (fatal, cancel) = (fatal.clone(), cancel.clone());
+                let span = tracing::info_span!("mailbox", queue = %watcher.queue);
+                tracker.spawn(
+                    async move {
+                        if let Err(e) = watcher.run(cancel).await {
+                            fatal.fail(&e);
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        Some(membership) => {
+            tracker.spawn(async move {
+                if let Err(e) = membership.run(cancel).await {
+                    fatal.fail(&e);
+                }
+            });
+        }
+    }
+}
+
 /// Runs until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let Parts {
@@ -268,60 +321,24 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     ));
     let pending = store.outbox_depth()?;
     tracing::info!(store = %store.path().display(), pending_mail = pending, "escalator started");
-    // A store failure in the watcher stops the daemon: better a loud exit
-    // than taking mail in that cannot be kept.
-    let fatal = CancellationToken::new();
-    let fatal_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let fail = move |slot: &std::sync::Mutex<Option<String>>, e: &StoreError| {
-        let text = crate::error_chain(e);
-        tracing::error!(error = %text, "stopping: the store cannot take more mail");
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
-    };
-    match node {
-        None => {
-            for watcher in watchers {
-                let (fatal, slot, cancel) = (fatal.clone(), fatal_error.clone(), cancel.clone());
-                let span = tracing::info_span!("mailbox", queue = %watcher.queue);
-                tracker.spawn(
-                    async move {
-                        if let Err(e) = watcher.run(cancel).await {
-                            fail(&slot, &e);
-                            fatal.cancel();
-                        }
-                    }
-                    .instrument(span),
-                );
-            }
-        }
-        Some(me) => {
-            // The watchers come and go with this node's leases.
-            drop(watchers);
-            let spawn: crate::cluster::Spawn = {
-                let (config, ingestor, wake) =
-                    (config.clone(), ingestor.clone(), scheduler.wake.clone());
-                Arc::new(move |queue: &str, fence, stop| {
-                    let w = Watcher::new(config.clone(), queue, ingestor.clone(), wake.clone())
-                        .fenced(fence);
-                    let span = tracing::info_span!("mailbox", queue = %queue);
-                    tokio::spawn(w.run(stop).instrument(span))
-                })
-            };
-            let membership = crate::cluster::Membership {
-                store: store.clone(),
-                me,
-                lease: config.cluster.lease,
-                queues: config.queues.iter().map(|q| q.name.clone()).collect(),
-                spawn,
-            };
-            let (fatal, slot, cancel) = (fatal.clone(), fatal_error.clone(), cancel.clone());
-            tracker.spawn(async move {
-                if let Err(e) = membership.run(cancel).await {
-                    fail(&slot, &e);
-                    fatal.cancel();
-                }
-            });
-        }
-    }
+    let fatal = Fatal::default();
+    let cluster = node.map(|me| crate::cluster::Membership {
+        store: store.clone(),
+        me,
+        lease: config.cluster.lease,
+        queues: config.queues.iter().map(|q| q.name.clone()).collect(),
+        spawn: {
+            let (config, ingestor, wake) =
+                (config.clone(), ingestor.clone(), scheduler.wake.clone());
+            Arc::new(move |queue: &str, fence, stop| {
+                let w = Watcher::new(config.clone(), queue, ingestor.clone(), wake.clone())
+                    .fenced(fence);
+                let span = tracing::info_span!("mailbox", queue = %queue);
+                tokio::spawn(w.run(stop).instrument(span))
+            })
+        },
+    });
+    watch_mailboxes(&tracker, watchers, cluster, &fatal, &cancel);
     tracker.spawn(scheduler.run(cancel.clone()));
     tracker.spawn(outbox.run(cancel.clone()));
     if let Some(listen) = live.get().metrics.listen {
@@ -338,7 +355,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     tracker.close();
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down: finishing current work"),
-        _ = fatal.cancelled() => {}
+        _ = fatal.stop.cancelled() => {}
     }
     cancel.cancel();
     if tokio::time::timeout(EXIT_DEADLINE, tracker.wait())
@@ -351,7 +368,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     }
     store.flush_async().await?;
     tracing::info!("stopped");
-    let failed = fatal_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let failed = fatal.error.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failed {
         Some(e) => Err(anyhow::anyhow!(e)),
         None => Ok(()),
