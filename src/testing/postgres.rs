@@ -148,6 +148,21 @@ impl Postgres {
             .args(["-w", "-m", "fast", "restart"]));
     }
 
+    /// Kills the server as a power cut would (immediate stop: no
+    /// checkpoint, clients cut, recovery from the WAL at start) and
+    /// starts it again.
+    pub fn crash_restart(&self) {
+        let data = self.dir.path().join("data");
+        // `restart` starts it with the options it ran with (its port).
+        run(self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-m", "immediate", "restart"]));
+    }
+
     /// The URL of database `name`, created on first use. (On a thread of
     /// its own: the blocking client must not run inside a tokio test.)
     pub fn database(&self, name: &str) -> String {

@@ -311,3 +311,21 @@ async fn a_paused_lease_holder_that_wakes_up_writes_nothing_and_steps_back() {
     assert_eq!(status["mailboxes"][0]["holder"], "n2", "{status}");
     each_message_once_and_one_ack_each(&s, &cases, n, customers).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgresql_killed_mid_ingest_under_two_daemons_loses_and_doubles_nothing() {
+    // An immediate stop: no checkpoint, every connection cut, the server
+    // recovers from its WAL. What was committed stays; what was not is
+    // fetched again from the mailbox.
+    let pg = Postgres::start();
+    let (s, n, customers) = one_mailbox_filled(&pg, "it_pgcrash", "x");
+    let (n1, n2) = holder_mid_ingest(&s, 50).await;
+    pg.crash_restart();
+    let cases = until_done(&s, n, Duration::from_secs(240), &[&n1, &n2]).await;
+    each_message_once_and_one_ack_each(&s, &cases, n, customers).await;
+    let log = n1.log() + &n2.log();
+    assert!(
+        log.contains("cannot be reached") || log.contains("connection"),
+        "the daemons noticed the database go: {log}"
+    );
+}
