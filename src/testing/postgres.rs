@@ -136,6 +136,19 @@ impl Postgres {
 
     /// Restarts the server (fast shutdown: every connection is cut).
     pub fn restart(&self) {
+        self.restart_in("fast");
+    }
+
+    /// Kills the server as a power cut would (immediate stop: no
+    /// checkpoint, clients cut, recovery from the WAL at start) and
+    /// starts it again.
+    pub fn crash_restart(&self) {
+        self.restart_in("immediate");
+    }
+
+    /// `pg_ctl restart` starts the server with the options it ran with
+    /// (its port), stopping it in shutdown `mode`.
+    fn restart_in(&self, mode: &str) {
         let data = self.dir.path().join("data");
         run(self
             .cmd("pg_ctl")
@@ -145,22 +158,7 @@ impl Postgres {
             // the new server and never end.
             .arg("-l")
             .arg(self.dir.path().join("log"))
-            .args(["-w", "-m", "fast", "restart"]));
-    }
-
-    /// Kills the server as a power cut would (immediate stop: no
-    /// checkpoint, clients cut, recovery from the WAL at start) and
-    /// starts it again.
-    pub fn crash_restart(&self) {
-        let data = self.dir.path().join("data");
-        // `restart` starts it with the options it ran with (its port).
-        run(self
-            .cmd("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(self.dir.path().join("log"))
-            .args(["-w", "-m", "immediate", "restart"]));
+            .args(["-w", "-m", mode, "restart"]));
     }
 
     /// The URL of database `name`, created on first use. (On a thread of
