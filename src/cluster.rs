@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Fence, NodeInfo, Store, StoreError};
+use crate::template::printable;
 
 /// This node's name: `run --node` (or `ESCALATOR_NODE`), else `[cluster]
 /// node`, else the host name and the pid (unique on a machine, new after
@@ -497,7 +498,8 @@ pub fn status(
 }
 
 impl Status {
-    /// The text a person reads.
+    /// The text a person reads (names from the database escaped, as all
+    /// stored text is in the CLI's human output).
     pub fn text(&self, now: chrono::DateTime<chrono::Utc>) -> String {
         use std::fmt::Write;
         let mut out = String::new();
@@ -517,9 +519,9 @@ impl Status {
                 let _ = writeln!(
                     out,
                     "  {:<24} {:<5} last seen {ago:.1}s ago  (host {}, pid {}, since {})",
-                    n.node,
+                    printable(&n.node),
                     if n.alive { "alive" } else { "gone" },
-                    n.host,
+                    printable(&n.host),
                     n.pid,
                     crate::case::rfc3339(n.started_at),
                 );
@@ -535,14 +537,19 @@ impl Status {
                     (Some(h), Some(until)) => {
                         let _ = writeln!(
                             out,
-                            "  {:<24} held by {h} until {} (token {}){extra}",
-                            m.mailbox,
+                            "  {:<24} held by {} until {} (token {}){extra}",
+                            printable(&m.mailbox),
+                            printable(h),
                             crate::case::rfc3339(until),
                             m.token.unwrap_or_default(),
                         );
                     }
                     _ => {
-                        let _ = writeln!(out, "  {:<24} not watched by any node{extra}", m.mailbox);
+                        let _ = writeln!(
+                            out,
+                            "  {:<24} not watched by any node{extra}",
+                            printable(&m.mailbox)
+                        );
                     }
                 }
             }
@@ -576,6 +583,56 @@ mod tests {
         // Renewals come every third of the lease: the margin leaves two
         // tries before stopping.
         assert!(m < lease / 3 && m > Duration::ZERO, "{m:?}");
+    }
+
+    #[test]
+    fn status_text_names_holders_and_escapes_what_the_database_holds() {
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let status = Status {
+            engine: "postgres",
+            nodes: vec![crate::store::NodeRow {
+                node: "eu-1\x1b[31m".into(),
+                host: "h".into(),
+                pid: 7,
+                started_at: at,
+                last_seen: at,
+                alive: true,
+            }],
+            mailboxes: vec![
+                MailboxStatus {
+                    mailbox: "sales".into(),
+                    holder: Some("eu-1".into()),
+                    token: Some(4),
+                    expires_at: Some(at),
+                    configured: true,
+                },
+                MailboxStatus {
+                    mailbox: "old".into(),
+                    holder: None,
+                    token: None,
+                    expires_at: None,
+                    configured: false,
+                },
+            ],
+            outbox_depth: 3,
+            due_timers: 2,
+        };
+        let text = status.text(at + chrono::Duration::seconds(2));
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(text.contains("alive last seen 2.0s ago"), "{text}");
+        assert!(
+            text.contains("sales") && text.contains("held by eu-1 until"),
+            "{text}"
+        );
+        assert!(text.contains("(token 4)"), "{text}");
+        assert!(
+            text.contains("not watched by any node  (not in this config)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox depth: 3") && text.contains("due timers: 2"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -99,11 +99,11 @@ pub fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Runs blocking work (a store transaction) from async code without
-/// holding up the other tasks of the runtime's worker: on a multi-thread
-/// runtime the worker hands its other tasks over first (a lease renewal
-/// must not wait behind an ingest commit); on a single-thread runtime
-/// (tests in paused time) it just runs.
+/// Runs blocking work (a store transaction) without holding up the other
+/// tasks of a runtime worker: on a multi-thread runtime the worker hands
+/// its other tasks over first (a lease renewal must not wait behind an
+/// ingest commit); elsewhere (a plain thread, the blocking pool, a
+/// single-thread runtime in paused-time tests) it just runs.
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),

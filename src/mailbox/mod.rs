@@ -323,10 +323,8 @@ impl Watcher {
                 };
                 let why = format!("the server would not FETCH uid {}: {}", rest[0], t.error);
                 tracing::error!(uid = rest[0], error = %t.error, "fetching this message failed {FETCH_ATTEMPTS} times; quarantined");
-                crate::blocking(|| {
-                    self.ingestor
-                        .quarantine_unfetched(&src, &why, self.fence.as_ref())
-                })?;
+                self.ingestor
+                    .quarantine_unfetched(&src, &why, self.fence.as_ref())?;
                 report.quarantined += 1;
                 self.clear_trouble(folder);
                 rest = &rest[1..];
@@ -394,10 +392,10 @@ impl Watcher {
                     }
                     end += 1;
                 }
-                outcomes.extend(crate::blocking(|| {
+                outcomes.extend(
                     self.ingestor
-                        .ingest_batch_fenced(&items[start..end], self.fence.as_ref())
-                })?);
+                        .ingest_batch_fenced(&items[start..end], self.fence.as_ref())?,
+                );
                 start = end;
             }
             let m = &crate::metrics::METRICS;

@@ -594,6 +594,37 @@ pub(crate) mod tests {
         assert_eq!(sends(&s), 2);
     }
 
+    #[test]
+    fn daemons_sharing_a_directory_take_journal_slots_and_settle_a_dead_one_s() {
+        // Two daemons of a cluster on one machine, one config, one `path`:
+        // a shared journal would let one empty the other's lines.
+        let s = setup(&[1, 2], true);
+        let dir = tempfile::tempdir().unwrap();
+        let a = journal::Journal::open_slot(dir.path()).unwrap();
+        let b = journal::Journal::open_slot(dir.path()).unwrap();
+        assert!(dir.path().join("sent-0.journal").exists());
+        assert!(dir.path().join("sent-1.journal").exists(), "a slot each");
+        // b had entry 2 accepted by the server, then died.
+        b.record(2).unwrap();
+        drop(b);
+        let now = s.clock.now();
+        // a's own slot is held: nothing of it is touched; b's is settled.
+        a.record(1).unwrap();
+        let settled = journal::Journal::settle_orphans(dir.path(), &s.outbox.store, now).unwrap();
+        assert_eq!(settled, 1);
+        assert_eq!(state(&s, 2), OutboxState::Sent);
+        assert_eq!(
+            state(&s, 1),
+            OutboxState::Pending,
+            "a is alive: its line stays its own"
+        );
+        // A daemon started now takes the dead one's slot.
+        let c = journal::Journal::open_slot(dir.path()).unwrap();
+        c.record(7).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("sent-1.journal")).unwrap();
+        assert_eq!(text, "7\n", "the settled journal was emptied, then reused");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_entry_settled_since_the_snapshot_is_not_sent() {
         // Race: the drain read its list, then the confirmation copy marked

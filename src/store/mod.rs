@@ -312,6 +312,16 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
+        // Called from async workers too: a transaction (its waits for the
+        // store's lock, its round trips) must not hold up the other tasks
+        // of a runtime worker (a lease renewal behind an ingest commit).
+        crate::blocking(|| self.transact_here(f))
+    }
+
+    fn transact_here<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
         let guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         self.db.begin()?;
         // Ends the engine's transaction however `f` leaves (an error, a
