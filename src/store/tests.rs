@@ -940,3 +940,37 @@ fn cursor(uid_validity: u32, last_uid: u32) -> Cursor {
         last_uid,
     }
 }
+
+#[test]
+fn a_migration_and_daemons_exclude_each_other_and_daemons_share() {
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let open = |n: &str| pg_store(&pg, "locks", &dir.path().join(n));
+    let (a, b) = (open("a"), open("b"));
+    // Two daemons of a cluster: both run.
+    ok(a.lock_for_daemon());
+    ok(b.lock_for_daemon());
+    // `store migrate` into that database is refused while they run...
+    let migrate = open("m");
+    assert!(matches!(migrate.lock_out_daemons(), Err(StoreError::InUse)));
+    drop((a, b));
+    // ...and takes it once they are gone (their sessions end a moment
+    // after the connections close); a daemon starting then is refused
+    // until the copy is done.
+    let until = |f: &dyn Fn() -> Result<()>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match f() {
+                Err(StoreError::InUse) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                r => return r,
+            }
+        }
+    };
+    ok(until(&|| migrate.lock_out_daemons()));
+    let late = open("c");
+    assert!(matches!(late.lock_for_daemon(), Err(StoreError::InUse)));
+    drop(migrate);
+    ok(until(&|| late.lock_for_daemon()));
+}

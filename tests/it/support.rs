@@ -838,6 +838,11 @@ impl Setup {
         self.daemon_with(&["--node", node], node)
     }
 
+    /// The same with its /metrics on `listen` (`run --metrics-listen`).
+    pub fn node_with_metrics(&self, node: &str, listen: &str) -> Daemon {
+        self.daemon_with(&["--node", node, "--metrics-listen", listen], node)
+    }
+
     fn daemon_with(&self, args: &[&str], tag: &str) -> Daemon {
         let log = self
             .config
@@ -1008,12 +1013,40 @@ impl SmtpClient {
 }
 
 /// Runs the escalator binary with `args`.
+/// Runs the CLI and asserts it succeeded (its stderr in the failure).
+pub fn escalator_ok(args: &[&str]) -> Output {
+    let out = escalator(args);
+    assert!(
+        out.status.success(),
+        "escalator {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn escalator(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_escalator"))
         .args(args)
         .env("ESCALATOR_LOG", "info")
         .output()
         .expect("cannot run escalator")
+}
+
+/// Sum of a Prometheus metric's samples at `port` (None: no answer).
+pub fn scrape(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    Some(
+        out.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix(name))
+            .filter(|rest| rest.starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
 }
 
 /// A simple customer mail.
