@@ -148,7 +148,7 @@ impl Ingestor {
     ) -> Result<Vec<Outcome>, StoreError> {
         let all: Vec<Item<'_>> = items.iter().map(|(_, i)| *i).collect();
         self.ensure_space(&all)?;
-        self.store.transact(|tx| {
+        let together = self.store.transact(|tx| {
             if let Some(f) = fence {
                 tx.fence(f.clone());
             }
@@ -156,6 +156,63 @@ impl Ingestor {
                 .iter()
                 .map(|(src, item)| self.ingest_one(tx, Some(src), *item))
                 .collect()
+        });
+        match together {
+            Err(e) if e.may_belong_to_one_write() => {
+                tracing::warn!(error = %crate::error_chain(&e), messages = items.len(), "the store refused a chunk of messages; trying them one by one");
+                items
+                    .iter()
+                    .map(|(src, item)| self.ingest_alone(src, *item, fence))
+                    .collect()
+            }
+            r => r,
+        }
+    }
+
+    /// One message in a transaction of its own, after its chunk failed to
+    /// commit: a message the store refuses (a value it cannot index, say)
+    /// is quarantined with the store's words, and the mailbox goes on.
+    fn ingest_alone(
+        &self,
+        src: &Source,
+        item: Item<'_>,
+        fence: Option<&Fence>,
+    ) -> Result<Outcome, StoreError> {
+        let fenced = |tx: &mut Tx<'_>| {
+            if let Some(f) = fence {
+                tx.fence(f.clone());
+            }
+        };
+        let e = match self.store.transact(|tx| {
+            fenced(tx);
+            self.ingest_one(tx, Some(src), item)
+        }) {
+            Err(e) if e.may_belong_to_one_write() => e,
+            r => return r,
+        };
+        let why = format!("the store refused this message: {}", crate::error_chain(&e));
+        let raw = match item {
+            Item::Bytes { raw, .. } => raw,
+            Item::Refused(_) => &[][..],
+        };
+        let now = self.clock.now();
+        let kept = self.store.transact(|tx| -> Result<Outcome, StoreError> {
+            fenced(tx);
+            let out = self.quarantine(tx, Some(src), raw, &why, now, false)?;
+            self.advance_cursor(tx, Some(src))?;
+            Ok(out)
+        });
+        match kept {
+            Err(e) if e.may_belong_to_one_write() => {}
+            r => return r,
+        }
+        // Not even its bytes can be kept: recorded without them, as a
+        // message to fetch again from the server when a person retries.
+        self.store.transact(|tx| {
+            fenced(tx);
+            let out = self.quarantine(tx, Some(src), &[], &why, now, true)?;
+            self.advance_cursor(tx, Some(src))?;
+            Ok(out)
         })
     }
 
@@ -593,6 +650,10 @@ fn dkim_ok(mail: &InboundMail, sender: &str, config: &Config) -> bool {
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     format!("panic while processing: {}", crate::panic_text(p))
 }
+
+#[cfg(test)]
+#[path = "ingest/hostile.rs"]
+mod hostile;
 
 #[cfg(test)]
 pub(crate) mod tests {

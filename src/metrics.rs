@@ -131,6 +131,9 @@ pub struct Metrics {
     /// Ingest commits refused because this node had lost the mailbox's
     /// lease (a cluster on PostgreSQL).
     pub fenced: AtomicU64,
+    /// Store failures a mailbox watcher retried (the database unreachable,
+    /// its lock not had in time, a refused write).
+    pub store_errors: AtomicU64,
     pub smtp_errors: AtomicU64,
     pub timers_fired: AtomicU64,
     /// Times the scheduler woke up (a timer, or new mail changing timers).
@@ -247,6 +250,12 @@ fn render(store: &Store) -> String {
         "escalator_fenced_writes_total",
         "Ingest commits refused because another node had taken the mailbox's lease.",
         &m.fenced,
+    );
+    counter(
+        &mut out,
+        "escalator_store_errors_total",
+        "Store failures a mailbox watcher retried with backoff.",
+        &m.store_errors,
     );
     counter(
         &mut out,

@@ -131,23 +131,30 @@ impl Watcher {
             .is_empty()
     }
 
-    /// Watches until cancelled. Server trouble (and a store database
-    /// that cannot be reached for a while) is logged and retried with
-    /// backoff, forever; any other store failure (a full disk, a lease
-    /// lost to another node) is returned, because going on could only
-    /// lose or double mail.
+    /// Watches until cancelled. Server trouble and store failures are
+    /// logged and retried with backoff, forever; only a store failure
+    /// after which going on could lose or double mail (a full disk, a
+    /// lease lost to another node) is returned.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), StoreError> {
         let mut failures: u32 = 0;
         loop {
             match self.session(&cancel, &mut failures).await {
                 Ok(()) => return Ok(()),
-                Err(WatchError::Store(e)) if !e.is_transient() => return Err(e),
+                Err(WatchError::Store(e)) if e.stops_a_watcher() => return Err(e),
                 Err(WatchError::Store(e)) => {
                     // Nothing of the failed transaction was written: the
-                    // folder is read again from its cursor.
+                    // folder is read again from its cursor. A failure one
+                    // message caused was set aside already (see
+                    // `Ingestor::ingest_batch`), so what is left is the
+                    // store's as a whole: retried, never a reason to stop.
                     failures += 1;
                     let wait = Duration::from_secs((1u64 << failures.min(5)).min(30));
-                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "the store's database cannot be reached; retrying");
+                    crate::metrics::inc(&crate::metrics::METRICS.store_errors);
+                    if e.is_transient() {
+                        tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "the store's database cannot be reached; retrying");
+                    } else {
+                        tracing::error!(error = %crate::error_chain(&e), retry_in = ?wait, "the store failed; retrying");
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(wait) => {}

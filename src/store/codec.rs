@@ -76,8 +76,57 @@ pub(super) fn read_u64(v: &[u8]) -> Option<u64> {
 }
 
 /// `text \0 bytes`: a text key with something after it.
+/// The longest text (an address, a Message-ID) kept as itself at the
+/// front of a key. Longer ones, and any holding a NUL (it would end the
+/// text early and share a prefix with another's), are kept as a marker
+/// byte and their hash: a sender picks these texts, and PostgreSQL's
+/// index refuses a key over about 2.7 KB, which failed the whole commit.
+/// Real addresses stop at 254 bytes and Message-IDs at a header line.
+pub(super) const KEY_TEXT_MAX: usize = 1024;
+
+/// Starts a hashed key text: 0xFF never occurs in UTF-8, so no text kept
+/// as itself can look like one.
+const HASHED: u8 = 0xFF;
+
+/// How `text` stands at the front of a key (see [`KEY_TEXT_MAX`]).
+pub(super) fn key_text(text: &str) -> std::borrow::Cow<'_, [u8]> {
+    key_bytes(text.as_bytes())
+}
+
+/// [`key_text`] of a text's bytes (an older key's, read back).
+pub(super) fn key_bytes(b: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if b.len() <= KEY_TEXT_MAX && !b.contains(&0) {
+        return std::borrow::Cow::Borrowed(b);
+    }
+    let mut k = Vec::with_capacity(33);
+    k.push(HASHED);
+    k.extend_from_slice(blake3::hash(b).as_bytes());
+    std::borrow::Cow::Owned(k)
+}
+
+/// An older release's key whose text it kept as itself though it is too
+/// long (or holds a NUL): the key [`key_text`] gives it now. The text is
+/// everything before the tail, whose length each key space fixes (None:
+/// the last NUL starts it, as in `MessageIds`).
+pub(super) fn bounded_key(key: &[u8], tail: Option<usize>) -> Option<Vec<u8>> {
+    let sep = match tail {
+        Some(n) => key.len().checked_sub(n + 1)?,
+        None => key.iter().rposition(|b| *b == 0)?,
+    };
+    let text = &key[..sep];
+    if key.get(sep) != Some(&0)
+        || text.first() == Some(&HASHED)
+        || (text.len() <= KEY_TEXT_MAX && !text.contains(&0))
+    {
+        return None;
+    }
+    let mut k = key_bytes(text).into_owned();
+    k.extend_from_slice(&key[sep..]);
+    Some(k)
+}
+
 pub(super) fn pair_key(text: &str, tail: &[u8]) -> Vec<u8> {
-    let mut k = text.as_bytes().to_vec();
+    let mut k = key_text(text).into_owned();
     k.push(0);
     k.extend_from_slice(tail);
     k

@@ -125,7 +125,37 @@ impl StoreError {
     /// A failure that may pass (the database restarting): workers retry
     /// with backoff instead of stopping the daemon.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Engine(e) => postgres::is_transient(e.as_ref()),
+            _ => false,
+        }
+    }
+
+    /// Must a mailbox watcher stop on this failure? Going on after a
+    /// full disk could half-write the store, and after a lost lease
+    /// another node has the mailbox; anything else is retried.
+    pub fn stops_a_watcher(&self) -> bool {
+        matches!(
+            self,
+            StoreError::DiskFull { .. }
+                | StoreError::Fenced(_)
+                | StoreError::Locked(_)
+                | StoreError::InUse
+                | StoreError::NotShared
+        )
+    }
+
+    /// Could this failure be caused by what one transaction wrote (a
+    /// value the database refuses) rather than by the store as a whole?
+    /// Such a transaction is worth retrying in smaller parts, to find and
+    /// set aside the one message at fault.
+    pub fn may_belong_to_one_write(&self) -> bool {
+        match self {
+            StoreError::Engine(_) => !self.is_transient(),
+            StoreError::Encode(_) | StoreError::EncodeBinary(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -240,6 +270,7 @@ impl Store {
         };
         store.key = store.load_key()?;
         store.build_indexes()?;
+        store.bound_key_texts()?;
         Ok(store)
     }
 
@@ -657,6 +688,48 @@ impl Store {
                 tx.put(Tree::MessageCases, key, Vec::new());
             }
             tx.put(Tree::Meta, b"indexes".to_vec(), VERSION.to_vec());
+            Ok::<_, StoreError>(())
+        })?;
+        self.db.flush()
+    }
+}
+
+impl Store {
+    /// Rewrites keys an older release made of a sender's text as it was,
+    /// however long (see [`codec::KEY_TEXT_MAX`]): they are found again
+    /// under the key the text has now. Once per store, in batches, so a
+    /// large store never holds the lock for long.
+    fn bound_key_texts(&self) -> Result<()> {
+        const DONE: &[u8] = b"key_texts";
+        if self.db.get(Tree::Meta, DONE)?.is_some() {
+            return Ok(());
+        }
+        let spaces = [
+            (Tree::MessageIds, None),
+            (Tree::MessageCases, Some(8)),
+            (Tree::Customers, Some(8)),
+            (Tree::AutoReplies, Some(16)),
+        ];
+        for (tree, tail) in spaces {
+            let mut moves = Vec::new();
+            for r in self.db.range(tree, &[], None) {
+                let (k, v) = r?;
+                if let Some(new) = codec::bounded_key(&k, tail) {
+                    moves.push((k, new, v));
+                }
+            }
+            for chunk in moves.chunks(500) {
+                self.transact(|tx| {
+                    for (old, new, v) in chunk {
+                        tx.remove(tree, old.clone());
+                        tx.put(tree, new.clone(), v.clone());
+                    }
+                    Ok::<_, StoreError>(())
+                })?;
+            }
+        }
+        self.transact(|tx| {
+            tx.put(Tree::Meta, DONE.to_vec(), b"1".to_vec());
             Ok::<_, StoreError>(())
         })?;
         self.db.flush()

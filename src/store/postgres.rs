@@ -109,6 +109,11 @@ impl Session {
         // A statement that hangs (a lost server, a lock held by a stuck
         // node) fails after a minute instead of holding the daemon.
         client.batch_execute("SET statement_timeout = '60s'")?;
+        // Waiting for the store's lock is bounded well below that, and the
+        // failure is transient (see [`is_transient`]): a node stuck while
+        // holding it is ended by the idle limit below within 30 s, and
+        // the waiting nodes try again instead of failing their work.
+        client.batch_execute(&format!("SET lock_timeout = '{}s'", LOCK_WAIT.as_secs()))?;
         // A node paused or cut off inside a store transaction would hold
         // the store's lock, and so every node's writes, for as long as it
         // is stuck: the server ends such a session after 30 s idle
@@ -292,6 +297,32 @@ pub const MIN_POOL: usize = 2;
 /// other processes on the database wake their workers.
 const CHANNEL: &str = "escalator_work";
 
+/// How long a transaction waits for the store's lock before it fails
+/// (transiently) and is tried again.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Is this engine failure one that passes by itself: a lost connection,
+/// a lock not had in time, a cancelled statement, a server shutting down
+/// or short of resources? Anything else (a value the database refuses)
+/// may belong to what one transaction wrote.
+pub(super) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(pg) = e.downcast_ref::<postgres::Error>() else {
+        return false;
+    };
+    if pg.is_closed() {
+        return true;
+    }
+    let Some(code) = pg.code() else {
+        return false;
+    };
+    let code = code.code();
+    ["08", "40", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "55P03" // lock_not_available
+        || code == "25P02" // in_failed_sql_transaction
+}
+
 fn engine(e: postgres::Error) -> StoreError {
     StoreError::Engine(Box::new(e))
 }
@@ -385,14 +416,27 @@ impl PgDb {
 
     pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let (tree, key) = (tree_id(t), key.to_vec());
-        self.call(move |c| {
+        let read = move |c: &mut Client| {
             let st = prepared(
                 c,
                 "SELECT value FROM escalator_kv WHERE tree = $1 AND key = $2",
             )?;
             let row = c.query_opt(&st, &[&tree, &key])?;
             Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
-        })
+        };
+        if t == Tree::Raw {
+            // Stored mail (up to tens of MB) is read away from the
+            // connection that holds the store's lock. A node paused while
+            // the server sends it such a value is not idle in its
+            // transaction, so the server would never end it and every
+            // node would wait for the lock; paused on another connection,
+            // its transaction goes idle and ends after 30 s. The bytes
+            // under a key never change once written (they are only
+            // pruned), and nobody commits while this node holds the lock,
+            // so another connection reads what this transaction would.
+            return self.call_outside(read);
+        }
+        self.call(read)
     }
 
     pub(super) fn contains(&self, t: Tree, key: &[u8]) -> Result<bool, StoreError> {
@@ -495,8 +539,14 @@ impl PgDb {
     pub(super) fn begin(&self) -> Result<(), StoreError> {
         self.tx.call(Mark::Begin, |c| {
             // One round trip (the lock's number is ours, not input).
-            c.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({TX_LOCK})"))?;
-            Ok(())
+            let begun = c.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({TX_LOCK})"));
+            if begun.is_err() {
+                // BEGIN ran and the lock's wait failed (`lock_timeout`):
+                // the session sits in an aborted transaction that would
+                // fail this connection's next statement.
+                let _ = c.batch_execute("ROLLBACK");
+            }
+            begun
         })?;
         IN_TX.with(|t| t.set(true));
         Ok(())

@@ -974,3 +974,40 @@ fn a_migration_and_daemons_exclude_each_other_and_daemons_share() {
     drop(migrate);
     ok(until(&|| late.lock_for_daemon()));
 }
+
+#[test]
+fn r17_keys_an_older_release_made_of_long_texts_are_found_after_the_upgrade() {
+    // Before issue 17 an address or Message-ID went into its keys as it
+    // was, however long; such keys are rewritten once at open, so the
+    // customer's cases and the message are still found.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let long = format!("{}@example.org", "a".repeat(3000));
+    {
+        let s = open_sled(&path);
+        ok(s.transact(|tx| {
+            let mut legacy = long.as_bytes().to_vec();
+            legacy.push(0);
+            legacy.extend_from_slice(&id_key(7));
+            tx.put(Tree::Customers, legacy.clone(), Vec::new());
+            tx.put(Tree::MessageCases, legacy, Vec::new());
+            let mut mid = long.as_bytes().to_vec();
+            mid.push(0);
+            mid.extend_from_slice(b"hash");
+            tx.put(Tree::MessageIds, mid, [id_key(7), id_key(1)].concat());
+            tx.remove(Tree::Meta, b"key_texts".to_vec());
+            Ok::<_, StoreError>(())
+        }));
+    }
+    let s = open_sled(&path);
+    assert_eq!(ok(s.transact(|tx| tx.customer_cases(&long))), vec![7]);
+    assert_eq!(ok(s.cases_with_message_id(&long)), vec![7]);
+    assert!(ok(s.has_message(&long, "hash")));
+    // Nothing is left under a key of the old shape.
+    let longest =
+        s.db.range(Tree::Customers, &[], None)
+            .map(|r| r.unwrap().0.len())
+            .max()
+            .unwrap();
+    assert!(longest < 64, "{longest}");
+}

@@ -277,7 +277,7 @@ impl<'s> Tx<'s> {
         at_most: usize,
     ) -> Result<usize> {
         let from = codec::pair_key(recipient, &since.timestamp_millis().to_be_bytes());
-        let mut end = recipient.as_bytes().to_vec();
+        let mut end = codec::key_text(recipient).into_owned();
         end.push(1);
         let mut keys: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
         for r in self
