@@ -34,7 +34,7 @@ use super::StoreError;
 
 /// The advisory lock every store transaction takes (any number; this one
 /// spells "escl").
-const TX_LOCK: i64 = 0x6573_636c;
+pub(super) const TX_LOCK: i64 = 0x6573_636c;
 /// The advisory lock a daemon holds (shared) while it runs; `store
 /// migrate` takes it exclusive, so no daemon writes while a store moves.
 const DAEMON_LOCK: i64 = 0x6573_636e;

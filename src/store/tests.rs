@@ -1011,3 +1011,35 @@ fn r17_keys_an_older_release_made_of_long_texts_are_found_after_the_upgrade() {
             .unwrap();
     assert!(longest < 64, "{longest}");
 }
+
+#[test]
+fn r17_a_node_stuck_while_holding_the_store_lock_holds_up_the_others_only_for_a_while() {
+    // Input: a node paused mid-read keeps the store's lock without being
+    // idle in its transaction. The others waited 60 s for it, failed
+    // with a statement timeout taken as fatal, and their failed BEGIN
+    // left the connection in an aborted transaction ("current
+    // transaction is aborted") for the next one.
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database("stuck");
+    let store = pg_store(&pg, "stuck", dir.path());
+    let mut stuck = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    stuck
+        .execute("SELECT pg_advisory_lock($1)", &[&postgres::TX_LOCK])
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = store
+        .transact(|tx| tx.put_case(&mut case(1, "T1", 5)))
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(e.is_transient(), "retried, not fatal: {e}");
+    assert!(!e.stops_a_watcher());
+    assert!(waited < std::time::Duration::from_secs(30), "{waited:?}");
+    assert!(waited >= postgres::LOCK_WAIT / 2, "{waited:?}");
+    stuck
+        .execute("SELECT pg_advisory_unlock($1)", &[&postgres::TX_LOCK])
+        .unwrap();
+    // The same connection goes on at once.
+    ok(store.transact(|tx| tx.put_case(&mut case(1, "T1", 5))));
+    assert!(ok(store.case(1)).is_some());
+}

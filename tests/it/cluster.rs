@@ -12,10 +12,10 @@ use crate::postgres_server::Postgres;
 use crate::support::{escalator, mail, Daemon, Setup};
 
 /// The lease the tests run with: short, so takeovers come quickly.
-const LEASE_SECS: u64 = 3;
+pub(crate) const LEASE_SECS: u64 = 3;
 
 /// A config with one queue per `(name, user)` on database `db` of `pg`.
-fn cluster(pg: &Postgres, db: &str, users: &[&str], queues: &[(&str, &str)]) -> Setup {
+pub(crate) fn cluster(pg: &Postgres, db: &str, users: &[&str], queues: &[(&str, &str)]) -> Setup {
     let url = pg.database(db);
     Setup::build(users, |stack, store| {
         let mut text = String::new();
@@ -60,7 +60,7 @@ first_response = "8h"
 
 /// `n` new threads from `customers` customers into `user`'s mailbox,
 /// Message-IDs `{tag}{i}@x.test`.
-fn seed(s: &Setup, user: &str, tag: &str, n: usize, customers: usize) {
+pub(crate) fn seed(s: &Setup, user: &str, tag: &str, n: usize, customers: usize) {
     for i in 0..n {
         s.stack.deliver_maildir(
             user,
@@ -77,7 +77,7 @@ fn seed(s: &Setup, user: &str, tag: &str, n: usize, customers: usize) {
     }
 }
 
-fn cluster_status(s: &Setup) -> Value {
+pub(crate) fn cluster_status(s: &Setup) -> Value {
     let out = escalator(&["cluster", "status", "--json", "--config", s.cfg()]);
     assert!(
         out.status.success(),
@@ -88,7 +88,12 @@ fn cluster_status(s: &Setup) -> Value {
 }
 
 /// Waits until `n` cases hold `n` messages and nothing waits to be sent.
-async fn until_done(s: &Setup, n: usize, within: Duration, logs: &[&Daemon]) -> Vec<Value> {
+pub(crate) async fn until_done(
+    s: &Setup,
+    n: usize,
+    within: Duration,
+    logs: &[&Daemon],
+) -> Vec<Value> {
     let deadline = Instant::now() + within;
     loop {
         let cases = s.cases();
@@ -114,7 +119,7 @@ async fn until_done(s: &Setup, n: usize, within: Duration, logs: &[&Daemon]) -> 
 
 /// Every message in exactly one case, and each customer one ack per case
 /// (one Message-ID, delivered once).
-async fn each_message_once_and_one_ack_each(
+pub(crate) async fn each_message_once_and_one_ack_each(
     s: &Setup,
     cases: &[Value],
     n: usize,

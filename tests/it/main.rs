@@ -8,6 +8,7 @@ mod cluster;
 mod crash;
 mod escalation;
 mod gateway;
+mod hardening;
 mod operations;
 mod postgres;
 mod queues;

@@ -883,6 +883,13 @@ impl Daemon {
         }
     }
 
+    /// Is the daemon still running?
+    pub fn alive(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.1).unwrap_or_default()
