@@ -65,6 +65,9 @@ impl Lookup for Memory {
     fn cases_with_message_id(&self, id: &str) -> Result<Vec<CaseId>, Self::Error> {
         Ok(self.ids.get(id).copied().into_iter().collect())
     }
+    fn cases_referring_to(&self, _: &str) -> Result<Vec<CaseId>, Self::Error> {
+        Ok(Vec::new())
+    }
     fn case(&self, id: CaseId) -> Result<Option<Case>, Self::Error> {
         Ok(self.cases.get(&id).cloned())
     }

@@ -455,6 +455,15 @@ impl Ingestor {
         }
         // Stored first: a forward queued now reads it with the others.
         tx.put_message(&record, raw)?;
+        // Our own IDs name their case already; the others are indexed so
+        // an original that arrives after this reply finds its case.
+        tx.index_references(
+            mail.in_reply_to
+                .iter()
+                .chain(&mail.references)
+                .filter(|id| OwnId::verify(id, &key).is_none()),
+            case.id,
+        );
         if new && !case.customer.is_empty() {
             tx.add_customer_case(&case.customer, case.id);
         }

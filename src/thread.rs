@@ -23,6 +23,10 @@ pub trait Lookup {
     /// Cases holding a message with this ID (ours or customers'), oldest
     /// first, at most [`MAX_CASES_PER_ID`].
     fn cases_with_message_id(&self, message_id: &str) -> Result<Vec<CaseId>, Self::Error>;
+    /// Cases holding a message that refers to this Message-ID (a reply
+    /// that arrived before the message it answers), oldest first, at
+    /// most [`MAX_CASES_PER_ID`].
+    fn cases_referring_to(&self, message_id: &str) -> Result<Vec<CaseId>, Self::Error>;
     fn case(&self, id: CaseId) -> Result<Option<Case>, Self::Error>;
 }
 
@@ -43,6 +47,9 @@ pub enum Via {
     Reference,
     /// A reference to a Message-ID escalator made (checked by its hash).
     OwnReference,
+    /// A stored message refers to this one: its reply came first (mail
+    /// is not delivered in the order it was sent).
+    ReferredBy,
     Tag,
 }
 
@@ -51,6 +58,7 @@ impl Via {
         match self {
             Via::Reference => "reference",
             Via::OwnReference => "own_reference",
+            Via::ReferredBy => "referred_by",
             Via::Tag => "tag",
         }
     }
@@ -262,6 +270,30 @@ fn closeness(case: &Case, sender: &str, mail: &InboundMail, parties: &Parties) -
     None
 }
 
+/// Of `ids`, the case closest to the sender (then the oldest); None when
+/// the sender is one of none of their people.
+fn closest<L: Lookup>(
+    lookup: &L,
+    mut ids: Vec<CaseId>,
+    sender: &str,
+    mail: &InboundMail,
+    parties: &Parties,
+) -> Result<Option<CaseId>, L::Error> {
+    ids.sort_unstable();
+    ids.dedup();
+    let mut best: Option<(u8, CaseId)> = None;
+    for case_id in ids {
+        if let Some(case) = lookup.case(case_id)? {
+            if let Some(rank) = closeness(&case, sender, mail, parties) {
+                if best.is_none_or(|b| (rank, case.id) < b) {
+                    best = Some((rank, case.id));
+                }
+            }
+        }
+    }
+    Ok(best.map(|(_, case)| case))
+}
+
 /// The threading decision for one message.
 ///
 /// When several cases hold a referenced Message-ID, the one closest to
@@ -295,25 +327,24 @@ pub fn decide<L: Lookup>(
             }
             continue;
         }
-        let mut ids = lookup.cases_with_message_id(id)?;
-        ids.sort_unstable();
-        ids.dedup();
-        let mut best: Option<(u8, CaseId)> = None;
-        for case_id in ids {
-            if let Some(case) = lookup.case(case_id)? {
-                if let Some(rank) = closeness(&case, sender, mail, parties) {
-                    if best.is_none_or(|b| (rank, case.id) < b) {
-                        best = Some((rank, case.id));
-                    }
-                }
-            }
-        }
-        if let Some((_, case)) = best {
+        let ids = lookup.cases_with_message_id(id)?;
+        if let Some(case) = closest(lookup, ids, sender, mail, parties)? {
             return Ok(Decision::Join {
                 case,
                 via: Via::Reference,
             });
         }
+    }
+    // A reply stored before this message it answers: the same rule, the
+    // other way round. Only a case whose people include this sender
+    // takes it, so a stranger who cites someone's Message-ID first
+    // cannot pull their mail into his case.
+    let ids = lookup.cases_referring_to(&mail.message_id)?;
+    if let Some(case) = closest(lookup, ids, sender, mail, parties)? {
+        return Ok(Decision::Join {
+            case,
+            via: Via::ReferredBy,
+        });
     }
     if let Some(id) = subject_case(&mail.subject, tag) {
         if let Some(case) = lookup.case(id)? {
@@ -341,6 +372,7 @@ mod tests {
     struct Fake {
         stored: Vec<(String, String)>,
         ids: HashMap<String, Vec<CaseId>>,
+        referred: HashMap<String, Vec<CaseId>>,
         cases: HashMap<CaseId, Case>,
     }
 
@@ -351,6 +383,9 @@ mod tests {
         }
         fn cases_with_message_id(&self, id: &str) -> Result<Vec<CaseId>, Self::Error> {
             Ok(self.ids.get(id).cloned().unwrap_or_default())
+        }
+        fn cases_referring_to(&self, id: &str) -> Result<Vec<CaseId>, Self::Error> {
+            Ok(self.referred.get(id).cloned().unwrap_or_default())
         }
         fn case(&self, id: CaseId) -> Result<Option<Case>, Self::Error> {
             Ok(self.cases.get(&id).cloned())

@@ -179,3 +179,107 @@ fn r17_a_message_the_store_refuses_is_quarantined_and_the_rest_of_its_chunk_is_s
     assert_eq!(ing.store.quarantined().count(), 1);
     assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 3);
 }
+
+fn original() -> Vec<u8> {
+    b"From: alice@example.org\r\nSubject: printer on fire\r\nMessage-ID: <orig@alice>\r\n\r\nhelp\r\n"
+        .to_vec()
+}
+
+fn reply_to_original(from: &str, id: &str) -> Vec<u8> {
+    format!(
+        "From: {from}\r\nSubject: Re: printer on fire\r\nMessage-ID: <{id}>\r\n\
+         In-Reply-To: <orig@alice>\r\nReferences: <orig@alice>\r\n\r\nstill burning\r\n"
+    )
+    .into_bytes()
+}
+
+fn acks(ing: &Ingestor) -> usize {
+    ing.store
+        .outbox()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.kind == "ack"))
+        .count()
+}
+
+#[test]
+fn r17_a_reply_delivered_before_its_original_makes_one_case_and_one_ack() {
+    // Input: mail is not delivered in the order it was sent. The reply
+    // came first and opened a case; its original, second, opened another
+    // one, and the customer got two acks for one matter.
+    let pg = crate::testing::Postgres::start();
+    for url in [None, Some(pg.database("reply_first"))] {
+        // In two passes.
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingestor(dir.path(), url.as_deref());
+        let reply = reply_to_original("alice@example.org", "re1@alice");
+        let first = ing.ingest(Some(&src(1, 1)), &reply, None).unwrap();
+        assert!(
+            matches!(
+                first,
+                Outcome::Stored {
+                    case: 1,
+                    new: true,
+                    ..
+                }
+            ),
+            "{first:?}"
+        );
+        match ing.ingest(Some(&src(1, 2)), &original(), None).unwrap() {
+            Outcome::Stored {
+                case: 1,
+                new: false,
+                queued: 0,
+            } => {}
+            o => panic!("{url:?}: {o:?}"),
+        }
+        assert_eq!(ing.store.cases().count(), 1, "{url:?}");
+        assert_eq!(acks(&ing), 1, "{url:?}");
+        assert!(ing.store.history(1).unwrap().iter().any(|e| matches!(
+            &e.what,
+            EventKind::Message { via, .. } if via == "referred_by"
+        )));
+        // In one chunk, in either order.
+        for order in [[0, 1], [1, 0]] {
+            let dir = tempfile::tempdir().unwrap();
+            let ing = ingestor(dir.path(), url.as_deref());
+            let mails = [reply.clone(), original()];
+            let items: Vec<_> = order
+                .iter()
+                .enumerate()
+                .map(|(uid, &m)| (src(1, uid as u32 + 1), bytes(&mails[m])))
+                .collect();
+            let out = ing.ingest_batch(&items).unwrap();
+            assert_eq!(ing.store.cases().count(), 1, "{url:?} {order:?}: {out:?}");
+            assert_eq!(acks(&ing), 1, "{url:?} {order:?}");
+        }
+    }
+}
+
+#[test]
+fn r17_a_stranger_citing_a_message_id_first_does_not_pull_the_original_into_his_case() {
+    // Attack: mallory guesses or learns the Message-ID alice's mail will
+    // carry and writes "in reply" to it before it arrives: her mail must
+    // still open her own case, and his case learns nothing of it.
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let bait = reply_to_original("mallory@evil.example", "bait@evil");
+    ing.ingest(Some(&src(1, 1)), &bait, None).unwrap();
+    match ing.ingest(Some(&src(1, 2)), &original(), None).unwrap() {
+        Outcome::Stored {
+            case: 2, new: true, ..
+        } => {}
+        o => panic!("{o:?}"),
+    }
+    let theirs = ing.store.case(1).unwrap().unwrap();
+    assert_eq!(theirs.customer, "mallory@evil.example");
+    assert_eq!(ing.store.case_messages(1).unwrap().len(), 1);
+    // Alice's own reply, later, still finds her case.
+    let hers = reply_to_original("alice@example.org", "re2@alice");
+    match ing.ingest(Some(&src(1, 3)), &hers, None).unwrap() {
+        Outcome::Stored {
+            case: 2,
+            new: false,
+            ..
+        } => {}
+        o => panic!("{o:?}"),
+    }
+}

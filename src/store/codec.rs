@@ -37,9 +37,13 @@ pub(super) enum Tree {
     History,
     /// `case ++ n`: the key of a case's n-th message.
     CaseMessages,
+    /// `message_id \0 case`: the cases holding a message that refers to
+    /// this Message-ID (In-Reply-To, References), each once: a reply
+    /// that arrives before its original is found by the original.
+    Referrers,
 }
 
-pub(super) const TREES: [(Tree, &str); 16] = [
+pub(super) const TREES: [(Tree, &str); 17] = [
     (Tree::Meta, "meta"),
     (Tree::Cases, "cases"),
     (Tree::Messages, "messages"),
@@ -56,6 +60,7 @@ pub(super) const TREES: [(Tree, &str); 16] = [
     (Tree::MessageCases, "message_cases"),
     (Tree::History, "history"),
     (Tree::CaseMessages, "case_messages"),
+    (Tree::Referrers, "referrers"),
 ];
 
 impl Tree {

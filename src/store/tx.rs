@@ -254,6 +254,17 @@ impl<'s> Tx<'s> {
             .collect())
     }
 
+    /// See [`Lookup::cases_referring_to`].
+    pub fn cases_referring_to(&self, message_id: &str) -> Result<Vec<CaseId>> {
+        let prefix = codec::pair_key(message_id, &[]);
+        Ok(self
+            .prefix_keys(Tree::Referrers, &prefix, MAX_CASES_PER_ID)?
+            .iter()
+            .filter_map(|k| codec::read_u64(&k[prefix.len()..]))
+            .take(MAX_CASES_PER_ID)
+            .collect())
+    }
+
     /// Cases of a customer, oldest first (this transaction's included).
     pub fn customer_cases(&self, email: &str) -> Result<Vec<CaseId>> {
         let prefix = codec::pair_key(email, &[]);
@@ -421,6 +432,21 @@ impl<'s> Tx<'s> {
         );
     }
 
+    /// Records that `case` holds a message referring to each of `ids`.
+    pub fn index_references<'a>(
+        &mut self,
+        ids: impl IntoIterator<Item = &'a String>,
+        case: CaseId,
+    ) {
+        for id in ids {
+            self.put(
+                Tree::Referrers,
+                codec::pair_key(id, &id_key(case)),
+                Vec::new(),
+            );
+        }
+    }
+
     /// Writes an outbox entry (and its bytes, when given) with its
     /// pending-index entry.
     pub fn put_outbox(&mut self, entry: &OutboxEntry, raw: Option<&[u8]>) -> Result<()> {
@@ -501,6 +527,9 @@ impl Lookup for Tx<'_> {
     }
     fn cases_with_message_id(&self, message_id: &str) -> Result<Vec<CaseId>> {
         Tx::cases_with_message_id(self, message_id)
+    }
+    fn cases_referring_to(&self, message_id: &str) -> Result<Vec<CaseId>> {
+        Tx::cases_referring_to(self, message_id)
     }
     fn case(&self, id: CaseId) -> Result<Option<Case>> {
         self.read_case(id)

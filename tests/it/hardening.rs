@@ -127,3 +127,43 @@ async fn until_sent(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r17_a_reply_delivered_before_its_original_gets_one_case_and_one_ack() {
+    // Parallel delivery, greylisting and retries reorder mail: the reply
+    // reached the mailbox first (one pass), its original next (the next
+    // pass). Before: two cases and two acks for one matter.
+    let s = crate::support::Setup::new(&["support", "alice"], "");
+    let original = crate::support::mail(
+        "alice@example.test",
+        "support@example.test",
+        "Printer on fire",
+        "orig@alice.test",
+        "",
+        "Help!",
+    );
+    let reply = crate::support::mail(
+        "alice@example.test",
+        "support@example.test",
+        "Re: Printer on fire",
+        "re1@alice.test",
+        "In-Reply-To: <orig@alice.test>\r\nReferences: <orig@alice.test>\r\n",
+        "Still burning.",
+    );
+    s.stack.deliver_maildir("support", &reply, 0);
+    s.once();
+    s.stack.deliver_maildir("support", &original, 1);
+    s.once();
+    let cases = s.cases();
+    assert_eq!(cases.len(), 1, "{cases:?}");
+    assert_eq!(cases[0]["messages"], 2, "{cases:?}");
+    s.stack.settle().await;
+    let acks = s
+        .stack
+        .fetch("alice", "INBOX")
+        .await
+        .iter()
+        .filter(|m| crate::crash::own_id(m).is_some_and(|(_, kind, _)| kind == 'a'))
+        .count();
+    assert_eq!(acks, 1, "one ack to the customer");
+}
