@@ -157,6 +157,22 @@ pub enum TokenSource {
     Command(String),
 }
 
+impl Endpoint {
+    /// The longest one SMTP send through this endpoint may take: each
+    /// step up to the timeout (connect, TLS, greeting, STARTTLS, login,
+    /// the mail transaction), and the token command before a login.
+    pub fn longest_send(&self) -> Duration {
+        let steps =
+            3 + u32::from(self.security != Security::Plain) + u32::from(self.username.is_some());
+        let token = if self.oauth.is_some() {
+            TOKEN_COMMAND_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
+        self.timeout * steps + token
+    }
+}
+
 /// How long the token command may take before it is killed.
 pub const TOKEN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -570,8 +586,7 @@ struct RawCluster {
     node: Option<String>,
     #[serde(default = "default_lease")]
     lease: String,
-    #[serde(default = "default_claim")]
-    claim: String,
+    claim: Option<String>,
 }
 
 impl Default for RawCluster {
@@ -579,7 +594,7 @@ impl Default for RawCluster {
         RawCluster {
             node: None,
             lease: default_lease(),
-            claim: default_claim(),
+            claim: None,
         }
     }
 }
@@ -587,9 +602,10 @@ impl Default for RawCluster {
 fn default_lease() -> String {
     "15s".into()
 }
-fn default_claim() -> String {
-    "2m".into()
-}
+/// The shortest claim when none is set, and what an unset claim adds to
+/// the longest send.
+const DEFAULT_CLAIM: Duration = Duration::from_secs(120);
+const CLAIM_MARGIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -968,6 +984,23 @@ impl Config {
         self.queues
             .iter()
             .any(|q| q.address.eq_ignore_ascii_case(addr))
+    }
+
+    /// The longest one mail may take to send, through any queue's SMTP
+    /// server, with the wait for its confirmation copy when copies are
+    /// on (see `cluster.claim`).
+    pub fn longest_send(&self) -> Duration {
+        let servers = std::iter::once(&self.smtp.endpoint)
+            .chain(self.queues.iter().filter_map(|q| q.smtp.as_ref()));
+        let send = servers
+            .map(Endpoint::longest_send)
+            .max()
+            .unwrap_or_default();
+        if self.smtp.confirm_copies {
+            send + self.smtp.confirm_wait
+        } else {
+            send
+        }
     }
 
     /// The queue a case of queue `name` is handled by: the first queue
@@ -1978,7 +2011,7 @@ impl Validator<'_> {
             .or_else(|| Some(from.clone()).filter(|f| !f.is_empty()))
             .unwrap_or_else(|| queues.main().address.clone());
 
-        Some(Config {
+        let mut config = Config {
             source: source.to_owned(),
             queues,
             smtp: SmtpConfig {
@@ -2026,7 +2059,37 @@ impl Validator<'_> {
             digest,
             metrics,
             cluster,
-        })
+        };
+        self.claim_covers_a_send(&raw.cluster, &mut config);
+        Some(config)
+    }
+
+    /// A mail being sent belongs to its node for `cluster.claim`: it
+    /// must outlast the longest a send may take, or another node sends it
+    /// too while the first is still at it. Unset, it is that long (and
+    /// at least two minutes); set shorter, it is refused.
+    fn claim_covers_a_send(&mut self, raw: &RawCluster, config: &mut Config) {
+        let longest = config.longest_send();
+        match &raw.claim {
+            None => config.cluster.claim = (longest + CLAIM_MARGIN).max(DEFAULT_CLAIM),
+            Some(text) if parse_duration(text).is_ok() && config.cluster.claim < longest => {
+                self.problem(
+                    "cluster.claim",
+                    format!(
+                        "must be at least {} here: the longest an SMTP send may take \
+                         (connect, TLS, login and data, each up to its timeout{}), or a node \
+                         still sending a mail sees another send it too",
+                        humantime::format_duration(longest),
+                        if config.smtp.confirm_copies {
+                            ", then smtp.confirm_wait for the confirmation copy"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
     }
 
     /// `[cluster]`: read whatever the engine (a sled store has one
@@ -2046,8 +2109,9 @@ impl Validator<'_> {
                 "give 3s to 10m (renewed every third of it; a dead node's mailboxes wait this long)",
             );
         }
-        let claim = self.duration("cluster.claim", &c.claim);
-        if parse_duration(&c.claim).is_ok() && claim < Duration::from_secs(30) {
+        let text = c.claim.as_deref().unwrap_or("0s");
+        let claim = self.duration("cluster.claim", text);
+        if c.claim.is_some() && parse_duration(text).is_ok() && claim < Duration::from_secs(30) {
             self.problem(
                 "cluster.claim",
                 "must be at least 30s: a mail being sent must not be taken over mid-send",
@@ -2340,10 +2404,42 @@ forward_to = ["bill@example.test"]
     }
 
     #[test]
+    fn r17_a_claim_shorter_than_a_send_may_take_is_refused() {
+        // Input: `claim = "30s"` with the default 60 s per SMTP step was
+        // accepted; a send still running after 30 s was sent again by
+        // another node.
+        let short = format!("{GOOD}\n[cluster]\nclaim = \"30s\"\n");
+        let e = problems(&short);
+        assert!(
+            e.contains("cluster.claim") && e.contains("longest an SMTP send"),
+            "{e}"
+        );
+        let longest = parse(GOOD).unwrap().longest_send();
+        let enough = format!("{GOOD}\n[cluster]\nclaim = \"{}s\"\n", longest.as_secs());
+        assert_eq!(parse(&enough).unwrap().cluster.claim, longest);
+        // Shorter timeouts and no copies allow a shorter claim.
+        let quick = GOOD.replacen(
+            "[smtp]\n",
+            "[smtp]\ntimeout = \"5s\"\nconfirm_copies = false\n",
+            1,
+        );
+        let quick = format!("{quick}\n[cluster]\nclaim = \"30s\"\n");
+        let c = parse(&quick).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            c.longest_send() <= Duration::from_secs(30),
+            "{:?}",
+            c.longest_send()
+        );
+    }
+
+    #[test]
     fn cluster_keys_have_defaults_and_bad_ones_are_named() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.cluster.lease, Duration::from_secs(15));
-        assert_eq!(c.cluster.claim, Duration::from_secs(120));
+        // Unset, the claim outlasts the longest send (here: steps of 60 s
+        // and the 5 minutes' wait for a confirmation copy).
+        assert_eq!(c.cluster.claim, c.longest_send() + CLAIM_MARGIN);
+        assert!(c.cluster.claim >= DEFAULT_CLAIM);
         assert_eq!(c.cluster.node, None);
         let pg = GOOD.replacen(
             "[store]\n",

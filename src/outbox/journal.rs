@@ -30,6 +30,11 @@ pub enum JournalError {
 pub struct Journal {
     path: PathBuf,
     file: Mutex<File>,
+    /// Ids journaled whose sent mark the store may not hold yet (the mark
+    /// failed, a database blip): consulted before any send, so such mail
+    /// is marked, never sent again, and the journal is not emptied while
+    /// one is left.
+    unsettled: Mutex<std::collections::BTreeSet<u64>>,
     /// A slot's lock (see [`Journal::open_slot`]), held while we live.
     _slot: Option<File>,
 }
@@ -52,6 +57,7 @@ impl Journal {
         Ok(Journal {
             path,
             file: Mutex::new(file),
+            unsettled: Mutex::new(Default::default()),
             _slot: slot,
         })
     }
@@ -100,15 +106,54 @@ impl Journal {
         Ok(settled)
     }
 
-    /// Records that the server accepted entry `id`: one write call.
+    /// Records that the server accepted entry `id`: one write call. The
+    /// id stays unsettled until [`Journal::settled`].
     pub fn record(&self, id: u64) -> std::io::Result<()> {
+        self.unsettled_ids().insert(id);
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         f.write_all(format!("{id}\n").as_bytes())
     }
 
-    /// Empties the journal; only once the store holds every mark it
-    /// records durably (after a flush that follows them).
+    fn unsettled_ids(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.unsettled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The store committed entry `id`'s sent mark.
+    pub fn settled(&self, id: u64) {
+        self.unsettled_ids().remove(&id);
+    }
+
+    /// Did the server accept entry `id` while its mark is not committed
+    /// yet? Then it must be marked, not sent again.
+    pub fn holds(&self, id: u64) -> bool {
+        self.unsettled_ids().contains(&id)
+    }
+
+    /// Commits the sent marks this journal holds that the store missed
+    /// (a mark whose commit failed); returns how many are left unsettled.
+    pub fn settle_pending(&self, store: &Store, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let ids: Vec<u64> = self.unsettled_ids().iter().copied().collect();
+        for id in ids {
+            store.transact(|tx| {
+                if let Some(mut e) = tx.outbox_entry(id)? {
+                    if e.state.is_pending() {
+                        mark_sent(tx, &mut e, now)?;
+                    }
+                }
+                Ok::<_, StoreError>(())
+            })?;
+            self.settled(id);
+        }
+        Ok(self.unsettled_ids().len())
+    }
+
+    /// Empties the journal, once the store holds every mark it records
+    /// durably (after a flush that follows them): not while a mark is
+    /// still unsettled.
     pub fn clear(&self) -> std::io::Result<()> {
+        if !self.unsettled_ids().is_empty() {
+            return Ok(());
+        }
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         f.set_len(0)
     }

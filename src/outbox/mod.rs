@@ -162,6 +162,14 @@ impl Outbox {
         claimed.max(self.awaiting_copy(entry, now))
     }
 
+    /// With a claim (a shared store): how much of it is left to a send
+    /// claimed at `claimed_at`.
+    fn claim_left(&self, claimed_at: DateTime<Utc>) -> Option<Duration> {
+        let claim = self.claim?;
+        let held = (self.clock.now() - claimed_at).to_std().unwrap_or_default();
+        Some(claim.saturating_sub(held))
+    }
+
     fn next_wake(&self) -> Option<Duration> {
         let now = self.clock.now();
         let pending = self.store.outbox_pending().ok()?;
@@ -191,6 +199,10 @@ impl Outbox {
     ) -> Result<DrainReport, OutboxError> {
         let mut report = DrainReport::default();
         let now = self.clock.now();
+        // Mail the server accepted whose mark did not commit (the
+        // database was gone for a moment): marked now, before anything is
+        // sent, so a claim that expires meanwhile cannot send it again.
+        self.journal.settle_pending(&self.store, now)?;
         for entry in self.store.outbox_pending()? {
             if cancel.is_cancelled() {
                 break;
@@ -241,12 +253,19 @@ impl Outbox {
         // since (its confirmation copy arrived, a person failed or retried
         // it). It is read again and claimed as `sending` in one transaction.
         let now = self.clock.now();
+        let id = entry.id;
         let claimed = self.store.transact(|tx| {
             let Some(mut e) = tx.outbox_entry(entry.id)? else {
                 return Ok::<_, StoreError>(Err(OutboxState::Failed));
             };
             if !e.state.is_pending() {
                 return Ok(Err(e.state));
+            }
+            // This node's server accepted it already; only its mark had
+            // not reached the store.
+            if self.journal.holds(e.id) {
+                journal::mark_sent(tx, &mut e, now)?;
+                return Ok(Err(OutboxState::Sent));
             }
             // Claimed by another node since our list was read.
             if self.held(&e, now).is_some() {
@@ -263,7 +282,12 @@ impl Outbox {
         })?;
         let mut entry = match claimed {
             Ok(e) => e,
-            Err(state) => return Ok(state),
+            Err(state) => {
+                if state == OutboxState::Sent {
+                    self.journal.settled(id);
+                }
+                return Ok(state);
+            }
         };
         let stored = self.store.outbox_raw(entry.id)?;
         let Some(raw) = stored.map(|r| expand(&self.store, &entry, r)).transpose()? else {
@@ -281,7 +305,25 @@ impl Outbox {
                 rcpt.push(entry.from.clone());
             }
         }
-        let result = self.mailer.send(&entry.from, &rcpt, &raw).await;
+        let result = match self.claim_left(now) {
+            None => self.mailer.send(&entry.from, &rcpt, &raw).await,
+            // The claim ran out before the send began (a slow flush, a
+            // paused process): another node may be sending it by now.
+            Some(left) if left.is_zero() => {
+                tracing::warn!("the claim on this mail expired before its send began; left to the node that claims it next");
+                return Ok(OutboxState::Sending);
+            }
+            // Never sending past the claim: by then another node may.
+            Some(left) => {
+                match tokio::time::timeout(left, self.mailer.send(&entry.from, &rcpt, &raw)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(SmtpError::Unknown(format!(
+                        "the send took longer than cluster.claim ({})",
+                        humantime::format_duration(self.claim.unwrap_or_default())
+                    ))),
+                }
+            }
+        };
         let now = self.clock.now();
         let m = &crate::metrics::METRICS;
         match &result {
@@ -309,6 +351,7 @@ impl Outbox {
                 crate::fault::point(crate::fault::AFTER_SMTP_ACCEPT);
                 self.store
                     .transact(|tx| journal::mark_sent(tx, &mut entry, now))?;
+                self.journal.settled(entry.id);
                 // No flush here: the journal line already keeps the
                 // acceptance across a crash (and the confirmation copy
                 // across a power cut), so the store's next flush is enough.
@@ -557,6 +600,104 @@ pub(crate) mod tests {
         assert_eq!(sends(&s), 3);
         assert_eq!(state(&s, 1), OutboxState::Sent);
         assert_eq!(state(&s, 2), OutboxState::Sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r17_mail_whose_sent_mark_failed_is_marked_not_sent_again_when_its_claim_expires() {
+        // Input (PostgreSQL, no confirmation copies): the connection
+        // dropped right after the server's 250, the sent mark failed, the
+        // entry stayed `sending`, its claim expired and it went out a
+        // second time although the journal held its id.
+        let mut s = setup(&[1, 2], false);
+        s.outbox.claim = Some(Duration::from_secs(120));
+        let now = s.clock.now();
+        s.outbox
+            .store
+            .transact(|tx| {
+                let mut e = tx.outbox_entry(1)?.unwrap();
+                e.state = OutboxState::Sending;
+                e.attempt_at = Some(now);
+                tx.put_outbox(&e, None)
+            })
+            .unwrap();
+        // Accepted by the server and journaled; the mark never committed.
+        s.outbox.journal.record(1).unwrap();
+        // Not emptied while a mark it holds is not in the store.
+        s.outbox.journal.clear().unwrap();
+        let path = s.outbox.store.path().join("sent.journal");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+        s.clock.advance(chrono::Duration::seconds(130));
+        let cancel = CancellationToken::new();
+        s.outbox.drain(true, &cancel).await.unwrap();
+        assert_eq!(sends(&s), 1, "entry 2 only: entry 1 was marked, not resent");
+        assert_eq!(state(&s, 1), OutboxState::Sent);
+        assert!(!s.outbox.journal.holds(1));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "settled, then emptied"
+        );
+        // The same when the entry is reached through a stale list.
+        let mut s = setup(&[3], false);
+        s.outbox.claim = Some(Duration::from_secs(120));
+        let snapshot = s.outbox.store.outbox_pending().unwrap();
+        s.outbox.journal.record(3).unwrap();
+        for e in snapshot {
+            assert_eq!(s.outbox.send_one(e).await.unwrap(), OutboxState::Sent);
+        }
+        assert_eq!(sends(&s), 0);
+    }
+
+    /// Sends only after the clock moved on by `delay` (a slow server).
+    struct Slow(Arc<ManualClock>, chrono::Duration, Arc<Script>);
+
+    #[async_trait::async_trait]
+    impl Mailer for Slow {
+        async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError> {
+            self.0.advance(self.1);
+            tokio::time::sleep(self.1.to_std().unwrap()).await;
+            self.2.send(from, to, raw).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn r17_a_node_never_sends_past_its_own_claim() {
+        // Input: `claim` shorter than a send may take; a live node's slow
+        // send was sent again by another node meanwhile. The config now
+        // refuses such a claim; and a node re-checks its own claim before
+        // a send and gives up the send when the claim runs out.
+        let mut s = setup(&[1, 2], false);
+        s.outbox.claim = Some(Duration::from_secs(60));
+        let slow = Arc::new(Slow(
+            s.clock.clone(),
+            chrono::Duration::seconds(90),
+            s.mailer.clone(),
+        ));
+        s.outbox.mailer = slow;
+        let cancel = CancellationToken::new();
+        s.outbox.drain(true, &cancel).await.unwrap();
+        assert_eq!(
+            sends(&s),
+            0,
+            "cut at the claim, before the slow server took it"
+        );
+        let e = s.outbox.store.outbox_entry(1).unwrap().unwrap();
+        assert!(
+            e.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("cluster.claim"),
+            "{e:?}"
+        );
+        // The claim already over when the send would begin: not sent.
+        let s = {
+            let mut s = setup(&[3], false);
+            s.outbox.claim = Some(Duration::from_secs(60));
+            s
+        };
+        let claimed_at = s.clock.now();
+        s.clock.advance(chrono::Duration::seconds(61));
+        assert_eq!(s.outbox.claim_left(claimed_at), Some(Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]

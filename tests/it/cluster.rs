@@ -30,7 +30,7 @@ pub(crate) fn cluster(pg: &Postgres, db: &str, users: &[&str], queues: &[(&str, 
         text += &stack.smtp_and_store(store).replacen(
             "[store]\n",
             &format!(
-                "confirm_wait = \"10s\"\n\n[store]\nengine = \"postgres\"\nurl = \"{url}\"\n\
+                "confirm_wait = \"10s\"\ntimeout = \"4s\"\n\n[store]\nengine = \"postgres\"\nurl = \"{url}\"\n\
                  security = \"plain\"\n"
             ),
             1,

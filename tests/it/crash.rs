@@ -184,7 +184,7 @@ async fn crash_test(n: usize, kills: u64, pg: Option<&crate::postgres_server::Po
     }
     let mut text = std::fs::read_to_string(&s.config).unwrap().replacen(
         "[store]\n",
-        &format!("confirm_wait = \"10s\"\n\n{store}"),
+        &format!("confirm_wait = \"10s\"\ntimeout = \"4s\"\n\n{store}"),
         1,
     );
     if pg.is_some() {
