@@ -452,12 +452,26 @@ impl<'a> Effects<'a> {
     ) -> Result<u64, EffectsError> {
         let cfg = self.config;
         let id = tx.next_id(Sequence::Outbox)?;
+        let (from_name, from) = if queue.is_empty() {
+            cfg.main_sender()
+        } else {
+            let q = cfg.queue(queue);
+            (q.from_name.as_deref(), q.address.as_str())
+        };
+        // The sending queue's own domain: a second brand's mail must not
+        // show the main brand in its Message-IDs (which the customer's
+        // replies then carry). Threading reads only the local part.
+        let domain = from
+            .rsplit_once('@')
+            .map(|(_, d)| d)
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| cfg.support_domain());
         let message_id = OwnId {
             case: case_id,
             kind,
             seq: id,
         }
-        .format(tx.key(), cfg.support_domain());
+        .format(tx.key(), domain);
         // Staff-facing mail opens with the marker a reply is cut at: its
         // token is this mail's own Message-ID (unique, keyed).
         let marked;
@@ -481,12 +495,6 @@ impl<'a> Effects<'a> {
             .map(|seq| crate::outbox::placeholder(&attach_nonce, *seq).into_bytes())
             .collect();
         let first = to.first().cloned().unwrap_or_default();
-        let (from_name, from) = if queue.is_empty() {
-            cfg.main_sender()
-        } else {
-            let q = cfg.queue(queue);
-            (q.from_name.as_deref(), q.address.as_str())
-        };
         let raw = compose::compose(
             &Envelope {
                 from_name,

@@ -283,3 +283,171 @@ fn r17_a_stranger_citing_a_message_id_first_does_not_pull_the_original_into_his_
         o => panic!("{o:?}"),
     }
 }
+
+#[test]
+fn r17_each_queue_s_message_ids_carry_its_own_domain() {
+    // Input: with `[cases] instance = "neutral"`, the queue of a second
+    // brand sent Message-IDs @main-brand.test, which then stood in the
+    // customer's In-Reply-To and References.
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+[[mailboxes]]
+name = "main"
+address = "help@main-brand.test"
+host = "127.0.0.1"
+security = "plain"
+username = "s"
+password = "p"
+[[mailboxes]]
+name = "brand2"
+address = "help@brand-two.test"
+host = "127.0.0.1"
+security = "plain"
+username = "t"
+password = "p"
+folder = "Brand2"
+[smtp]
+host = "127.0.0.1"
+security = "plain"
+[store]
+path = "{}"
+[cases]
+instance = "neutral"
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+"#,
+        dir.path().join("store").display()
+    );
+    let config =
+        crate::config::Config::parse(&text, Path::new("/x.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let ing = Ingestor {
+        store: Arc::new(Store::open(&config.store.path).unwrap()),
+        config: crate::config::Live::new(config),
+        clock: Arc::new(ManualClock::new(Utc::now())),
+        wake: Default::default(),
+    };
+    let at = |queue: &str, uid| Source {
+        queue: queue.into(),
+        folder: if queue == "main" { "INBOX" } else { "Brand2" }.into(),
+        ..src(1, uid)
+    };
+    ing.ingest(Some(&at("brand2", 1)), &good(1), None).unwrap();
+    ing.ingest(Some(&at("main", 1)), &good(2), None).unwrap();
+    let ids: Vec<(u64, String)> = ing
+        .store
+        .outbox()
+        .map(|e| e.map(|e| (e.case, e.message_id)).unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    for (case, id) in &ids {
+        let want = if *case == 1 {
+            "@brand-two.test"
+        } else {
+            "@main-brand.test"
+        };
+        assert!(id.ends_with(want), "case {case}: {id}");
+        // Still ours: a reply naming it threads by its keyed local part.
+        assert!(crate::thread::OwnId::verify(id, ing.store.key()).is_some());
+    }
+    // The customer's reply naming brand 2's ID joins its case.
+    let reply = format!(
+        "From: bob1@example.org\r\nSubject: Re: x\r\nMessage-ID: <r@x>\r\nIn-Reply-To: <{}>\r\n\r\nok\r\n",
+        ids.iter().find(|(c, _)| *c == 1).unwrap().1
+    );
+    match ing
+        .ingest(Some(&at("brand2", 2)), reply.as_bytes(), None)
+        .unwrap()
+    {
+        Outcome::Stored {
+            case: 1,
+            new: false,
+            ..
+        } => {}
+        o => panic!("{o:?}"),
+    }
+}
+
+/// Hostile values for a header: long, with NULs, raw bytes that are not
+/// UTF-8, encoded words hiding line breaks, address look-alikes.
+fn hostile_values() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for len in [0usize, 255, 1024, 1025, 2_700, 10_000, 100_000] {
+        out.push(format!("{}@example.org", "a".repeat(len)).into_bytes());
+        out.push(format!("<{}@{}>", "i".repeat(len), "d".repeat(len / 2 + 1)).into_bytes());
+    }
+    out.push(b"x\0y@example.org".to_vec());
+    out.push(b"<nul\0id@x>".to_vec());
+    out.push(vec![0xff, 0xfe, b'@', 0x80, b'x']);
+    out.push(b"=?utf-8?B?YUBiLm9yZw0KQmNjOiBldmlsQGV2aWwub3Jn?=".to_vec());
+    out.push(format!("{}x@y", "@".repeat(5_000)).into_bytes());
+    out.push(format!("\"{}\" <q@example.org>", "\\\"".repeat(20_000)).into_bytes());
+    out
+}
+
+#[test]
+fn r17_generated_hostile_headers_are_stored_or_quarantined_on_both_engines() {
+    // Every header whose value becomes part of a key (or of a record
+    // indexed by one), with each hostile value, into both engines: the
+    // chunk commits, each message is stored or quarantined, nothing
+    // stops the ingestor.
+    const HEADERS: [&str; 8] = [
+        "From",
+        "Message-ID",
+        "In-Reply-To",
+        "References",
+        "To",
+        "Cc",
+        "Reply-To",
+        "Return-Path",
+    ];
+    let pg = crate::testing::Postgres::start();
+    for url in [None, Some(pg.database("hostile_headers"))] {
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingestor(dir.path(), url.as_deref());
+        let mut raws = Vec::new();
+        for (h, header) in HEADERS.iter().enumerate() {
+            for (v, value) in hostile_values().into_iter().enumerate() {
+                let mut raw = Vec::new();
+                if *header != "From" {
+                    raw.extend_from_slice(b"From: someone@example.org\r\n");
+                }
+                if *header != "Message-ID" {
+                    raw.extend_from_slice(format!("Message-ID: <h{h}v{v}@x>\r\n").as_bytes());
+                }
+                raw.extend_from_slice(header.as_bytes());
+                raw.extend_from_slice(b": ");
+                raw.extend_from_slice(&value);
+                raw.extend_from_slice(b"\r\nSubject: hostile\r\n\r\nbody\r\n");
+                raws.push(raw);
+            }
+        }
+        for (n, chunk) in raws.chunks(16).enumerate() {
+            let items: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, raw)| (src(1, (n * 16 + i + 1) as u32), bytes(raw)))
+                .collect();
+            let out = ing
+                .ingest_batch(&items)
+                .unwrap_or_else(|e| panic!("{url:?} chunk {n}: {}", crate::error_chain(&e)));
+            for o in out {
+                assert!(
+                    matches!(
+                        o,
+                        Outcome::Stored { .. } | Outcome::Duplicate | Outcome::Quarantined { .. }
+                    ),
+                    "{url:?}: {o:?}"
+                );
+            }
+        }
+        let kept = ing.store.counts().unwrap().1 + ing.store.quarantined().count();
+        assert!(kept > 0);
+        assert_eq!(
+            ing.store.cursor("INBOX").unwrap().unwrap().last_uid as usize,
+            raws.len(),
+            "{url:?}: the cursor passed every message"
+        );
+    }
+}
