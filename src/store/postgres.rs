@@ -507,9 +507,9 @@ impl PgDb {
     /// not a round trip per key: a chunk of messages writes thousands.
     /// The transaction's overlay holds each key once, as an upsert of
     /// several rows needs. With a `fence`, the commit first checks that
-    /// the lease it names is still held with its token (and keeps the
-    /// row from changing hands until the COMMIT): a node that lost its
-    /// mailbox writes nothing for it.
+    /// the lease it names is still held with its token, neither released
+    /// nor expired by the database's clock: a node that lost or gave back
+    /// its mailbox writes nothing for it.
     pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<(), StoreError> {
         IN_TX.with(|t| t.set(false));
         let fence = fence.cloned();
@@ -544,13 +544,20 @@ impl PgDb {
                     // store's lock, so a node that takes the mailbox
                     // over after this check reads (inside its own
                     // transactions) everything this one commits.
+                    // A released or expired lease fences too: another
+                    // node may take it at any moment without a new
+                    // row. clock_timestamp(), not now(): now() is when
+                    // this transaction began, maybe seconds ago.
                     let st = prepared(
                         c,
-                        "SELECT holder, token FROM escalator_leases WHERE mailbox = $1",
+                        "SELECT holder, token, expires_at > clock_timestamp() \
+                         FROM escalator_leases WHERE mailbox = $1",
                     )?;
                     let row = c.query_opt(&st, &[&f.mailbox])?;
                     let held = row.is_some_and(|r| {
-                        r.get::<_, String>(0) == f.holder && r.get::<_, i64>(1) == f.token
+                        r.get::<_, String>(0) == f.holder
+                            && r.get::<_, i64>(1) == f.token
+                            && r.get::<_, bool>(2)
                     });
                     if !held {
                         let _ = fenced_tx.send(());

@@ -911,6 +911,54 @@ fn a_write_fenced_by_a_lost_lease_writes_nothing() {
 }
 
 #[test]
+fn a_released_or_expired_lease_fences_its_old_holder() {
+    // Issue 17 (C): the fence checked holder and token only, so after a
+    // clean hand-back (or an expiry nobody has taken over yet) the old
+    // holder's commit still went through.
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = pg_store(&pg, "released", &dir.path().join("a"));
+    let fence = |mailbox: &str, token| Fence {
+        mailbox: mailbox.into(),
+        holder: "node-a".into(),
+        token,
+    };
+    let long = std::time::Duration::from_secs(60);
+    let released = ok(a.acquire_lease("sales", "node-a", long)).unwrap();
+    ok(a.transact(|tx| {
+        tx.fence(fence("sales", released));
+        tx.set_cursor("sales\0INBOX", &cursor(7, 10))
+    }));
+    ok(a.release_lease("sales", "node-a", released));
+    let r = a.transact(|tx| {
+        tx.fence(fence("sales", released));
+        tx.set_cursor("sales\0INBOX", &cursor(7, 99))?;
+        tx.put_case(&mut case(1, "T1", 5))
+    });
+    assert!(
+        matches!(r, Err(StoreError::Fenced(ref m)) if m == "sales"),
+        "released: {r:?}"
+    );
+    assert_eq!(ok(a.cursor("sales\0INBOX")).map(|c| c.last_uid), Some(10));
+    assert!(ok(a.case(1)).is_none());
+
+    let short = std::time::Duration::from_millis(300);
+    let expired = ok(a.acquire_lease("support", "node-a", short)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let r = a.transact(|tx| {
+        tx.fence(fence("support", expired));
+        tx.set_cursor("support\0INBOX", &cursor(7, 99))?;
+        tx.put_case(&mut case(2, "T1", 5))
+    });
+    assert!(
+        matches!(r, Err(StoreError::Fenced(ref m)) if m == "support"),
+        "expired: {r:?}"
+    );
+    assert!(ok(a.cursor("support\0INBOX")).is_none());
+    assert!(ok(a.case(2)).is_none());
+}
+
+#[test]
 fn nodes_are_alive_while_they_beat_and_a_clean_stop_leaves_at_once() {
     let pg = crate::testing::Postgres::start();
     let dir = tempfile::tempdir().unwrap();
