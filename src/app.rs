@@ -93,17 +93,15 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
                 .map_err(|e| anyhow::anyhow!("{key}: not a PostgreSQL connection string: {e}"))?;
             let tls = match security {
                 Security::Plain => {
-                    let local = parsed.get_hosts().iter().all(|h| match h {
-                        postgres::config::Host::Tcp(h) => {
-                            crate::config::is_loopback(h.trim_matches(['[', ']']))
-                        }
-                        postgres::config::Host::Unix(_) => true,
-                    });
-                    if !local && !allow_insecure {
+                    // Checked here, not in the config: the URL may come
+                    // from a variable or file read only to connect.
+                    let remote = crate::config::postgres_remote_addresses(&parsed);
+                    if !remote.is_empty() && !allow_insecure {
                         anyhow::bail!(
                             "store.security: \"plain\" sends the database password and every \
-                             record unencrypted; refused for a server not on this machine unless \
-                             store.allow_insecure = true"
+                             record unencrypted; refused for a server not on this machine ({} in \
+                             {key}) unless store.allow_insecure = true",
+                            remote.join(", ")
                         );
                     }
                     PgTls::Plain
