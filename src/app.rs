@@ -121,6 +121,25 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
     }
 }
 
+/// `store migrate --from-sled`: copies the (stopped) sled daemon's store
+/// `source` into `target`, the PostgreSQL store of the config.
+pub fn migrate_from_sled(source: &Store, target: &Store) -> anyhow::Result<crate::store::Copied> {
+    if source.is_shared() {
+        anyhow::bail!("--from-sled: not a sled store");
+    }
+    // Mail the SMTP server accepted just before the sled daemon stopped
+    // may be in its sent journal only: marked sent in the sled store
+    // first, or the daemon on PostgreSQL would send it again.
+    let journal = crate::outbox::journal::Journal::open(source.path())
+        .context("cannot open the sled store's sent journal")?;
+    journal
+        .replay(source, chrono::Utc::now())
+        .context("cannot settle the sled store's sent journal")?;
+    // No daemon may write while the store moves.
+    target.lock_out_daemons()?;
+    Ok(source.copy_into(target)?)
+}
+
 fn parts(config: Config) -> anyhow::Result<Parts> {
     let live = Live::new(config.clone());
     let config = Arc::new(config);

@@ -410,9 +410,29 @@ impl PgDb {
         Range {
             db: self,
             tree: tree_id(t),
+            column: "value",
             from: start.to_vec(),
             inclusive: true,
             end: end.map(<[u8]>::to_vec),
+            buf: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// Every key of a key space with the SHA-256 of its value, in key
+    /// order: hashed by the server, so comparing a key space with a copy
+    /// does not fetch its values (raw messages: megabytes each).
+    pub(super) fn range_hashed(
+        &self,
+        t: Tree,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        Range {
+            db: self,
+            tree: tree_id(t),
+            column: "sha256(value)",
+            from: Vec::new(),
+            inclusive: true,
+            end: None,
             buf: VecDeque::new(),
             done: false,
         }
@@ -611,6 +631,8 @@ impl PgDb {
 struct Range<'d> {
     db: &'d PgDb,
     tree: i16,
+    /// What comes with each key: `value`, or an expression of it.
+    column: &'static str,
     /// Where the next page starts; after the first page, exclusive.
     from: Vec<u8>,
     inclusive: bool,
@@ -624,8 +646,9 @@ impl Iterator for Range<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() && !self.done {
-            let (tree, from, inclusive, end) = (
+            let (tree, column, from, inclusive, end) = (
                 self.tree,
+                self.column,
                 self.from.clone(),
                 self.inclusive,
                 self.end.clone(),
@@ -637,7 +660,7 @@ impl Iterator for Range<'_> {
                         let st = prepared(
                             c,
                             &format!(
-                                "SELECT key, value FROM escalator_kv WHERE tree = $1 \
+                                "SELECT key, {column} FROM escalator_kv WHERE tree = $1 \
                                  AND key {op} $2 AND key < $3 ORDER BY key LIMIT {PAGE}"
                             ),
                         )?;
@@ -647,7 +670,7 @@ impl Iterator for Range<'_> {
                         let st = prepared(
                             c,
                             &format!(
-                                "SELECT key, value FROM escalator_kv WHERE tree = $1 \
+                                "SELECT key, {column} FROM escalator_kv WHERE tree = $1 \
                                  AND key {op} $2 ORDER BY key LIMIT {PAGE}"
                             ),
                         )?;
