@@ -93,17 +93,15 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
                 .map_err(|e| anyhow::anyhow!("{key}: not a PostgreSQL connection string: {e}"))?;
             let tls = match security {
                 Security::Plain => {
-                    let local = parsed.get_hosts().iter().all(|h| match h {
-                        postgres::config::Host::Tcp(h) => {
-                            crate::config::is_loopback(h.trim_matches(['[', ']']))
-                        }
-                        postgres::config::Host::Unix(_) => true,
-                    });
-                    if !local && !allow_insecure {
+                    // Checked here, not in the config: the URL may come
+                    // from a variable or file read only to connect.
+                    let remote = crate::config::postgres_remote_addresses(&parsed);
+                    if !remote.is_empty() && !allow_insecure {
                         anyhow::bail!(
                             "store.security: \"plain\" sends the database password and every \
-                             record unencrypted; refused for a server not on this machine unless \
-                             store.allow_insecure = true"
+                             record unencrypted; refused for a server not on this machine ({} in \
+                             {key}) unless store.allow_insecure = true",
+                            remote.join(", ")
                         );
                     }
                     PgTls::Plain
@@ -121,6 +119,25 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
             )?)
         }
     }
+}
+
+/// `store migrate --from-sled`: copies the (stopped) sled daemon's store
+/// `source` into `target`, the PostgreSQL store of the config.
+pub fn migrate_from_sled(source: &Store, target: &Store) -> anyhow::Result<crate::store::Copied> {
+    if source.is_shared() {
+        anyhow::bail!("--from-sled: not a sled store");
+    }
+    // Mail the SMTP server accepted just before the sled daemon stopped
+    // may be in its sent journal only: marked sent in the sled store
+    // first, or the daemon on PostgreSQL would send it again.
+    let journal = crate::outbox::journal::Journal::open(source.path())
+        .context("cannot open the sled store's sent journal")?;
+    journal
+        .replay(source, chrono::Utc::now())
+        .context("cannot settle the sled store's sent journal")?;
+    // No daemon may write while the store moves.
+    target.lock_out_daemons()?;
+    Ok(source.copy_into(target)?)
 }
 
 fn parts(config: Config) -> anyhow::Result<Parts> {

@@ -2134,6 +2134,20 @@ pub fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// The addresses of a PostgreSQL connection string that are not on this
+/// machine: each `host` (key=value or URI form, lists too) and each
+/// `hostaddr`, which is where the client connects when given, whatever
+/// `host` says. A socket directory (a path) is local. `security =
+/// "plain"` sends the password in clear to every one of them.
+pub fn postgres_remote_addresses(url: &postgres::Config) -> Vec<String> {
+    let hosts = url.get_hosts().iter().filter_map(|h| match h {
+        postgres::config::Host::Tcp(h) => Some(h.clone()),
+        postgres::config::Host::Unix(_) => None,
+    });
+    let addrs = url.get_hostaddrs().iter().map(IpAddr::to_string);
+    hosts.chain(addrs).filter(|h| !is_loopback(h)).collect()
+}
+
 /// The longest duration any setting or option takes: ten years. Longer
 /// ones are typing mistakes, and deadlines computed from them would
 /// overflow the calendar.
@@ -2468,6 +2482,68 @@ forward_to = ["bill@example.test"]
         assert!(e.contains("store.pool: only with engine"), "{e}");
         let named = parse(&format!("{GOOD}[cluster]\nnode = \"eu-1\"\n")).unwrap();
         assert_eq!(named.cluster.node.as_deref(), Some("eu-1"));
+    }
+
+    #[test]
+    fn plain_postgresql_checks_every_host_and_hostaddr() {
+        // Issue 17 (B): only `host` was checked, so `host=localhost
+        // hostaddr=192.0.2.2` sent the password in clear off the machine.
+        let remote = |url: &str| match url.parse::<postgres::Config>() {
+            Ok(c) => postgres_remote_addresses(&c),
+            Err(e) => panic!("{url}: {e}"),
+        };
+        let none: [&str; 0] = [];
+        for (url, want) in [
+            (
+                "host=localhost hostaddr=192.0.2.2 dbname=e",
+                vec!["192.0.2.2"],
+            ),
+            (
+                "host=127.0.0.1,db.example.com dbname=e",
+                vec!["db.example.com"],
+            ),
+            (
+                "host=localhost,localhost hostaddr=127.0.0.1,192.0.2.3",
+                vec!["192.0.2.3"],
+            ),
+            (
+                "postgresql://localhost/e?hostaddr=192.0.2.2",
+                vec!["192.0.2.2"],
+            ),
+            ("postgresql://u:pw@localhost:5432,db2:5433/e", vec!["db2"]),
+            ("postgres://u@db.example.com/e", vec!["db.example.com"]),
+        ] {
+            assert_eq!(remote(url), want, "{url}");
+        }
+        for url in [
+            "host=/var/run/postgresql dbname=e",
+            "postgresql://%2Fvar%2Frun%2Fpostgresql/e",
+            "host=localhost hostaddr=127.0.0.1 password=pw",
+            "host=::1 dbname=e",
+            "postgresql://[::1]:5432,127.0.0.2/e",
+            "postgresql://u:pw@localhost/e",
+        ] {
+            assert_eq!(remote(url), none, "{url}");
+        }
+    }
+
+    #[test]
+    fn plain_postgresql_to_a_remote_hostaddr_is_refused_before_connecting() {
+        let pg = GOOD.replacen(
+            "[store]\n",
+            "[store]\nengine = \"postgres\"\nsecurity = \"plain\"\n\
+             url = \"host=localhost hostaddr=192.0.2.2 dbname=e password=hunter2\"\n",
+            1,
+        );
+        let c = parse(&pg).unwrap();
+        let e = match crate::app::open_store(&c, Duration::ZERO) {
+            Ok(_) => panic!("a remote hostaddr in clear was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        for want in ["store.security", "store.allow_insecure", "192.0.2.2"] {
+            assert!(e.contains(want), "{e}");
+        }
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

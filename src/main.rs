@@ -321,15 +321,22 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     )
                 })?;
                 let target = escalator::app::open_store(&cfg, std::time::Duration::ZERO)?;
-                // No daemon may write while the store moves.
-                target.lock_out_daemons()?;
-                Ok(source.copy_into(&target)?)
+                escalator::app::migrate_from_sled(&source, &target)
             })
             .await??;
             if copied.already_done {
-                println!("the database holds a finished copy already; counts verified:");
+                println!(
+                    "the database holds a finished copy already; counts and contents verified:"
+                );
             } else {
-                println!("copied and verified:");
+                if copied.reconciled > 0 {
+                    println!(
+                        "{} records changed in the sled store since the interrupted copy: \
+                         brought up to date",
+                        copied.reconciled
+                    );
+                }
+                println!("copied and verified (counts and contents):");
             }
             for (name, n) in &copied.rows {
                 println!("  {name:<16} {n}");

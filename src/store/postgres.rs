@@ -454,9 +454,29 @@ impl PgDb {
         Range {
             db: self,
             tree: tree_id(t),
+            column: "value",
             from: start.to_vec(),
             inclusive: true,
             end: end.map(<[u8]>::to_vec),
+            buf: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// Every key of a key space with the SHA-256 of its value, in key
+    /// order: hashed by the server, so comparing a key space with a copy
+    /// does not fetch its values (raw messages: megabytes each).
+    pub(super) fn range_hashed(
+        &self,
+        t: Tree,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        Range {
+            db: self,
+            tree: tree_id(t),
+            column: "sha256(value)",
+            from: Vec::new(),
+            inclusive: true,
+            end: None,
             buf: VecDeque::new(),
             done: false,
         }
@@ -557,9 +577,9 @@ impl PgDb {
     /// not a round trip per key: a chunk of messages writes thousands.
     /// The transaction's overlay holds each key once, as an upsert of
     /// several rows needs. With a `fence`, the commit first checks that
-    /// the lease it names is still held with its token (and keeps the
-    /// row from changing hands until the COMMIT): a node that lost its
-    /// mailbox writes nothing for it.
+    /// the lease it names is still held with its token, neither released
+    /// nor expired by the database's clock: a node that lost or gave back
+    /// its mailbox writes nothing for it.
     pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<(), StoreError> {
         IN_TX.with(|t| t.set(false));
         let fence = fence.cloned();
@@ -594,13 +614,20 @@ impl PgDb {
                     // store's lock, so a node that takes the mailbox
                     // over after this check reads (inside its own
                     // transactions) everything this one commits.
+                    // A released or expired lease fences too: another
+                    // node may take it at any moment without a new
+                    // row. clock_timestamp(), not now(): now() is when
+                    // this transaction began, maybe seconds ago.
                     let st = prepared(
                         c,
-                        "SELECT holder, token FROM escalator_leases WHERE mailbox = $1",
+                        "SELECT holder, token, expires_at > clock_timestamp() \
+                         FROM escalator_leases WHERE mailbox = $1",
                     )?;
                     let row = c.query_opt(&st, &[&f.mailbox])?;
                     let held = row.is_some_and(|r| {
-                        r.get::<_, String>(0) == f.holder && r.get::<_, i64>(1) == f.token
+                        r.get::<_, String>(0) == f.holder
+                            && r.get::<_, i64>(1) == f.token
+                            && r.get::<_, bool>(2)
                     });
                     if !held {
                         let _ = fenced_tx.send(());
@@ -654,6 +681,8 @@ impl PgDb {
 struct Range<'d> {
     db: &'d PgDb,
     tree: i16,
+    /// What comes with each key: `value`, or an expression of it.
+    column: &'static str,
     /// Where the next page starts; after the first page, exclusive.
     from: Vec<u8>,
     inclusive: bool,
@@ -667,8 +696,9 @@ impl Iterator for Range<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() && !self.done {
-            let (tree, from, inclusive, end) = (
+            let (tree, column, from, inclusive, end) = (
                 self.tree,
+                self.column,
                 self.from.clone(),
                 self.inclusive,
                 self.end.clone(),
@@ -680,7 +710,7 @@ impl Iterator for Range<'_> {
                         let st = prepared(
                             c,
                             &format!(
-                                "SELECT key, value FROM escalator_kv WHERE tree = $1 \
+                                "SELECT key, {column} FROM escalator_kv WHERE tree = $1 \
                                  AND key {op} $2 AND key < $3 ORDER BY key LIMIT {PAGE}"
                             ),
                         )?;
@@ -690,7 +720,7 @@ impl Iterator for Range<'_> {
                         let st = prepared(
                             c,
                             &format!(
-                                "SELECT key, value FROM escalator_kv WHERE tree = $1 \
+                                "SELECT key, {column} FROM escalator_kv WHERE tree = $1 \
                                  AND key {op} $2 ORDER BY key LIMIT {PAGE}"
                             ),
                         )?;
