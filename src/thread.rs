@@ -335,23 +335,29 @@ pub fn decide<L: Lookup>(
             });
         }
     }
-    // A reply stored before this message it answers: the same rule, the
-    // other way round. Only a case whose people include this sender
-    // takes it, so a stranger who cites someone's Message-ID first
-    // cannot pull their mail into his case.
-    let ids = lookup.cases_referring_to(&mail.message_id)?;
-    if let Some(case) = closest(lookup, ids, sender, mail, parties)? {
-        return Ok(Decision::Join {
-            case,
-            via: Via::ReferredBy,
-        });
-    }
+
     if let Some(id) = subject_case(&mail.subject, tag) {
         if let Some(case) = lookup.case(id)? {
             if belongs(&case) {
                 return Ok(Decision::Join {
                     case: id,
                     via: Via::Tag,
+                });
+            }
+        }
+    }
+    // A reply stored before this message it answers. Stricter than the
+    // rules above: only a case whose customer is this very sender (their
+    // own follow-up came first, or an agent answered them from the Sent
+    // folder). Anyone can cite a Message-ID before it arrives and make
+    // its author a participant of his case by a Cc, and staff belong to
+    // every case: neither may pull the original in.
+    for id in lookup.cases_referring_to(&mail.message_id)? {
+        if let Some(case) = lookup.case(id)? {
+            if !sender.is_empty() && case.customer == sender {
+                return Ok(Decision::Join {
+                    case: id,
+                    via: Via::ReferredBy,
                 });
             }
         }

@@ -451,3 +451,29 @@ fn r17_generated_hostile_headers_are_stored_or_quarantined_on_both_engines() {
         );
     }
 }
+
+#[test]
+fn r17_a_stranger_who_cites_a_message_id_and_copies_its_author_still_pulls_nothing_in() {
+    // Attack (review): mallory cites alice's coming Message-ID and puts
+    // alice in Cc, which makes her a participant of his case; staff
+    // belong to every case. Neither may pull the original into his case.
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let bait = b"From: mallory@evil.example\r\nCc: alice@example.org, agent@example.test\r\n\
+Subject: Re: printer on fire\r\nMessage-ID: <bait@evil>\r\nIn-Reply-To: <orig@alice>\r\n\
+References: <orig@alice> <staff1@example.test>\r\n\r\nhi\r\n";
+    ing.ingest(Some(&src(1, 1)), bait, None).unwrap();
+    match ing.ingest(Some(&src(1, 2)), &original(), None).unwrap() {
+        Outcome::Stored {
+            case: 2, new: true, ..
+        } => {}
+        o => panic!("{o:?}"),
+    }
+    let staff = b"From: agent@example.test\r\nTo: bob@example.org\r\nSubject: note\r\n\
+Message-ID: <staff1@example.test>\r\n\r\ninternal\r\n";
+    match ing.ingest(Some(&src(1, 3)), staff, None).unwrap() {
+        Outcome::Stored { case, .. } => assert_ne!(case, 1),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(ing.store.case_messages(1).unwrap().len(), 1);
+}

@@ -673,20 +673,40 @@ impl Store {
                 Ok::<_, StoreError>(())
             })?;
         }
+        // In batches: on a large PostgreSQL store one transaction over
+        // every outbox entry and Message-ID would hold the store's lock
+        // past the statement timeout. Each batch only adds index entries,
+        // so a rebuild cut short is simply done again at the next open
+        // (the version is written last).
+        let entries: Vec<OutboxEntry> = self.outbox().collect::<Result<_>>()?;
+        for chunk in entries.chunks(2000) {
+            self.transact(|tx| {
+                for entry in chunk {
+                    tx.outbox_index(entry);
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        }
+        // Version 5: Message-IDs by case, from the index by content.
+        let mut by_case = Vec::new();
+        for r in self.db.range(Tree::MessageIds, &[], None) {
+            let (k, v) = r?;
+            let (Some(sep), Some(case)) = (k.iter().rposition(|b| *b == 0), v.get(..8)) else {
+                continue;
+            };
+            let mut key = k[..=sep].to_vec();
+            key.extend_from_slice(case);
+            by_case.push(key);
+        }
+        for chunk in by_case.chunks(2000) {
+            self.transact(|tx| {
+                for key in chunk {
+                    tx.put(Tree::MessageCases, key.clone(), Vec::new());
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        }
         self.transact(|tx| {
-            for entry in self.outbox() {
-                tx.outbox_index(&entry?);
-            }
-            // Version 5: Message-IDs by case, from the index by content.
-            for r in self.db.range(Tree::MessageIds, &[], None) {
-                let (k, v) = r?;
-                let (Some(sep), Some(case)) = (k.iter().rposition(|b| *b == 0), v.get(..8)) else {
-                    continue;
-                };
-                let mut key = k[..=sep].to_vec();
-                key.extend_from_slice(case);
-                tx.put(Tree::MessageCases, key, Vec::new());
-            }
             tx.put(Tree::Meta, b"indexes".to_vec(), VERSION.to_vec());
             Ok::<_, StoreError>(())
         })?;

@@ -316,9 +316,13 @@ pub(super) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
         return false;
     };
     let code = code.code();
-    ["08", "40", "53", "57", "58"]
-        .iter()
-        .any(|class| code.starts_with(class))
+    // A statement cancelled by `statement_timeout` (57014) may be one
+    // chunk's write too large to finish in time: it is split, not
+    // retried whole forever.
+    code != "57014"
+        && ["08", "40", "53", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class))
         || code == "55P03" // lock_not_available
         || code == "25P02" // in_failed_sql_transaction
 }
