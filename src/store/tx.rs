@@ -245,9 +245,14 @@ impl<'s> Tx<'s> {
 
     /// See [`Store::cases_with_message_id`].
     pub fn cases_with_message_id(&self, message_id: &str) -> Result<Vec<CaseId>> {
+        self.cases_by_message_id(Tree::MessageCases, message_id)
+    }
+
+    /// The cases under `message_id` in a `message_id \0 case` index.
+    fn cases_by_message_id(&self, t: Tree, message_id: &str) -> Result<Vec<CaseId>> {
         let prefix = codec::pair_key(message_id, &[]);
         Ok(self
-            .prefix_keys(Tree::MessageCases, &prefix, MAX_CASES_PER_ID)?
+            .prefix_keys(t, &prefix, MAX_CASES_PER_ID)?
             .iter()
             .filter_map(|k| codec::read_u64(&k[prefix.len()..]))
             .take(MAX_CASES_PER_ID)
@@ -256,13 +261,7 @@ impl<'s> Tx<'s> {
 
     /// See [`Lookup::cases_referring_to`].
     pub fn cases_referring_to(&self, message_id: &str) -> Result<Vec<CaseId>> {
-        let prefix = codec::pair_key(message_id, &[]);
-        Ok(self
-            .prefix_keys(Tree::Referrers, &prefix, MAX_CASES_PER_ID)?
-            .iter()
-            .filter_map(|k| codec::read_u64(&k[prefix.len()..]))
-            .take(MAX_CASES_PER_ID)
-            .collect())
+        self.cases_by_message_id(Tree::Referrers, message_id)
     }
 
     /// Cases of a customer, oldest first (this transaction's included).
