@@ -435,12 +435,16 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
     let mut pass = crate::mailbox::PassReport::default();
     let mut failed = Vec::new();
     for (w, r) in watchers.iter().zip(passes) {
-        match r {
-            Ok(r) => pass.add(&r),
-            Err(e) => {
-                tracing::error!(queue = %w.queue, error = %crate::error_chain(&e), "cannot ingest from the mailbox");
-                failed.push(w.queue.clone());
-            }
+        pass.add(&r.report);
+        if let Some(e) = r.error {
+            let hint = match &e {
+                crate::mailbox::WatchError::Imap(i) => {
+                    i.hint(&config.queue(&w.queue).mailbox.endpoint)
+                }
+                crate::mailbox::WatchError::Store(_) => None,
+            };
+            tracing::error!(queue = %w.queue, error = %crate::error_chain(&e), hint = hint.unwrap_or_default(), "cannot ingest everything from the mailbox");
+            failed.push(w.queue.clone());
         }
     }
     if let Some(l) = leases {

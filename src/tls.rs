@@ -36,3 +36,81 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
+
+/// What to change when a TLS handshake with `ep` failed, read from the
+/// error's causes: the two mistakes a new user makes are the wrong
+/// `security` for the port and a private CA the system does not know.
+pub fn hint(e: &(dyn std::error::Error + 'static), ep: &crate::config::Endpoint) -> Option<String> {
+    use crate::config::Security;
+    let key = |k: &str| format!("{}.{k}", ep.section);
+    let mut cur = Some(e);
+    let mut text = String::new();
+    while let Some(err) = cur {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            if let Some(r) = candidate.downcast_ref::<rustls::Error>() {
+                return rustls_hint(r, ep);
+            }
+            text.push_str(&candidate.to_string());
+            text.push('\n');
+        }
+        cur = err.source();
+    }
+    // Errors that crossed a crate boundary as text (lettre's).
+    if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        let want = if ep.security == Security::Tls {
+            "starttls"
+        } else {
+            "tls"
+        };
+        return Some(format!(
+            "the server speaks plain text on port {}: try {} = \"{want}\"",
+            ep.port,
+            key("security")
+        ));
+    }
+    if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        return Some(format!(
+            "the server's certificate is not signed by a CA this machine trusts: set {} to \
+             the PEM file of the CA that signed it",
+            key("ca_file")
+        ));
+    }
+    None
+}
+
+fn rustls_hint(e: &rustls::Error, ep: &crate::config::Endpoint) -> Option<String> {
+    use rustls::{CertificateError, InvalidMessage};
+    let key = |k: &str| format!("{}.{k}", ep.section);
+    match e {
+        rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType) => Some(format!(
+            "the server speaks plain text on port {}: try {} = \"starttls\"",
+            ep.port,
+            key("security")
+        )),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => Some(format!(
+            "the server's certificate is not signed by a CA this machine trusts: set {} to \
+             the PEM file of the CA that signed it",
+            key("ca_file")
+        )),
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+        | rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => {
+            Some(format!(
+                "the server's certificate is not for {:?}: set {} to a name the certificate has",
+                ep.host,
+                key("host")
+            ))
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Expired)
+        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => Some(
+            "the server's certificate has expired: its admin must renew it (or check this \
+             machine's clock)"
+                .to_string(),
+        ),
+        _ => None,
+    }
+}

@@ -32,6 +32,14 @@ pub enum ImapError {
     Protocol(&'static str, #[source] async_imap::error::Error),
     #[error("folder {0:?} cannot be opened")]
     Folder(String, #[source] async_imap::error::Error),
+    /// A configured folder the server does not have: the key to change
+    /// and the folders it does have, so the fix is in the message.
+    #[error("{key} {folder:?} does not exist; the server has: {}", .available.join(", "))]
+    MissingFolder {
+        key: String,
+        folder: String,
+        available: Vec<String>,
+    },
     #[error("the server closed the connection")]
     Closed,
     /// The password could not be read (variable unset, file unreadable).
@@ -44,6 +52,52 @@ impl ImapError {
     pub fn is_auth(&self) -> bool {
         matches!(self, ImapError::Auth { .. } | ImapError::Secret(_))
     }
+
+    /// A mistake in the config (credentials, a folder name) rather than
+    /// the network: it will not go away by itself.
+    pub fn is_config(&self) -> bool {
+        self.is_auth() || matches!(self, ImapError::MissingFolder { .. })
+    }
+
+    /// What the admin should change, when the error says it (see
+    /// [`crate::tls::hint`]).
+    pub fn hint(&self, ep: &Endpoint) -> Option<String> {
+        let key = |k: &str| format!("{}.{k}", ep.section);
+        match self {
+            ImapError::Auth { .. } => Some(format!(
+                "the server refused the login: check {} and the password ({} or {})",
+                key("username"),
+                key("password_env"),
+                key("password_file")
+            )),
+            ImapError::Secret(_) => Some(format!(
+                "set {} or {} to where the password is",
+                key("password_env"),
+                key("password_file")
+            )),
+            ImapError::Timeout("greeting") if ep.security != Security::Tls => Some(format!(
+                "the server sent no greeting: it may expect TLS at once on port {}: try {} = \"tls\"",
+                ep.port,
+                key("security")
+            )),
+            ImapError::Tls(_, e) => crate::tls::hint(e, ep),
+            ImapError::Connect(..) => Some(format!(
+                "nothing answers at {}:{}: check {} and {}",
+                ep.host,
+                ep.port,
+                key("host"),
+                key("port")
+            )),
+            ImapError::NoStarttls => Some(format!(
+                "if the port expects TLS at once, set {} = \"tls\"",
+                key("security")
+            )),
+            ImapError::MissingFolder { key: k, .. } => Some(format!(
+                "set {k} to one of the folders the server has"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Plain or TLS, behind one type so the session code is shared.
@@ -51,6 +105,9 @@ impl ImapError {
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// A scripted server in the same process (unit tests).
+    #[cfg(test)]
+    Fake(tokio::io::DuplexStream),
 }
 
 impl AsyncRead for Stream {
@@ -62,6 +119,8 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(test)]
+            Stream::Fake(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -75,18 +134,24 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(test)]
+            Stream::Fake(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(test)]
+            Stream::Fake(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(test)]
+            Stream::Fake(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -133,6 +198,11 @@ async fn greeting(ep: &Endpoint, client: &mut Client<Stream>) -> Result<(), Imap
 
 /// Connects, secures and logs in.
 pub async fn connect(ep: &Endpoint) -> Result<ImapSession, ImapError> {
+    login(ep, secure(ep).await?).await
+}
+
+/// Connects and secures: a client that has had the server's greeting.
+async fn secure(ep: &Endpoint) -> Result<Client<Stream>, ImapError> {
     let addr = format!("{}:{}", ep.host, ep.port);
     let tcp = timed(ep, "connect", TcpStream::connect(&addr), |e| {
         ImapError::Connect(addr.clone(), e)
@@ -166,6 +236,22 @@ pub async fn connect(ep: &Endpoint) -> Result<ImapSession, ImapError> {
             Client::new(tls_wrap(ep, tcp).await?)
         }
     };
+    Ok(client)
+}
+
+/// A session on a scripted server (unit tests): its greeting, then login.
+#[cfg(test)]
+pub async fn connect_fake(
+    ep: &Endpoint,
+    stream: tokio::io::DuplexStream,
+) -> Result<ImapSession, ImapError> {
+    let mut c = Client::new(Stream::Fake(stream));
+    greeting(ep, &mut c).await?;
+    login(ep, c).await
+}
+
+/// Logs in with the endpoint's password or OAuth token.
+async fn login(ep: &Endpoint, client: Client<Stream>) -> Result<ImapSession, ImapError> {
     let user = ep.username.clone().unwrap_or_default();
     if let Some(source) = &ep.oauth {
         let token = source.token().await.map_err(|why| ImapError::Auth {
@@ -215,5 +301,60 @@ impl async_imap::Authenticator for XOAuth2 {
         } else {
             self.response.clone()
         }
+    }
+}
+
+/// The folders the server has (LIST "" "*"), sorted, for error messages.
+pub async fn folders(ep: &Endpoint, s: &mut ImapSession) -> Result<Vec<String>, ImapError> {
+    use futures::TryStreamExt;
+    let names = timed(
+        ep,
+        "LIST",
+        async {
+            s.list(Some(""), Some("*"))
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        },
+        |e| ImapError::Protocol("LIST", e),
+    )
+    .await?;
+    let mut out: Vec<String> = names.iter().map(|n| n.name().to_string()).collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Opens `folder` read-write (SELECT) and names `key` when it does not
+/// exist. Read-write because some servers (Courier) keep a folder's UIDs
+/// only for sessions that SELECT it, and give every EXAMINE a new
+/// UIDVALIDITY; nothing is changed anyway: messages are read with
+/// BODY.PEEK, so their \Seen flag stays as it was.
+pub async fn select(
+    ep: &Endpoint,
+    s: &mut ImapSession,
+    folder: &str,
+    key: &str,
+) -> Result<async_imap::types::Mailbox, ImapError> {
+    match timed(ep, "SELECT", s.select(folder), |e| {
+        ImapError::Folder(folder.to_string(), e)
+    })
+    .await
+    {
+        Ok(m) => Ok(m),
+        Err(ImapError::Folder(f, async_imap::error::Error::No(why))) => {
+            // NO: the server refuses this folder. Missing, most often:
+            // say which ones it has (a second round trip only now).
+            let available = folders(ep, s).await?;
+            if available.iter().any(|a| a == &f) {
+                return Err(ImapError::Folder(f, async_imap::error::Error::No(why)));
+            }
+            Err(ImapError::MissingFolder {
+                key: key.to_string(),
+                folder: f,
+                available,
+            })
+        }
+        Err(e) => Err(e),
     }
 }

@@ -1,11 +1,18 @@
 //! Mailbox: watches one queue's folder over IMAP and feeds every new
 //! message to ingest (one watcher per queue, each with its own connection
 //! and backoff, so one mailbox down holds up no other). Resumable by UID (the cursor lives in the store and
-//! moves in the same transaction as the message), read-only (EXAMINE and
-//! BODY.PEEK, so customers' mail keeps its flags), IDLE when the server
-//! has it, polling otherwise, and reconnecting with backoff forever.
+//! moves in the same transaction as the message), changing nothing
+//! (BODY.PEEK, so customers' mail keeps its flags; SELECT rather than
+//! EXAMINE because some servers keep UIDs only for a read-write session),
+//! IDLE when the server has it with a re-check every `poll_interval`
+//! (servers that notify only once a minute), polling otherwise, and
+//! reconnecting with backoff forever.
 
+#[cfg(test)]
+mod fake;
 pub mod imap;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +46,14 @@ pub enum WatchError {
     Store(#[from] StoreError),
 }
 
+/// What `run --once` got from one mailbox: what was stored before any
+/// failure (so its summary stays true), and the failure.
+#[derive(Debug)]
+pub struct OnceOutcome {
+    pub report: PassReport,
+    pub error: Option<WatchError>,
+}
+
 /// What a pass over the folder did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PassReport {
@@ -50,6 +65,17 @@ pub struct PassReport {
 }
 
 impl PassReport {
+    /// What was added since `before`.
+    fn since(&self, before: &PassReport) -> PassReport {
+        PassReport {
+            fetched: self.fetched - before.fetched,
+            stored: self.stored - before.stored,
+            new_cases: self.new_cases - before.new_cases,
+            duplicates: self.duplicates - before.duplicates,
+            quarantined: self.quarantined - before.quarantined,
+        }
+    }
+
     pub fn add(&mut self, r: &PassReport) {
         self.fetched += r.fetched;
         self.stored += r.stored;
@@ -72,6 +98,15 @@ pub struct Watcher {
     /// On a shared store: the lease this node watches the mailbox under;
     /// every ingest transaction commits only while it is held.
     fence: Option<Fence>,
+    /// The sent folder the server did not have, once logged: the inbox
+    /// is watched anyway, and the error is not repeated every pass.
+    missing_sent: Mutex<Option<String>>,
+    /// Passes in a row whose folder had a new UIDVALIDITY and nothing new
+    /// in it: a server that renumbers every session, said once.
+    renumbered: Mutex<u32>,
+    /// Tests: a scripted server instead of the network.
+    #[cfg(test)]
+    fake: Option<fake::FakeServer>,
 }
 
 impl Watcher {
@@ -88,7 +123,21 @@ impl Watcher {
             wake,
             trouble: Mutex::new(HashMap::new()),
             fence: None,
+            missing_sent: Mutex::new(None),
+            renumbered: Mutex::new(0),
+            #[cfg(test)]
+            fake: None,
         }
+    }
+
+    /// Connects and logs in to the queue's server.
+    async fn open(&self) -> Result<ImapSession, ImapError> {
+        let ep = &self.mailbox().endpoint;
+        #[cfg(test)]
+        if let Some(f) = &self.fake {
+            return imap::connect_fake(ep, f.accept()).await;
+        }
+        imap::connect(ep).await
     }
 
     /// Watches under a mailbox lease: what it ingests is written only
@@ -100,21 +149,46 @@ impl Watcher {
 
     /// One pass: connect, ingest everything new, log out. A fetch that
     /// breaks the connection is retried on a new one, narrowing down to
-    /// the message at fault as the daemon does.
-    pub async fn once(&self, cancel: &CancellationToken) -> Result<PassReport, WatchError> {
+    /// the message at fault as the daemon does. What was stored is
+    /// reported even when the pass then failed.
+    pub async fn once(&self, cancel: &CancellationToken) -> OnceOutcome {
         let mut tries = 0;
+        let mut report = PassReport::default();
         loop {
-            let mut s = imap::connect(&self.mailbox().endpoint).await?;
-            match self.pass(&mut s, cancel).await {
-                Ok(report) => {
+            let mut s = match self.open().await {
+                Ok(s) => s,
+                Err(e) => {
+                    return OnceOutcome {
+                        report,
+                        error: Some(e.into()),
+                    }
+                }
+            };
+            let result = self.pass(&mut s, cancel, &mut report).await;
+            let result = match result {
+                Ok(Some(missing)) => Err(WatchError::Imap(missing)),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), s.logout()).await;
-                    return Ok(report);
+                    return OnceOutcome {
+                        report,
+                        error: None,
+                    };
                 }
                 Err(WatchError::Imap(e)) if tries < 4 * FETCH_ATTEMPTS && self.in_trouble() => {
                     tries += 1;
                     tracing::warn!(error = %e, "fetch failed; trying again on a new connection");
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), s.logout()).await;
+                    return OnceOutcome {
+                        report,
+                        error: Some(e),
+                    };
+                }
             }
         }
     }
@@ -165,15 +239,26 @@ impl Watcher {
                     let m = &crate::metrics::METRICS;
                     crate::metrics::inc(&m.imap_errors);
                     m.queue_imap_errors.inc(&[("queue", &self.queue)]);
-                    let auth = matches!(&e, WatchError::Imap(i) if i.is_auth());
+                    let config = matches!(&e, WatchError::Imap(i) if i.is_config());
                     // Wrong credentials won't fix themselves quickly: wait
                     // longer, so the server's lockout is not provoked.
-                    let base = if auth { 60 } else { 1 };
+                    let base = if config { 60 } else { 1 };
                     let wait = Duration::from_secs((base << failures.min(6)).min(300));
-                    if auth {
-                        tracing::error!(error = %crate::error_chain(&e), retry_in = ?wait, "IMAP login failed");
-                    } else {
-                        tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "IMAP connection lost");
+                    let hint = match &e {
+                        WatchError::Imap(i) => i.hint(&self.mailbox().endpoint),
+                        WatchError::Store(_) => None,
+                    };
+                    let hint = hint.unwrap_or_default();
+                    match &e {
+                        WatchError::Imap(i) if i.is_auth() => {
+                            tracing::error!(error = %crate::error_chain(&e), hint, retry_in = ?wait, "IMAP login failed")
+                        }
+                        _ if config => {
+                            tracing::error!(error = %crate::error_chain(&e), hint, retry_in = ?wait, "the mailbox's config does not fit the server")
+                        }
+                        _ => {
+                            tracing::warn!(error = %crate::error_chain(&e), hint, retry_in = ?wait, "IMAP connection lost")
+                        }
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
@@ -192,7 +277,7 @@ impl Watcher {
         let ep = &self.mailbox().endpoint;
         let mut s = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            r = imap::connect(ep) => r?,
+            r = self.open() => r?,
         };
         let caps = timed(ep, "CAPABILITY", s.capabilities(), |e| {
             ImapError::Protocol("CAPABILITY", e)
@@ -200,13 +285,15 @@ impl Watcher {
         .await?;
         let idle = self.mailbox().idle && caps.has_str("IDLE");
         tracing::info!(host = %ep.host, folder = %self.mailbox().folder, idle, "watching mailbox");
-        let wait = if idle {
-            IDLE_RENEW.min(self.mailbox().poll_interval.max(Duration::from_secs(60)))
-        } else {
-            self.mailbox().poll_interval
-        };
+        // Also while idling, the folder is looked at every poll_interval:
+        // some servers (Cyrus without idled, Courier without gamin) tell an
+        // idling client about new mail only once a minute or so.
+        let wait = IDLE_RENEW.min(self.mailbox().poll_interval);
         loop {
-            self.pass(&mut s, cancel).await?;
+            let mut report = PassReport::default();
+            if let Some(missing) = self.pass(&mut s, cancel, &mut report).await? {
+                self.missing_sent_once(missing);
+            }
             *failures = 0;
             if cancel.is_cancelled() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), s.logout()).await;
@@ -250,27 +337,44 @@ impl Watcher {
     }
 
     /// Fetches and ingests every new message of the inbox, then of the
-    /// Sent folder (agents' answers) when one is configured.
+    /// Sent folder (agents' answers) when one is configured, adding to
+    /// `report` as messages are stored. A sent folder the server does not
+    /// have is returned rather than failed: the inbox goes on being read.
     async fn pass(
         &self,
         s: &mut ImapSession,
         cancel: &CancellationToken,
-    ) -> Result<PassReport, WatchError> {
+        report: &mut PassReport,
+    ) -> Result<Option<ImapError>, WatchError> {
         let inbox = self.mailbox().folder.clone();
-        let mut report = self.pass_folder(s, &inbox, false, cancel).await?;
-        if let Some(sent) = self.mailbox().sent_folder.clone() {
-            let r = self.pass_folder(s, &sent, true, cancel).await?;
-            report.add(&r);
-            // IDLE watches the inbox: select it again.
-            timed(
-                &self.mailbox().endpoint,
-                "EXAMINE",
-                s.examine(&inbox),
-                |e| ImapError::Folder(inbox.clone(), e),
-            )
-            .await?;
+        self.pass_folder(s, &inbox, false, cancel, report).await?;
+        let Some(sent) = self.mailbox().sent_folder.clone() else {
+            return Ok(None);
+        };
+        let missing = match self.pass_folder(s, &sent, true, cancel, report).await {
+            Ok(()) => None,
+            Err(WatchError::Imap(e @ ImapError::MissingFolder { .. })) => Some(e),
+            Err(e) => return Err(e),
+        };
+        // IDLE watches the inbox: select it again.
+        let ep = &self.mailbox().endpoint;
+        imap::select(ep, s, &inbox, &format!("{}.folder", ep.section)).await?;
+        Ok(missing)
+    }
+
+    /// Logs a missing sent folder once (and again if it changes), and
+    /// counts it as an IMAP error each pass, so it shows in the metrics.
+    fn missing_sent_once(&self, e: ImapError) {
+        let m = &crate::metrics::METRICS;
+        crate::metrics::inc(&m.imap_errors);
+        m.queue_imap_errors.inc(&[("queue", &self.queue)]);
+        let text = e.to_string();
+        let mut seen = self.missing_sent.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.as_deref() != Some(text.as_str()) {
+            let hint = e.hint(&self.mailbox().endpoint).unwrap_or_default();
+            tracing::error!(error = %text, hint, "staff answers in the sent folder are not read; the inbox is");
+            *seen = Some(text);
         }
-        Ok(report)
     }
 
     /// Fetches and ingests every message of `folder` past its cursor.
@@ -280,26 +384,32 @@ impl Watcher {
         folder: &String,
         sent: bool,
         cancel: &CancellationToken,
-    ) -> Result<PassReport, WatchError> {
+        total: &mut PassReport,
+    ) -> Result<(), WatchError> {
         let ep = &self.mailbox().endpoint;
-        let mut report = PassReport::default();
-        let mbox = timed(ep, "EXAMINE", s.examine(folder), |e| {
-            ImapError::Folder(folder.clone(), e)
-        })
-        .await?;
+        // Counted straight into the caller's report, so what was stored
+        // stays counted when a later step fails.
+        let before = *total;
+        let report = total;
+        let key = if sent { "sent_folder" } else { "folder" };
+        let mbox = imap::select(ep, s, folder, &format!("{}.{key}", ep.section)).await?;
         let validity = mbox.uid_validity.unwrap_or(0);
         let store = &self.ingestor.store;
         let cursor = crate::ingest::cursor_key(&self.queue, folder);
+        let renumbered = match store.cursor(&cursor)? {
+            Some(c) if c.uid_validity != validity => Some(c.uid_validity),
+            _ => None,
+        };
         let start = match store.cursor(&cursor)? {
             Some(c) if c.uid_validity == validity => c.last_uid.saturating_add(1),
             Some(c) => {
-                tracing::warn!(old = c.uid_validity, new = validity, "UIDVALIDITY changed; re-scanning the folder (stored messages are not ingested twice)");
+                tracing::warn!(folder = %folder, old = c.uid_validity, new = validity, "the server gave the folder a new UIDVALIDITY (its messages were renumbered, or the folder was re-created); re-scanning it: stored messages are recognised and not ingested twice");
                 1
             }
             None => 1,
         };
         if mbox.exists == 0 {
-            return Ok(report);
+            return Ok(());
         }
         let found = timed(
             ep,
@@ -435,6 +545,8 @@ impl Watcher {
             store.flush_async().await?;
             self.wake.both();
         }
+        let report = report.since(&before);
+        self.note_renumbering(folder, renumbered, &report);
         if report.fetched > 0 {
             tracing::info!(
                 fetched = report.fetched,
@@ -445,7 +557,25 @@ impl Watcher {
                 "mailbox pass done"
             );
         }
-        Ok(report)
+        Ok(())
+    }
+
+    /// A folder re-scanned after a new UIDVALIDITY that held nothing new,
+    /// twice in a row: the server renumbers the folder on its own. Said
+    /// once, as an error: each re-scan downloads the whole folder.
+    fn note_renumbering(&self, folder: &str, old: Option<u32>, report: &PassReport) {
+        let mut n = self.renumbered.lock().unwrap_or_else(|p| p.into_inner());
+        match old {
+            Some(_) if report.stored == 0 && report.fetched > 0 => {
+                *n += 1;
+                if *n == 2 {
+                    tracing::error!(folder = %folder, "the server gives this folder a new UIDVALIDITY in every session although its messages are unchanged, so each pass downloads the whole folder again; the server does not keep UIDs (a Courier-IMAP without write access to the folder behaves so): give the mailbox's user write access");
+                }
+            }
+            Some(_) => *n = 0,
+            None if report.fetched > 0 => *n = 0,
+            None => {}
+        }
     }
 
     async fn sizes(
@@ -747,13 +877,4 @@ pub fn uid_set(uids: &[u32]) -> String {
         i += 1;
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn uid_sets() {
-        assert_eq!(super::uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
-        assert_eq!(super::uid_set(&[4]), "4");
-    }
 }

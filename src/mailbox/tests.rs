@@ -1,0 +1,261 @@
+//! The watcher against a scripted server ([`super::fake`]) in paused
+//! time: the behaviours of servers the test stack's Dovecot does not have.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::fake::FakeServer;
+use super::imap::ImapError;
+use super::{WatchError, Watcher};
+use crate::clock::ManualClock;
+use crate::config::Config;
+use crate::ingest::Ingestor;
+use crate::store::Store;
+
+fn config(dir: &Path, mailbox: &str) -> Config {
+    let text = format!(
+        r#"
+[mailbox]
+host = "127.0.0.1"
+security = "plain"
+username = "s"
+password = "p"
+{mailbox}
+[smtp]
+host = "127.0.0.1"
+security = "plain"
+from = "Support <support@example.test>"
+[store]
+path = "{}"
+[[tiers]]
+name = "Frontline"
+first_response = "4h"
+staff = ["agent@example.test"]
+"#,
+        dir.join("store").display()
+    );
+    match Config::parse(&text, Path::new("/x.toml")) {
+        Ok(c) => c,
+        Err(e) => panic!("test config: {e}"),
+    }
+}
+
+fn watcher(dir: &Path, mailbox: &str, server: &FakeServer) -> Watcher {
+    let config = config(dir, mailbox);
+    let clock = Arc::new(ManualClock::new(
+        DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc),
+    ));
+    let store = Arc::new(Store::open(&config.store.path).unwrap());
+    let queue = config.queues.first().unwrap().name.clone();
+    let ingestor = Arc::new(Ingestor {
+        store,
+        config: crate::config::Live::new(config.clone()),
+        clock,
+        wake: Default::default(),
+    });
+    let mut w = Watcher::new(Arc::new(config), &queue, ingestor, Default::default());
+    w.fake = Some(server.clone());
+    w
+}
+
+/// Waits until `done`, for at most 20 s of real time (sled flushes on
+/// threads of its own, and paused time runs ahead while they work, so a
+/// bound in paused time would not wait for them); how much paused time
+/// it took.
+async fn until(mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let start = tokio::time::Instant::now();
+    let real = std::time::Instant::now();
+    while real.elapsed() < Duration::from_secs(20) {
+        if done() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+fn mail(n: u32) -> Vec<u8> {
+    format!(
+        "From: customer{n}@example.org\r\nTo: support@example.test\r\nSubject: question {n}\r\n\
+         Message-ID: <q{n}@example.org>\r\nDate: Mon, 23 Nov 2026 09:00:00 +0000\r\n\r\nhello {n}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Cyrus without idled and Courier without gamin say nothing to an
+/// idling client: the folder must still be looked at every
+/// poll_interval, not once a minute.
+#[tokio::test(start_paused = true)]
+async fn while_idling_the_folder_is_rechecked_every_poll_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::new(&["INBOX"]);
+    server.deliver("INBOX", &mail(1));
+    let w = watcher(dir.path(), "poll_interval = \"5s\"\nidle = true", &server);
+    let ingestor = w.ingestor.clone();
+    let count = || ingestor.store.cases().filter(|c| c.is_ok()).count();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(w.run(cancel.clone()));
+    until(|| server.count("IDLE") == 1)
+        .await
+        .expect("the watcher idles after its first pass");
+    assert_eq!(count(), 1, "the first pass took the first mail");
+    server.deliver("INBOX", &mail(2));
+    // The server never notifies: only the re-check can find the mail,
+    // within poll_interval (not the 60 s it used to take). Timed to the
+    // re-check's SELECT: nothing touches the store before it.
+    let took = until(|| server.count("SELECT") == 2)
+        .await
+        .expect("the folder is looked at again");
+    assert!(
+        took <= Duration::from_millis(5100),
+        "re-checked at poll_interval (5s), after {took:?}"
+    );
+    until(|| count() == 2)
+        .await
+        .expect("the re-check takes the mail");
+    assert!(server.count("IDLE") >= 2, "idling again after the re-check");
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A server that tells of new mail while idling: taken at once, long
+/// before the re-check.
+#[tokio::test(start_paused = true)]
+async fn a_server_that_notifies_gets_new_mail_taken_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::new(&["INBOX"]);
+    server.state().idle_notifies = true;
+    let w = watcher(dir.path(), "poll_interval = \"10m\"\nidle = true", &server);
+    let ingestor = w.ingestor.clone();
+    let count = || ingestor.store.cases().filter(|c| c.is_ok()).count();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(w.run(cancel.clone()));
+    until(|| server.count("IDLE") == 1)
+        .await
+        .expect("the watcher idles");
+    server.deliver("INBOX", &mail(1));
+    let took = until(|| server.count("SELECT") == 2)
+        .await
+        .expect("the server's notice ends the IDLE");
+    assert!(took < Duration::from_secs(1), "at once, after {took:?}");
+    until(|| count() == 1).await.expect("taken");
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Courier gives every session that only EXAMINEs a folder a new
+/// UIDVALIDITY: with EXAMINE each pass fetched the whole folder again.
+/// The watcher SELECTs (reading with BODY.PEEK, so nothing is marked
+/// read), and a second pass with nothing new fetches nothing.
+#[tokio::test(start_paused = true)]
+async fn a_server_renumbering_every_examine_is_not_downloaded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::new(&["INBOX"]);
+    server.state().examine_renumbers = true;
+    for n in 1..=5 {
+        server.deliver("INBOX", &mail(n));
+    }
+    let w = watcher(dir.path(), "idle = false", &server);
+    let cancel = CancellationToken::new();
+    let first = w.once(&cancel).await;
+    assert!(first.error.is_none(), "{:?}", first.error);
+    assert_eq!((first.report.fetched, first.report.new_cases), (5, 5));
+    let bodies = server.count("UID FETCH");
+    let second = w.once(&cancel).await;
+    assert!(second.error.is_none(), "{:?}", second.error);
+    assert_eq!(second.report.fetched, 0, "nothing new: nothing fetched");
+    assert_eq!(
+        server.count("UID FETCH"),
+        bodies,
+        "no FETCH on the second pass"
+    );
+    assert_eq!(server.count("EXAMINE"), 0);
+    let st = server.state();
+    assert!(
+        st.commands
+            .iter()
+            .filter(|c| c.starts_with("UID FETCH"))
+            .all(|c| !c.contains("BODY[]")),
+        "messages are read with BODY.PEEK only: {:?}",
+        st.commands
+    );
+}
+
+/// A sent_folder the server does not have: the inbox is still read, the
+/// summary counts what was stored, and the error names the key and the
+/// folders the server has.
+#[tokio::test(start_paused = true)]
+async fn a_missing_sent_folder_names_the_key_and_the_server_s_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::new(&["INBOX", "INBOX.Sent", "INBOX.Trash"]);
+    server.deliver("INBOX", &mail(1));
+    server.deliver("INBOX", &mail(2));
+    let w = watcher(dir.path(), "sent_folder = \"Sent\"\nidle = false", &server);
+    let out = w.once(&CancellationToken::new()).await;
+    assert_eq!(
+        (out.report.stored, out.report.new_cases),
+        (2, 2),
+        "the inbox pass counts"
+    );
+    let Some(WatchError::Imap(e @ ImapError::MissingFolder { .. })) = &out.error else {
+        panic!("expected a missing folder, got {:?}", out.error);
+    };
+    assert_eq!(
+        e.to_string(),
+        "mailbox.sent_folder \"Sent\" does not exist; the server has: INBOX, INBOX.Sent, INBOX.Trash"
+    );
+    assert!(e.is_config());
+    assert_eq!(
+        e.hint(&w.mailbox().endpoint).as_deref(),
+        Some("set mailbox.sent_folder to one of the folders the server has")
+    );
+    // The inbox is selected again afterwards (for IDLE).
+    assert_eq!(
+        server.state().commands.last().map(String::as_str),
+        Some("LOGOUT")
+    );
+    assert!(server.count("SELECT \"INBOX\"") >= 2);
+}
+
+/// The daemon reads the inbox although the sent folder is missing, and
+/// says so once, not at every pass.
+#[tokio::test(start_paused = true)]
+async fn the_daemon_goes_on_reading_the_inbox_without_its_sent_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::new(&["INBOX"]);
+    let w = watcher(
+        dir.path(),
+        "sent_folder = \"Sent\"\nidle = false\npoll_interval = \"2s\"",
+        &server,
+    );
+    let ingestor = w.ingestor.clone();
+    let count = || ingestor.store.cases().filter(|c| c.is_ok()).count();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(w.run(cancel.clone()));
+    until(|| server.count("SELECT \"Sent\"") == 1)
+        .await
+        .expect("the sent folder was tried");
+    server.deliver("INBOX", &mail(1));
+    until(|| count() == 1)
+        .await
+        .expect("the inbox is read on the next poll");
+    assert_eq!(
+        server.count("LOGIN"),
+        1,
+        "one session: no reconnect for a missing folder"
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn uid_sets() {
+    assert_eq!(super::uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+    assert_eq!(super::uid_set(&[4]), "4");
+}
