@@ -478,7 +478,9 @@ pub fn stats_report(
         tiers: &tiers,
         queues: &queues,
     };
-    Ok(tally.finish(&order, since))
+    let mut report = tally.finish(&order, since);
+    report.smtp_problems = store.smtp_problems()?;
+    Ok(report)
 }
 
 /// Applies a person's change to a case: policy, mails, store, in one

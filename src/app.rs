@@ -198,6 +198,11 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
                 mailer,
                 clock,
                 wake,
+                health: crate::outbox::SmtpHealth::new(if store.is_shared() {
+                    crate::cluster::node_name(None, config.cluster.node.as_deref())
+                } else {
+                    String::new()
+                }),
             };
             outbox.recover()?;
             if store.is_shared() {
@@ -454,6 +459,7 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
     let fired = scheduler.pass()?;
     let sending = std::time::Instant::now();
     let drained = outbox.drain(true, &cancel).await?;
+    outbox.mailer.close().await;
     store.flush_async().await?;
     // The timings are for the benchmark (benches/pipeline.rs) and admins
     // sizing a cron interval.
@@ -475,11 +481,19 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
             "some mail could not be sent yet; it stays queued for the next run"
         );
     }
-    if !failed.is_empty() {
-        anyhow::bail!(
-            "cannot ingest from the mailbox of queue(s) {} (the others were read)",
-            failed.join(", ")
-        );
+    let refused = outbox.health.problem().filter(|_| drained.refused);
+    match (failed.is_empty(), refused) {
+        (true, None) => Ok(()),
+        (true, Some(why)) => anyhow::bail!(
+            "{why}; {} mail(s) stay queued for the next run",
+            drained.retrying
+        ),
+        (false, refused) => anyhow::bail!(
+            "cannot ingest from the mailbox of queue(s) {} (the others were read){}",
+            failed.join(", "),
+            refused
+                .map(|why| format!("; and {why}"))
+                .unwrap_or_default()
+        ),
     }
-    Ok(())
 }

@@ -370,6 +370,12 @@ pub struct SmtpConfig {
     /// After a crash mid-send, how long to wait for that copy before
     /// sending again.
     pub confirm_wait: Duration,
+    /// The name given in EHLO (None: this host's fully qualified name).
+    pub helo_name: Option<String>,
+    /// Mails sent over one connection before it is closed and a new one
+    /// opened: Exim delivers only the first 10 of a connection at once
+    /// and queues the rest for its next queue run.
+    pub max_per_connection: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -744,6 +750,26 @@ struct RawSmtp {
     /// Only in `[smtp]`.
     confirm_copies: Option<bool>,
     confirm_wait: Option<String>,
+    helo_name: Option<String>,
+    max_per_connection: Option<u32>,
+}
+
+/// A name an SMTP server takes in EHLO: a domain name or an address
+/// literal (RFC 5321 4.1.3).
+fn valid_helo_name(h: &str) -> bool {
+    if let Some(inner) = h.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
+        let ip = inner.strip_prefix("IPv6:").unwrap_or(inner);
+        return ip.parse::<std::net::IpAddr>().is_ok();
+    }
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 fn default_confirm_wait() -> String {
@@ -1597,12 +1623,15 @@ impl Validator<'_> {
                 ("from", s.from.take().is_some()),
                 ("confirm_copies", s.confirm_copies.is_some()),
                 ("confirm_wait", s.confirm_wait.is_some()),
+                ("helo_name", s.helo_name.is_some()),
+                ("max_per_connection", s.max_per_connection.is_some()),
             ] {
                 if set {
                     self.problem(
                         &format!("{k}.{field}"),
                         "not here: the queue's address is its From, and \
-                         confirmation copies are set in [smtp]",
+                         confirmation copies and the SMTP session settings \
+                         are set in [smtp] for every server",
                     );
                 }
             }
@@ -1675,6 +1704,22 @@ impl Validator<'_> {
             &s.confirm_wait.clone().unwrap_or_else(default_confirm_wait),
         );
         let raw_from = s.from.take();
+        let helo_name = s.helo_name.take();
+        if let Some(h) = &helo_name {
+            if !valid_helo_name(h) {
+                self.problem(
+                    "smtp.helo_name",
+                    format!(
+                        "{h:?} is not a host name (letters, digits, '-' and '.', like \
+                         \"mail.example.com\") or an address literal (\"[192.0.2.1]\")"
+                    ),
+                );
+            }
+        }
+        let max_per_connection = s.max_per_connection.unwrap_or(10);
+        if max_per_connection == 0 {
+            self.problem("smtp.max_per_connection", "must be at least 1");
+        }
         let smtp_endpoint = self.smtp_endpoint("smtp", s);
         let (from_name, from) = match &raw_from {
             Some(f) => self.address("smtp.from", f),
@@ -2020,6 +2065,8 @@ impl Validator<'_> {
                 from,
                 confirm_copies,
                 confirm_wait,
+                helo_name,
+                max_per_connection,
             },
             store: StoreConfig {
                 path: self.path(&raw.store.path),
@@ -2295,6 +2342,28 @@ name = "Billing"
 first_response = "2h"
 forward_to = ["bill@example.test"]
 "#;
+
+    #[test]
+    fn smtp_session_settings_are_checked_and_have_defaults() {
+        let c = parse(QUEUES).unwrap();
+        assert_eq!(c.smtp.max_per_connection, 10, "Exim's default batch");
+        assert_eq!(c.smtp.helo_name, None, "None: the host's FQDN");
+        let with = |extra: &str| QUEUES.replacen("[smtp]\n", &format!("[smtp]\n{extra}\n"), 1);
+        let c = parse(&with(
+            "helo_name = \"mx1.example.com\"\nmax_per_connection = 3",
+        ))
+        .unwrap();
+        assert_eq!(c.smtp.helo_name.as_deref(), Some("mx1.example.com"));
+        assert_eq!(c.smtp.max_per_connection, 3);
+        assert!(parse(&with("helo_name = \"[192.0.2.1]\"")).is_ok());
+        // An EHLO line is protocol: no spaces, no line breaks in it.
+        let e = problems(&with("helo_name = \"mx.example.com\\r\\nMAIL FROM:<x@y>\""));
+        assert!(e.contains("smtp.helo_name"), "{e}");
+        let e = problems(&with("helo_name = \"my host\""));
+        assert!(e.contains("smtp.helo_name"), "{e}");
+        let e = problems(&with("max_per_connection = 0"));
+        assert!(e.contains("smtp.max_per_connection"), "{e}");
+    }
 
     #[test]
     fn queues_have_their_own_address_path_and_smtp() {

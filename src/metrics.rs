@@ -135,6 +135,9 @@ pub struct Metrics {
     /// its lock not had in time, a refused write).
     pub store_errors: AtomicU64,
     pub smtp_errors: AtomicU64,
+    /// 1 while the SMTP server refuses this node's configuration (the
+    /// login, the sender address, TLS), else 0.
+    pub smtp_refused: AtomicU64,
     pub timers_fired: AtomicU64,
     /// Times the scheduler woke up (a timer, or new mail changing timers).
     pub scheduler_wakeups: AtomicU64,
@@ -274,6 +277,11 @@ fn render(store: &Store) -> String {
         "escalator_scheduler_wakeups_total",
         "Times the timer scheduler woke up.",
         &m.scheduler_wakeups,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP escalator_smtp_refused 1 while the SMTP server refuses this node's configuration (login, sender address, TLS); mail stays queued.\n# TYPE escalator_smtp_refused gauge\nescalator_smtp_refused {}",
+        m.smtp_refused.load(Ordering::Relaxed)
     );
     // A gauge the store cannot read is left out, not shown as 0.
     if let Ok(depth) = store.outbox_depth() {

@@ -138,3 +138,15 @@ pub struct OutboxEntry {
     #[serde(default)]
     pub attach_nonce: String,
 }
+
+/// Why a node's SMTP server refuses its mail (a wrong password, a sender
+/// it will not take): kept in the store until a send works again, so
+/// `stats` shows it to an admin who is not reading the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmtpProblem {
+    /// The node (empty with the embedded store: there is one).
+    pub node: String,
+    pub error: String,
+    /// When the server first refused.
+    pub since: DateTime<Utc>,
+}

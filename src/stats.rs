@@ -233,6 +233,10 @@ pub struct Report {
     /// The KPIs of each queue's cases, in the config's queue order;
     /// queues no longer configured follow.
     pub queues: Vec<QueueKpis>,
+    /// Per node whose SMTP server refuses its configuration (a wrong
+    /// password, a sender it will not take): mail waits until it is
+    /// fixed. Empty when every node can send.
+    pub smtp_problems: Vec<crate::record::SmtpProblem>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -466,6 +470,7 @@ impl Tally {
                 .into_iter()
                 .map(|(queue, kpis)| QueueKpis { queue, kpis })
                 .collect(),
+            smtp_problems: Vec::new(),
         }
     }
 }
@@ -568,6 +573,18 @@ impl Report {
         row("  1h - 1d", &|k| k.open.under_1d.to_string());
         row("  1d - 7d", &|k| k.open.under_7d.to_string());
         row("  over 7d", &|k| k.open.over_7d.to_string());
+        for p in &self.smtp_problems {
+            let node = if p.node.is_empty() {
+                String::new()
+            } else {
+                format!(" (node {})", p.node)
+            };
+            out.push_str(&format!(
+                "\nSMTP REFUSES MAIL{node} since {}: {}\n  mail stays queued until this is fixed\n",
+                rfc3339(p.since),
+                p.error
+            ));
+        }
         out
     }
 }

@@ -84,6 +84,104 @@ pub struct DrainReport {
     pub sent: usize,
     pub retrying: usize,
     pub failed: usize,
+    /// The server refused our configuration (see [`SmtpHealth`]): the
+    /// drain stopped, all mail stays queued.
+    pub refused: bool,
+}
+
+/// Whether the SMTP server takes this node's mail. A refusal of the
+/// configuration (the login, the sender) would meet every mail alike:
+/// it is said once, recorded in the store for `stats`, shown in the
+/// metrics, and ends the drain; nothing is failed, the mail waits.
+#[derive(Default)]
+pub struct SmtpHealth {
+    /// This node's name in the record (empty with the embedded store).
+    pub node: String,
+    state: std::sync::Mutex<Health>,
+}
+
+#[derive(Default)]
+enum Health {
+    /// Nothing sent yet by this process: a record left by an earlier
+    /// run is cleared at the first mail that goes out.
+    #[default]
+    Unknown,
+    Fine,
+    /// The server's words, since when, and refusals in a row.
+    Refused(String, DateTime<Utc>, u32),
+}
+
+impl SmtpHealth {
+    pub fn new(node: String) -> SmtpHealth {
+        SmtpHealth {
+            node,
+            state: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The refusal, while the server refuses us.
+    pub fn problem(&self) -> Option<String> {
+        match &*self.lock() {
+            Health::Refused(why, ..) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// How long to wait before trying again: a minute, doubling to 15,
+    /// so a wrong password does not get the account locked.
+    pub fn backoff(&self) -> Duration {
+        let n = match &*self.lock() {
+            Health::Refused(_, _, n) => *n,
+            _ => 0,
+        };
+        Duration::from_secs((60u64 << n.saturating_sub(1).min(4)).min(900))
+    }
+
+    fn refused(&self, store: &Store, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let (since, new) = {
+            let mut st = self.lock();
+            let (since, n, new) = match &*st {
+                Health::Refused(old, since, n) => (*since, n + 1, old != why),
+                _ => (now, 1, true),
+            };
+            *st = Health::Refused(why.to_string(), since, n);
+            (since, new)
+        };
+        crate::metrics::METRICS
+            .smtp_refused
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        if new {
+            tracing::error!(error = %why, "the SMTP server refuses this configuration; all mail stays queued until it is fixed");
+            store.set_smtp_problem(
+                &self.node,
+                Some(&crate::record::SmtpProblem {
+                    node: self.node.clone(),
+                    error: why.to_string(),
+                    since,
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn works(&self, store: &Store) -> Result<(), StoreError> {
+        let before = std::mem::replace(&mut *self.lock(), Health::Fine);
+        match before {
+            Health::Fine => return Ok(()),
+            Health::Refused(..) => {
+                tracing::info!("the SMTP server accepts mail again");
+            }
+            Health::Unknown => {}
+        }
+        crate::metrics::METRICS
+            .smtp_refused
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        store.set_smtp_problem(&self.node, None)
+    }
 }
 
 /// The outbox worker.
@@ -102,6 +200,7 @@ pub struct Outbox {
     /// On a shared store (a cluster): how long an entry whose sending
     /// began belongs to the node sending it (`[cluster] claim`).
     pub claim: Option<Duration>,
+    pub health: SmtpHealth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +217,14 @@ impl Outbox {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
             let wait = match self.drain(false, &cancel).await {
+                Ok(r) if r.refused => {
+                    // New mail must not make us log in again at once:
+                    // only the backoff (or a stop) ends this wait.
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(self.health.backoff()) => continue,
+                    }
+                }
                 Ok(_) => self.next_wake().unwrap_or(Duration::from_secs(3600)).min(
                     // Another process may queue mail, and its
                     // notification may be lost: look again now and then.
@@ -133,11 +240,12 @@ impl Outbox {
                 }
             };
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
                 _ = self.wake.outbox.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        self.mailer.close().await;
     }
 
     /// An entry left `sending` by a crash: until when to wait for the
@@ -222,6 +330,12 @@ impl Outbox {
                 Ok(state) => match state? {
                     OutboxState::Sent => report.sent += 1,
                     OutboxState::Failed => report.failed += 1,
+                    _ if self.health.problem().is_some() => {
+                        // Every other mail would be refused alike.
+                        report.refused = true;
+                        report.retrying = self.store.outbox_depth()?;
+                        break;
+                    }
                     _ => report.retrying += 1,
                 },
                 Err(panic) => {
@@ -332,7 +446,8 @@ impl Outbox {
             Err(e) => {
                 crate::metrics::inc(&m.smtp_errors);
                 let class = match e {
-                    SmtpError::Transient(_) => "transient",
+                    SmtpError::Transient(_) | SmtpError::Unknown(_) => "transient",
+                    SmtpError::Config(_) => "config",
                     _ => "permanent",
                 };
                 m.mail_failures.inc(&[("kind", class)]);
@@ -347,6 +462,7 @@ impl Outbox {
                 self.store
                     .transact(|tx| journal::mark_sent(tx, &mut entry, now))?;
                 self.journal.settled(entry.id);
+                self.health.works(&self.store)?;
                 // No flush here: the journal line already keeps the
                 // acceptance across a crash (and the confirmation copy
                 // across a power cut), so the store's next flush is enough.
@@ -356,6 +472,16 @@ impl Outbox {
             Err(SmtpError::Permanent(why)) | Err(SmtpError::Setup(why)) => {
                 tracing::error!(error = %why, "mail refused for good");
                 entry.state = OutboxState::Failed;
+                entry.last_error = Some(why);
+            }
+            Err(SmtpError::Config(why)) => {
+                // Not this mail's fault: it waits, however long the fix
+                // takes (no give-up time).
+                entry.state = OutboxState::Pending;
+                entry.next_attempt_at = now
+                    + chrono::Duration::from_std(self.health.backoff())
+                        .unwrap_or(chrono::Duration::zero());
+                self.health.refused(&self.store, &why, now)?;
                 entry.last_error = Some(why);
             }
             Err(SmtpError::Unknown(why)) if self.confirm.is_some() => {
@@ -531,6 +657,7 @@ pub(crate) mod tests {
             confirm: confirm.then_some(Duration::from_secs(120)),
             wake: Default::default(),
             claim: None,
+            health: Default::default(),
         };
         Setup {
             _dir: dir,
@@ -558,6 +685,61 @@ pub(crate) mod tests {
 
     fn sends(s: &Setup) -> usize {
         s.mailer.sent.lock().unwrap().len()
+    }
+
+    /// A wrong SMTP password (or a sender the server will not take) is
+    /// not the mail's fault: the drain stops at the first refusal, no
+    /// mail fails, however long the fix takes, the refusal is kept for
+    /// `stats` and the gauge, and the first mail that goes out clears it.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_configuration_keeps_all_mail_queued_and_is_recorded() {
+        let s = setup(&[1, 2, 3], false);
+        let refusal = "the server refused the login as \"support\": 535 5.7.8 bad credentials";
+        s.mailer
+            .results
+            .lock()
+            .unwrap()
+            .push_back(Err(SmtpError::Config(refusal.into())));
+        let r = s
+            .outbox
+            .drain(true, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(r.refused);
+        assert_eq!((r.sent, r.failed, r.retrying), (0, 0, 3));
+        assert_eq!(sends(&s), 1, "the drain stopped at the first refusal");
+        for id in [1, 2, 3] {
+            assert_eq!(state(&s, id), OutboxState::Pending);
+        }
+        let problems = s.outbox.store.smtp_problems().unwrap();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].error, refusal);
+        assert_eq!(s.outbox.health.problem().as_deref(), Some(refusal));
+        assert_eq!(s.outbox.health.backoff(), Duration::from_secs(60));
+        // Days later, still refused: still queued, not given up.
+        s.clock.advance(chrono::Duration::days(5));
+        s.mailer
+            .results
+            .lock()
+            .unwrap()
+            .push_back(Err(SmtpError::Config(refusal.into())));
+        let r = s
+            .outbox
+            .drain(true, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(r.refused);
+        assert_eq!(state(&s, 1), OutboxState::Pending);
+        assert!(s.outbox.health.backoff() > Duration::from_secs(60));
+        // Fixed: everything goes out, the record is gone.
+        let r = s
+            .outbox
+            .drain(true, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((r.sent, r.refused), (3, false));
+        assert!(s.outbox.store.smtp_problems().unwrap().is_empty());
+        assert!(s.outbox.health.problem().is_none());
     }
 
     #[test]

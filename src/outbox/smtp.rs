@@ -1,7 +1,10 @@
 //! SMTP: hands composed mail to the server with lettre's SMTP client
 //! over one kept connection (TCP_NODELAY, our own TLS for port 465).
 //! lettre does not retry; we classify its errors so the outbox can
-//! retry what is transient and give up on what the server refused.
+//! retry what is transient, give up on what the server refused, and hold
+//! everything while the server refuses us (a wrong password). Every
+//! session ends with QUIT and a TLS close_notify: after `max_per_connection`
+//! mails, after `MAX_IDLE` without one, and when the daemon stops.
 
 use std::time::Duration;
 
@@ -38,6 +41,11 @@ pub enum SmtpError {
     /// mail. Like a crash mid-send, this waits for the confirmation copy.
     #[error("SMTP server's answer to the message data was lost: {0}")]
     Unknown(String),
+    /// The server refuses us, not this mail (the login, the sender
+    /// address, an untrusted certificate): every mail would meet the
+    /// same answer. The admin's to fix; all mail stays queued.
+    #[error("SMTP refuses this configuration: {0}")]
+    Config(String),
 }
 
 /// Sends raw mail; a trait so the outbox worker can be tested without a
@@ -45,6 +53,8 @@ pub enum SmtpError {
 #[async_trait::async_trait]
 pub trait Mailer: Send + Sync {
     async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError>;
+    /// Ends any kept session cleanly (QUIT), before the process exits.
+    async fn close(&self) {}
 }
 
 /// Sends each mail through the server of the queue whose address it is
@@ -66,6 +76,13 @@ impl Mailer for ByFrom {
             .unwrap_or(&self.main);
         route.send(from, to, raw).await
     }
+
+    async fn close(&self) {
+        self.main.close().await;
+        for (_, m) in &self.routes {
+            m.close().await;
+        }
+    }
 }
 
 pub struct SmtpMailer {
@@ -74,15 +91,50 @@ pub struct SmtpMailer {
     starttls: Option<TlsParameters>,
     /// For implicit TLS (we wrap the stream before lettre sees it).
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
-    hello: ClientId,
+    /// `helo_name`, or this host's fully qualified name; None: neither is
+    /// known, and the address literal of our end of each connection is
+    /// used (RFC 5321 4.1.4).
+    hello: Option<ClientId>,
     /// One kept connection (the outbox sends one mail at a time), with
-    /// when it was last used and the OAuth token it logged in with.
-    conn: tokio::sync::Mutex<Option<Kept>>,
+    /// when it was last used; shared with the task that closes it when
+    /// it has been idle too long.
+    conn: Arc<tokio::sync::Mutex<Option<Kept>>>,
 }
 
 struct Kept {
     conn: AsyncSmtpConnection,
     used: Instant,
+    /// Mails sent over it.
+    sent: u32,
+}
+
+/// Ends a session as RFC 5321 asks: QUIT, then (lettre's `abort` closes
+/// the stream) a TLS close_notify, so the server logs a clean end.
+async fn end(mut k: Kept) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), k.conn.abort()).await;
+}
+
+/// This host's fully qualified name, as `hostname -f` finds it (the
+/// canonical name of the host name), if it has a dot.
+pub fn local_fqdn() -> Option<String> {
+    let host = hostname::get().ok()?.into_string().ok()?;
+    if host.contains('.') {
+        return Some(host);
+    }
+    let hints = dns_lookup::AddrInfoHints {
+        flags: libc_ai_canonname(),
+        ..Default::default()
+    };
+    let canon = dns_lookup::getaddrinfo(Some(&host), None, Some(hints))
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|a| a.canonname)?;
+    canon.contains('.').then_some(canon)
+}
+
+/// `AI_CANONNAME`: 2 on Linux and the BSDs.
+const fn libc_ai_canonname() -> i32 {
+    2
 }
 
 /// Servers drop idle clients after a minute or so; past this, reconnect
@@ -115,13 +167,43 @@ impl SmtpMailer {
             }
             Security::Plain => (None, None),
         };
+        let hello = match &cfg.helo_name {
+            Some(name) => Some(ClientId::Domain(name.clone())),
+            None => local_fqdn().map(ClientId::Domain),
+        };
         Ok(SmtpMailer {
             cfg: cfg.clone(),
             starttls,
             tls,
-            hello: ClientId::default(),
-            conn: tokio::sync::Mutex::new(None),
+            hello,
+            conn: Arc::new(tokio::sync::Mutex::new(None)),
         })
+    }
+
+    /// The EHLO name for a connection whose local end is `local`.
+    fn hello_for(&self, local: Option<std::net::IpAddr>) -> ClientId {
+        match (&self.hello, local) {
+            (Some(h), _) => h.clone(),
+            (None, Some(std::net::IpAddr::V4(ip))) => ClientId::Ipv4(ip),
+            (None, Some(std::net::IpAddr::V6(ip))) => ClientId::Ipv6(ip),
+            (None, None) => ClientId::default(),
+        }
+    }
+
+    /// Closes the kept connection once it has been idle `MAX_IDLE`, so
+    /// the server sees a QUIT rather than a client that went away.
+    fn close_when_idle(&self) {
+        let slot = Arc::downgrade(&self.conn);
+        tokio::spawn(async move {
+            tokio::time::sleep(MAX_IDLE).await;
+            let Some(slot) = slot.upgrade() else { return };
+            let mut kept = slot.lock().await;
+            if kept.as_ref().is_some_and(|k| k.used.elapsed() >= MAX_IDLE) {
+                if let Some(k) = kept.take() {
+                    end(k).await;
+                }
+            }
+        });
     }
 
     /// Connects, secures and logs in.
@@ -134,6 +216,7 @@ impl SmtpMailer {
             .await
             .map_err(|e| transient("connecting to", &e))?
             .map_err(|e| transient("connecting to", &e))?;
+        let hello = self.hello_for(tcp.local_addr().ok().map(|a| a.ip()));
         // lettre writes the body and the final dot separately: with Nagle
         // on, the dot waits for the server's delayed ACK (40 ms a mail).
         tcp.set_nodelay(true)
@@ -148,7 +231,7 @@ impl SmtpMailer {
                 )
                 .await
                 .map_err(|e| transient("TLS with", &e))?
-                .map_err(|e| transient("TLS with", &e))?;
+                .map_err(|e| tls_error(ep, &e))?;
                 Box::new(TlsTcp(tls))
             }
             None => Box::new(tcp),
@@ -156,28 +239,64 @@ impl SmtpMailer {
         let step = |e: lettre::transport::smtp::Error| classify(&e);
         let mut conn = tokio::time::timeout(
             ep.timeout,
-            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+            AsyncSmtpConnection::connect_with_transport(stream, &hello),
         )
         .await
-        .map_err(|e| transient("greeting from", &e))?
-        .map_err(step)?;
+        .map_err(|_| {
+            let hint = if self.tls.is_none() {
+                format!(
+                    " (the port may expect TLS at once: try {}.security = \"tls\")",
+                    ep.section
+                )
+            } else {
+                String::new()
+            };
+            SmtpError::Transient(format!(
+                "no greeting from {}:{} within {:?}{hint}",
+                ep.host, ep.port, ep.timeout
+            ))
+        })?
+        .map_err(|e| {
+            // Our TLS spoke to a server speaking plain text.
+            if self.tls.is_some() {
+                if let Some(h) = crate::tls::hint(&e, ep) {
+                    return SmtpError::Config(format!(
+                        "TLS with {}:{} failed: {h}",
+                        ep.host, ep.port
+                    ));
+                }
+            }
+            step(e)
+        })?;
         if let Some(params) = &self.starttls {
             if !conn.can_starttls() {
-                return Err(SmtpError::Transient(format!(
-                    "{}:{} does not offer STARTTLS; refusing to send unencrypted",
-                    ep.host, ep.port
+                return Err(SmtpError::Config(format!(
+                    "{}:{} does not offer STARTTLS; refusing to send unencrypted \
+                     (if the port expects TLS at once, set {}.security = \"tls\")",
+                    ep.host, ep.port, ep.section
                 )));
             }
-            tokio::time::timeout(ep.timeout, conn.starttls(params.clone(), &self.hello))
+            tokio::time::timeout(ep.timeout, conn.starttls(params.clone(), &hello))
                 .await
                 .map_err(|e| transient("STARTTLS with", &e))?
-                .map_err(step)?;
+                .map_err(|e| match crate::tls::hint(&e, ep) {
+                    Some(h) => SmtpError::Config(format!(
+                        "STARTTLS with {}:{} failed: {}: {h}",
+                        ep.host,
+                        ep.port,
+                        error_text(&e)
+                    )),
+                    None => step(e),
+                })?;
         }
         // Read at every connection: a rotated password file is picked up,
         // and an unreadable one is the admin's to fix (kept, retried).
-        let password = ep
-            .password()
-            .map_err(|e| SmtpError::Transient(format!("cannot read the SMTP password: {e}")))?;
+        let password = ep.password().map_err(|e| {
+            SmtpError::Config(format!(
+                "cannot read the SMTP password: {e} (set {0}.password_env or {0}.password_file)",
+                ep.section
+            ))
+        })?;
         let login = match (&ep.username, token, &password) {
             (Some(u), Some(t), _) => Some((
                 Credentials::new(u.clone(), t.to_string()),
@@ -196,9 +315,12 @@ impl SmtpMailer {
                 .map_err(|e| match classify(&e) {
                     // A refused login is the admin's to fix; keep the
                     // mail and retry with backoff rather than fail it.
-                    SmtpError::Permanent(why) => {
-                        SmtpError::Transient(format!("login refused: {why}"))
-                    }
+                    SmtpError::Permanent(why) => SmtpError::Config(format!(
+                        "the server refused the login as {:?}: {why} (check {1}.username \
+                         and the password in {1}.password_env or {1}.password_file)",
+                        ep.username.as_deref().unwrap_or_default(),
+                        ep.section
+                    )),
                     other => other,
                 })?;
         }
@@ -242,6 +364,16 @@ impl AsyncTokioStream for TlsTcp {
     }
 }
 
+/// A failed TLS handshake: the admin's to fix when the error says what
+/// to change (wrong `security` for the port, an unknown CA).
+fn tls_error(ep: &crate::config::Endpoint, e: &std::io::Error) -> SmtpError {
+    let text = format!("TLS with {}:{}: {e}", ep.host, ep.port);
+    match crate::tls::hint(e, ep) {
+        Some(h) => SmtpError::Config(format!("{text}: {h}")),
+        None => SmtpError::Transient(text),
+    }
+}
+
 fn classify(e: &lettre::transport::smtp::Error) -> SmtpError {
     if e.is_permanent() {
         SmtpError::Permanent(error_text(e))
@@ -265,8 +397,8 @@ impl Mailer for SmtpMailer {
             .as_ref()
             .is_some_and(|k| k.conn.has_broken() || k.used.elapsed() > MAX_IDLE);
         if stale {
-            if let Some(mut k) = slot.take() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), k.conn.quit()).await;
+            if let Some(k) = slot.take() {
+                end(k).await;
             }
         }
         let mut kept = match slot.take() {
@@ -288,6 +420,7 @@ impl Mailer for SmtpMailer {
                 Kept {
                     conn: self.connect(token.as_deref()).await?,
                     used: Instant::now(),
+                    sent: 0,
                 }
             }
         };
@@ -303,12 +436,27 @@ impl Mailer for SmtpMailer {
         match result {
             Ok(Ok(())) => {
                 kept.used = Instant::now();
-                *slot = Some(kept);
+                kept.sent += 1;
+                if kept.sent >= self.cfg.max_per_connection {
+                    end(kept).await;
+                } else {
+                    *slot = Some(kept);
+                    self.close_when_idle();
+                }
                 Ok(())
             }
             // Any error leaves the connection in an unknown state: drop it.
-            Ok(Err(e)) => match classify(&e) {
+            Ok(Err((step, e))) => match classify(&e) {
                 SmtpError::Transient(why) if after_data => Err(SmtpError::Unknown(why)),
+                // The server refuses our sender address: so it will
+                // every mail.
+                SmtpError::Permanent(why) if step == Step::MailFrom => {
+                    Err(SmtpError::Config(format!(
+                        "the server refused the sender {from}: {why} (the account in \
+                         {}.username may not send as this address)",
+                        self.cfg.endpoint.section
+                    )))
+                }
                 other => Err(other),
             },
             Err(_) => {
@@ -321,17 +469,32 @@ impl Mailer for SmtpMailer {
             }
         }
     }
+
+    async fn close(&self) {
+        if let Some(k) = self.conn.lock().await.take() {
+            end(k).await;
+        }
+    }
+}
+
+/// The step of a mail transaction that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    MailFrom,
+    Rest,
 }
 
 /// MAIL, RCPT, DATA, then the message: lettre's `send`, split so that we
 /// know whether a failure came before the data went out (the server has
-/// nothing) or after (it may have accepted the mail).
+/// nothing) or after (it may have accepted the mail), and whether it
+/// was our sender the server refused.
 async fn transaction(
     conn: &mut AsyncSmtpConnection,
     envelope: &Envelope,
     raw: &[u8],
     data_sent: &std::sync::atomic::AtomicBool,
-) -> Result<(), lettre::transport::smtp::Error> {
+) -> Result<(), (Step, lettre::transport::smtp::Error)> {
+    let rest = |e| (Step::Rest, e);
     use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
     use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
     let mut options = Vec::new();
@@ -347,13 +510,16 @@ async fn transaction(
         options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     conn.command(Mail::new(envelope.from().cloned(), options))
-        .await?;
+        .await
+        .map_err(|e| (Step::MailFrom, e))?;
     for to in envelope.to() {
-        conn.command(Rcpt::new(to.clone(), Vec::new())).await?;
+        conn.command(Rcpt::new(to.clone(), Vec::new()))
+            .await
+            .map_err(rest)?;
     }
-    conn.command(Data).await?;
+    conn.command(Data).await.map_err(rest)?;
     data_sent.store(true, std::sync::atomic::Ordering::SeqCst);
-    conn.message(raw).await?;
+    conn.message(raw).await.map_err(rest)?;
     Ok(())
 }
 

@@ -35,7 +35,10 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 
 use crate::case::{Case, CaseId, Event, Timer};
-use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
+use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry, SmtpProblem};
+
+/// Meta keys of the nodes' SMTP problems (see [`Store::set_smtp_problem`]).
+const SMTP_PROBLEM: &[u8] = b"smtp_problem/";
 use crate::thread::Lookup;
 use codec::{id_key, Tree};
 
@@ -522,6 +525,38 @@ impl Store {
                     out.push(e);
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// Records (or with None clears) why `node`'s SMTP server refuses
+    /// its mail.
+    pub fn set_smtp_problem(&self, node: &str, problem: Option<&SmtpProblem>) -> Result<()> {
+        let key = [SMTP_PROBLEM, node.as_bytes()].concat();
+        let value = problem
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(StoreError::Encode)?;
+        self.transact(|tx| {
+            match value {
+                Some(v) => tx.put(Tree::Meta, key, v),
+                None => tx.remove(Tree::Meta, key),
+            }
+            Ok(())
+        })
+    }
+
+    /// Every node's SMTP problem, as recorded.
+    pub fn smtp_problems(&self) -> Result<Vec<SmtpProblem>> {
+        let mut out = Vec::new();
+        for r in self.db.prefix(Tree::Meta, SMTP_PROBLEM) {
+            let (k, v) = r?;
+            out.push(
+                serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?,
+            );
         }
         Ok(out)
     }
