@@ -158,6 +158,18 @@ pub enum TokenSource {
 }
 
 impl Endpoint {
+    /// The keys that set this endpoint's password, for hints: the one
+    /// in use (`mailbox.password_file`), or all three when none is.
+    pub fn password_keys(&self) -> String {
+        match &self.password {
+            Some(p) => format!("{}.{}", self.section, p.key()),
+            None => format!(
+                "{0}.password, {0}.password_env or {0}.password_file",
+                self.section
+            ),
+        }
+    }
+
     /// The longest one SMTP send through this endpoint may take: each
     /// step up to the timeout (connect, TLS, greeting, STARTTLS, login,
     /// the mail transaction), and the token command before a login.

@@ -42,6 +42,8 @@
 //! - [`cluster`]: several daemons on one PostgreSQL store: heartbeats,
 //!   mailbox leases with fencing tokens, which node watches what.
 //! - [`app`]: wires the workers, runs them until shutdown.
+//! - [`preflight`]: `check-config --connect`: logs in to every endpoint
+//!   the config names, sends nothing, says what to change.
 //! - [`admin`]: what the CLI prints and changes (cases, outbox,
 //!   quarantine), shared by the CLI and the daemon's control socket.
 
@@ -64,6 +66,7 @@ pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;
+pub mod preflight;
 pub mod quote;
 pub mod record;
 pub mod scheduler;

@@ -59,6 +59,10 @@ enum Command {
     CheckConfig {
         #[command(flatten)]
         config: ConfigArg,
+        /// Also log in to every IMAP and SMTP server (and PostgreSQL) the
+        /// config names and check its folders; sends nothing.
+        #[arg(long)]
+        connect: bool,
     },
     /// Inspect cases.
     Cases {
@@ -343,30 +347,37 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Command::CheckConfig { config } => {
-            return match Config::load(&config.config) {
-                Ok(c) => {
-                    println!("{}", c.summary());
-                    // A secret that cannot be read is fine for commands
-                    // that only read the store, and an error for `run`.
-                    let missing = c.secret_problems();
-                    for p in &missing {
-                        eprintln!(
-                            "warning: {p} (`run` refuses to start without it; store-only \
-                             commands such as `cases`, `stats` and `outbox` work)"
-                        );
-                    }
-                    Ok(if missing.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    })
-                }
+        Command::CheckConfig { config, connect } => {
+            let c = match Config::load(&config.config) {
+                Ok(c) => c,
                 Err(e) => {
                     eprintln!("{}", escalator::error_chain(&e));
-                    Ok(ExitCode::FAILURE)
+                    return Ok(ExitCode::FAILURE);
                 }
             };
+            println!("{}", c.summary());
+            // A secret that cannot be read is fine for commands that
+            // only read the store, and an error for `run`.
+            let missing = c.secret_problems();
+            for p in &missing {
+                eprintln!(
+                    "warning: {p} (`run` refuses to start without it; store-only \
+                     commands such as `cases`, `stats` and `outbox` work)"
+                );
+            }
+            let mut ok = missing.is_empty();
+            if connect {
+                println!();
+                for check in escalator::preflight::run(&c).await {
+                    println!("{}", check.line());
+                    ok &= check.outcome.is_ok();
+                }
+            }
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Command::Cases { command } => match command {
             CasesCommand::List {

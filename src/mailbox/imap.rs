@@ -64,17 +64,16 @@ impl ImapError {
     pub fn hint(&self, ep: &Endpoint) -> Option<String> {
         let key = |k: &str| format!("{}.{k}", ep.section);
         match self {
+            ImapError::Auth { .. } if ep.oauth.is_some() => Some(format!(
+                "the server refused the OAuth 2 token: check {} and where the token comes from",
+                key("username")
+            )),
             ImapError::Auth { .. } => Some(format!(
-                "the server refused the login: check {} and the password ({} or {})",
+                "the server refused the login: check {} and {}",
                 key("username"),
-                key("password_env"),
-                key("password_file")
+                ep.password_keys()
             )),
-            ImapError::Secret(_) => Some(format!(
-                "set {} or {} to where the password is",
-                key("password_env"),
-                key("password_file")
-            )),
+            ImapError::Secret(_) => Some(format!("check {}", ep.password_keys())),
             ImapError::Timeout("greeting") if ep.security != Security::Tls => Some(format!(
                 "the server sent no greeting: it may expect TLS at once on port {}: try {} = \"tls\"",
                 ep.port,
@@ -281,9 +280,55 @@ async fn login(ep: &Endpoint, client: Client<Stream>) -> Result<ImapSession, Ima
         Ok(Ok(s)) => Ok(s),
         Ok(Err((e, _))) => Err(ImapError::Auth {
             user,
-            why: e.to_string(),
+            why: server_words(&e),
         }),
     }
+}
+
+/// The server's own words of a NO or BAD (its response code included,
+/// `[AUTHENTICATIONFAILED] Authentication failed.`), else the error.
+pub fn server_words(e: &async_imap::error::Error) -> String {
+    match e {
+        async_imap::error::Error::No(w) | async_imap::error::Error::Bad(w) => undebug(w),
+        other => other.to_string(),
+    }
+}
+
+/// async-imap writes a NO's text as Rust debug output (`code: None,
+/// info: Some("[AUTHENTICATIONFAILED] Authentication failed.")`): the
+/// text inside, unescaped, for an admin to read.
+fn undebug(w: &str) -> String {
+    let Some(start) = w.find("info: Some(\"") else {
+        return w.to_string();
+    };
+    let inner = &w[start + "info: Some(\"".len()..];
+    let inner = inner.strip_suffix("\")").unwrap_or(inner);
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push(' '),
+                Some(other) => out.push(other),
+                None => {}
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[test]
+fn a_no_response_reads_as_the_server_wrote_it() {
+    let e = async_imap::error::Error::No(
+        "code: None, info: Some(\"[AUTHENTICATIONFAILED] Authentication \\\"failed\\\".\")".into(),
+    );
+    assert_eq!(
+        server_words(&e),
+        "[AUTHENTICATIONFAILED] Authentication \"failed\"."
+    );
 }
 
 /// SASL XOAUTH2: the initial response, then (on failure the server sends

@@ -180,6 +180,36 @@ impl SmtpMailer {
         })
     }
 
+    /// Connects and logs in as a send would, then ends the session
+    /// (`check-config --connect`): what the server said who it is and
+    /// who we are.
+    pub async fn check(&self) -> Result<String, SmtpError> {
+        let token = match &self.cfg.endpoint.oauth {
+            Some(source) => Some(
+                source
+                    .token()
+                    .await
+                    .map_err(SmtpError::Config)?
+                    .expose()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let conn = self.connect(token.as_deref()).await?;
+        let server = conn.server_info().name().to_string();
+        let who = match &self.cfg.endpoint.username {
+            Some(u) => format!("logged in as {u:?}"),
+            None => "connected (no login configured)".to_string(),
+        };
+        end(Kept {
+            conn,
+            used: Instant::now(),
+            sent: 0,
+        })
+        .await;
+        Ok(format!("{who} at {server}; nothing sent"))
+    }
+
     /// The EHLO name for a connection whose local end is `local`.
     fn hello_for(&self, local: Option<std::net::IpAddr>) -> ClientId {
         match (&self.hello, local) {
@@ -293,8 +323,8 @@ impl SmtpMailer {
         // and an unreadable one is the admin's to fix (kept, retried).
         let password = ep.password().map_err(|e| {
             SmtpError::Config(format!(
-                "cannot read the SMTP password: {e} (set {0}.password_env or {0}.password_file)",
-                ep.section
+                "cannot read the SMTP password: {e} (check {})",
+                ep.password_keys()
             ))
         })?;
         let login = match (&ep.username, token, &password) {
@@ -316,10 +346,10 @@ impl SmtpMailer {
                     // A refused login is the admin's to fix; keep the
                     // mail and retry with backoff rather than fail it.
                     SmtpError::Permanent(why) => SmtpError::Config(format!(
-                        "the server refused the login as {:?}: {why} (check {1}.username \
-                         and the password in {1}.password_env or {1}.password_file)",
+                        "the server refused the login as {:?}: {why} (check {}.username and {})",
                         ep.username.as_deref().unwrap_or_default(),
-                        ep.section
+                        ep.section,
+                        ep.password_keys()
                     )),
                     other => other,
                 })?;

@@ -9,6 +9,7 @@ mod crash;
 mod escalation;
 mod gateway;
 mod hardening;
+mod mailservers;
 mod operations;
 mod postgres;
 mod queues;

@@ -395,7 +395,7 @@ async fn forwards_carry_customer_html_only_as_an_attachment() {
 
 /// A config section's plain connection to the stack (on `old_port`)
 /// rewritten for TLS.
-fn secured(
+pub(crate) fn secured(
     text: &str,
     old_port: u16,
     host: &str,
@@ -435,7 +435,7 @@ fn tls_config(
 
 /// A directory the mail servers can read, with a private CA (cert, key)
 /// and a certificate it signed for 127.0.0.1 (cert, key).
-fn certificates() -> (
+pub(crate) fn certificates() -> (
     tempfile::TempDir,
     (std::path::PathBuf, std::path::PathBuf),
     (std::path::PathBuf, std::path::PathBuf),

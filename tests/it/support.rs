@@ -269,8 +269,11 @@ service anvil {{
             imap = self.imap_port,
             imaps = self.imaps_port.unwrap_or(0),
             oauth_mechs = if self.oauth.is_some() { " xoauth2 oauthbearer" } else { "" },
+            // Postfix checks SMTP logins against Dovecot (SASL), so a
+            // wrong SMTP password is refused as a real server refuses it.
             oauth = match self.oauth {
-                None => String::new(),
+                None => "service auth {\n  unix_listener auth-client {\n    mode = 0666\n  }\n}\n"
+                    .to_string(),
                 Some(_) => format!(
                     "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}/oauth2.conf\n}}\nservice auth {{\n  unix_listener auth-client {{\n    mode = 0666\n  }}\n}}\n",
                     d.display()
@@ -362,13 +365,10 @@ message_size_limit = 104857600
 "#,
             d = d.display(),
             port = self.smtp_port,
-            sasl = match self.oauth {
-                None => String::new(),
-                Some(_) => format!(
-                    "smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = dovecot\nsmtpd_sasl_path = {}/run/auth-client",
-                    d.display()
-                ),
-            },
+            sasl = format!(
+                "smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = dovecot\nsmtpd_sasl_path = {}/run/auth-client",
+                d.display()
+            ),
             tls = match &self.tls {
                 None => String::new(),
                 Some((c, k)) => format!(
@@ -527,13 +527,15 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                 mkdir(&p, 0o700, Some((MAIL_UID, MAIL_GID)));
             }
         }
+        // Unique even for calls with the same `n` in the same second.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let name = format!(
             "{}.M{}P{}N{n}.seed",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_secs(),
-            Instant::now().elapsed().as_nanos(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             std::process::id()
         );
         let p = md.join("new").join(name);

@@ -1,0 +1,170 @@
+//! `check-config --connect`: what a new user gets wrong in the first hour
+//! is mostly the connections (a password, the TLS mode of a port, a CA,
+//! a folder name), and a config that parses says nothing about them. This
+//! logs in to every endpoint the config names, the way the daemon will,
+//! checks the folders, sends nothing, and says per endpoint OK or what
+//! failed, with the key to change.
+
+use std::time::Duration;
+
+use crate::config::{Config, Endpoint, StoreEngine};
+use crate::mailbox::imap::{self, ImapError};
+use crate::outbox::smtp::SmtpMailer;
+
+/// The patience for each step here: a port that expects TLS at once
+/// answers a plain client with silence, and a new user should not wait
+/// the daemon's full timeout to hear so.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One endpoint's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked: `imap mailbox (imap.example.com:993)`.
+    pub what: String,
+    /// What worked, or what failed.
+    pub outcome: Result<String, Failure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub error: String,
+    /// The change that most likely fixes it, naming the key.
+    pub hint: Option<String>,
+}
+
+impl Check {
+    pub fn line(&self) -> String {
+        match &self.outcome {
+            Ok(what) => format!("OK      {}: {what}", self.what),
+            Err(f) => {
+                let mut s = format!("FAILED  {}: {}", self.what, f.error);
+                if let Some(h) = &f.hint {
+                    s.push_str(&format!("\n        hint: {h}"));
+                }
+                s
+            }
+        }
+    }
+}
+
+fn patient(ep: &Endpoint) -> Endpoint {
+    Endpoint {
+        timeout: ep.timeout.min(CHECK_TIMEOUT),
+        ..ep.clone()
+    }
+}
+
+fn place(ep: &Endpoint) -> String {
+    format!("{} ({}:{})", ep.section, ep.host, ep.port)
+}
+
+/// Every endpoint of `config`, checked one after another (so a server's
+/// log reads in order, and a lockout counter sees one attempt each).
+pub async fn run(config: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
+    for q in config.queues.iter() {
+        let ep = patient(&q.mailbox.endpoint);
+        out.push(Check {
+            what: format!("imap {}", place(&ep)),
+            outcome: imap_check(&ep, &q.mailbox.folder, q.mailbox.sent_folder.as_deref()).await,
+        });
+    }
+    let mut smtp = vec![config.smtp.clone()];
+    for q in config.queues.iter() {
+        if let Some(ep) = &q.smtp {
+            smtp.push(crate::config::SmtpConfig {
+                endpoint: ep.clone(),
+                ..config.smtp.clone()
+            });
+        }
+    }
+    for mut s in smtp {
+        s.endpoint = patient(&s.endpoint);
+        out.push(Check {
+            what: format!("smtp {}", place(&s.endpoint)),
+            outcome: smtp_check(&s).await,
+        });
+    }
+    if let StoreEngine::Postgres { .. } = config.store.engine {
+        out.push(Check {
+            what: "store (PostgreSQL)".into(),
+            outcome: store_check(config).await,
+        });
+    }
+    out
+}
+
+async fn imap_check(ep: &Endpoint, folder: &str, sent: Option<&str>) -> Result<String, Failure> {
+    let fail = |e: ImapError| Failure {
+        hint: e.hint(ep),
+        error: crate::error_chain(&e),
+    };
+    let mut s = imap::connect(ep).await.map_err(fail)?;
+    let result = async {
+        let have = imap::folders(ep, &mut s).await?;
+        let exists = |f: &str| {
+            have.iter()
+                .any(|h| h == f || (f.eq_ignore_ascii_case("INBOX") && h.eq_ignore_ascii_case(f)))
+        };
+        let mut wanted = vec![("folder", folder)];
+        wanted.extend(sent.map(|f| ("sent_folder", f)));
+        for (key, f) in &wanted {
+            if !exists(f) {
+                return Err(ImapError::MissingFolder {
+                    key: format!("{}.{key}", ep.section),
+                    folder: f.to_string(),
+                    available: have.clone(),
+                });
+            }
+        }
+        let names: Vec<String> = wanted.iter().map(|(_, f)| format!("{f:?}")).collect();
+        Ok(format!(
+            "logged in as {:?}; {} found",
+            ep.username.as_deref().unwrap_or_default(),
+            names.join(" and ")
+        ))
+    }
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.logout()).await;
+    result.map_err(fail)
+}
+
+async fn smtp_check(cfg: &crate::config::SmtpConfig) -> Result<String, Failure> {
+    let ep = &cfg.endpoint;
+    let failure = |e: crate::outbox::smtp::SmtpError| {
+        let error = e.to_string();
+        // A server that does not answer, or refuses the connection.
+        let hint = error.contains("connecting to").then(|| {
+            format!(
+                "nothing answers at {}:{}: check {s}.host and {s}.port",
+                ep.host,
+                ep.port,
+                s = ep.section
+            )
+        });
+        Failure { error, hint }
+    };
+    let mailer = SmtpMailer::new(cfg).map_err(failure)?;
+    let login = mailer.check().await.map_err(failure)?;
+    Ok(login)
+}
+
+async fn store_check(config: &Config) -> Result<String, Failure> {
+    let c = config.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || crate::app::open_store(&c, Duration::ZERO).map(|_| ()))
+            .await;
+    match opened {
+        Ok(Ok(())) => Ok("connected; the store's tables are there".into()),
+        Ok(Err(e)) => Err(Failure {
+            error: format!("{e:#}"),
+            hint: Some(
+                "check store.url (or store.url_env / store.url_file) and store.security".into(),
+            ),
+        }),
+        Err(e) => Err(Failure {
+            error: format!("the check itself failed: {e}"),
+            hint: None,
+        }),
+    }
+}
