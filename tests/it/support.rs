@@ -365,10 +365,8 @@ message_size_limit = 104857600
 "#,
             d = d.display(),
             port = self.smtp_port,
-            sasl = format!(
-                "smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = dovecot\nsmtpd_sasl_path = {}/run/auth-client",
-                d.display()
-            ),
+            sasl = "smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = dovecot\nsmtpd_sasl_path = {d}/run/auth-client"
+                .replace("{d}", &d.display().to_string()),
             tls = match &self.tls {
                 None => String::new(),
                 Some((c, k)) => format!(
