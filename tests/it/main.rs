@@ -7,6 +7,7 @@
 mod cluster;
 mod crash;
 mod escalation;
+mod exim;
 mod gateway;
 mod hardening;
 mod mailservers;
