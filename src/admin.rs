@@ -282,6 +282,12 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                     Some(Outcome::Stored { case, .. }) => {
                         out.push_str(&format!("{id}: stored in case #{case}\n"))
                     }
+                    Some(Outcome::Bounce { case: Some(case) }) => out.push_str(&format!(
+                        "{id}: a delivery report, recorded on case #{case}\n"
+                    )),
+                    Some(Outcome::Bounce { case: None }) => out.push_str(&format!(
+                        "{id}: a delivery report about no mail escalator sent; not stored\n"
+                    )),
                     Some(Outcome::Refetch { folder, uid }) => out.push_str(&format!(
                         "{id}: the server would not give it; uid {uid} of {} is fetched again \
                          on the watcher's next pass\n",

@@ -236,6 +236,14 @@ fn read_parts(raw: &[u8], mail: &InboundMail, form: Form) -> Report {
             }
         }
     }
+    if ids.is_empty() {
+        // Some servers (Exim, Gmail) also refer to the original in the
+        // report's own headers. No weaker than a quote: either is checked
+        // against what we sent.
+        for id in mail.in_reply_to.iter().chain(mail.references.iter().rev()) {
+            push_id(&mut ids, id);
+        }
+    }
     if recipients.is_empty() {
         recipients = free_text_recipients(mail, &texts);
     }
