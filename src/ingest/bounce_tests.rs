@@ -134,6 +134,21 @@ fn r18_a_bounced_ack_opens_no_case_and_is_recorded_on_its_case_on_both_engines()
             (report.overall.bounces, report.overall.bounced_cases),
             (1, 1)
         );
+        assert!(report.text().contains("1 (1)"), "{}", report.text());
+        // `cases show` lists it, in text and JSON.
+        use crate::admin::{handle, Request};
+        let show = |json| {
+            handle(&ing, &Request::CaseShow { id: 1, json })
+                .unwrap()
+                .output
+        };
+        let v: serde_json::Value = serde_json::from_str(&show(true)).unwrap();
+        assert_eq!(v["bounces"][0]["recipient"], "alice@example.org");
+        assert_eq!(v["bounces"][0]["mail"], "ack");
+        assert_eq!(v["bounces"][0]["status"], "5.1.1");
+        let text = show(false);
+        assert!(text.contains("Bounces (1):"), "{text}");
+        assert!(text.contains("ack to alice@example.org: 5.1.1"), "{text}");
     }
 }
 
