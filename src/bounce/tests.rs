@@ -21,6 +21,13 @@ fn samples_are_read() {
     // (file, form, [(recipient, action, status)], quoted original ID)
     let table: &[(&str, Form, &[(&str, Action, &str)], &str)] = &[
         (
+            // Captured from the test stack's Postfix (tests/it/bounces.rs).
+            "postfix-real.eml",
+            Form::Standard,
+            &[("someone@bounce.test", Action::Failed, "5.1.1")],
+            "c1.a1.cqmsjq1zyx18@example.test",
+        ),
+        (
             "postfix.eml",
             Form::Standard,
             &[("someone@bounce.test", Action::Failed, "5.1.1")],
