@@ -16,10 +16,15 @@ fn report(raw: &[u8]) -> Option<Report> {
     read(raw, &parse(raw))
 }
 
+/// One recipient as expected: address, action, status.
+type Expected = (&'static str, Action, &'static str);
+/// A sample file, its form, its recipients and the quoted original ID.
+type Sample = (&'static str, Form, &'static [Expected], &'static str);
+
 #[test]
 fn samples_are_read() {
     // (file, form, [(recipient, action, status)], quoted original ID)
-    let table: &[(&str, Form, &[(&str, Action, &str)], &str)] = &[
+    let table: &[Sample] = &[
         (
             // Captured from the test stack's Postfix (tests/it/bounces.rs).
             "postfix-real.eml",

@@ -94,31 +94,9 @@ impl Ingestor {
         tx.put_message(&self.record(m, seq, case.id, now), m.raw)?;
         case.new_messages.push(seq);
         for r in &matched.recipients {
-            let (recipient, status) = (r.address.clone(), r.status.clone());
-            let (outbox_id, kind, message_id) =
-                (entry.id, entry.kind.clone(), mail.message_id.clone());
-            let diagnostic = r.diagnostic.clone();
-            let what = match r.action {
-                Action::Failed => EventKind::Bounced {
-                    outbox_id,
-                    mail: kind,
-                    recipient,
-                    status,
-                    diagnostic,
-                    message_id,
-                },
-                Action::Delayed => EventKind::DeliveryDelayed {
-                    outbox_id,
-                    mail: kind,
-                    recipient,
-                    status,
-                    diagnostic,
-                    message_id,
-                },
-                // A success notice: kept among the messages, no event.
-                Action::Delivered => continue,
-            };
-            case.push(now, what);
+            if let Some(what) = event(r, &entry, &mail.message_id) {
+                case.push(now, what);
+            }
         }
         let config = self.config.get();
         let mut fx = Effects::new(&config, now);
@@ -203,6 +181,33 @@ impl Ingestor {
             }
         });
     }
+}
+
+/// What the case records of one recipient's report (None for a success
+/// notice: the report is kept among the messages, nothing more).
+fn event(r: &Recipient, entry: &OutboxEntry, report_id: &str) -> Option<EventKind> {
+    let (outbox_id, mail, message_id) = (entry.id, entry.kind.clone(), report_id.to_string());
+    let (recipient, status, diagnostic) =
+        (r.address.clone(), r.status.clone(), r.diagnostic.clone());
+    Some(match r.action {
+        Action::Failed => EventKind::Bounced {
+            outbox_id,
+            mail,
+            recipient,
+            status,
+            diagnostic,
+            message_id,
+        },
+        Action::Delayed => EventKind::DeliveryDelayed {
+            outbox_id,
+            mail,
+            recipient,
+            status,
+            diagnostic,
+            message_id,
+        },
+        Action::Delivered => return None,
+    })
 }
 
 /// The first quoted Message-ID that is one of our mails, with the
