@@ -7,6 +7,7 @@ use super::hostile::ingestor;
 use super::tests::src;
 use super::*;
 use crate::case::Status;
+use crate::effects::{Effects, EffectsError};
 
 /// A customer's first mail: case 1 and its ack, outbox entry 1.
 const CUSTOMER: &[u8] = b"From: Alice <alice@example.org>\r\nTo: support@example.test\r\n\
@@ -284,6 +285,35 @@ From: support@example.test\r\nTo: alice@example.org\r\nMessage-ID: <{ack}>\r\n\r
     assert!(
         matches!(&bounced_events(&ing, 1)[..], [EventKind::Bounced { status, .. }] if status == "5.2.1")
     );
+}
+
+#[test]
+fn r18_a_bounced_digest_marks_its_entry_once() {
+    // The review digest belongs to no case: its entry is all there is to
+    // mark (and the log names the address).
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let config = ing.config.get();
+    let now = ing.clock.now();
+    let id = ing
+        .store
+        .transact(|tx| {
+            let mut fx = Effects::new(&config, now);
+            let id = fx.digest(tx, vec!["boss@example.org".into()], "Digest", "KPIs")?;
+            let mut e = tx.outbox_entry(id)?.unwrap();
+            crate::outbox::journal::mark_sent(tx, &mut e, now)?;
+            Ok::<_, EffectsError>(id)
+        })
+        .unwrap();
+    let digest = ing.store.outbox_entry(id).unwrap().unwrap().message_id;
+    let raw = dsn(1, &digest, "boss@example.org", "failed");
+    assert_eq!(
+        ing.ingest(Some(&src(1, 1)), &raw, None).unwrap(),
+        Outcome::Bounce { case: None }
+    );
+    assert_eq!(state(&ing, id), OutboxState::Bounced);
+    assert_eq!(ing.ingest(None, &raw, None).unwrap(), Outcome::Duplicate);
+    assert_eq!(ing.store.cases().count(), 0);
 }
 
 /// Abuse cases: what a forged report must not do.
