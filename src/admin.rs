@@ -162,8 +162,10 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                     messages.push((m, text));
                 }
             }
+            let bounces = bounces_of(&history);
             if as_json {
                 let mut v = case.summary_json();
+                v["bounces"] = serde_json::Value::Array(bounces);
                 v["history"] = serde_json::to_value(&history).unwrap_or_default();
                 v["message_list"] = serde_json::to_value(
                     messages
@@ -214,6 +216,20 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                     "  participants: {}\n",
                     printable(&case.participants.join(", "))
                 ));
+            }
+            if !bounces.is_empty() {
+                out.push_str(&format!("\nBounces ({}):\n", bounces.len()));
+                for b in &bounces {
+                    let field = |k: &str| b[k].as_str().unwrap_or("").to_string();
+                    out.push_str(&format!(
+                        "  {}  {} to {}: {} {}\n",
+                        field("at"),
+                        field("mail"),
+                        printable(&field("recipient")),
+                        field("status"),
+                        printable(&field("diagnostic"))
+                    ));
+                }
             }
             out.push_str(&format!("\nMessages ({}):\n", messages.len()));
             for (m, text) in &messages {
@@ -282,6 +298,12 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                     Some(Outcome::Stored { case, .. }) => {
                         out.push_str(&format!("{id}: stored in case #{case}\n"))
                     }
+                    Some(Outcome::Bounce { case: Some(case) }) => out.push_str(&format!(
+                        "{id}: a delivery report, recorded on case #{case}\n"
+                    )),
+                    Some(Outcome::Bounce { case: None }) => out.push_str(&format!(
+                        "{id}: a delivery report about no mail escalator sent; not stored\n"
+                    )),
                     Some(Outcome::Refetch { folder, uid }) => out.push_str(&format!(
                         "{id}: the server would not give it; uid {uid} of {} is fetched again \
                          on the watcher's next pass\n",
@@ -554,6 +576,33 @@ fn readable_mail(entry: &outbox::OutboxEntry, raw: &[u8]) -> String {
         ));
     }
     out
+}
+
+/// The case's bounced mails, from its history: what `cases show` lists
+/// (and its JSON gives as `bounces`), oldest first.
+fn bounces_of(history: &[Event]) -> Vec<serde_json::Value> {
+    history
+        .iter()
+        .filter_map(|e| match &e.what {
+            crate::case::EventKind::Bounced {
+                outbox_id,
+                mail,
+                recipient,
+                status,
+                diagnostic,
+                message_id,
+            } => Some(serde_json::json!({
+                "at": rfc3339(e.at),
+                "outbox_id": outbox_id,
+                "mail": mail,
+                "recipient": recipient,
+                "status": status,
+                "diagnostic": diagnostic,
+                "report_message_id": message_id,
+            })),
+            _ => None,
+        })
+        .collect()
 }
 
 fn event_line(e: &Event) -> String {

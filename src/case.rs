@@ -311,6 +311,33 @@ pub enum EventKind {
     TimerRearmed {
         by: String,
     },
+    /// A mail of the case bounced: a delivery-status notification that
+    /// quotes its Message-ID reports that the recipient's server refused
+    /// it for good. The notification is stored among the case's messages.
+    Bounced {
+        outbox_id: u64,
+        /// What the mail was: ack, forward, relay...
+        mail: String,
+        recipient: String,
+        /// The status code (`5.1.1`).
+        status: String,
+        /// The server's words, for people (capped, one line).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diagnostic: Option<String>,
+        /// The notification's own Message-ID.
+        message_id: String,
+    },
+    /// A mail of the case is not delivered yet and still being tried
+    /// (a delay warning): recorded, not counted as a bounce.
+    DeliveryDelayed {
+        outbox_id: u64,
+        mail: String,
+        recipient: String,
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diagnostic: Option<String>,
+        message_id: String,
+    },
 }
 
 impl Case {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use crate::bounce;
 use crate::case::{Case, CaseId, EventKind};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -75,6 +76,12 @@ pub enum Outcome {
     Refetch {
         folder: String,
         uid: u32,
+    },
+    /// A delivery report (bounce): recorded on the case of the mail it
+    /// reports on, or (None) about no mail escalator sent: counted and
+    /// logged, not stored. It opens no case either way.
+    Bounce {
+        case: Option<CaseId>,
     },
 }
 
@@ -340,6 +347,17 @@ impl Ingestor {
         let mail = message::parse(raw);
         if let Some(id) = self.own_copy(tx, &mail)? {
             return Ok(Outcome::Confirmed { outbox_id: id });
+        }
+        // An agent's mail in the Sent folder is never a report about ours.
+        let report = bounce::read(raw, &mail).filter(|_| !src.is_some_and(|s| s.sent));
+        if let Some(report) = report {
+            let inbound = bounces::Inbound {
+                src,
+                raw,
+                truncated,
+                mail: &mail,
+            };
+            return self.bounce(tx, &inbound, &report, now);
         }
         let support = config.support_addresses();
         let is_staff = |a: &str| config.tiers.iter().any(|t| t.is_staff(a));
@@ -660,9 +678,16 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     format!("panic while processing: {}", crate::panic_text(p))
 }
 
+#[path = "ingest/bounces.rs"]
+mod bounces;
+
 #[cfg(test)]
 #[path = "ingest/hostile.rs"]
 mod hostile;
+
+#[cfg(test)]
+#[path = "ingest/bounce_tests.rs"]
+mod bounce_tests;
 
 #[cfg(test)]
 pub(crate) mod tests {

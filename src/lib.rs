@@ -18,6 +18,8 @@
 //! - [`message`]: raw bytes → [`message::InboundMail`] (pure, total).
 //! - [`authres`]: which Authentication-Results to trust (pure).
 //! - [`suppress`]: which mail must get no automatic answer (pure).
+//! - [`bounce`]: delivery-status notifications read into recipients,
+//!   statuses and the quoted Message-ID (pure).
 //! - [`thread`]: which case a message belongs to (pure).
 //! - [`case`]: the case record (its queue, tier, timers) and its history.
 //! - [`record`]: the other plain records the store keeps (messages,
@@ -50,6 +52,7 @@
 pub mod admin;
 pub mod app;
 pub mod authres;
+pub mod bounce;
 pub mod calendar;
 pub mod case;
 pub mod clock;

@@ -123,6 +123,12 @@ pub struct Metrics {
     pub mail_sent: Family,
     /// Failed attempts: transient (retried) or permanent.
     pub mail_failures: Family,
+    /// Delivery reports of a recipient's failure, by the mail that
+    /// bounced (`ack`, `forward`...), or `unmatched`: a report about no
+    /// mail escalator sent (backscatter), not stored.
+    pub bounces: Family,
+    /// Delay warnings (a mail still being tried), by mail.
+    pub delivery_delays: Family,
     pub imap_errors: AtomicU64,
     /// The same two per queue: `ingested` by queue and outcome, IMAP
     /// errors by queue (new series, so the totals keep their labels).
@@ -168,6 +174,8 @@ pub fn committed(events: &[Event]) {
             EventKind::AckSuppressed {
                 limit: Some(limit), ..
             } => m.auto_mail_held.inc(&[("limit", limit)]),
+            EventKind::Bounced { mail, .. } => m.bounces.inc(&[("mail", mail)]),
+            EventKind::DeliveryDelayed { mail, .. } => m.delivery_delays.inc(&[("mail", mail)]),
             _ => {}
         }
     }
@@ -231,6 +239,16 @@ fn render(store: &Store) -> String {
         &mut out,
         "escalator_mail_failures_total",
         "Failed send attempts: transient (retried) or permanent.",
+    );
+    m.bounces.render(
+        &mut out,
+        "escalator_bounces_total",
+        "Recipients reported failed by delivery reports, by the mail that bounced; mail=\"unmatched\": reports about no mail escalator sent.",
+    );
+    m.delivery_delays.render(
+        &mut out,
+        "escalator_delivery_delays_total",
+        "Delay warnings (a mail still being tried), by mail.",
     );
     counter(
         &mut out,

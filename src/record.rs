@@ -100,6 +100,10 @@ pub enum OutboxState {
     Sent,
     /// Refused for good (or retried past the outbox's give-up time).
     Failed,
+    /// Accepted by the SMTP server, then returned: a delivery-status
+    /// notification quoting its Message-ID reported a recipient failed
+    /// (`last_error` says who and why). Never sent again by itself.
+    Bounced,
 }
 
 impl OutboxState {

@@ -36,6 +36,9 @@ pub struct Facts {
     pub stints: Vec<Stint>,
     /// Trigger reasons seen (`phrase "supervisor"`, `sender ...`).
     pub triggers: Vec<String>,
+    /// Recipients of the case's mail reported failed (bounces).
+    #[serde(default)]
+    pub bounces: u32,
 }
 
 /// A case's time at one tier.
@@ -65,8 +68,8 @@ impl Facts {
     /// walked again, so a long case costs no more to update than a short
     /// one.
     pub fn update(prev: Option<Facts>, case: &Case) -> Facts {
-        let (mut stints, mut triggers) = match prev {
-            Some(f) => (f.stints, f.triggers),
+        let (mut stints, mut triggers, mut bounces) = match prev {
+            Some(f) => (f.stints, f.triggers, f.bounces),
             None => {
                 // A case's first tier is where its first escalation left
                 // from; without one, where it is.
@@ -85,7 +88,7 @@ impl Facts {
                     left: None,
                     deadline_missed: false,
                 };
-                (vec![stint], Vec::new())
+                (vec![stint], Vec::new(), 0)
             }
         };
         for e in &case.new_events {
@@ -116,6 +119,7 @@ impl Facts {
                 EventKind::Priority { why, .. } if !triggers.contains(why) => {
                     triggers.push(why.clone());
                 }
+                EventKind::Bounced { .. } => bounces = bounces.saturating_add(1),
                 _ => {}
             }
         }
@@ -133,6 +137,7 @@ impl Facts {
             csat: case.csat,
             stints,
             triggers,
+            bounces,
         }
     }
 
@@ -219,6 +224,11 @@ pub struct Kpis {
     pub csat_mean: Option<f64>,
     /// Unresolved now, by age (all of them, not only the window's).
     pub open: OpenAges,
+    /// Mail of these cases that bounced (a recipient reported failed by
+    /// a delivery report), and how many cases had one. For a tier: of
+    /// the cases it holds now.
+    pub bounces: u64,
+    pub bounced_cases: u64,
 }
 
 /// The whole report.
@@ -359,6 +369,8 @@ fn add_case(o: &mut Acc, f: &Facts) {
     }
     o.kpis.breached += f.breached() as u64;
     o.kpis.repeat_customers += f.repeat_customer as u64;
+    o.kpis.bounces += f.bounces as u64;
+    o.kpis.bounced_cases += (f.bounces > 0) as u64;
     if let Some(s) = f.csat {
         o.kpis.csat_count += 1;
         o.csat_sum += s as u64;
@@ -424,6 +436,9 @@ impl Tally {
         }
         add_case(&mut self.overall, f);
         add_case(acc_of(&mut self.queues, &f.queue), f);
+        let holder = acc_of(&mut self.tiers, &f.tier);
+        holder.kpis.bounces += f.bounces as u64;
+        holder.kpis.bounced_cases += (f.bounces > 0) as u64;
         let last = f.stints.len().saturating_sub(1);
         for (i, s) in f.stints.iter().enumerate() {
             let t = acc_of(&mut self.tiers, &s.tier);
@@ -561,6 +576,9 @@ impl Report {
         row("time to resolve median", &|k| dur(k.resolve.median_secs));
         row("time to resolve p90", &|k| dur(k.resolve.p90_secs));
         row("deadlines breached", &|k| k.breached.to_string());
+        row("bounced mails (cases)", &|k| {
+            format!("{} ({})", k.bounces, k.bounced_cases)
+        });
         row("repeat customers", &|k| {
             pct(k.repeat_customers, k.repeat_customer_share)
         });

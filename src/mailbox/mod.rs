@@ -537,6 +537,7 @@ impl Watcher {
                         "quarantined"
                     }
                     Outcome::Refetch { .. } => "refetch",
+                    Outcome::Bounce { .. } => "bounce",
                 };
                 m.ingested.inc(&[("outcome", label)]);
                 m.queue_ingested

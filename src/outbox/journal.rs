@@ -205,8 +205,9 @@ pub fn mark_sent(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     if let Some(stored) = tx.outbox_entry(e.id)? {
-        if stored.state == OutboxState::Sent {
-            // Already settled (by its confirmation copy): once only.
+        if matches!(stored.state, OutboxState::Sent | OutboxState::Bounced) {
+            // Already settled (by its confirmation copy, or by its bounce
+            // arriving before this mark): once only, and a bounce stays.
             *e = stored;
             return Ok(());
         }

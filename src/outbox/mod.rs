@@ -528,10 +528,11 @@ impl Outbox {
     fn finish(&self, entry: &OutboxEntry) -> Result<(), StoreError> {
         let now = self.clock.now();
         self.store.transact(|tx| {
-            // Settled meanwhile (its confirmation copy arrived while we
-            // were waiting for the server): sent stays sent.
+            // Settled meanwhile (its confirmation copy or its bounce
+            // arrived while we were waiting for the server): sent stays
+            // sent, bounced stays bounced.
             if let Some(stored) = tx.outbox_entry(entry.id)? {
-                if stored.state == OutboxState::Sent {
+                if matches!(stored.state, OutboxState::Sent | OutboxState::Bounced) {
                     return Ok(());
                 }
             }

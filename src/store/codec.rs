@@ -295,8 +295,9 @@ mod tests {
 /// The per-case facts are read a million at a time by `stats`: they are
 /// kept in a compact binary form written by hand (dates as milliseconds;
 /// postcard would keep chrono's dates as text, slower to read back).
-/// Version 2 adds the queue at the end; version 1 (no queue: `default`)
-/// and facts written as JSON by older releases are still read.
+/// Version 2 adds the queue at the end, version 3 the bounce count after
+/// it; versions 1 (no queue: `default`) and 2 (no bounces: 0) and facts
+/// written as JSON by older releases are still read.
 pub(super) mod facts {
     use chrono::{DateTime, Utc};
 
@@ -305,6 +306,7 @@ pub(super) mod facts {
 
     const V1: u8 = 1;
     const V2: u8 = 2;
+    const V3: u8 = 3;
 
     struct Writer(Vec<u8>);
 
@@ -346,7 +348,7 @@ pub(super) mod facts {
 
     pub(in crate::store) fn encode(f: &Facts) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(128));
-        w.u8(V2);
+        w.u8(V3);
         w.u64(f.id);
         w.str(&f.customer);
         w.str(&f.subject);
@@ -388,6 +390,7 @@ pub(super) mod facts {
             w.str(t);
         }
         w.str(&f.queue);
+        w.0.extend_from_slice(&f.bounces.to_be_bytes());
         w.0
     }
 
@@ -432,7 +435,7 @@ pub(super) mod facts {
         }
     }
 
-    /// None when the bytes are not facts of version 1 or 2.
+    /// None when the bytes are not facts of version 1, 2 or 3.
     pub(in crate::store) fn decode(bytes: &[u8]) -> Option<Facts> {
         let mut f = empty();
         decode_into(bytes, &mut f, false)?;
@@ -455,6 +458,7 @@ pub(super) mod facts {
             csat: None,
             stints: Vec::new(),
             triggers: Vec::new(),
+            bounces: 0,
         }
     }
 
@@ -469,7 +473,7 @@ pub(super) mod facts {
     ) -> Option<()> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
-        if version != V1 && version != V2 {
+        if !matches!(version, V1 | V2 | V3) {
             return None;
         }
         f.id = r.u64()?;
@@ -540,6 +544,10 @@ pub(super) mod facts {
             }
             _ => r.str_into(&mut f.queue)?,
         }
+        f.bounces = match version {
+            V3 => u32::from_be_bytes(r.take(4)?.try_into().ok()?),
+            _ => 0,
+        };
         r.0.is_empty().then_some(())
     }
 }

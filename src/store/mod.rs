@@ -625,9 +625,12 @@ impl Store {
                 if e.created_at >= cutoff {
                     break;
                 }
-                // Unsent (pending, failed) mail keeps its bytes for a retry.
-                if e.state == crate::record::OutboxState::Sent
-                    && e.sent_at.is_some_and(|t| t < cutoff)
+                // Unsent (pending, failed) mail keeps its bytes for a
+                // retry; sent mail (bounced later or not) needs them no more.
+                if matches!(
+                    e.state,
+                    crate::record::OutboxState::Sent | crate::record::OutboxState::Bounced
+                ) && e.sent_at.is_some_and(|t| t < cutoff)
                 {
                     tx.remove(Tree::Raw, codec::outbox_raw_key(e.id));
                     pruned += 1;

@@ -594,11 +594,22 @@ fn facts_round_trip_compactly_and_old_json_facts_are_read() {
     // compact (version 1, without a queue), move into buckets on open.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s");
+    // Version 2: no bounce count (4 bytes at the end), read as none.
+    let mut counted = facts.clone();
+    counted.bounces = 3;
+    let mut v2_bytes = codec::facts::encode(&counted);
+    v2_bytes[0] = 2;
+    v2_bytes.truncate(v2_bytes.len() - 4);
+    assert_eq!(codec::facts::decode(&v2_bytes), Some(facts.clone()));
+    assert_eq!(
+        codec::facts::decode(&codec::facts::encode(&counted)).map(|f| f.bounces),
+        Some(3)
+    );
     let mut v1 = facts.clone();
     v1.id = 8;
     let mut v1_bytes = codec::facts::encode(&v1);
     v1_bytes[0] = 1;
-    let queue_len = 2 + v1.queue.len();
+    let queue_len = 2 + v1.queue.len() + 4;
     v1_bytes.truncate(v1_bytes.len() - queue_len);
     {
         let s = open_sled(&path);

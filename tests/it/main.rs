@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bounces;
 mod cluster;
 mod crash;
 mod escalation;

@@ -18,6 +18,10 @@ use futures::TryStreamExt;
 use serde_json::Value;
 
 pub const DOMAIN: &str = "example.test";
+/// Mail to this domain is accepted by the test stack and then bounced
+/// (5.1.1) back to its envelope sender as a delivery-status notification:
+/// use local parts that are not users of the stack.
+pub const BOUNCE_DOMAIN: &str = "bounce.test";
 const MAIL_UID: u32 = 8;
 const MAIL_GID: u32 = 8;
 
@@ -329,6 +333,17 @@ service anvil {{
         fs::write(pf.join("vmailbox"), vmailbox).unwrap();
         fs::write(pf.join("access"), "").unwrap();
         backdate(&pf.join("access"));
+        // Mail to the domain `bounce.test` is accepted (a relay domain
+        // with no recipient list), then handed to Dovecot, which has no
+        // such users and refuses it (550 5.1.1): Postfix returns it to its
+        // sender as a real delivery-status notification (issue 18). (An
+        // `error:` transport would be refused at RCPT already.)
+        fs::write(
+            pf.join("transport"),
+            format!("{BOUNCE_DOMAIN} lmtp:unix:{}/run/lmtp\n", d.display()),
+        )
+        .unwrap();
+        backdate(&pf.join("transport"));
         let main = format!(
             r#"compatibility_level = 3.6
 queue_directory = {d}/spool
@@ -347,6 +362,8 @@ mynetworks = 127.0.0.0/8
 virtual_mailbox_domains = {DOMAIN}
 virtual_mailbox_maps = texthash:{d}/postfix/vmailbox
 virtual_transport = lmtp:unix:{d}/run/lmtp
+relay_domains = {BOUNCE_DOMAIN}
+transport_maps = texthash:{d}/postfix/transport
 default_transport = error:5.7.1 test stack does not relay
 relay_transport = error:5.7.1 test stack does not relay
 smtpd_relay_restrictions = reject_unauth_destination
