@@ -70,47 +70,11 @@ fn mailer(config: &Config) -> anyhow::Result<Arc<dyn Mailer>> {
 /// PostgreSQL database (its URL read now, TLS unless the server is on
 /// this machine or the admin allowed plain).
 pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
-    use crate::config::{Security, StoreEngine};
-    use crate::store::PgTls;
+    use crate::config::StoreEngine;
     match &config.store.engine {
         StoreEngine::Sled => Ok(Store::open_waiting(&config.store.path, wait)?),
-        StoreEngine::Postgres {
-            url,
-            security,
-            allow_insecure,
-            ca_file,
-            pool,
-        } => {
-            let key = match url {
-                crate::config::PasswordSource::Inline(_) => "store.url",
-                crate::config::PasswordSource::Env(_) => "store.url_env",
-                crate::config::PasswordSource::File(_) => "store.url_file",
-            };
-            let url = url.read().map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-            let parsed: postgres::Config = url
-                .expose()
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{key}: not a PostgreSQL connection string: {e}"))?;
-            let tls = match security {
-                Security::Plain => {
-                    // Checked here, not in the config: the URL may come
-                    // from a variable or file read only to connect.
-                    let remote = crate::config::postgres_remote_addresses(&parsed);
-                    if !remote.is_empty() && !allow_insecure {
-                        anyhow::bail!(
-                            "store.security: \"plain\" sends the database password and every \
-                             record unencrypted; refused for a server not on this machine ({} in \
-                             {key}) unless store.allow_insecure = true",
-                            remote.join(", ")
-                        );
-                    }
-                    PgTls::Plain
-                }
-                _ => PgTls::Verify(
-                    crate::tls::client_config(ca_file.as_deref())
-                        .map_err(|e| anyhow::anyhow!("store.ca_file: {e}"))?,
-                ),
-            };
+        StoreEngine::Postgres { pool, .. } => {
+            let (url, tls) = postgres_target(config)?;
             Ok(Store::open_postgres(
                 url.expose(),
                 tls,
@@ -119,6 +83,57 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
             )?)
         }
     }
+}
+
+/// The PostgreSQL store's connection string (read now) and TLS, with
+/// the plain-text check: TLS unless the server is on this machine or the
+/// admin allowed plain.
+pub fn postgres_target(
+    config: &Config,
+) -> anyhow::Result<(crate::config::Secret, crate::store::PgTls)> {
+    use crate::config::{Security, StoreEngine};
+    use crate::store::PgTls;
+    let StoreEngine::Postgres {
+        url,
+        security,
+        allow_insecure,
+        ca_file,
+        ..
+    } = &config.store.engine
+    else {
+        anyhow::bail!("the store is not PostgreSQL");
+    };
+    let key = match url {
+        crate::config::PasswordSource::Inline(_) => "store.url",
+        crate::config::PasswordSource::Env(_) => "store.url_env",
+        crate::config::PasswordSource::File(_) => "store.url_file",
+    };
+    let url = url.read().map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+    let parsed: postgres::Config = url
+        .expose()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{key}: not a PostgreSQL connection string: {e}"))?;
+    let tls = match security {
+        Security::Plain => {
+            // Checked here, not in the config: the URL may come from a
+            // variable or file read only to connect.
+            let remote = crate::config::postgres_remote_addresses(&parsed);
+            if !remote.is_empty() && !allow_insecure {
+                anyhow::bail!(
+                    "store.security: \"plain\" sends the database password and every \
+                     record unencrypted; refused for a server not on this machine ({} in \
+                     {key}) unless store.allow_insecure = true",
+                    remote.join(", ")
+                );
+            }
+            PgTls::Plain
+        }
+        _ => PgTls::Verify(
+            crate::tls::client_config(ca_file.as_deref())
+                .map_err(|e| anyhow::anyhow!("store.ca_file: {e}"))?,
+        ),
+    };
+    Ok((url, tls))
 }
 
 /// `store migrate --from-sled`: copies the (stopped) sled daemon's store

@@ -149,18 +149,35 @@ async fn smtp_check(cfg: &crate::config::SmtpConfig) -> Result<String, Failure> 
     Ok(login)
 }
 
+/// Connects to the PostgreSQL store without opening it: opening would
+/// create or upgrade its schema, which a check beside a running cluster
+/// must not do.
 async fn store_check(config: &Config) -> Result<String, Failure> {
-    let c = config.clone();
-    let opened =
-        tokio::task::spawn_blocking(move || crate::app::open_store(&c, Duration::ZERO).map(|_| ()))
+    let hint = || {
+        Some(
+            "check store.url (or store.url_env / store.url_file), store.security and store.ca_file"
+                .to_string(),
+        )
+    };
+    let (url, tls) = crate::app::postgres_target(config).map_err(|e| Failure {
+        error: format!("{e:#}"),
+        hint: None,
+    })?;
+    let probed =
+        tokio::task::spawn_blocking(move || crate::store::Store::probe_postgres(url.expose(), tls))
             .await;
-    match opened {
-        Ok(Ok(())) => Ok("connected; the store's tables are there".into()),
+    match probed {
+        Ok(Ok((user, db, table))) => Ok(format!(
+            "connected as {user:?} to database {db:?}; {}",
+            if table {
+                "the store's table is there"
+            } else {
+                "no store yet (the daemon creates it at its first start)"
+            }
+        )),
         Ok(Err(e)) => Err(Failure {
-            error: format!("{e:#}"),
-            hint: Some(
-                "check store.url (or store.url_env / store.url_file) and store.security".into(),
-            ),
+            error: crate::error_chain(&e),
+            hint: hint(),
         }),
         Err(e) => Err(Failure {
             error: format!("the check itself failed: {e}"),

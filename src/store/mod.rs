@@ -225,6 +225,12 @@ impl Store {
         Store::with(path, db)
     }
 
+    /// Connects to a PostgreSQL store without opening it: (user,
+    /// database, whether its table exists). Writes nothing.
+    pub fn probe_postgres(url: &str, tls: PgTls) -> Result<(String, String, bool)> {
+        postgres::PgDb::probe(url, tls)
+    }
+
     /// Is this store shared with other processes that write (PostgreSQL)?
     /// Their work reaches this one by [`Store::listen`], and by polling
     /// where a notification may be lost.

@@ -338,6 +338,22 @@ fn gone() -> StoreError {
 impl PgDb {
     /// Connects `pool` connections (at least [`MIN_POOL`]), and brings
     /// the schema up to date.
+    /// Connects as the store would and reads who and where it is, and
+    /// whether the store's table is there: changes nothing (no schema,
+    /// no lock), for `check-config --connect` beside a running cluster.
+    pub(super) fn probe(url: &str, tls: PgTls) -> Result<(String, String, bool), StoreError> {
+        let config: ::postgres::Config = url.parse().map_err(engine)?;
+        let mut client = Session::new(config, tls).connect().map_err(engine)?;
+        let row = client
+            .query_one(
+                "SELECT current_user::text, current_database()::text, \
+                 to_regclass('escalator_kv') IS NOT NULL",
+                &[],
+            )
+            .map_err(engine)?;
+        Ok((row.get(0), row.get(1), row.get(2)))
+    }
+
     pub(super) fn open(url: &str, tls: PgTls, pool: usize) -> Result<PgDb, StoreError> {
         let config: ::postgres::Config = url.parse().map_err(engine)?;
         let mut lanes = Vec::new();

@@ -312,6 +312,33 @@ async fn tls_sessions_end_cleanly_and_an_unknown_ca_is_named() {
     assert!(text.contains("hint: the server's certificate is not signed by a CA this machine trusts: set mailbox.ca_file"), "{text}");
     assert!(text.contains("set smtp.ca_file"), "{text}");
 
+    // STARTTLS on the port that expects TLS at once: the server waits
+    // for a handshake, the client for a greeting; the check gives up
+    // within 10 s and says what to try.
+    let text = crate::reliability::secured(
+        &stack.config("support", &dir.path().join("store"), ""),
+        stack.imap_port,
+        "127.0.0.1",
+        stack.imaps_port.unwrap(),
+        "starttls",
+        Some(&ca.0),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let started = std::time::Instant::now();
+    let out = escalator(&[
+        "check-config",
+        "--connect",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("try mailbox.security = \"tls\""), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "no long silence"
+    );
+
     std::fs::write(&cfg, config(Some(&ca.0))).unwrap();
     let read_log =
         || std::fs::read_to_string(stack.dir.join("log/postfix.log")).unwrap_or_default();

@@ -434,3 +434,40 @@ async fn work_committed_by_another_process_wakes_the_daemon_at_once() {
     let out = d.stop();
     assert!(out.status.success());
 }
+
+/// `check-config --connect` with a PostgreSQL store: connects and says
+/// whether the store is there, creating nothing (a newer binary's check
+/// beside a running cluster must not upgrade its schema); a database
+/// that refuses is a failure naming the keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_connect_reaches_postgresql_without_creating_anything() {
+    let pg = Postgres::start();
+    let s = on_postgres(&["support"], &pg, "it_check", "security = \"plain\"\n");
+    let out = escalator(&["check-config", "--connect", "--config", s.cfg()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("OK      store (PostgreSQL)"), "{text}");
+    assert!(
+        text.contains("no store yet"),
+        "nothing created by the check: {text}"
+    );
+    // After a run the table is there, and the check says so.
+    s.once();
+    let out = escalator_ok(&["check-config", "--connect", "--config", s.cfg()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("the store's table is there"), "{text}");
+    // A database that does not exist.
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("dbname=it_check", "dbname=it_no_such_db");
+    std::fs::write(&s.config, text).unwrap();
+    let out = escalator(&["check-config", "--connect", "--config", s.cfg()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("FAILED  store (PostgreSQL)"), "{text}");
+    assert!(text.contains("hint: check store.url"), "{text}");
+}
