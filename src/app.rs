@@ -473,8 +473,10 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
     let ingest_ms = started.elapsed().as_millis() as u64;
     let fired = scheduler.pass()?;
     let sending = std::time::Instant::now();
-    let drained = outbox.drain(true, &cancel).await?;
+    let drained = outbox.drain(true, &cancel).await;
+    // Every session ends with QUIT, also after a failed drain.
     outbox.mailer.close().await;
+    let drained = drained?;
     store.flush_async().await?;
     // The timings are for the benchmark (benches/pipeline.rs) and admins
     // sizing a cron interval.
@@ -496,7 +498,8 @@ pub async fn run_once(config: Config) -> anyhow::Result<()> {
             "some mail could not be sent yet; it stays queued for the next run"
         );
     }
-    let refused = outbox.health.problem().filter(|_| drained.refused);
+    let problems = outbox.health.problems();
+    let refused = (drained.refused && !problems.is_empty()).then(|| problems.join("; "));
     match (failed.is_empty(), refused) {
         (true, None) => Ok(()),
         (true, Some(why)) => anyhow::bail!(

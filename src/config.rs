@@ -770,8 +770,10 @@ struct RawSmtp {
 /// literal (RFC 5321 4.1.3).
 fn valid_helo_name(h: &str) -> bool {
     if let Some(inner) = h.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
-        let ip = inner.strip_prefix("IPv6:").unwrap_or(inner);
-        return ip.parse::<std::net::IpAddr>().is_ok();
+        return match inner.strip_prefix("IPv6:") {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => inner.parse::<std::net::Ipv4Addr>().is_ok(),
+        };
     }
     !h.is_empty()
         && h.len() <= 253
@@ -2368,6 +2370,11 @@ forward_to = ["bill@example.test"]
         assert_eq!(c.smtp.helo_name.as_deref(), Some("mx1.example.com"));
         assert_eq!(c.smtp.max_per_connection, 3);
         assert!(parse(&with("helo_name = \"[192.0.2.1]\"")).is_ok());
+        assert!(parse(&with("helo_name = \"[IPv6:2001:db8::1]\"")).is_ok());
+        assert!(
+            parse(&with("helo_name = \"[2001:db8::1]\"")).is_err(),
+            "RFC 5321: IPv6: tag"
+        );
         // An EHLO line is protocol: no spaces, no line breaks in it.
         let e = problems(&with("helo_name = \"mx.example.com\\r\\nMAIL FROM:<x@y>\""));
         assert!(e.contains("smtp.helo_name"), "{e}");

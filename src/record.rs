@@ -150,6 +150,9 @@ pub struct OutboxEntry {
 pub struct SmtpProblem {
     /// The node (empty with the embedded store: there is one).
     pub node: String,
+    /// The server's config section: `smtp`, or a queue's
+    /// `mailboxes[N].smtp`.
+    pub server: String,
     pub error: String,
     /// When the server first refused.
     pub since: DateTime<Utc>,

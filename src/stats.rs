@@ -598,7 +598,8 @@ impl Report {
                 format!(" (node {})", p.node)
             };
             out.push_str(&format!(
-                "\nSMTP REFUSES MAIL{node} since {}: {}\n  mail stays queued until this is fixed\n",
+                "\nSMTP REFUSES MAIL ({}){node} since {}: {}\n  its mail stays queued until this is fixed\n",
+                p.server,
                 rfc3339(p.since),
                 p.error
             ));

@@ -349,6 +349,9 @@ impl async_imap::Authenticator for XOAuth2 {
     }
 }
 
+/// Most folder names an error lists.
+const MAX_FOLDERS_SHOWN: usize = 50;
+
 /// The folders the server has (LIST "" "*"), sorted, for error messages.
 pub async fn folders(ep: &Endpoint, s: &mut ImapSession) -> Result<Vec<String>, ImapError> {
     use futures::TryStreamExt;
@@ -390,9 +393,15 @@ pub async fn select(
         Err(ImapError::Folder(f, async_imap::error::Error::No(why))) => {
             // NO: the server refuses this folder. Missing, most often:
             // say which ones it has (a second round trip only now).
-            let available = folders(ep, s).await?;
+            let mut available = folders(ep, s).await?;
             if available.iter().any(|a| a == &f) {
                 return Err(ImapError::Folder(f, async_imap::error::Error::No(why)));
+            }
+            // A server with thousands of shared folders: the first ones.
+            if available.len() > MAX_FOLDERS_SHOWN {
+                let more = available.len() - MAX_FOLDERS_SHOWN;
+                available.truncate(MAX_FOLDERS_SHOWN);
+                available.push(format!("... and {more} more"));
             }
             Err(ImapError::MissingFolder {
                 key: key.to_string(),

@@ -37,6 +37,8 @@ const FETCH_ATTEMPTS: u32 = 3;
 const CHUNK_BYTES: u64 = 32 << 20;
 /// Most message bytes one ingest transaction holds before it commits.
 const TX_BYTES: usize = 1 << 20;
+/// How long a sent folder the server does not have is not asked for.
+const MISSING_RECHECK: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -98,12 +100,13 @@ pub struct Watcher {
     /// On a shared store: the lease this node watches the mailbox under;
     /// every ingest transaction commits only while it is held.
     fence: Option<Fence>,
-    /// The sent folder the server did not have, once logged: the inbox
-    /// is watched anyway, and the error is not repeated every pass.
-    missing_sent: Mutex<Option<String>>,
-    /// Passes in a row whose folder had a new UIDVALIDITY and nothing new
-    /// in it: a server that renumbers every session, said once.
-    renumbered: Mutex<u32>,
+    /// The sent folder the server did not have: logged once, and not
+    /// asked for again (each try costs a LIST of every folder) until
+    /// [`MISSING_RECHECK`] has passed; the inbox is watched anyway.
+    missing_sent: Mutex<Option<(String, std::time::Instant)>>,
+    /// Per folder: passes in a row that found a new UIDVALIDITY and
+    /// nothing new: a server that renumbers every session, said once.
+    renumbered: Mutex<HashMap<String, u32>>,
     /// Tests: a scripted server instead of the network.
     #[cfg(test)]
     fake: Option<fake::FakeServer>,
@@ -124,7 +127,7 @@ impl Watcher {
             trouble: Mutex::new(HashMap::new()),
             fence: None,
             missing_sent: Mutex::new(None),
-            renumbered: Mutex::new(0),
+            renumbered: Mutex::new(HashMap::new()),
             #[cfg(test)]
             fake: None,
         }
@@ -351,8 +354,17 @@ impl Watcher {
         let Some(sent) = self.mailbox().sent_folder.clone() else {
             return Ok(None);
         };
+        if let Some((_, at)) = &*self.missing_sent.lock().unwrap_or_else(|p| p.into_inner()) {
+            if at.elapsed() < MISSING_RECHECK {
+                // Asked again only after the wait (each try costs a LIST).
+                return Ok(None);
+            }
+        }
         let missing = match self.pass_folder(s, &sent, true, cancel, report).await {
-            Ok(()) => None,
+            Ok(()) => {
+                *self.missing_sent.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                None
+            }
             Err(WatchError::Imap(e @ ImapError::MissingFolder { .. })) => Some(e),
             Err(e) => return Err(e),
         };
@@ -370,11 +382,11 @@ impl Watcher {
         m.queue_imap_errors.inc(&[("queue", &self.queue)]);
         let text = e.to_string();
         let mut seen = self.missing_sent.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.as_deref() != Some(text.as_str()) {
+        if seen.as_ref().map(|(t, _)| t.as_str()) != Some(text.as_str()) {
             let hint = e.hint(&self.mailbox().endpoint).unwrap_or_default();
-            tracing::error!(error = %text, hint, "staff answers in the sent folder are not read; the inbox is");
-            *seen = Some(text);
+            tracing::error!(error = %text, hint, recheck_in = ?MISSING_RECHECK, "staff answers in the sent folder are not read; the inbox is");
         }
+        *seen = Some((text, std::time::Instant::now()));
     }
 
     /// Fetches and ingests every message of `folder` past its cursor.
@@ -565,7 +577,8 @@ impl Watcher {
     /// twice in a row: the server renumbers the folder on its own. Said
     /// once, as an error: each re-scan downloads the whole folder.
     fn note_renumbering(&self, folder: &str, old: Option<u32>, report: &PassReport) {
-        let mut n = self.renumbered.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.renumbered.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(folder.to_string()).or_insert(0);
         match old {
             Some(_) if report.stored == 0 && report.fetched > 0 => {
                 *n += 1;

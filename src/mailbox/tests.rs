@@ -254,6 +254,38 @@ async fn the_daemon_goes_on_reading_the_inbox_without_its_sent_folder() {
     task.await.unwrap().unwrap();
 }
 
+/// One real renumbering of both folders (a server migration) is not
+/// taken for a server that renumbers every session: counted per folder.
+#[tokio::test(start_paused = true)]
+async fn one_renumbering_of_two_folders_is_not_a_renumbering_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::new(&["INBOX", "Sent"]);
+    server.deliver("INBOX", &mail(1));
+    server.deliver("Sent", &mail(2));
+    let w = watcher(dir.path(), "sent_folder = \"Sent\"\nidle = false", &server);
+    let cancel = CancellationToken::new();
+    assert!(w.once(&cancel).await.error.is_none());
+    {
+        let mut st = server.state();
+        st.validity.insert("INBOX".into(), 7);
+        st.validity.insert("Sent".into(), 7);
+    }
+    let out = w.once(&cancel).await;
+    assert!(out.error.is_none());
+    assert_eq!(
+        (out.report.fetched, out.report.stored),
+        (2, 0),
+        "re-scanned, nothing new"
+    );
+    let counts = w.renumbered.lock().unwrap().clone();
+    assert_eq!(counts.get("INBOX"), Some(&1));
+    assert_eq!(counts.get("Sent"), Some(&1));
+    // The next pass, with the UIDs kept: the count starts again.
+    let out = w.once(&cancel).await;
+    assert_eq!(out.report.fetched, 0);
+    assert!(w.renumbered.lock().unwrap().values().all(|n| *n < 2));
+}
+
 #[test]
 fn uid_sets() {
     assert_eq!(super::uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");

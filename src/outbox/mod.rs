@@ -18,6 +18,7 @@
 //! acknowledgement or escalation.
 
 pub mod compose;
+pub mod health;
 pub mod journal;
 pub mod smtp;
 
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::case::EventKind;
 use crate::clock::Clock;
 use crate::store::{Store, StoreError};
+pub use health::SmtpHealth;
 use smtp::{Mailer, SmtpError};
 
 pub use crate::record::{OutboxEntry, OutboxState};
@@ -84,104 +86,17 @@ pub struct DrainReport {
     pub sent: usize,
     pub retrying: usize,
     pub failed: usize,
-    /// The server refused our configuration (see [`SmtpHealth`]): the
-    /// drain stopped, all mail stays queued.
+    /// A server refused our configuration (see [`SmtpHealth`]): its
+    /// mail stays queued; the other servers' went on.
     pub refused: bool,
 }
 
-/// Whether the SMTP server takes this node's mail. A refusal of the
-/// configuration (the login, the sender) would meet every mail alike:
-/// it is said once, recorded in the store for `stats`, shown in the
-/// metrics, and ends the drain; nothing is failed, the mail waits.
-#[derive(Default)]
-pub struct SmtpHealth {
-    /// This node's name in the record (empty with the embedded store).
-    pub node: String,
-    state: std::sync::Mutex<Health>,
-}
-
-#[derive(Default)]
-enum Health {
-    /// Nothing sent yet by this process: a record left by an earlier
-    /// run is cleared at the first mail that goes out.
-    #[default]
-    Unknown,
-    Fine,
-    /// The server's words, since when, and refusals in a row.
-    Refused(String, DateTime<Utc>, u32),
-}
-
-impl SmtpHealth {
-    pub fn new(node: String) -> SmtpHealth {
-        SmtpHealth {
-            node,
-            state: Default::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The refusal, while the server refuses us.
-    pub fn problem(&self) -> Option<String> {
-        match &*self.lock() {
-            Health::Refused(why, ..) => Some(why.clone()),
-            _ => None,
-        }
-    }
-
-    /// How long to wait before trying again: a minute, doubling to 15,
-    /// so a wrong password does not get the account locked.
-    pub fn backoff(&self) -> Duration {
-        let n = match &*self.lock() {
-            Health::Refused(_, _, n) => *n,
-            _ => 0,
-        };
-        Duration::from_secs((60u64 << n.saturating_sub(1).min(4)).min(900))
-    }
-
-    fn refused(&self, store: &Store, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        let (since, new) = {
-            let mut st = self.lock();
-            let (since, n, new) = match &*st {
-                Health::Refused(old, since, n) => (*since, n + 1, old != why),
-                _ => (now, 1, true),
-            };
-            *st = Health::Refused(why.to_string(), since, n);
-            (since, new)
-        };
-        crate::metrics::METRICS
-            .smtp_refused
-            .store(1, std::sync::atomic::Ordering::Relaxed);
-        if new {
-            tracing::error!(error = %why, "the SMTP server refuses this configuration; all mail stays queued until it is fixed");
-            store.set_smtp_problem(
-                &self.node,
-                Some(&crate::record::SmtpProblem {
-                    node: self.node.clone(),
-                    error: why.to_string(),
-                    since,
-                }),
-            )?;
-        }
-        Ok(())
-    }
-
-    fn works(&self, store: &Store) -> Result<(), StoreError> {
-        let before = std::mem::replace(&mut *self.lock(), Health::Fine);
-        match before {
-            Health::Fine => return Ok(()),
-            Health::Refused(..) => {
-                tracing::info!("the SMTP server accepts mail again");
-            }
-            Health::Unknown => {}
-        }
-        crate::metrics::METRICS
-            .smtp_refused
-            .store(0, std::sync::atomic::Ordering::Relaxed);
-        store.set_smtp_problem(&self.node, None)
-    }
+/// What became of one entry's send.
+#[derive(Debug, PartialEq, Eq)]
+enum Sending {
+    Done(OutboxState),
+    /// The server refused our configuration; the entry waits.
+    Refused,
 }
 
 /// The outbox worker.
@@ -217,14 +132,6 @@ impl Outbox {
     pub async fn run(self, cancel: CancellationToken) {
         loop {
             let wait = match self.drain(false, &cancel).await {
-                Ok(r) if r.refused => {
-                    // New mail must not make us log in again at once:
-                    // only the backoff (or a stop) ends this wait.
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(self.health.backoff()) => continue,
-                    }
-                }
                 Ok(_) => self.next_wake().unwrap_or(Duration::from_secs(3600)).min(
                     // Another process may queue mail, and its
                     // notification may be lost: look again now and then.
@@ -283,7 +190,12 @@ impl Outbox {
         let pending = self.store.outbox_pending().ok()?;
         let next = pending
             .iter()
-            .map(|e| self.held(e, now).unwrap_or(e.next_attempt_at))
+            .map(|e| {
+                let blocked = self.health.blocked(&self.mailer.server(&e.from), now);
+                self.held(e, now)
+                    .unwrap_or(e.next_attempt_at)
+                    .max(blocked.unwrap_or(e.next_attempt_at))
+            })
             .min()?;
         Some(
             (next - now)
@@ -312,11 +224,20 @@ impl Outbox {
         // sent, so this node never sends it again. (Another node could,
         // if this one stays cut off from the database past the claim.)
         self.journal.settle_pending(&self.store, now)?;
+        // Servers that refused us in this drain: their other mail waits
+        // (each try would be one more failed login).
+        let mut refusing = std::collections::HashSet::new();
         for entry in self.store.outbox_pending()? {
             if cancel.is_cancelled() {
                 break;
             }
             if !all && entry.next_attempt_at > now {
+                continue;
+            }
+            let server = self.mailer.server(&entry.from);
+            if refusing.contains(&server) || (!all && self.health.blocked(&server, now).is_some()) {
+                report.retrying += 1;
+                report.refused = true;
                 continue;
             }
             if let Some(at) = self.held(&entry, now) {
@@ -328,15 +249,14 @@ impl Outbox {
             let sending = std::panic::AssertUnwindSafe(self.send_one(entry));
             match futures::FutureExt::catch_unwind(sending).await {
                 Ok(state) => match state? {
-                    OutboxState::Sent => report.sent += 1,
-                    OutboxState::Failed => report.failed += 1,
-                    _ if self.health.problem().is_some() => {
-                        // Every other mail would be refused alike.
+                    Sending::Done(OutboxState::Sent) => report.sent += 1,
+                    Sending::Done(OutboxState::Failed) => report.failed += 1,
+                    Sending::Done(_) => report.retrying += 1,
+                    Sending::Refused => {
+                        refusing.insert(server);
                         report.refused = true;
-                        report.retrying = self.store.outbox_depth()?;
-                        break;
+                        report.retrying += 1;
                     }
-                    _ => report.retrying += 1,
                 },
                 Err(panic) => {
                     // One bad entry must not kill the worker (and, after a
@@ -361,7 +281,7 @@ impl Outbox {
     }
 
     #[tracing::instrument(skip_all, fields(case_id = entry.case, outbox_id = entry.id, kind = %entry.kind))]
-    async fn send_one(&self, entry: OutboxEntry) -> Result<OutboxState, OutboxError> {
+    async fn send_one(&self, entry: OutboxEntry) -> Result<Sending, OutboxError> {
         #[cfg(test)]
         tests::maybe_panic(entry.id);
         // The list came from a snapshot: the entry may have been settled
@@ -401,7 +321,7 @@ impl Outbox {
                 if state == OutboxState::Sent {
                     self.journal.settled(id);
                 }
-                return Ok(state);
+                return Ok(Sending::Done(state));
             }
         };
         let stored = self.store.outbox_raw(entry.id)?;
@@ -409,7 +329,7 @@ impl Outbox {
             entry.state = OutboxState::Failed;
             entry.last_error = Some("the mail's bytes are missing from the store".into());
             self.finish(&entry)?;
-            return Ok(entry.state);
+            return Ok(Sending::Done(entry.state));
         };
         // Durable before the effect: a crash from here on resends.
         self.store.flush_async().await?;
@@ -426,7 +346,7 @@ impl Outbox {
             // paused process): another node may be sending it by now.
             Some(left) if left.is_zero() => {
                 tracing::warn!("the claim on this mail expired before its send began; left to the node that claims it next");
-                return Ok(OutboxState::Sending);
+                return Ok(Sending::Done(OutboxState::Sending));
             }
             // A send that began is never cut: dropped after the final
             // dot it could go out twice. `cluster.claim` outlasts the
@@ -434,6 +354,7 @@ impl Outbox {
             Some(_) => self.mailer.send(&entry.from, &rcpt, &raw).await,
         };
         let now = self.clock.now();
+        let mut refused_by = None;
         let m = &crate::metrics::METRICS;
         match &result {
             Ok(()) => {
@@ -462,12 +383,13 @@ impl Outbox {
                 self.store
                     .transact(|tx| journal::mark_sent(tx, &mut entry, now))?;
                 self.journal.settled(entry.id);
-                self.health.works(&self.store)?;
+                self.health
+                    .works(&self.store, &self.mailer.server(&entry.from))?;
                 // No flush here: the journal line already keeps the
                 // acceptance across a crash (and the confirmation copy
                 // across a power cut), so the store's next flush is enough.
                 tracing::info!(to = ?entry.to, "mail sent");
-                return Ok(entry.state);
+                return Ok(Sending::Done(entry.state));
             }
             Err(SmtpError::Permanent(why)) | Err(SmtpError::Setup(why)) => {
                 tracing::error!(error = %why, "mail refused for good");
@@ -476,13 +398,12 @@ impl Outbox {
             }
             Err(SmtpError::Config(why)) => {
                 // Not this mail's fault: it waits, however long the fix
-                // takes (no give-up time).
+                // takes (no give-up time), until its server's backoff ends.
+                let server = self.mailer.server(&entry.from);
                 entry.state = OutboxState::Pending;
-                entry.next_attempt_at = now
-                    + chrono::Duration::from_std(self.health.backoff())
-                        .unwrap_or(chrono::Duration::zero());
-                self.health.refused(&self.store, &why, now)?;
+                entry.next_attempt_at = self.health.refused(&server, &why, now);
                 entry.last_error = Some(why);
+                refused_by = Some(server);
             }
             Err(SmtpError::Unknown(why)) if self.confirm.is_some() => {
                 // As after a crash mid-send: the server may have the mail.
@@ -509,8 +430,16 @@ impl Outbox {
             }
         }
         self.finish(&entry)?;
+        if let Some(server) = &refused_by {
+            // After the mail's own record: a failed write here leaves
+            // the mail as it should be.
+            self.health.record(&self.store, server)?;
+        }
         self.store.flush_async().await?;
-        Ok(entry.state)
+        Ok(match refused_by {
+            Some(_) => Sending::Refused,
+            None => Sending::Done(entry.state),
+        })
     }
 
     /// Parks an entry whose sending panicked: failed, with the error.
@@ -596,6 +525,8 @@ pub(crate) mod tests {
     struct Script {
         results: Mutex<VecDeque<Result<(), SmtpError>>>,
         sent: Mutex<Vec<Vec<u8>>>,
+        /// Its config section (default `smtp`).
+        server: Option<&'static str>,
     }
 
     #[async_trait::async_trait]
@@ -603,6 +534,10 @@ pub(crate) mod tests {
         async fn send(&self, _: &str, _: &[String], raw: &[u8]) -> Result<(), SmtpError> {
             self.sent.lock().unwrap().push(raw.to_vec());
             self.results.lock().unwrap().pop_front().unwrap_or(Ok(()))
+        }
+
+        fn server(&self, _: &str) -> String {
+            self.server.unwrap_or("smtp").to_string()
         }
     }
 
@@ -689,58 +624,131 @@ pub(crate) mod tests {
     }
 
     /// A wrong SMTP password (or a sender the server will not take) is
-    /// not the mail's fault: the drain stops at the first refusal, no
-    /// mail fails, however long the fix takes, the refusal is kept for
-    /// `stats` and the gauge, and the first mail that goes out clears it.
+    /// not the mail's fault: the first refusal ends the tries through
+    /// that server (each would be one more failed login), no mail fails
+    /// however long the fix takes, the refusal is kept for `stats` and
+    /// the gauge, the server is left alone until its backoff ends, and
+    /// the first mail that goes out clears it.
     #[tokio::test(start_paused = true)]
     async fn a_refused_configuration_keeps_all_mail_queued_and_is_recorded() {
         let s = setup(&[1, 2, 3], false);
         let refusal = "the server refused the login as \"support\": 535 5.7.8 bad credentials";
-        s.mailer
-            .results
-            .lock()
-            .unwrap()
-            .push_back(Err(SmtpError::Config(refusal.into())));
+        let refuse = || {
+            s.mailer
+                .results
+                .lock()
+                .unwrap()
+                .push_back(Err(SmtpError::Config(refusal.into())))
+        };
+        refuse();
         let r = s
             .outbox
-            .drain(true, &CancellationToken::new())
+            .drain(false, &CancellationToken::new())
             .await
             .unwrap();
         assert!(r.refused);
         assert_eq!((r.sent, r.failed, r.retrying), (0, 0, 3));
-        assert_eq!(sends(&s), 1, "the drain stopped at the first refusal");
+        assert_eq!(sends(&s), 1, "one try: the rest wait for the server");
         for id in [1, 2, 3] {
             assert_eq!(state(&s, id), OutboxState::Pending);
         }
         let problems = s.outbox.store.smtp_problems().unwrap();
         assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].error, refusal);
-        assert_eq!(s.outbox.health.problem().as_deref(), Some(refusal));
-        assert_eq!(s.outbox.health.backoff(), Duration::from_secs(60));
-        // Days later, still refused: still queued, not given up.
-        s.clock.advance(chrono::Duration::days(5));
-        s.mailer
-            .results
-            .lock()
-            .unwrap()
-            .push_back(Err(SmtpError::Config(refusal.into())));
+        assert_eq!(
+            (problems[0].error.as_str(), problems[0].server.as_str()),
+            (refusal, "smtp")
+        );
+        assert_eq!(s.outbox.health.problems(), [refusal]);
+        // New mail meanwhile does not make it log in again.
         let r = s
             .outbox
-            .drain(true, &CancellationToken::new())
+            .drain(false, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (sends(&s), r.refused),
+            (1, true),
+            "left alone during the backoff"
+        );
+        assert_eq!(
+            s.outbox.next_wake(),
+            Some(Duration::from_secs(60)),
+            "no busy loop"
+        );
+        // Days later, still refused: still queued, not given up.
+        s.clock.advance(chrono::Duration::days(5));
+        refuse();
+        let r = s
+            .outbox
+            .drain(false, &CancellationToken::new())
             .await
             .unwrap();
         assert!(r.refused);
         assert_eq!(state(&s, 1), OutboxState::Pending);
-        assert!(s.outbox.health.backoff() > Duration::from_secs(60));
+        assert_eq!(
+            s.outbox.next_wake(),
+            Some(Duration::from_secs(120)),
+            "the wait doubles"
+        );
         // Fixed: everything goes out, the record is gone.
+        s.clock.advance(chrono::Duration::minutes(2));
         let r = s
             .outbox
-            .drain(true, &CancellationToken::new())
+            .drain(false, &CancellationToken::new())
             .await
             .unwrap();
         assert_eq!((r.sent, r.refused), (3, false));
         assert!(s.outbox.store.smtp_problems().unwrap().is_empty());
-        assert!(s.outbox.health.problem().is_none());
+        assert!(s.outbox.health.problems().is_empty());
+    }
+
+    /// One queue's server refusing us holds up no other queue's mail.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusing_server_holds_up_only_its_own_mail() {
+        let s = setup(&[1, 2, 3], false);
+        // Entry 1 is from a queue with a server of its own.
+        s.outbox
+            .store
+            .transact(|tx| {
+                let mut e = tx.outbox_entry(1)?.unwrap();
+                e.from = "billing@example.test".into();
+                tx.put_outbox(&e, None)
+            })
+            .unwrap();
+        let refusing = Arc::new(Script {
+            server: Some("mailboxes[1].smtp"),
+            ..Default::default()
+        });
+        refusing
+            .results
+            .lock()
+            .unwrap()
+            .push_back(Err(SmtpError::Config("535 no".into())));
+        let routed = smtp::ByFrom {
+            main: s.mailer.clone(),
+            routes: vec![(
+                "billing@example.test".into(),
+                refusing.clone() as Arc<dyn Mailer>,
+            )],
+        };
+        std::fs::create_dir(s._dir.path().join("other")).unwrap();
+        let outbox = Outbox {
+            mailer: Arc::new(routed),
+            journal: journal::Journal::open(&s._dir.path().join("other")).unwrap(),
+            store: s.outbox.store.clone(),
+            clock: s.clock.clone(),
+            confirm: None,
+            wake: Default::default(),
+            claim: None,
+            health: Default::default(),
+        };
+        let r = outbox
+            .drain(false, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((r.sent, r.retrying, r.refused), (2, 1, true));
+        assert_eq!(state(&s, 1), OutboxState::Pending);
+        assert_eq!(state(&s, 2), OutboxState::Sent);
     }
 
     #[test]
@@ -821,7 +829,10 @@ pub(crate) mod tests {
         let snapshot = s.outbox.store.outbox_pending().unwrap();
         s.outbox.journal.record(3).unwrap();
         for e in snapshot {
-            assert_eq!(s.outbox.send_one(e).await.unwrap(), OutboxState::Sent);
+            assert_eq!(
+                s.outbox.send_one(e).await.unwrap(),
+                Sending::Done(OutboxState::Sent)
+            );
         }
         assert_eq!(sends(&s), 0);
     }
@@ -937,7 +948,10 @@ pub(crate) mod tests {
         let snapshot = s.outbox.store.outbox_pending().unwrap();
         settle(&s, 1);
         for e in snapshot {
-            assert_eq!(s.outbox.send_one(e).await.unwrap(), OutboxState::Sent);
+            assert_eq!(
+                s.outbox.send_one(e).await.unwrap(),
+                Sending::Done(OutboxState::Sent)
+            );
         }
         assert_eq!(sends(&s), 0, "sent already: not sent again");
         assert_eq!(state(&s, 1), OutboxState::Sent);

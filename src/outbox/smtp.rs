@@ -55,6 +55,11 @@ pub trait Mailer: Send + Sync {
     async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError>;
     /// Ends any kept session cleanly (QUIT), before the process exits.
     async fn close(&self) {}
+    /// The config section of the server mail from `from` goes through
+    /// (`smtp`, `mailboxes[1].smtp`): a refusal blocks that server only.
+    fn server(&self, _from: &str) -> String {
+        "smtp".to_string()
+    }
 }
 
 /// Sends each mail through the server of the queue whose address it is
@@ -65,16 +70,24 @@ pub struct ByFrom {
     pub routes: Vec<(String, Arc<dyn Mailer>)>,
 }
 
-#[async_trait::async_trait]
-impl Mailer for ByFrom {
-    async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError> {
-        let route = self
-            .routes
+impl ByFrom {
+    fn route(&self, from: &str) -> &Arc<dyn Mailer> {
+        self.routes
             .iter()
             .find(|(a, _)| a.eq_ignore_ascii_case(from))
             .map(|(_, m)| m)
-            .unwrap_or(&self.main);
-        route.send(from, to, raw).await
+            .unwrap_or(&self.main)
+    }
+}
+
+#[async_trait::async_trait]
+impl Mailer for ByFrom {
+    async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError> {
+        self.route(from).send(from, to, raw).await
+    }
+
+    fn server(&self, from: &str) -> String {
+        self.route(from).server(from)
     }
 
     async fn close(&self) {
@@ -99,6 +112,9 @@ pub struct SmtpMailer {
     /// when it was last used; shared with the task that closes it when
     /// it has been idle too long.
     conn: Arc<tokio::sync::Mutex<Option<Kept>>>,
+    /// Sessions being ended in the background (awaited by `close`), so
+    /// the mail just accepted is journaled without waiting for QUIT.
+    closing: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 struct Kept {
@@ -117,6 +133,13 @@ async fn end(mut k: Kept) {
 /// This host's fully qualified name, as `hostname -f` finds it (the
 /// canonical name of the host name), if it has a dot.
 pub fn local_fqdn() -> Option<String> {
+    // Looked up once a process: a reload builds new mailers, and a slow
+    // resolver must not stall the runtime each time.
+    static FQDN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FQDN.get_or_init(lookup_fqdn).clone()
+}
+
+fn lookup_fqdn() -> Option<String> {
     let host = hostname::get().ok()?.into_string().ok()?;
     if host.contains('.') {
         return Some(host);
@@ -177,6 +200,7 @@ impl SmtpMailer {
             tls,
             hello,
             conn: Arc::new(tokio::sync::Mutex::new(None)),
+            closing: std::sync::Mutex::default(),
         })
     }
 
@@ -266,7 +290,15 @@ impl SmtpMailer {
             }
             None => Box::new(tcp),
         };
-        let step = |e: lettre::transport::smtp::Error| classify(&e);
+        // A 5xx before any mail (the greeting, EHLO, STARTTLS) refuses
+        // us, not a mail: every mail would meet it.
+        let step = |e: lettre::transport::smtp::Error| match classify(&e) {
+            SmtpError::Permanent(why) => SmtpError::Config(format!(
+                "{}:{} refused the session: {why}",
+                ep.host, ep.port
+            )),
+            other => other,
+        };
         let mut conn = tokio::time::timeout(
             ep.timeout,
             AsyncSmtpConnection::connect_with_transport(stream, &hello),
@@ -343,6 +375,16 @@ impl SmtpMailer {
                 .await
                 .map_err(|e| transient("login at", &e))?
                 .map_err(|e| match classify(&e) {
+                    // No mechanism in common: often AUTH is offered only
+                    // after STARTTLS.
+                    _ if e.is_client() => SmtpError::Config(format!(
+                        "{}:{} offers no login mechanism escalator can use ({}): servers \
+                         often offer AUTH only over TLS: check {}.security",
+                        ep.host,
+                        ep.port,
+                        error_text(&e),
+                        ep.section
+                    )),
                     // A refused login is the admin's to fix; keep the
                     // mail and retry with backoff rather than fail it.
                     SmtpError::Permanent(why) => SmtpError::Config(format!(
@@ -441,7 +483,9 @@ impl Mailer for SmtpMailer {
                         source
                             .token()
                             .await
-                            .map_err(SmtpError::Transient)?
+                            .map_err(|e| {
+                                SmtpError::Config(format!("no OAuth 2 token for the login: {e}"))
+                            })?
                             .expose()
                             .to_string(),
                     ),
@@ -468,7 +512,10 @@ impl Mailer for SmtpMailer {
                 kept.used = Instant::now();
                 kept.sent += 1;
                 if kept.sent >= self.cfg.max_per_connection {
-                    end(kept).await;
+                    let task = tokio::spawn(end(kept));
+                    let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+                    closing.retain(|t| !t.is_finished());
+                    closing.push(task);
                 } else {
                     *slot = Some(kept);
                     self.close_when_idle();
@@ -479,8 +526,14 @@ impl Mailer for SmtpMailer {
             Ok(Err((step, e))) => match classify(&e) {
                 SmtpError::Transient(why) if after_data => Err(SmtpError::Unknown(why)),
                 // The server refuses our sender address: so it will
-                // every mail.
-                SmtpError::Permanent(why) if step == Step::MailFrom => {
+                // every mail. (Microsoft 365 says so after the data:
+                // 5.2.252 SendAsDenied, 5.7.60.)
+                SmtpError::Permanent(why)
+                    if step == Step::MailFrom
+                        || why.contains("SendAsDenied")
+                        || why.contains("5.7.60")
+                        || why.contains("5.2.252") =>
+                {
                     Err(SmtpError::Config(format!(
                         "the server refused the sender {from}: {why} (the account in \
                          {}.username may not send as this address)",
@@ -504,6 +557,14 @@ impl Mailer for SmtpMailer {
         if let Some(k) = self.conn.lock().await.take() {
             end(k).await;
         }
+        let closing = std::mem::take(&mut *self.closing.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in closing {
+            let _ = tokio::time::timeout(Duration::from_secs(6), task).await;
+        }
+    }
+
+    fn server(&self, _from: &str) -> String {
+        self.cfg.endpoint.section.clone()
     }
 }
 

@@ -535,18 +535,37 @@ impl Store {
         Ok(out)
     }
 
-    /// Records (or with None clears) why `node`'s SMTP server refuses
-    /// its mail.
-    pub fn set_smtp_problem(&self, node: &str, problem: Option<&SmtpProblem>) -> Result<()> {
-        let key = [SMTP_PROBLEM, node.as_bytes()].concat();
-        let value = problem
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(StoreError::Encode)?;
+    /// Records why a node's SMTP server refuses its mail (one record per
+    /// server and node).
+    pub fn set_smtp_problem(&self, problem: &SmtpProblem) -> Result<()> {
+        let key = [
+            SMTP_PROBLEM,
+            problem.server.as_bytes(),
+            b"\0",
+            problem.node.as_bytes(),
+        ]
+        .concat();
+        let value = serde_json::to_vec(problem).map_err(StoreError::Encode)?;
         self.transact(|tx| {
-            match value {
-                Some(v) => tx.put(Tree::Meta, key, v),
-                None => tx.remove(Tree::Meta, key),
+            tx.put(Tree::Meta, key, value);
+            Ok(())
+        })
+    }
+
+    /// Clears the records of `server`, every node's: mail went out
+    /// through it.
+    pub fn clear_smtp_problems(&self, server: &str) -> Result<()> {
+        let prefix = [SMTP_PROBLEM, server.as_bytes(), b"\0"].concat();
+        let mut keys = Vec::new();
+        for r in self.db.prefix(Tree::Meta, &prefix) {
+            keys.push(r?.0);
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.transact(|tx| {
+            for k in keys {
+                tx.remove(Tree::Meta, k);
             }
             Ok(())
         })

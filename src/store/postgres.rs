@@ -342,7 +342,9 @@ impl PgDb {
     /// whether the store's table is there: changes nothing (no schema,
     /// no lock), for `check-config --connect` beside a running cluster.
     pub(super) fn probe(url: &str, tls: PgTls) -> Result<(String, String, bool), StoreError> {
-        let config: ::postgres::Config = url.parse().map_err(engine)?;
+        let mut config: ::postgres::Config = url.parse().map_err(engine)?;
+        // A host that drops packets answers nothing for minutes.
+        config.connect_timeout(std::time::Duration::from_secs(10));
         let mut client = Session::new(config, tls).connect().map_err(engine)?;
         let row = client
             .query_one(

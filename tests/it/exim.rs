@@ -88,6 +88,7 @@ local_interfaces = 127.0.0.1
 acl_smtp_rcpt = acl_check_rcpt
 host_lookup =
 rfc1413_hosts =
+log_selector = +smtp_connection
 {tls_lines}
 begin acl
 acl_check_rcpt:
@@ -261,7 +262,12 @@ async fn exim_delivers_a_burst_of_acks_at_once() {
         stack.deliver_maildir("support", &customer_mail(u), 2);
     }
     escalator_ok(&["run", "--once", "--config", cfg.to_str().unwrap()]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while exim.mainlog().matches("no immediate delivery").count() < 5
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let log = exim.mainlog();
     assert_eq!(
         log.matches("no immediate delivery").count(),
@@ -299,7 +305,14 @@ async fn exim_sees_clean_tls_sessions_and_the_helo_name() {
         let got = stack.wait_for(u, 1, Duration::from_secs(20)).await.len();
         assert_eq!(got, 1, "{u}:\n{}", exim.logs());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Exim logs a session's TLS trouble when it ends: wait for the ends
+    // (escalator closed its last session before run --once returned).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while exim.mainlog().matches("closed by QUIT").count() < 2
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let logs = exim.logs();
     let received: Vec<&str> = logs.lines().filter(|l| l.contains(" <= ")).collect();
     assert_eq!(received.len(), 3, "{logs}");
@@ -311,6 +324,11 @@ async fn exim_sees_clean_tls_sessions_and_the_helo_name() {
             "{l}"
         );
     }
+    assert_eq!(
+        logs.matches("closed by QUIT").count(),
+        2,
+        "three mails, two a session, each session ended by QUIT:\n{logs}"
+    );
     assert!(!logs.contains("TLS error"), "{logs}");
     assert!(!logs.contains("unexpected disconnection"), "{logs}");
 }

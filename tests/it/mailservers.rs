@@ -1,9 +1,10 @@
 //! Issue 18: working with the mail servers teams run, and saying what is
 //! wrong in the first hour. On the private Dovecot + Postfix: how SMTP
 //! sessions begin and end, `check-config --connect`, and a refused SMTP
-//! login. (Cyrus, Courier and Exim themselves are not run here: their
-//! Debian packages conflict with Dovecot's and Postfix's; the scripted
-//! IMAP server of src/mailbox/tests.rs plays the behaviours that matter.)
+//! login. Exim is run privately by tests/it/exim.rs. Cyrus and Courier
+//! are not run: their packages conflict with Dovecot's and need their
+//! own authentication daemons; the scripted IMAP server of
+//! src/mailbox/tests.rs plays the behaviours that matter.
 
 use std::time::Duration;
 
