@@ -402,6 +402,11 @@ impl Outbox {
                 let server = self.mailer.server(&entry.from);
                 entry.state = OutboxState::Pending;
                 entry.next_attempt_at = self.health.refused(&server, &why, now);
+                // The give-up time for transient failures counts from
+                // when the server took us again, as after `outbox retry`:
+                // mail that waited out a 4-day outage of the password is
+                // not failed by the first timeout after the fix.
+                entry.created_at = now;
                 entry.last_error = Some(why);
                 refused_by = Some(server);
             }
@@ -690,14 +695,29 @@ pub(crate) mod tests {
             Some(Duration::from_secs(120)),
             "the wait doubles"
         );
-        // Fixed: everything goes out, the record is gone.
+        // Fixed, and the first try after the fix times out: five days
+        // in the queue do not count against the give-up time.
         s.clock.advance(chrono::Duration::minutes(2));
-        let r = s
-            .outbox
+        s.mailer
+            .results
+            .lock()
+            .unwrap()
+            .push_back(Err(SmtpError::Transient("timeout".into())));
+        s.outbox
             .drain(false, &CancellationToken::new())
             .await
             .unwrap();
-        assert_eq!((r.sent, r.refused), (3, false));
+        assert_eq!(state(&s, 1), OutboxState::Pending, "not given up");
+        // The others went out meanwhile, and this one next.
+        let r = s
+            .outbox
+            .drain(true, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!((r.sent, r.refused), (1, false));
+        for id in [1, 2, 3] {
+            assert_eq!(state(&s, id), OutboxState::Sent);
+        }
         assert!(s.outbox.store.smtp_problems().unwrap().is_empty());
         assert!(s.outbox.health.problems().is_empty());
     }
