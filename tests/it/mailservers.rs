@@ -180,6 +180,7 @@ async fn check_config_connect_names_the_key_to_change() {
     assert!(!ok, "{out}");
     assert!(out.contains("FAILED  imap mailbox"), "{out}");
     assert!(out.contains("mailbox.password"), "names the key:\n{out}");
+    assert!(!out.contains("nope"), "never the password itself:\n{out}");
     assert!(
         !out.contains("No(") && !out.contains("Some("),
         "no Rust debug text:\n{out}"
@@ -195,6 +196,7 @@ async fn check_config_connect_names_the_key_to_change() {
     assert!(!ok, "{out}");
     assert!(out.contains("FAILED  smtp smtp"), "{out}");
     assert!(out.contains("smtp.password"), "names the key:\n{out}");
+    assert!(!out.contains("nope"), "never the password itself:\n{out}");
     assert!(
         out.contains("OK      imap mailbox"),
         "the rest is still checked:\n{out}"
