@@ -12,9 +12,16 @@
 //!   Status, Diagnostic-Code) and whose `message/rfc822` or
 //!   `text/rfc822-headers` part quotes the original;
 //! - the common non-standard ones (Exim, qmail, older Exchange and
-//!   Postfix notices): from a robot (`MAILER-DAEMON`, `postmaster`, or the
-//!   null return path) with a bounce subject or `X-Failed-Recipients`,
-//!   quoting the original's headers in the text or in an attached message.
+//!   Postfix notices): delivered with the null reverse path (the FIRST
+//!   `Return-Path` field is `<>`: bounces are sent so) and with a bounce
+//!   subject or `X-Failed-Recipients`, quoting the original's headers in
+//!   the text or in an attached message. The sender's name is no sign:
+//!   people write from `postmaster@` too, and a subject is words anyone
+//!   may use, so a heuristic report is only ever a candidate. Its quoted
+//!   IDs are only those of its quoted headers or attached message (never
+//!   its own In-Reply-To/References: a vacation or a person's reply to
+//!   our mail carries those too), and ingest threads one that matches
+//!   nothing like any other mail.
 //!
 //! Matching the report to a case is not done here: the quoted Message-ID
 //! is only a claim until ingest finds it among the mail escalator sent
@@ -115,14 +122,6 @@ pub struct Report {
     pub original_ids: Vec<String>,
 }
 
-/// Local parts robots send bounces from.
-const BOUNCE_SENDERS: &[&str] = &[
-    "mailer-daemon",
-    "postmaster",
-    "mail-daemon",
-    "mailer_daemon",
-];
-
 /// Subjects of free-text bounces (lower-case, matched anywhere).
 const FAILURE_SUBJECTS: &[&str] = &[
     "undelivered mail returned to sender",
@@ -177,10 +176,10 @@ fn recognise(mail: &InboundMail) -> Option<Form> {
     if report && content_type.contains("delivery-status") {
         return Some(Form::Standard);
     }
-    let from = mail.from.as_ref().map(|a| a.email.as_str()).unwrap_or("");
-    let local = from.rsplit_once('@').map(|(l, _)| l).unwrap_or(from);
-    let robot = BOUNCE_SENDERS.contains(&local) || mail.robot.return_path.as_deref() == Some("");
-    if !robot {
+    // The reverse path the delivering server recorded: a From of
+    // `postmaster@` is a person as often as not, and a `Return-Path: <>`
+    // below the first is the sender's own words.
+    if mail.robot.reverse_path.as_deref() != Some("") {
         return None;
     }
     let subject = mail.subject.to_lowercase();
@@ -236,10 +235,11 @@ fn read_parts(raw: &[u8], mail: &InboundMail, form: Form) -> Report {
             }
         }
     }
-    if ids.is_empty() {
-        // Some servers (Exim, Gmail) also refer to the original in the
-        // report's own headers. No weaker than a quote: either is checked
-        // against what we sent.
+    if ids.is_empty() && form == Form::Standard {
+        // Some servers (Gmail) also refer to the original in the report's
+        // own headers. Only for a standard report: a vacation notice or a
+        // person's reply to our mail refers to it the same way, and the
+        // free-text form cannot tell them from a bounce.
         for id in mail.in_reply_to.iter().chain(mail.references.iter().rev()) {
             push_id(&mut ids, id);
         }
@@ -340,13 +340,7 @@ fn recipient_of(block: &[(String, String)]) -> Option<Recipient> {
     let address = |v: &str| {
         // `rfc822; someone@example.org` (the type is optional in practice).
         let a = v.rsplit_once(';').map(|(_, a)| a).unwrap_or(v);
-        let a = a
-            .trim()
-            .trim_start_matches('<')
-            .trim_end_matches('>')
-            .trim();
-        (a.contains('@') && a.len() <= MAX_TOKEN && !a.contains(char::is_whitespace))
-            .then(|| a.to_lowercase())
+        plausible_address(a.trim())
     };
     let original = field("original-recipient").and_then(address);
     let final_ = field("final-recipient").and_then(address);
@@ -510,15 +504,28 @@ fn explanation(text: &str) -> String {
 
 /// A word that is an address (`local@domain.tld`), lower-cased.
 fn bare_address(w: &str) -> Option<String> {
-    let w = w.trim().trim_start_matches('<').trim_end_matches('>');
-    let (local, domain) = w.rsplit_once('@')?;
+    plausible_address(w.trim()).filter(|a| a.is_ascii() && a.contains('.'))
+}
+
+/// An address a report names (`<local@domain>`), lower-cased; None for
+/// anything that cannot be one. It ends up in logs and events, so no
+/// control character (a forged `\r\n` or terminal escape), no space, no
+/// bracket or separator gets through; UTF-8 is kept (SMTPUTF8 reports).
+fn plausible_address(a: &str) -> Option<String> {
+    let a = a.strip_prefix('<').unwrap_or(a);
+    let a = a.strip_suffix('>').unwrap_or(a).trim();
+    let (local, domain) = a.rsplit_once('@')?;
     let ok = !local.is_empty()
-        && domain.contains('.')
-        && w.len() <= MAX_TOKEN
+        && !domain.is_empty()
+        && a.len() <= MAX_TOKEN
         && !domain.starts_with('.')
         && !domain.ends_with('.')
-        && w.chars().all(|c| c.is_ascii_graphic());
-    ok.then(|| w.to_lowercase())
+        && !domain.contains("..")
+        && !a
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "<>()[],;:\\\"".contains(c))
+        && !local.contains('@');
+    ok.then(|| a.to_lowercase())
 }
 
 #[cfg(test)]

@@ -78,8 +78,9 @@ pub enum Outcome {
         uid: u32,
     },
     /// A delivery report (bounce): recorded on the case of the mail it
-    /// reports on, or (None) about no mail escalator sent: counted and
-    /// logged, not stored. It opens no case either way.
+    /// reports on, or (None) a standard report about no mail escalator
+    /// sent: counted and logged, not stored. It opens no case either way.
+    /// (A free-text report that matches nothing is threaded as mail.)
     Bounce {
         case: Option<CaseId>,
     },
@@ -357,7 +358,9 @@ impl Ingestor {
                 truncated,
                 mail: &mail,
             };
-            return self.bounce(tx, &inbound, &report, now);
+            if let Some(out) = self.bounce(tx, &inbound, &report, now)? {
+                return Ok(out);
+            }
         }
         let support = config.support_addresses();
         let is_staff = |a: &str| config.tiers.iter().any(|t| t.is_staff(a));

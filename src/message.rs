@@ -33,8 +33,16 @@ pub struct RobotHeaders {
     pub precedence: Option<String>,
     pub x_autoreply: bool,
     pub list: bool,
-    /// `Some("")` is the null reverse path `<>` of bounces.
+    /// The last `Return-Path` field; `Some("")` is the null reverse path
+    /// `<>` of bounces. Only for suppressing automatic answers, where a
+    /// false `<>` costs nothing (see [`RobotHeaders::reverse_path`]).
     pub return_path: Option<String>,
+    /// The FIRST `Return-Path` field: the envelope sender the delivering
+    /// server recorded (it prepends the field). Fields further down came
+    /// with the message and anyone can write them, so only this one says
+    /// whether the mail really had the null reverse path `<>`.
+    #[serde(default)]
+    pub reverse_path: Option<String>,
     pub failed_recipients: bool,
     pub delivery_report: bool,
     pub auto_response_suppress: Option<String>,
@@ -370,6 +378,9 @@ fn robot_headers(raw: &[u8]) -> RobotHeaders {
                     .trim_start_matches('<')
                     .trim_end_matches('>')
                     .trim();
+                if r.reverse_path.is_none() {
+                    r.reverse_path = Some(addr.to_string());
+                }
                 r.return_path = Some(addr.to_string());
             }
             "x-failed-recipients" => r.failed_recipients = true,
@@ -495,6 +506,24 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n-
         assert_eq!(r.precedence.as_deref(), Some("bulk"));
         assert!(r.list && r.delivery_report);
         assert_eq!(r.loop_header.as_deref(), Some("support@other.test"));
+    }
+
+    #[test]
+    fn the_reverse_path_is_the_first_return_path() {
+        // The delivering server prepends the real one; a `<>` the sender
+        // wrote lower down must not make the mail a bounce.
+        let raw = b"Return-Path: <postmaster@customer.example>\r\n\
+Received: from x by y; Mon, 1 Jan 2024 00:00:00 +0000\r\nReturn-Path: <>\r\n\
+From: postmaster@customer.example\r\nSubject: hi\r\n\r\nhi\r\n";
+        let r = parse(raw).robot;
+        assert_eq!(
+            r.reverse_path.as_deref(),
+            Some("postmaster@customer.example")
+        );
+        // Automatic answers stay suppressed by either: no loop risk taken.
+        assert_eq!(r.return_path.as_deref(), Some(""));
+        let r = parse(b"Return-Path: <>\r\nReturn-Path: <a@example.org>\r\n\r\nx").robot;
+        assert_eq!(r.reverse_path.as_deref(), Some(""));
     }
 
     #[test]

@@ -100,7 +100,12 @@ pub fn classify(mail: &InboundMail, support: &[String]) -> Option<Suppress> {
     if r.x_autoreply {
         return Some(Suppress::AutoReplyHeader);
     }
-    if r.delivery_report || r.failed_recipients || r.return_path.as_deref() == Some("") {
+    let null_path = |p: &Option<String>| p.as_deref() == Some("");
+    if r.delivery_report
+        || r.failed_recipients
+        || null_path(&r.return_path)
+        || null_path(&r.reverse_path)
+    {
         return Some(Suppress::Bounce);
     }
     if r.list {

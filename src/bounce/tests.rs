@@ -117,6 +117,40 @@ fn other_robot_and_customer_mail_is_no_report() {
         None,
         "a customer's subject alone is no bounce"
     );
+    // A person at postmaster@ (an ISP's helpdesk) is a person: without
+    // the null reverse path, no subject makes a free-text bounce, nor a
+    // `Return-Path: <>` the sender wrote below the real one.
+    let helpdesk = b"Return-Path: <postmaster@isp.example>\r\n\
+From: postmaster@isp.example\r\nSubject: Returned mail from your server\r\n\
+X-Failed-Recipients: postmaster@isp.example\r\n\r\nplease look\r\n";
+    assert_eq!(report(helpdesk), None);
+    let forged = b"Return-Path: <mallory@evil.example>\r\nReturn-Path: <>\r\n\
+From: MAILER-DAEMON@evil.example\r\nSubject: failure notice\r\n\r\nx@y.example\r\n";
+    assert_eq!(report(forged), None);
+    let below = forged.iter().position(|&b| b == b'\n').unwrap() + 1;
+    assert_eq!(
+        report(&forged[below..]).map(|r| r.form),
+        Some(Form::Heuristic),
+        "the same `<>` as the first field"
+    );
+}
+
+#[test]
+fn a_free_text_report_takes_no_id_from_its_own_headers() {
+    // A vacation notice or a person's reply refers to our mail in its
+    // In-Reply-To/References just as some bounces do: in the free-text
+    // form only quoted headers count. A standard report keeps it (Gmail).
+    let raw = b"Return-Path: <>\r\nFrom: Alice <alice@example.org>\r\n\
+Subject: Auto: Re: [Case #1] Undeliverable parcel\r\n\
+In-Reply-To: <c1.a1.aaaabbbbcccc@example.test>\r\n\
+References: <c1.a1.aaaabbbbcccc@example.test>\r\n\r\n\
+Away until Monday; alice@example.org is read then.\r\n";
+    let r = report(raw).unwrap();
+    assert_eq!(r.form, Form::Heuristic);
+    assert!(r.original_ids.is_empty(), "{:?}", r.original_ids);
+    let r = report(&fixture("gmail.eml")).unwrap();
+    assert_eq!(r.form, Form::Standard);
+    assert!(!r.original_ids.is_empty());
 }
 
 /// Abuse cases: a "bounce" is mail anyone can send. Reading one must stay
@@ -152,7 +186,7 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\
     #[test]
     fn many_quoted_ids_are_capped() {
         let mut text = String::from(
-            "From: MAILER-DAEMON@x.example\r\nSubject: failure notice\r\n\r\n<v@x.example>: no\r\n",
+            "Return-Path: <>\r\nFrom: MAILER-DAEMON@x.example\r\nSubject: failure notice\r\n\r\n<v@x.example>: no\r\n",
         );
         for i in 0..10_000 {
             text.push_str(&format!("Message-ID: <id{i}@x>\r\n"));
@@ -172,6 +206,52 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\
         let d = r.recipients[0].diagnostic.as_deref().unwrap();
         assert!(d.chars().count() <= MAX_DIAGNOSTIC);
         assert!(!d.chars().any(char::is_control), "{d:?}");
+    }
+
+    #[test]
+    fn addresses_with_control_characters_or_junk_are_no_recipient() {
+        // They would reach the logs (`address = ...`) and the events: a
+        // terminal escape, a bell, a NUL, brackets, a second @ are no
+        // address; a plain one and an SMTPUTF8 one are.
+        let bad = [
+            "a\u{1b}[31m@example.org",
+            "a\u{7}@example.org",
+            "a\u{0}b@example.org",
+            "a\u{85}@example.org",
+            "a@exa\u{9b}mple.org",
+            "a<b>@example.org",
+            "a@b@example.org",
+            "a,b@example.org",
+            "@example.org",
+            "a@",
+            "a@.example.org",
+        ];
+        let mut fields = String::new();
+        for a in bad {
+            fields.push_str(&format!(
+                "Final-Recipient: rfc822; {a}\r\nAction: failed\r\n\r\n"
+            ));
+        }
+        fields.push_str("Final-Recipient: rfc822; <Ok@Example.org>\r\nAction: failed\r\n\r\n");
+        fields.push_str("Final-Recipient: utf-8; jörg@bücher.example\r\nAction: failed\r\n\r\n");
+        fields.push_str(
+            "Original-Recipient: rfc822; x\u{1b}]0;@example.org\r\n\
+Final-Recipient: rfc822; fine@example.org\r\nAction: failed\r\n\r\n",
+        );
+        let r = report(&dsn(&fields, "Message-ID: <x@y>")).unwrap();
+        let got: Vec<_> = r
+            .recipients
+            .iter()
+            .map(|x| (x.address.as_str(), x.original.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ok@example.org", None),
+                ("jörg@bücher.example", None),
+                ("fine@example.org", None)
+            ]
+        );
     }
 
     #[test]
@@ -228,7 +308,9 @@ Final-Recipient: rfc822; b@example.org\r\nAction: failed\r\nStatus: 5.1.1; drop 
         let r = report(raw.as_bytes()).unwrap();
         assert!(r.original_ids.len() <= MAX_ORIGINAL_IDS);
         // 20 MB of text with no structure.
-        let mut big = b"From: MAILER-DAEMON@x.example\r\nSubject: failure notice\r\n\r\n".to_vec();
+        let mut big =
+            b"Return-Path: <>\r\nFrom: MAILER-DAEMON@x.example\r\nSubject: failure notice\r\n\r\n"
+                .to_vec();
         big.extend(std::iter::repeat_n(b'a', 20 << 20));
         let r = report(&big).unwrap();
         assert!(r.recipients.is_empty() && r.original_ids.is_empty());

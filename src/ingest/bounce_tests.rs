@@ -72,6 +72,11 @@ fn state(ing: &Ingestor, id: u64) -> OutboxState {
     ing.store.outbox_entry(id).unwrap().unwrap().state
 }
 
+fn last_message(ing: &Ingestor, case: CaseId) -> crate::record::MessageRecord {
+    let seqs = ing.store.case_messages(case).unwrap();
+    ing.store.message(*seqs.last().unwrap()).unwrap().unwrap()
+}
+
 #[test]
 fn r18_a_bounced_ack_opens_no_case_and_is_recorded_on_its_case_on_both_engines() {
     let pg = crate::testing::Postgres::start();
@@ -316,6 +321,270 @@ fn r18_a_bounced_digest_marks_its_entry_once() {
     assert_eq!(ing.store.cases().count(), 0);
 }
 
+/// A helpdesk writing from `postmaster@` (issue 18 review, B1).
+const POSTMASTER: &[u8] = b"Return-Path: <postmaster@customer.example>\r\n\
+From: Customer Helpdesk <postmaster@customer.example>\r\nTo: support@example.test\r\n\
+Subject: Returned mail from your server\r\nMessage-ID: <pm1@customer.example>\r\n\r\n\
+Hello, mail from your server to postmaster@customer.example comes back to us\r\n\
+with 550 5.1.1 user unknown. Could you look into it?\r\n";
+
+#[test]
+fn b1_a_person_writing_from_postmaster_with_a_bounce_subject_opens_a_case() {
+    // Before: read as a free-text bounce, matched nothing, dropped with a
+    // warning, the cursor moved past it: the mail was lost.
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let out = ing.ingest(Some(&src(1, 1)), POSTMASTER, None).unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Stored {
+                case: 1,
+                new: true,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let case = ing.store.case(1).unwrap().unwrap();
+    assert_eq!(case.customer, "postmaster@customer.example");
+    assert_eq!(last_message(&ing, 1).message_id, "pm1@customer.example");
+    // Sent through a system that uses the null reverse path: still a
+    // case (threaded as before bounces were read), only not answered.
+    let raw = String::from_utf8(POSTMASTER.to_vec())
+        .unwrap()
+        .replace(
+            "Return-Path: <postmaster@customer.example>",
+            "Return-Path: <>",
+        )
+        .replace("pm1@", "pm2@");
+    let out = ing.ingest(Some(&src(1, 2)), raw.as_bytes(), None).unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Stored {
+                new: true,
+                queued: 0,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(ing.store.cases().count(), 2);
+}
+
+#[test]
+fn b1_a_postmaster_s_reply_to_the_ack_is_a_reply_not_a_bounce() {
+    // The customer wrote with her helpdesk in Cc; the helpdesk answers
+    // our ack to her (postmaster@ gets no ack itself): its In-Reply-To is
+    // the ack's ID, its subject repeats hers, its text names her address
+    // (the ack's recipient). Before: a "bounce" of the ack, and staff
+    // never saw it.
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let first = String::from_utf8(POSTMASTER.to_vec())
+        .unwrap()
+        .replace("postmaster@", "alice@")
+        .replace("Customer Helpdesk", "Alice")
+        .replace(
+            "To: support@example.test\r\n",
+            "To: support@example.test\r\nCc: postmaster@customer.example\r\n",
+        );
+    ing.ingest(Some(&src(1, 1)), first.as_bytes(), None)
+        .unwrap();
+    let now = ing.clock.now();
+    ing.store
+        .transact(|tx| {
+            let mut e = tx.outbox_entry(1)?.unwrap();
+            crate::outbox::journal::mark_sent(tx, &mut e, now)
+        })
+        .unwrap();
+    let ack = ing.store.outbox_entry(1).unwrap().unwrap();
+    assert!(ack.to.contains(&"alice@customer.example".to_string()));
+    let reply = format!(
+        "Return-Path: <postmaster@customer.example>\r\n\
+From: postmaster@customer.example\r\nTo: support@example.test\r\n\
+Subject: Re: [Case #1] Returned mail from your server\r\n\
+In-Reply-To: <{id}>\r\nReferences: <pm1@customer.example> <{id}>\r\n\
+Message-ID: <pm3@customer.example>\r\n\r\n\
+Still undeliverable: alice@customer.example gets 550 5.1.1 from you.\r\n",
+        id = ack.message_id
+    );
+    let out = ing
+        .ingest(Some(&src(1, 2)), reply.as_bytes(), None)
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Stored {
+                case: 1,
+                new: false,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(state(&ing, 1), OutboxState::Sent);
+    assert!(bounced_events(&ing, 1).is_empty());
+    assert_eq!(last_message(&ing, 1).message_id, "pm3@customer.example");
+}
+
+#[test]
+fn b1_a_vacation_reply_with_a_null_return_path_and_a_trigger_subject_is_no_bounce() {
+    // The customer's own subject holds a trigger phrase; the ack repeats
+    // it, the vacation notice (sent with `<>`) too, refers to the ack in
+    // In-Reply-To and names the customer's address.
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let first = String::from_utf8(CUSTOMER.to_vec())
+        .unwrap()
+        .replace("Printer on fire", "Undeliverable parcel");
+    ing.ingest(Some(&src(1, 1)), first.as_bytes(), None)
+        .unwrap();
+    let now = ing.clock.now();
+    ing.store
+        .transact(|tx| {
+            let mut e = tx.outbox_entry(1)?.unwrap();
+            crate::outbox::journal::mark_sent(tx, &mut e, now)
+        })
+        .unwrap();
+    let ack = ing.store.outbox_entry(1).unwrap().unwrap().message_id;
+    let vacation = format!(
+        "Return-Path: <>\r\nFrom: Alice <alice@example.org>\r\nTo: support@example.test\r\n\
+Subject: Out of office: Re: [Case #1] Undeliverable parcel\r\nAuto-Submitted: auto-replied\r\n\
+In-Reply-To: <{ack}>\r\nMessage-ID: <vac1@example.org>\r\n\r\n\
+I am away until Monday. Mail to alice@example.org is read then.\r\n"
+    );
+    let out = ing
+        .ingest(Some(&src(1, 2)), vacation.as_bytes(), None)
+        .unwrap();
+    assert!(
+        matches!(
+            out,
+            Outcome::Stored {
+                case: 1,
+                new: false,
+                queued: 0
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(state(&ing, 1), OutboxState::Sent);
+    assert!(bounced_events(&ing, 1).is_empty());
+}
+
+#[test]
+fn b1_a_forged_null_return_path_below_the_real_one_does_not_count() {
+    // The delivering server prepends the real Return-Path; the sender's
+    // own `Return-Path: <>` further down used to win, making a bounce of
+    // what quotes our ack and names its recipient.
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let ack = acked(&ing);
+    let raw = format!(
+        "Return-Path: <alice@example.org>\r\n\
+Received: from mx.example.org by mx.example.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n\
+Return-Path: <>\r\nFrom: Alice <alice@example.org>\r\n\
+Subject: Mail delivery failed\r\nX-Failed-Recipients: alice@example.org\r\n\
+Message-ID: <m2@example.org>\r\n\r\nalice@example.org: 550 5.1.1\r\n\r\n\
+Message-ID: <{ack}>\r\n"
+    );
+    let out = ing.ingest(Some(&src(1, 2)), raw.as_bytes(), None).unwrap();
+    assert!(matches!(out, Outcome::Stored { .. }), "{out:?}");
+    assert_eq!(state(&ing, 1), OutboxState::Sent);
+    assert!(bounced_events(&ing, 1).is_empty());
+    // As the first field, the same `<>` makes it a report of the ack.
+    let raw = raw
+        .replace("Return-Path: <alice@example.org>\r\n", "")
+        .replace("m2@", "m3@");
+    let out = ing.ingest(Some(&src(1, 3)), raw.as_bytes(), None).unwrap();
+    assert_eq!(out, Outcome::Bounce { case: Some(1) });
+    assert_eq!(state(&ing, 1), OutboxState::Bounced);
+}
+
+/// Everything logged on this thread while `f` runs.
+fn logged(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf(Arc::default());
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let out = buf.0.lock().unwrap().clone();
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn b6_a_digest_bounced_by_a_second_address_logs_that_one_too() {
+    // The digest (no case) went to two addresses; each one's server
+    // reports apart. The second report must name its address in the
+    // log (an error: the address is staff's) though the entry is
+    // bounced already; the same report again is a duplicate.
+    let dir = tempfile::tempdir().unwrap();
+    let ing = ingestor(dir.path(), None);
+    let config = ing.config.get();
+    let now = ing.clock.now();
+    let to = vec!["boss@example.org".into(), "chief@example.org".into()];
+    let id = ing
+        .store
+        .transact(|tx| {
+            let mut fx = Effects::new(&config, now);
+            let id = fx.digest(tx, to, "Digest", "KPIs")?;
+            let mut e = tx.outbox_entry(id)?.unwrap();
+            crate::outbox::journal::mark_sent(tx, &mut e, now)?;
+            Ok::<_, EffectsError>(id)
+        })
+        .unwrap();
+    let digest = ing.store.outbox_entry(id).unwrap().unwrap().message_id;
+    let first = dsn(1, &digest, "boss@example.org", "failed");
+    let second = dsn(2, &digest, "chief@example.org", "failed");
+    let log = logged(|| {
+        let out = ing.ingest(Some(&src(1, 1)), &first, None).unwrap();
+        assert_eq!(out, Outcome::Bounce { case: None });
+    });
+    assert!(
+        log.contains("ERROR") && log.contains("boss@example.org"),
+        "{log}"
+    );
+    let log = logged(|| {
+        let out = ing.ingest(Some(&src(1, 2)), &second, None).unwrap();
+        assert_eq!(out, Outcome::Bounce { case: None });
+    });
+    assert!(
+        log.contains("ERROR") && log.contains("chief@example.org"),
+        "{log}"
+    );
+    assert!(!log.contains("boss@example.org"), "logged once: {log}");
+    let entry = ing.store.outbox_entry(id).unwrap().unwrap();
+    assert_eq!(entry.state, OutboxState::Bounced);
+    let error = entry.last_error.unwrap();
+    assert!(
+        error.contains("bounced: boss@example.org 5.1.1")
+            && error.contains("bounced: chief@example.org 5.1.1"),
+        "{error}"
+    );
+    for (uid, raw) in [(3, &first), (4, &second)] {
+        let log = logged(|| {
+            let out = ing.ingest(Some(&src(1, uid)), raw, None).unwrap();
+            assert_eq!(out, Outcome::Duplicate);
+        });
+        assert!(!log.contains("bounced"), "{log}");
+    }
+}
+
 /// Abuse cases: what a forged report must not do.
 mod abuse {
     use super::*;
@@ -369,19 +638,51 @@ mod abuse {
 
     #[test]
     fn a_report_never_joins_or_opens_a_case_through_its_own_headers() {
-        // Attack: a "report" carrying the case's subject tag and an
+        // Attack: a standard report carrying the case's subject tag and an
         // In-Reply-To to the customer's mail, to be threaded into the
-        // case (and forwarded to staff) like a customer's message.
+        // case (and forwarded to staff) like a customer's message. It
+        // quotes no mail of ours: dropped as backscatter.
         let dir = tempfile::tempdir().unwrap();
         let ing = ingestor(dir.path(), None);
         acked(&ing);
-        let raw = b"From: MAILER-DAEMON@evil.example\r\nSubject: Undeliverable: [Case #1] Printer on fire\r\n\
-In-Reply-To: <m1@example.org>\r\nReferences: <m1@example.org>\r\nMessage-ID: <f1@evil.example>\r\n\r\n\
-Please call +1 555 0100 to fix your account.\r\n";
-        let out = ing.ingest(Some(&src(1, 2)), raw, None).unwrap();
+        let raw = String::from_utf8(dsn(1, "f0@evil.example", "victim@evil.example", "failed"))
+            .unwrap()
+            .replace(
+                "Subject: Undelivered Mail Returned to Sender\r\n",
+                "Subject: Undeliverable: [Case #1] Printer on fire\r\n\
+In-Reply-To: <m1@example.org>\r\nReferences: <m1@example.org>\r\n",
+            );
+        let out = ing.ingest(Some(&src(1, 2)), raw.as_bytes(), None).unwrap();
         assert_eq!(out, Outcome::Bounce { case: None });
         assert_eq!(ing.store.case_messages(1).unwrap().len(), 1);
         assert_eq!(ing.store.cases().count(), 1);
+    }
+
+    #[test]
+    fn a_free_text_report_matching_nothing_is_only_mail() {
+        // The free-text form cannot tell a bounce from a person's mail,
+        // so one that matches nothing is threaded as any mail with those
+        // headers would be: no more (no role, no answer) and no less.
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingestor(dir.path(), None);
+        acked(&ing);
+        let raw = b"Return-Path: <>\r\nFrom: MAILER-DAEMON@evil.example\r\n\
+Subject: Undeliverable: [Case #1] Printer on fire\r\n\
+In-Reply-To: <m1@example.org>\r\nReferences: <m1@example.org>\r\nMessage-ID: <f1@evil.example>\r\n\r\n\
+Please call +1 555 0100 to fix your account.\r\n";
+        let out = ing.ingest(Some(&src(1, 2)), raw, None).unwrap();
+        let Outcome::Stored {
+            case, queued: 0, ..
+        } = out
+        else {
+            panic!("{out:?}");
+        };
+        let kept = last_message(&ing, case);
+        assert_eq!(kept.message_id, "f1@evil.example");
+        assert_eq!(kept.suppressed.as_deref(), Some("delivery report (bounce)"));
+        assert_eq!(state(&ing, 1), OutboxState::Sent);
+        assert!(bounced_events(&ing, 1).is_empty());
+        assert_eq!(ing.store.outbox_pending().unwrap().len(), 0, "no answer");
     }
 
     #[test]

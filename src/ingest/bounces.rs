@@ -3,10 +3,14 @@
 //! names one of that mail's recipients, is recorded on the mail's case
 //! (the report stored among its messages, a `bounced` or
 //! `delivery_delayed` event per recipient, the outbox entry marked
-//! `bounced`). One that matches nothing escalator sent (backscatter from
-//! spam forged with the support address, bounces of an agent's own mail)
-//! is counted and logged, and left in the mailbox: a flood of those must
-//! not fill the store or the quarantine.
+//! `bounced`). A standard report (`multipart/report`) that matches
+//! nothing escalator sent (backscatter from spam forged with the support
+//! address, bounces of an agent's own mail) is counted and logged, and
+//! left in the mailbox: a flood of those must not fill the store or the
+//! quarantine. A free-text one that matches nothing is not dropped: it may
+//! be a person's mail (a helpdesk at `postmaster@`, a vacation notice), so
+//! it goes the ordinary way, stored and threaded, and gets no automatic
+//! answer (see `suppress`).
 //!
 //! A report is a claim anyone can forge. It can only touch a mail whose
 //! Message-ID it quotes, and our IDs carry a keyed hash: only the mail's
@@ -18,7 +22,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{Ingestor, Outcome, Source};
-use crate::bounce::{Action, Recipient, Report};
+use crate::bounce::{Action, Form, Recipient, Report};
 use crate::case::EventKind;
 use crate::effects::{self, Effects, EffectsError};
 use crate::message::InboundMail;
@@ -49,22 +53,33 @@ pub(super) struct Inbound<'a> {
 
 impl Ingestor {
     /// Takes a delivery report in place of threading (see the module's
-    /// comment).
+    /// comment). None for a free-text ([`Form::Heuristic`]) report that
+    /// matches no mail of ours: it may be a person's mail (a helpdesk
+    /// writing from `postmaster@`, a vacation notice), so the caller
+    /// threads it like any other; its null reverse path keeps it from
+    /// being answered automatically.
     pub(super) fn bounce(
         &self,
         tx: &mut Tx<'_>,
         m: &Inbound<'_>,
         report: &Report,
         now: DateTime<Utc>,
-    ) -> Result<Outcome, EffectsError> {
+    ) -> Result<Option<Outcome>, EffectsError> {
         let mail = m.mail;
         // The same report again (a restart, a second copy): once only.
         if tx.has_message(&mail.message_id, &mail.content_hash)? {
-            return Ok(Outcome::Duplicate);
+            return Ok(Some(Outcome::Duplicate));
         }
         let Some(matched) = find_match(tx, report)? else {
+            if report.form == Form::Heuristic {
+                tracing::debug!(
+                    message_id = %mail.message_id,
+                    "free-text delivery report about no mail escalator sent: threaded as mail"
+                );
+                return Ok(None);
+            }
             unmatched(tx, mail, report, m.truncated.is_some());
-            return Ok(Outcome::Bounce { case: None });
+            return Ok(Some(Outcome::Bounce { case: None }));
         };
         let failed: Vec<&Recipient> = matched
             .recipients
@@ -74,11 +89,31 @@ impl Ingestor {
         let mut entry = matched.entry.clone();
         let has_case = entry.case != 0 && tx.case(entry.case)?.is_some();
         if !has_case && entry.state == OutboxState::Bounced {
-            // Nowhere to keep the report but the entry, marked already.
-            return Ok(Outcome::Duplicate);
+            // Nowhere to keep the report but the entry, marked already (a
+            // digest to several addresses): a report on another of its
+            // recipients is still news for the log, and for `last_error`.
+            let news: Vec<Recipient> = matched
+                .recipients
+                .iter()
+                .filter(|r| !(r.action == Action::Failed && names_bounced(&entry, r)))
+                .cloned()
+                .collect();
+            if !news.iter().any(|r| r.action == Action::Failed) {
+                // The same report again: nothing stored, nothing new.
+                return Ok(Some(Outcome::Duplicate));
+            }
+            self.log_report(tx, &entry, matched.kind, &news);
+            let more: Vec<&Recipient> =
+                news.iter().filter(|r| r.action == Action::Failed).collect();
+            let mut error = entry.last_error.take().unwrap_or_default();
+            error.push_str("; ");
+            error.push_str(&bounce_error(&more));
+            entry.last_error = Some(error);
+            tx.put_outbox(&entry, None)?;
+            return Ok(Some(Outcome::Bounce { case: None }));
         }
-        if let Some(first) = failed.first() {
-            mark_bounced(tx, &mut entry, first, now)?;
+        if !failed.is_empty() {
+            mark_bounced(tx, &mut entry, &failed, now)?;
         }
         self.log_report(tx, &entry, matched.kind, &matched.recipients);
         // Read after the mark: marking a mail still `sending` as sent
@@ -88,7 +123,7 @@ impl Ingestor {
             false => None,
         };
         let Some(mut case) = case else {
-            return Ok(Outcome::Bounce { case: None });
+            return Ok(Some(Outcome::Bounce { case: None }));
         };
         let seq = tx.next_id(Sequence::Message)?;
         tx.put_message(&self.record(m, seq, case.id, now), m.raw)?;
@@ -101,9 +136,9 @@ impl Ingestor {
         let config = self.config.get();
         let mut fx = Effects::new(&config, now);
         effects::step(tx, &mut fx, &mut case, Vec::new())?;
-        Ok(Outcome::Bounce {
+        Ok(Some(Outcome::Bounce {
             case: Some(case.id),
-        })
+        }))
     }
 
     /// The report as a message of the case: its bytes kept for people
@@ -247,22 +282,48 @@ fn find_match(tx: &mut Tx<'_>, report: &Report) -> Result<Option<Matched>, Store
 fn mark_bounced(
     tx: &mut Tx<'_>,
     entry: &mut OutboxEntry,
-    r: &Recipient,
+    failed: &[&Recipient],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     if entry.state.is_pending() {
         crate::outbox::journal::mark_sent(tx, entry, now)?;
     }
     entry.state = OutboxState::Bounced;
-    entry.last_error = Some(match &r.diagnostic {
-        Some(d) => format!("bounced: {} {}: {d}", r.address, r.status),
-        None => format!("bounced: {} {}", r.address, r.status),
-    });
+    entry.last_error = Some(bounce_error(failed));
     tx.put_outbox(entry, None)
 }
 
-/// A report about no mail of ours: counted and logged once committed,
-/// nothing stored (the message stays in the mailbox).
+/// `last_error` of a bounced entry: `bounced: <address> <status>[: <the
+/// server's words>]` per failed recipient, `; ` between them (the
+/// server's words lose their own `;`, so the list reads back exactly).
+fn bounce_error(failed: &[&Recipient]) -> String {
+    let one = |r: &&Recipient| match &r.diagnostic {
+        Some(d) => format!(
+            "bounced: {} {}: {}",
+            r.address,
+            r.status,
+            d.replace(';', ",")
+        ),
+        None => format!("bounced: {} {}", r.address, r.status),
+    };
+    failed.iter().map(one).collect::<Vec<_>>().join("; ")
+}
+
+/// Does the bounced entry's `last_error` name `r` already? (An address
+/// holds neither space nor `;`: see `bounce::plausible_address`.)
+fn names_bounced(entry: &OutboxEntry, r: &Recipient) -> bool {
+    let error = entry.last_error.as_deref().unwrap_or("");
+    error.split(';').any(|one| {
+        one.trim_start()
+            .strip_prefix("bounced: ")
+            .and_then(|rest| rest.split(' ').next())
+            == Some(r.address.as_str())
+    })
+}
+
+/// A standard report about no mail of ours: counted and logged once
+/// committed, nothing stored (the message stays in the mailbox, so a
+/// re-scan of it after a UIDVALIDITY change counts and logs it again).
 fn unmatched(tx: &mut Tx<'_>, mail: &InboundMail, report: &Report, truncated: bool) {
     let message_id = mail.message_id.clone();
     let recipients: Vec<String> = report
