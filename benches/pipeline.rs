@@ -37,8 +37,9 @@ use escalator::case::{Case, Timer, TimerKind};
 use escalator::clock::{Clock, SystemClock};
 use escalator::config::{Config, Live};
 use escalator::ingest::Ingestor;
-use escalator::scheduler::{Scheduler, Wakers};
+use escalator::scheduler::Scheduler;
 use escalator::store::{Store, StoreError};
+use escalator::wake::Wakers;
 use support::MailStack;
 
 struct Sizes {

@@ -19,8 +19,9 @@ use crate::ingest::Ingestor;
 use crate::mailbox::Watcher;
 use crate::outbox::smtp::{Mailer, SmtpMailer};
 use crate::outbox::Outbox;
-use crate::scheduler::{Scheduler, Wakers};
+use crate::scheduler::Scheduler;
 use crate::store::{NodeInfo, Store, StoreError};
+use crate::wake::Wakers;
 
 /// How long start-up waits for a store held by an admin command.
 const STORE_WAIT: Duration = Duration::from_secs(5);

@@ -5,8 +5,9 @@
 //! cases, the frequent triggers and repeat customers, and the unresolved
 //! cases that missed a deadline.
 //!
-//! Sent once per period across restarts: the end of the last period sent
-//! is stored in the same transaction as the digest's outbox entry.
+//! Sent once per period across restarts: the scheduler stores the end of
+//! the last period sent in the same transaction as the digest's outbox
+//! entry ([`crate::scheduler`]). This module only says when and what.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,15 +15,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::{Config, DigestConfig};
-use crate::effects::{Effects, EffectsError};
 use crate::stats::{self, short_duration, Facts};
 use crate::store::{Store, StoreError};
 use crate::template::printable;
 
 /// Monday 1970-01-05 00:00 UTC.
 const ANCHOR_SECS: i64 = 4 * 86_400;
-
-const MARKER: &str = "digest_sent_until";
 
 /// The latest complete period at `now`: [start, end).
 pub fn last_period(now: DateTime<Utc>, every: Duration) -> (DateTime<Utc>, DateTime<Utc>) {
@@ -39,45 +37,13 @@ pub fn next_due(now: DateTime<Utc>, every: Duration) -> DateTime<Utc> {
     end + chrono::Duration::seconds(every.as_secs().max(60) as i64)
 }
 
-/// Queues the digest of the last complete period unless it went out
-/// already; returns its outbox id. Run by the scheduler.
-pub fn maybe_queue(
-    store: &Store,
-    config: &Config,
-    now: DateTime<Utc>,
-) -> Result<Option<u64>, EffectsError> {
-    let Some(d) = &config.digest else {
-        return Ok(None);
-    };
-    let (start, end) = last_period(now, d.every);
-    let id = store.transact(|tx| {
-        let sent_until = tx.marker(MARKER)?;
-        if sent_until.is_some_and(|t| t >= end.timestamp()) {
-            return Ok(None);
-        }
-        tx.set_marker(MARKER, end.timestamp());
-        match sent_until {
-            // A new store (or digests just switched on): the first digest
-            // covers the first full period from now, not the past.
-            None => Ok(None),
-            Some(_) => {
-                let body = text(store, config, d, start, end, now)?;
-                let subject = format!(
-                    "Escalation review {} to {}",
-                    start.format("%Y-%m-%d %H:%M"),
-                    end.format("%Y-%m-%d %H:%M UTC")
-                );
-                let mut effects = Effects::new(config, now);
-                let id = effects.digest(tx, d.to.clone(), &subject, &body)?;
-                Ok::<_, EffectsError>(Some(id))
-            }
-        }
-    })?;
-    store.flush()?;
-    if let Some(id) = id {
-        tracing::info!(outbox_id = id, %start, %end, "review digest queued");
-    }
-    Ok(id)
+/// The digest's subject for the period [start, end).
+pub fn subject(start: DateTime<Utc>, end: DateTime<Utc>) -> String {
+    format!(
+        "Escalation review {} to {}",
+        start.format("%Y-%m-%d %H:%M"),
+        end.format("%Y-%m-%d %H:%M UTC")
+    )
 }
 
 /// The digest's text for [start, end).

@@ -91,7 +91,7 @@ pub struct Ingestor {
     pub config: Arc<crate::config::Live>,
     pub clock: Arc<dyn Clock>,
     /// Wakes the outbox and the scheduler after admin changes.
-    pub wake: Arc<crate::scheduler::Wakers>,
+    pub wake: Arc<crate::wake::Wakers>,
 }
 
 /// One message for [`Ingestor::ingest_batch`]: its bytes, or the

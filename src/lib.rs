@@ -36,6 +36,7 @@
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
 //! - [`scheduler`]: case timers, pruning, and the digest's period.
+//! - [`wake`]: the wake-up handles the workers share (a leaf).
 //! - [`digest`]: the review digest mail.
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint.
 //! - [`tls`]: the rustls client config IMAP and SMTP share.
@@ -81,6 +82,7 @@ pub mod template;
 pub mod testing;
 pub mod thread;
 pub mod tls;
+pub mod wake;
 
 /// An error with all its causes, "a: b: c", for logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::case::CaseId;
@@ -17,26 +16,7 @@ use crate::clock::Clock;
 use crate::effects::{self, EffectsError};
 use crate::policy;
 use crate::store::{Store, StoreError};
-
-/// How often workers look at a store other processes write to, in case
-/// a notification of their work was lost.
-pub const SHARED_POLL: Duration = Duration::from_secs(15);
-
-/// Wakes the workers when there is something for them.
-#[derive(Debug, Default)]
-pub struct Wakers {
-    /// New outbox entries.
-    pub outbox: Notify,
-    /// Timers changed.
-    pub timers: Notify,
-}
-
-impl Wakers {
-    pub fn both(&self) {
-        self.outbox.notify_one();
-        self.timers.notify_one();
-    }
-}
+use crate::wake::{Wakers, SHARED_POLL};
 
 pub struct Scheduler {
     pub store: Arc<Store>,
@@ -81,7 +61,7 @@ impl Scheduler {
         }
         let config = self.config.get();
         self.prune(&config)?;
-        match crate::digest::maybe_queue(&self.store, &config, self.clock.now()) {
+        match queue_digest(&self.store, &config, self.clock.now()) {
             Ok(Some(_)) => self.wake.outbox.notify_one(),
             Ok(None) => {}
             Err(EffectsError::Store(e)) => return Err(e),
@@ -219,6 +199,45 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// Queues the review digest of the last complete period unless it went
+/// out already; returns its outbox id. The period sent is recorded in
+/// the same transaction as the mail.
+pub fn queue_digest(
+    store: &Store,
+    config: &crate::config::Config,
+    now: DateTime<Utc>,
+) -> Result<Option<u64>, EffectsError> {
+    use crate::digest;
+    let Some(d) = &config.digest else {
+        return Ok(None);
+    };
+    let (start, end) = digest::last_period(now, d.every);
+    let id = store.transact(|tx| {
+        let sent_until = tx.digest_sent_until()?;
+        if sent_until.is_some_and(|t| t >= end.timestamp()) {
+            return Ok(None);
+        }
+        tx.set_digest_sent_until(end.timestamp());
+        match sent_until {
+            // A new store (or digests just switched on): the first digest
+            // covers the first full period from now, not the past.
+            None => Ok(None),
+            Some(_) => {
+                let body = digest::text(store, config, d, start, end, now)?;
+                let subject = digest::subject(start, end);
+                let mut effects = effects::Effects::new(config, now);
+                let id = effects.digest(tx, d.to.clone(), &subject, &body)?;
+                Ok::<_, EffectsError>(Some(id))
+            }
+        }
+    })?;
+    store.flush()?;
+    if let Some(id) = id {
+        tracing::info!(outbox_id = id, %start, %end, "review digest queued");
+    }
+    Ok(id)
 }
 
 #[cfg(test)]

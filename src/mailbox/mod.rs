@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, MailboxConfig};
 use crate::ingest::{Ingestor, Item, Outcome, Source};
-use crate::scheduler::Wakers;
 use crate::store::{Fence, StoreError};
+use crate::wake::Wakers;
 use imap::{timed, ImapError, ImapSession};
 
 /// RFC 2177: re-issue IDLE before 29 minutes.

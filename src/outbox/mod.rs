@@ -111,7 +111,7 @@ pub struct Outbox {
     /// for its copy.
     pub confirm: Option<Duration>,
     /// Woken when ingest or the scheduler queued new mail.
-    pub wake: Arc<crate::scheduler::Wakers>,
+    pub wake: Arc<crate::wake::Wakers>,
     /// On a shared store (a cluster): how long an entry whose sending
     /// began belongs to the node sending it (`[cluster] claim`).
     pub claim: Option<Duration>,
@@ -136,7 +136,7 @@ impl Outbox {
                     // Another process may queue mail, and its
                     // notification may be lost: look again now and then.
                     if self.store.is_shared() {
-                        crate::scheduler::SHARED_POLL
+                        crate::wake::SHARED_POLL
                     } else {
                         Duration::MAX
                     },

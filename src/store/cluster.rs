@@ -10,15 +10,6 @@ use chrono::{DateTime, Utc};
 use super::engine::Db;
 use super::{Result, Store, StoreError};
 
-/// A write's claim to a mailbox: committed only while `holder` holds the
-/// mailbox's lease with this `token` (see [`super::Tx::fence`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fence {
-    pub mailbox: String,
-    pub holder: String,
-    pub token: i64,
-}
-
 /// A daemon of the cluster as last seen.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeRow {

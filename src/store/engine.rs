@@ -3,10 +3,10 @@
 //! spaces with the same keys and values ([`super::codec`]); this enum is
 //! the one place that tells them apart.
 
-use super::cluster::Fence;
 use super::codec::Tree;
 use super::postgres::PgDb;
-use super::sled::{Op, SledDb};
+use super::sled::SledDb;
+use super::write::{Fence, Op};
 use super::StoreError;
 
 type Result<T> = std::result::Result<T, StoreError>;

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use super::codec::{Tree, TREES};
-use super::sled::Op;
+use super::write::Op;
 use super::{engine::Db, Result, Store, StoreError};
 
 /// Most rows per committed batch.

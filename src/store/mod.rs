@@ -10,10 +10,11 @@
 //! or nothing if it returns an error. Transactions are serialised, so a
 //! read-modify-write inside one is never lost to another.
 
-pub use self::cluster::{Fence, LeaseRow, NodeInfo, NodeRow};
+pub use self::cluster::{LeaseRow, NodeInfo, NodeRow};
 pub use self::migrate::Copied;
 pub use self::postgres::{PgTls, MIN_POOL};
 pub use self::tx::{Savepoint, Tx};
+pub use self::write::Fence;
 
 mod cluster;
 mod codec;
@@ -26,6 +27,7 @@ mod sled;
 #[cfg(test)]
 mod tests;
 mod tx;
+mod write;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -380,7 +382,7 @@ impl Store {
         let out = f(&mut tx)?;
         // Each key once, with its last value: a chunk of messages writes
         // the cursor, the counters and a busy case many times.
-        let ops: Vec<sled::Op> = std::mem::take(&mut tx.overlay)
+        let ops: Vec<write::Op> = std::mem::take(&mut tx.overlay)
             .into_iter()
             .map(|((t, k), v)| (t, k, v))
             .collect();

@@ -27,9 +27,8 @@ use ::postgres::config::SslMode;
 use ::postgres::{Client, NoTls};
 use tokio_rustls::rustls::ClientConfig;
 
-use super::cluster::Fence;
 use super::codec::Tree;
-use super::sled::Op;
+use super::write::{Fence, Op};
 use super::StoreError;
 
 /// The advisory lock every store transaction takes (any number; this one

@@ -2,21 +2,17 @@
 //! the process lock. Nothing outside the store sees a sled type.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use super::codec::{Tree, TREES};
 use super::rawlog::RawLog;
+use super::write::Op;
 use super::StoreError;
 
 /// sled's page cache; its default (1 GiB) would dwarf the daemon.
 const CACHE_BYTES: u64 = 4 << 20;
-
-/// One write: a put (Some) or a remove (None). Values are shared with
-/// the transaction's read-back overlay, not copied.
-pub(super) type Op = (Tree, Vec<u8>, Option<Arc<[u8]>>);
 
 pub(super) struct SledDb {
     db: sled::Db,

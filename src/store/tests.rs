@@ -536,7 +536,7 @@ fn a_store_from_before_the_case_index_is_upgraded() {
         legacy["history"] = serde_json::to_value(&old.new_events).unwrap();
         legacy["messages"] = serde_json::json!([40, 41]);
         let legacy = serde_json::to_vec(&legacy).unwrap();
-        let ops: Vec<sled::Op> = vec![
+        let ops: Vec<super::write::Op> = vec![
             (
                 Tree::MessageIds,
                 codec::message_id_key("old@example.org", "hash"),
@@ -613,7 +613,7 @@ fn facts_round_trip_compactly_and_old_json_facts_are_read() {
     v1_bytes.truncate(v1_bytes.len() - queue_len);
     {
         let s = open_sled(&path);
-        let ops: Vec<sled::Op> = vec![
+        let ops: Vec<super::write::Op> = vec![
             (
                 Tree::Facts,
                 codec::facts_key(facts.created_at, facts.id),

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// Meta key: the end of the last review digest period sent.
+const DIGEST_SENT_UNTIL: &str = "digest_sent_until";
+
 /// A transaction: reads see the store plus this transaction's own
 /// writes; writes are committed together by [`Store::transact`].
 pub struct Tx<'s> {
@@ -314,14 +317,13 @@ impl<'s> Tx<'s> {
         Ok(n)
     }
 
-    /// A stored marker: a point in time a worker has dealt with up to
-    /// (the digest's last period sent), in seconds.
-    pub fn marker(&self, name: &str) -> Result<Option<i64>> {
-        Ok(self.meta_u64(name)?.map(|v| v as i64))
+    /// The end of the last review digest's period sent, in seconds.
+    pub fn digest_sent_until(&self) -> Result<Option<i64>> {
+        Ok(self.meta_u64(DIGEST_SENT_UNTIL)?.map(|v| v as i64))
     }
 
-    pub fn set_marker(&mut self, name: &str, at: i64) {
-        self.set_meta_u64(name, at as u64);
+    pub fn set_digest_sent_until(&mut self, at: i64) {
+        self.set_meta_u64(DIGEST_SENT_UNTIL, at as u64);
     }
 
     // --------------------------------------------------------- writes
