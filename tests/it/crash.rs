@@ -120,7 +120,7 @@ fn env_num(name: &str, default: u64) -> u64 {
 }
 
 /// The crash test: nothing lost, nothing doubled. Short by default; the long run (documented in the
-/// README) sets ESCALATOR_CRASH_MESSAGES and ESCALATOR_CRASH_KILLS.
+/// docs/guarantees.md) sets ESCALATOR_CRASH_MESSAGES and ESCALATOR_CRASH_KILLS.
 /// ESCALATOR_CRASH_SEED replays a run.
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_sigkill_at_random_moments_loses_and_doubles_nothing() {

@@ -157,7 +157,7 @@ async fn answered_from_their_queue(s: Setup) {
         "{bob_from}"
     );
     // Nothing the customer reads names the other queue (the loop header
-    // carries `cases.instance`, by default [smtp] from: see the README).
+    // carries `cases.instance`, by default [smtp] from: see docs/configuration.md).
     let body = escalator::message::parse(&b[0]).text;
     assert!(!body.contains("support@"), "{body}");
     assert!(
