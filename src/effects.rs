@@ -1,22 +1,19 @@
 //! Effects: the policy's actions become outbox entries, written in the
 //! same transaction as the case change that caused them. Here live the
-//! texts of the mails (besides the admin-editable acknowledgement
-//! template), the limits on automatic mail, and [`step`]: the one way a
-//! changed case and its mails are written.
+//! limits on automatic mail and [`step`]: the one way a changed case and
+//! its mails are written. What each mail says is [`crate::mailtext`]'s.
 
 use chrono::{DateTime, Utc};
 
-use crate::case::{rfc3339, Case, CaseId, EventKind, Reason};
+use crate::case::{Case, CaseId, EventKind};
 use crate::config::Config;
+use crate::mailtext::MailText;
 use crate::outbox::compose::{self, Envelope};
-use crate::policy::{self, Action, Ctx};
+use crate::policy::{Action, Ctx};
 use crate::record::{OutboxEntry, OutboxState};
 use crate::store::{Sequence, Store, StoreError, Tx, ALL_RECIPIENTS};
 use crate::suppress::recipient_key;
 use crate::thread::{MailKind, OwnId};
-
-/// Originals attached to one forward, at most (the rest are listed).
-const MAX_ATTACHED_BYTES: usize = 20 << 20;
 
 /// Why queueing a case's mails failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,13 +125,13 @@ impl<'a> Effects<'a> {
         action: Action,
     ) -> Result<bool, EffectsError> {
         let cfg = self.config;
-        let tag = format!("[{} #{}]", cfg.cases.subject_tag, case.id);
+        let text = MailText::new(cfg, self.now);
         match action {
             Action::Ack { eta } => {
                 if !self.within_limit(tx, case, ACK)? {
                     return Ok(false);
                 }
-                let (subject, body) = policy::ack_text(case, eta, cfg, self.now);
+                let (subject, body) = text.ack(case, eta);
                 let id =
                     self.robot_mail(tx, case, MailKind::Ack, &subject, &body, "auto-replied")?;
                 let to = case.customer.clone();
@@ -151,22 +148,7 @@ impl<'a> Effects<'a> {
                 if !self.within_limit(tx, case, "escalation notice")? {
                     return Ok(false);
                 }
-                let v = policy::values(case, eta, cfg, self.now);
-                let subject = format!("{tag} Re: {}", case.subject);
-                let body = format!(
-                    "Hello {},\n\nyour case #{} (\"{}\") has been passed to our {} team.\n\
-                     They will answer {}, by {}.\n\n\
-                     You do not need to do anything; to add to the case, reply to this\n\
-                     mail and keep {} in the subject.\n\n{}\n",
-                    v["customer_name"],
-                    case.id,
-                    v["subject"],
-                    v["tier"],
-                    v["eta_in_words"],
-                    v["eta"],
-                    v["case_tag"],
-                    v["support_name"]
-                );
+                let (subject, body) = text.notice(case, eta);
                 let id = self.robot_mail(
                     tx,
                     case,
@@ -181,14 +163,7 @@ impl<'a> Effects<'a> {
                 if !self.within_limit(tx, case, "survey")? {
                     return Ok(false);
                 }
-                let v = policy::values(case, self.now, cfg, self.now);
-                let subject = format!("{tag} How did we do? {}", case.subject);
-                let body = format!(
-                    "Hello {},\n\nyour case #{} (\"{}\") is resolved.\n\n\
-                     How did it go? Please reply with a number from 1 (poor) to 5 (great).\n\
-                     If something is still open, just reply with what it is.\n\n{}\n",
-                    v["customer_name"], case.id, v["subject"], v["support_name"]
-                );
+                let (subject, body) = text.survey(case);
                 let id = self.robot_mail(
                     tx,
                     case,
@@ -199,10 +174,8 @@ impl<'a> Effects<'a> {
                 )?;
                 case.push(self.now, EventKind::SurveySent { outbox_id: id });
             }
-            Action::Relay { text, from } => {
-                let subject = format!("{tag} Re: {}", case.subject);
-                let v = policy::values(case, self.now, cfg, self.now);
-                let body = format!("{text}\n\n-- \n{} · case #{}\n", v["support_name"], case.id);
+            Action::Relay { text: answer, from } => {
+                let (subject, body) = text.relay(case, &answer);
                 let id = self.customer_mail(tx, case, MailKind::Relay, &subject, &body, None)?;
                 case.push(
                     self.now,
@@ -219,15 +192,8 @@ impl<'a> Effects<'a> {
                 detail,
             } => {
                 let t = &cfg.tiers[tier];
-                let subject = format!("{tag} Escalated to {}: {}", t.name, case.subject);
-                let mut body = self.summary(
-                    tx,
-                    case,
-                    &format!("Escalated to {}", t.name),
-                    Some((reason, &detail, &previous)),
-                )?;
-                let (history, attachments) = self.conversation(tx, case, true)?;
-                body.push_str(&history);
+                let (subject, body, attachments) =
+                    text.forward(tx, case, t, (reason, &detail, &previous))?;
                 self.staff_mail(
                     tx,
                     case,
@@ -239,30 +205,19 @@ impl<'a> Effects<'a> {
                 )?;
             }
             Action::Warn { tier } => {
-                let t = &cfg.tiers[tier];
-                let to = staff_recipients(t);
+                let to = staff_recipients(&cfg.tiers[tier]);
                 if to.is_empty() {
                     return Ok(false);
                 }
-                let due = case
-                    .due_at
-                    .map(|d| policy::format_eta(d, cfg.calendar.timezone))
-                    .unwrap_or_default();
-                let subject = format!("{tag} Reminder: answer due by {due}: {}", case.subject);
-                let mut body = self.summary(tx, case, "Reminder: the deadline is near", None)?;
-                body.push_str(&self.conversation(tx, case, false)?.0);
+                let (subject, body) = text.warning(tx, case)?;
                 self.staff_mail(tx, case, MailKind::Warn, &to, &subject, &body, Vec::new())?;
             }
             Action::Renotify { tier } => {
-                let t = &cfg.tiers[tier];
-                let to = staff_recipients(t);
+                let to = staff_recipients(&cfg.tiers[tier]);
                 if to.is_empty() {
                     return Ok(false);
                 }
-                let subject = format!("{tag} Deadline passed: {}", case.subject);
-                let mut body =
-                    self.summary(tx, case, "The deadline passed with no staff answer", None)?;
-                body.push_str(&self.conversation(tx, case, false)?.0);
+                let (subject, body) = text.breach(tx, case)?;
                 self.staff_mail(
                     tx,
                     case,
@@ -561,162 +516,6 @@ impl<'a> Effects<'a> {
             Vec::new(),
         )
     }
-
-    /// The plain-text head of staff mail: who, how long, why, by when.
-    fn summary(
-        &self,
-        tx: &mut Tx<'_>,
-        case: &Case,
-        title: &str,
-        why: Option<(Reason, &str, &str)>,
-    ) -> Result<String, StoreError> {
-        let cfg = self.config;
-        let tz = cfg.calendar.timezone;
-        let age = human((self.now - case.created_at).to_std().unwrap_or_default());
-        let waited = case
-            .waiting_since
-            .map(|w| {
-                format!(
-                    "{} (since {})",
-                    human((self.now - w).to_std().unwrap_or_default()),
-                    policy::format_eta(w, tz)
-                )
-            })
-            .unwrap_or_else(|| "not waiting".into());
-        let earlier = if case.customer.is_empty() {
-            0
-        } else {
-            tx.customer_cases(&case.customer)?
-                .iter()
-                .filter(|c| **c != case.id)
-                .count()
-        };
-        let mut s = format!(
-            "{title}: case #{} \"{}\"\n\n\
-             Customer:          {}{}\n\
-             Case opened:       {} ({} ago)\n\
-             Customer waiting:  {}\n",
-            case.id,
-            compose_safe(&case.subject),
-            compose_safe(&case.customer),
-            case.customer_name
-                .as_ref()
-                .map(|n| format!(" ({})", compose_safe(n)))
-                .unwrap_or_default(),
-            policy::format_eta(case.created_at, tz),
-            age,
-            waited,
-        );
-        if let Some((reason, detail, previous)) = why {
-            s.push_str(&format!(
-                "Why escalated:     {} — {}\n",
-                reason.as_str(),
-                compose_safe(detail)
-            ));
-            if !previous.is_empty() {
-                s.push_str(&format!("Previous tier:     {previous}\n"));
-            }
-        }
-        s.push_str(&format!(
-            "Tier now:          {}\nDeadline:          {}\nPriority:          {}\nEarlier cases from this customer: {}\n",
-            case.tier,
-            case.due_at.map(|d| format!("{} ({})", policy::format_eta(d, tz), rfc3339(d))).unwrap_or_else(|| "none".into()),
-            case.priority.as_deref().unwrap_or("normal"),
-            earlier,
-        ));
-        if !case.participants.is_empty() {
-            s.push_str(&format!(
-                "Participants:      {}\n",
-                compose_safe(&case.participants.join(", "))
-            ));
-        }
-        s.push_str(
-            "\nReply to this mail to answer the customer: your reply is passed on\n\
-             from the support address and counts as the staff answer. Start it with\n\
-             a line \"#note\" for an internal note the customer does not see; add a\n\
-             line \"#resolve\" to resolve the case after your answer.\n",
-        );
-        Ok(s)
-    }
-
-    /// The conversation as text in time order, and (if `attach`) the
-    /// stored messages to attach (by number).
-    fn conversation(
-        &self,
-        tx: &mut Tx<'_>,
-        case: &Case,
-        attach: bool,
-    ) -> Result<(String, Vec<u64>), StoreError> {
-        let tz = self.config.calendar.timezone;
-        let mut text = String::from("\n==== Conversation ====\n");
-        let mut attachments = Vec::new();
-        let mut attached_bytes = 0;
-        let mut left_out = 0;
-        // The message being ingested is in the transaction already.
-        for seq in tx.case_messages(case)? {
-            let Some(record) = tx.message(seq)? else {
-                continue;
-            };
-            // Only headers are stored of a message over the size limit;
-            // its record's size is the real one.
-            let raw_len = if record.truncated { 0 } else { record.size };
-            let from = record
-                .from
-                .as_ref()
-                .map(|a| a.email.as_str())
-                .unwrap_or("(no sender)");
-            let who = if from == case.customer {
-                " (customer)"
-            } else {
-                ""
-            };
-            text.push_str(&format!(
-                "\n--- {} — {}{}\nSubject: {}\n",
-                policy::format_eta(record.received_at, tz),
-                compose_safe(from),
-                who,
-                compose_safe(&record.subject)
-            ));
-            if let Some(s) = &record.suppressed {
-                text.push_str(&format!("[automatic or robot mail: {s}]\n"));
-            }
-            text.push('\n');
-            let raw = if record.truncated { None } else { tx.raw(seq)? };
-            text.push_str(record.text(raw.as_deref()).trim_end());
-            text.push('\n');
-            for a in &record.attachments {
-                text.push_str(&format!(
-                    "[attachment: {} ({}, {} bytes)]\n",
-                    a.name
-                        .as_deref()
-                        .map(compose_safe)
-                        .unwrap_or_else(|| "unnamed".into()),
-                    compose_safe(&a.content_type),
-                    a.size
-                ));
-            }
-            if attach {
-                if attached_bytes + raw_len <= MAX_ATTACHED_BYTES {
-                    attached_bytes += raw_len;
-                    attachments.push(seq);
-                } else {
-                    left_out += 1;
-                }
-            }
-        }
-        if attach {
-            text.push_str(&format!(
-                "\n==== {} original message(s) attached{} ====\n",
-                attachments.len(),
-                if left_out > 0 {
-                    format!("; {left_out} too large to attach, see the support mailbox")
-                } else {
-                    String::new()
-                }
-            ));
-        }
-        Ok((text, attachments))
-    }
 }
 
 /// Where mail for a tier goes: its `forward_to`, or for the first tier
@@ -730,20 +529,6 @@ fn staff_recipients(t: &crate::config::TierConfig) -> Vec<String> {
         .filter(|s| !s.starts_with('@'))
         .cloned()
         .collect()
-}
-
-fn compose_safe(s: &str) -> String {
-    crate::template::one_line(s)
-}
-
-fn human(d: std::time::Duration) -> String {
-    let secs = d.as_secs();
-    let (days, hours, mins) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
-    match (days, hours) {
-        (0, 0) => format!("{mins}m"),
-        (0, h) => format!("{h}h {mins}m"),
-        (d, h) => format!("{d}d {h}h"),
-    }
 }
 
 #[cfg(test)]

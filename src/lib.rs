@@ -33,6 +33,7 @@
 //!   inside it.
 //! - [`effects`]: the policy's actions as outbox entries, and the case
 //!   step every worker uses.
+//! - [`mailtext`]: what each mail says (subject and body of every kind).
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
 //! - [`scheduler`]: case timers, pruning, and the digest's period.
@@ -66,6 +67,7 @@ pub mod fault;
 pub mod fuzzing;
 pub mod ingest;
 pub mod mailbox;
+pub mod mailtext;
 pub mod message;
 pub mod metrics;
 pub mod outbox;

@@ -7,7 +7,6 @@
 //! re-notification, or auto-resolution. The store indexes the timer by
 //! time, so the scheduler wakes only for cases that are due.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -912,77 +911,6 @@ pub fn format_eta(at: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
     at.with_timezone(&tz)
         .format("%A, %-d %B %Y, %H:%M %Z")
         .to_string()
-}
-
-/// Template values every customer-facing mail can use.
-pub fn values(
-    case: &Case,
-    eta: DateTime<Utc>,
-    config: &Config,
-    now: DateTime<Utc>,
-) -> BTreeMap<&'static str, String> {
-    let tag = format!("[{} #{}]", config.cases.subject_tag, case.id);
-    // In words, the wait counts what the deadline counts: business time
-    // when there are business hours ("within 4 business hours", even
-    // across a night), wall-clock time otherwise.
-    let business = &config.calendar.business;
-    let wait = business.between(now, eta);
-    let mut v = BTreeMap::new();
-    v.insert("case_id", case.id.to_string());
-    v.insert("case_tag", tag);
-    // Without a display name, the address's local part reads better
-    // than the whole address ("Hello alice,").
-    v.insert(
-        "customer_name",
-        case.customer_name
-            .clone()
-            .unwrap_or_else(|| case.customer.split('@').next().unwrap_or("").to_string()),
-    );
-    v.insert("customer", case.customer.clone());
-    v.insert("subject", case.subject.clone());
-    v.insert("tier", case.tier.clone());
-    v.insert("eta", format_eta(eta, config.calendar.timezone));
-    let mut words = eta_words(wait);
-    if business.hours.is_some() {
-        for unit in [" day", " hour", " minute", " second"] {
-            if let Some(i) = words.find(unit) {
-                words.insert_str(i, " business");
-                break;
-            }
-        }
-    }
-    v.insert("eta_in_words", words);
-    // The case's queue speaks for it: its name and address.
-    let q = config.queue(&case.queue);
-    v.insert(
-        "support_name",
-        q.from_name.clone().unwrap_or_else(|| "Support".into()),
-    );
-    v.insert("support_address", q.address.clone());
-    // Every value is one line, whichever text it goes into: a subject or
-    // name with an encoded line break must not add a paragraph to mail
-    // that comes from the support address.
-    for value in v.values_mut() {
-        *value = crate::template::one_line(value);
-    }
-    v
-}
-
-/// Subject and body of the acknowledgement of `case`.
-pub fn ack_text(
-    case: &Case,
-    eta: DateTime<Utc>,
-    config: &Config,
-    now: DateTime<Utc>,
-) -> (String, String) {
-    let subject = format!(
-        "[{} #{}] Re: {}",
-        config.cases.subject_tag, case.id, case.subject
-    );
-    (
-        subject,
-        config.templates.ack.render(&values(case, eta, config, now)),
-    )
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! staff answers, resolution and follow-up.
 
 use super::*;
+use crate::mailtext::ack_text;
 use crate::message::parse;
 use std::path::Path;
 
