@@ -539,19 +539,18 @@ fn timers_and_memory(sz: &Sizes, rows: &mut Vec<Row>) {
         let store = Arc::new(Store::open(&store_path).unwrap());
         let live = Live::new(config.clone());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let scheduler = Scheduler {
+        let scheduler = Scheduler::new(escalator::handle::Handle {
             store: store.clone(),
             config: live.clone(),
             clock: clock.clone(),
             wake: Arc::new(Wakers::default()),
-            pruned_at: Default::default(),
-        };
-        let ingestor = Ingestor {
+        });
+        let ingestor = Ingestor::new(escalator::handle::Handle {
             store: store.clone(),
             config: live,
             clock,
             wake: Arc::new(Wakers::default()),
-        };
+        });
         let mut have = 0usize;
         let mut first: Option<(f64, f64)> = None;
         for &size in &sz.cases {
@@ -708,12 +707,12 @@ first_response = "4h"
     )
     .unwrap();
     let config = Config::load(&cfg_path).unwrap();
-    let ingestor = Ingestor {
+    let ingestor = Ingestor::new(escalator::handle::Handle {
         store: Arc::new(Store::open(&store_path).unwrap()),
         config: Live::new(config),
         clock: Arc::new(SystemClock),
         wake: Arc::new(Wakers::default()),
-    };
+    });
     let mail = |i: usize| {
         let reply = if i == 0 {
             String::new()
@@ -768,12 +767,12 @@ fn stats_only(sz: &Sizes, rows: &mut Vec<Row>) {
     add_cases(&store, 1, n, 0);
     let cfg = dir.path().join("escalator.toml");
     fs::write(&cfg, format!("[mailbox]\nhost = \"127.0.0.1\"\nport = 9\nsecurity = \"plain\"\nusername = \"s\"\npassword = \"p\"\n[smtp]\nhost = \"127.0.0.1\"\nport = 9\nsecurity = \"plain\"\nfrom = \"s@bench.test\"\n[store]\npath = \"{}\"\n[[tiers]]\nname = \"Frontline\"\nfirst_response = \"4h\"\n", dir.path().join("unused").display())).unwrap();
-    let ingestor = Ingestor {
+    let ingestor = Ingestor::new(escalator::handle::Handle {
         store,
         config: Live::new(Config::load(&cfg).unwrap()),
         clock: Arc::new(SystemClock),
         wake: Arc::new(Wakers::default()),
-    };
+    });
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();

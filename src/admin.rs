@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::case::{rfc3339, Case, Event};
 use crate::effects::{self, EffectsError};
+use crate::handle::Handle;
 use crate::ingest::{Ingestor, Outcome};
 use crate::outbox::{self, OutboxState};
 use crate::policy::{self, Ctx};
@@ -88,9 +89,10 @@ fn json(v: &impl Serialize) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-/// Handles one request against the store behind `ingestor`.
-pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsError> {
-    let store = &*ingestor.store;
+/// Handles one request with the workers' shared handle (store, config,
+/// clock, wake-ups).
+pub fn handle(shared: &Handle, req: &Request) -> Result<Response, EffectsError> {
+    let store = &*shared.store;
     match *req {
         Request::CasesList {
             json: as_json,
@@ -108,7 +110,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                 return Ok(Response::ok(json(&v)));
             }
             // With several queues, the tier column names the queue too.
-            let several = ingestor.config.get().queues.len() > 1;
+            let several = shared.config.get().queues.len() > 1;
             let mut out = format!(
                 "{:>6}  {:<8}  {:<12}  {:<20}  {:<28}  {}\n",
                 "CASE",
@@ -284,7 +286,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
             let mut out = String::new();
             let mut code = 0;
             for id in ids {
-                match ingestor.retry_quarantined(id)? {
+                match Ingestor::new(shared.clone()).retry_quarantined(id)? {
                     None => {
                         out.push_str(&format!("{id}: no such quarantined message\n"));
                         code = 1;
@@ -360,7 +362,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
         }
         Request::CaseEscalate { id, ref reason } => {
             let before = store.case(id)?.map(|c| c.tier);
-            match change_case(ingestor, id, |c, ctx| {
+            match change_case(shared, id, |c, ctx| {
                 policy::escalate_manually(c, reason, ctx)
             })? {
                 None => Ok(Response::fail(format!("no case #{id}\n"))),
@@ -376,7 +378,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
         }
         Request::CaseResolve { id } => {
             let who = std::env::var("USER").unwrap_or_else(|_| "admin".into());
-            match change_case(ingestor, id, |c, ctx| {
+            match change_case(shared, id, |c, ctx| {
                 policy::resolve_case(c, &format!("cli:{who}"), ctx)
             })? {
                 None => Ok(Response::fail(format!("no case #{id}\n"))),
@@ -388,7 +390,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
         Request::CaseRetry { id } => {
             let who = std::env::var("USER").unwrap_or_else(|_| "admin".into());
             let mut had = false;
-            let changed = change_case(ingestor, id, |c, ctx| {
+            let changed = change_case(shared, id, |c, ctx| {
                 if let Some(p) = c.parked_timer.take() {
                     had = true;
                     c.timer = Some(crate::case::Timer {
@@ -416,8 +418,8 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
             since_secs,
             json: as_json,
         } => {
-            let now = ingestor.clock.now();
-            let report = stats_report(ingestor, since_secs, now)?;
+            let now = shared.clock.now();
+            let report = stats_report(shared, since_secs, now)?;
             Ok(Response::ok(if as_json {
                 json(&report) + "\n"
             } else {
@@ -425,7 +427,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
             }))
         }
         Request::Digest => {
-            let config = ingestor.config.get();
+            let config = shared.config.get();
             let d = config
                 .digest
                 .clone()
@@ -433,14 +435,14 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                     to: Vec::new(),
                     every: std::time::Duration::from_secs(7 * 86_400),
                 });
-            let now = ingestor.clock.now();
+            let now = shared.clock.now();
             let start = now - chrono::Duration::from_std(d.every).unwrap_or_default();
             let text = crate::digest::text(store, &config, &d, start, now, now)?;
             Ok(Response::ok(text))
         }
         Request::ClusterStatus { json: as_json } => {
-            let now = ingestor.clock.now();
-            let status = crate::cluster::status(store, &ingestor.config.get(), now)?;
+            let now = shared.clock.now();
+            let status = crate::cluster::status(store, &shared.config.get(), now)?;
             Ok(Response::ok(if as_json {
                 json(&status) + "\n"
             } else {
@@ -462,7 +464,7 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
                 ))),
             }
         }
-        Request::OutboxRetry { id } => match outbox::retry(store, id, ingestor.clock.now())? {
+        Request::OutboxRetry { id } => match outbox::retry(store, id, shared.clock.now())? {
             None => Ok(Response::fail(format!("no outbox entry {id}\n"))),
             Some(e) if e.state == OutboxState::Pending => Ok(Response::ok(format!(
                 "outbox entry {id} queued for sending again\n"
@@ -477,14 +479,14 @@ pub fn handle(ingestor: &Ingestor, req: &Request) -> Result<Response, EffectsErr
 
 /// KPIs over the cases opened in the last `since_secs` seconds.
 pub fn stats_report(
-    ingestor: &Ingestor,
+    shared: &Handle,
     since_secs: Option<u64>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<crate::stats::Report, StoreError> {
-    let store = &*ingestor.store;
+    let store = &*shared.store;
     let since = since_secs
         .map(|s| now - chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)));
-    let config = ingestor.config.get();
+    let config = shared.config.get();
     let (tiers, queues) = config.names();
     // Streamed: a million cases' facts never sit in memory at once.
     let mut tally = crate::stats::Tally::new(now);
@@ -508,17 +510,17 @@ pub fn stats_report(
 /// Applies a person's change to a case: policy, mails, store, in one
 /// transaction, then wakes the workers.
 fn change_case(
-    ingestor: &Ingestor,
+    shared: &Handle,
     id: u64,
     f: impl FnOnce(&mut Case, &Ctx) -> Vec<crate::policy::Action>,
 ) -> Result<Option<(Case, usize)>, EffectsError> {
-    let config = ingestor.config.get();
-    let now = ingestor.clock.now();
-    let changed = effects::change_case(&ingestor.store, &config, now, id, |_, case, ctx| {
+    let config = shared.config.get();
+    let now = shared.clock.now();
+    let changed = effects::change_case(&shared.store, &config, now, id, |_, case, ctx| {
         Ok(Some(f(case, ctx)))
     })?;
-    ingestor.store.flush()?;
-    ingestor.wake.both();
+    shared.store.flush()?;
+    shared.wake.both();
     Ok(changed)
 }
 

@@ -170,25 +170,24 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mailer = mailer(&config)?;
-    let ingestor = Arc::new(Ingestor {
+    let ingestor = Arc::new(Ingestor::new(crate::handle::Handle {
         store: store.clone(),
         config: live.clone(),
         clock: clock.clone(),
         wake: wake.clone(),
-    });
+    }));
     Ok(Parts {
         watchers: config
             .queues
             .iter()
             .map(|q| Watcher::new(config.clone(), &q.name, ingestor.clone(), wake.clone()))
             .collect(),
-        scheduler: Scheduler {
+        scheduler: Scheduler::new(crate::handle::Handle {
             store: store.clone(),
             config: live.clone(),
             clock: clock.clone(),
             wake: wake.clone(),
-            pruned_at: Default::default(),
-        },
+        }),
         node: store.is_shared().then(|| NodeInfo {
             node: crate::cluster::node_name(None, config.cluster.node.as_deref()),
             host: crate::cluster::host_name(),
@@ -387,7 +386,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     }
     if !store.is_shared() {
         // On PostgreSQL the CLI uses the database itself.
-        let control = crate::control::serve(ingestor, cancel.clone())?;
+        let control = crate::control::serve(ingestor.handle.clone(), cancel.clone())?;
         tracker.spawn(control);
     }
     tracker.close();

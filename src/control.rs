@@ -4,14 +4,13 @@
 //! connect. One JSON request line in, one JSON response line out.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Request, Response};
-use crate::ingest::Ingestor;
+use crate::handle::Handle;
 
 pub fn socket_path(store: &Path) -> PathBuf {
     store.join("control.sock")
@@ -19,10 +18,10 @@ pub fn socket_path(store: &Path) -> PathBuf {
 
 /// Binds the socket and returns the task that serves it.
 pub fn serve(
-    ingestor: Arc<Ingestor>,
+    shared: Handle,
     cancel: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
-    let path = socket_path(ingestor.store.path());
+    let path = socket_path(shared.store.path());
     // A socket left by a killed daemon; we hold the store lock, so no
     // other daemon can be using it.
     let _ = std::fs::remove_file(&path);
@@ -33,7 +32,7 @@ pub fn serve(
                 _ = cancel.cancelled() => break,
                 r = listener.accept() => match r {
                     Ok((stream, _)) => {
-                        let ing = ingestor.clone();
+                        let ing = shared.clone();
                         tokio::spawn(async move {
                             if let Err(e) = answer(ing, stream).await {
                                 tracing::warn!(error = %e, "control request failed");
@@ -48,7 +47,7 @@ pub fn serve(
     })
 }
 
-async fn answer(ingestor: Arc<Ingestor>, stream: UnixStream) -> std::io::Result<()> {
+async fn answer(shared: Handle, stream: UnixStream) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
@@ -57,7 +56,7 @@ async fn answer(ingestor: Arc<Ingestor>, stream: UnixStream) -> std::io::Result<
             code: 2,
             output: format!("bad request: {e}\n"),
         },
-        Ok(req) => tokio::task::spawn_blocking(move || admin::handle(&ingestor, &req))
+        Ok(req) => tokio::task::spawn_blocking(move || admin::handle(&shared, &req))
             .await
             .map_err(std::io::Error::other)?
             .unwrap_or_else(|e| Response {

@@ -9,19 +9,18 @@
 //! quarantine with the error, and the messages after it carry on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use crate::bounce;
 use crate::case::{Case, CaseId, EventKind};
-use crate::clock::Clock;
 use crate::config::Config;
 use crate::effects::{self, Effects, EffectsError};
+use crate::handle::Handle;
 use crate::message::{self, InboundMail};
 use crate::policy::{self, Ctx, Role};
 use crate::record::{Cursor, MessageRecord, OutboxState, QuarantineEntry};
-use crate::store::{Fence, Sequence, Store, StoreError, Tx};
+use crate::store::{Fence, Sequence, StoreError, Tx};
 use crate::suppress;
 use crate::thread::{self, Decision, OwnId, Parties};
 
@@ -86,12 +85,23 @@ pub enum Outcome {
     },
 }
 
+/// Takes messages in: the shared handle (store, config, clock, wake-up
+/// handles), reached through `Deref` as `ingestor.store` and so on.
 pub struct Ingestor {
-    pub store: Arc<Store>,
-    pub config: Arc<crate::config::Live>,
-    pub clock: Arc<dyn Clock>,
-    /// Wakes the outbox and the scheduler after admin changes.
-    pub wake: Arc<crate::wake::Wakers>,
+    pub handle: Handle,
+}
+
+impl Ingestor {
+    pub fn new(handle: Handle) -> Ingestor {
+        Ingestor { handle }
+    }
+}
+
+impl std::ops::Deref for Ingestor {
+    type Target = Handle;
+    fn deref(&self) -> &Handle {
+        &self.handle
+    }
 }
 
 /// One message for [`Ingestor::ingest_batch`]: its bytes, or the
@@ -696,8 +706,10 @@ mod bounce_tests;
 pub(crate) mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::store::Store;
     use std::cell::Cell;
     use std::path::Path;
+    use std::sync::Arc;
 
     thread_local! {
         static PANIC: Cell<bool> = const { Cell::new(false) };
@@ -725,12 +737,12 @@ pub(crate) mod tests {
         ));
         let store = Arc::new(Store::open(&config.store.path).unwrap());
         (
-            Ingestor {
+            Ingestor::new(crate::handle::Handle {
                 store,
                 config: crate::config::Live::new(config),
                 clock: clock.clone(),
                 wake: Default::default(),
-            },
+            }),
             clock,
         )
     }

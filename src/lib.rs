@@ -34,6 +34,7 @@
 //! - [`effects`]: the policy's actions as outbox entries, and the case
 //!   step every worker uses.
 //! - [`mailtext`]: what each mail says (subject and body of every kind).
+//! - [`handle`]: what the workers share (store, config, clock, wake-ups).
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
 //! - [`scheduler`]: case timers, pruning, and the digest's period.
@@ -65,6 +66,7 @@ pub mod digest;
 pub mod effects;
 pub mod fault;
 pub mod fuzzing;
+pub mod handle;
 pub mod ingest;
 pub mod mailbox;
 pub mod mailtext;

@@ -11,7 +11,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use escalator::admin::{self, Request, Response};
 use escalator::clock::SystemClock;
 use escalator::config::Config;
-use escalator::ingest::Ingestor;
 use escalator::store::{Store, StoreError};
 
 #[derive(Parser)]
@@ -438,26 +437,26 @@ async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
         let (c, req) = (cfg.clone(), req.clone());
         return tokio::task::spawn_blocking(move || {
             let store = escalator::app::open_store(&c, std::time::Duration::ZERO)?;
-            let ingestor = Ingestor {
+            let shared = escalator::handle::Handle {
                 store: Arc::new(store),
                 config: escalator::config::Live::new(c),
                 clock: Arc::new(SystemClock),
                 wake: Default::default(),
             };
-            Ok(admin::handle(&ingestor, &req)?)
+            Ok(admin::handle(&shared, &req)?)
         })
         .await?;
     }
     match Store::open(&path) {
         Ok(store) => {
-            let ingestor = Ingestor {
+            let shared = escalator::handle::Handle {
                 store: Arc::new(store),
                 config: escalator::config::Live::new(cfg),
                 clock: Arc::new(SystemClock),
                 wake: Default::default(),
             };
             let req = req.clone();
-            Ok(tokio::task::spawn_blocking(move || admin::handle(&ingestor, &req)).await??)
+            Ok(tokio::task::spawn_blocking(move || admin::handle(&shared, &req)).await??)
         }
         Err(StoreError::Locked(_)) => {
             // A daemon that is starting holds the store a moment before

@@ -5,24 +5,23 @@
 //! firing moves the case's timer on in the same transaction as the mails
 //! it queues.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::case::CaseId;
-use crate::clock::Clock;
+
 use crate::effects::{self, EffectsError};
+use crate::handle::Handle;
 use crate::policy;
 use crate::store::{Store, StoreError};
-use crate::wake::{Wakers, SHARED_POLL};
+use crate::wake::SHARED_POLL;
 
+/// Fires case timers: the shared handle (reached through `Deref` as
+/// `self.store` and so on) and when it last pruned.
 pub struct Scheduler {
-    pub store: Arc<Store>,
-    pub config: Arc<crate::config::Live>,
-    pub clock: Arc<dyn Clock>,
-    pub wake: Arc<Wakers>,
+    pub handle: Handle,
     /// When the store was last pruned (sent mail's bytes, old automatic
     /// mail records): at most hourly.
     pub pruned_at: std::sync::Mutex<Option<DateTime<Utc>>>,
@@ -34,7 +33,21 @@ const PRUNE_BATCH: usize = 10_000;
 /// Timers handled per transaction round.
 const BATCH: usize = 256;
 
+impl std::ops::Deref for Scheduler {
+    type Target = Handle;
+    fn deref(&self) -> &Handle {
+        &self.handle
+    }
+}
+
 impl Scheduler {
+    pub fn new(handle: Handle) -> Scheduler {
+        Scheduler {
+            handle,
+            pruned_at: Default::default(),
+        }
+    }
+
     /// Fires every timer that is due; returns how many.
     pub fn pass(&self) -> Result<usize, StoreError> {
         crate::metrics::inc(&crate::metrics::METRICS.scheduler_wakeups);
@@ -243,6 +256,7 @@ pub fn queue_digest(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::clock::Clock;
     use crate::ingest::tests::{setup, src};
 
     pub(super) static PANIC_ON: crate::testing::PanicPoint = crate::testing::PanicPoint::new();
@@ -264,13 +278,12 @@ pub(crate) mod tests {
             );
             ing.ingest(Some(&src(1, n)), raw.as_bytes(), None).unwrap();
         }
-        let sched = Scheduler {
+        let sched = Scheduler::new(crate::handle::Handle {
             store: ing.store.clone(),
             config: ing.config.clone(),
             clock: clock.clone(),
             wake: ing.wake.clone(),
-            pruned_at: Default::default(),
-        };
+        });
         clock.advance(chrono::Duration::hours(5));
         PANIC_ON.aim(2);
         assert_eq!(sched.pass().unwrap(), 3);

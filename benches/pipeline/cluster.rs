@@ -215,13 +215,12 @@ pub fn timers(sz: &Sizes, rows: &mut Vec<Row>) {
         )
         .unwrap(),
     );
-    let scheduler = Scheduler {
+    let scheduler = Scheduler::new(escalator::handle::Handle {
         store: store.clone(),
         config: Live::new(config),
         clock: Arc::new(SystemClock),
         wake: Arc::new(Wakers::default()),
-        pruned_at: Default::default(),
-    };
+    });
     let mut have = 0usize;
     let mut first: Option<f64> = None;
     for &size in &sz.cases {

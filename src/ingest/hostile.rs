@@ -5,8 +5,9 @@
 use super::tests::src;
 use super::*;
 use crate::clock::ManualClock;
-use crate::store::PgTls;
+use crate::store::{PgTls, Store};
 use std::path::Path;
+use std::sync::Arc;
 
 /// An ingestor on the PostgreSQL database `url` (its node directory in
 /// `dir`), or on sled in `dir` when `url` is None.
@@ -25,12 +26,12 @@ pub(super) fn ingestor(dir: &Path, url: Option<&str>) -> Ingestor {
         Ok(s) => Arc::new(s),
         Err(e) => panic!("{}", crate::error_chain(&e)),
     };
-    Ingestor {
+    Ingestor::new(crate::handle::Handle {
         store,
         config: crate::config::Live::new(config),
         clock,
         wake: Default::default(),
-    }
+    })
 }
 
 fn bytes(raw: &[u8]) -> Item<'_> {
@@ -322,12 +323,12 @@ first_response = "4h"
     );
     let config =
         crate::config::Config::parse(&text, Path::new("/x.toml")).unwrap_or_else(|e| panic!("{e}"));
-    let ing = Ingestor {
+    let ing = Ingestor::new(crate::handle::Handle {
         store: Arc::new(Store::open(&config.store.path).unwrap()),
         config: crate::config::Live::new(config),
         clock: Arc::new(ManualClock::new(Utc::now())),
         wake: Default::default(),
-    };
+    });
     let at = |queue: &str, uid| Source {
         queue: queue.into(),
         folder: if queue == "main" { "INBOX" } else { "Brand2" }.into(),

@@ -53,12 +53,12 @@ fn watcher(dir: &Path, mailbox: &str, server: &FakeServer) -> Watcher {
     ));
     let store = Arc::new(Store::open(&config.store.path).unwrap());
     let queue = config.queues.first().unwrap().name.clone();
-    let ingestor = Arc::new(Ingestor {
+    let ingestor = Arc::new(Ingestor::new(crate::handle::Handle {
         store,
         config: crate::config::Live::new(config.clone()),
         clock,
         wake: Default::default(),
-    });
+    }));
     let mut w = Watcher::new(Arc::new(config), &queue, ingestor, Default::default());
     w.fake = Some(server.clone());
     w
