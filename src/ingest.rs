@@ -40,17 +40,6 @@ pub struct Source {
     pub cursor: bool,
 }
 
-/// The store's key for the cursor of a queue's folder: the folder alone
-/// for the queue `default` (as before queues), else queue and folder
-/// apart by a NUL, which no IMAP folder name holds.
-pub fn cursor_key(queue: &str, folder: &str) -> String {
-    if queue == crate::case::DEFAULT_QUEUE {
-        folder.to_string()
-    } else {
-        format!("{queue}\0{folder}")
-    }
-}
-
 /// What ingesting one message did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -289,7 +278,7 @@ impl Ingestor {
             return Ok(false);
         };
         Ok(tx
-            .cursor(&cursor_key(&s.queue, &s.folder))?
+            .cursor(&s.queue, &s.folder)?
             .is_some_and(|c| c.uid_validity == s.uid_validity && s.uid <= c.last_uid))
     }
 
@@ -298,13 +287,13 @@ impl Ingestor {
         let Some(s) = src.filter(|s| s.cursor) else {
             return Ok(());
         };
-        let key = cursor_key(&s.queue, &s.folder);
-        let last = match tx.cursor(&key)? {
+        let last = match tx.cursor(&s.queue, &s.folder)? {
             Some(c) if c.uid_validity == s.uid_validity => c.last_uid.max(s.uid),
             _ => s.uid,
         };
         tx.set_cursor(
-            &key,
+            &s.queue,
+            &s.folder,
             &Cursor {
                 uid_validity: s.uid_validity,
                 last_uid: last,
@@ -607,12 +596,12 @@ impl Ingestor {
     /// cursor to just before it, so the watcher fetches it again (what it
     /// already stored after it is recognised and not stored twice).
     fn refetch(&self, entry: &QuarantineEntry) -> Result<Outcome, StoreError> {
-        let key = cursor_key(&entry.queue, &entry.folder);
         self.store.transact(|tx| {
-            if let Some(c) = tx.cursor(&key)? {
+            if let Some(c) = tx.cursor(&entry.queue, &entry.folder)? {
                 if c.uid_validity == entry.uid_validity && c.last_uid >= entry.uid {
                     tx.set_cursor(
-                        &key,
+                        &entry.queue,
+                        &entry.folder,
                         &Cursor {
                             uid_validity: c.uid_validity,
                             last_uid: entry.uid.saturating_sub(1),
@@ -980,7 +969,14 @@ In-Reply-To: <m1@x>\r\n\r\nmore\r\n"
                 ..
             }
         ));
-        assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 4);
+        assert_eq!(
+            ing.store
+                .cursor("default", "INBOX")
+                .unwrap()
+                .unwrap()
+                .last_uid,
+            4
+        );
         // Again: every UID is behind the cursor now.
         let again = ing.ingest_batch(&items).unwrap();
         assert!(again.iter().all(|o| *o == Outcome::AlreadyDone));
@@ -1028,7 +1024,14 @@ In-Reply-To: <m1@x>\r\n\r\nmore\r\n"
             ing.ingest(Some(&src(1, 2)), &mail(2), None).unwrap(),
             Outcome::Stored { .. }
         ));
-        assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 2);
+        assert_eq!(
+            ing.store
+                .cursor("default", "INBOX")
+                .unwrap()
+                .unwrap()
+                .last_uid,
+            2
+        );
         let q: Vec<_> = ing.store.quarantined().collect::<Result<_, _>>().unwrap();
         assert_eq!(q.len(), 1);
         assert!(
@@ -1100,7 +1103,7 @@ Subject: About your order\r\nMessage-ID: <out1@x>\r\n\r\nYour order shipped.\r\n
             );
         }
         assert_eq!(
-            ing.store.cursor("INBOX").unwrap().unwrap(),
+            ing.store.cursor("default", "INBOX").unwrap().unwrap(),
             Cursor {
                 uid_validity: 8,
                 last_uid: 13

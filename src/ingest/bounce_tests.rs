@@ -133,7 +133,14 @@ fn r18_a_bounced_ack_opens_no_case_and_is_recorded_on_its_case_on_both_engines()
             .unwrap()
             .unwrap();
         assert_eq!(kept.suppressed.as_deref(), Some("delivery report (bounce)"));
-        assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 2);
+        assert_eq!(
+            ing.store
+                .cursor("default", "INBOX")
+                .unwrap()
+                .unwrap()
+                .last_uid,
+            2
+        );
         // The KPIs count it.
         let report = crate::admin::stats_report(&ing, None, ing.clock.now()).unwrap();
         assert_eq!(
@@ -260,7 +267,14 @@ fn r18_backscatter_opens_no_case_and_is_counted_not_stored() {
     assert_eq!(ing.store.cases().count(), 0);
     assert_eq!(ing.store.quarantined().count(), 0);
     assert_eq!(ing.store.counts().unwrap().1, 0, "no message stored");
-    assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 50);
+    assert_eq!(
+        ing.store
+            .cursor("default", "INBOX")
+            .unwrap()
+            .unwrap()
+            .last_uid,
+        50
+    );
     // Other tests count too: at least ours.
     assert!(
         crate::metrics::METRICS
@@ -768,7 +782,14 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\
             ing.ingest(Some(&src(1, 10)), next, None).unwrap(),
             Outcome::Stored { new: true, .. }
         ));
-        assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 10);
+        assert_eq!(
+            ing.store
+                .cursor("default", "INBOX")
+                .unwrap()
+                .unwrap()
+                .last_uid,
+            10
+        );
     }
 
     #[test]

@@ -163,7 +163,14 @@ fn r17_a_message_the_store_refuses_is_quarantined_and_the_rest_of_its_chunk_is_s
         "its bytes were refused too: fetched again on retry"
     );
     assert_eq!((q.uid, q.folder.as_str()), (2, "INBOX"));
-    assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 3);
+    assert_eq!(
+        ing.store
+            .cursor("default", "INBOX")
+            .unwrap()
+            .unwrap()
+            .last_uid,
+        3
+    );
     assert_eq!(ing.store.cases().count(), 2);
     // The database as a whole failing is not one message's fault: it is
     // reported, nothing is quarantined, the cursor stays.
@@ -178,7 +185,14 @@ fn r17_a_message_the_store_refuses_is_quarantined_and_the_rest_of_its_chunk_is_s
     c.batch_execute("ALTER TABLE gone RENAME TO escalator_kv")
         .unwrap();
     assert_eq!(ing.store.quarantined().count(), 1);
-    assert_eq!(ing.store.cursor("INBOX").unwrap().unwrap().last_uid, 3);
+    assert_eq!(
+        ing.store
+            .cursor("default", "INBOX")
+            .unwrap()
+            .unwrap()
+            .last_uid,
+        3
+    );
 }
 
 fn original() -> Vec<u8> {
@@ -446,7 +460,11 @@ fn r17_generated_hostile_headers_are_stored_or_quarantined_on_both_engines() {
         let kept = ing.store.counts().unwrap().1 + ing.store.quarantined().count();
         assert!(kept > 0);
         assert_eq!(
-            ing.store.cursor("INBOX").unwrap().unwrap().last_uid as usize,
+            ing.store
+                .cursor("default", "INBOX")
+                .unwrap()
+                .unwrap()
+                .last_uid as usize,
             raws.len(),
             "{url:?}: the cursor passed every message"
         );

@@ -407,12 +407,12 @@ impl Watcher {
         let mbox = imap::select(ep, s, folder, &format!("{}.{key}", ep.section)).await?;
         let validity = mbox.uid_validity.unwrap_or(0);
         let store = &self.ingestor.store;
-        let cursor = crate::ingest::cursor_key(&self.queue, folder);
-        let renumbered = match store.cursor(&cursor)? {
+        let cursor = store.cursor(&self.queue, folder)?;
+        let renumbered = match &cursor {
             Some(c) if c.uid_validity != validity => Some(c.uid_validity),
             _ => None,
         };
-        let start = match store.cursor(&cursor)? {
+        let start = match cursor {
             Some(c) if c.uid_validity == validity => c.last_uid.saturating_add(1),
             Some(c) => {
                 tracing::warn!(folder = %folder, old = c.uid_validity, new = validity, "the server gave the folder a new UIDVALIDITY (its messages were renumbered, or the folder was re-created); re-scanning it: stored messages are recognised and not ingested twice");

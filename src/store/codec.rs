@@ -170,6 +170,17 @@ pub(super) fn auto_reply_key(email: &str, at: DateTime<Utc>, outbox: u64) -> Vec
 
 /// `c` ++ opening time ++ id: where a case's facts were kept before
 /// they went into buckets (index version 7); tests write old stores.
+/// The store's key for the cursor of a queue's folder: the folder alone
+/// for the queue `default` (as before queues), else queue and folder
+/// apart by a NUL, which no IMAP folder name holds.
+pub(super) fn cursor_key(queue: &str, folder: &str) -> Vec<u8> {
+    if queue == crate::case::DEFAULT_QUEUE {
+        folder.as_bytes().to_vec()
+    } else {
+        format!("{queue}\0{folder}").into_bytes()
+    }
+}
+
 #[cfg(test)]
 pub(super) fn facts_key(at: DateTime<Utc>, case: CaseId) -> Vec<u8> {
     let mut k = b"c".to_vec();

@@ -506,8 +506,9 @@ impl Store {
             .and_then(|k| codec::deadline_at(&k)))
     }
 
-    pub fn cursor(&self, folder: &str) -> Result<Option<Cursor>> {
-        self.get(Tree::Cursors, folder.as_bytes())
+    /// Where reading `folder` of queue `queue` got to.
+    pub fn cursor(&self, queue: &str, folder: &str) -> Result<Option<Cursor>> {
+        self.get(Tree::Cursors, &codec::cursor_key(queue, folder))
     }
 
     pub fn outbox_entry(&self, id: u64) -> Result<Option<OutboxEntry>> {

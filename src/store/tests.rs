@@ -333,14 +333,14 @@ fn outbox_entries_leave_the_pending_list_when_settled() {
 fn a_cursor_keeps_its_uidvalidity() {
     each_engine(|engine, open, path| {
         let s = open(path);
-        assert!(ok(s.cursor("INBOX")).is_none(), "{engine}");
+        assert!(ok(s.cursor("default", "INBOX")).is_none(), "{engine}");
         let c = Cursor {
             uid_validity: 9,
             last_uid: 3,
         };
-        ok(s.transact(|tx| tx.set_cursor("INBOX", &c)));
-        assert_eq!(ok(s.cursor("INBOX")), Some(c), "{engine}");
-        assert!(ok(s.cursor("Sent")).is_none());
+        ok(s.transact(|tx| tx.set_cursor("default", "INBOX", &c)));
+        assert_eq!(ok(s.cursor("default", "INBOX")), Some(c), "{engine}");
+        assert!(ok(s.cursor("default", "Sent")).is_none());
     });
 }
 
@@ -692,7 +692,7 @@ fn a_store_written_by_the_previous_release_opens_with_everything_in_it() {
     assert_eq!(ok(s.due_timers(far, 10)).len(), 3);
     assert_eq!(s.outbox().count(), 4);
     assert!(ok(s.outbox_pending()).is_empty());
-    assert!(ok(s.cursor("INBOX")).is_some());
+    assert!(ok(s.cursor("default", "INBOX")).is_some());
     // The KPIs read the facts the old release wrote (JSON) and the counts
     // rebuilt from the cases.
     assert_eq!(ok(s.facts_since(None)).len(), 3);
@@ -1009,7 +1009,7 @@ fn a_write_fenced_by_a_lost_lease_writes_nothing() {
     // Held: the fenced write commits.
     ok(a.transact(|tx| {
         tx.fence(fence("node-a", old));
-        tx.set_cursor("sales\0INBOX", &cursor(7, 10))
+        tx.set_cursor("sales", "INBOX", &cursor(7, 10))
     }));
     // a pauses past its lease; b takes the mailbox over.
     std::thread::sleep(std::time::Duration::from_millis(600));
@@ -1017,27 +1017,27 @@ fn a_write_fenced_by_a_lost_lease_writes_nothing() {
     // a wakes and commits what it fetched: refused, nothing written.
     let r = a.transact(|tx| {
         tx.fence(fence("node-a", old));
-        tx.set_cursor("sales\0INBOX", &cursor(7, 99))?;
+        tx.set_cursor("sales", "INBOX", &cursor(7, 99))?;
         tx.put_case(&mut case(1, "T1", 5))
     });
     assert!(
         matches!(r, Err(StoreError::Fenced(ref m)) if m == "sales"),
         "{r:?}"
     );
-    assert_eq!(ok(b.cursor("sales\0INBOX")).map(|c| c.last_uid), Some(10));
+    assert_eq!(ok(b.cursor("sales", "INBOX")).map(|c| c.last_uid), Some(10));
     assert!(ok(b.case(1)).is_none());
     // The same holder name with the old token is refused too (a node
     // restarted under a fixed name is a new holder).
     let r = b.transact(|tx| {
         tx.fence(fence("node-b", old));
-        tx.set_cursor("sales\0INBOX", &cursor(7, 99))
+        tx.set_cursor("sales", "INBOX", &cursor(7, 99))
     });
     assert!(matches!(r, Err(StoreError::Fenced(_))), "{r:?}");
     ok(b.transact(|tx| {
         tx.fence(fence("node-b", new));
-        tx.set_cursor("sales\0INBOX", &cursor(7, 11))
+        tx.set_cursor("sales", "INBOX", &cursor(7, 11))
     }));
-    assert_eq!(ok(a.cursor("sales\0INBOX")).map(|c| c.last_uid), Some(11));
+    assert_eq!(ok(a.cursor("sales", "INBOX")).map(|c| c.last_uid), Some(11));
 }
 
 #[test]
@@ -1057,19 +1057,19 @@ fn a_released_or_expired_lease_fences_its_old_holder() {
     let released = ok(a.acquire_lease("sales", "node-a", long)).unwrap();
     ok(a.transact(|tx| {
         tx.fence(fence("sales", released));
-        tx.set_cursor("sales\0INBOX", &cursor(7, 10))
+        tx.set_cursor("sales", "INBOX", &cursor(7, 10))
     }));
     ok(a.release_lease("sales", "node-a", released));
     let r = a.transact(|tx| {
         tx.fence(fence("sales", released));
-        tx.set_cursor("sales\0INBOX", &cursor(7, 99))?;
+        tx.set_cursor("sales", "INBOX", &cursor(7, 99))?;
         tx.put_case(&mut case(1, "T1", 5))
     });
     assert!(
         matches!(r, Err(StoreError::Fenced(ref m)) if m == "sales"),
         "released: {r:?}"
     );
-    assert_eq!(ok(a.cursor("sales\0INBOX")).map(|c| c.last_uid), Some(10));
+    assert_eq!(ok(a.cursor("sales", "INBOX")).map(|c| c.last_uid), Some(10));
     assert!(ok(a.case(1)).is_none());
 
     let short = std::time::Duration::from_millis(300);
@@ -1077,14 +1077,14 @@ fn a_released_or_expired_lease_fences_its_old_holder() {
     std::thread::sleep(std::time::Duration::from_millis(400));
     let r = a.transact(|tx| {
         tx.fence(fence("support", expired));
-        tx.set_cursor("support\0INBOX", &cursor(7, 99))?;
+        tx.set_cursor("support", "INBOX", &cursor(7, 99))?;
         tx.put_case(&mut case(2, "T1", 5))
     });
     assert!(
         matches!(r, Err(StoreError::Fenced(ref m)) if m == "support"),
         "expired: {r:?}"
     );
-    assert!(ok(a.cursor("support\0INBOX")).is_none());
+    assert!(ok(a.cursor("support", "INBOX")).is_none());
     assert!(ok(a.case(2)).is_none());
 }
 

@@ -232,8 +232,9 @@ impl<'s> Tx<'s> {
         self.get_bytes(Tree::Raw, &id_key(seq))
     }
 
-    pub fn cursor(&self, folder: &str) -> Result<Option<Cursor>> {
-        self.get(Tree::Cursors, folder.as_bytes())
+    /// Where reading `folder` of queue `queue` got to.
+    pub fn cursor(&self, queue: &str, folder: &str) -> Result<Option<Cursor>> {
+        self.get(Tree::Cursors, &codec::cursor_key(queue, folder))
     }
 
     pub fn outbox_entry(&self, id: u64) -> Result<Option<OutboxEntry>> {
@@ -477,8 +478,8 @@ impl<'s> Tx<'s> {
         );
     }
 
-    pub fn set_cursor(&mut self, folder: &str, cursor: &Cursor) -> Result<()> {
-        self.put_record(Tree::Cursors, folder.as_bytes().to_vec(), cursor)
+    pub fn set_cursor(&mut self, queue: &str, folder: &str, cursor: &Cursor) -> Result<()> {
+        self.put_record(Tree::Cursors, codec::cursor_key(queue, folder), cursor)
     }
 
     pub fn put_quarantine(&mut self, entry: &QuarantineEntry, raw: &[u8]) -> Result<()> {
