@@ -12,8 +12,13 @@
 //! - `raw.rs`: the serde structs that mirror the TOML (`RawConfig`,
 //!   `RawSmtp`, `RawStore`, ...), their defaults, and how a TOML error is
 //!   told.
-//! - `validate.rs`: the `Validator`, turning a `RawConfig` into a
-//!   `Config` one section at a time and collecting every problem.
+//! - `validate/`: the `Validator`, turning a `RawConfig` into a `Config`
+//!   one section at a time and collecting every problem: `mod.rs` calls
+//!   the sections in order; `servers.rs` checks `[smtp]` and what every
+//!   server shares, `queues.rs` the mailboxes, `escalation.rs` the tiers,
+//!   repeat customers and triggers, `cases.rs` `[cases]`, `[calendar]`,
+//!   `[resolution]`, `[templates]`, `[digest]` and `[metrics]`, and
+//!   `store.rs` `[store]` and `[cluster]`.
 //! - `summary.rs`: [`Config::summary`], the config told to people.
 //! - `tests.rs`: the unit tests.
 
@@ -91,6 +96,11 @@ pub struct ClusterConfig {
     /// or a resend).
     pub claim: Duration,
 }
+
+/// The shortest claim when none is set, and what an unset claim adds to
+/// the longest send.
+const DEFAULT_CLAIM: Duration = Duration::from_secs(120);
+const CLAIM_MARGIN: Duration = Duration::from_secs(30);
 
 /// Connections per process on PostgreSQL by default, and at most.
 pub const DEFAULT_POOL: usize = 4;

@@ -1,4 +1,3 @@
-use super::validate::{CLAIM_MARGIN, DEFAULT_CLAIM};
 use super::*;
 
 const GOOD: &str = r#"
