@@ -1,0 +1,114 @@
+//! The config told to people: `check-config`'s summary. Never prints
+//! secrets.
+
+use super::{Config, Endpoint, QueueConfig, StoreEngine};
+
+impl Config {
+    /// A short summary for `check-config`; never prints secrets.
+    pub fn summary(&self) -> String {
+        let mut s = format!("config {} is valid\n  queues:", self.source.display());
+        for q in self.queues.iter() {
+            s.push_str(&queue(self, q));
+        }
+        s.push_str(&format!(
+            "\n  smtp:    {} from {}\n  store:   {}\n  tiers:   ",
+            endpoint(&self.smtp.endpoint),
+            if self.smtp.from.is_empty() {
+                "(each queue's address)"
+            } else {
+                &self.smtp.from
+            },
+            store(self),
+        ));
+        let tiers: Vec<String> = self
+            .tiers
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} (first response {})",
+                    t.name,
+                    humantime::format_duration(t.timeline.first_response)
+                )
+            })
+            .collect();
+        s.push_str(&tiers.join(" → "));
+        s.push_str(&format!("\n  timezone: {}", self.calendar.timezone));
+        if let Some(d) = &self.digest {
+            s.push_str(&format!(
+                "\n  digest:  every {} to {}",
+                humantime::format_duration(d.every),
+                d.to.join(", ")
+            ));
+        }
+        if let Some(l) = self.metrics.listen {
+            s.push_str(&format!("\n  metrics: http://{l}/metrics"));
+        }
+        s
+    }
+}
+
+/// `host:port (security, how it logs in)`: whether a password is set,
+/// never the password.
+fn endpoint(e: &Endpoint) -> String {
+    format!(
+        "{}:{} ({}{})",
+        e.host,
+        e.port,
+        e.security,
+        if e.oauth.is_some() {
+            ", xoauth2"
+        } else if e.password.is_some() {
+            ", password set"
+        } else {
+            ""
+        }
+    )
+}
+
+/// A queue's line: its mailbox, address, path and own SMTP server.
+fn queue(config: &Config, q: &QueueConfig) -> String {
+    let path: Vec<&str> = q
+        .path
+        .iter()
+        .map(|&i| config.tiers[i].name.as_str())
+        .collect();
+    format!(
+        "\n    {}: {} folder {} as {}, from {}, path {}{}",
+        q.name,
+        endpoint(&q.mailbox.endpoint),
+        q.mailbox.folder,
+        q.mailbox.endpoint.username.as_deref().unwrap_or("-"),
+        q.address,
+        path.join(" → "),
+        q.smtp
+            .as_ref()
+            .map(|e| format!(", smtp {}", endpoint(e)))
+            .unwrap_or_default(),
+    )
+}
+
+/// The store's engine and where it keeps its files; with PostgreSQL,
+/// the cluster settings too.
+fn store(config: &Config) -> String {
+    match &config.store.engine {
+        StoreEngine::Sled => format!("sled in {}", config.store.path.display()),
+        StoreEngine::Postgres {
+            url,
+            security,
+            pool,
+            ..
+        } => format!(
+            "postgres (url from {}, {security}, {pool} connections), node files in {}\n  \
+             cluster: node {}, lease {}, claim {}",
+            url.key().replace("password", "url"),
+            config.store.path.display(),
+            config
+                .cluster
+                .node
+                .as_deref()
+                .unwrap_or("(host name and pid)"),
+            humantime::format_duration(config.cluster.lease),
+            humantime::format_duration(config.cluster.claim),
+        ),
+    }
+}
