@@ -65,6 +65,9 @@ pub mod control;
 pub mod digest;
 pub mod effects;
 pub mod fault;
+/// The fuzz target's entry (fuzz/): built for tests and with the
+/// `fuzzing` feature only, not into the daemon.
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod handle;
 pub mod ingest;
