@@ -149,7 +149,7 @@ pub fn migrate_from_sled(source: &Store, target: &Store) -> anyhow::Result<crate
     let journal = crate::outbox::journal::Journal::open(source.path())
         .context("cannot open the sled store's sent journal")?;
     journal
-        .replay(source, chrono::Utc::now())
+        .replay(source, crate::clock::SystemClock.now())
         .context("cannot settle the sled store's sent journal")?;
     // No daemon may write while the store moves.
     target.lock_out_daemons()?;
@@ -192,7 +192,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
             node: crate::cluster::node_name(None, config.cluster.node.as_deref()),
             host: crate::cluster::host_name(),
             pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
-            started_at: chrono::Utc::now(),
+            started_at: clock.now(),
         }),
         outbox: {
             let journal = if store.is_shared() {
@@ -224,7 +224,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
                 crate::outbox::journal::Journal::settle_orphans(
                     store.path(),
                     &store,
-                    chrono::Utc::now(),
+                    outbox.clock.now(),
                 )?;
             }
             outbox

@@ -78,13 +78,10 @@ const ACK: &str = "acknowledgement";
 
 /// Says once a minute, in the log, that the global limit holds acks
 /// back: a flood would otherwise write a line per message.
-fn global_limit_reached(limit: usize) {
+fn global_limit_reached(limit: usize, at: DateTime<Utc>) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = u64::try_from(at.timestamp()).unwrap_or(0);
     let last = LAST.load(Ordering::Relaxed);
     if now >= last + 60
         && LAST
@@ -275,7 +272,7 @@ impl<'a> Effects<'a> {
                      (cases.auto_reply_global_limit) is reached, and {} has no earlier case",
                     case.customer
                 );
-                global_limit_reached(global);
+                global_limit_reached(global, self.now);
                 return Ok(self.held(case, reason, "global"));
             }
         }
