@@ -12,7 +12,9 @@
 //!
 //! - [`config`]: the TOML file, validated; errors name their key. Its
 //!   queues (`[[mailboxes]]`) each have a mailbox, an address and an
-//!   escalation path.
+//!   escalation path. A folder: the types (`mod.rs`), the raw TOML
+//!   (`raw.rs`), validation one function per section (`validate/`), the
+//!   summary (`summary.rs`).
 //! - [`mailbox`]: one IMAP watcher per queue (IDLE or polling),
 //!   resumable by UID.
 //! - [`message`]: raw bytes → [`message::InboundMail`] (pure, total).
@@ -50,7 +52,8 @@
 //! - [`preflight`]: `check-config --connect`: logs in to every endpoint
 //!   the config names, sends nothing, says what to change.
 //! - [`admin`]: what the CLI prints and changes (cases, outbox,
-//!   quarantine), shared by the CLI and the daemon's control socket.
+//!   quarantine, reports), shared by the CLI and the daemon's control
+//!   socket; one function per request, on the workers' [`handle::Handle`].
 
 pub mod admin;
 pub mod app;
