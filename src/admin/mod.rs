@@ -4,8 +4,8 @@
 //! control socket (when one does, since a store has one owner at a time).
 //!
 //! Here: the requests and [`handle`], which dispatches each to its own
-//! function: [`cases`] (list, show, escalate, resolve, retry a timer),
-//! [`mail`] (the outbox and the quarantine), [`reports`] (stats, digest,
+//! function: `cases` (list, show, escalate, resolve, retry a timer),
+//! `mail` (the outbox and the quarantine), `reports` (stats, digest,
 //! cluster status); and the text helpers they share.
 
 mod cases;
