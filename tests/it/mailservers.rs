@@ -359,3 +359,44 @@ async fn tls_sessions_end_cleanly_and_an_unknown_ca_is_named() {
     assert!(!log.contains("lost connection"), "{log}");
     assert!(!log.to_lowercase().contains("ssl_read"), "{log}");
 }
+
+/// The daemon keeps its SMTP connection for the next mail, but not for
+/// ever: after 30 s without mail the session is ended with QUIT (not
+/// left for the server to time out), while the daemon runs on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_kept_session_is_ended_with_quit_while_the_daemon_runs() {
+    let s = Setup::new(&["support", "tier2", "gina"], "");
+    let mut d = s.daemon();
+    s.stack.deliver_maildir(
+        "support",
+        &mail(
+            &MailStack::addr("gina"),
+            &MailStack::addr("support"),
+            "Kept connection",
+            "gina-1@example.org",
+            "",
+            "Hello.",
+        ),
+        1,
+    );
+    assert_eq!(
+        s.stack
+            .wait_for("gina", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    // Sent, the session kept open: no disconnect of ours yet.
+    assert!(sessions(&s.stack).is_empty(), "{:?}", sessions(&s.stack));
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    while sessions(&s.stack).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(d.alive(), "the daemon runs on");
+    let lines = sessions(&s.stack);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(count(&lines[0], "quit"), 1, "ended with QUIT: {}", lines[0]);
+    assert!(!lines[0].contains("timeout"), "{}", lines[0]);
+    let out = d.stop();
+    assert!(out.status.success());
+}
