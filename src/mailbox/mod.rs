@@ -10,7 +10,11 @@
 
 #[cfg(test)]
 mod fake;
+mod fetch;
+mod folder;
 pub mod imap;
+#[cfg(test)]
+mod memfolder;
 #[cfg(test)]
 mod tests;
 
@@ -18,23 +22,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, MailboxConfig};
 use crate::ingest::{Ingestor, Item, Outcome, Source};
 use crate::store::{Fence, StoreError};
 use crate::wake::Wakers;
+use fetch::{Step, Troubles, FETCH_ATTEMPTS};
+use folder::{Folder, ImapFolder};
 use imap::{timed, ImapError, ImapSession};
 
 /// RFC 2177: re-issue IDLE before 29 minutes.
 const IDLE_RENEW: Duration = Duration::from_secs(25 * 60);
-/// UIDs per FETCH round, and most bytes fetched in one round.
-const CHUNK: usize = 200;
-/// Tries at fetching one message the server will not give, before it is
-/// quarantined with the server's words (and the cursor may pass it).
-const FETCH_ATTEMPTS: u32 = 3;
-const CHUNK_BYTES: u64 = 32 << 20;
 /// Most message bytes one ingest transaction holds before it commits.
 const TX_BYTES: usize = 1 << 20;
 /// How long a sent folder the server does not have is not asked for.
@@ -95,8 +94,8 @@ pub struct Watcher {
     /// Told after each committed batch, so acks go out at once and the
     /// scheduler sees new deadlines.
     pub wake: Arc<Wakers>,
-    /// Per folder: where fetching last broke (see [`Trouble`]).
-    trouble: Mutex<HashMap<String, Trouble>>,
+    /// Per folder: where fetching last broke (see [`fetch`]).
+    troubles: Troubles,
     /// On a shared store: the lease this node watches the mailbox under;
     /// every ingest transaction commits only while it is held.
     fence: Option<Fence>,
@@ -124,7 +123,7 @@ impl Watcher {
             queue: queue.to_string(),
             ingestor,
             wake,
-            trouble: Mutex::new(HashMap::new()),
+            troubles: Troubles::default(),
             fence: None,
             missing_sent: Mutex::new(None),
             renumbered: Mutex::new(HashMap::new()),
@@ -167,7 +166,11 @@ impl Watcher {
                     }
                 }
             };
-            let result = self.pass(&mut s, cancel, &mut report).await;
+            let mut folder = ImapFolder {
+                ep: &self.mailbox().endpoint,
+                session: &mut s,
+            };
+            let result = self.pass(&mut folder, cancel, &mut report).await;
             let result = match result {
                 Ok(Some(missing)) => Err(WatchError::Imap(missing)),
                 Ok(None) => Ok(()),
@@ -201,11 +204,7 @@ impl Watcher {
     }
 
     fn in_trouble(&self) -> bool {
-        !self
-            .trouble
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        self.troubles.any()
     }
 
     /// Watches until cancelled. Server trouble and store failures are
@@ -294,7 +293,11 @@ impl Watcher {
         let wait = IDLE_RENEW.min(self.mailbox().poll_interval);
         loop {
             let mut report = PassReport::default();
-            if let Some(missing) = self.pass(&mut s, cancel, &mut report).await? {
+            let mut folder = ImapFolder {
+                ep,
+                session: &mut s,
+            };
+            if let Some(missing) = self.pass(&mut folder, cancel, &mut report).await? {
                 self.missing_sent_once(missing);
             }
             *failures = 0;
@@ -343,14 +346,14 @@ impl Watcher {
     /// Sent folder (agents' answers) when one is configured, adding to
     /// `report` as messages are stored. A sent folder the server does not
     /// have is returned rather than failed: the inbox goes on being read.
-    async fn pass(
+    async fn pass<F: Folder>(
         &self,
-        s: &mut ImapSession,
+        f: &mut F,
         cancel: &CancellationToken,
         report: &mut PassReport,
     ) -> Result<Option<ImapError>, WatchError> {
         let inbox = self.mailbox().folder.clone();
-        self.pass_folder(s, &inbox, false, cancel, report).await?;
+        self.pass_folder(f, &inbox, false, cancel, report).await?;
         let Some(sent) = self.mailbox().sent_folder.clone() else {
             return Ok(None);
         };
@@ -360,7 +363,7 @@ impl Watcher {
                 return Ok(None);
             }
         }
-        let missing = match self.pass_folder(s, &sent, true, cancel, report).await {
+        let missing = match self.pass_folder(f, &sent, true, cancel, report).await {
             Ok(()) => {
                 *self.missing_sent.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 None
@@ -369,9 +372,14 @@ impl Watcher {
             Err(e) => return Err(e),
         };
         // IDLE watches the inbox: select it again.
-        let ep = &self.mailbox().endpoint;
-        imap::select(ep, s, &inbox, &format!("{}.folder", ep.section)).await?;
+        f.select(&inbox, &self.folder_key(false)).await?;
         Ok(missing)
+    }
+
+    /// The config key naming the inbox or the sent folder, for errors.
+    fn folder_key(&self, sent: bool) -> String {
+        let key = if sent { "sent_folder" } else { "folder" };
+        format!("{}.{key}", self.mailbox().endpoint.section)
     }
 
     /// Logs a missing sent folder once (and again if it changes), and
@@ -389,173 +397,66 @@ impl Watcher {
         *seen = Some((text, std::time::Instant::now()));
     }
 
-    /// Fetches and ingests every message of `folder` past its cursor.
-    async fn pass_folder(
+    /// Fetches and ingests every message of `folder` past its cursor, in
+    /// the steps [`fetch`] plans. Counted straight into the caller's
+    /// report, so what was stored stays counted when a later step fails.
+    async fn pass_folder<F: Folder>(
         &self,
-        s: &mut ImapSession,
-        folder: &String,
+        f: &mut F,
+        folder: &str,
         sent: bool,
         cancel: &CancellationToken,
-        total: &mut PassReport,
+        report: &mut PassReport,
     ) -> Result<(), WatchError> {
-        let ep = &self.mailbox().endpoint;
-        // Counted straight into the caller's report, so what was stored
-        // stays counted when a later step fails.
-        let before = *total;
-        let report = total;
-        let key = if sent { "sent_folder" } else { "folder" };
-        let mbox = imap::select(ep, s, folder, &format!("{}.{key}", ep.section)).await?;
-        let validity = mbox.uid_validity.unwrap_or(0);
-        let store = &self.ingestor.store;
-        let cursor = store.cursor(&self.queue, folder)?;
-        let renumbered = match &cursor {
-            Some(c) if c.uid_validity != validity => Some(c.uid_validity),
-            _ => None,
-        };
-        let start = match cursor {
-            Some(c) if c.uid_validity == validity => c.last_uid.saturating_add(1),
-            Some(c) => {
-                tracing::warn!(folder = %folder, old = c.uid_validity, new = validity, "the server gave the folder a new UIDVALIDITY (its messages were renumbered, or the folder was re-created); re-scanning it: stored messages are recognised and not ingested twice");
-                1
-            }
-            None => 1,
-        };
-        if mbox.exists == 0 {
+        let before = *report;
+        let selected = f.select(folder, &self.folder_key(sent)).await?;
+        let validity = selected.uid_validity;
+        let (start, renumbered) = self.start_at(folder, validity)?;
+        if selected.exists == 0 {
             return Ok(());
         }
-        let found = timed(
-            ep,
-            "UID SEARCH",
-            s.uid_search(format!("UID {start}:*")),
-            |e| ImapError::Protocol("UID SEARCH", e),
-        )
-        .await?;
-        // `n:*` matches the last message even when n is past it.
-        let mut uids: Vec<u32> = found.into_iter().filter(|u| *u >= start).collect();
-        uids.sort_unstable();
+        let uids = fetch::new_uids(f.uids_from(start).await?, start);
+        let src = |uid| Source {
+            queue: self.queue.clone(),
+            folder: folder.to_string(),
+            uid_validity: validity,
+            uid,
+            sent,
+            cursor: true,
+        };
         let mut rest: &[u32] = &uids;
-        while !rest.is_empty() {
-            if cancel.is_cancelled() {
-                break;
-            }
-            // Near a message that broke earlier fetches: one at a time,
-            // and one that failed alone too often is quarantined.
-            let trouble = self.trouble(folder, validity);
-            if let Some(t) = trouble.as_ref().filter(|t| t.stuck_on(rest[0])) {
-                let src = Source {
-                    queue: self.queue.clone(),
-                    folder: folder.clone(),
-                    uid_validity: validity,
-                    uid: rest[0],
-                    sent,
-                    cursor: true,
-                };
-                let why = format!("the server would not FETCH uid {}: {}", rest[0], t.error);
-                tracing::error!(uid = rest[0], error = %t.error, "fetching this message failed {FETCH_ATTEMPTS} times; quarantined");
-                self.ingestor
-                    .quarantine_unfetched(&src, &why, self.fence.as_ref())?;
-                report.quarantined += 1;
-                self.clear_trouble(folder);
-                rest = &rest[1..];
-                continue;
-            }
-            let n = match &trouble {
-                Some(t) if rest[0] <= t.until => 1,
-                _ => CHUNK.min(rest.len()),
+        while !rest.is_empty() && !cancel.is_cancelled() {
+            let n = match self.troubles.step(folder, validity, rest) {
+                Step::GiveUp(error) => {
+                    let why = format!("the server would not FETCH uid {}: {error}", rest[0]);
+                    tracing::error!(uid = rest[0], error = %error, "fetching this message failed {FETCH_ATTEMPTS} times; quarantined");
+                    self.ingestor
+                        .quarantine_unfetched(&src(rest[0]), &why, self.fence.as_ref())?;
+                    report.quarantined += 1;
+                    self.troubles.gave_up(folder);
+                    rest = &rest[1..];
+                    continue;
+                }
+                Step::Fetch(n) => n,
             };
             let (chunk, after) = rest.split_at(n);
             rest = after;
             // When these messages were first seen: the start of the
             // ingest latency metric.
             let seen = std::time::Instant::now();
-            let Fetched { bodies, refused } = match self.fetch_chunk(s, chunk).await {
-                Ok(f) => f,
+            let max = self.mailbox().max_message_size;
+            let got = match fetch::chunk(f, chunk, max).await {
+                Ok(got) => got,
                 Err(e) => {
-                    self.note_trouble(folder, validity, chunk, &e);
-                    return Err(e);
+                    self.troubles.failed(folder, validity, chunk, &e);
+                    return Err(e.into());
                 }
             };
             if n == 1 {
-                self.clear_trouble_at(folder, chunk[0]);
+                self.troubles.fetched(folder, chunk[0]);
             }
-            // In UID order, so the cursor only ever moves forward over
-            // messages that are stored.
-            let src = |uid| Source {
-                queue: self.queue.clone(),
-                folder: folder.clone(),
-                uid_validity: validity,
-                uid,
-                sent,
-                cursor: true,
-            };
-            let mut items = Vec::with_capacity(chunk.len());
-            for &uid in chunk {
-                match (bodies.get(&uid), refused.get(&uid)) {
-                    (Some((raw, truncated)), _) => {
-                        report.fetched += 1;
-                        items.push((
-                            src(uid),
-                            Item::Bytes {
-                                raw,
-                                truncated: *truncated,
-                            },
-                        ));
-                    }
-                    // The server keeps refusing this one message: kept in
-                    // quarantine with its words, so the rest go on and
-                    // the cursor passes nothing unrecorded.
-                    (None, Some(why)) => items.push((src(uid), Item::Refused(why))),
-                    (None, None) => {} // expunged meanwhile
-                }
-            }
-            // One transaction per few MB: the transaction holds its
-            // messages' bytes until it commits.
-            let mut outcomes = Vec::with_capacity(items.len());
-            let mut start = 0;
-            while start < items.len() {
-                let mut end = start;
-                let mut bytes = 0;
-                while end < items.len() && (end == start || bytes < TX_BYTES) {
-                    if let Item::Bytes { raw, .. } = items[end].1 {
-                        bytes += raw.len();
-                    }
-                    end += 1;
-                }
-                outcomes.extend(
-                    self.ingestor
-                        .ingest_batch_fenced(&items[start..end], self.fence.as_ref())?,
-                );
-                start = end;
-            }
-            let m = &crate::metrics::METRICS;
-            for outcome in outcomes {
-                let label = match outcome {
-                    Outcome::Stored { new, .. } => {
-                        report.stored += 1;
-                        report.new_cases += new as usize;
-                        m.ingest_latency.observe(seen.elapsed());
-                        "stored"
-                    }
-                    Outcome::Confirmed { .. } => {
-                        report.duplicates += 1;
-                        "own_copy"
-                    }
-                    Outcome::Duplicate | Outcome::AlreadyDone => {
-                        report.duplicates += 1;
-                        "duplicate"
-                    }
-                    Outcome::Quarantined { .. } => {
-                        report.quarantined += 1;
-                        "quarantined"
-                    }
-                    Outcome::Refetch { .. } => "refetch",
-                    Outcome::Bounce { .. } => "bounce",
-                };
-                m.ingested.inc(&[("outcome", label)]);
-                m.queue_ingested
-                    .inc(&[("queue", &self.queue), ("outcome", label)]);
-            }
-            store.flush_async().await?;
+            self.ingest_chunk(chunk, &got, &src, seen, report)?;
+            self.ingestor.store.flush_async().await?;
             self.wake.both();
         }
         let report = report.since(&before);
@@ -571,6 +472,97 @@ impl Watcher {
             );
         }
         Ok(())
+    }
+
+    /// The first UID to fetch in `folder`, and the old UIDVALIDITY when
+    /// the server renumbered the folder since the cursor was stored.
+    fn start_at(&self, folder: &str, validity: u32) -> Result<(u32, Option<u32>), StoreError> {
+        Ok(match self.ingestor.store.cursor(&self.queue, folder)? {
+            Some(c) if c.uid_validity == validity => (c.last_uid.saturating_add(1), None),
+            Some(c) => {
+                tracing::warn!(folder = %folder, old = c.uid_validity, new = validity, "the server gave the folder a new UIDVALIDITY (its messages were renumbered, or the folder was re-created); re-scanning it: stored messages are recognised and not ingested twice");
+                (1, Some(c.uid_validity))
+            }
+            None => (1, None),
+        })
+    }
+
+    /// Ingests what one chunk brought, in UID order (so the cursor only
+    /// ever moves forward over messages that are stored), one transaction
+    /// per [`TX_BYTES`] (a transaction holds its messages' bytes until it
+    /// commits).
+    fn ingest_chunk(
+        &self,
+        chunk: &[u32],
+        got: &fetch::Fetched,
+        src: &dyn Fn(u32) -> Source,
+        seen: std::time::Instant,
+        report: &mut PassReport,
+    ) -> Result<(), StoreError> {
+        let mut items = Vec::with_capacity(chunk.len());
+        for &uid in chunk {
+            match (got.bodies.get(&uid), got.refused.get(&uid)) {
+                (Some((raw, truncated)), _) => {
+                    report.fetched += 1;
+                    let truncated = *truncated;
+                    items.push((src(uid), Item::Bytes { raw, truncated }));
+                }
+                // The server keeps refusing this one message: kept in
+                // quarantine with its words, so the rest go on and the
+                // cursor passes nothing unrecorded.
+                (None, Some(why)) => items.push((src(uid), Item::Refused(why))),
+                (None, None) => {} // expunged meanwhile
+            }
+        }
+        let mut start = 0;
+        while start < items.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < items.len() && (end == start || bytes < TX_BYTES) {
+                if let Item::Bytes { raw, .. } = items[end].1 {
+                    bytes += raw.len();
+                }
+                end += 1;
+            }
+            let outcomes = self
+                .ingestor
+                .ingest_batch_fenced(&items[start..end], self.fence.as_ref())?;
+            for outcome in outcomes {
+                self.count(outcome, seen, report);
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Counts one ingest outcome in the pass's report and the metrics.
+    fn count(&self, outcome: Outcome, seen: std::time::Instant, report: &mut PassReport) {
+        let m = &crate::metrics::METRICS;
+        let label = match outcome {
+            Outcome::Stored { new, .. } => {
+                report.stored += 1;
+                report.new_cases += new as usize;
+                m.ingest_latency.observe(seen.elapsed());
+                "stored"
+            }
+            Outcome::Confirmed { .. } => {
+                report.duplicates += 1;
+                "own_copy"
+            }
+            Outcome::Duplicate | Outcome::AlreadyDone => {
+                report.duplicates += 1;
+                "duplicate"
+            }
+            Outcome::Quarantined { .. } => {
+                report.quarantined += 1;
+                "quarantined"
+            }
+            Outcome::Refetch { .. } => "refetch",
+            Outcome::Bounce { .. } => "bounce",
+        };
+        m.ingested.inc(&[("outcome", label)]);
+        m.queue_ingested
+            .inc(&[("queue", &self.queue), ("outcome", label)]);
     }
 
     /// A folder re-scanned after a new UIDVALIDITY that held nothing new,
@@ -591,304 +583,4 @@ impl Watcher {
             None => {}
         }
     }
-
-    async fn sizes(
-        &self,
-        s: &mut ImapSession,
-        uids: &[u32],
-    ) -> Result<HashMap<u32, u32>, WatchError> {
-        let ep = &self.mailbox().endpoint;
-        let set = uid_set(uids);
-        let fetches = timed(
-            ep,
-            "UID FETCH",
-            async {
-                s.uid_fetch(&set, "(UID RFC822.SIZE)")
-                    .await?
-                    .try_collect::<Vec<_>>()
-                    .await
-            },
-            |e| ImapError::Protocol("UID FETCH", e),
-        )
-        .await?;
-        Ok(fetches
-            .iter()
-            .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
-            .collect())
-    }
-
-    /// Sizes, then bytes of one chunk (headers only over the size limit).
-    async fn fetch_chunk(&self, s: &mut ImapSession, chunk: &[u32]) -> Result<Fetched, WatchError> {
-        let sizes = match self.sizes(s, chunk).await {
-            // The server refused the sizes of this chunk (a message it
-            // cannot read): take them one by one; one it refuses counts as
-            // small and meets the same refusal when fetched.
-            Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {
-                let mut each = HashMap::new();
-                for &uid in chunk {
-                    match self.sizes(s, &[uid]).await {
-                        Ok(one) => each.extend(one),
-                        Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                each
-            }
-            other => other?,
-        };
-        let max = self.mailbox().max_message_size;
-        let mut group: Vec<u32> = Vec::new();
-        let mut bytes = 0u64;
-        let mut groups = Vec::new();
-        for &uid in chunk {
-            let size = sizes.get(&uid).copied().unwrap_or(0) as u64;
-            if size > max {
-                continue;
-            }
-            if !group.is_empty() && bytes + size > CHUNK_BYTES {
-                groups.push(std::mem::take(&mut group));
-                bytes = 0;
-            }
-            bytes += size;
-            group.push(uid);
-        }
-        if !group.is_empty() {
-            groups.push(group);
-        }
-        let mut got = Fetched::default();
-        for g in groups {
-            self.fetch_each(s, &g, "BODY.PEEK[]", None, &mut got)
-                .await?;
-        }
-        for &uid in chunk {
-            let size = sizes.get(&uid).copied().unwrap_or(0) as u64;
-            if size > max {
-                self.fetch_each(s, &[uid], "BODY.PEEK[HEADER]", Some(size), &mut got)
-                    .await?;
-            }
-        }
-        Ok(got)
-    }
-
-    /// Where fetching `folder` last broke, if it is still stuck there.
-    fn trouble(&self, folder: &str, validity: u32) -> Option<Trouble> {
-        let map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(folder).filter(|t| t.validity == validity).cloned()
-    }
-
-    /// Counts a failed fetch of `chunk`. A chunk that failed
-    /// [`FETCH_ATTEMPTS`] times is then fetched one UID at a time; a
-    /// single UID that failed as often is quarantined on the next pass.
-    fn note_trouble(&self, folder: &str, validity: u32, chunk: &[u32], e: &WatchError) {
-        let mut map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
-        let first = chunk[0];
-        let last = chunk[chunk.len() - 1];
-        let t = map.entry(folder.to_string()).or_insert(Trouble {
-            validity,
-            at: first,
-            until: 0,
-            failures: 0,
-            error: String::new(),
-        });
-        if t.validity != validity {
-            t.validity = validity;
-            t.until = 0;
-        }
-        if t.at != first {
-            t.at = first;
-            t.failures = 0;
-        }
-        t.failures += 1;
-        t.error = crate::error_chain(e);
-        if chunk.len() > 1 && t.failures >= FETCH_ATTEMPTS {
-            t.until = t.until.max(last);
-            t.failures = 0;
-        }
-    }
-
-    fn clear_trouble(&self, folder: &str) {
-        let mut map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = map.get_mut(folder) {
-            t.failures = 0;
-        }
-    }
-
-    /// A single UID came through: the failures counted were elsewhere.
-    fn clear_trouble_at(&self, folder: &str, uid: u32) {
-        let mut map = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = map.get_mut(folder) {
-            if t.at == uid {
-                t.failures = 0;
-            }
-            if uid >= t.until {
-                map.remove(folder);
-            }
-        }
-    }
-
-    /// Fetches `uids` into `got`. When the server refuses the set, or
-    /// answers without a message's bytes, each missing UID is fetched on
-    /// its own, up to [`FETCH_ATTEMPTS`] times; one it still will not
-    /// give (and has not expunged) goes to `got.refused` with its words.
-    /// Connection trouble is returned as an error: the pass is retried.
-    async fn fetch_each(
-        &self,
-        s: &mut ImapSession,
-        uids: &[u32],
-        what: &str,
-        truncated: Option<u64>,
-        got: &mut Fetched,
-    ) -> Result<(), WatchError> {
-        let mut why = "the server's FETCH answer held no message".to_string();
-        match self.fetch(s, uids, what).await {
-            Ok(v) => got
-                .bodies
-                .extend(v.into_iter().map(|(u, raw)| (u, (raw, truncated)))),
-            Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {
-                why = e.to_string();
-                tracing::warn!(uids = uids.len(), error = %why, "the server refused a FETCH; fetching one message at a time");
-            }
-            Err(e) => return Err(e),
-        }
-        for &uid in uids {
-            if got.bodies.contains_key(&uid) {
-                continue;
-            }
-            let mut body = None;
-            for _ in 0..FETCH_ATTEMPTS {
-                match self.fetch(s, &[uid], what).await {
-                    Ok(mut v) if !v.is_empty() => {
-                        body = v.pop().map(|(_, raw)| raw);
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(WatchError::Imap(ImapError::Protocol(_, e))) if refusal(&e) => {
-                        why = e.to_string();
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            match body {
-                Some(raw) => {
-                    got.bodies.insert(uid, (raw, truncated));
-                }
-                None if self.exists(s, uid).await? => {
-                    tracing::error!(uid, error = %why, "the server will not give this message; quarantined");
-                    got.refused
-                        .insert(uid, format!("the server would not FETCH uid {uid}: {why}"));
-                }
-                None => {} // expunged meanwhile
-            }
-        }
-        Ok(())
-    }
-
-    /// Is `uid` still in the selected folder?
-    async fn exists(&self, s: &mut ImapSession, uid: u32) -> Result<bool, WatchError> {
-        let ep = &self.mailbox().endpoint;
-        let found = timed(ep, "UID SEARCH", s.uid_search(format!("UID {uid}")), |e| {
-            ImapError::Protocol("UID SEARCH", e)
-        })
-        .await?;
-        Ok(found.contains(&uid))
-    }
-
-    async fn fetch(
-        &self,
-        s: &mut ImapSession,
-        uids: &[u32],
-        what: &str,
-    ) -> Result<Vec<(u32, Vec<u8>)>, WatchError> {
-        let ep = &self.mailbox().endpoint;
-        let set = uid_set(uids);
-        let query = format!("(UID {what})");
-        // Drain the whole response before the next command.
-        let fetches = timed(
-            ep,
-            "UID FETCH",
-            async {
-                s.uid_fetch(&set, &query)
-                    .await?
-                    .try_collect::<Vec<_>>()
-                    .await
-            },
-            |e| ImapError::Protocol("UID FETCH", e),
-        )
-        .await?;
-        let wanted: std::collections::HashSet<u32> = uids.iter().copied().collect();
-        Ok(fetches
-            .iter()
-            .filter_map(|f| {
-                let uid = f.uid?;
-                if !wanted.contains(&uid) {
-                    return None;
-                }
-                let raw = f.body().or_else(|| f.header())?;
-                Some((uid, raw.to_vec()))
-            })
-            .collect())
-    }
-}
-
-/// Where fetching a folder broke the connection (a message the server
-/// cannot read may make it hang up): kept across reconnects, so the
-/// watcher narrows down to the message instead of failing forever.
-#[derive(Debug, Clone)]
-struct Trouble {
-    validity: u32,
-    /// The first UID of the fetch that failed.
-    at: u32,
-    /// Up to this UID, fetch one message at a time.
-    until: u32,
-    /// Failed fetches in a row starting at `at`.
-    failures: u32,
-    error: String,
-}
-
-impl Trouble {
-    /// Has fetching `uid` alone failed often enough to give up on it?
-    fn stuck_on(&self, uid: u32) -> bool {
-        self.at == uid && uid <= self.until && self.failures >= FETCH_ATTEMPTS
-    }
-}
-
-/// What a FETCH round brought: bytes (with the real size when only the
-/// headers were fetched), and the UIDs the server refused, with its words.
-#[derive(Default)]
-struct Fetched {
-    bodies: HashMap<u32, (Vec<u8>, Option<u64>)>,
-    refused: HashMap<u32, String>,
-}
-
-/// The server answered NO or BAD: it refuses this command, the
-/// connection itself is fine.
-fn refusal(e: &async_imap::error::Error) -> bool {
-    matches!(
-        e,
-        async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_)
-    )
-}
-
-/// `1,3,5:9` from sorted UIDs.
-pub fn uid_set(uids: &[u32]) -> String {
-    let mut out = String::new();
-    let mut i = 0;
-    while i < uids.len() {
-        let start = uids[i];
-        let mut end = start;
-        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
-            i += 1;
-            end = uids[i];
-        }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if start == end {
-            out.push_str(&start.to_string());
-        } else {
-            out.push_str(&format!("{start}:{end}"));
-        }
-        i += 1;
-    }
-    out
 }

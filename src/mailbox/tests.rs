@@ -80,6 +80,15 @@ async fn until(mut done: impl FnMut() -> bool) -> Option<Duration> {
     None
 }
 
+/// Message `n` with its body padded to about `size` bytes.
+pub(super) fn mail_of_size(n: u32, size: usize) -> Vec<u8> {
+    let mut raw = mail(n);
+    while raw.len() < size {
+        raw.extend_from_slice(b"padding padding padding padding padding padding padding.\r\n");
+    }
+    raw
+}
+
 fn mail(n: u32) -> Vec<u8> {
     format!(
         "From: customer{n}@example.org\r\nTo: support@example.test\r\nSubject: question {n}\r\n\
@@ -290,6 +299,79 @@ async fn one_renumbering_of_two_folders_is_not_a_renumbering_server() {
 
 #[test]
 fn uid_sets() {
-    assert_eq!(super::uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
-    assert_eq!(super::uid_set(&[4]), "4");
+    assert_eq!(super::folder::uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+    assert_eq!(super::folder::uid_set(&[4]), "4");
+}
+
+/// The whole planning over a folder in memory: a server that hangs up
+/// whenever message 250 is in a FETCH. The daemon reconnects and passes
+/// again; within a few passes the chunk is narrowed to single UIDs, 250
+/// is quarantined with the server's words, and every other message is
+/// stored once, with the cursor past the last.
+#[tokio::test]
+async fn a_message_that_breaks_the_connection_is_narrowed_down_and_set_aside() {
+    use super::memfolder::MemFolder;
+    let dir = tempfile::tempdir().unwrap();
+    let w = watcher(dir.path(), "", &FakeServer::new(&["INBOX"]));
+    let mut f = MemFolder::with(450, 300);
+    f.hang_up.insert(250);
+    let cancel = CancellationToken::new();
+    let mut report = super::PassReport::default();
+    let mut passes = 0;
+    loop {
+        passes += 1;
+        assert!(passes <= 20, "still failing after 20 passes: {:?}", f.log);
+        match w
+            .pass_folder(&mut f, "INBOX", false, &cancel, &mut report)
+            .await
+        {
+            Ok(()) => break,
+            Err(WatchError::Imap(ImapError::Closed)) => continue,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let fetches = f.fetches();
+    let chunks: Vec<usize> = fetches.iter().map(|(_, u)| u.len()).collect();
+    assert_eq!(chunks[0], 200, "a first whole chunk");
+    // 201..=400 failed whole three times, then went one at a time.
+    let whole_second = fetches
+        .iter()
+        .filter(|(_, u)| u.first() == Some(&201) && u.len() == 200)
+        .count();
+    assert_eq!(whole_second, 3, "{chunks:?}");
+    let alone_250 = fetches.iter().filter(|(_, u)| u == &vec![250]).count();
+    assert_eq!(alone_250, 3, "{chunks:?}");
+    for uid in (201..=249).chain(251..=400) {
+        assert!(fetches.iter().any(|(_, u)| u == &vec![uid]), "{uid} alone");
+    }
+    assert_eq!(
+        fetches.last().map(|(_, u)| (u[0], u.len())),
+        Some((401, 50)),
+        "whole chunks again after the troubled range"
+    );
+    assert_eq!(report.stored, 449);
+    assert_eq!(report.quarantined, 1);
+    let store = &w.ingestor.store;
+    assert_eq!(store.cases().filter(|c| c.is_ok()).count(), 449);
+    let q: Vec<_> = store.quarantined().collect::<Result<_, _>>().unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].uid, 250);
+    assert!(
+        q[0].error.contains("uid 250") && q[0].error.contains("closed the connection"),
+        "{:?}",
+        q[0].error
+    );
+    assert_eq!(
+        store
+            .cursor("default", "INBOX")
+            .unwrap()
+            .map(|c| c.last_uid),
+        Some(450)
+    );
+    // The next pass asks only for what is past the cursor.
+    f.log.clear();
+    w.pass_folder(&mut f, "INBOX", false, &cancel, &mut report)
+        .await
+        .unwrap();
+    assert_eq!(f.log, vec!["SEARCH 451".to_string()]);
 }
