@@ -12,18 +12,8 @@ use crate::config::Config;
 use crate::policy::{self, Ctx, Role};
 use crate::thread::{self, Lookup, Parties};
 
+/// Appended to the loopback connections of [`crate::fixture`].
 const CONFIG: &str = r#"
-[mailbox]
-host = "127.0.0.1"
-security = "plain"
-username = "s"
-password = "p"
-[smtp]
-host = "127.0.0.1"
-security = "plain"
-from = "Support <support@example.test>"
-[store]
-path = "/nonexistent"
 [calendar]
 timezone = "Europe/Berlin"
 hours = ["mon-fri 09:00-17:30"]
@@ -76,7 +66,10 @@ impl Lookup for Memory {
 /// Runs `data` through parse, thread and policy, twice: as a first
 /// message and as a reply in the case the first one opened.
 pub fn parse_thread(data: &[u8]) {
-    let Ok(config) = Config::parse(CONFIG, Path::new("/fuzz.toml")) else {
+    let Ok(config) = Config::parse(
+        &crate::fixture::config_text(Path::new("/nonexistent"), "", CONFIG),
+        Path::new("/fuzz.toml"),
+    ) else {
         return;
     };
     let now = DateTime::from_timestamp(1_795_000_000, 0).unwrap_or_default();

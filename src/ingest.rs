@@ -247,27 +247,42 @@ impl Ingestor {
             return Ok(Outcome::AlreadyDone);
         }
         let now = self.clock.now();
-        let outcome = match item {
-            Item::Refused(why) => self.quarantine(tx, src, &[], why, now, true)?,
-            Item::Bytes { raw, truncated } => {
-                let before = tx.savepoint();
-                let planned =
-                    catch_unwind(AssertUnwindSafe(|| self.plan(tx, src, raw, truncated, now)));
-                // Anything but a store failure quarantines the message:
-                // what the failed plan wrote is undone, the rest goes on.
-                let why = match planned {
-                    Ok(Ok(outcome)) => {
-                        self.advance_cursor(tx, src)?;
-                        return Ok(outcome);
-                    }
-                    Ok(Err(EffectsError::Store(e))) => return Err(e),
-                    Ok(Err(e)) => format!("error while processing: {}", crate::error_chain(&e)),
-                    Err(panic) => panic_text(&panic),
-                };
-                tx.rollback(before);
-                self.quarantine(tx, src, raw, &why, now, false)?
+        match item {
+            Item::Refused(why) => {
+                let outcome = self.quarantine(tx, src, &[], why, now, true)?;
+                self.advance_cursor(tx, src)?;
+                Ok(outcome)
             }
+            Item::Bytes { raw, truncated } => self.guarded(tx, src, raw, now, &mut |tx| {
+                self.plan(tx, src, raw, truncated, now)
+            }),
+        }
+    }
+
+    /// Runs `plan` for one message as a unit that cannot stop the
+    /// mailbox: anything but a store failure (an error, a panic)
+    /// quarantines the message, what the failed plan wrote is undone, and
+    /// the rest of the transaction goes on.
+    fn guarded(
+        &self,
+        tx: &mut Tx<'_>,
+        src: Option<&Source>,
+        raw: &[u8],
+        now: DateTime<Utc>,
+        plan: &mut dyn FnMut(&mut Tx<'_>) -> Result<Outcome, EffectsError>,
+    ) -> Result<Outcome, StoreError> {
+        let before = tx.savepoint();
+        let why = match catch_unwind(AssertUnwindSafe(|| plan(tx))) {
+            Ok(Ok(outcome)) => {
+                self.advance_cursor(tx, src)?;
+                return Ok(outcome);
+            }
+            Ok(Err(EffectsError::Store(e))) => return Err(e),
+            Ok(Err(e)) => format!("error while processing: {}", crate::error_chain(&e)),
+            Err(panic) => panic_text(&panic),
         };
+        tx.rollback(before);
+        let outcome = self.quarantine(tx, src, raw, &why, now, false)?;
         self.advance_cursor(tx, src)?;
         Ok(outcome)
     }
@@ -342,8 +357,6 @@ impl Ingestor {
     ) -> Result<Outcome, EffectsError> {
         let snapshot = self.config.get();
         let config = &*snapshot;
-        #[cfg(test)]
-        tests::maybe_panic();
         let mail = message::parse(raw);
         if let Some(id) = self.own_copy(tx, &mail)? {
             return Ok(Outcome::Confirmed { outbox_id: id });
@@ -696,19 +709,28 @@ pub(crate) mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::store::Store;
-    use std::cell::Cell;
     use std::path::Path;
     use std::sync::Arc;
 
-    thread_local! {
-        static PANIC: Cell<bool> = const { Cell::new(false) };
+    /// Ingests `raw` as `src` in `tx` with a planning step that panics,
+    /// as a bug would: through the same guard as every message, so the
+    /// tests need no hook inside the ingest code.
+    fn ingest_buggy(
+        ing: &Ingestor,
+        tx: &mut Tx<'_>,
+        src: &Source,
+        raw: &[u8],
+    ) -> Result<Outcome, StoreError> {
+        let now = ing.clock.now();
+        ing.guarded(tx, Some(src), raw, now, &mut |_| {
+            panic!("test-induced failure")
+        })
     }
 
-    /// Lets a test make the next message's processing panic.
-    pub(super) fn maybe_panic() {
-        if PANIC.with(|p| p.replace(false)) {
-            panic!("test-induced failure");
-        }
+    fn ingest_buggy_alone(ing: &Ingestor, src: &Source, raw: &[u8]) -> Outcome {
+        ing.store
+            .transact(|tx| ingest_buggy(ing, tx, src, raw))
+            .unwrap()
     }
 
     pub(crate) fn setup(dir: &Path) -> (Ingestor, Arc<ManualClock>) {
@@ -983,24 +1005,18 @@ In-Reply-To: <m1@x>\r\n\r\nmore\r\n"
         // A panic in the middle of a batch quarantines that message only.
         let fourth = mail(5);
         let sixth = mail(6);
-        PANIC.with(|p| p.set(true));
         let out = ing
-            .ingest_batch(&[
-                (
-                    src(1, 5),
-                    Item::Bytes {
-                        raw: &fourth,
-                        truncated: None,
-                    },
-                ),
-                (
-                    src(1, 6),
-                    Item::Bytes {
-                        raw: &sixth,
-                        truncated: None,
-                    },
-                ),
-            ])
+            .store
+            .transact(|tx| {
+                let sixth = Item::Bytes {
+                    raw: &sixth,
+                    truncated: None,
+                };
+                Ok::<_, StoreError>(vec![
+                    ingest_buggy(&ing, tx, &src(1, 5), &fourth)?,
+                    ing.ingest_one(tx, Some(&src(1, 6)), sixth)?,
+                ])
+            })
             .unwrap();
         assert!(matches!(out[0], Outcome::Quarantined { .. }), "{out:?}");
         assert!(
@@ -1015,8 +1031,7 @@ In-Reply-To: <m1@x>\r\n\r\nmore\r\n"
     fn a_panic_quarantines_the_message_and_the_next_one_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let (ing, _) = setup(dir.path());
-        PANIC.with(|p| p.set(true));
-        let out = ing.ingest(Some(&src(1, 1)), &mail(1), None).unwrap();
+        let out = ingest_buggy_alone(&ing, &src(1, 1), &mail(1));
         let Outcome::Quarantined { id } = out else {
             panic!("{out:?}")
         };
@@ -1060,10 +1075,9 @@ In-Reply-To: <m1@x>\r\n\r\nmore\r\n"
             sent: true,
             ..src(1, 1)
         };
-        PANIC.with(|p| p.set(true));
         let agent = b"From: Support <support@example.test>\r\nTo: Bob <bob@example.org>\r\n\
 Subject: About your order\r\nMessage-ID: <out1@x>\r\n\r\nYour order shipped.\r\n";
-        let Outcome::Quarantined { id } = ing.ingest(Some(&sent), agent, None).unwrap() else {
+        let Outcome::Quarantined { id } = ingest_buggy_alone(&ing, &sent, agent) else {
             panic!("not quarantined")
         };
         let q = ing.store.quarantine_entry(id).unwrap().unwrap();

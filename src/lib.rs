@@ -71,6 +71,8 @@ pub mod fault;
 /// The fuzz target's entry (fuzz/): built for tests and with the
 /// `fuzzing` feature only, not into the daemon.
 #[cfg(any(test, feature = "fuzzing"))]
+mod fixture;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod handle;
 pub mod ingest;

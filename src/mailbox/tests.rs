@@ -17,31 +17,8 @@ use crate::ingest::Ingestor;
 use crate::store::Store;
 
 fn config(dir: &Path, mailbox: &str) -> Config {
-    let text = format!(
-        r#"
-[mailbox]
-host = "127.0.0.1"
-security = "plain"
-username = "s"
-password = "p"
-{mailbox}
-[smtp]
-host = "127.0.0.1"
-security = "plain"
-from = "Support <support@example.test>"
-[store]
-path = "{}"
-[[tiers]]
-name = "Frontline"
-first_response = "4h"
-staff = ["agent@example.test"]
-"#,
-        dir.join("store").display()
-    );
-    match Config::parse(&text, Path::new("/x.toml")) {
-        Ok(c) => c,
-        Err(e) => panic!("test config: {e}"),
-    }
+    let tier = "[[tiers]]\nname = \"Frontline\"\nfirst_response = \"4h\"\nstaff = [\"agent@example.test\"]";
+    crate::testing::config_from(&dir.join("store"), mailbox, tier)
 }
 
 fn watcher(dir: &Path, mailbox: &str, server: &FakeServer) -> Watcher {

@@ -7,17 +7,6 @@ use crate::message::parse;
 use std::path::Path;
 
 const CONFIG: &str = r#"
-[mailbox]
-host = "127.0.0.1"
-security = "plain"
-username = "s"
-password = "p"
-[smtp]
-host = "127.0.0.1"
-security = "plain"
-from = "Example Support <support@example.test>"
-[store]
-path = "/tmp/x"
 [calendar]
 timezone = "Europe/Berlin"
 hours = ["mon-fri 09:00-17:30"]
@@ -53,7 +42,12 @@ survey = true
 "#;
 
 fn config() -> Config {
-    Config::parse(CONFIG, Path::new("/x.toml")).unwrap()
+    crate::testing::config_from(Path::new("/tmp/x"), "", CONFIG)
+}
+
+/// The whole text of [`config`], for tests that change it.
+fn text() -> String {
+    crate::fixture::config_text(Path::new("/tmp/x"), "", CONFIG)
 }
 
 fn at(s: &str) -> DateTime<Utc> {
@@ -687,7 +681,7 @@ fn words_and_formats() {
 
 #[test]
 fn resolve_within_counts_only_time_waiting_on_staff() {
-    let text = CONFIG
+    let text = text()
         .replace("warn_before = \"30m\"", "resolve_within = \"6h\"")
         .replace(
             "first_response = \"4h\"\nfollow_up = \"8h\"",
@@ -760,7 +754,7 @@ fn resolve_within_counts_only_time_waiting_on_staff() {
 /// The policy config with two queues: `support` on every tier, and
 /// `billing` on "Billing" then "Tier 2" (skipping Frontline).
 fn queues_config() -> Config {
-    let text = CONFIG
+    let text = text()
         .replace("[mailbox]\n", "[[mailboxes]]\nname = \"support\"\n")
         .replace(
             "[smtp]\n",
@@ -847,7 +841,7 @@ fn a_repeat_customer_tier_off_a_queues_path_is_not_used_there() {
     assert!(case.repeat_customer);
     // A billing path of Billing alone: Tier 2 is not on it, and a case
     // never leaves its queue's path for it.
-    let text = CONFIG
+    let text = text()
         .replace("[mailbox]\n", "[[mailboxes]]\nname = \"billing\"\ntiers = [\"Billing\"]\n")
         .replace(
             "[repeat_customer]",
