@@ -381,54 +381,17 @@ impl Ingestor {
             support: &support,
             is_staff: &is_staff,
         };
-        let decision = thread::decide(&mail, &*tx, &parties, &config.cases.subject_tag, &key)?;
-        let ctx = Ctx { config, now };
         let from_sent = src.is_some_and(|s| s.sent);
         let sender = mail
             .from
             .as_ref()
             .map(|a| a.email.clone())
             .unwrap_or_default();
-        let mut previous = None;
-        let joined = match decision {
-            Decision::Duplicate => {
-                tracing::debug!(message_id = %mail.message_id, "already stored");
-                return Ok(Outcome::Duplicate);
-            }
-            Decision::Join { case, via } => match tx.case(case)? {
-                // Long after resolution, the customer's new mail is a new
-                // matter: a new case that links to the old one.
-                Some(c)
-                    if c.is_participant(&sender)
-                        && policy::starts_follow_on_case(&c, &mail, &ctx) =>
-                {
-                    previous = Some(c.id);
-                    None
-                }
-                Some(c) => Some((c, via.as_str())),
-                None => None,
-            },
-            Decision::New => None,
-        };
-        let (mut case, new, via) = match joined {
-            Some((c, via)) => (c, false, via),
-            None => {
-                let id = tx.next_id(Sequence::Case)?;
-                // The queue whose mailbox it reached (the main queue for
-                // mail with no mailbox: tests, the fuzzer).
-                let queue = src
-                    .map(|s| s.queue.as_str())
-                    .unwrap_or_else(|| config.queues.main().name.as_str());
-                let mut c = policy::open_case(id, &mail, config, queue, now);
-                c.previous_case = previous;
-                if from_sent {
-                    // An agent wrote first from the shared mailbox: the
-                    // case belongs to the recipient, already answered.
-                    c.customer = mail.to.first().map(|a| a.email.clone()).unwrap_or_default();
-                    c.customer_name = mail.to.first().and_then(|a| a.name.clone());
-                }
-                (c, true, "new")
-            }
+        let ctx = Ctx { config, now };
+        let Some((mut case, new, via)) = self.thread(tx, &mail, src, &parties, &sender, &ctx)?
+        else {
+            tracing::debug!(message_id = %mail.message_id, "already stored");
+            return Ok(Outcome::Duplicate);
         };
         let span = tracing::info_span!("case", case_id = case.id);
         let _e = span.enter();
@@ -459,26 +422,15 @@ impl Ingestor {
             policy::on_message(&mut case, &mail, role, suppressed.as_ref(), &ctx)
         };
 
-        let record = MessageRecord {
+        let record = message_record(
             seq,
-            case: case.id,
-            message_id: mail.message_id.clone(),
-            content_hash: mail.content_hash.clone(),
-            from: mail.from.clone(),
-            to: mail.to.clone(),
-            cc: mail.cc.clone(),
-            subject: mail.subject.clone(),
-            date: mail.date,
-            received_at: now,
-            folder: src.map(|s| s.folder.clone()).unwrap_or_default(),
-            uid: src.map(|s| s.uid).unwrap_or(0),
-            attachments: mail.attachments.clone(),
-            size: truncated.map(|s| s as usize).unwrap_or(mail.size),
-            suppressed: suppressed.as_ref().map(|s| s.to_string()),
-            truncated: truncated.is_some(),
-            parse_error: mail.parse_error.clone(),
-            several_from: mail.from_fields > 1,
-        };
+            case.id,
+            &mail,
+            src,
+            truncated,
+            suppressed.as_ref(),
+            now,
+        );
         if record.several_from {
             tracing::warn!(
                 message_id = %mail.message_id,
@@ -508,6 +460,61 @@ impl Ingestor {
             new,
             queued,
         })
+    }
+
+    /// The case a message belongs to, whether it is new, and how it was
+    /// found (`None`: a message already stored). A customer's mail long
+    /// after resolution opens a follow-on case linked to the old one.
+    fn thread(
+        &self,
+        tx: &mut Tx<'_>,
+        mail: &InboundMail,
+        src: Option<&Source>,
+        parties: &Parties<'_>,
+        sender: &str,
+        ctx: &Ctx<'_>,
+    ) -> Result<Option<(Case, bool, &'static str)>, EffectsError> {
+        let (config, now) = (ctx.config, ctx.now);
+        let from_sent = src.is_some_and(|s| s.sent);
+        let key = *tx.key();
+        let decision = thread::decide(mail, &*tx, parties, &config.cases.subject_tag, &key)?;
+        let mut previous = None;
+        let joined = match decision {
+            Decision::Duplicate => return Ok(None),
+            Decision::Join { case, via } => match tx.case(case)? {
+                // Long after resolution, the customer's new mail is a new
+                // matter: a new case that links to the old one.
+                Some(c)
+                    if c.is_participant(sender) && policy::starts_follow_on_case(&c, mail, ctx) =>
+                {
+                    previous = Some(c.id);
+                    None
+                }
+                Some(c) => Some((c, via.as_str())),
+                None => None,
+            },
+            Decision::New => None,
+        };
+        Ok(Some(match joined {
+            Some((c, via)) => (c, false, via),
+            None => {
+                let id = tx.next_id(Sequence::Case)?;
+                // The queue whose mailbox it reached (the main queue for
+                // mail with no mailbox: tests, the fuzzer).
+                let queue = src
+                    .map(|s| s.queue.as_str())
+                    .unwrap_or_else(|| config.queues.main().name.as_str());
+                let mut c = policy::open_case(id, mail, config, queue, now);
+                c.previous_case = previous;
+                if from_sent {
+                    // An agent wrote first from the shared mailbox: the
+                    // case belongs to the recipient, already answered.
+                    c.customer = mail.to.first().map(|a| a.email.clone()).unwrap_or_default();
+                    c.customer_name = mail.to.first().and_then(|a| a.name.clone());
+                }
+                (c, true, "new")
+            }
+        }))
     }
 
     /// Is this the confirmation copy of a mail we sent? If so, settles
@@ -703,6 +710,38 @@ mod hostile;
 #[cfg(test)]
 #[path = "ingest/bounce_tests.rs"]
 mod bounce_tests;
+
+/// What is kept of a stored message besides its bytes.
+fn message_record(
+    seq: u64,
+    case: CaseId,
+    mail: &InboundMail,
+    src: Option<&Source>,
+    truncated: Option<u64>,
+    suppressed: Option<&suppress::Suppress>,
+    now: DateTime<Utc>,
+) -> MessageRecord {
+    MessageRecord {
+        seq,
+        case,
+        message_id: mail.message_id.clone(),
+        content_hash: mail.content_hash.clone(),
+        from: mail.from.clone(),
+        to: mail.to.clone(),
+        cc: mail.cc.clone(),
+        subject: mail.subject.clone(),
+        date: mail.date,
+        received_at: now,
+        folder: src.map(|s| s.folder.clone()).unwrap_or_default(),
+        uid: src.map(|s| s.uid).unwrap_or(0),
+        attachments: mail.attachments.clone(),
+        size: truncated.map(|s| s as usize).unwrap_or(mail.size),
+        suppressed: suppressed.map(|s| s.to_string()),
+        truncated: truncated.is_some(),
+        parse_error: mail.parse_error.clone(),
+        several_from: mail.from_fields > 1,
+    }
+}
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -282,38 +282,9 @@ impl Outbox {
 
     #[tracing::instrument(skip_all, fields(case_id = entry.case, outbox_id = entry.id, kind = %entry.kind))]
     async fn send_one(&self, entry: OutboxEntry) -> Result<Sending, OutboxError> {
-        // The list came from a snapshot: the entry may have been settled
-        // since (its confirmation copy arrived, a person failed or retried
-        // it). It is read again and claimed as `sending` in one transaction.
         let now = self.clock.now();
         let id = entry.id;
-        let claimed = self.store.transact(|tx| {
-            let Some(mut e) = tx.outbox_entry(entry.id)? else {
-                return Ok::<_, StoreError>(Err(OutboxState::Failed));
-            };
-            if !e.state.is_pending() {
-                return Ok(Err(e.state));
-            }
-            // This node's server accepted it already; only its mark had
-            // not reached the store.
-            if self.journal.holds(e.id) {
-                journal::mark_sent(tx, &mut e, now)?;
-                return Ok(Err(OutboxState::Sent));
-            }
-            // Claimed by another node since our list was read.
-            if self.held(&e, now).is_some() {
-                return Ok(Err(e.state));
-            }
-            if e.state == OutboxState::Sending {
-                tracing::warn!("sending again after an interruption mid-send; the recipient may see it twice (same Message-ID)");
-            }
-            e.state = OutboxState::Sending;
-            e.attempts += 1;
-            e.attempt_at = Some(now);
-            tx.put_outbox(&e, None)?;
-            Ok(Ok(e))
-        })?;
-        let mut entry = match claimed {
+        let mut entry = match self.claim_entry(id, now)? {
             Ok(e) => e,
             Err(state) => {
                 if state == OutboxState::Sent {
@@ -352,26 +323,57 @@ impl Outbox {
             Some(_) => self.mailer.send(&entry.from, &rcpt, &raw).await,
         };
         let now = self.clock.now();
+        count(&entry, &result, now);
+        self.settle(entry, result, now).await
+    }
+
+    /// Reads the entry again and claims it as `sending`, in one
+    /// transaction: the list came from a snapshot, and the entry may have
+    /// been settled since (its confirmation copy arrived, a person failed
+    /// or retried it). The state it is in when it is not to be sent.
+    fn claim_entry(
+        &self,
+        id: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Result<OutboxEntry, OutboxState>, StoreError> {
+        self.store.transact(|tx| {
+            let Some(mut e) = tx.outbox_entry(id)? else {
+                return Ok::<_, StoreError>(Err(OutboxState::Failed));
+            };
+            if !e.state.is_pending() {
+                return Ok(Err(e.state));
+            }
+            // This node's server accepted it already; only its mark had
+            // not reached the store.
+            if self.journal.holds(e.id) {
+                journal::mark_sent(tx, &mut e, now)?;
+                return Ok(Err(OutboxState::Sent));
+            }
+            // Claimed by another node since our list was read.
+            if self.held(&e, now).is_some() {
+                return Ok(Err(e.state));
+            }
+            if e.state == OutboxState::Sending {
+                tracing::warn!("sending again after an interruption mid-send; the recipient may see it twice (same Message-ID)");
+            }
+            e.state = OutboxState::Sending;
+            e.attempts += 1;
+            e.attempt_at = Some(now);
+            tx.put_outbox(&e, None)?;
+            Ok(Ok(e))
+        })
+    }
+
+    /// Records what the server said about one mail: sent (journal, then
+    /// store), failed for good, waiting for its server's fix, waiting for
+    /// its confirmation copy, or pending a retry.
+    async fn settle(
+        &self,
+        mut entry: OutboxEntry,
+        result: Result<(), SmtpError>,
+        now: DateTime<Utc>,
+    ) -> Result<Sending, OutboxError> {
         let mut refused_by = None;
-        let m = &crate::metrics::METRICS;
-        match &result {
-            Ok(()) => {
-                m.mail_sent.inc(&[("kind", &entry.kind)]);
-                if entry.kind == "ack" {
-                    m.ack_latency
-                        .observe((now - entry.created_at).to_std().unwrap_or_default());
-                }
-            }
-            Err(e) => {
-                crate::metrics::inc(&m.smtp_errors);
-                let class = match e {
-                    SmtpError::Transient(_) | SmtpError::Unknown(_) => "transient",
-                    SmtpError::Config(_) => "config",
-                    _ => "permanent",
-                };
-                m.mail_failures.inc(&[("kind", class)]);
-            }
-        }
         match result {
             Ok(()) => {
                 if let Err(e) = self.journal.record(entry.id) {
@@ -507,6 +509,29 @@ pub fn retry(
     })?;
     store.flush()?;
     Ok(e)
+}
+
+/// Counts one send in the metrics.
+fn count(entry: &OutboxEntry, result: &Result<(), SmtpError>, now: DateTime<Utc>) {
+    let m = &crate::metrics::METRICS;
+    match result {
+        Ok(()) => {
+            m.mail_sent.inc(&[("kind", &entry.kind)]);
+            if entry.kind == "ack" {
+                m.ack_latency
+                    .observe((now - entry.created_at).to_std().unwrap_or_default());
+            }
+        }
+        Err(e) => {
+            crate::metrics::inc(&m.smtp_errors);
+            let class = match e {
+                SmtpError::Transient(_) | SmtpError::Unknown(_) => "transient",
+                SmtpError::Config(_) => "config",
+                _ => "permanent",
+            };
+            m.mail_failures.inc(&[("kind", class)]);
+        }
+    }
 }
 
 #[cfg(test)]
