@@ -281,103 +281,11 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             once,
             node,
             metrics_listen,
-        } => {
-            let mut cfg = load(&config.config)?;
-            if metrics_listen.is_some() {
-                cfg.metrics.listen = metrics_listen;
-            }
-            if let Some(n) = node {
-                escalator::config::check_node_name(&n)
-                    .map_err(|e| anyhow::anyhow!("--node: {e}"))?;
-                cfg.cluster.node = Some(n);
-            }
-            let missing = cfg.secret_problems();
-            if !missing.is_empty() {
-                anyhow::bail!(
-                    "{}: cannot start without the mail secrets:\n  {}",
-                    config.config.display(),
-                    missing.join("\n  ")
-                );
-            }
-            if once {
-                escalator::app::run_once(cfg).await?;
-            } else {
-                escalator::app::run(cfg, shutdown_signal()).await?;
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
+        } => return run(&config, once, node, metrics_listen).await,
         Command::Store {
             command: StoreCommand::Migrate { from_sled, config },
-        } => {
-            let cfg = load(&config.config)?;
-            if matches!(cfg.store.engine, escalator::config::StoreEngine::Sled) {
-                anyhow::bail!(
-                    "store migrate copies into the PostgreSQL database of [store]; {} has engine = \"sled\"",
-                    config.config.display()
-                );
-            }
-            let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let source = Store::open(&from_sled).with_context(|| {
-                    format!(
-                        "cannot open the sled store {} (is its daemon stopped?)",
-                        from_sled.display()
-                    )
-                })?;
-                let target = escalator::app::open_store(&cfg, std::time::Duration::ZERO)?;
-                escalator::app::migrate_from_sled(&source, &target)
-            })
-            .await??;
-            if copied.already_done {
-                println!(
-                    "the database holds a finished copy already; counts and contents verified:"
-                );
-            } else {
-                if copied.reconciled > 0 {
-                    println!(
-                        "{} records changed in the sled store since the interrupted copy: \
-                         brought up to date",
-                        copied.reconciled
-                    );
-                }
-                println!("copied and verified (counts and contents):");
-            }
-            for (name, n) in &copied.rows {
-                println!("  {name:<16} {n}");
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        Command::CheckConfig { config, connect } => {
-            let c = match Config::load(&config.config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}", escalator::error_chain(&e));
-                    return Ok(ExitCode::FAILURE);
-                }
-            };
-            println!("{}", c.summary());
-            // A secret that cannot be read is fine for commands that
-            // only read the store, and an error for `run`.
-            let missing = c.secret_problems();
-            for p in &missing {
-                eprintln!(
-                    "warning: {p} (`run` refuses to start without it; store-only \
-                     commands such as `cases`, `stats` and `outbox` work)"
-                );
-            }
-            let mut ok = missing.is_empty();
-            if connect {
-                println!();
-                for check in escalator::preflight::run(&c).await {
-                    println!("{}", check.line());
-                    ok &= check.outcome.is_ok();
-                }
-            }
-            return Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
-        }
+        } => return migrate(&config, from_sled).await,
+        Command::CheckConfig { config, connect } => return check_config(&config, connect).await,
         Command::Cases { command } => match command {
             CasesCommand::List {
                 config,
@@ -422,6 +330,109 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     let resp = admin_request(cfg, &req).await?;
     print!("{}", resp.output);
     Ok(if resp.code == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `run`: the daemon, or one pass with `--once`.
+async fn run(
+    config: &ConfigArg,
+    once: bool,
+    node: Option<String>,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
+    let mut cfg = load(&config.config)?;
+    if metrics_listen.is_some() {
+        cfg.metrics.listen = metrics_listen;
+    }
+    if let Some(n) = node {
+        escalator::config::check_node_name(&n).map_err(|e| anyhow::anyhow!("--node: {e}"))?;
+        cfg.cluster.node = Some(n);
+    }
+    let missing = cfg.secret_problems();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{}: cannot start without the mail secrets:\n  {}",
+            config.config.display(),
+            missing.join("\n  ")
+        );
+    }
+    if once {
+        escalator::app::run_once(cfg).await?;
+    } else {
+        escalator::app::run(cfg, shutdown_signal()).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `store migrate --from-sled`: copies a sled store into PostgreSQL.
+async fn migrate(config: &ConfigArg, from_sled: PathBuf) -> anyhow::Result<ExitCode> {
+    let cfg = load(&config.config)?;
+    if matches!(cfg.store.engine, escalator::config::StoreEngine::Sled) {
+        anyhow::bail!(
+            "store migrate copies into the PostgreSQL database of [store]; {} has engine = \"sled\"",
+            config.config.display()
+        );
+    }
+    let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let source = Store::open(&from_sled).with_context(|| {
+            format!(
+                "cannot open the sled store {} (is its daemon stopped?)",
+                from_sled.display()
+            )
+        })?;
+        let target = escalator::app::open_store(&cfg, std::time::Duration::ZERO)?;
+        escalator::app::migrate_from_sled(&source, &target)
+    })
+    .await??;
+    if copied.already_done {
+        println!("the database holds a finished copy already; counts and contents verified:");
+    } else {
+        if copied.reconciled > 0 {
+            println!(
+                "{} records changed in the sled store since the interrupted copy: \
+                 brought up to date",
+                copied.reconciled
+            );
+        }
+        println!("copied and verified (counts and contents):");
+    }
+    for (name, n) in &copied.rows {
+        println!("  {name:<16} {n}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config [--connect]`.
+async fn check_config(config: &ConfigArg, connect: bool) -> anyhow::Result<ExitCode> {
+    let c = match Config::load(&config.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}", escalator::error_chain(&e));
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("{}", c.summary());
+    // A secret that cannot be read is fine for commands that
+    // only read the store, and an error for `run`.
+    let missing = c.secret_problems();
+    for p in &missing {
+        eprintln!(
+            "warning: {p} (`run` refuses to start without it; store-only \
+             commands such as `cases`, `stats` and `outbox` work)"
+        );
+    }
+    let mut ok = missing.is_empty();
+    if connect {
+        println!();
+        for check in escalator::preflight::run(&c).await {
+            println!("{}", check.line());
+            ok &= check.outcome.is_ok();
+        }
+    }
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
