@@ -414,6 +414,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
 
 /// One full cycle: ingest everything new, fire due timers, drain the
 /// outbox, return.
+// Long: the cycle's steps in the order they run (leases, mailboxes, timers, outbox, summary, exit status), each a call.
 pub async fn run_once(config: Config) -> anyhow::Result<()> {
     let Parts {
         store,

@@ -90,6 +90,7 @@ fn period_report(
 }
 
 /// Pure: the digest from the period's facts and the unresolved cases'.
+// Long: the digest's sections in the order they print; it becomes a template (issue 20).
 pub fn compose(
     report: &stats::Report,
     window: &[Facts],

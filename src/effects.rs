@@ -115,6 +115,7 @@ impl<'a> Effects<'a> {
         Ok(queued)
     }
 
+    // Long: one arm per action, each arm the whole of what that action queues and records (the templates issue renders every arm through one call).
     fn one(
         &mut self,
         tx: &mut Tx<'_>,
@@ -387,6 +388,7 @@ impl<'a> Effects<'a> {
     #[allow(clippy::too_many_arguments)]
     /// Queues one mail of case `case_id` of queue `queue`, from that
     /// queue's address (case 0, queue "": the main address).
+    // Long: one outbox entry from its parts in order: sender, Message-ID, staff marker, attachment placeholders, the composed bytes, the entry and its index.
     fn queue(
         &mut self,
         tx: &mut Tx<'_>,

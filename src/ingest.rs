@@ -347,6 +347,7 @@ impl Ingestor {
 
     /// Threads one message and writes what it means (case, message,
     /// mails) into `tx`.
+    // Long: the order of one message's effects inside its transaction (own copy, bounce, thread, role, policy, record, indexes, effects) is the point; each step is a call.
     fn plan(
         &self,
         tx: &mut Tx<'_>,

@@ -179,6 +179,7 @@ fn empty() -> InboundMail {
     }
 }
 
+// Long: one pass over mail-parser's result filling each field of InboundMail in turn; split, the fields would travel through helpers as a dozen arguments.
 fn parse_mime(raw: &[u8]) -> Option<InboundMail> {
     if raw.is_empty() {
         return None;

@@ -182,6 +182,7 @@ pub fn committed(events: &[Event]) {
 }
 
 /// The exposition text; the gauges are stored counts, cheap to read.
+// Long: one entry per metric family, in the order the exposition shows them: a list, not logic.
 fn render(store: &Store) -> String {
     let m = &*METRICS;
     let mut out = String::new();

@@ -522,6 +522,7 @@ pub fn short_duration(secs: i64) -> String {
 
 impl Report {
     /// The table `escalator stats` prints: one column per tier.
+    // Long: the rows of the `stats` table in the order they print.
     pub fn text(&self) -> String {
         let mut cols: Vec<(String, &Kpis)> = vec![("overall".into(), &self.overall)];
         cols.extend(self.tiers.iter().map(|t| (t.tier.clone(), &t.kpis)));

@@ -62,6 +62,7 @@ pub(super) fn list_cases(
     Ok(Response::ok(out))
 }
 
+// Long: the sections of `cases show` in the order they print (the JSON is the case's own summary).
 pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Response, EffectsError> {
     let store = &*shared.store;
     let Some(case) = store.case(id)? else {

@@ -58,6 +58,7 @@ impl Ingestor {
     /// writing from `postmaster@`, a vacation notice), so the caller
     /// threads it like any other; its null reverse path keeps it from
     /// being answered automatically.
+    // Long: the steps of matching a report to our mail (the entry, the recipients, events, outbox state, metrics) in the order they must happen in one transaction.
     pub(super) fn bounce(
         &self,
         tx: &mut Tx<'_>,

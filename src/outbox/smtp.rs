@@ -263,18 +263,15 @@ impl SmtpMailer {
     /// Connects, secures and logs in.
     async fn connect(&self, token: Option<&str>) -> Result<AsyncSmtpConnection, SmtpError> {
         let ep = &self.cfg.endpoint;
-        let transient = |what: &str, e: &dyn std::fmt::Display| {
-            SmtpError::Transient(format!("{what} {}:{}: {e}", ep.host, ep.port))
-        };
         let tcp = tokio::time::timeout(ep.timeout, TcpStream::connect((ep.host.as_str(), ep.port)))
             .await
-            .map_err(|e| transient("connecting to", &e))?
-            .map_err(|e| transient("connecting to", &e))?;
+            .map_err(|e| transient(ep, "connecting to", &e))?
+            .map_err(|e| transient(ep, "connecting to", &e))?;
         let hello = self.hello_for(tcp.local_addr().ok().map(|a| a.ip()));
         // lettre writes the body and the final dot separately: with Nagle
         // on, the dot waits for the server's delayed ACK (40 ms a mail).
         tcp.set_nodelay(true)
-            .map_err(|e| transient("socket option for", &e))?;
+            .map_err(|e| transient(ep, "socket option for", &e))?;
         let stream: Box<dyn AsyncTokioStream> = match &self.tls {
             Some(config) => {
                 let name = ServerName::try_from(ep.host.clone())
@@ -284,20 +281,11 @@ impl SmtpMailer {
                     tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp),
                 )
                 .await
-                .map_err(|e| transient("TLS with", &e))?
+                .map_err(|e| transient(ep, "TLS with", &e))?
                 .map_err(|e| tls_error(ep, &e))?;
                 Box::new(TlsTcp(tls))
             }
             None => Box::new(tcp),
-        };
-        // A 5xx before any mail (the greeting, EHLO, STARTTLS) refuses
-        // us, not a mail: every mail would meet it.
-        let step = |e: lettre::transport::smtp::Error| match classify(&e) {
-            SmtpError::Permanent(why) => SmtpError::Config(format!(
-                "{}:{} refused the session: {why}",
-                ep.host, ep.port
-            )),
-            other => other,
         };
         let mut conn = tokio::time::timeout(
             ep.timeout,
@@ -328,19 +316,32 @@ impl SmtpMailer {
                     ));
                 }
             }
-            step(e)
+            session_refused(ep, e)
         })?;
+        self.starttls(&mut conn, &hello).await?;
+        self.login(&mut conn, token).await?;
+        Ok(conn)
+    }
+
+    /// STARTTLS when the config asks for it; a server that does not offer
+    /// it is refused, never used in plain text.
+    async fn starttls(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        hello: &ClientId,
+    ) -> Result<(), SmtpError> {
+        let ep = &self.cfg.endpoint;
         if let Some(params) = &self.starttls {
             if !conn.can_starttls() {
                 return Err(SmtpError::Config(format!(
                     "{}:{} does not offer STARTTLS; refusing to send unencrypted \
-                     (if the port expects TLS at once, set {}.security = \"tls\")",
+                 (if the port expects TLS at once, set {}.security = \"tls\")",
                     ep.host, ep.port, ep.section
                 )));
             }
-            tokio::time::timeout(ep.timeout, conn.starttls(params.clone(), &hello))
+            tokio::time::timeout(ep.timeout, conn.starttls(params.clone(), hello))
                 .await
-                .map_err(|e| transient("STARTTLS with", &e))?
+                .map_err(|e| transient(ep, "STARTTLS with", &e))?
                 .map_err(|e| match crate::tls::hint(&e, ep) {
                     Some(h) => SmtpError::Config(format!(
                         "STARTTLS with {}:{} failed: {}: {h}",
@@ -348,9 +349,20 @@ impl SmtpMailer {
                         ep.port,
                         error_text(&e)
                     )),
-                    None => step(e),
+                    None => session_refused(ep, e),
                 })?;
         }
+        Ok(())
+    }
+
+    /// AUTH with the token (XOAUTH2) or the password (PLAIN, LOGIN), when
+    /// a username is set.
+    async fn login(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        token: Option<&str>,
+    ) -> Result<(), SmtpError> {
+        let ep = &self.cfg.endpoint;
         // Read at every connection: a rotated password file is picked up,
         // and an unreadable one is the admin's to fix (kept, retried).
         let password = ep.password().map_err(|e| {
@@ -373,13 +385,13 @@ impl SmtpMailer {
         if let Some((creds, mechs)) = login {
             tokio::time::timeout(ep.timeout, conn.auth(&mechs, &creds))
                 .await
-                .map_err(|e| transient("login at", &e))?
+                .map_err(|e| transient(ep, "login at", &e))?
                 .map_err(|e| match classify(&e) {
                     // No mechanism in common: often AUTH is offered only
                     // after STARTTLS.
                     _ if e.is_client() => SmtpError::Config(format!(
                         "{}:{} offers no login mechanism escalator can use ({}): servers \
-                         often offer AUTH only over TLS: check {}.security",
+                     often offer AUTH only over TLS: check {}.security",
                         ep.host,
                         ep.port,
                         error_text(&e),
@@ -396,8 +408,25 @@ impl SmtpMailer {
                     other => other,
                 })?;
         }
-        Ok(conn)
+        Ok(())
     }
+}
+
+/// A 5xx before any mail (the greeting, EHLO, STARTTLS) refuses us, not
+/// a mail: every mail would meet it.
+fn session_refused(ep: &crate::config::Endpoint, e: lettre::transport::smtp::Error) -> SmtpError {
+    match classify(&e) {
+        SmtpError::Permanent(why) => SmtpError::Config(format!(
+            "{}:{} refused the session: {why}",
+            ep.host, ep.port
+        )),
+        other => other,
+    }
+}
+
+/// A network step that failed or timed out: tried again later.
+fn transient(ep: &crate::config::Endpoint, what: &str, e: &dyn std::fmt::Display) -> SmtpError {
+    SmtpError::Transient(format!("{what} {}:{}: {e}", ep.host, ep.port))
 }
 
 /// A TLS stream lettre can use: its trait is foreign, so a newtype.
@@ -456,6 +485,7 @@ fn classify(e: &lettre::transport::smtp::Error) -> SmtpError {
 
 #[async_trait::async_trait]
 impl Mailer for SmtpMailer {
+    // Long: the life of a kept connection around one mail: reuse, reconnect, MAIL/RCPT/DATA, the count towards max_per_connection, each answer classified where it is read.
     async fn send(&self, from: &str, to: &[String], raw: &[u8]) -> Result<(), SmtpError> {
         let parse = |a: &str| {
             a.parse::<lettre::Address>()

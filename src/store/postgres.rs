@@ -601,6 +601,7 @@ impl PgDb {
     /// the lease it names is still held with its token, neither released
     /// nor expired by the database's clock: a node that lost or gave back
     /// its mailbox writes nothing for it.
+    // Long: one database transaction from BEGIN to COMMIT (fence check, deletes, upserts per tree, sequences); split, the transaction would be passed through every part.
     pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<(), StoreError> {
         IN_TX.with(|t| t.set(false));
         let fence = fence.cloned();

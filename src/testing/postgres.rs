@@ -32,6 +32,7 @@ impl Postgres {
         Postgres::start_opts(false, Some((cert, key)))
     }
 
+    // Long: test fixture: initdb, the config lines, start and wait, in order.
     fn start_opts(durable: bool, tls: Option<(&std::path::Path, &std::path::Path)>) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
