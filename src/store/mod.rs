@@ -17,10 +17,14 @@ pub use self::tx::{Savepoint, Tx};
 pub use self::write::Fence;
 
 mod cluster;
+#[cfg(test)]
+mod cluster_tests;
 mod codec;
 mod engine;
 mod facts;
 mod migrate;
+#[cfg(test)]
+mod migrate_tests;
 mod postgres;
 mod rawlog;
 mod sled;
