@@ -978,11 +978,37 @@ async fn main() {
         tokio::task::block_in_place(|| cluster::timers(&sz, &mut rows));
     }
     println!("\nescalator benchmark — {}\n", machine());
-    println!("| figure | escalator | baseline | ratio | goal |\n|---|---|---|---|---|");
+    // The columns of BENCHMARKS.md's "Current figures" table, so each
+    // line replaces that figure's row there; "met" is the reader's call
+    // (goals are sentences, not numbers).
+    let run = format!("{}, {}", chrono::Utc::now().format("%Y-%m-%d"), commit());
+    println!("| figure | escalator | baseline (same run) | ratio | goal | met | run |\n|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | ? | {run} |",
             r.what, r.escalator, r.baseline, r.ratio, r.goal
         );
+    }
+}
+
+/// The commit measured (`+dirty` with uncommitted changes), for the
+/// table's "run" column.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown commit".into());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{head}+dirty")
+    } else {
+        head
     }
 }

@@ -1,8 +1,10 @@
 //! Store: everything escalator keeps — cases, messages with their raw
 //! bytes, the indexes threading and the scheduler read, the outbox, the
 //! quarantine, folder cursors, per-case facts for the KPIs — behind one
-//! typed interface. sled is the engine ([`sled`]); its trees, keys and
-//! encoding ([`codec`]) are never seen outside this module.
+//! typed interface. Two engines sit behind it, sled (embedded, the
+//! default) and PostgreSQL (`store/sled.rs`, `store/postgres.rs`, both
+//! behind `store/engine.rs`); the trees, keys and their encoding
+//! (`store/codec.rs`) are never seen outside this module.
 //!
 //! Reads are methods of [`Store`]; writes happen in [`Store::transact`]:
 //! the closure reads (seeing its own writes) and writes through a [`Tx`],
