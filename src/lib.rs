@@ -16,7 +16,10 @@
 //!   (`raw.rs`), validation one function per section (`validate/`), the
 //!   summary (`summary.rs`).
 //! - [`mailbox`]: one IMAP watcher per queue (IDLE or polling),
-//!   resumable by UID.
+//!   resumable by UID. The fetch planning (`fetch.rs`: chunks, size
+//!   rounds, refused and troubled UIDs) works over a `Folder` trait
+//!   (`folder.rs`), the IMAP session in the daemon and a folder in
+//!   memory in its unit tests.
 //! - [`message`]: raw bytes → [`message::InboundMail`] (pure, total).
 //! - [`authres`]: which Authentication-Results to trust (pure).
 //! - [`suppress`]: which mail must get no automatic answer (pure).
@@ -68,10 +71,11 @@ pub mod control;
 pub mod digest;
 pub mod effects;
 pub mod fault;
-/// The fuzz target's entry (fuzz/): built for tests and with the
-/// `fuzzing` feature only, not into the daemon.
+/// The test config text, shared by the unit tests and the fuzz entry.
 #[cfg(any(test, feature = "fuzzing"))]
 mod fixture;
+/// The fuzz target's entry (fuzz/): built for tests and with the
+/// `fuzzing` feature only, not into the daemon.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod handle;
