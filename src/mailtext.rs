@@ -13,6 +13,7 @@ use crate::case::{rfc3339, Case, Reason};
 use crate::config::{Config, TierConfig};
 use crate::policy;
 use crate::store::{StoreError, Tx};
+use crate::template::{Kind, Templates};
 
 /// Originals attached to one forward, at most (the rest are listed).
 const MAX_ATTACHED_BYTES: usize = 20 << 20;
@@ -40,43 +41,21 @@ impl<'a> MailText<'a> {
     /// The customer is told the case moved up and the new ETA.
     pub fn notice(&self, case: &Case, eta: DateTime<Utc>) -> (String, String) {
         let v = values(case, eta, self.config, self.now);
-        let subject = format!("{} Re: {}", self.tag(case), case.subject);
-        let body = format!(
-            "Hello {},\n\nyour case #{} (\"{}\") has been passed to our {} team.\n\
-             They will answer {}, by {}.\n\n\
-             You do not need to do anything; to add to the case, reply to this\n\
-             mail and keep {} in the subject.\n\n{}\n",
-            v["customer_name"],
-            case.id,
-            v["subject"],
-            v["tier"],
-            v["eta_in_words"],
-            v["eta"],
-            v["case_tag"],
-            v["support_name"]
-        );
-        (subject, body)
+        render(self.config, Kind::Notice, &v)
     }
 
     /// The satisfaction survey after resolution.
     pub fn survey(&self, case: &Case) -> (String, String) {
         let v = values(case, self.now, self.config, self.now);
-        let subject = format!("{} How did we do? {}", self.tag(case), case.subject);
-        let body = format!(
-            "Hello {},\n\nyour case #{} (\"{}\") is resolved.\n\n\
-             How did it go? Please reply with a number from 1 (poor) to 5 (great).\n\
-             If something is still open, just reply with what it is.\n\n{}\n",
-            v["customer_name"], case.id, v["subject"], v["support_name"]
-        );
-        (subject, body)
+        render(self.config, Kind::Survey, &v)
     }
 
     /// A staff answer passed on to the customer.
     pub fn relay(&self, case: &Case, text: &str) -> (String, String) {
-        let subject = format!("{} Re: {}", self.tag(case), case.subject);
-        let v = values(case, self.now, self.config, self.now);
-        let body = format!("{text}\n\n-- \n{} · case #{}\n", v["support_name"], case.id);
-        (subject, body)
+        let mut v = values(case, self.now, self.config, self.now);
+        // The one value of many lines: the answer is the mail.
+        v.insert("answer", text.to_string());
+        render(self.config, Kind::Relay, &v)
     }
 
     /// The whole case to tier `t`, and the stored messages to attach.
@@ -341,14 +320,25 @@ pub fn ack_text(
     config: &Config,
     now: DateTime<Utc>,
 ) -> (String, String) {
-    let subject = format!(
-        "[{} #{}] Re: {}",
-        config.cases.subject_tag, case.id, case.subject
-    );
-    (
-        subject,
-        config.templates.ack.render(&values(case, eta, config, now)),
-    )
+    render(config, Kind::Ack, &values(case, eta, config, now))
+}
+
+/// Renders `kind` from the config's templates. Every template was
+/// rendered with sample values when the config was loaded; one that
+/// still fails on a real case (its fuel ran out on a long value, say) is
+/// logged and the built-in text goes out instead: the customer is never
+/// left without their mail, nor sent a broken one.
+fn render(config: &Config, kind: Kind, v: &BTreeMap<&'static str, String>) -> (String, String) {
+    let lang = "en";
+    let rendered = config.templates.set.render(kind, lang, v).or_else(|e| {
+        tracing::error!(kind = kind.name(), error = %e, "a mail template failed; the built-in text is used");
+        Templates::builtin().render(kind, lang, v)
+    });
+    match rendered {
+        Ok(r) => (r.subject, r.body),
+        // The built-in English set is tested to render every kind.
+        Err(e) => (String::new(), e.to_string()),
+    }
 }
 
 fn compose_safe(s: &str) -> String {

@@ -35,7 +35,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::calendar::Calendar;
-use crate::template::Template;
 
 use raw::{toml_problem, RawConfig};
 
@@ -577,10 +576,12 @@ pub struct ResolutionConfig {
     pub survey: bool,
 }
 
-/// The message templates in use, built-in or from files.
-#[derive(Debug, Clone)]
+/// `[templates]`: the mail templates in use, the built-in set overlaid
+/// with the files of `dir` (see [`crate::template`]).
+#[derive(Debug, Clone, Default)]
 pub struct Templates {
-    pub ack: Template,
+    pub dir: Option<PathBuf>,
+    pub set: std::sync::Arc<crate::template::Templates>,
 }
 
 /// Everything wrong with a config file, each naming its key.

@@ -294,6 +294,7 @@ pub(super) struct RawTier {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTemplates {
+    pub(super) dir: Option<PathBuf>,
     pub(super) ack: Option<PathBuf>,
 }
 

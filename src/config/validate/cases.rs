@@ -12,7 +12,6 @@ use crate::config::{
     parse_mailbox, CalendarConfig, CasesConfig, DigestConfig, MetricsConfig, ResolutionConfig,
     Templates,
 };
-use crate::template::{Template, TemplateKind};
 
 impl Validator<'_> {
     /// `[cases]`, with `instance` as given: its default (the main
@@ -146,28 +145,32 @@ impl Validator<'_> {
         }
     }
 
-    /// `[templates]`: each one read from its file now, or built in.
+    /// `[templates]`: the built-in set overlaid with the files of `dir`
+    /// (and the older `ack` key's body-only file), each checked now by
+    /// rendering it with sample values.
     pub(super) fn templates(&mut self, raw: RawTemplates) -> Templates {
-        let ack = match raw.ack {
-            None => Template::builtin(TemplateKind::Ack),
-            Some(p) => {
-                let p = self.path(&p);
-                match std::fs::read_to_string(&p) {
-                    Ok(text) => match Template::parse(TemplateKind::Ack, &text) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            self.problem("templates.ack", format!("{}: {e}", p.display()));
-                            Template::builtin(TemplateKind::Ack)
-                        }
-                    },
-                    Err(e) => {
-                        self.problem("templates.ack", format!("cannot read {}: {e}", p.display()));
-                        Template::builtin(TemplateKind::Ack)
-                    }
+        let dir = raw.dir.map(|d| self.path(&d));
+        let ack = raw.ack.map(|a| self.path(&a));
+        match crate::template::Templates::load(dir.as_deref(), ack.as_deref()) {
+            Ok(set) => Templates {
+                dir,
+                set: std::sync::Arc::new(set),
+            },
+            Err(problems) => {
+                for p in problems {
+                    let from_ack = ack
+                        .as_ref()
+                        .is_some_and(|a| p.starts_with(&*a.display().to_string()));
+                    let key = if from_ack {
+                        "templates.ack"
+                    } else {
+                        "templates.dir"
+                    };
+                    self.problem(key, p);
                 }
+                Templates::default()
             }
-        };
-        Templates { ack }
+        }
     }
 
     /// `[digest]`: to whom, how often.

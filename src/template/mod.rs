@@ -1,0 +1,451 @@
+//! Mail templates: every mail a customer gets is rendered from a template
+//! the admin can replace, in minijinja (Jinja syntax). A template file
+//! reads like a mail: a first line `Subject: ...`, a blank line, then the
+//! body. Files are named `<kind>.<lang>.txt` (`ack.de.txt`), with
+//! `<kind>.txt` as the language-neutral fallback; the built-in set is
+//! compiled into the binary and a file in `[templates] dir` replaces the
+//! built-in of the same name.
+//!
+//! Values are data, never template: a customer who types `{{ ... }}` in a
+//! subject gets it printed. Undefined variables are errors (a typo is
+//! refused when the config is loaded, naming file and line, not a blank
+//! in a customer's mail), and a fuel limit stops a template that loops.
+
+pub mod text;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, UndefinedBehavior};
+
+pub use text::{one_line, printable};
+
+/// Steps one rendering may take: far more than any mail needs, and an
+/// end to a template that loops over a range of a billion.
+const FUEL: u64 = 200_000;
+/// Largest template file read (a template is a page of text).
+const MAX_FILE: u64 = 256 << 10;
+
+/// Which mail a template writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// The acknowledgement of a new case.
+    Ack,
+    /// The customer is told the case moved up, and the new ETA.
+    Notice,
+    /// A staff answer sent on to the customer.
+    Relay,
+    /// The satisfaction survey after resolution.
+    Survey,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Ack, Kind::Notice, Kind::Relay, Kind::Survey];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ack => "ack",
+            Kind::Notice => "notice",
+            Kind::Relay => "relay",
+            Kind::Survey => "survey",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The variables a template of this kind may use (documented in
+    /// docs/configuration.md).
+    pub fn variables(self) -> &'static [&'static str] {
+        const CASE: &[&str] = &[
+            "case_id",
+            "case_tag",
+            "customer_name",
+            "customer",
+            "subject",
+            "tier",
+            "eta",
+            "eta_in_words",
+            "support_name",
+            "support_address",
+        ];
+        const RELAY: &[&str] = &[
+            "case_id",
+            "case_tag",
+            "customer_name",
+            "customer",
+            "subject",
+            "tier",
+            "eta",
+            "eta_in_words",
+            "support_name",
+            "support_address",
+            "answer",
+        ];
+        match self {
+            Kind::Relay => RELAY,
+            _ => CASE,
+        }
+    }
+}
+
+/// The built-in set, by file name.
+const BUILTIN: &[(&str, &str)] = &[
+    ("ack.en.txt", include_str!("builtin/ack.en.txt")),
+    ("notice.en.txt", include_str!("builtin/notice.en.txt")),
+    ("relay.en.txt", include_str!("builtin/relay.en.txt")),
+    ("survey.en.txt", include_str!("builtin/survey.en.txt")),
+];
+
+/// A rendered mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub subject: String,
+    pub body: String,
+    /// The language of the template used (`""`: the neutral one).
+    pub language: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("no template for {kind} in language {lang:?} (nor a neutral {kind}.txt)")]
+    Missing { kind: &'static str, lang: String },
+    #[error("{0}")]
+    Render(String),
+}
+
+/// The templates in use: built-ins overlaid with the admin's files.
+#[derive(Clone)]
+pub struct Templates {
+    env: Environment<'static>,
+    /// Where each template came from (`built-in` or its path), for
+    /// errors and `templates list`.
+    origin: BTreeMap<String, String>,
+    /// Lines added in front of a file's own (the legacy body-only
+    /// `[templates] ack` file gets a subject line), so errors name the
+    /// file's line.
+    offset: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Templates")
+            .field("templates", &self.origin)
+            .finish()
+    }
+}
+
+impl Default for Templates {
+    fn default() -> Templates {
+        Templates::builtin()
+    }
+}
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(FUEL));
+    // A template file ends with a newline as a mail body does, and a
+    // line holding only `{% if %}` or `{% endif %}` leaves no blank line.
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .keep_trailing_newline(true)
+        .trim_blocks(true)
+        .build();
+    if let Ok(syntax) = syntax {
+        env.set_syntax(syntax);
+    }
+    env
+}
+
+impl Templates {
+    /// The built-in set alone.
+    pub fn builtin() -> Templates {
+        let mut t = Templates {
+            env: environment(),
+            origin: BTreeMap::new(),
+            offset: BTreeMap::new(),
+        };
+        for (name, source) in BUILTIN {
+            // Tested to compile (see the tests); one that did not would
+            // be left out and fall back, never a panic.
+            if t.env.add_template(name, source).is_ok() {
+                t.origin.insert(name.to_string(), "built-in".into());
+            }
+        }
+        t
+    }
+
+    /// The built-ins overlaid with every `<kind>[.<lang>].txt` file in
+    /// `dir`, and the legacy body-only ack file. Every template in use is
+    /// checked by rendering it with sample values; the problems name the
+    /// file and line.
+    pub fn load(dir: Option<&Path>, legacy_ack: Option<&Path>) -> Result<Templates, Vec<String>> {
+        let mut t = Templates::builtin();
+        let mut problems = Vec::new();
+        if let Some(dir) = dir {
+            match std::fs::read_dir(dir) {
+                Ok(entries) => {
+                    let mut files: Vec<PathBuf> =
+                        entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                    files.sort();
+                    for path in files {
+                        t.add_file(&path, &mut problems);
+                    }
+                }
+                Err(e) => problems.push(format!("cannot read the folder {}: {e}", dir.display())),
+            }
+        }
+        if let Some(path) = legacy_ack {
+            match read(path) {
+                Ok(body) => {
+                    let source =
+                        format!("Subject: {{{{ case_tag }}}} Re: {{{{ subject }}}}\n\n{body}");
+                    t.add("ack.txt", source, path, 2, &mut problems);
+                    // The old key's file is the ack in every language.
+                    let names: Vec<String> = t
+                        .origin
+                        .keys()
+                        .filter(|n| n.starts_with("ack.") && n.as_str() != "ack.txt")
+                        .cloned()
+                        .collect();
+                    for n in names {
+                        t.env.remove_template(&n);
+                        t.origin.remove(&n);
+                    }
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        problems.extend(t.check());
+        if problems.is_empty() {
+            Ok(t)
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn add_file(&mut self, path: &Path, problems: &mut Vec<String>) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return;
+        };
+        // Editors' backups and hidden files are not templates.
+        if name.starts_with('.') || name.ends_with('~') || !name.ends_with(".txt") {
+            return;
+        }
+        let stem = &name[..name.len() - ".txt".len()];
+        let (kind, lang) = stem.split_once('.').unwrap_or((stem, ""));
+        if Kind::from_name(kind).is_none() {
+            let known: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+            problems.push(format!(
+                "{}: no mail is called {kind:?}; template files are <kind>.<lang>.txt or <kind>.txt with kind one of {}",
+                path.display(),
+                known.join(", ")
+            ));
+            return;
+        }
+        if !lang.is_empty() && normal_lang(lang).as_deref() != Some(lang) {
+            problems.push(format!(
+                "{}: {lang:?} is not a language tag in lower case such as de or pt-br",
+                path.display()
+            ));
+            return;
+        }
+        match read(path) {
+            Ok(source) => self.add(name, source, path, 0, problems),
+            Err(e) => problems.push(e),
+        }
+    }
+
+    fn add(
+        &mut self,
+        name: &str,
+        source: String,
+        path: &Path,
+        offset: usize,
+        problems: &mut Vec<String>,
+    ) {
+        if !source.starts_with("Subject:") {
+            problems.push(format!(
+                "{}:1: a template starts with a line \"Subject: ...\", then a blank line, then the body",
+                path.display()
+            ));
+            return;
+        }
+        match self.env.add_template_owned(name.to_string(), source) {
+            Ok(()) => {
+                self.origin
+                    .insert(name.to_string(), path.display().to_string());
+                self.offset.insert(name.to_string(), offset);
+            }
+            Err(e) => problems.push(self.describe(name, &path.display().to_string(), offset, &e)),
+        }
+    }
+
+    /// Renders every template with sample values: an unknown variable, a
+    /// filter that fails or a missing subject line shows now.
+    fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, origin) in &self.origin {
+            let Some(kind) = name.split('.').next().and_then(Kind::from_name) else {
+                continue;
+            };
+            let vars = sample(kind);
+            if let Err(e) = self.render_name(name, &vars) {
+                problems.push(match e {
+                    TemplateError::Render(why) => format!("{origin}{why}"),
+                    other => format!("{origin}: {other}"),
+                });
+            }
+        }
+        problems
+    }
+
+    fn describe(&self, name: &str, origin: &str, offset: usize, e: &minijinja::Error) -> String {
+        let line = e
+            .line()
+            .map(|l| format!(":{}", l.saturating_sub(offset).max(1)));
+        let what = match e.detail() {
+            Some(d) => format!("{}: {d}", e.kind()),
+            None => e.kind().to_string(),
+        };
+        let _ = name;
+        format!("{origin}{}: {what}", line.unwrap_or_default())
+    }
+
+    /// The template names in use with where each came from.
+    pub fn list(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.origin.iter().map(|(n, o)| (n.as_str(), o.as_str()))
+    }
+
+    /// The languages `kind` has a template in.
+    pub fn languages(&self, kind: Kind) -> BTreeSet<String> {
+        self.origin
+            .keys()
+            .filter_map(|n| {
+                let rest = n.strip_prefix(kind.name())?.strip_prefix('.')?;
+                let lang = rest.strip_suffix(".txt")?;
+                (!lang.is_empty()).then(|| lang.to_string())
+            })
+            .collect()
+    }
+
+    /// Renders `kind` in `lang` (`de-at` falls back to `de`, then to the
+    /// neutral `<kind>.txt`, then to English).
+    pub fn render(
+        &self,
+        kind: Kind,
+        lang: &str,
+        vars: &BTreeMap<&str, String>,
+    ) -> Result<Rendered, TemplateError> {
+        let lang = normal_lang(lang).unwrap_or_default();
+        let mut tries: Vec<(String, String)> = Vec::new();
+        if !lang.is_empty() {
+            tries.push((format!("{}.{lang}.txt", kind.name()), lang.clone()));
+            if let Some((primary, _)) = lang.split_once('-') {
+                tries.push((
+                    format!("{}.{primary}.txt", kind.name()),
+                    primary.to_string(),
+                ));
+            }
+        }
+        tries.push((format!("{}.txt", kind.name()), String::new()));
+        tries.push((format!("{}.en.txt", kind.name()), "en".into()));
+        for (name, language) in tries {
+            if self.origin.contains_key(&name) {
+                let (subject, body) = self.render_name(&name, vars)?;
+                return Ok(Rendered {
+                    subject,
+                    body,
+                    language,
+                });
+            }
+        }
+        Err(TemplateError::Missing {
+            kind: kind.name(),
+            lang,
+        })
+    }
+
+    fn render_name(
+        &self,
+        name: &str,
+        vars: &BTreeMap<&str, String>,
+    ) -> Result<(String, String), TemplateError> {
+        let origin = self.origin.get(name).cloned().unwrap_or_default();
+        let offset = self.offset.get(name).copied().unwrap_or(0);
+        let fail = |e: minijinja::Error| TemplateError::Render(self.describe(name, "", offset, &e));
+        let tmpl = self.env.get_template(name).map_err(fail)?;
+        let text = tmpl.render(vars).map_err(fail)?;
+        let Some(rest) = text.strip_prefix("Subject:") else {
+            return Err(TemplateError::Render(format!(
+                "{origin}:1: the rendered text does not start with \"Subject:\""
+            )));
+        };
+        let (subject, body) = match rest.split_once('\n') {
+            Some((s, b)) => (
+                s,
+                b.strip_prefix('\n')
+                    .or_else(|| b.strip_prefix("\r\n"))
+                    .unwrap_or(b),
+            ),
+            None => (rest, ""),
+        };
+        Ok((one_line(subject.trim()), body.to_string()))
+    }
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    let too_big = std::fs::metadata(path)
+        .map(|m| m.len() > MAX_FILE)
+        .unwrap_or(false);
+    if too_big {
+        return Err(format!(
+            "{}: larger than {} KiB; a template is a page of text",
+            path.display(),
+            MAX_FILE >> 10
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// A language tag as template files name it: lower case, `_` read as
+/// `-`, at most a primary tag of 2-3 letters and one subtag of 2-8
+/// letters or digits (`de`, `pt-br`, `zh-hant`); anything else is None.
+pub fn normal_lang(tag: &str) -> Option<String> {
+    let tag = tag.trim().to_ascii_lowercase().replace('_', "-");
+    let mut parts = tag.split('-');
+    let primary = parts.next()?;
+    if !(2..=3).contains(&primary.len()) || !primary.bytes().all(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    match parts.next() {
+        None => Some(primary.to_string()),
+        Some(sub)
+            if (2..=8).contains(&sub.len()) && sub.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+        {
+            // Further subtags (variants) choose no template: dropped.
+            Some(format!("{primary}-{sub}"))
+        }
+        Some(_) => Some(primary.to_string()),
+    }
+}
+
+/// Sample values for checking a template of `kind`.
+pub fn sample(kind: Kind) -> BTreeMap<&'static str, String> {
+    kind.variables()
+        .iter()
+        .map(|v| {
+            let value = match *v {
+                "case_id" => "42".to_string(),
+                "case_tag" => "[Support #42]".to_string(),
+                "answer" => "Thank you, the fix is live.\nKind regards".to_string(),
+                other => format!("<{other}>"),
+            };
+            (*v, value)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The template set: the built-ins, files overriding them, the checks at
+//! load, language fallback, and hostile values.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn vars(kind: Kind) -> BTreeMap<&'static str, String> {
+    sample(kind)
+}
+
+#[test]
+fn every_builtin_kind_renders_with_its_variables() {
+    let t = Templates::builtin();
+    for kind in Kind::ALL {
+        let r = t.render(kind, "en", &vars(kind)).unwrap();
+        assert!(
+            r.subject.contains("[Support #42]"),
+            "{kind:?}: {}",
+            r.subject
+        );
+        assert!(
+            r.body.ends_with('\n') && !r.body.starts_with('\n'),
+            "{kind:?}: {:?}",
+            r.body
+        );
+        assert_eq!(r.language, "en");
+    }
+    // The same built-in text as before templates (golden).
+    let r = t.render(Kind::Ack, "en", &vars(Kind::Ack)).unwrap();
+    assert_eq!(r.subject, "[Support #42] Re: <subject>");
+    assert!(r
+        .body
+        .starts_with("Hello <customer_name>,\n\nthank you for writing to us."));
+    let r = t.render(Kind::Relay, "en", &vars(Kind::Relay)).unwrap();
+    assert_eq!(
+        r.body,
+        "Thank you, the fix is live.\nKind regards\n\n-- \n<support_name> · case #42\n"
+    );
+}
+
+#[test]
+fn a_file_in_dir_replaces_the_builtin_and_languages_fall_back() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "ack.de.txt",
+        "Subject: {{ case_tag }} Eingang: {{ subject }}\n\nGuten Tag {{ customer_name }},\n",
+    );
+    write(
+        dir.path(),
+        "notice.txt",
+        "Subject: moved {{ case_id }}\n\nneutral\n",
+    );
+    write(
+        dir.path(),
+        "ack.de.txt~",
+        "an editor's backup, ignored {{ nonsense",
+    );
+    let t = Templates::load(Some(dir.path()), None).unwrap();
+    let de = t.render(Kind::Ack, "de", &vars(Kind::Ack)).unwrap();
+    assert_eq!(de.subject, "[Support #42] Eingang: <subject>");
+    assert_eq!(de.language, "de");
+    // A region falls back to its language.
+    assert_eq!(
+        t.render(Kind::Ack, "de-AT", &vars(Kind::Ack))
+            .unwrap()
+            .language,
+        "de"
+    );
+    assert_eq!(
+        t.render(Kind::Ack, "de_CH", &vars(Kind::Ack))
+            .unwrap()
+            .language,
+        "de"
+    );
+    // No French ack: the neutral file would come next, then English.
+    assert_eq!(
+        t.render(Kind::Ack, "fr", &vars(Kind::Ack))
+            .unwrap()
+            .language,
+        "en"
+    );
+    let n = t.render(Kind::Notice, "fr", &vars(Kind::Notice)).unwrap();
+    assert_eq!((n.subject.as_str(), n.language.as_str()), ("moved 42", ""));
+    assert!(t.languages(Kind::Ack).contains("de"));
+}
+
+#[test]
+fn an_unknown_variable_is_refused_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "ack.en.txt",
+        "Subject: {{ subject }}\n\nHello,\n\nyour {{ tikcet }} is open.\n",
+    );
+    let problems = Templates::load(Some(dir.path()), None).unwrap_err();
+    let p = problems.join("\n");
+    let file = dir.path().join("ack.en.txt").display().to_string();
+    assert!(p.contains(&format!("{file}:5:")), "{p}");
+    assert!(p.contains("undefined"), "{p}");
+}
+
+#[test]
+fn syntax_errors_missing_subjects_and_unknown_kinds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "survey.txt", "Subject: x\n\n{% if %}\n");
+    write(dir.path(), "relay.en.txt", "Hello {{ customer_name }}\n");
+    write(dir.path(), "welcome.txt", "Subject: x\n\ny\n");
+    write(dir.path(), "ack.Deutsch!.txt", "Subject: x\n\ny\n");
+    let p = Templates::load(Some(dir.path()), None)
+        .unwrap_err()
+        .join("\n");
+    assert!(p.contains("survey.txt:3: syntax error"), "{p}");
+    assert!(
+        p.contains("relay.en.txt:1: a template starts with a line \"Subject: ...\""),
+        "{p}"
+    );
+    assert!(p.contains("no mail is called \"welcome\""), "{p}");
+    assert!(
+        p.contains("\"deutsch!\" is not a language tag")
+            || p.contains("\"Deutsch!\" is not a language tag"),
+        "{p}"
+    );
+}
+
+#[test]
+fn the_older_ack_key_is_the_body_of_the_ack_in_every_language() {
+    let dir = tempfile::tempdir().unwrap();
+    let ack = dir.path().join("ack.txt");
+    std::fs::write(&ack, "Case {{case_id}} by {{ eta }}.\n").unwrap();
+    let t = Templates::load(None, Some(&ack)).unwrap();
+    let r = t.render(Kind::Ack, "de", &vars(Kind::Ack)).unwrap();
+    assert_eq!(r.subject, "[Support #42] Re: <subject>");
+    assert_eq!(r.body, "Case 42 by <eta>.\n");
+    // Its line numbers are the file's own.
+    std::fs::write(&ack, "Hello\n{{ nope }}\n").unwrap();
+    let p = Templates::load(None, Some(&ack)).unwrap_err().join("\n");
+    assert!(p.contains(&format!("{}:2:", ack.display())), "{p}");
+}
+
+#[test]
+fn a_template_that_loops_for_ever_runs_out_of_fuel() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ack.txt", "Subject: x\n\n{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}\n");
+    let p = Templates::load(Some(dir.path()), None)
+        .unwrap_err()
+        .join("\n");
+    assert!(p.contains("fuel"), "{p}");
+}
+
+/// Attack: a customer writes template syntax, header lines and bidi
+/// controls into the subject and their name. Printed as text, on one
+/// line; nothing runs.
+#[test]
+fn values_are_data_never_template_nor_headers() {
+    let t = Templates::builtin();
+    let mut v = vars(Kind::Ack);
+    v.insert(
+        "subject",
+        one_line("{{ 7*7 }} {% for x in range(9) %}X{% endfor %}\r\nBcc: evil@example.org"),
+    );
+    v.insert("customer_name", one_line("Eve\u{202e}gnp.exe\nX-Header: 1"));
+    let r = t.render(Kind::Ack, "en", &v).unwrap();
+    assert_eq!(
+        r.subject,
+        "[Support #42] Re: {{ 7*7 }} {% for x in range(9) %}X{% endfor %}  Bcc: evil@example.org"
+    );
+    assert!(
+        r.body.starts_with("Hello Evegnp.exe X-Header: 1,\n"),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("49"));
+    // A subject of 5,000 characters stays one line.
+    v.insert("subject", "ä".repeat(5000));
+    let r = t.render(Kind::Ack, "en", &v).unwrap();
+    assert!(!r.subject.contains('\n') && r.subject.chars().count() > 5000);
+}
+
+#[test]
+fn language_tags_are_normalised_or_refused() {
+    assert_eq!(normal_lang("de").as_deref(), Some("de"));
+    assert_eq!(normal_lang(" DE-at ").as_deref(), Some("de-at"));
+    assert_eq!(normal_lang("pt_BR").as_deref(), Some("pt-br"));
+    assert_eq!(normal_lang("zh-Hant-TW").as_deref(), Some("zh-hant"));
+    assert_eq!(normal_lang("xx-INVALID!!").as_deref(), Some("xx"));
+    assert_eq!(normal_lang(&"x".repeat(10_000)), None);
+    assert_eq!(normal_lang("1de"), None);
+    assert_eq!(normal_lang(""), None);
+}
