@@ -98,6 +98,9 @@ const BUILTIN: &[(&str, &str)] = &[
     ("survey.en.txt", include_str!("builtin/survey.en.txt")),
 ];
 
+/// The origin of a template compiled into the binary.
+const BUILT_IN: &str = "built-in";
+
 /// A rendered mail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
@@ -170,7 +173,7 @@ impl Templates {
             // Tested to compile (see the tests); one that did not would
             // be left out and fall back, never a panic.
             if t.env.add_template(name, source).is_ok() {
-                t.origin.insert(name.to_string(), "built-in".into());
+                t.origin.insert(name.to_string(), BUILT_IN.into());
             }
         }
         t
@@ -202,17 +205,6 @@ impl Templates {
                     let source =
                         format!("Subject: {{{{ case_tag }}}} Re: {{{{ subject }}}}\n\n{body}");
                     t.add("ack.txt", source, path, 2, &mut problems);
-                    // The old key's file is the ack in every language.
-                    let names: Vec<String> = t
-                        .origin
-                        .keys()
-                        .filter(|n| n.starts_with("ack.") && n.as_str() != "ack.txt")
-                        .cloned()
-                        .collect();
-                    for n in names {
-                        t.env.remove_template(&n);
-                        t.origin.remove(&n);
-                    }
                 }
                 Err(e) => problems.push(e),
             }
@@ -330,8 +322,10 @@ impl Templates {
             .collect()
     }
 
-    /// Renders `kind` in `lang` (`de-at` falls back to `de`, then to the
-    /// neutral `<kind>.txt`, then to English).
+    /// Renders `kind` in `lang`: the admin's files first (`de-at`, then
+    /// `de`, then the neutral `<kind>.txt`), then the built-ins the same
+    /// way, then English. The admin's text beats ours at every level: a
+    /// neutral `ack.txt` in `dir` is the ack in every language.
     pub fn render(
         &self,
         kind: Kind,
@@ -351,14 +345,17 @@ impl Templates {
         }
         tries.push((format!("{}.txt", kind.name()), String::new()));
         tries.push((format!("{}.en.txt", kind.name()), "en".into()));
-        for (name, language) in tries {
-            if self.origin.contains_key(&name) {
-                let (subject, body) = self.render_name(&name, vars)?;
-                return Ok(Rendered {
-                    subject,
-                    body,
-                    language,
-                });
+        for builtin in [false, true] {
+            for (name, language) in &tries {
+                let found = self.origin.get(name).map(|o| o == BUILT_IN);
+                if found == Some(builtin) {
+                    let (subject, body) = self.render_name(name, vars)?;
+                    return Ok(Rendered {
+                        subject,
+                        body,
+                        language: language.clone(),
+                    });
+                }
             }
         }
         Err(TemplateError::Missing {

@@ -194,3 +194,31 @@ fn language_tags_are_normalised_or_refused() {
     assert_eq!(normal_lang("1de"), None);
     assert_eq!(normal_lang(""), None);
 }
+
+/// The example in docs/configuration.md is a working template.
+#[test]
+fn the_documented_example_renders() {
+    let doc = include_str!("../../docs/configuration.md");
+    let start = doc.find("```\nSubject: {{ case_tag }} We have it").unwrap() + 4;
+    let end = start + doc[start..].find("```").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ack.txt", &doc[start..end]);
+    let t = Templates::load(Some(dir.path()), None).unwrap();
+    let mut v = vars(Kind::Ack);
+    v.insert("tier", "Tier 2".into());
+    let r = t.render(Kind::Ack, "en", &v).unwrap();
+    assert_eq!(r.subject, "[Support #42] We have it: <subject>");
+    assert!(
+        r.body
+            .contains("Our specialists have your case.\n<support_name>\n"),
+        "{}",
+        r.body
+    );
+    v.insert("tier", "Frontline".into());
+    let r = t.render(Kind::Ack, "en", &v).unwrap();
+    assert!(
+        !r.body.contains("specialists") && !r.body.contains("\n\n\n"),
+        "{}",
+        r.body
+    );
+}

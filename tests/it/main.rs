@@ -17,6 +17,7 @@ mod postgres;
 mod queues;
 mod reliability;
 mod support;
+mod templates;
 
 #[path = "../../src/testing/postgres.rs"]
 mod postgres_server;
