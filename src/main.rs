@@ -92,6 +92,11 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// The mail templates: list, show, export.
+    Templates {
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
     /// Outgoing mail.
     Outbox {
         #[command(subcommand)]
@@ -107,6 +112,32 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// The templates in use and where each comes from (built in, or a
+    /// file of `[templates] dir`).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Renders a template as the customer would get it.
+    Show {
+        /// ack, notice, relay or survey.
+        kind: String,
+        /// The language to render (`de`, `pt-br`); the fallbacks apply.
+        #[arg(long)]
+        lang: Option<String>,
+        /// The values of this case instead of samples.
+        #[arg(long)]
+        case: Option<u64>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Writes the built-in templates into DIR, the starting point for
+    /// `[templates] dir` (an existing file is left alone).
+    Export { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -315,6 +346,16 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             },
         ),
         Command::Digest { config, print: _ } => (config, Request::Digest),
+        Command::Templates { command } => match command {
+            TemplatesCommand::List { config } => return templates_list(&config),
+            TemplatesCommand::Export { dir } => return templates_export(&dir),
+            TemplatesCommand::Show {
+                kind,
+                lang,
+                case,
+                config,
+            } => (config, Request::TemplateShow { kind, lang, case }),
+        },
         Command::Cluster {
             command: ClusterCommand::Status { config, json },
         } => (config, Request::ClusterStatus { json }),
@@ -401,6 +442,41 @@ async fn migrate(config: &ConfigArg, from_sled: PathBuf) -> anyhow::Result<ExitC
     }
     for (name, n) in &copied.rows {
         println!("  {name:<16} {n}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `templates list`.
+fn templates_list(config: &ConfigArg) -> anyhow::Result<ExitCode> {
+    let cfg = load(&config.config)?;
+    for (name, origin) in cfg.templates.set.list() {
+        println!("{name:<20} {origin}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `templates export DIR`.
+fn templates_export(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, source) in escalator::template::builtin_files() {
+        let path = dir.join(name);
+        // An admin's edited copy is never overwritten.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                f.write_all(source.as_bytes())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                println!("kept {} (it exists)", path.display());
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

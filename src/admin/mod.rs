@@ -11,6 +11,7 @@
 mod cases;
 mod mail;
 mod reports;
+mod templates;
 
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,13 @@ pub enum Request {
     ClusterStatus {
         json: bool,
     },
+    /// A mail template rendered as the customer would get it: with
+    /// sample values, or those of case `case`.
+    TemplateShow {
+        kind: String,
+        lang: Option<String>,
+        case: Option<u64>,
+    },
 }
 
 /// What to print and the exit code.
@@ -118,6 +126,11 @@ pub fn handle(shared: &Handle, req: &Request) -> Result<Response, EffectsError> 
             json: as_json,
         } => reports::stats(shared, since_secs, as_json),
         Request::Digest => reports::digest(shared),
+        Request::TemplateShow {
+            ref kind,
+            ref lang,
+            case,
+        } => templates::show(shared, kind, lang.as_deref(), case),
         Request::ClusterStatus { json: as_json } => reports::cluster_status(shared, as_json),
         Request::OutboxShow { id } => mail::show_outbox(shared, id),
         Request::OutboxRetry { id } => mail::retry_outbox(shared, id),

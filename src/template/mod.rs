@@ -98,6 +98,11 @@ const BUILTIN: &[(&str, &str)] = &[
     ("survey.en.txt", include_str!("builtin/survey.en.txt")),
 ];
 
+/// The built-in templates as (file name, text), for `templates export`.
+pub fn builtin_files() -> impl Iterator<Item = (&'static str, &'static str)> {
+    BUILTIN.iter().copied()
+}
+
 /// The origin of a template compiled into the binary.
 const BUILT_IN: &str = "built-in";
 

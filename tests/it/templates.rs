@@ -108,6 +108,85 @@ async fn a_template_in_dir_writes_the_ack_and_sighup_loads_an_edit() {
     let got = s.stack.wait_for("cid", 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);
     assert_eq!(body(&got[0]), "Thanks, cid.");
+    // The preview renders the running set with a real case's values
+    // (through the daemon, which holds the store); the CLI reads the
+    // config first, so the broken edit is undone.
+    std::fs::write(
+        &ack,
+        "Subject: {{ case_tag }} Thanks: {{ subject }}\n\nThanks, {{ customer_name }}.\n",
+    )
+    .unwrap();
+    let out = escalator(&[
+        "templates",
+        "show",
+        "ack",
+        "--case",
+        "1",
+        "--config",
+        s.cfg(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Thanks: Order {{ 7*7 }} late") && text.contains("Thanks, ann."),
+        "{text}"
+    );
     let mut d = d;
     assert!(d.stop().status.success());
+}
+
+#[test]
+fn exported_templates_are_a_valid_dir_and_export_keeps_edited_files() {
+    let s = Setup::with_tiers(&["support"], "");
+    let dir = tempfile::tempdir().unwrap();
+    let out = escalator(&["templates", "export", dir.path().to_str().unwrap()]);
+    assert!(out.status.success());
+    for kind in ["ack", "notice", "relay", "survey"] {
+        assert!(
+            dir.path().join(format!("{kind}.en.txt")).is_file(),
+            "{kind}"
+        );
+    }
+    // An edited file survives a second export.
+    let ack = dir.path().join("ack.en.txt");
+    std::fs::write(&ack, "Subject: {{ case_tag }} edited\n\nedited\n").unwrap();
+    assert!(
+        escalator(&["templates", "export", dir.path().to_str().unwrap()])
+            .status
+            .success()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&ack).unwrap(),
+        "Subject: {{ case_tag }} edited\n\nedited\n"
+    );
+    let text = std::fs::read_to_string(&s.config).unwrap() + &with_dir(dir.path());
+    std::fs::write(&s.config, text).unwrap();
+    let out = escalator(&["check-config", "--config", s.cfg()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = escalator(&["templates", "list", "--config", s.cfg()]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains(&ack.display().to_string()), "{list}");
+    // The preview in a language with no template falls back, saying so.
+    let out = escalator(&[
+        "templates",
+        "show",
+        "ack",
+        "--lang",
+        "de-AT",
+        "--config",
+        s.cfg(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("Subject: [Support #42] edited\nContent-Language: en\n"),
+        "{text}"
+    );
 }
