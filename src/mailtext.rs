@@ -324,10 +324,11 @@ pub fn ack_text(
 }
 
 /// Renders `kind` from the config's templates. Every template was
-/// rendered with sample values when the config was loaded; one that
-/// still fails on a real case (its fuel ran out on a long value, say) is
-/// logged and the built-in text goes out instead: the customer is never
-/// left without their mail, nor sent a broken one.
+/// checked when the config was loaded; one that still fails on a real
+/// case is logged (naming its file and line) and the built-in set is
+/// used, and should that fail too (a value so large the fuel runs out),
+/// the plain text below: the customer always gets their mail, never an
+/// error message.
 fn render(config: &Config, kind: Kind, v: &BTreeMap<&'static str, String>) -> (String, String) {
     let lang = "en";
     let rendered = config.templates.set.render(kind, lang, v).or_else(|e| {
@@ -336,8 +337,41 @@ fn render(config: &Config, kind: Kind, v: &BTreeMap<&'static str, String>) -> (S
     });
     match rendered {
         Ok(r) => (r.subject, r.body),
-        // The built-in English set is tested to render every kind.
-        Err(e) => (String::new(), e.to_string()),
+        Err(e) => {
+            tracing::error!(kind = kind.name(), error = %e, "the built-in template failed too; the plain text is used");
+            plain(kind, v)
+        }
+    }
+}
+
+/// The last resort: each kind's text without any template.
+fn plain(kind: Kind, v: &BTreeMap<&'static str, String>) -> (String, String) {
+    let get = |k: &str| v.get(k).map(String::as_str).unwrap_or_default();
+    let (tag, subject, name) = (get("case_tag"), get("subject"), get("support_name"));
+    match kind {
+        Kind::Relay => (
+            format!("{tag} Re: {subject}"),
+            format!("{}\n\n-- \n{name} · case #{}\n", get("answer"), get("case_id")),
+        ),
+        Kind::Survey => (
+            format!("{tag} How did we do? {subject}"),
+            format!(
+                "Your case #{} is resolved. How did it go? Please reply with a number \
+                 from 1 (poor) to 5 (great).\n\n{name}\n",
+                get("case_id")
+            ),
+        ),
+        Kind::Ack | Kind::Notice => (
+            format!("{tag} Re: {subject}"),
+            format!(
+                "Your case #{} is with our {} team. They will answer {}, by {}.\n\n\
+                 To add to this case, reply to this mail and keep {tag} in the subject.\n\n{name}\n",
+                get("case_id"),
+                get("tier"),
+                get("eta_in_words"),
+                get("eta")
+            ),
+        ),
     }
 }
 

@@ -20,9 +20,12 @@ use minijinja::{Environment, UndefinedBehavior};
 
 pub use text::{one_line, printable};
 
-/// Steps one rendering may take: far more than any mail needs, and an
-/// end to a template that loops over a range of a billion.
-const FUEL: u64 = 200_000;
+/// Steps one rendering may take (minijinja also charges one per 64
+/// bytes of output): room for a relayed answer as large as the largest
+/// message (25 MB by default) several times over, and an end to a
+/// template that loops over a range of a billion (about 128 MB of output
+/// at most, then refused).
+const FUEL: u64 = 2_000_000;
 /// Largest template file read (a template is a page of text).
 const MAX_FILE: u64 = 256 << 10;
 
@@ -186,35 +189,60 @@ impl Templates {
 
     /// The built-ins overlaid with every `<kind>[.<lang>].txt` file in
     /// `dir`, and the legacy body-only ack file. Every template in use is
-    /// checked by rendering it with sample values; the problems name the
-    /// file and line.
-    pub fn load(dir: Option<&Path>, legacy_ack: Option<&Path>) -> Result<Templates, Vec<String>> {
+    /// checked (its variables against its kind's, and a render with
+    /// sample values); each problem names the config key it belongs to
+    /// (`templates.dir` or `templates.ack`) and the file and line.
+    pub fn load(
+        dir: Option<&Path>,
+        legacy_ack: Option<&Path>,
+    ) -> Result<Templates, Vec<(&'static str, String)>> {
         let mut t = Templates::builtin();
         let mut problems = Vec::new();
         if let Some(dir) = dir {
+            let mut in_dir = Vec::new();
             match std::fs::read_dir(dir) {
                 Ok(entries) => {
                     let mut files: Vec<PathBuf> =
                         entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
                     files.sort();
                     for path in files {
-                        t.add_file(&path, &mut problems);
+                        if legacy_ack.is_some_and(|a| same_file(a, &path)) {
+                            // The older key's file in the folder: read
+                            // once, as what that key says it is.
+                            continue;
+                        }
+                        t.add_file(&path, &mut in_dir);
                     }
                 }
-                Err(e) => problems.push(format!("cannot read the folder {}: {e}", dir.display())),
+                Err(e) => in_dir.push(format!("cannot read the folder {}: {e}", dir.display())),
             }
+            problems.extend(in_dir.into_iter().map(|p| ("templates.dir", p)));
         }
         if let Some(path) = legacy_ack {
+            let mut of_ack = Vec::new();
             match read(path) {
                 Ok(body) => {
-                    let source =
-                        format!("Subject: {{{{ case_tag }}}} Re: {{{{ subject }}}}\n\n{body}");
-                    t.add("ack.txt", source, path, 2, &mut problems);
+                    let source = format!(
+                        "Subject: {{{{ case_tag }}}} Re: {{{{ subject }}}}\n\n{}",
+                        legacy_body(&body)
+                    );
+                    t.add("ack.txt", source, path, 2, &mut of_ack);
                 }
-                Err(e) => problems.push(e),
+                Err(e) => of_ack.push(e),
             }
+            problems.extend(of_ack.into_iter().map(|p| ("templates.ack", p)));
         }
-        problems.extend(t.check());
+        for (name, problem) in t.check() {
+            let from_ack = t.offset.get(&name).is_some_and(|o| *o > 0);
+            problems.push((
+                if from_ack {
+                    "templates.ack"
+                } else {
+                    "templates.dir"
+                },
+                problem,
+            ));
+        }
         if problems.is_empty() {
             Ok(t)
         } else {
@@ -224,10 +252,28 @@ impl Templates {
 
     fn add_file(&mut self, path: &Path, problems: &mut Vec<String>) {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            problems.push(format!(
+                "{}: not a template file name (not UTF-8)",
+                path.display()
+            ));
             return;
         };
-        // Editors' backups and hidden files are not templates.
-        if name.starts_with('.') || name.ends_with('~') || !name.ends_with(".txt") {
+        // Editors' and package managers' leftovers are not templates.
+        let leftover = name.starts_with('.')
+            || name.ends_with('~')
+            || [".bak", ".swp", ".orig", ".rej"]
+                .iter()
+                .any(|x| name.ends_with(x))
+            || name.contains(".dpkg-")
+            || name.contains(".rpm");
+        if leftover {
+            return;
+        }
+        if !name.ends_with(".txt") {
+            problems.push(format!(
+                "{}: not a template file name; templates are <kind>.<lang>.txt or <kind>.txt",
+                path.display()
+            ));
             return;
         }
         let stem = &name[..name.len() - ".txt".len()];
@@ -269,36 +315,85 @@ impl Templates {
             ));
             return;
         }
-        match self.env.add_template_owned(name.to_string(), source) {
-            Ok(()) => {
-                self.origin
-                    .insert(name.to_string(), path.display().to_string());
-                self.offset.insert(name.to_string(), offset);
+        let unknown = match self
+            .env
+            .add_template_owned(name.to_string(), source.clone())
+        {
+            Ok(()) => self.unknown_variables(name),
+            Err(e) => {
+                problems.push(self.describe(&path.display().to_string(), offset, &e));
+                return;
             }
-            Err(e) => problems.push(self.describe(name, &path.display().to_string(), offset, &e)),
+        };
+        if !unknown.is_empty() {
+            // Also in branches sample values never reach.
+            for var in unknown {
+                let line = source
+                    .lines()
+                    .position(|l| l.contains(var.as_str()))
+                    .map(|i| (i + 1).saturating_sub(offset).max(1))
+                    .unwrap_or(1);
+                problems.push(format!(
+                    "{}:{line}: unknown variable {var:?}; a {} template has: {}",
+                    path.display(),
+                    name.split('.').next().unwrap_or_default(),
+                    name.split('.')
+                        .next()
+                        .and_then(Kind::from_name)
+                        .map(|k| k.variables().join(", "))
+                        .unwrap_or_default()
+                ));
+            }
+            // Back to what was there (a built-in of that name), or none.
+            self.env.remove_template(name);
+            if let Some((builtin_name, builtin)) = BUILTIN.iter().find(|(n, _)| *n == name) {
+                let _ = self.env.add_template(builtin_name, builtin);
+            } else {
+                self.origin.remove(name);
+            }
+            return;
         }
+        self.origin
+            .insert(name.to_string(), path.display().to_string());
+        self.offset.insert(name.to_string(), offset);
     }
 
-    /// Renders every template with sample values: an unknown variable, a
-    /// filter that fails or a missing subject line shows now.
-    fn check(&self) -> Vec<String> {
+    /// The variables template `name` reads that its kind does not have
+    /// (names it sets itself with `set` or `for` are not counted).
+    fn unknown_variables(&self, name: &str) -> Vec<String> {
+        let Some(kind) = name.split('.').next().and_then(Kind::from_name) else {
+            return Vec::new();
+        };
+        let Ok(tmpl) = self.env.get_template(name) else {
+            return Vec::new();
+        };
+        let mut unknown: Vec<String> = tmpl
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|v| !kind.variables().contains(&v.as_str()))
+            .filter(|v| self.env.globals().all(|(g, _)| g != v.as_str()))
+            .collect();
+        unknown.sort();
+        unknown
+    }
+
+    /// Renders every template with sample values (a filter that fails,
+    /// a subject line an `if` removes): (name, problem naming the file).
+    fn check(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
-        for (name, origin) in &self.origin {
+        for name in self.origin.keys() {
             let Some(kind) = name.split('.').next().and_then(Kind::from_name) else {
                 continue;
             };
-            let vars = sample(kind);
-            if let Err(e) = self.render_name(name, &vars) {
-                problems.push(match e {
-                    TemplateError::Render(why) => format!("{origin}{why}"),
-                    other => format!("{origin}: {other}"),
-                });
+            if let Err(e) = self.render_name(name, &sample(kind)) {
+                problems.push((name.clone(), e.to_string()));
             }
         }
         problems
     }
 
-    fn describe(&self, name: &str, origin: &str, offset: usize, e: &minijinja::Error) -> String {
+    /// `origin:line: what` (the line counted in the admin's file).
+    fn describe(&self, origin: &str, offset: usize, e: &minijinja::Error) -> String {
         let line = e
             .line()
             .map(|l| format!(":{}", l.saturating_sub(offset).max(1)));
@@ -306,7 +401,6 @@ impl Templates {
             Some(d) => format!("{}: {d}", e.kind()),
             None => e.kind().to_string(),
         };
-        let _ = name;
         format!("{origin}{}: {what}", line.unwrap_or_default())
     }
 
@@ -349,18 +443,23 @@ impl Templates {
             }
         }
         tries.push((format!("{}.txt", kind.name()), String::new()));
-        tries.push((format!("{}.en.txt", kind.name()), "en".into()));
-        for builtin in [false, true] {
-            for (name, language) in &tries {
-                let found = self.origin.get(name).map(|o| o == BUILT_IN);
-                if found == Some(builtin) {
-                    let (subject, body) = self.render_name(name, vars)?;
-                    return Ok(Rendered {
-                        subject,
-                        body,
-                        language: language.clone(),
-                    });
-                }
+        let english = (format!("{}.en.txt", kind.name()), "en".to_string());
+        // The admin's files, then the built-ins, each from the language
+        // to the neutral one; English last of all.
+        let order = [(&tries, false), (&tries, true)];
+        let last = [english];
+        let candidates = order
+            .into_iter()
+            .flat_map(|(t, builtin)| t.iter().map(move |c| (c, builtin)))
+            .chain(last.iter().flat_map(|c| [(c, false), (c, true)]));
+        for ((name, language), builtin) in candidates {
+            if self.origin.get(name).map(|o| o == BUILT_IN) == Some(builtin) {
+                let (subject, body) = self.render_name(name, vars)?;
+                return Ok(Rendered {
+                    subject,
+                    body,
+                    language: language.clone(),
+                });
             }
         }
         Err(TemplateError::Missing {
@@ -369,6 +468,8 @@ impl Templates {
         })
     }
 
+    /// Renders template `name` and splits it into subject and body;
+    /// an error names the template's file and line.
     fn render_name(
         &self,
         name: &str,
@@ -376,7 +477,7 @@ impl Templates {
     ) -> Result<(String, String), TemplateError> {
         let origin = self.origin.get(name).cloned().unwrap_or_default();
         let offset = self.offset.get(name).copied().unwrap_or(0);
-        let fail = |e: minijinja::Error| TemplateError::Render(self.describe(name, "", offset, &e));
+        let fail = |e: minijinja::Error| TemplateError::Render(self.describe(&origin, offset, &e));
         let tmpl = self.env.get_template(name).map_err(fail)?;
         let text = tmpl.render(vars).map_err(fail)?;
         let Some(rest) = text.strip_prefix("Subject:") else {
@@ -397,18 +498,70 @@ impl Templates {
     }
 }
 
+/// Reads a template file: a regular file (not a FIFO that would block
+/// the reload, nor a device) of at most [`MAX_FILE`] bytes, read through
+/// a limit so a file growing meanwhile cannot take the memory.
 fn read(path: &Path) -> Result<String, String> {
-    let too_big = std::fs::metadata(path)
-        .map(|m| m.len() > MAX_FILE)
-        .unwrap_or(false);
-    if too_big {
+    use std::io::Read;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown}: not a regular file"));
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: cannot read: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{shown}: cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE {
         return Err(format!(
-            "{}: larger than {} KiB; a template is a page of text",
-            path.display(),
+            "{shown}: larger than {} KiB; a template is a page of text",
             MAX_FILE >> 10
         ));
     }
-    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+    String::from_utf8(bytes).map_err(|_| format!("{shown}: not UTF-8 text"))
+}
+
+/// Do `a` and `b` name one file?
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The older `[templates] ack` file's body as a template: its only
+/// syntax was `{{name}}`; everything else is literal text, so a `{%` or
+/// `{#` in it must stay text, not become Jinja.
+fn legacy_body(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some(start) = rest.find("{{") {
+        let Some(len) = rest[start..].find("}}") else {
+            break;
+        };
+        literal(&mut out, &rest[..start]);
+        out.push_str(&rest[start..start + len + 2]);
+        rest = &rest[start + len + 2..];
+    }
+    literal(&mut out, rest);
+    out
+}
+
+fn literal(out: &mut String, text: &str) {
+    if text.contains("{%") || text.contains("{#") || text.contains("%}") || text.contains("#}") {
+        // `{% raw %}` cannot hold its own end tag: that one sequence is
+        // split in two raw blocks.
+        let safe = text.replace(
+            "{% endraw %}",
+            "{% endraw %}{{ \"{% endraw %}\" }}{% raw %}",
+        );
+        out.push_str("{% raw %}");
+        out.push_str(&safe);
+        out.push_str("{% endraw %}");
+    } else {
+        out.push_str(text);
+    }
 }
 
 /// A language tag as template files name it: lower case, `_` read as

@@ -10,6 +10,18 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
 
+/// The problems of a load that must fail, one `key: problem` a line.
+fn problems(r: Result<Templates, Vec<(&'static str, String)>>) -> String {
+    match r {
+        Ok(_) => panic!("loaded"),
+        Err(p) => p
+            .iter()
+            .map(|(k, p)| format!("{k}: {p}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
 fn vars(kind: Kind) -> BTreeMap<&'static str, String> {
     sample(kind)
 }
@@ -99,11 +111,11 @@ fn an_unknown_variable_is_refused_naming_file_and_line() {
         "ack.en.txt",
         "Subject: {{ subject }}\n\nHello,\n\nyour {{ tikcet }} is open.\n",
     );
-    let problems = Templates::load(Some(dir.path()), None).unwrap_err();
-    let p = problems.join("\n");
+    let p = problems(Templates::load(Some(dir.path()), None));
     let file = dir.path().join("ack.en.txt").display().to_string();
     assert!(p.contains(&format!("{file}:5:")), "{p}");
-    assert!(p.contains("undefined"), "{p}");
+    assert!(p.contains("unknown variable \"tikcet\""), "{p}");
+    assert_eq!(p.lines().count(), 1, "{p}");
 }
 
 #[test]
@@ -113,9 +125,7 @@ fn syntax_errors_missing_subjects_and_unknown_kinds_are_refused() {
     write(dir.path(), "relay.en.txt", "Hello {{ customer_name }}\n");
     write(dir.path(), "welcome.txt", "Subject: x\n\ny\n");
     write(dir.path(), "ack.Deutsch!.txt", "Subject: x\n\ny\n");
-    let p = Templates::load(Some(dir.path()), None)
-        .unwrap_err()
-        .join("\n");
+    let p = problems(Templates::load(Some(dir.path()), None));
     assert!(p.contains("survey.txt:3: syntax error"), "{p}");
     assert!(
         p.contains("relay.en.txt:1: a template starts with a line \"Subject: ...\""),
@@ -140,7 +150,13 @@ fn the_older_ack_key_is_the_body_of_the_ack_in_every_language() {
     assert_eq!(r.body, "Case 42 by <eta>.\n");
     // Its line numbers are the file's own.
     std::fs::write(&ack, "Hello\n{{ nope }}\n").unwrap();
-    let p = Templates::load(None, Some(&ack)).unwrap_err().join("\n");
+    let p = Templates::load(None, Some(&ack))
+        .map(|_| ())
+        .unwrap_err()
+        .iter()
+        .map(|(k, p)| format!("{k}: {p}"))
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(p.contains(&format!("{}:2:", ack.display())), "{p}");
 }
 
@@ -148,10 +164,8 @@ fn the_older_ack_key_is_the_body_of_the_ack_in_every_language() {
 fn a_template_that_loops_for_ever_runs_out_of_fuel() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "ack.txt", "Subject: x\n\n{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}\n");
-    let p = Templates::load(Some(dir.path()), None)
-        .unwrap_err()
-        .join("\n");
-    assert!(p.contains("fuel"), "{p}");
+    let p = problems(Templates::load(Some(dir.path()), None));
+    assert!(p.contains("ack.txt:3: ") && p.contains("fuel"), "{p}");
 }
 
 /// Attack: a customer writes template syntax, header lines and bidi
@@ -220,5 +234,71 @@ fn the_documented_example_renders() {
         !r.body.contains("specialists") && !r.body.contains("\n\n\n"),
         "{}",
         r.body
+    );
+}
+
+/// A variable misspelt in a branch the sample values never reach is
+/// refused too (it would fail on every real case of that tier).
+#[test]
+fn an_unknown_variable_in_an_untaken_branch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "notice.txt",
+        "Subject: x\n\n{% if tier == \"Tier 2\" %}\n{{ tikcet }}\n{% endif %}\n{% set n = 3 %}{{ n }}\n",
+    );
+    let p = problems(Templates::load(Some(dir.path()), None));
+    assert!(p.starts_with("templates.dir: "), "{p}");
+    assert!(
+        p.contains("notice.txt:4: unknown variable \"tikcet\""),
+        "{p}"
+    );
+    assert!(!p.contains("\"n\""), "a variable it sets is known: {p}");
+}
+
+#[test]
+fn other_file_names_are_errors_and_leftovers_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "ack.de.TXT", "Subject: x\n\ny\n");
+    write(dir.path(), "ack.de.txt.bak", "junk {{");
+    write(dir.path(), ".ack.de.txt.swp", "junk {{");
+    write(dir.path(), "ack.de.txt.dpkg-old", "junk {{");
+    let p = problems(Templates::load(Some(dir.path()), None));
+    assert_eq!(p.lines().count(), 1, "{p}");
+    assert!(p.contains("ack.de.TXT: not a template file name"), "{p}");
+}
+
+#[test]
+fn a_fifo_or_a_device_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("ack.txt")).unwrap();
+    let p = problems(Templates::load(Some(dir.path()), None));
+    assert!(p.contains("ack.txt: not a regular file"), "{p}");
+}
+
+/// The older key's file was literal text with `{{name}}` fields: a
+/// `{%` in it stays text; its problems name `templates.ack`.
+#[test]
+fn the_older_ack_file_keeps_its_literal_text_and_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ack = dir.path().join("ack.txt");
+    std::fs::write(
+        &ack,
+        "100{% sure {# not a comment #}, {% endraw %} case {{case_id}}\n",
+    )
+    .unwrap();
+    let t = Templates::load(None, Some(&ack)).unwrap();
+    let r = t.render(Kind::Ack, "en", &vars(Kind::Ack)).unwrap();
+    assert_eq!(
+        r.body,
+        "100{% sure {# not a comment #}, {% endraw %} case 42\n"
+    );
+    std::fs::write(&ack, "{{ nope }}\n").unwrap();
+    let p = problems(Templates::load(Some(dir.path()), Some(&ack)));
+    assert!(p.starts_with("templates.ack: "), "{p}");
+    assert_eq!(
+        p.lines().count(),
+        1,
+        "the file is read once, as the ack key says: {p}"
     );
 }

@@ -103,7 +103,7 @@ async fn a_template_in_dir_writes_the_ack_and_sighup_loads_an_edit() {
     let log = d
         .wait_log("config reload refused", 1, Duration::from_secs(10))
         .await;
-    assert!(log.contains(&format!("{}:3", ack.display())), "{log}");
+    assert!(log.contains(&format!("{}:3:", ack.display())), "{log}");
     s.send("cid", &customer_mail("cid", "Third"));
     let got = s.stack.wait_for("cid", 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);

@@ -157,15 +157,7 @@ impl Validator<'_> {
                 set: std::sync::Arc::new(set),
             },
             Err(problems) => {
-                for p in problems {
-                    let from_ack = ack
-                        .as_ref()
-                        .is_some_and(|a| p.starts_with(&*a.display().to_string()));
-                    let key = if from_ack {
-                        "templates.ack"
-                    } else {
-                        "templates.dir"
-                    };
+                for (key, p) in problems {
                     self.problem(key, p);
                 }
                 Templates::default()
