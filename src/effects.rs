@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use crate::case::{Case, CaseId, EventKind};
 use crate::config::Config;
-use crate::mailtext::MailText;
+use crate::mailtext::{MailText, Text};
 use crate::outbox::compose::{self, Envelope};
 use crate::policy::{Action, Ctx};
 use crate::record::{OutboxEntry, OutboxState};
@@ -129,9 +129,8 @@ impl<'a> Effects<'a> {
                 if !self.within_limit(tx, case, ACK)? {
                     return Ok(false);
                 }
-                let (subject, body) = text.ack(case, eta);
-                let id =
-                    self.robot_mail(tx, case, MailKind::Ack, &subject, &body, "auto-replied")?;
+                let t = text.ack(case, eta);
+                let id = self.robot_mail(tx, case, MailKind::Ack, &t, "auto-replied")?;
                 let to = case.customer.clone();
                 case.push(
                     self.now,
@@ -146,35 +145,21 @@ impl<'a> Effects<'a> {
                 if !self.within_limit(tx, case, "escalation notice")? {
                     return Ok(false);
                 }
-                let (subject, body) = text.notice(case, eta);
-                let id = self.robot_mail(
-                    tx,
-                    case,
-                    MailKind::Notice,
-                    &subject,
-                    &body,
-                    "auto-generated",
-                )?;
+                let t = text.notice(case, eta);
+                let id = self.robot_mail(tx, case, MailKind::Notice, &t, "auto-generated")?;
                 self.queued_event(case, id, MailKind::Notice, &case.customer.clone());
             }
             Action::Survey => {
                 if !self.within_limit(tx, case, "survey")? {
                     return Ok(false);
                 }
-                let (subject, body) = text.survey(case);
-                let id = self.robot_mail(
-                    tx,
-                    case,
-                    MailKind::Survey,
-                    &subject,
-                    &body,
-                    "auto-generated",
-                )?;
+                let t = text.survey(case);
+                let id = self.robot_mail(tx, case, MailKind::Survey, &t, "auto-generated")?;
                 case.push(self.now, EventKind::SurveySent { outbox_id: id });
             }
             Action::Relay { text: answer, from } => {
-                let (subject, body) = text.relay(case, &answer);
-                let id = self.customer_mail(tx, case, MailKind::Relay, &subject, &body, None)?;
+                let t = text.relay(case, &answer);
+                let id = self.customer_mail(tx, case, MailKind::Relay, &t, None)?;
                 case.push(
                     self.now,
                     EventKind::Relayed {
@@ -310,24 +295,22 @@ impl<'a> Effects<'a> {
         tx: &mut Tx<'_>,
         case: &Case,
         kind: MailKind,
-        subject: &str,
-        body: &str,
+        text: &Text,
         auto: &str,
     ) -> Result<u64, EffectsError> {
-        let id = self.customer_mail(tx, case, kind, subject, body, Some(auto))?;
+        let id = self.customer_mail(tx, case, kind, text, Some(auto))?;
         tx.record_auto_reply(&recipient_key(&case.customer), self.now, id);
         tx.record_auto_reply(ALL_RECIPIENTS, self.now, id);
         Ok(id)
     }
 
-    /// A mail to the customer, in the case's thread.
+    /// A mail to the customer, in the case's thread, in its language.
     fn customer_mail(
         &mut self,
         tx: &mut Tx<'_>,
         case: &Case,
         kind: MailKind,
-        subject: &str,
-        body: &str,
+        text: &Text,
         auto: Option<&str>,
     ) -> Result<u64, EffectsError> {
         let mut refs = vec![case.root_message_id.clone()];
@@ -341,12 +324,12 @@ impl<'a> Effects<'a> {
         };
         self.queue(
             tx,
-            (case.id, &case.queue),
+            (case.id, &case.queue, Some(&text.language)),
             kind,
             vec![case.customer.clone()],
             case.customer_name.as_deref(),
-            subject,
-            body,
+            &text.subject,
+            &text.body,
             Some(reply_to),
             refs,
             auto,
@@ -369,7 +352,7 @@ impl<'a> Effects<'a> {
         let support = self.config.queue(&case.queue).address.clone();
         let id = self.queue(
             tx,
-            (case.id, &case.queue),
+            (case.id, &case.queue, None),
             kind,
             to.to_vec(),
             None,
@@ -387,12 +370,13 @@ impl<'a> Effects<'a> {
 
     #[allow(clippy::too_many_arguments)]
     /// Queues one mail of case `case_id` of queue `queue`, from that
-    /// queue's address (case 0, queue "": the main address).
+    /// queue's address (case 0, queue "": the main address), in
+    /// `language` (its `Content-Language`; None for staff mail).
     // Long: one outbox entry from its parts in order: sender, Message-ID, staff marker, attachment placeholders, the composed bytes, the entry and its index.
     fn queue(
         &mut self,
         tx: &mut Tx<'_>,
-        (case_id, queue): (CaseId, &str),
+        (case_id, queue, language): (CaseId, &str, Option<&str>),
         kind: MailKind,
         to: Vec<String>,
         to_name: Option<&str>,
@@ -465,6 +449,7 @@ impl<'a> Effects<'a> {
                 instance: &cfg.cases.instance,
                 case_id,
                 date: self.now,
+                language,
             },
             body,
         )
@@ -502,7 +487,7 @@ impl<'a> Effects<'a> {
     ) -> Result<u64, EffectsError> {
         self.queue(
             tx,
-            (0, ""),
+            (0, "", None),
             MailKind::Digest,
             to,
             None,

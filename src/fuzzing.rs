@@ -123,6 +123,8 @@ pub fn parse_thread(data: &[u8]) {
             instance: "fuzz",
             case_id: 1,
             date: now,
+            // Hostile text where a language tag goes.
+            language: Some(&mail.subject),
         },
         &mail.text,
     );

@@ -33,29 +33,30 @@ impl<'a> MailText<'a> {
         format!("[{} #{}]", self.config.cases.subject_tag, case.id)
     }
 
-    /// The acknowledgement (the admin-editable template).
-    pub fn ack(&self, case: &Case, eta: DateTime<Utc>) -> (String, String) {
-        ack_text(case, eta, self.config, self.now)
+    /// The acknowledgement.
+    pub fn ack(&self, case: &Case, eta: DateTime<Utc>) -> Text {
+        let v = values(case, eta, self.config, self.now);
+        render(self.config, case, Kind::Ack, &v)
     }
 
     /// The customer is told the case moved up and the new ETA.
-    pub fn notice(&self, case: &Case, eta: DateTime<Utc>) -> (String, String) {
+    pub fn notice(&self, case: &Case, eta: DateTime<Utc>) -> Text {
         let v = values(case, eta, self.config, self.now);
-        render(self.config, Kind::Notice, &v)
+        render(self.config, case, Kind::Notice, &v)
     }
 
     /// The satisfaction survey after resolution.
-    pub fn survey(&self, case: &Case) -> (String, String) {
+    pub fn survey(&self, case: &Case) -> Text {
         let v = values(case, self.now, self.config, self.now);
-        render(self.config, Kind::Survey, &v)
+        render(self.config, case, Kind::Survey, &v)
     }
 
     /// A staff answer passed on to the customer.
-    pub fn relay(&self, case: &Case, text: &str) -> (String, String) {
+    pub fn relay(&self, case: &Case, text: &str) -> Text {
         let mut v = values(case, self.now, self.config, self.now);
         // The one value of many lines: the answer is the mail.
         v.insert("answer", text.to_string());
-        render(self.config, Kind::Relay, &v)
+        render(self.config, case, Kind::Relay, &v)
     }
 
     /// The whole case to tier `t`, and the stored messages to attach.
@@ -320,7 +321,27 @@ pub fn ack_text(
     config: &Config,
     now: DateTime<Utc>,
 ) -> (String, String) {
-    render(config, Kind::Ack, &values(case, eta, config, now))
+    let t = MailText::new(config, now).ack(case, eta);
+    (t.subject, t.body)
+}
+
+/// A customer mail's words and their language (the `Content-Language`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text {
+    pub subject: String,
+    pub body: String,
+    pub language: String,
+}
+
+/// The language `case`'s customer gets: the case's queue's, else
+/// `[language] default`. (The customer's own, from their mail, comes
+/// with the rest of issue 20.)
+pub fn language<'c>(config: &'c Config, case: &Case) -> &'c str {
+    config
+        .queue(&case.queue)
+        .language
+        .as_deref()
+        .unwrap_or(&config.language)
 }
 
 /// Renders `kind` from the config's templates. Every template was
@@ -329,17 +350,31 @@ pub fn ack_text(
 /// used, and should that fail too (a value so large the fuel runs out),
 /// the plain text below: the customer always gets their mail, never an
 /// error message.
-fn render(config: &Config, kind: Kind, v: &BTreeMap<&'static str, String>) -> (String, String) {
-    let lang = "en";
+fn render(config: &Config, case: &Case, kind: Kind, v: &BTreeMap<&'static str, String>) -> Text {
+    let lang = language(config, case);
     let rendered = config.templates.set.render(kind, lang, v).or_else(|e| {
         tracing::error!(kind = kind.name(), error = %e, "a mail template failed; the built-in text is used");
         Templates::builtin().render(kind, lang, v)
     });
     match rendered {
-        Ok(r) => (r.subject, r.body),
+        Ok(r) => Text {
+            subject: r.subject,
+            body: r.body,
+            // A neutral template speaks the language asked for.
+            language: if r.language.is_empty() {
+                lang.to_string()
+            } else {
+                r.language
+            },
+        },
         Err(e) => {
             tracing::error!(kind = kind.name(), error = %e, "the built-in template failed too; the plain text is used");
-            plain(kind, v)
+            let (subject, body) = plain(kind, v);
+            Text {
+                subject,
+                body,
+                language: "en".into(),
+            }
         }
     }
 }

@@ -76,6 +76,9 @@ pub struct Config {
     pub triggers: Vec<TriggerConfig>,
     pub resolution: ResolutionConfig,
     pub templates: Templates,
+    /// `[language] default`: the language of customer mail when nothing
+    /// closer says which (normalised tag; `en` unless set).
+    pub language: String,
     pub digest: Option<DigestConfig>,
     pub metrics: MetricsConfig,
     pub cluster: ClusterConfig,
@@ -395,6 +398,8 @@ pub struct QueueConfig {
     pub path: Vec<usize>,
     /// The server this queue's mail goes through, when not `[smtp]`.
     pub smtp: Option<Endpoint>,
+    /// The language of its customers' mail (normalised tag), when set.
+    pub language: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -28,6 +28,8 @@ pub(super) struct RawConfig {
     pub(super) resolution: RawResolution,
     #[serde(default)]
     pub(super) templates: RawTemplates,
+    #[serde(default)]
+    pub(super) language: RawLanguage,
     pub(super) digest: Option<RawDigest>,
     #[serde(default)]
     pub(super) metrics: RawMetrics,
@@ -166,6 +168,9 @@ pub(super) struct RawMailbox {
     pub(super) address: Option<String>,
     pub(super) tiers: Option<Vec<String>>,
     pub(super) smtp: Option<RawSmtp>,
+    /// The queue's language: its customers' mail when nothing closer
+    /// says which.
+    pub(super) language: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,6 +294,12 @@ pub(super) struct RawTier {
     pub(super) renotify: Option<String>,
     #[serde(default)]
     pub(super) priority: BTreeMap<String, RawTimeline>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLanguage {
+    pub(super) default: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -32,6 +32,8 @@ pub struct Envelope<'a> {
     pub instance: &'a str,
     pub case_id: u64,
     pub date: DateTime<Utc>,
+    /// `Content-Language` (RFC 3282): the language the text is in.
+    pub language: Option<&'a str>,
 }
 
 /// Keeps only what may stand inside `<...>` of a Message-ID.
@@ -66,6 +68,11 @@ pub fn compose(env: &Envelope, body: &str) -> std::io::Result<Vec<u8>> {
         .header(LOOP_HEADER, Raw::new(clean_id(env.instance)))
         .header("X-Escalator-Case", Raw::new(env.case_id.to_string()))
         .header("X-Auto-Response-Suppress", Raw::new("All"));
+    // A normalised tag ([a-z0-9-]): checked again, as it goes into a
+    // header.
+    if let Some(lang) = env.language.and_then(crate::template::normal_lang) {
+        b = b.header("Content-Language", Raw::new(lang));
+    }
     if let Some(a) = env.auto_submitted {
         b = b
             .header("Auto-Submitted", Raw::new(a.to_string()))
@@ -103,7 +110,7 @@ mod tests {
     use super::*;
     use crate::message::parse;
 
-    fn env<'a>(subject: &'a str, name: &'a str) -> Envelope<'a> {
+    pub(super) fn env<'a>(subject: &'a str, name: &'a str) -> Envelope<'a> {
         Envelope {
             from_name: Some("Support"),
             from: "support@example.test",
@@ -119,6 +126,7 @@ mod tests {
             instance: "support@example.test",
             case_id: 1,
             date: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            language: Some("de"),
         }
     }
 
@@ -208,6 +216,7 @@ mod attach_tests {
             instance: "i",
             case_id: 1,
             date: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            language: Some("de"),
         };
         let raw = compose(&env, "summary").unwrap();
         let text = String::from_utf8_lossy(&raw);
@@ -222,5 +231,25 @@ mod attach_tests {
         assert!(m.text.contains("summary"));
         assert_eq!(m.attachments.len(), 1);
         assert_eq!(m.attachments[0].content_type, "message/rfc822");
+    }
+
+    /// The language goes into one header, normalised; a tag carrying a
+    /// line break or other junk adds no header at all.
+    #[test]
+    fn content_language_is_one_clean_header() {
+        let raw = compose(&super::tests::env("s", "Alice"), "body\n").unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.contains("\r\nContent-Language: de\r\n"), "{text}");
+        let mut e = super::tests::env("s", "Alice");
+        e.language = Some("de\r\nBcc: evil@example.org");
+        let raw = compose(&e, "body\n").unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            !text.contains("Content-Language") && !text.contains("Bcc"),
+            "{text}"
+        );
+        e.language = Some("PT_br");
+        let text = String::from_utf8_lossy(&compose(&e, "b\n").unwrap()).to_string();
+        assert!(text.contains("\r\nContent-Language: pt-br\r\n"), "{text}");
     }
 }

@@ -190,3 +190,55 @@ fn exported_templates_are_a_valid_dir_and_export_keeps_edited_files() {
         "{text}"
     );
 }
+
+/// The queue's language picks the template, and the mail says which
+/// language it is in; a queue with no template in its language gets the
+/// English one, labelled so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_s_language_picks_its_template_and_the_mail_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ack.de.txt"),
+        "Subject: {{ case_tag }} Eingangsbestätigung: {{ subject }}\n\nGuten Tag {{ customer_name }},\n\nIhre Anfrage ist Fall {{ case_id }}.\n",
+    )
+    .unwrap();
+    let s = Setup::with_tiers(&["support", "ann", "agent", "tier2"], &with_dir(dir.path()))
+        .with_mailbox("language = \"de-AT\"");
+    s.send("ann", &customer_mail("ann", "Bestellung"));
+    s.once();
+    let got = s.stack.wait_for("ann", 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(header(&got[0], "Content-Language").as_deref(), Some("de"));
+    // Decoded as a mail client shows it (the header is RFC 2047 encoded).
+    let subject = escalator::message::parse(&got[0]).subject;
+    assert!(
+        subject.ends_with("Eingangsbestätigung: Bestellung"),
+        "{subject}"
+    );
+
+    // A language tag that is not one is refused, naming the key.
+    let text =
+        std::fs::read_to_string(&s.config).unwrap() + "\n[language]\ndefault = \"xx-INVALID!!\"\n";
+    std::fs::write(&s.config, text).unwrap();
+    let out = escalator(&["check-config", "--config", s.cfg()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("language.default") && err.contains("is not a language tag"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_template_in_the_language_the_english_mail_says_en() {
+    let s = Setup::with_tiers(
+        &["support", "bob", "agent", "tier2"],
+        &tiers("\n[language]\ndefault = \"fr\"\n"),
+    );
+    s.send("bob", &customer_mail("bob", "Commande"));
+    s.once();
+    let got = s.stack.wait_for("bob", 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(header(&got[0], "Content-Language").as_deref(), Some("en"));
+    assert!(body(&got[0]).contains("thank you for writing to us"));
+}

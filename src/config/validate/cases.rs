@@ -165,6 +165,24 @@ impl Validator<'_> {
         }
     }
 
+    /// A language tag (`de`, `pt-BR`), normalised as template files
+    /// name it.
+    pub(super) fn language(&mut self, key: &str, tag: &str) -> String {
+        match crate::template::normal_lang(tag) {
+            Some(l) if l == tag.trim().to_ascii_lowercase().replace('_', "-") => l,
+            _ => {
+                self.problem(
+                    key,
+                    format!(
+                        "{:?} is not a language tag such as \"de\" or \"pt-BR\"",
+                        crate::template::printable(tag)
+                    ),
+                );
+                "en".into()
+            }
+        }
+    }
+
     /// `[digest]`: to whom, how often.
     pub(super) fn digest(&mut self, d: RawDigest) -> DigestConfig {
         let to = self.addresses("digest.to", &d.to, false);

@@ -69,6 +69,10 @@ impl Validator<'_> {
         let triggers = self.triggers(raw.triggers);
         let resolution = self.resolution(raw.resolution);
         let templates = self.templates(raw.templates);
+        let language = match raw.language.default {
+            Some(l) => self.language("language.default", &l),
+            None => "en".into(),
+        };
 
         let queues = self.queues(
             raw.mailbox,
@@ -96,6 +100,7 @@ impl Validator<'_> {
             triggers,
             resolution,
             templates,
+            language,
             digest,
             metrics,
             cluster,

@@ -135,6 +135,10 @@ impl Validator<'_> {
             Some(names) => self.queue_path(key, names, tiers),
         };
         let smtp = m.smtp.take().map(|s| self.queue_smtp(key, s));
+        let language = m
+            .language
+            .take()
+            .map(|l| self.language(&format!("{key}.language"), &l));
         let mailbox = self.mailbox(key, m);
         QueueConfig {
             name,
@@ -143,6 +147,7 @@ impl Validator<'_> {
             address,
             path,
             smtp,
+            language,
         }
     }
 
