@@ -315,6 +315,16 @@ impl Templates {
             ));
             return;
         }
+        // The relayed answer is many lines: in the subject its first line
+        // would be the subject and the rest would start the body.
+        let first = source.lines().next().unwrap_or_default();
+        if name.starts_with("relay.") && first.contains("answer") {
+            problems.push(format!(
+                "{}:1: the staff answer (many lines) cannot go into the subject",
+                path.display()
+            ));
+            return;
+        }
         let unknown = match self
             .env
             .add_template_owned(name.to_string(), source.clone())

@@ -302,3 +302,15 @@ fn the_older_ack_file_keeps_its_literal_text_and_its_key() {
         "the file is read once, as the ack key says: {p}"
     );
 }
+
+#[test]
+fn the_answer_cannot_go_into_the_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "relay.txt",
+        "Subject: Re: {{ answer }}\n\n{{ answer }}\n",
+    );
+    let p = problems(Templates::load(Some(dir.path()), None));
+    assert!(p.contains("relay.txt:1: the staff answer"), "{p}");
+}
