@@ -26,7 +26,7 @@ use crate::bounce::{Action, Form, Recipient, Report};
 use crate::case::EventKind;
 use crate::effects::{self, Effects, EffectsError};
 use crate::message::InboundMail;
-use crate::record::{MessageRecord, OutboxEntry, OutboxState};
+use crate::record::{OutboxEntry, OutboxState};
 use crate::store::{Sequence, StoreError, Tx};
 use crate::thread::{MailKind, OwnId};
 
@@ -127,7 +127,19 @@ impl Ingestor {
             return Ok(Some(Outcome::Bounce { case: None }));
         };
         let seq = tx.next_id(Sequence::Message)?;
-        tx.put_message(&self.record(m, seq, case.id, now), m.raw)?;
+        // The report as a message of the case: its bytes kept for people
+        // (and its Message-ID indexed, so it is recorded once).
+        let suppressed = crate::suppress::Suppress::Bounce;
+        let record = super::message_record(
+            seq,
+            case.id,
+            m.mail,
+            m.src,
+            m.truncated,
+            Some(&suppressed),
+            now,
+        );
+        tx.put_message(&record, m.raw)?;
         case.new_messages.push(seq);
         for r in &matched.recipients {
             if let Some(what) = event(r, &entry, &mail.message_id) {
@@ -140,32 +152,6 @@ impl Ingestor {
         Ok(Some(Outcome::Bounce {
             case: Some(case.id),
         }))
-    }
-
-    /// The report as a message of the case: its bytes kept for people
-    /// (and its Message-ID indexed, so it is recorded once).
-    fn record(&self, m: &Inbound<'_>, seq: u64, case: u64, now: DateTime<Utc>) -> MessageRecord {
-        let mail = m.mail;
-        MessageRecord {
-            seq,
-            case,
-            message_id: mail.message_id.clone(),
-            content_hash: mail.content_hash.clone(),
-            from: mail.from.clone(),
-            to: mail.to.clone(),
-            cc: mail.cc.clone(),
-            subject: mail.subject.clone(),
-            date: mail.date,
-            received_at: now,
-            folder: m.src.map(|s| s.folder.clone()).unwrap_or_default(),
-            uid: m.src.map(|s| s.uid).unwrap_or(0),
-            attachments: mail.attachments.clone(),
-            size: m.truncated.map(|s| s as usize).unwrap_or(mail.size),
-            suppressed: Some(crate::suppress::Suppress::Bounce.to_string()),
-            truncated: m.truncated.is_some(),
-            parse_error: mail.parse_error.clone(),
-            several_from: mail.from_fields > 1,
-        }
     }
 
     /// Logs what the report says once it is committed. A bounce of mail

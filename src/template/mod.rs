@@ -59,21 +59,9 @@ impl Kind {
     }
 
     /// The variables a template of this kind may use (documented in
-    /// docs/configuration.md).
+    /// docs/configuration.md): the case's, and for a relay the answer.
     pub fn variables(self) -> &'static [&'static str] {
-        const CASE: &[&str] = &[
-            "case_id",
-            "case_tag",
-            "customer_name",
-            "customer",
-            "subject",
-            "tier",
-            "eta",
-            "eta_in_words",
-            "support_name",
-            "support_address",
-        ];
-        const RELAY: &[&str] = &[
+        const CASE_AND_ANSWER: &[&str] = &[
             "case_id",
             "case_tag",
             "customer_name",
@@ -87,8 +75,8 @@ impl Kind {
             "answer",
         ];
         match self {
-            Kind::Relay => RELAY,
-            _ => CASE,
+            Kind::Relay => CASE_AND_ANSWER,
+            _ => &CASE_AND_ANSWER[..CASE_AND_ANSWER.len() - 1],
         }
     }
 }

@@ -314,3 +314,12 @@ fn the_answer_cannot_go_into_the_subject() {
     let p = problems(Templates::load(Some(dir.path()), None));
     assert!(p.contains("relay.txt:1: the staff answer"), "{p}");
 }
+
+#[test]
+fn only_a_relay_has_the_answer() {
+    assert!(Kind::Relay.variables().contains(&"answer"));
+    for kind in [Kind::Ack, Kind::Notice, Kind::Survey] {
+        assert!(!kind.variables().contains(&"answer"), "{kind:?}");
+        assert!(kind.variables().contains(&"support_address"), "{kind:?}");
+    }
+}
