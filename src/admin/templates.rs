@@ -23,7 +23,12 @@ pub(super) fn show(
     let config = shared.config.get();
     let now = shared.clock.now();
     let vars = match case {
-        None => sample(kind),
+        None => {
+            // Samples, but the tag as this config writes it.
+            let mut v = sample(kind);
+            v.insert("case_tag", format!("[{} #42]", config.cases.subject_tag));
+            v
+        }
         Some(id) => {
             let Some(c) = shared.store.case(id)? else {
                 return Ok(Response::fail(format!("no case #{id}\n")));

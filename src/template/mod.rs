@@ -332,7 +332,7 @@ impl Templates {
                     .map(|i| (i + 1).saturating_sub(offset).max(1))
                     .unwrap_or(1);
                 problems.push(format!(
-                    "{}:{line}: unknown variable {var:?}; a {} template has: {}",
+                    "{}:{line}: unknown variable {var:?}; the {} template may use: {}",
                     path.display(),
                     name.split('.').next().unwrap_or_default(),
                     name.split('.')

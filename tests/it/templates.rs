@@ -174,7 +174,8 @@ fn exported_templates_are_a_valid_dir_and_export_keeps_edited_files() {
     let out = escalator(&["templates", "list", "--config", s.cfg()]);
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(list.contains(&ack.display().to_string()), "{list}");
-    // The preview in a language with no template falls back, saying so.
+    // The preview in a language with no template falls back, saying so;
+    // its sample tag is the one this config writes ([cases] subject_tag).
     let out = escalator(&[
         "templates",
         "show",
@@ -186,7 +187,7 @@ fn exported_templates_are_a_valid_dir_and_export_keeps_edited_files() {
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.starts_with("Subject: [Support #42] edited\nContent-Language: en\n"),
+        text.starts_with("Subject: [Case #42] edited\nContent-Language: en\n"),
         "{text}"
     );
 }
