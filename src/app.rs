@@ -213,6 +213,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
                 mailer,
                 clock,
                 wake,
+                watched: config.queues.iter().map(|q| q.address.clone()).collect(),
                 health: crate::outbox::SmtpHealth::new(if store.is_shared() {
                     crate::cluster::node_name(None, config.cluster.node.as_deref())
                 } else {

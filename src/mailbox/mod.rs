@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, MailboxConfig};
@@ -409,11 +410,14 @@ impl Watcher {
         report: &mut PassReport,
     ) -> Result<(), WatchError> {
         let before = *report;
+        // Whatever was delivered before this moment is in the folder as
+        // selected now.
+        let began = self.ingestor.clock.now();
         let selected = f.select(folder, &self.folder_key(sent)).await?;
         let validity = selected.uid_validity;
         let (start, renumbered) = self.start_at(folder, validity)?;
         if selected.exists == 0 {
-            return Ok(());
+            return Ok(self.read_through(sent, began)?);
         }
         let uids = fetch::new_uids(f.uids_from(start).await?, start);
         let src = |uid| Source {
@@ -459,6 +463,9 @@ impl Watcher {
             self.ingestor.store.flush_async().await?;
             self.wake.both();
         }
+        if rest.is_empty() {
+            self.read_through(sent, began)?;
+        }
         let report = report.since(&before);
         self.note_renumbering(folder, renumbered, &report);
         if report.fetched > 0 {
@@ -471,6 +478,19 @@ impl Watcher {
                 "mailbox pass done"
             );
         }
+        Ok(())
+    }
+
+    /// Notes that the inbox was read through up to `began`, for the
+    /// outbox: an interrupted send whose confirmation copy is not among
+    /// what was read by then is known never to have been accepted.
+    fn read_through(&self, sent: bool, began: DateTime<Utc>) -> Result<(), StoreError> {
+        if sent {
+            return Ok(());
+        }
+        let address = &self.config.queue(&self.queue).address;
+        self.ingestor.store.set_read_through(address, began)?;
+        self.wake.outbox.notify_one();
         Ok(())
     }
 

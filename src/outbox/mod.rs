@@ -12,8 +12,9 @@
 //! us), the client cannot know whether it was kept. So every mail is also
 //! addressed, in the same transaction, to the support address: after a
 //! restart an entry left `sending` waits up to `confirm_wait` for that
-//! confirmation copy (ingest settles the entry when it arrives), and only
-//! without one is it sent again. With copies off, it is sent again at once
+//! confirmation copy (ingest settles the entry when it arrives), and until
+//! ingest has read the inbox through past that wait; only without a copy
+//! is it sent again. With copies off, it is sent again at once
 //! with the same Message-ID: a rare duplicate rather than a lost
 //! acknowledgement or escalation.
 
@@ -116,7 +117,21 @@ pub struct Outbox {
     /// began belongs to the node sending it (`[cluster] claim`).
     pub claim: Option<Duration>,
     pub health: SmtpHealth,
+    /// The addresses whose inboxes ingest reads (where the confirmation
+    /// copies land): an interrupted send from one of them is sent again
+    /// only once its inbox has been read past `confirm_wait`.
+    pub watched: Vec<String>,
 }
+
+/// How long past `confirm_wait` an interrupted send waits for its inbox
+/// to be read through before it goes out again all the same: a mailbox
+/// that cannot be read for an hour should not hold up mail for good (a
+/// rare duplicate beats a lost mail).
+const READ_THROUGH_WAIT: chrono::Duration = chrono::Duration::hours(1);
+
+/// Per watched address (lowercase): until when its inbox has been read
+/// (None: not yet since the store began recording it).
+type ReadThrough = std::collections::HashMap<String, Option<DateTime<Utc>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -155,26 +170,56 @@ impl Outbox {
         self.mailer.close().await;
     }
 
+    /// Until when each watched inbox has been read, as the store has it.
+    fn read_through(&self) -> Result<ReadThrough, StoreError> {
+        self.watched
+            .iter()
+            .map(|a| Ok((a.to_ascii_lowercase(), self.store.read_through(a)?)))
+            .collect()
+    }
+
     /// An entry left `sending` by a crash: until when to wait for the
-    /// confirmation copy (None: send it now).
-    fn awaiting_copy(&self, entry: &OutboxEntry, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    /// confirmation copy (None: send it now). Its arrival in the inbox
+    /// takes up to `confirm_wait`; then ingest must have read the inbox
+    /// that far, which under a backlog of customer mail takes longer
+    /// (a copy behind 1,000 messages once made an ack go out twice).
+    fn awaiting_copy(
+        &self,
+        entry: &OutboxEntry,
+        now: DateTime<Utc>,
+        read: &ReadThrough,
+    ) -> Option<DateTime<Utc>> {
         let wait = self.confirm.as_ref()?;
         if entry.state != OutboxState::Sending {
             return None;
         }
         let until = entry.attempt_at? + chrono::Duration::from_std(*wait).ok()?;
-        (until > now).then_some(until)
+        if until > now {
+            return Some(until);
+        }
+        // Not an inbox escalator reads: only the wait.
+        let seen = read.get(&entry.from.to_ascii_lowercase())?;
+        if seen.is_some_and(|seen| seen >= until) {
+            return None;
+        }
+        let last = until + READ_THROUGH_WAIT;
+        (last > now).then_some(last)
     }
 
     /// An entry left `sending` that nobody may touch yet: another node
     /// of the cluster claimed it (until its claim expires), or it waits
     /// for its confirmation copy. Until when.
-    fn held(&self, entry: &OutboxEntry, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    fn held(
+        &self,
+        entry: &OutboxEntry,
+        now: DateTime<Utc>,
+        read: &ReadThrough,
+    ) -> Option<DateTime<Utc>> {
         let claimed = self.claim.and_then(|claim| {
             let until = entry.attempt_at? + chrono::Duration::from_std(claim).ok()?;
             (entry.state == OutboxState::Sending && until > now).then_some(until)
         });
-        claimed.max(self.awaiting_copy(entry, now))
+        claimed.max(self.awaiting_copy(entry, now, read))
     }
 
     /// With a claim (a shared store): how much of it is left to a send
@@ -188,11 +233,12 @@ impl Outbox {
     fn next_wake(&self) -> Option<Duration> {
         let now = self.clock.now();
         let pending = self.store.outbox_pending().ok()?;
+        let read = self.read_through().ok()?;
         let next = pending
             .iter()
             .map(|e| {
                 let blocked = self.health.blocked(&self.mailer.server(&e.from), now);
-                self.held(e, now)
+                self.held(e, now, &read)
                     .unwrap_or(e.next_attempt_at)
                     .max(blocked.unwrap_or(e.next_attempt_at))
             })
@@ -227,6 +273,7 @@ impl Outbox {
         // Servers that refused us in this drain: their other mail waits
         // (each try would be one more failed login).
         let mut refusing = std::collections::HashSet::new();
+        let read = self.read_through()?;
         for entry in self.store.outbox_pending()? {
             if cancel.is_cancelled() {
                 break;
@@ -240,13 +287,13 @@ impl Outbox {
                 report.refused = true;
                 continue;
             }
-            if let Some(at) = self.held(&entry, now) {
+            if let Some(at) = self.held(&entry, now, &read) {
                 tracing::debug!(outbox_id = entry.id, until = %at, "being sent by another node, or waiting for its copy");
                 report.retrying += 1;
                 continue;
             }
             let id = entry.id;
-            let sending = std::panic::AssertUnwindSafe(self.send_one(entry));
+            let sending = std::panic::AssertUnwindSafe(self.send_one(entry, &read));
             match futures::FutureExt::catch_unwind(sending).await {
                 Ok(state) => match state? {
                     Sending::Done(OutboxState::Sent) => report.sent += 1,
@@ -281,10 +328,14 @@ impl Outbox {
     }
 
     #[tracing::instrument(skip_all, fields(case_id = entry.case, outbox_id = entry.id, kind = %entry.kind))]
-    async fn send_one(&self, entry: OutboxEntry) -> Result<Sending, OutboxError> {
+    async fn send_one(
+        &self,
+        entry: OutboxEntry,
+        read: &ReadThrough,
+    ) -> Result<Sending, OutboxError> {
         let now = self.clock.now();
         let id = entry.id;
-        let mut entry = match self.claim_entry(id, now)? {
+        let mut entry = match self.claim_entry(id, now, read)? {
             Ok(e) => e,
             Err(state) => {
                 if state == OutboxState::Sent {
@@ -335,6 +386,7 @@ impl Outbox {
         &self,
         id: u64,
         now: DateTime<Utc>,
+        read: &ReadThrough,
     ) -> Result<Result<OutboxEntry, OutboxState>, StoreError> {
         self.store.transact(|tx| {
             let Some(mut e) = tx.outbox_entry(id)? else {
@@ -350,11 +402,17 @@ impl Outbox {
                 return Ok(Err(OutboxState::Sent));
             }
             // Claimed by another node since our list was read.
-            if self.held(&e, now).is_some() {
+            if self.held(&e, now, read).is_some() {
                 return Ok(Err(e.state));
             }
             if e.state == OutboxState::Sending {
-                tracing::warn!("sending again after an interruption mid-send; the recipient may see it twice (same Message-ID)");
+                if self.confirm.is_some() && read.contains_key(&e.from.to_ascii_lowercase()) {
+                    // Read through past the wait, or not read for an hour.
+                    let seen = read.get(&e.from.to_ascii_lowercase()).copied().flatten();
+                    tracing::warn!(inbox_read_until = ?seen, "sending again after an interruption mid-send: its confirmation copy is not in the inbox (or the inbox could not be read for an hour); if the server had it, the recipient sees it twice (same Message-ID)");
+                } else {
+                    tracing::warn!("sending again after an interruption mid-send; the recipient may see it twice (same Message-ID)");
+                }
             }
             e.state = OutboxState::Sending;
             e.attempts += 1;

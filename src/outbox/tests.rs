@@ -91,6 +91,7 @@ fn setup(ids: &[u64], confirm: bool) -> Setup {
         wake: Default::default(),
         claim: None,
         health: Default::default(),
+        watched: Vec::new(),
     };
     Setup {
         _dir: dir,
@@ -253,6 +254,7 @@ async fn a_refusing_server_holds_up_only_its_own_mail() {
         wake: Default::default(),
         claim: None,
         health: Default::default(),
+        watched: Vec::new(),
     };
     let r = outbox
         .drain(false, &CancellationToken::new())
@@ -342,7 +344,7 @@ async fn r17_mail_whose_sent_mark_failed_is_marked_not_sent_again_when_its_claim
     s.outbox.journal.record(3).unwrap();
     for e in snapshot {
         assert_eq!(
-            s.outbox.send_one(e).await.unwrap(),
+            s.outbox.send_one(e, &Default::default()).await.unwrap(),
             Sending::Done(OutboxState::Sent)
         );
     }
@@ -406,7 +408,7 @@ async fn mail_another_node_is_sending_is_left_to_it_until_its_claim_expires() {
         .unwrap();
     // From the stale snapshot too: the claim is read again.
     for e in snapshot {
-        s.outbox.send_one(e).await.unwrap();
+        s.outbox.send_one(e, &Default::default()).await.unwrap();
     }
     let cancel = CancellationToken::new();
     s.outbox.drain(true, &cancel).await.unwrap();
@@ -461,7 +463,7 @@ async fn an_entry_settled_since_the_snapshot_is_not_sent() {
     settle(&s, 1);
     for e in snapshot {
         assert_eq!(
-            s.outbox.send_one(e).await.unwrap(),
+            s.outbox.send_one(e, &Default::default()).await.unwrap(),
             Sending::Done(OutboxState::Sent)
         );
     }
@@ -533,4 +535,96 @@ async fn a_panic_while_sending_parks_the_entry_and_the_rest_go_out() {
         .unwrap();
     assert_eq!(state(&s, 902), OutboxState::Sent);
     assert_eq!(sends(&s), 3);
+}
+
+/// Under a backlog of customer mail, ingest reads the confirmation copy
+/// later than `confirm_wait` after it arrived (once a crash test saw an
+/// ack go out twice so). An interrupted send from a watched inbox is
+/// sent again only once that inbox has been read through past the wait,
+/// and, if it cannot be read at all, an hour after it.
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_send_waits_until_its_inbox_is_read_past_the_wait() {
+    let mut s = setup(&[1, 2], true);
+    s.outbox.watched = vec!["Support@Example.test".into()];
+    s.mailer.results.lock().unwrap().extend([
+        Err(SmtpError::Unknown("cut".into())),
+        Err(SmtpError::Unknown("cut".into())),
+    ]);
+    let cancel = CancellationToken::new();
+    let began = s.clock.now();
+    s.outbox.drain(false, &cancel).await.unwrap();
+    assert_eq!(sends(&s), 2);
+    // Past confirm_wait (120 s), but the inbox was last read through
+    // before the wait ended: the copies may sit unread in it.
+    s.clock.advance(chrono::Duration::seconds(200));
+    let store = s.outbox.store.clone();
+    store
+        .set_read_through(
+            "support@example.test",
+            began + chrono::Duration::seconds(100),
+        )
+        .unwrap();
+    s.outbox.drain(true, &cancel).await.unwrap();
+    assert_eq!(sends(&s), 2, "not sent again while the inbox is unread");
+    assert_eq!(state(&s, 1), OutboxState::Sending);
+    // The next pass finds entry 1's copy (it was accepted) and reads the
+    // inbox through: entry 2 never reached the server, and goes out once.
+    settle(&s, 1);
+    store
+        .set_read_through(
+            "SUPPORT@example.test",
+            began + chrono::Duration::seconds(190),
+        )
+        .unwrap();
+    // A late writer (another node's older pass) never moves it back.
+    store
+        .set_read_through(
+            "support@example.test",
+            began + chrono::Duration::seconds(10),
+        )
+        .unwrap();
+    assert_eq!(
+        store.read_through("support@example.test").unwrap(),
+        Some(began + chrono::Duration::seconds(190))
+    );
+    s.outbox.drain(false, &cancel).await.unwrap();
+    assert_eq!(sends(&s), 3);
+    assert_eq!(state(&s, 1), OutboxState::Sent);
+    assert_eq!(state(&s, 2), OutboxState::Sent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inbox_that_is_never_read_holds_an_interrupted_send_one_hour() {
+    let mut s = setup(&[1], true);
+    s.outbox.watched = vec!["support@example.test".into()];
+    s.mailer
+        .results
+        .lock()
+        .unwrap()
+        .push_back(Err(SmtpError::Unknown("cut".into())));
+    let cancel = CancellationToken::new();
+    s.outbox.drain(false, &cancel).await.unwrap();
+    s.clock.advance(chrono::Duration::minutes(50));
+    s.outbox.drain(true, &cancel).await.unwrap();
+    assert_eq!(sends(&s), 1, "no pass recorded: still waiting");
+    s.clock.advance(chrono::Duration::minutes(13));
+    s.outbox.drain(false, &cancel).await.unwrap();
+    assert_eq!(sends(&s), 2, "past the wait and an hour: sent again");
+    assert_eq!(state(&s, 1), OutboxState::Sent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn mail_from_an_address_no_inbox_reads_waits_only_confirm_wait() {
+    let mut s = setup(&[1], true);
+    s.outbox.watched = vec!["billing@example.test".into()];
+    s.mailer
+        .results
+        .lock()
+        .unwrap()
+        .push_back(Err(SmtpError::Unknown("cut".into())));
+    let cancel = CancellationToken::new();
+    s.outbox.drain(false, &cancel).await.unwrap();
+    s.clock.advance(chrono::Duration::seconds(121));
+    s.outbox.drain(false, &cancel).await.unwrap();
+    assert_eq!(sends(&s), 2);
 }

@@ -47,6 +47,9 @@ use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry, SmtpPro
 
 /// Meta keys of the nodes' SMTP problems (see [`Store::set_smtp_problem`]).
 const SMTP_PROBLEM: &[u8] = b"smtp_problem/";
+/// Per mailbox address: when ingest last began a pass of its inbox that
+/// it finished (see [`Store::set_read_through`]).
+const READ_THROUGH: &[u8] = b"read_through/";
 use crate::thread::Lookup;
 use codec::{id_key, Tree};
 
@@ -542,6 +545,37 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Records that every message delivered to `address`'s inbox before
+    /// `at` has been ingested (a pass that began at `at` went through
+    /// all it found). The outbox waits for this before it decides that
+    /// an interrupted send's confirmation copy never came: a copy behind
+    /// a backlog of customer mail has arrived but is not read yet. Only
+    /// ever moves forward.
+    pub fn set_read_through(&self, address: &str, at: DateTime<Utc>) -> Result<()> {
+        let key = [READ_THROUGH, address.to_ascii_lowercase().as_bytes()].concat();
+        self.transact(|tx| {
+            let old = tx
+                .get_bytes(Tree::Meta, &key)?
+                .and_then(|v| codec::read_u64(&v));
+            let new = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+            if old.is_none_or(|old| old < new) {
+                tx.put(Tree::Meta, key.clone(), new.to_be_bytes().to_vec());
+            }
+            Ok(())
+        })
+    }
+
+    /// Until when `address`'s inbox has been read through (None: no
+    /// pass has finished yet).
+    pub fn read_through(&self, address: &str) -> Result<Option<DateTime<Utc>>> {
+        let key = [READ_THROUGH, address.to_ascii_lowercase().as_bytes()].concat();
+        Ok(self
+            .db
+            .get(Tree::Meta, &key)?
+            .and_then(|v| codec::read_u64(&v))
+            .and_then(|ms| DateTime::from_timestamp_millis(i64::try_from(ms).ok()?)))
     }
 
     /// Records why a node's SMTP server refuses its mail (one record per
