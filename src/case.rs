@@ -127,6 +127,16 @@ pub struct Case {
     /// count them once that commits.
     #[serde(skip)]
     pub new_events: Vec<Event>,
+    /// The language the customer's mail is in (a normalised tag), and
+    /// where it came from ([`crate::language::Source`]: `customer`,
+    /// `domain`, `content-language`, `accept-language`, `detected`,
+    /// `queue`, `default`). None in cases from before languages were
+    /// chosen: their next customer message chooses. (New fields go at
+    /// the end: see `store::codec::decode`.)
+    #[serde(default)]
+    pub language: Option<String>,
+    #[serde(default)]
+    pub language_source: Option<String>,
 }
 
 /// A case's next timer.
@@ -386,6 +396,8 @@ impl Case {
             repeat_customer: false,
             event_count: 0,
             new_events: Vec::new(),
+            language: None,
+            language_source: None,
         }
     }
 

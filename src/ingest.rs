@@ -414,6 +414,9 @@ impl Ingestor {
             );
         }
         case.new_messages.push(seq);
+        if (new && !from_sent) || role == Role::Customer {
+            self.choose_language(tx, &mut case, &mail, config)?;
+        }
         let actions = if new && from_sent {
             policy::on_message(&mut case, &mail, Role::SupportAgent, None, &ctx)
         } else if new {
@@ -461,6 +464,37 @@ impl Ingestor {
             new,
             queued,
         })
+    }
+
+    /// The language the customer's mail will be in, chosen from what is
+    /// known of them and this message, remembered on the case with where
+    /// it came from (a case keeps its language unless one is set for the
+    /// customer).
+    fn choose_language(
+        &self,
+        tx: &mut Tx<'_>,
+        case: &mut Case,
+        mail: &InboundMail,
+        config: &Config,
+    ) -> Result<(), StoreError> {
+        let set = if case.customer.is_empty() {
+            None
+        } else {
+            tx.customer_language(&case.customer)?
+        };
+        let clues = crate::language::Clues {
+            customer: set.as_deref(),
+            case: case.language.as_deref(),
+            address: &case.customer,
+            mail: Some(mail),
+            queue: &case.queue,
+        };
+        let choice = crate::language::choose(config, &clues);
+        if choice.source != crate::language::Source::Case {
+            case.language = Some(choice.language);
+            case.language_source = Some(choice.source.as_str().to_string());
+        }
+        Ok(())
     }
 
     /// The case a message belongs to, whether it is new, and how it was

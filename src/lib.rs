@@ -32,6 +32,9 @@
 //! - [`policy`]: deadlines, ETAs and what to send (pure).
 //! - [`quote`]: where a reply's new text ends; the marker of staff mail (pure).
 //! - [`template`]: admin-editable message texts (pure).
+//! - [`locale`]: dates and waits in words in each template language (pure).
+//! - [`language`]: which language a customer gets, from what is known
+//!   of them and their mail (pure).
 //! - [`stats`]: KPIs from per-case facts (pure).
 //! - [`store`]: one typed interface to everything kept, transactions
 //!   included; its engines (sled, PostgreSQL) and their encoding live
@@ -80,6 +83,8 @@ mod fixture;
 pub mod fuzzing;
 pub mod handle;
 pub mod ingest;
+pub mod language;
+pub mod locale;
 pub mod mailbox;
 pub mod mailtext;
 pub mod message;

@@ -287,17 +287,15 @@ pub fn values(
     v.insert("customer", case.customer.clone());
     v.insert("subject", case.subject.clone());
     v.insert("tier", case.tier.clone());
-    v.insert("eta", policy::format_eta(eta, config.calendar.timezone));
-    let mut words = policy::eta_words(wait);
-    if business.hours.is_some() {
-        for unit in [" day", " hour", " minute", " second"] {
-            if let Some(i) = words.find(unit) {
-                words.insert_str(i, " business");
-                break;
-            }
-        }
-    }
-    v.insert("eta_in_words", words);
+    let lang = language(config, case);
+    v.insert(
+        "eta",
+        crate::locale::format_eta(eta, config.calendar.timezone, lang),
+    );
+    v.insert(
+        "eta_in_words",
+        crate::locale::eta_words(wait, business.hours.is_some(), lang),
+    );
     // The case's queue speaks for it: its name and address.
     let q = config.queue(&case.queue);
     v.insert(
@@ -333,15 +331,29 @@ pub struct Text {
     pub language: String,
 }
 
-/// The language `case`'s customer gets: the case's queue's, else
-/// `[language] default`. (The customer's own, from their mail, comes
-/// with the rest of issue 20.)
-pub fn language<'c>(config: &'c Config, case: &Case) -> &'c str {
-    config
-        .queue(&case.queue)
-        .language
+/// The language `case`'s customer gets: the case's (chosen by
+/// [`crate::language`] from the customer's mail), else its queue's, else
+/// `[language] default`.
+pub fn language<'c>(config: &'c Config, case: &'c Case) -> &'c str {
+    case.language
         .as_deref()
-        .unwrap_or(&config.language)
+        .or(config.queue(&case.queue).language.as_deref())
+        .unwrap_or(&config.language.default)
+}
+
+/// [`language`] and where it came from (`language_source` in the JSON).
+pub fn language_and_source<'c>(config: &'c Config, case: &'c Case) -> (&'c str, &'c str) {
+    match (&case.language, &case.language_source) {
+        (Some(l), Some(s)) => (l, s),
+        (Some(l), None) => (l, crate::language::Source::Case.as_str()),
+        (None, _) => match &config.queue(&case.queue).language {
+            Some(q) => (q, crate::language::Source::Queue.as_str()),
+            None => (
+                &config.language.default,
+                crate::language::Source::Default.as_str(),
+            ),
+        },
+    }
 }
 
 /// Renders `kind` from the config's templates. Every template was

@@ -97,6 +97,11 @@ enum Command {
         #[command(subcommand)]
         command: TemplatesCommand,
     },
+    /// Customers: the language their mail is in.
+    Customers {
+        #[command(subcommand)]
+        command: CustomersCommand,
+    },
     /// Outgoing mail.
     Outbox {
         #[command(subcommand)]
@@ -111,6 +116,24 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CustomersCommand {
+    /// Answer this customer in LANG from now on, whatever their mail
+    /// says (their open cases too); `--clear` goes back to each case's
+    /// own language.
+    SetLanguage {
+        /// The customer's address.
+        address: String,
+        /// A language with templates (`de`, `pt-BR`).
+        #[arg(required_unless_present = "clear")]
+        language: Option<String>,
+        #[arg(long, conflicts_with = "language")]
+        clear: bool,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -356,6 +379,15 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 config,
             } => (config, Request::TemplateShow { kind, lang, case }),
         },
+        Command::Customers {
+            command:
+                CustomersCommand::SetLanguage {
+                    address,
+                    language,
+                    clear: _,
+                    config,
+                },
+        } => (config, Request::CustomerSetLanguage { address, language }),
         Command::Cluster {
             command: ClusterCommand::Status { config, json },
         } => (config, Request::ClusterStatus { json }),

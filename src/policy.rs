@@ -882,35 +882,12 @@ fn add_participants(case: &mut Case, mail: &InboundMail, config: &Config) {
 
 /// "within 4 hours", "within 1 day 2 hours": the two largest units.
 pub fn eta_words(d: Duration) -> String {
-    let mut secs = d.as_secs();
-    if secs == 0 {
-        return "right away".into();
-    }
-    let units = [
-        ("day", 86_400),
-        ("hour", 3_600),
-        ("minute", 60),
-        ("second", 1),
-    ];
-    let mut parts = Vec::new();
-    for (name, size) in units {
-        if secs >= size && parts.len() < 2 {
-            let n = secs / size;
-            secs %= size;
-            parts.push(format!("{n} {name}{}", if n == 1 { "" } else { "s" }));
-        } else if !parts.is_empty() {
-            // Only adjacent units: "1 day 30 seconds" reads oddly.
-            break;
-        }
-    }
-    format!("within {}", parts.join(" "))
+    crate::locale::eta_words(d, false, "en")
 }
 
 /// The ETA as people read it, in the support team's time zone.
 pub fn format_eta(at: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
-    at.with_timezone(&tz)
-        .format("%A, %-d %B %Y, %H:%M %Z")
-        .to_string()
+    crate::locale::format_eta(at, tz, "en")
 }
 
 #[cfg(test)]

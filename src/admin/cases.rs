@@ -17,7 +17,8 @@ pub(super) fn list_cases(
         })
         .collect::<Result<_, _>>()?;
     if as_json {
-        let v: Vec<_> = cases.iter().map(Case::summary_json).collect();
+        let config = shared.config.get();
+        let v: Vec<_> = cases.iter().map(|c| case_json(&config, c)).collect();
         return Ok(Response::ok(json(&v)));
     }
     // With several queues, the tier column names the queue too.
@@ -63,6 +64,17 @@ pub(super) fn list_cases(
 }
 
 // Long: the sections of `cases show` in the order they print (the JSON is the case's own summary).
+/// A case's JSON summary with the language its customer's mail is in
+/// and where that came from (a case from before languages were chosen:
+/// its queue's or the default).
+fn case_json(config: &crate::config::Config, case: &Case) -> serde_json::Value {
+    let mut v = case.summary_json();
+    let (language, source) = crate::mailtext::language_and_source(config, case);
+    v["language"] = language.into();
+    v["language_source"] = source.into();
+    v
+}
+
 pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Response, EffectsError> {
     let store = &*shared.store;
     let Some(case) = store.case(id)? else {
@@ -80,7 +92,7 @@ pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Respo
     }
     let bounces = bounces_of(&history);
     if as_json {
-        let mut v = case.summary_json();
+        let mut v = case_json(&shared.config.get(), &case);
         v["bounces"] = serde_json::Value::Array(bounces);
         v["history"] = serde_json::to_value(&history).unwrap_or_default();
         v["message_list"] = serde_json::to_value(
@@ -107,8 +119,10 @@ pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Respo
         .unwrap_or_default();
         return Ok(Response::ok(json(&v)));
     }
+    let config = shared.config.get();
+    let (language, language_source) = crate::mailtext::language_and_source(&config, &case);
     let mut out = format!(
-            "Case #{}: {}\n  customer: {}{}\n  status:   {:?}\n  queue:    {}\n  tier:     {}\n  due:      {}\n  created:  {}\n",
+            "Case #{}: {}\n  customer: {}{}\n  status:   {:?}\n  queue:    {}\n  tier:     {}\n  due:      {}\n  created:  {}\n  language: {} ({})\n",
             case.id,
             printable(&case.subject),
             if case.customer.is_empty() { "(unassigned: sender unreadable)".to_string() } else { printable(&case.customer) },
@@ -118,6 +132,8 @@ pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Respo
             case.tier,
             case.due_at.map(rfc3339).unwrap_or_else(|| "-".into()),
             rfc3339(case.created_at),
+            language,
+            language_source,
         );
     if let Some(p) = &case.parked_timer {
         out.push_str(&format!(

@@ -9,6 +9,7 @@
 //! cluster status); and the text helpers they share.
 
 mod cases;
+mod customers;
 mod mail;
 mod reports;
 mod templates;
@@ -84,6 +85,11 @@ pub enum Request {
         lang: Option<String>,
         case: Option<u64>,
     },
+    /// Sets (None: clears) the language of a customer's mail.
+    CustomerSetLanguage {
+        address: String,
+        language: Option<String>,
+    },
 }
 
 /// What to print and the exit code.
@@ -132,6 +138,10 @@ pub fn handle(shared: &Handle, req: &Request) -> Result<Response, EffectsError> 
             case,
         } => templates::show(shared, kind, lang.as_deref(), case),
         Request::ClusterStatus { json: as_json } => reports::cluster_status(shared, as_json),
+        Request::CustomerSetLanguage {
+            ref address,
+            ref language,
+        } => customers::set_language(shared, address, language.as_deref()),
         Request::OutboxShow { id } => mail::show_outbox(shared, id),
         Request::OutboxRetry { id } => mail::retry_outbox(shared, id),
     }

@@ -76,9 +76,8 @@ pub struct Config {
     pub triggers: Vec<TriggerConfig>,
     pub resolution: ResolutionConfig,
     pub templates: Templates,
-    /// `[language] default`: the language of customer mail when nothing
-    /// closer says which (normalised tag; `en` unless set).
-    pub language: String,
+    /// `[language]`: which language customers and staff get.
+    pub language: LanguageConfig,
     pub digest: Option<DigestConfig>,
     pub metrics: MetricsConfig,
     pub cluster: ClusterConfig,
@@ -362,6 +361,33 @@ pub struct MailboxConfig {
 /// so there is always a first one to fall back to.
 #[derive(Debug, Clone)]
 pub struct Queues(Vec<QueueConfig>);
+
+/// `[language]`. Every tag is normalised (see
+/// [`crate::template::normal_lang`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanguageConfig {
+    /// The language of customer mail when nothing closer says which
+    /// (`en` unless set).
+    pub default: String,
+    /// Detect the language of a customer's own text (default true).
+    pub detect: bool,
+    /// The language of staff mail (`en` unless set).
+    pub staff: String,
+    /// Customer domain (lower case) → language; a domain also covers
+    /// its subdomains.
+    pub domains: BTreeMap<String, String>,
+}
+
+impl Default for LanguageConfig {
+    fn default() -> Self {
+        LanguageConfig {
+            default: "en".into(),
+            detect: true,
+            staff: "en".into(),
+            domains: BTreeMap::new(),
+        }
+    }
+}
 
 impl Queues {
     /// None when there is no queue.

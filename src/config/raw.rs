@@ -300,6 +300,11 @@ pub(super) struct RawTier {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLanguage {
     pub(super) default: Option<String>,
+    pub(super) detect: Option<bool>,
+    pub(super) staff: Option<String>,
+    /// Customer domain → language.
+    #[serde(default)]
+    pub(super) domains: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

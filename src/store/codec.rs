@@ -173,6 +173,15 @@ pub(super) fn auto_reply_key(email: &str, at: DateTime<Utc>, outbox: u64) -> Vec
 /// The store's key for the cursor of a queue's folder: the folder alone
 /// for the queue `default` (as before queues), else queue and folder
 /// apart by a NUL, which no IMAP folder name holds.
+/// The language set for a customer, by lower-case address.
+pub(super) fn customer_language_key(email: &str) -> Vec<u8> {
+    [
+        b"customer_language/".as_slice(),
+        email.to_ascii_lowercase().as_bytes(),
+    ]
+    .concat()
+}
+
 pub(super) fn cursor_key(queue: &str, folder: &str) -> Vec<u8> {
     if queue == crate::case::DEFAULT_QUEUE {
         folder.as_bytes().to_vec()
@@ -243,13 +252,20 @@ pub(super) fn is_legacy_case(value: &[u8]) -> bool {
     value.first() == Some(&b'{')
 }
 
-/// The version byte of records in postcard. JSON records (from older
+/// The version bytes of records in postcard. JSON records (from older
 /// releases, and the history's lists of events) start with `{` or `[`.
+/// Version 1 records were written before the case gained its language;
+/// version 2 is the same encoding, read strictly.
 const COMPACT_V1: u8 = 1;
+const COMPACT_V2: u8 = 2;
 
-/// A record in the compact encoding: [`COMPACT_V1`], then postcard.
+/// How many zero bytes stand in for the fields a record type gained at
+/// its end since version 1 (see [`decode`]).
+const TRAILING_PAD: usize = 16;
+
+/// A record in the compact encoding: [`COMPACT_V2`], then postcard.
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(value, vec![COMPACT_V1])
+    postcard::to_extend(value, vec![COMPACT_V2])
         .map_err(|e| StoreError::EncodeBinary(e.to_string()))
 }
 
@@ -267,9 +283,22 @@ pub(super) fn decode<T: DeserializeOwned>(
 ) -> Result<T, StoreError> {
     let name = || format!("{tree:?}/{}", printable_key(key));
     match value.split_first() {
-        Some((&COMPACT_V1, rest)) => {
+        Some((&COMPACT_V2, rest)) => {
             postcard::from_bytes(rest).map_err(|_| StoreError::Malformed { key: name() })
         }
+        Some((&COMPACT_V1, rest)) => match postcard::from_bytes(rest) {
+            Ok(v) => Ok(v),
+            // Written before fields were added at the record's end (the
+            // case's language): they read as zero bytes, which postcard
+            // decodes as None, 0, false or empty.
+            Err(postcard::Error::DeserializeUnexpectedEnd) => {
+                let mut padded = Vec::with_capacity(rest.len() + TRAILING_PAD);
+                padded.extend_from_slice(rest);
+                padded.resize(rest.len() + TRAILING_PAD, 0);
+                postcard::from_bytes(&padded).map_err(|_| StoreError::Malformed { key: name() })
+            }
+            Err(_) => Err(StoreError::Malformed { key: name() }),
+        },
         Some((b'{' | b'[', _)) => {
             serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
                 key: name(),

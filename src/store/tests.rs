@@ -709,7 +709,7 @@ fn records_are_compact_and_older_json_records_still_read() {
     e.attach = vec![7, 8];
     let compact = codec::encode(&e).unwrap();
     let json = serde_json::to_vec(&e).unwrap();
-    assert_eq!(compact[0], 1, "version byte");
+    assert_eq!(compact[0], 2, "version byte");
     assert!(
         compact.len() * 2 < json.len(),
         "{} vs {}",
@@ -720,9 +720,22 @@ fn records_are_compact_and_older_json_records_still_read() {
         let back: OutboxEntry = codec::decode(Tree::Outbox, b"k", bytes).unwrap();
         assert_eq!((back.id, back.attach.clone()), (3, vec![7, 8]));
     }
-    let c = case(9, "T1", 5);
-    let back: Case = codec::decode(Tree::Cases, b"k", &codec::encode(&c).unwrap()).unwrap();
+    let mut c = case(9, "T1", 5);
+    c.language = Some("de".into());
+    c.language_source = Some("content-language".into());
+    let bytes = codec::encode(&c).unwrap();
+    let back: Case = codec::decode(Tree::Cases, b"k", &bytes).unwrap();
     assert_eq!(back, c);
+    // A version-1 case, written before cases had a language: it reads
+    // with none, all else intact.
+    let mut old = c.clone();
+    old.language = None;
+    old.language_source = None;
+    let mut v1 = codec::encode(&old).unwrap();
+    v1.truncate(v1.len() - 2); // the two trailing Nones
+    v1[0] = 1;
+    let back: Case = codec::decode(Tree::Cases, b"k", &v1).unwrap();
+    assert_eq!(back, old);
     // Bytes of neither kind are an error naming the record, never a
     // default value.
     let err = codec::decode::<OutboxEntry>(Tree::Outbox, &id_key(3), b"\x09junk").unwrap_err();

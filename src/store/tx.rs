@@ -327,6 +327,20 @@ impl<'s> Tx<'s> {
         self.set_meta_u64(DIGEST_SENT_UNTIL, at as u64);
     }
 
+    /// The language set for a customer (`customers set-language`).
+    pub fn customer_language(&self, email: &str) -> Result<Option<String>> {
+        let key = codec::customer_language_key(email);
+        Ok(self
+            .get_bytes(Tree::Meta, &key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Sets (or with None clears) the language of a customer.
+    pub fn set_customer_language(&mut self, email: &str, language: Option<&str>) {
+        let key = codec::customer_language_key(email);
+        self.set(Tree::Meta, key, language.map(|l| l.as_bytes().to_vec()));
+    }
+
     // --------------------------------------------------------- writes
 
     /// Writes a case with everything kept in step with it: its new

@@ -82,11 +82,43 @@ impl Kind {
 }
 
 /// The built-in set, by file name.
+/// A built-in template: its file name and text.
+macro_rules! builtin {
+    ($name:literal) => {
+        ($name, include_str!(concat!("builtin/", $name)))
+    };
+}
+
+/// Every customer kind in each language a native speaker checked.
 const BUILTIN: &[(&str, &str)] = &[
-    ("ack.en.txt", include_str!("builtin/ack.en.txt")),
-    ("notice.en.txt", include_str!("builtin/notice.en.txt")),
-    ("relay.en.txt", include_str!("builtin/relay.en.txt")),
-    ("survey.en.txt", include_str!("builtin/survey.en.txt")),
+    builtin!("ack.en.txt"),
+    builtin!("notice.en.txt"),
+    builtin!("relay.en.txt"),
+    builtin!("survey.en.txt"),
+    builtin!("ack.de.txt"),
+    builtin!("notice.de.txt"),
+    builtin!("relay.de.txt"),
+    builtin!("survey.de.txt"),
+    builtin!("ack.fr.txt"),
+    builtin!("notice.fr.txt"),
+    builtin!("relay.fr.txt"),
+    builtin!("survey.fr.txt"),
+    builtin!("ack.es.txt"),
+    builtin!("notice.es.txt"),
+    builtin!("relay.es.txt"),
+    builtin!("survey.es.txt"),
+    builtin!("ack.it.txt"),
+    builtin!("notice.it.txt"),
+    builtin!("relay.it.txt"),
+    builtin!("survey.it.txt"),
+    builtin!("ack.nl.txt"),
+    builtin!("notice.nl.txt"),
+    builtin!("relay.nl.txt"),
+    builtin!("survey.nl.txt"),
+    builtin!("ack.pt.txt"),
+    builtin!("notice.pt.txt"),
+    builtin!("relay.pt.txt"),
+    builtin!("survey.pt.txt"),
 ];
 
 /// The built-in templates as (file name, text), for `templates export`.

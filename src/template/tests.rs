@@ -91,9 +91,9 @@ fn a_file_in_dir_replaces_the_builtin_and_languages_fall_back() {
             .language,
         "de"
     );
-    // No French ack: the neutral file would come next, then English.
+    // No Swedish ack: the neutral file would come next, then English.
     assert_eq!(
-        t.render(Kind::Ack, "fr", &vars(Kind::Ack))
+        t.render(Kind::Ack, "sv", &vars(Kind::Ack))
             .unwrap()
             .language,
         "en"

@@ -6,11 +6,11 @@ use std::time::Duration;
 use super::Validator;
 use crate::calendar::{self, Calendar};
 use crate::config::raw::{
-    RawCalendar, RawCases, RawDigest, RawMetrics, RawResolution, RawTemplates,
+    RawCalendar, RawCases, RawDigest, RawLanguage, RawMetrics, RawResolution, RawTemplates,
 };
 use crate::config::{
-    parse_mailbox, CalendarConfig, CasesConfig, DigestConfig, MetricsConfig, ResolutionConfig,
-    Templates,
+    parse_mailbox, CalendarConfig, CasesConfig, DigestConfig, LanguageConfig, MetricsConfig,
+    ResolutionConfig, Templates,
 };
 
 impl Validator<'_> {
@@ -167,6 +167,34 @@ impl Validator<'_> {
 
     /// A language tag (`de`, `pt-BR`), normalised as template files
     /// name it.
+    /// `[language]`: default, detect, staff, domains.
+    pub(super) fn languages(&mut self, raw: RawLanguage) -> LanguageConfig {
+        let mut out = LanguageConfig::default();
+        if let Some(l) = raw.default {
+            out.default = self.language("language.default", &l);
+        }
+        if let Some(l) = raw.staff {
+            out.staff = self.language("language.staff", &l);
+        }
+        out.detect = raw.detect.unwrap_or(true);
+        for (domain, tag) in raw.domains {
+            let key = format!("language.domains.{domain:?}");
+            let name = domain.trim().trim_start_matches('@').to_ascii_lowercase();
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !valid {
+                self.problem(&key, "not a domain name such as \"example.de\"");
+                continue;
+            }
+            let lang = self.language(&key, &tag);
+            out.domains.insert(name, lang);
+        }
+        out
+    }
+
     pub(super) fn language(&mut self, key: &str, tag: &str) -> String {
         match crate::template::normal_lang(tag) {
             Some(l) if l == tag.trim().to_ascii_lowercase().replace('_', "-") => l,

@@ -69,10 +69,7 @@ impl Validator<'_> {
         let triggers = self.triggers(raw.triggers);
         let resolution = self.resolution(raw.resolution);
         let templates = self.templates(raw.templates);
-        let language = match raw.language.default {
-            Some(l) => self.language("language.default", &l),
-            None => "en".into(),
-        };
+        let language = self.languages(raw.language);
 
         let queues = self.queues(
             raw.mailbox,
