@@ -7,7 +7,7 @@ use crate::case::Status;
 use crate::effects::EffectsError;
 use crate::handle::Handle;
 use crate::language::{customer_languages, Source};
-use crate::template::{normal_lang, printable};
+use crate::template::{exact_lang, printable};
 
 /// Longest address taken (RFC 5321's limit on a path).
 const MAX_ADDRESS: usize = 254;
@@ -34,7 +34,7 @@ pub(super) fn set_language(
         None => None,
         Some(tag) => {
             let known = customer_languages(&config);
-            let Some(l) = normal_lang(tag) else {
+            let Some(l) = exact_lang(tag) else {
                 return Ok(Response::fail(format!(
                     "{:?} is not a language tag such as \"de\" or \"pt-BR\"\n",
                     printable(tag)

@@ -616,6 +616,13 @@ pub fn normal_lang(tag: &str) -> Option<String> {
     }
 }
 
+/// `tag` normalised, when it is exactly a tag [`normal_lang`] keeps
+/// whole (`de_AT` is, `xx-INVALID!` is not): for tags a person typed,
+/// where a dropped part is a mistake to point out.
+pub fn exact_lang(tag: &str) -> Option<String> {
+    normal_lang(tag).filter(|l| *l == tag.trim().to_ascii_lowercase().replace('_', "-"))
+}
+
 /// Sample values for checking a template of `kind`.
 pub fn sample(kind: Kind) -> BTreeMap<&'static str, String> {
     kind.variables()

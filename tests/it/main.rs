@@ -11,6 +11,7 @@ mod escalation;
 mod exim;
 mod gateway;
 mod hardening;
+mod languages;
 mod mailservers;
 mod operations;
 mod postgres;

@@ -181,7 +181,7 @@ fn exported_templates_are_a_valid_dir_and_export_keeps_edited_files() {
         "show",
         "ack",
         "--lang",
-        "de-AT",
+        "sv-FI",
         "--config",
         s.cfg(),
     ]);
@@ -234,7 +234,7 @@ async fn a_queue_s_language_picks_its_template_and_the_mail_says_so() {
 async fn without_a_template_in_the_language_the_english_mail_says_en() {
     let s = Setup::with_tiers(
         &["support", "bob", "agent", "tier2"],
-        &tiers("\n[language]\ndefault = \"fr\"\n"),
+        &tiers("\n[language]\ndefault = \"sv\"\n"),
     );
     s.send("bob", &customer_mail("bob", "Commande"));
     s.once();

@@ -196,9 +196,9 @@ impl Validator<'_> {
     }
 
     pub(super) fn language(&mut self, key: &str, tag: &str) -> String {
-        match crate::template::normal_lang(tag) {
-            Some(l) if l == tag.trim().to_ascii_lowercase().replace('_', "-") => l,
-            _ => {
+        match crate::template::exact_lang(tag) {
+            Some(l) => l,
+            None => {
                 self.problem(
                     key,
                     format!(
