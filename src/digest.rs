@@ -37,24 +37,35 @@ pub fn next_due(now: DateTime<Utc>, every: Duration) -> DateTime<Utc> {
     end + chrono::Duration::seconds(every.as_secs().max(60) as i64)
 }
 
-/// The digest's subject for the period [start, end).
-pub fn subject(start: DateTime<Utc>, end: DateTime<Utc>) -> String {
-    format!(
-        "Escalation review {} to {}",
-        start.format("%Y-%m-%d %H:%M"),
-        end.format("%Y-%m-%d %H:%M UTC")
-    )
-}
-
-/// The digest's text for [start, end).
-pub fn text(
+/// The digest mail for [start, end), from the `digest` template.
+pub fn mail(
     store: &Store,
     config: &Config,
     d: &DigestConfig,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     now: DateTime<Utc>,
-) -> Result<String, StoreError> {
+) -> Result<crate::mailtext::Text, StoreError> {
+    let (report, figures) = text(store, config, start, end, now)?;
+    Ok(crate::mailtext::digest(
+        config,
+        (start, end),
+        d.every,
+        &report,
+        figures,
+    ))
+}
+
+/// The digest's report for [start, end) (its KPIs, escalations,
+/// triggers, repeat customers and breaches) and its headline figures:
+/// new cases, escalated, breached.
+pub fn text(
+    store: &Store,
+    config: &Config,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(String, (u64, u64, u64)), StoreError> {
     // Facts come in opening order: stop at the period's end.
     let mut window: Vec<Facts> = store.facts_since(Some(start))?;
     window.retain(|f| f.created_at < end);
@@ -65,7 +76,9 @@ pub fn text(
         queues: &queues,
     };
     let report = period_report(&window, &open, &order, start, end.min(now));
-    Ok(compose(&report, &window, &open, start, end, d))
+    let o = &report.overall;
+    let figures = (o.cases, o.escalated, o.breached);
+    Ok((compose(&report, &window, &open, start, end), figures))
 }
 
 /// The KPIs of the period [start, end) from its facts and those of
@@ -90,22 +103,15 @@ fn period_report(
 }
 
 /// Pure: the digest from the period's facts and the unresolved cases'.
-// Long: the digest's sections in the order they print; it becomes a template (issue 20).
+// Long: the digest's sections in the order they print (the `digest` template puts its head above).
 pub fn compose(
     report: &stats::Report,
     window: &[Facts],
     open: &[Facts],
     start: DateTime<Utc>,
     end: DateTime<Utc>,
-    d: &DigestConfig,
 ) -> String {
-    let mut out = format!(
-        "Escalation review for {} to {} (every {}).\n\n",
-        start.format("%Y-%m-%d %H:%M"),
-        end.format("%Y-%m-%d %H:%M UTC"),
-        short_duration(d.every.as_secs() as i64)
-    );
-    out.push_str("KPIs of the cases opened in the period\n\n");
+    let mut out = String::from("KPIs of the cases opened in the period\n\n");
     out.push_str(&report.text());
 
     // Escalations that happened in the period, of recent or older cases.
@@ -262,16 +268,12 @@ mod tests {
         b.resolved_at = Some(t(5));
         let window: Vec<Facts> = [&a, &b, &b2].iter().map(|c| Facts::of(c)).collect();
         let open: Vec<Facts> = vec![Facts::of(&a), Facts::of(&b2)];
-        let d = DigestConfig {
-            to: vec!["boss@x.org".into()],
-            every: Duration::from_secs(7 * 86_400),
-        };
         let order = stats::Order {
             tiers: &[],
             queues: &[],
         };
         let report = period_report(&window, &open, &order, start, end);
-        let text = compose(&report, &window, &open, start, end, &d);
+        let text = compose(&report, &window, &open, start, end);
         assert!(text.contains("Escalations in the period (1)"), "{text}");
         assert!(text.contains("#5"), "{text}");
         assert!(

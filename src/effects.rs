@@ -175,15 +175,14 @@ impl<'a> Effects<'a> {
                 detail,
             } => {
                 let t = &cfg.tiers[tier];
-                let (subject, body, attachments) =
+                let (mail, attachments) =
                     text.forward(tx, case, t, (reason, &detail, &previous))?;
                 self.staff_mail(
                     tx,
                     case,
                     MailKind::Forward,
                     &t.forward_to,
-                    &subject,
-                    &body,
+                    &mail,
                     attachments,
                 )?;
             }
@@ -192,24 +191,16 @@ impl<'a> Effects<'a> {
                 if to.is_empty() {
                     return Ok(false);
                 }
-                let (subject, body) = text.warning(tx, case)?;
-                self.staff_mail(tx, case, MailKind::Warn, &to, &subject, &body, Vec::new())?;
+                let mail = text.warning(tx, case)?;
+                self.staff_mail(tx, case, MailKind::Warn, &to, &mail, Vec::new())?;
             }
             Action::Renotify { tier } => {
                 let to = staff_recipients(&cfg.tiers[tier]);
                 if to.is_empty() {
                     return Ok(false);
                 }
-                let (subject, body) = text.breach(tx, case)?;
-                self.staff_mail(
-                    tx,
-                    case,
-                    MailKind::Renotify,
-                    &to,
-                    &subject,
-                    &body,
-                    Vec::new(),
-                )?;
+                let mail = text.breach(tx, case)?;
+                self.staff_mail(tx, case, MailKind::Renotify, &to, &mail, Vec::new())?;
             }
         }
         Ok(true)
@@ -324,12 +315,11 @@ impl<'a> Effects<'a> {
         };
         self.queue(
             tx,
-            (case.id, &case.queue, Some(&text.language)),
+            (case.id, &case.queue),
             kind,
             vec![case.customer.clone()],
             case.customer_name.as_deref(),
-            &text.subject,
-            &text.body,
+            text,
             Some(reply_to),
             refs,
             auto,
@@ -338,26 +328,23 @@ impl<'a> Effects<'a> {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn staff_mail(
         &mut self,
         tx: &mut Tx<'_>,
         case: &mut Case,
         kind: MailKind,
         to: &[String],
-        subject: &str,
-        body: &str,
+        text: &Text,
         attach: Vec<u64>,
     ) -> Result<u64, EffectsError> {
         let support = self.config.queue(&case.queue).address.clone();
         let id = self.queue(
             tx,
-            (case.id, &case.queue, None),
+            (case.id, &case.queue),
             kind,
             to.to_vec(),
             None,
-            subject,
-            body,
+            text,
             None,
             Vec::new(),
             Some("auto-generated"),
@@ -370,18 +357,17 @@ impl<'a> Effects<'a> {
 
     #[allow(clippy::too_many_arguments)]
     /// Queues one mail of case `case_id` of queue `queue`, from that
-    /// queue's address (case 0, queue "": the main address), in
-    /// `language` (its `Content-Language`; None for staff mail).
+    /// queue's address (case 0, queue "": the main address), with its
+    /// text's `Content-Language` and HTML alternative.
     // Long: one outbox entry from its parts in order: sender, Message-ID, staff marker, attachment placeholders, the composed bytes, the entry and its index.
     fn queue(
         &mut self,
         tx: &mut Tx<'_>,
-        (case_id, queue, language): (CaseId, &str, Option<&str>),
+        (case_id, queue): (CaseId, &str),
         kind: MailKind,
         to: Vec<String>,
         to_name: Option<&str>,
-        subject: &str,
-        body: &str,
+        text: &Text,
         in_reply_to: Option<&str>,
         references: Vec<String>,
         auto: Option<&str>,
@@ -412,14 +398,14 @@ impl<'a> Effects<'a> {
         .format(tx.key(), domain);
         // Staff-facing mail opens with the marker a reply is cut at: its
         // token is this mail's own Message-ID (unique, keyed).
-        let marked;
-        let body = if kind.staff_facing() {
+        let (mut body, mut html) = (text.body.clone(), text.html.clone());
+        if kind.staff_facing() {
             let token = message_id.split('@').next().unwrap_or("");
-            marked = format!("{}\n\n{body}", crate::quote::marker_line(token));
-            marked.as_str()
-        } else {
-            body
-        };
+            let marker = crate::quote::marker_line(token);
+            body = format!("{marker}\n\n{body}");
+            html = html.map(|h| format!("<p>{}</p>\n{h}", crate::template::escape_html(&marker)));
+        }
+        let subject = text.subject.as_str();
         // The originals are not copied into the entry: each is a
         // placeholder that the outbox replaces with the stored message
         // when it sends (see `outbox::expand`).
@@ -449,9 +435,10 @@ impl<'a> Effects<'a> {
                 instance: &cfg.cases.instance,
                 case_id,
                 date: self.now,
-                language,
+                language: Some(&text.language),
+                html: html.as_deref(),
             },
-            body,
+            &body,
         )
         .map_err(EffectsError::Compose)?;
         let entry = OutboxEntry {
@@ -482,17 +469,15 @@ impl<'a> Effects<'a> {
         &mut self,
         tx: &mut Tx<'_>,
         to: Vec<String>,
-        subject: &str,
-        body: &str,
+        text: &Text,
     ) -> Result<u64, EffectsError> {
         self.queue(
             tx,
-            (0, "", None),
+            (0, ""),
             MailKind::Digest,
             to,
             None,
-            subject,
-            body,
+            text,
             None,
             Vec::new(),
             Some("auto-generated"),

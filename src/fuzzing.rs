@@ -123,8 +123,9 @@ pub fn parse_thread(data: &[u8]) {
             instance: "fuzz",
             case_id: 1,
             date: now,
-            // Hostile text where a language tag goes.
+            // Hostile text where a language tag goes, and as HTML.
             language: Some(&mail.subject),
+            html: Some(&mail.text),
         },
         &mail.text,
     );

@@ -132,7 +132,7 @@ const DE: Words = Words {
     ],
     date: |p| {
         format!(
-            "{}, {}. {} {}, {:02}:{:02} {}",
+            "{}, {}. {} {}, {:02}:{:02} Uhr {}",
             p.weekday, p.day, p.month, p.year, p.hour, p.minute, p.zone
         )
     },
@@ -181,7 +181,7 @@ const FR: Words = Words {
             p.day.to_string()
         };
         format!(
-            "{} {} {} {}, {} h {:02} {}",
+            "{} {} {} {} à {}\u{a0}h\u{a0}{:02} {}",
             p.weekday, day, p.month, p.year, p.hour, p.minute, p.zone
         )
     },
@@ -221,9 +221,11 @@ const ES: Words = Words {
         "noviembre",
         "diciembre",
     ],
+    // "el lunes 23 de noviembre de 2026 a las 17:00" ("a la 1:00").
     date: |p| {
+        let at = if p.hour == 1 { "a la" } else { "a las" };
         format!(
-            "{}, {} de {} de {}, {:02}:{:02} {}",
+            "{} {} de {} de {} {at} {}:{:02} {}",
             p.weekday, p.day, p.month, p.year, p.hour, p.minute, p.zone
         )
     },
@@ -307,7 +309,7 @@ const NL: Words = Words {
     ],
     date: |p| {
         format!(
-            "{} {} {} {}, {:02}:{:02} {}",
+            "{} {} {} {} om {}.{:02} uur {}",
             p.weekday, p.day, p.month, p.year, p.hour, p.minute, p.zone
         )
     },
@@ -446,12 +448,12 @@ mod tests {
         let t = at("2026-11-23T16:00:00Z"); // Monday 17:00 in Berlin (CET)
         let cases = [
             ("en", "Monday, 23 November 2026, 17:00 CET"),
-            ("de", "Montag, 23. November 2026, 17:00 MEZ"),
-            ("de-at", "Montag, 23. November 2026, 17:00 MEZ"),
-            ("fr", "lundi 23 novembre 2026, 17 h 00 CET"),
-            ("es", "lunes, 23 de noviembre de 2026, 17:00 CET"),
+            ("de", "Montag, 23. November 2026, 17:00 Uhr MEZ"),
+            ("de-at", "Montag, 23. November 2026, 17:00 Uhr MEZ"),
+            ("fr", "lundi 23 novembre 2026 à 17\u{a0}h\u{a0}00 CET"),
+            ("es", "lunes 23 de noviembre de 2026 a las 17:00 CET"),
             ("it", "lunedì 23 novembre 2026, ore 17:00 CET"),
-            ("nl", "maandag 23 november 2026, 17:00 CET"),
+            ("nl", "maandag 23 november 2026 om 17.00 uur CET"),
             ("pt", "segunda-feira, 23 de novembro de 2026, 17:00 CET"),
             ("ja", "Monday, 23 November 2026, 17:00 CET"),
         ];
@@ -462,11 +464,16 @@ mod tests {
         let summer = at("2026-07-01T07:05:00Z");
         assert_eq!(
             format_eta(summer, berlin, "de"),
-            "Mittwoch, 1. Juli 2026, 09:05 MESZ"
+            "Mittwoch, 1. Juli 2026, 09:05 Uhr MESZ"
         );
         assert_eq!(
             format_eta(summer, berlin, "fr"),
-            "mercredi 1er juillet 2026, 9 h 05 CEST"
+            "mercredi 1er juillet 2026 à 9\u{a0}h\u{a0}05 CEST"
+        );
+        let one = at("2026-07-01T23:30:00Z"); // 01:30 in Madrid
+        assert_eq!(
+            format_eta(one, chrono_tz::Europe::Madrid, "es"),
+            "jueves 2 de julio de 2026 a la 1:30 CEST"
         );
     }
 

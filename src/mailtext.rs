@@ -13,7 +13,7 @@ use crate::case::{rfc3339, Case, Reason};
 use crate::config::{Config, TierConfig};
 use crate::policy;
 use crate::store::{StoreError, Tx};
-use crate::template::{Kind, Templates};
+use crate::template::{one_line, Kind, Templates};
 
 /// Originals attached to one forward, at most (the rest are listed).
 const MAX_ATTACHED_BYTES: usize = 20 << 20;
@@ -27,10 +27,6 @@ pub struct MailText<'a> {
 impl<'a> MailText<'a> {
     pub fn new(config: &'a Config, now: DateTime<Utc>) -> Self {
         MailText { config, now }
-    }
-
-    fn tag(&self, case: &Case) -> String {
-        format!("[{} #{}]", self.config.cases.subject_tag, case.id)
     }
 
     /// The acknowledgement.
@@ -65,65 +61,49 @@ impl<'a> MailText<'a> {
         tx: &mut Tx<'_>,
         case: &Case,
         t: &TierConfig,
-        why: (Reason, &str, &str),
-    ) -> Result<(String, String, Vec<u64>), StoreError> {
-        let subject = format!(
-            "{} Escalated to {}: {}",
-            self.tag(case),
-            t.name,
-            case.subject
-        );
-        let mut body = self.summary(tx, case, &format!("Escalated to {}", t.name), Some(why))?;
+        (reason, detail, previous): (Reason, &str, &str),
+    ) -> Result<(Text, Vec<u64>), StoreError> {
         let (history, attachments) = self.conversation(tx, case, true)?;
-        body.push_str(&history);
-        Ok((subject, body, attachments))
+        let mut v = self.staff_values(tx, case, history)?;
+        // The tier it goes to (the policy has moved the case there).
+        v.insert("tier", one_line(&t.name));
+        v.insert("reason", reason.as_str().to_string());
+        v.insert("reason_detail", one_line(detail));
+        v.insert("previous_tier", one_line(previous));
+        Ok((self.staff(Kind::Forward, &v), attachments))
     }
 
     /// The deadline is near: to the tier holding the case.
-    pub fn warning(&self, tx: &mut Tx<'_>, case: &Case) -> Result<(String, String), StoreError> {
-        let due = case
-            .due_at
-            .map(|d| policy::format_eta(d, self.config.calendar.timezone))
-            .unwrap_or_default();
-        let subject = format!(
-            "{} Reminder: answer due by {due}: {}",
-            self.tag(case),
-            case.subject
-        );
-        let mut body = self.summary(tx, case, "Reminder: the deadline is near", None)?;
-        body.push_str(&self.conversation(tx, case, false)?.0);
-        Ok((subject, body))
+    pub fn warning(&self, tx: &mut Tx<'_>, case: &Case) -> Result<Text, StoreError> {
+        let history = self.conversation(tx, case, false)?.0;
+        let v = self.staff_values(tx, case, history)?;
+        Ok(self.staff(Kind::Warning, &v))
     }
 
     /// The deadline passed with no staff answer.
-    pub fn breach(&self, tx: &mut Tx<'_>, case: &Case) -> Result<(String, String), StoreError> {
-        let subject = format!("{} Deadline passed: {}", self.tag(case), case.subject);
-        let mut body = self.summary(tx, case, "The deadline passed with no staff answer", None)?;
-        body.push_str(&self.conversation(tx, case, false)?.0);
-        Ok((subject, body))
+    pub fn breach(&self, tx: &mut Tx<'_>, case: &Case) -> Result<Text, StoreError> {
+        let history = self.conversation(tx, case, false)?.0;
+        let v = self.staff_values(tx, case, history)?;
+        Ok(self.staff(Kind::Breach, &v))
     }
 
-    /// The plain-text head of staff mail: who, how long, why, by when.
-    pub fn summary(
+    /// A staff kind rendered in `[language] staff`.
+    fn staff(&self, kind: Kind, v: &BTreeMap<&'static str, String>) -> Text {
+        render_in(self.config, &self.config.language.staff, kind, v)
+    }
+
+    /// The values of staff mail about `case`: who, how long, by when, and
+    /// the conversation (`history`), with dates in `[language] staff`.
+    pub fn staff_values(
         &self,
         tx: &mut Tx<'_>,
         case: &Case,
-        title: &str,
-        why: Option<(Reason, &str, &str)>,
-    ) -> Result<String, StoreError> {
+        history: String,
+    ) -> Result<BTreeMap<&'static str, String>, StoreError> {
         let cfg = self.config;
         let tz = cfg.calendar.timezone;
-        let age = human((self.now - case.created_at).to_std().unwrap_or_default());
-        let waited = case
-            .waiting_since
-            .map(|w| {
-                format!(
-                    "{} (since {})",
-                    human((self.now - w).to_std().unwrap_or_default()),
-                    policy::format_eta(w, tz)
-                )
-            })
-            .unwrap_or_else(|| "not waiting".into());
+        let lang = cfg.language.staff.as_str();
+        let date = |at| crate::locale::format_eta(at, tz, lang);
         let earlier = if case.customer.is_empty() {
             0
         } else {
@@ -132,52 +112,35 @@ impl<'a> MailText<'a> {
                 .filter(|c| **c != case.id)
                 .count()
         };
-        let mut s = format!(
-            "{title}: case #{} \"{}\"\n\n\
-             Customer:          {}{}\n\
-             Case opened:       {} ({} ago)\n\
-             Customer waiting:  {}\n",
-            case.id,
-            compose_safe(&case.subject),
-            compose_safe(&case.customer),
-            case.customer_name
-                .as_ref()
-                .map(|n| format!(" ({})", compose_safe(n)))
-                .unwrap_or_default(),
-            policy::format_eta(case.created_at, tz),
-            age,
-            waited,
+        let mut v = case_values(case, cfg);
+        let since = |at: DateTime<Utc>| human((self.now - at).to_std().unwrap_or_default());
+        v.insert(
+            "customer_display_name",
+            case.customer_name.clone().unwrap_or_default(),
         );
-        if let Some((reason, detail, previous)) = why {
-            s.push_str(&format!(
-                "Why escalated:     {} — {}\n",
-                reason.as_str(),
-                compose_safe(detail)
-            ));
-            if !previous.is_empty() {
-                s.push_str(&format!("Previous tier:     {previous}\n"));
-            }
-        }
-        s.push_str(&format!(
-            "Tier now:          {}\nDeadline:          {}\nPriority:          {}\nEarlier cases from this customer: {}\n",
-            case.tier,
-            case.due_at.map(|d| format!("{} ({})", policy::format_eta(d, tz), rfc3339(d))).unwrap_or_else(|| "none".into()),
-            case.priority.as_deref().unwrap_or("normal"),
-            earlier,
-        ));
-        if !case.participants.is_empty() {
-            s.push_str(&format!(
-                "Participants:      {}\n",
-                compose_safe(&case.participants.join(", "))
-            ));
-        }
-        s.push_str(
-            "\nReply to this mail to answer the customer: your reply is passed on\n\
-             from the support address and counts as the staff answer. Start it with\n\
-             a line \"#note\" for an internal note the customer does not see; add a\n\
-             line \"#resolve\" to resolve the case after your answer.\n",
+        v.insert("opened", date(case.created_at));
+        v.insert("age", since(case.created_at));
+        v.insert(
+            "waiting",
+            case.waiting_since
+                .map(|w| format!("{} (since {})", since(w), date(w)))
+                .unwrap_or_else(|| "not waiting".into()),
         );
-        Ok(s)
+        v.insert("due", case.due_at.map(date).unwrap_or_default());
+        v.insert("due_utc", case.due_at.map(rfc3339).unwrap_or_default());
+        v.insert(
+            "priority",
+            case.priority.clone().unwrap_or_else(|| "normal".into()),
+        );
+        v.insert("earlier_cases", earlier.to_string());
+        v.insert("participants", case.participants.join(", "));
+        for value in v.values_mut() {
+            *value = one_line(value);
+        }
+        // The one value of many lines, without the line end the
+        // template's own last line gives.
+        v.insert("history", history.trim_end_matches('\n').to_string());
+        Ok(v)
     }
 
     /// The conversation as text in time order, and (if `attach`) the
@@ -260,19 +223,37 @@ impl<'a> MailText<'a> {
     }
 }
 
-/// Template values every customer-facing mail can use.
+/// Template values every customer-facing mail can use: the case's and
+/// the ETA, in the customer's language.
 pub fn values(
     case: &Case,
     eta: DateTime<Utc>,
     config: &Config,
     now: DateTime<Utc>,
 ) -> BTreeMap<&'static str, String> {
-    let tag = format!("[{} #{}]", config.cases.subject_tag, case.id);
     // In words, the wait counts what the deadline counts: business time
     // when there are business hours ("within 4 business hours", even
     // across a night), wall-clock time otherwise.
     let business = &config.calendar.business;
     let wait = business.between(now, eta);
+    let mut v = case_values(case, config);
+    let lang = language(config, case);
+    v.insert(
+        "eta",
+        crate::locale::format_eta(eta, config.calendar.timezone, lang),
+    );
+    v.insert(
+        "eta_in_words",
+        crate::locale::eta_words(wait, business.hours.is_some(), lang),
+    );
+    v
+}
+
+/// The values of every mail about a case, each one line: a subject or
+/// name with an encoded line break must not add a paragraph to mail that
+/// comes from the support address.
+fn case_values(case: &Case, config: &Config) -> BTreeMap<&'static str, String> {
+    let tag = format!("[{} #{}]", config.cases.subject_tag, case.id);
     let mut v = BTreeMap::new();
     v.insert("case_id", case.id.to_string());
     v.insert("case_tag", tag);
@@ -287,15 +268,6 @@ pub fn values(
     v.insert("customer", case.customer.clone());
     v.insert("subject", case.subject.clone());
     v.insert("tier", case.tier.clone());
-    let lang = language(config, case);
-    v.insert(
-        "eta",
-        crate::locale::format_eta(eta, config.calendar.timezone, lang),
-    );
-    v.insert(
-        "eta_in_words",
-        crate::locale::eta_words(wait, business.hours.is_some(), lang),
-    );
     // The case's queue speaks for it: its name and address.
     let q = config.queue(&case.queue);
     v.insert(
@@ -303,13 +275,33 @@ pub fn values(
         q.from_name.clone().unwrap_or_else(|| "Support".into()),
     );
     v.insert("support_address", q.address.clone());
-    // Every value is one line, whichever text it goes into: a subject or
-    // name with an encoded line break must not add a paragraph to mail
-    // that comes from the support address.
     for value in v.values_mut() {
-        *value = crate::template::one_line(value);
+        *value = one_line(value);
     }
     v
+}
+
+/// The review digest for [`from`, `until`) every `every`: its report
+/// (the KPI text of many lines) and headline figures.
+pub fn digest(
+    config: &Config,
+    (from, until): (DateTime<Utc>, DateTime<Utc>),
+    every: std::time::Duration,
+    report: &str,
+    figures: (u64, u64, u64),
+) -> Text {
+    let mut v = BTreeMap::new();
+    v.insert("from", from.format("%Y-%m-%d %H:%M").to_string());
+    v.insert("until", until.format("%Y-%m-%d %H:%M UTC").to_string());
+    v.insert(
+        "every",
+        crate::stats::short_duration(every.as_secs() as i64),
+    );
+    v.insert("report", report.trim_end_matches('\n').to_string());
+    v.insert("new_cases", figures.0.to_string());
+    v.insert("escalated", figures.1.to_string());
+    v.insert("breached", figures.2.to_string());
+    render_in(config, &config.language.staff, Kind::Digest, &v)
 }
 
 /// Subject and body of the acknowledgement of `case`.
@@ -329,6 +321,8 @@ pub struct Text {
     pub subject: String,
     pub body: String,
     pub language: String,
+    /// The HTML alternative, when the template has one.
+    pub html: Option<String>,
 }
 
 /// The language `case`'s customer gets: the case's (chosen by
@@ -363,7 +357,11 @@ pub fn language_and_source<'c>(config: &'c Config, case: &'c Case) -> (&'c str, 
 /// the plain text below: the customer always gets their mail, never an
 /// error message.
 fn render(config: &Config, case: &Case, kind: Kind, v: &BTreeMap<&'static str, String>) -> Text {
-    let lang = language(config, case);
+    render_in(config, language(config, case), kind, v)
+}
+
+/// Renders `kind` in `lang`, as [`render`] does.
+fn render_in(config: &Config, lang: &str, kind: Kind, v: &BTreeMap<&'static str, String>) -> Text {
     let rendered = config.templates.set.render(kind, lang, v).or_else(|e| {
         tracing::error!(kind = kind.name(), error = %e, "a mail template failed; the built-in text is used");
         Templates::builtin().render(kind, lang, v)
@@ -372,6 +370,7 @@ fn render(config: &Config, case: &Case, kind: Kind, v: &BTreeMap<&'static str, S
         Ok(r) => Text {
             subject: r.subject,
             body: r.body,
+            html: r.html,
             // A neutral template speaks the language asked for.
             language: if r.language.is_empty() {
                 lang.to_string()
@@ -386,6 +385,7 @@ fn render(config: &Config, case: &Case, kind: Kind, v: &BTreeMap<&'static str, S
                 subject,
                 body,
                 language: "en".into(),
+                html: None,
             }
         }
     }
@@ -407,6 +407,21 @@ fn plain(kind: Kind, v: &BTreeMap<&'static str, String>) -> (String, String) {
                  from 1 (poor) to 5 (great).\n\n{name}\n",
                 get("case_id")
             ),
+        ),
+        Kind::Forward | Kind::Warning | Kind::Breach => (
+            format!("{tag} {}: {subject}", kind.name()),
+            format!(
+                "Case #{} of {} ({}), now with {}.\n{}\n",
+                get("case_id"),
+                get("customer"),
+                get("waiting"),
+                get("tier"),
+                get("history")
+            ),
+        ),
+        Kind::Digest => (
+            format!("Escalation review {} to {}", get("from"), get("until")),
+            format!("{}\n", get("report")),
         ),
         Kind::Ack | Kind::Notice => (
             format!("{tag} Re: {subject}"),

@@ -245,10 +245,9 @@ pub fn queue_digest(
             // covers the first full period from now, not the past.
             None => Ok(None),
             Some(_) => {
-                let body = digest::text(store, config, d, start, end, now)?;
-                let subject = digest::subject(start, end);
+                let text = digest::mail(store, config, d, start, end, now)?;
                 let mut effects = effects::Effects::new(config, now);
-                let id = effects.digest(tx, d.to.clone(), &subject, &body)?;
+                let id = effects.digest(tx, d.to.clone(), &text)?;
                 Ok::<_, EffectsError>(Some(id))
             }
         }

@@ -28,8 +28,8 @@ pub(super) fn digest(shared: &Handle) -> Result<Response, EffectsError> {
         });
     let now = shared.clock.now();
     let start = now - chrono::Duration::from_std(d.every).unwrap_or_default();
-    let text = crate::digest::text(store, &config, &d, start, now, now)?;
-    Ok(Response::ok(text))
+    let text = crate::digest::mail(store, &config, &d, start, now, now)?;
+    Ok(Response::ok(text.body))
 }
 
 pub(super) fn cluster_status(shared: &Handle, as_json: bool) -> Result<Response, EffectsError> {

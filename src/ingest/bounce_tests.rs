@@ -318,7 +318,7 @@ fn r18_a_bounced_digest_marks_its_entry_once() {
         .store
         .transact(|tx| {
             let mut fx = Effects::new(&config, now);
-            let id = fx.digest(tx, vec!["boss@example.org".into()], "Digest", "KPIs")?;
+            let id = fx.digest(tx, vec!["boss@example.org".into()], &digest_text())?;
             let mut e = tx.outbox_entry(id)?.unwrap();
             crate::outbox::journal::mark_sent(tx, &mut e, now)?;
             Ok::<_, EffectsError>(id)
@@ -556,7 +556,7 @@ fn b6_a_digest_bounced_by_a_second_address_logs_that_one_too() {
         .store
         .transact(|tx| {
             let mut fx = Effects::new(&config, now);
-            let id = fx.digest(tx, to, "Digest", "KPIs")?;
+            let id = fx.digest(tx, to, &digest_text())?;
             let mut e = tx.outbox_entry(id)?.unwrap();
             crate::outbox::journal::mark_sent(tx, &mut e, now)?;
             Ok::<_, EffectsError>(id)
@@ -813,5 +813,15 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\
             .unwrap();
         assert!(matches!(out, Outcome::Stored { .. }), "{out:?}");
         assert_eq!(state(&ing, 1), OutboxState::Sent);
+    }
+}
+
+/// A digest's words, for tests that only need one queued.
+fn digest_text() -> crate::mailtext::Text {
+    crate::mailtext::Text {
+        subject: "Digest".into(),
+        body: "KPIs".into(),
+        language: "en".into(),
+        html: None,
     }
 }

@@ -34,6 +34,8 @@ pub struct Envelope<'a> {
     pub date: DateTime<Utc>,
     /// `Content-Language` (RFC 3282): the language the text is in.
     pub language: Option<&'a str>,
+    /// An HTML alternative of the text (then multipart/alternative).
+    pub html: Option<&'a str>,
 }
 
 /// Keeps only what may stand inside `<...>` of a Message-ID.
@@ -82,10 +84,23 @@ pub fn compose(env: &Envelope, body: &str) -> std::io::Result<Vec<u8>> {
         b = b.reply_to(one_line(r));
     }
     let text = body.replace("\r\n", "\n").replace('\n', "\r\n");
+    let content = match env.html {
+        Some(html) => MimePart::new(
+            "multipart/alternative",
+            vec![
+                MimePart::new("text/plain", text),
+                MimePart::new(
+                    "text/html",
+                    html.replace("\r\n", "\n").replace('\n', "\r\n"),
+                ),
+            ],
+        ),
+        None => MimePart::new("text/plain", text),
+    };
     if env.attachments.is_empty() {
-        b = b.text_body(text);
+        b = b.body(content);
     } else {
-        let mut parts = vec![MimePart::new("text/plain", text)];
+        let mut parts = vec![content];
         for (i, raw) in env.attachments.iter().enumerate() {
             // RFC 2046 forbids base64 for message/rfc822: send it as is.
             parts.push(
@@ -127,6 +142,7 @@ mod tests {
             case_id: 1,
             date: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             language: Some("de"),
+            html: None,
         }
     }
 
@@ -217,6 +233,7 @@ mod attach_tests {
             case_id: 1,
             date: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             language: Some("de"),
+            html: None,
         };
         let raw = compose(&env, "summary").unwrap();
         let text = String::from_utf8_lossy(&raw);

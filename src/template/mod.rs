@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use minijinja::{Environment, UndefinedBehavior};
 
-pub use text::{one_line, printable};
+pub use text::{escape_html, one_line, printable};
 
 /// Steps one rendering may take (minijinja also charges one per 64
 /// bytes of output): room for a relayed answer as large as the largest
@@ -40,10 +40,74 @@ pub enum Kind {
     Relay,
     /// The satisfaction survey after resolution.
     Survey,
+    /// The whole case to a tier it moved up to (staff).
+    Forward,
+    /// The deadline is near (staff).
+    Warning,
+    /// The deadline passed with no staff answer (staff).
+    Breach,
+    /// The review digest (staff).
+    Digest,
 }
 
+/// The variables of every mail about a case.
+const CASE: &[&str] = &[
+    "case_id",
+    "case_tag",
+    "customer_name",
+    "customer",
+    "subject",
+    "tier",
+    "support_name",
+    "support_address",
+];
+
+/// What customer mail adds: the ETA.
+const ETA: &[&str] = &["eta", "eta_in_words"];
+
+/// What staff mail about a case adds: the facts of its head, and the
+/// conversation (`history`, many lines).
+const STAFF: &[&str] = &[
+    "customer_display_name",
+    "opened",
+    "age",
+    "waiting",
+    "due",
+    "due_utc",
+    "priority",
+    "earlier_cases",
+    "participants",
+    "history",
+];
+
+/// Why a forward was sent.
+const WHY: &[&str] = &["reason", "reason_detail", "previous_tier"];
+
+/// The digest's: its period and its report (many lines).
+const DIGEST: &[&str] = &[
+    "from",
+    "until",
+    "every",
+    "report",
+    "new_cases",
+    "escalated",
+    "breached",
+];
+
+/// Values of many lines: never on a subject line.
+pub const MULTI_LINE: &[&str] = &["answer", "history", "report"];
+
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Ack, Kind::Notice, Kind::Relay, Kind::Survey];
+    pub const ALL: [Kind; 8] = [
+        Kind::Ack,
+        Kind::Notice,
+        Kind::Relay,
+        Kind::Survey,
+        Kind::Forward,
+        Kind::Warning,
+        Kind::Breach,
+        Kind::Digest,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -51,7 +115,16 @@ impl Kind {
             Kind::Notice => "notice",
             Kind::Relay => "relay",
             Kind::Survey => "survey",
+            Kind::Forward => "forward",
+            Kind::Warning => "warning",
+            Kind::Breach => "breach",
+            Kind::Digest => "digest",
         }
+    }
+
+    /// Mail to the customer (else to staff, in `[language] staff`).
+    pub fn is_customer(self) -> bool {
+        matches!(self, Kind::Ack | Kind::Notice | Kind::Relay | Kind::Survey)
     }
 
     pub fn from_name(name: &str) -> Option<Kind> {
@@ -59,25 +132,16 @@ impl Kind {
     }
 
     /// The variables a template of this kind may use (documented in
-    /// docs/configuration.md): the case's, and for a relay the answer.
-    pub fn variables(self) -> &'static [&'static str] {
-        const CASE_AND_ANSWER: &[&str] = &[
-            "case_id",
-            "case_tag",
-            "customer_name",
-            "customer",
-            "subject",
-            "tier",
-            "eta",
-            "eta_in_words",
-            "support_name",
-            "support_address",
-            "answer",
-        ];
-        match self {
-            Kind::Relay => CASE_AND_ANSWER,
-            _ => &CASE_AND_ANSWER[..CASE_AND_ANSWER.len() - 1],
-        }
+    /// docs/configuration.md).
+    pub fn variables(self) -> Vec<&'static str> {
+        let parts: &[&[&str]] = match self {
+            Kind::Ack | Kind::Notice | Kind::Survey => &[CASE, ETA],
+            Kind::Relay => &[CASE, ETA, &["answer"]],
+            Kind::Warning | Kind::Breach => &[CASE, STAFF],
+            Kind::Forward => &[CASE, STAFF, WHY],
+            Kind::Digest => &[DIGEST],
+        };
+        parts.concat()
     }
 }
 
@@ -119,6 +183,10 @@ const BUILTIN: &[(&str, &str)] = &[
     builtin!("notice.pt.txt"),
     builtin!("relay.pt.txt"),
     builtin!("survey.pt.txt"),
+    builtin!("forward.en.txt"),
+    builtin!("warning.en.txt"),
+    builtin!("breach.en.txt"),
+    builtin!("digest.en.txt"),
 ];
 
 /// The built-in templates as (file name, text), for `templates export`.
@@ -136,6 +204,9 @@ pub struct Rendered {
     pub body: String,
     /// The language of the template used (`""`: the neutral one).
     pub language: String,
+    /// The HTML alternative, when a `.html` file stands beside the
+    /// template used.
+    pub html: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +248,11 @@ fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(FUEL));
+    // Values of many lines (the answer, the history) in an `.html`
+    // template: escaped, each line break a <br>.
+    env.add_filter("linebreaks", |v: String| {
+        minijinja::Value::from_safe_string(escape_html(&v).replace('\n', "<br>\n"))
+    });
     // A template file ends with a newline as a mail body does, and a
     // line holding only `{% if %}` or `{% endif %}` leaves no blank line.
     let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -252,6 +328,19 @@ impl Templates {
             }
             problems.extend(of_ack.into_iter().map(|p| ("templates.ack", p)));
         }
+        // An admin's `.html` goes with the admin's `.txt` of that name:
+        // beside a built-in text it would never be sent.
+        for (name, origin) in &t.origin {
+            if let Some(base) = name.strip_suffix(".html") {
+                let txt = t.origin.get(&format!("{base}.txt"));
+                if origin != BUILT_IN && txt.is_none_or(|o| o == BUILT_IN) {
+                    problems.push((
+                        "templates.dir",
+                        format!("{origin}: an HTML template is the alternative of the text one: add {base}.txt beside it"),
+                    ));
+                }
+            }
+        }
         for (name, problem) in t.check() {
             let from_ack = t.offset.get(&name).is_some_and(|o| *o > 0);
             problems.push((
@@ -289,14 +378,16 @@ impl Templates {
         if leftover {
             return;
         }
-        if !name.ends_with(".txt") {
+        let Some(stem) = name
+            .strip_suffix(".txt")
+            .or_else(|| name.strip_suffix(".html"))
+        else {
             problems.push(format!(
-                "{}: not a template file name; templates are <kind>.<lang>.txt or <kind>.txt",
+                "{}: not a template file name; templates are <kind>.<lang>.txt or <kind>.txt, each with an optional .html beside it",
                 path.display()
             ));
             return;
-        }
-        let stem = &name[..name.len() - ".txt".len()];
+        };
         let (kind, lang) = stem.split_once('.').unwrap_or((stem, ""));
         if Kind::from_name(kind).is_none() {
             let known: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
@@ -328,19 +419,21 @@ impl Templates {
         offset: usize,
         problems: &mut Vec<String>,
     ) {
-        if !source.starts_with("Subject:") {
+        let html = name.ends_with(".html");
+        if !html && !source.starts_with("Subject:") {
             problems.push(format!(
                 "{}:1: a template starts with a line \"Subject: ...\", then a blank line, then the body",
                 path.display()
             ));
             return;
         }
-        // The relayed answer is many lines: in the subject its first line
-        // would be the subject and the rest would start the body.
+        // The relayed answer, the history and the report are many lines:
+        // in the subject the first would be the subject and the rest
+        // would start the body.
         let first = source.lines().next().unwrap_or_default();
-        if name.starts_with("relay.") && first.contains("answer") {
+        if let Some(var) = MULTI_LINE.iter().find(|v| !html && first.contains(*v)) {
             problems.push(format!(
-                "{}:1: the staff answer (many lines) cannot go into the subject",
+                "{}:1: {var} (many lines) cannot go into the subject",
                 path.display()
             ));
             return;
@@ -415,7 +508,12 @@ impl Templates {
             let Some(kind) = name.split('.').next().and_then(Kind::from_name) else {
                 continue;
             };
-            if let Err(e) = self.render_name(name, &sample(kind)) {
+            let checked = if name.ends_with(".html") {
+                self.render_html(name, &sample(kind)).map(drop)
+            } else {
+                self.render_name(name, &sample(kind)).map(drop)
+            };
+            if let Err(e) = checked {
                 problems.push((name.clone(), e.to_string()));
             }
         }
@@ -485,10 +583,19 @@ impl Templates {
         for ((name, language), builtin) in candidates {
             if self.origin.get(name).map(|o| o == BUILT_IN) == Some(builtin) {
                 let (subject, body) = self.render_name(name, vars)?;
+                // Its HTML alternative: the file beside it, from the same
+                // hand (the admin's text never gets our HTML, nor ours
+                // the admin's).
+                let html_name = format!("{}.html", name.strip_suffix(".txt").unwrap_or(name));
+                let html = match self.origin.get(&html_name).map(|o| o == BUILT_IN) {
+                    Some(b) if b == builtin => Some(self.render_html(&html_name, vars)?),
+                    _ => None,
+                };
                 return Ok(Rendered {
                     subject,
                     body,
                     language: language.clone(),
+                    html,
                 });
             }
         }
@@ -496,6 +603,19 @@ impl Templates {
             kind: kind.name(),
             lang,
         })
+    }
+
+    /// Renders the HTML template `name` (auto-escaped: every value is
+    /// text); an error names its file and line.
+    fn render_html(
+        &self,
+        name: &str,
+        vars: &BTreeMap<&str, String>,
+    ) -> Result<String, TemplateError> {
+        let origin = self.origin.get(name).cloned().unwrap_or_default();
+        let fail = |e: minijinja::Error| TemplateError::Render(self.describe(&origin, 0, &e));
+        let tmpl = self.env.get_template(name).map_err(fail)?;
+        tmpl.render(vars).map_err(fail)
     }
 
     /// Renders template `name` and splits it into subject and body;
@@ -626,15 +746,18 @@ pub fn exact_lang(tag: &str) -> Option<String> {
 /// Sample values for checking a template of `kind`.
 pub fn sample(kind: Kind) -> BTreeMap<&'static str, String> {
     kind.variables()
-        .iter()
+        .into_iter()
         .map(|v| {
-            let value = match *v {
+            let value = match v {
                 "case_id" => "42".to_string(),
                 "case_tag" => "[Support #42]".to_string(),
                 "answer" => "Thank you, the fix is live.\nKind regards".to_string(),
+                "history" => "\n==== Conversation ====\n\n--- <date> — <from>\n<text>".to_string(),
+                "report" => "KPIs of the cases opened in the period\n\n<figures>".to_string(),
+                "new_cases" | "escalated" | "breached" | "earlier_cases" => "3".to_string(),
                 other => format!("<{other}>"),
             };
-            (*v, value)
+            (v, value)
         })
         .collect()
 }
