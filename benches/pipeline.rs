@@ -24,6 +24,9 @@ mod postgres_server;
 #[path = "pipeline/cluster.rs"]
 mod cluster;
 
+#[path = "pipeline/languages.rs"]
+mod languages;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -945,9 +948,10 @@ async fn main() {
     let mut rows = Vec::new();
     // ESCALATOR_BENCH_SECTIONS: a comma list of ingest, latency, timers,
     // append, stats (profiling: stats alone), queues, postgres, cluster,
-    // pgtimers.
-    let sections = std::env::var("ESCALATOR_BENCH_SECTIONS")
-        .unwrap_or_else(|_| "ingest,latency,timers,append,queues,postgres,cluster,pgtimers".into());
+    // pgtimers, languages.
+    let sections = std::env::var("ESCALATOR_BENCH_SECTIONS").unwrap_or_else(|_| {
+        "ingest,latency,timers,append,queues,postgres,cluster,pgtimers,languages".into()
+    });
     let sections: Vec<&str> = sections.split(',').map(str::trim).collect();
     let on = |name: &str| sections.contains(&name);
     if on("ingest") {
@@ -976,6 +980,9 @@ async fn main() {
     }
     if on("pgtimers") {
         tokio::task::block_in_place(|| cluster::timers(&sz, &mut rows));
+    }
+    if on("languages") {
+        tokio::task::block_in_place(|| languages::languages(&sz, &mut rows));
     }
     println!("\nescalator benchmark — {}\n", machine());
     // The columns of BENCHMARKS.md's "Current figures" table, so each

@@ -33,6 +33,23 @@ impl Config {
             .collect();
         s.push_str(&tiers.join(" → "));
         s.push_str(&format!("\n  timezone: {}", self.calendar.timezone));
+        let l = &self.language;
+        let langs: Vec<&str> = crate::language::customer_languages(self)
+            .iter()
+            .map(String::as_str)
+            .collect();
+        s.push_str(&format!(
+            "\n  languages: customers in {} (default {}, detection {}{}), staff {}",
+            langs.join(", "),
+            l.default,
+            if l.detect { "on" } else { "off" },
+            if l.domains.is_empty() {
+                String::new()
+            } else {
+                format!(", {} domain(s)", l.domains.len())
+            },
+            l.staff
+        ));
         if let Some(d) = &self.digest {
             s.push_str(&format!(
                 "\n  digest:  every {} to {}",

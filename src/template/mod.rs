@@ -228,6 +228,9 @@ pub struct Templates {
     /// `[templates] ack` file gets a subject line), so errors name the
     /// file's line.
     offset: BTreeMap<String, usize>,
+    /// [`Templates::languages`] of the ack, asked for every message:
+    /// worked out once.
+    ack_languages: std::sync::OnceLock<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Templates {
@@ -272,6 +275,7 @@ impl Templates {
             env: environment(),
             origin: BTreeMap::new(),
             offset: BTreeMap::new(),
+            ack_languages: std::sync::OnceLock::new(),
         };
         for (name, source) in BUILTIN {
             // Tested to compile (see the tests); one that did not would
@@ -419,6 +423,8 @@ impl Templates {
         offset: usize,
         problems: &mut Vec<String>,
     ) {
+        // The set changes: the languages are worked out again.
+        self.ack_languages = std::sync::OnceLock::new();
         let html = name.ends_with(".html");
         if !html && !source.starts_with("Subject:") {
             problems.push(format!(
@@ -431,7 +437,8 @@ impl Templates {
         // in the subject the first would be the subject and the rest
         // would start the body.
         let first = source.lines().next().unwrap_or_default();
-        if let Some(var) = MULTI_LINE.iter().find(|v| !html && first.contains(*v)) {
+        let used = names_in_code(first);
+        if let Some(var) = MULTI_LINE.iter().find(|v| !html && used.contains(**v)) {
             problems.push(format!(
                 "{}:1: {var} (many lines) cannot go into the subject",
                 path.display()
@@ -535,6 +542,13 @@ impl Templates {
     /// The template names in use with where each came from.
     pub fn list(&self) -> impl Iterator<Item = (&str, &str)> {
         self.origin.iter().map(|(n, o)| (n.as_str(), o.as_str()))
+    }
+
+    /// The languages the ack has a template in: those a customer's
+    /// language may be (computed once; the set is not changed after
+    /// loading).
+    pub fn ack_languages(&self) -> &BTreeSet<String> {
+        self.ack_languages.get_or_init(|| self.languages(Kind::Ack))
     }
 
     /// The languages `kind` has a template in.
@@ -646,6 +660,33 @@ impl Templates {
         };
         Ok((one_line(subject.trim()), body.to_string()))
     }
+}
+
+/// The names used inside `{{ ... }}` and `{% ... %}` of one line (the
+/// words of its text are not code: "answer due by" names nothing).
+fn names_in_code(line: &str) -> BTreeSet<&str> {
+    let mut names = BTreeSet::new();
+    let mut rest = line;
+    while let Some(start) = rest.find(['{']) {
+        let after = &rest[start + 1..];
+        let close = match after.chars().next() {
+            Some('{') => "}}",
+            Some('%') => "%}",
+            _ => {
+                rest = after;
+                continue;
+            }
+        };
+        let code = &after[1..];
+        let end = code.find(close).unwrap_or(code.len());
+        names.extend(
+            code[..end]
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .filter(|w| !w.is_empty()),
+        );
+        rest = &code[end..];
+    }
+    names
 }
 
 /// Reads a template file: a regular file (not a FIFO that would block

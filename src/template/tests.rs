@@ -401,3 +401,60 @@ fn golden_files_for_every_builtin_kind_and_language() {
     // Four customer kinds in seven languages, four staff kinds in English.
     assert_eq!(seen, 4 * 7 + 4);
 }
+
+/// An `.html` beside a `.txt` is its alternative: values are escaped
+/// (a subject with `<script>` is text), the many-line answer keeps its
+/// lines with the `linebreaks` filter, and an `.html` of the admin's
+/// beside a built-in text is refused (it would never be sent).
+#[test]
+fn html_alternatives_escape_every_value() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "relay.de.txt",
+        "Subject: {{ case_tag }} Re: {{ subject }}\n\n{{ answer }}\n",
+    );
+    write(
+        dir.path(),
+        "relay.de.html",
+        "<p>{{ subject }}</p>\n<div>{{ answer|linebreaks }}</div>\n",
+    );
+    let t = Templates::load(Some(dir.path()), None).unwrap();
+    let mut v = sample(Kind::Relay);
+    v.insert("subject", "<script>alert(1)</script> & \"x\"".into());
+    v.insert("answer", "line <b>1</b>\nline 2".into());
+    let r = t.render(Kind::Relay, "de-CH", &v).unwrap();
+    assert_eq!(
+        r.html.as_deref(),
+        Some("<p>&lt;script&gt;alert(1)&lt;&#x2f;script&gt; &amp; &quot;x&quot;</p>\n<div>line &lt;b&gt;1&lt;/b&gt;<br>\nline 2</div>\n")
+    );
+    // The text part is as typed (text is never interpreted).
+    assert!(r.subject.contains("<script>alert(1)</script>"));
+    // Other languages: the built-in text, with no HTML.
+    assert_eq!(t.render(Kind::Relay, "fr", &v).unwrap().html, None);
+
+    write(dir.path(), "ack.fr.html", "<p>{{ subject }}</p>\n");
+    let p = problems(Templates::load(Some(dir.path()), None));
+    assert!(
+        p.contains("ack.fr.html: an HTML template is the alternative"),
+        "{p}"
+    );
+}
+
+#[test]
+fn a_word_of_the_subject_is_not_a_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "warning.de.txt",
+        "Subject: {{ case_tag }} answer history report: {{ subject }}\n\n{{ history }}\n",
+    );
+    assert!(Templates::load(Some(dir.path()), None).is_ok());
+    write(
+        dir.path(),
+        "warning.de.txt",
+        "Subject: {{ case_tag ~ history|upper }}\n\nx\n",
+    );
+    let p = problems(Templates::load(Some(dir.path()), None));
+    assert!(p.contains("history (many lines)"), "{p}");
+}

@@ -229,3 +229,50 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
         assert!(said.contains(why), "{said}");
     }
 }
+
+/// An `.html` template beside the text one makes the ack
+/// multipart/alternative, and a subject with `<script>` is text in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_html_template_escapes_a_script_in_the_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ack.en.txt"),
+        "Subject: {{ case_tag }} Re: {{ subject }}\n\nCase {{ case_id }}: {{ subject }}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("ack.en.html"),
+        "<p>Case {{ case_id }}: <b>{{ subject }}</b></p>\n",
+    )
+    .unwrap();
+    let tail = format!("{TIERS}\n[templates]\ndir = \"{}\"\n", dir.path().display());
+    let s = Setup::with_tiers(&["support", "agent", "tier2", "eve"], &tail);
+    s.send(
+        "eve",
+        &mail(
+            "eve@example.test",
+            "support@example.test",
+            "<script>alert(1)</script>",
+            "e1@example.test",
+            "",
+            "hello",
+        ),
+    );
+    s.once();
+    let got = s.stack.wait_for("eve", 1, Duration::from_secs(30)).await;
+    let m = mail_parser::MessageParser::default()
+        .parse(&got[0])
+        .unwrap();
+    let ct = header(&got[0], "Content-Type").unwrap_or_default();
+    assert!(ct.starts_with("multipart/alternative"), "{ct}");
+    assert_eq!(
+        m.body_text(0).unwrap().trim(),
+        "Case 1: <script>alert(1)</script>"
+    );
+    let html = m.body_html(0).unwrap();
+    assert!(
+        html.contains("<b>&lt;script&gt;alert(1)&lt;&#x2f;script&gt;</b>"),
+        "{html}"
+    );
+    assert!(!html.contains("<script>"), "{html}");
+}
