@@ -75,52 +75,47 @@ fn case_json(config: &crate::config::Config, case: &Case) -> serde_json::Value {
     v
 }
 
-pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Response, EffectsError> {
-    let store = &*shared.store;
-    let Some(case) = store.case(id)? else {
-        return Ok(Response::fail(format!("no case #{id}\n")));
-    };
-    let history = store.history(id)?;
-    let mut messages = Vec::new();
-    for seq in store.case_messages(id)? {
-        if let Some(m) = store.message(seq)? {
-            // The text is read from the stored bytes.
-            let raw = if m.truncated { None } else { store.raw(seq)? };
-            let text = m.text(raw.as_deref());
-            messages.push((m, text));
-        }
-    }
-    let bounces = bounces_of(&history);
-    if as_json {
-        let mut v = case_json(&shared.config.get(), &case);
-        v["bounces"] = serde_json::Value::Array(bounces);
-        v["history"] = serde_json::to_value(&history).unwrap_or_default();
-        v["message_list"] = serde_json::to_value(
-            messages
-                .iter()
-                .map(|(m, text)| {
-                    serde_json::json!({
-                        "seq": m.seq,
-                        "message_id": m.message_id,
-                        "from": m.from.as_ref().map(|a| a.email.clone()),
-                        "subject": m.subject,
-                        "date": m.date.map(rfc3339),
-                        "received_at": rfc3339(m.received_at),
-                        "size": m.size,
-                        "attachments": m.attachments,
-                        "suppressed": m.suppressed,
-                        "truncated": m.truncated,
-                        "parse_error": m.parse_error,
-                        "text": text,
-                    })
+/// `cases show --json`: the case's summary with its bounces, history and
+/// messages (their text from the stored bytes).
+fn show_json(
+    config: &crate::config::Config,
+    case: &Case,
+    bounces: Vec<serde_json::Value>,
+    history: &[crate::case::Event],
+    messages: &[(crate::record::MessageRecord, String)],
+) -> serde_json::Value {
+    let mut v = case_json(config, case);
+    v["bounces"] = serde_json::Value::Array(bounces);
+    v["history"] = serde_json::to_value(history).unwrap_or_default();
+    v["message_list"] = serde_json::to_value(
+        messages
+            .iter()
+            .map(|(m, text)| {
+                serde_json::json!({
+                    "seq": m.seq,
+                    "message_id": m.message_id,
+                    "from": m.from.as_ref().map(|a| a.email.clone()),
+                    "subject": m.subject,
+                    "date": m.date.map(rfc3339),
+                    "received_at": rfc3339(m.received_at),
+                    "size": m.size,
+                    "attachments": m.attachments,
+                    "suppressed": m.suppressed,
+                    "truncated": m.truncated,
+                    "parse_error": m.parse_error,
+                    "text": text,
                 })
-                .collect::<Vec<_>>(),
-        )
-        .unwrap_or_default();
-        return Ok(Response::ok(json(&v)));
-    }
-    let config = shared.config.get();
-    let (language, language_source) = crate::mailtext::language_and_source(&config, &case);
+            })
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    v
+}
+
+/// The text head of `cases show`: who, where, when, which language, and
+/// a parked timer or participants when there are.
+fn case_head(config: &crate::config::Config, case: &Case) -> String {
+    let (language, language_source) = crate::mailtext::language_and_source(config, case);
     let mut out = format!(
             "Case #{}: {}\n  customer: {}{}\n  status:   {:?}\n  queue:    {}\n  tier:     {}\n  due:      {}\n  created:  {}\n  language: {} ({})\n",
             case.id,
@@ -149,6 +144,30 @@ pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Respo
             printable(&case.participants.join(", "))
         ));
     }
+    out
+}
+
+pub(super) fn show_case(shared: &Handle, id: u64, as_json: bool) -> Result<Response, EffectsError> {
+    let store = &*shared.store;
+    let Some(case) = store.case(id)? else {
+        return Ok(Response::fail(format!("no case #{id}\n")));
+    };
+    let history = store.history(id)?;
+    let mut messages = Vec::new();
+    for seq in store.case_messages(id)? {
+        if let Some(m) = store.message(seq)? {
+            // The text is read from the stored bytes.
+            let raw = if m.truncated { None } else { store.raw(seq)? };
+            let text = m.text(raw.as_deref());
+            messages.push((m, text));
+        }
+    }
+    let bounces = bounces_of(&history);
+    if as_json {
+        let v = show_json(&shared.config.get(), &case, bounces, &history, &messages);
+        return Ok(Response::ok(json(&v)));
+    }
+    let mut out = case_head(&shared.config.get(), &case);
     if !bounces.is_empty() {
         out.push_str(&format!("\nBounces ({}):\n", bounces.len()));
         for b in &bounces {

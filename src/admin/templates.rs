@@ -20,27 +20,21 @@ pub(super) fn show(
             known.join(", ")
         )));
     };
+    let explicit = lang.is_some();
     let config = shared.config.get();
-    let now = shared.clock.now();
-    let vars = match case {
-        None => {
-            // Samples, but the tag as this config writes it.
-            let mut v = sample(kind);
-            v.insert("case_tag", format!("[{} #42]", config.cases.subject_tag));
-            v
+    // Without --lang: the language the mail would go out in.
+    let mut lang = lang.map(str::to_string).unwrap_or_else(|| {
+        if kind.is_customer() {
+            config.language.default.clone()
+        } else {
+            config.language.staff.clone()
         }
-        Some(id) => {
-            let Some(c) = shared.store.case(id)? else {
-                return Ok(Response::fail(format!("no case #{id}\n")));
-            };
-            let eta = c.timer.map(|t| t.at).unwrap_or(now);
-            let mut v = crate::mailtext::values(&c, eta, &config, now);
-            v.insert("answer", "(the staff answer)".into());
-            v
-        }
+    });
+    let vars = match preview_values(shared, &config, kind, case, (&mut lang, explicit))? {
+        Ok(v) => v,
+        Err(refusal) => return Ok(refusal),
     };
-    let lang = lang.unwrap_or("en");
-    match config.templates.set.render(kind, lang, &vars) {
+    match config.templates.set.render(kind, &lang, &vars) {
         Ok(r) => {
             let language = if r.language.is_empty() {
                 "(neutral)".to_string()
@@ -50,12 +44,69 @@ pub(super) fn show(
             // What the customer typed reaches a terminal here: shown
             // with its control characters escaped.
             let body: Vec<String> = r.body.lines().map(printable).collect();
-            Ok(Response::ok(format!(
+            let mut out = format!(
                 "Subject: {}\nContent-Language: {language}\n\n{}\n",
                 printable(&r.subject),
                 body.join("\n")
-            )))
+            );
+            if let Some(html) = r.html {
+                let html: Vec<String> = html.lines().map(printable).collect();
+                out.push_str(&format!("\n==== text/html ====\n{}\n", html.join("\n")));
+            }
+            Ok(Response::ok(out))
         }
         Err(e) => Ok(Response::fail(format!("{e}\n"))),
     }
+}
+
+/// The values of a preview: samples (with this config's tag), or those
+/// of case `case` (for a customer kind also its language, unless one was
+/// asked for). Err: the refusal to print.
+fn preview_values(
+    shared: &Handle,
+    config: &crate::config::Config,
+    kind: Kind,
+    case: Option<u64>,
+    (lang, explicit): (&mut String, bool),
+) -> Result<Result<std::collections::BTreeMap<&'static str, String>, Response>, EffectsError> {
+    let now = shared.clock.now();
+    Ok(Ok(match case {
+        None => {
+            // Samples, but the tag as this config writes it.
+            let mut v = sample(kind);
+            if v.contains_key("case_tag") {
+                v.insert("case_tag", format!("[{} #42]", config.cases.subject_tag));
+            }
+            v
+        }
+        Some(_) if kind == Kind::Digest => {
+            return Ok(Err(Response::fail(
+                "the digest is about no case: show it without --case\n".into(),
+            )));
+        }
+        Some(id) => {
+            let Some(c) = shared.store.case(id)? else {
+                return Ok(Err(Response::fail(format!("no case #{id}\n"))));
+            };
+            if kind.is_customer() {
+                let eta = c.timer.map(|t| t.at).unwrap_or(now);
+                let mut v = crate::mailtext::values(&c, eta, config, now);
+                v.insert("answer", "(the staff answer)".into());
+                if !explicit {
+                    *lang = crate::mailtext::language(config, &c).to_string();
+                }
+                v
+            } else {
+                let text = crate::mailtext::MailText::new(config, now);
+                let mut v = shared.store.transact(|tx| {
+                    let history = text.conversation(tx, &c, false)?.0;
+                    text.staff_values(tx, &c, history)
+                })?;
+                v.insert("reason", "(why)".into());
+                v.insert("reason_detail", "(what set it off)".into());
+                v.insert("previous_tier", "(the tier before)".into());
+                v
+            }
+        }
+    }))
 }

@@ -34,7 +34,10 @@ impl Config {
         s.push_str(&tiers.join(" → "));
         s.push_str(&format!("\n  timezone: {}", self.calendar.timezone));
         let l = &self.language;
-        let langs: Vec<&str> = crate::language::customer_languages(self)
+        let langs: Vec<&str> = self
+            .templates
+            .set
+            .ack_languages()
             .iter()
             .map(String::as_str)
             .collect();

@@ -210,6 +210,35 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
     // Spanish of Spain has no file of its own: the Spanish one, so labelled.
     assert_eq!(header(notice, "Content-Language").as_deref(), Some("es"));
 
+    // The previews: Marie's notice in her language by default, the
+    // forward of her case in the staff language with its history, and
+    // the digest (about no case) refused with a case.
+    let marie = case_of(&s, "marie@example.test")["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let show = |args: &[&str]| {
+        let mut all = vec!["templates", "show"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--config", s.cfg()]);
+        escalator(&all)
+    };
+    let out = show(&["notice", "--case", &marie]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Content-Language: fr") && text.contains("a été transmis"),
+        "{text}"
+    );
+    let out = show(&["forward", "--case", &marie]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Content-Language: en"), "{text}");
+    assert!(
+        text.contains("==== Conversation ====") && text.contains("URGENT-ESCALATE"),
+        "{text}"
+    );
+    let out = show(&["digest", "--case", &marie]);
+    assert_eq!(out.status.code(), Some(1));
+
     // A tag that is not one, or a language without templates, is refused.
     for (tag, why) in [
         ("xx-INVALID!", "is not a language tag"),
@@ -275,4 +304,98 @@ async fn an_html_template_escapes_a_script_in_the_subject() {
         "{html}"
     );
     assert!(!html.contains("<script>"), "{html}");
+}
+
+/// Bad input from the issue: a 5,000-character subject, a name with
+/// CR/LF and bidi controls, template syntax, a 10 KB or invalid
+/// `Content-Language`, an empty body, a text in a language without
+/// templates: each customer gets one well-formed ack in a sensible
+/// language, and nothing they wrote became a header.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_mail_gets_a_well_formed_ack_in_a_sensible_language() {
+    let s = Setup::with_tiers(
+        &["support", "agent", "tier2", "h1", "h2", "h3", "h4"],
+        TIERS,
+    );
+    let long_subject = "Ü".repeat(5000);
+    let huge_lang = format!("Content-Language: {}\r\n", "de-".repeat(3400));
+    let polish = "Dzień dobry, od dzisiejszej aktualizacji nie mogę zalogować się do \
+                  swojego konta. Proszę o sprawdzenie, co się dzieje. Dziękuję bardzo.";
+    let mails = [
+        (
+            "h1",
+            "=?utf-8?q?Evil=0D=0ABcc:_x@evil.test_=E2=80=AE?= <h1@example.test>".to_string(),
+            long_subject.clone(),
+            huge_lang.clone(),
+            "".to_string(),
+        ),
+        (
+            "h2",
+            "h2@example.test".to_string(),
+            "{{ case_id }} {% for x in range(99999999) %}x{% endfor %}".to_string(),
+            "Content-Language: xx-INVALID\r\n".to_string(),
+            "{{ 7*7 }}".to_string(),
+        ),
+        (
+            "h3",
+            "h3@example.test".to_string(),
+            "Problem".to_string(),
+            "Accept-Language: *;q=1\r\n".to_string(),
+            polish.to_string(),
+        ),
+        (
+            "h4",
+            "h4@example.test".to_string(),
+            "".to_string(),
+            "Content-Language: de\r\nContent-Language: fr\r\n".to_string(),
+            "".to_string(),
+        ),
+    ];
+    for (user, from, subject, extra, body) in &mails {
+        s.send(
+            user,
+            &mail(
+                from,
+                "support@example.test",
+                subject,
+                &format!("{user}@x.test"),
+                extra,
+                body,
+            ),
+        );
+    }
+    s.once();
+    for (user, _, _, _, _) in &mails {
+        let got = s.stack.wait_for(user, 1, Duration::from_secs(30)).await;
+        assert_eq!(got.len(), 1, "{user}: one ack");
+        let raw = &got[0];
+        let lang = header(raw, "Content-Language").unwrap_or_default();
+        assert!(["en", "de"].contains(&lang.as_str()), "{user}: {lang:?}");
+        let fields: Vec<(String, String)> = escalator::message::header_fields(raw).collect();
+        for name in ["bcc", "content-language", "subject", "from", "to"] {
+            let n = fields.iter().filter(|(n, _)| n == name).count();
+            assert!(n <= 1, "{user}: {n} {name} fields");
+        }
+        let m = mail_parser::MessageParser::default()
+            .parse(raw)
+            .expect("parses");
+        assert!(
+            m.subject().is_some_and(|s| s.contains("[Case #")),
+            "{user}: subject"
+        );
+        assert!(
+            !m.body_text(0).unwrap_or_default().is_empty(),
+            "{user}: a body"
+        );
+    }
+    // The template syntax a customer typed was printed, never run.
+    let got = s.stack.wait_for("h2", 1, Duration::from_secs(5)).await;
+    let subject = escalator::message::parse(&got[0]).subject;
+    assert!(
+        subject.contains("{{ case_id }} {% for x in range(99999999) %}"),
+        "{subject}"
+    );
+    // The 10 KB header chose German (its first tag), the rest English.
+    let got = s.stack.wait_for("h1", 1, Duration::from_secs(5)).await;
+    assert_eq!(header(&got[0], "Content-Language").as_deref(), Some("de"));
 }
