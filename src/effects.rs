@@ -403,7 +403,7 @@ impl<'a> Effects<'a> {
             let token = message_id.split('@').next().unwrap_or("");
             let marker = crate::quote::marker_line(token);
             body = format!("{marker}\n\n{body}");
-            html = html.map(|h| format!("<p>{}</p>\n{h}", crate::template::escape_html(&marker)));
+            html = html.map(|h| with_marker(&h, &crate::template::escape_html(&marker)));
         }
         let subject = text.subject.as_str();
         // The originals are not copied into the entry: each is a
@@ -487,6 +487,21 @@ impl<'a> Effects<'a> {
     }
 }
 
+/// An HTML body with the staff marker as its first paragraph: inside
+/// `<body ...>` when the template writes a whole document (in front of
+/// `<!DOCTYPE>` it would put browsers in quirks mode).
+fn with_marker(html: &str, marker: &str) -> String {
+    let para = format!("<p>{marker}</p>\n");
+    let lower = html.to_ascii_lowercase();
+    match lower
+        .find("<body")
+        .and_then(|b| lower[b..].find('>').map(|e| b + e + 1))
+    {
+        Some(at) => format!("{}\n{para}{}", &html[..at], &html[at..]),
+        None => format!("{para}{html}"),
+    }
+}
+
 /// Where mail for a tier goes: its `forward_to`, or for the first tier
 /// (read from the support mailbox) its staff addresses.
 fn staff_recipients(t: &crate::config::TierConfig) -> Vec<String> {
@@ -524,6 +539,15 @@ mod tests {
                 (e.kind, m.body_text(0).unwrap_or_default().into_owned())
             })
             .collect()
+    }
+
+    #[test]
+    fn the_staff_marker_opens_the_html_body_inside_a_whole_document() {
+        assert_eq!(with_marker("<p>hi</p>", "M"), "<p>M</p>\n<p>hi</p>");
+        assert_eq!(
+            with_marker("<!DOCTYPE html><html><BODY class=x><p>hi</p></body>", "M"),
+            "<!DOCTYPE html><html><BODY class=x>\n<p>M</p>\n<p>hi</p></body>"
+        );
     }
 
     #[test]

@@ -468,8 +468,10 @@ impl Ingestor {
 
     /// The language the customer's mail will be in, chosen from what is
     /// known of them and this message, remembered on the case with where
-    /// it came from (a case keeps its language unless one is set for the
-    /// customer).
+    /// it came from. A case keeps a language its customer's mail chose
+    /// (unless one is set for the customer); one that only fell back to
+    /// the queue's or the default ("see attached" says nothing) is
+    /// chosen again from each message until one does.
     fn choose_language(
         &self,
         tx: &mut Tx<'_>,
@@ -482,15 +484,20 @@ impl Ingestor {
         } else {
             tx.customer_language(&case.customer)?
         };
+        use crate::language::Source;
+        let fell_back = case
+            .language_source
+            .as_deref()
+            .is_some_and(|s| s == Source::Queue.as_str() || s == Source::Default.as_str());
         let clues = crate::language::Clues {
             customer: set.as_deref(),
-            case: case.language.as_deref(),
+            case: case.language.as_deref().filter(|_| !fell_back),
             address: &case.customer,
             mail: Some(mail),
             queue: &case.queue,
         };
         let choice = crate::language::choose(config, &clues);
-        if choice.source != crate::language::Source::Case {
+        if choice.source != Source::Case {
             case.language = Some(choice.language);
             case.language_source = Some(choice.source.as_str().to_string());
         }

@@ -76,6 +76,9 @@ pub struct Clues<'a> {
 /// Header values longer than this are read only this far: a language
 /// list is a few dozen bytes, and a 10 KB one is not parsed whole.
 const MAX_HEADER: usize = 256;
+/// The longest domain name there is (RFC 1035): a longer one is no
+/// customer's, and is not walked label by label.
+const MAX_DOMAIN: usize = 253;
 /// Tags read from one header at most.
 const MAX_TAGS: usize = 16;
 /// Letters of the customer's own text the detector needs at least: a
@@ -154,12 +157,17 @@ fn domain<'c>(config: &'c Config, address: &str) -> Option<&'c str> {
     if domains.is_empty() {
         return None;
     }
-    let mut d = address.rsplit_once('@')?.1.to_ascii_lowercase();
+    let domain = address.rsplit_once('@')?.1;
+    if domain.len() > MAX_DOMAIN {
+        return None;
+    }
+    let domain = domain.to_lowercase();
+    let mut d = domain.as_str();
     loop {
-        if let Some(l) = domains.get(&d) {
+        if let Some(l) = domains.get(d) {
             return Some(l);
         }
-        d = d.split_once('.')?.1.to_string();
+        d = d.split_once('.')?.1;
     }
 }
 
@@ -202,9 +210,11 @@ fn most_wanted(value: &str, known: &BTreeSet<String>) -> Option<String> {
 
 /// What the customer wrote now: quoted mail and the signature cut.
 fn own_text(mail: &InboundMail) -> String {
+    // As `policy::reply_text` reads it: an HTML-only mail's reply with
+    // its quote containers cut, else the text's.
     let text = match &mail.html_reply {
-        Some(html) if mail.text.trim().is_empty() => head(html, BODY_WINDOW).to_string(),
-        _ => crate::quote::new_text(head(&mail.text, BODY_WINDOW)),
+        Some(html) => head(html, BODY_WINDOW).to_string(),
+        None => crate::quote::new_text(head(&mail.text, BODY_WINDOW)),
     };
     // The signature: from a "-- " line on.
     let mut out = String::new();

@@ -95,7 +95,7 @@ const EN: Words = Words {
         )
     },
     units: [
-        work("day", "days", "business day", "business days"),
+        unit("day", "days"),
         work("hour", "hours", "business hour", "business hours"),
         work("minute", "minutes", "business minute", "business minutes"),
         work("second", "seconds", "business second", "business seconds"),
@@ -138,7 +138,7 @@ const DE: Words = Words {
     },
     // Dative after "innerhalb von".
     units: [
-        work("Tag", "Tagen", "Werktag", "Werktagen"),
+        unit("Tag", "Tagen"),
         work("Stunde", "Stunden", "Geschäftsstunde", "Geschäftsstunden"),
         unit("Minute", "Minuten"),
         unit("Sekunde", "Sekunden"),
@@ -186,7 +186,7 @@ const FR: Words = Words {
         )
     },
     units: [
-        work("jour", "jours", "jour ouvré", "jours ouvrés"),
+        unit("jour", "jours"),
         work("heure", "heures", "heure ouvrée", "heures ouvrées"),
         unit("minute", "minutes"),
         unit("seconde", "secondes"),
@@ -230,7 +230,7 @@ const ES: Words = Words {
         )
     },
     units: [
-        work("día", "días", "día hábil", "días hábiles"),
+        unit("día", "días"),
         work("hora", "horas", "hora hábil", "horas hábiles"),
         unit("minuto", "minutos"),
         unit("segundo", "segundos"),
@@ -272,7 +272,7 @@ const IT: Words = Words {
         )
     },
     units: [
-        work("giorno", "giorni", "giorno lavorativo", "giorni lavorativi"),
+        unit("giorno", "giorni"),
         work("ora", "ore", "ora lavorativa", "ore lavorative"),
         unit("minuto", "minuti"),
         unit("secondo", "secondi"),
@@ -314,7 +314,7 @@ const NL: Words = Words {
         )
     },
     units: [
-        work("dag", "dagen", "werkdag", "werkdagen"),
+        unit("dag", "dagen"),
         work("uur", "uur", "werkuur", "werkuren"),
         unit("minuut", "minuten"),
         unit("seconde", "seconden"),
@@ -356,7 +356,7 @@ const PT: Words = Words {
         )
     },
     units: [
-        work("dia", "dias", "dia útil", "dias úteis"),
+        unit("dia", "dias"),
         work("hora", "horas", "hora útil", "horas úteis"),
         unit("minuto", "minutos"),
         unit("segundo", "segundos"),
@@ -404,9 +404,11 @@ pub fn format_eta(at: DateTime<Utc>, tz: chrono_tz::Tz, lang: &str) -> String {
     (w.date)(&parts)
 }
 
-/// A wait in words: "within 8 business hours", at most two adjacent
-/// units; `business` when the wait counts business time (only the
-/// largest unit says so: "within 1 business day 2 hours").
+/// A wait in words: "within 8 hours", at most two adjacent units;
+/// `business` when the wait counts business time: then in business hours
+/// however long ("within 26 business hours"), since a "business day" of
+/// 24 business hours would be three working days of eight, and only the
+/// largest unit says so ("within 2 business hours 30 minutes").
 pub fn eta_words(d: Duration, business: bool, lang: &str) -> String {
     let w = words(lang);
     let mut secs = d.as_secs();
@@ -414,8 +416,9 @@ pub fn eta_words(d: Duration, business: bool, lang: &str) -> String {
         return w.right_away.to_string();
     }
     const SIZES: [u64; 4] = [86_400, 3_600, 60, 1];
+    let skip = usize::from(business);
     let mut parts: Vec<String> = Vec::new();
-    for (unit, size) in w.units.iter().zip(SIZES) {
+    for (unit, size) in w.units.iter().zip(SIZES).skip(skip) {
         if secs >= size && parts.len() < 2 {
             let n = secs / size;
             secs %= size;
@@ -491,11 +494,16 @@ mod tests {
         );
         assert_eq!(eta_words(h(8), false, "de"), "innerhalb von 8 Stunden");
         assert_eq!(
+            eta_words(h(26), false, "de"),
+            "innerhalb von 1 Tag und 2 Stunden"
+        );
+        // Business time in business hours, however many.
+        assert_eq!(
             eta_words(h(26), true, "de"),
-            "innerhalb von 1 Werktag und 2 Stunden"
+            "innerhalb von 26 Geschäftsstunden"
         );
         assert_eq!(eta_words(h(8), true, "fr"), "sous 8 heures ouvrées");
-        assert_eq!(eta_words(h(48), true, "fr"), "sous 2 jours ouvrés");
+        assert_eq!(eta_words(h(48), true, "fr"), "sous 48 heures ouvrées");
         assert_eq!(
             eta_words(h(8), true, "es"),
             "en un plazo de 8 horas hábiles"
@@ -509,10 +517,10 @@ mod tests {
             "no prazo de 1 minuto e 30 segundos"
         );
         assert_eq!(eta_words(Duration::ZERO, true, "de"), "umgehend");
-        // English keeps its old words (unchanged acks).
+        assert_eq!(eta_words(h(26), true, "en"), "within 26 business hours");
         assert_eq!(
-            eta_words(h(26), true, "en"),
-            "within 1 business day 2 hours"
+            eta_words(Duration::from_secs(2 * 3600 + 1800), true, "en"),
+            "within 2 business hours 30 minutes"
         );
         assert_eq!(
             eta_words(Duration::from_secs(86_430), false, "en"),

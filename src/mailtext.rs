@@ -31,28 +31,35 @@ impl<'a> MailText<'a> {
 
     /// The acknowledgement.
     pub fn ack(&self, case: &Case, eta: DateTime<Utc>) -> Text {
-        let v = values(case, eta, self.config, self.now);
-        render(self.config, case, Kind::Ack, &v)
+        self.customer(case, Kind::Ack, eta, None)
     }
 
     /// The customer is told the case moved up and the new ETA.
     pub fn notice(&self, case: &Case, eta: DateTime<Utc>) -> Text {
-        let v = values(case, eta, self.config, self.now);
-        render(self.config, case, Kind::Notice, &v)
+        self.customer(case, Kind::Notice, eta, None)
     }
 
     /// The satisfaction survey after resolution.
     pub fn survey(&self, case: &Case) -> Text {
-        let v = values(case, self.now, self.config, self.now);
-        render(self.config, case, Kind::Survey, &v)
+        self.customer(case, Kind::Survey, self.now, None)
     }
 
     /// A staff answer passed on to the customer.
     pub fn relay(&self, case: &Case, text: &str) -> Text {
-        let mut v = values(case, self.now, self.config, self.now);
-        // The one value of many lines: the answer is the mail.
-        v.insert("answer", text.to_string());
-        render(self.config, case, Kind::Relay, &v)
+        self.customer(case, Kind::Relay, self.now, Some(text))
+    }
+
+    /// A customer kind in the customer's language, its values in the
+    /// language of the template that writes it.
+    fn customer(&self, case: &Case, kind: Kind, eta: DateTime<Utc>, answer: Option<&str>) -> Text {
+        let asked = language(self.config, case);
+        let speaks = speaks(self.config, kind, asked);
+        let mut v = values(case, eta, self.config, self.now, &speaks);
+        if let Some(text) = answer {
+            // The one value of many lines: the answer is the mail.
+            v.insert("answer", text.to_string());
+        }
+        render_in(self.config, (asked, &speaks), kind, &v)
     }
 
     /// The whole case to tier `t`, and the stored messages to attach.
@@ -89,11 +96,18 @@ impl<'a> MailText<'a> {
 
     /// A staff kind rendered in `[language] staff`.
     fn staff(&self, kind: Kind, v: &BTreeMap<&'static str, String>) -> Text {
-        render_in(self.config, &self.config.language.staff, kind, v)
+        let asked = &self.config.language.staff;
+        render_in(
+            self.config,
+            (asked, &speaks(self.config, kind, asked)),
+            kind,
+            v,
+        )
     }
 
     /// The values of staff mail about `case`: who, how long, by when, and
-    /// the conversation (`history`), with dates in `[language] staff`.
+    /// the conversation (`history`), with dates in the language of the
+    /// staff template (`[language] staff`, or English without one).
     pub fn staff_values(
         &self,
         tx: &mut Tx<'_>,
@@ -102,8 +116,9 @@ impl<'a> MailText<'a> {
     ) -> Result<BTreeMap<&'static str, String>, StoreError> {
         let cfg = self.config;
         let tz = cfg.calendar.timezone;
-        let lang = cfg.language.staff.as_str();
-        let date = |at| crate::locale::format_eta(at, tz, lang);
+        // Forward, warning and breach fall back alike.
+        let lang = speaks(cfg, Kind::Warning, &cfg.language.staff);
+        let date = |at| crate::locale::format_eta(at, tz, &lang);
         let earlier = if case.customer.is_empty() {
             0
         } else {
@@ -230,6 +245,7 @@ pub fn values(
     eta: DateTime<Utc>,
     config: &Config,
     now: DateTime<Utc>,
+    lang: &str,
 ) -> BTreeMap<&'static str, String> {
     // In words, the wait counts what the deadline counts: business time
     // when there are business hours ("within 4 business hours", even
@@ -237,7 +253,6 @@ pub fn values(
     let business = &config.calendar.business;
     let wait = business.between(now, eta);
     let mut v = case_values(case, config);
-    let lang = language(config, case);
     v.insert(
         "eta",
         crate::locale::format_eta(eta, config.calendar.timezone, lang),
@@ -301,7 +316,13 @@ pub fn digest(
     v.insert("new_cases", figures.0.to_string());
     v.insert("escalated", figures.1.to_string());
     v.insert("breached", figures.2.to_string());
-    render_in(config, &config.language.staff, Kind::Digest, &v)
+    let asked = &config.language.staff;
+    render_in(
+        config,
+        (asked, &speaks(config, Kind::Digest, asked)),
+        Kind::Digest,
+        &v,
+    )
 }
 
 /// Subject and body of the acknowledgement of `case`.
@@ -335,6 +356,19 @@ pub fn language<'c>(config: &'c Config, case: &'c Case) -> &'c str {
         .unwrap_or(&config.language.default)
 }
 
+/// The language `kind`'s text is in when asked for in `asked`: that of
+/// the template that writes it; a neutral template of the admin's is
+/// taken to be in `[language] default` (staff kinds: `staff`), the
+/// language the admin writes in.
+pub fn speaks(config: &Config, kind: Kind, asked: &str) -> String {
+    match config.templates.set.resolve(kind, asked) {
+        Some(l) if !l.is_empty() => l,
+        Some(_) if kind.is_customer() => config.language.default.clone(),
+        Some(_) => config.language.staff.clone(),
+        None => "en".into(),
+    }
+}
+
 /// [`language`] and where it came from (`language_source` in the JSON).
 pub fn language_and_source<'c>(config: &'c Config, case: &'c Case) -> (&'c str, &'c str) {
     match (&case.language, &case.language_source) {
@@ -356,12 +390,12 @@ pub fn language_and_source<'c>(config: &'c Config, case: &'c Case) -> (&'c str, 
 /// used, and should that fail too (a value so large the fuel runs out),
 /// the plain text below: the customer always gets their mail, never an
 /// error message.
-fn render(config: &Config, case: &Case, kind: Kind, v: &BTreeMap<&'static str, String>) -> Text {
-    render_in(config, language(config, case), kind, v)
-}
-
-/// Renders `kind` in `lang`, as [`render`] does.
-fn render_in(config: &Config, lang: &str, kind: Kind, v: &BTreeMap<&'static str, String>) -> Text {
+fn render_in(
+    config: &Config,
+    (lang, speaks): (&str, &str),
+    kind: Kind,
+    v: &BTreeMap<&'static str, String>,
+) -> Text {
     let rendered = config.templates.set.render(kind, lang, v).or_else(|e| {
         tracing::error!(kind = kind.name(), error = %e, "a mail template failed; the built-in text is used");
         Templates::builtin().render(kind, lang, v)
@@ -371,9 +405,9 @@ fn render_in(config: &Config, lang: &str, kind: Kind, v: &BTreeMap<&'static str,
             subject: r.subject,
             body: r.body,
             html: r.html,
-            // A neutral template speaks the language asked for.
+            // A neutral template speaks what [`speaks`] says.
             language: if r.language.is_empty() {
-                lang.to_string()
+                speaks.to_string()
             } else {
                 r.language
             },

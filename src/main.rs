@@ -122,8 +122,8 @@ enum Command {
 #[derive(Subcommand)]
 enum CustomersCommand {
     /// Answer this customer in LANG from now on, whatever their mail
-    /// says (their open cases too); `--clear` goes back to each case's
-    /// own language.
+    /// says (their open cases too); `--clear` lets new cases choose from
+    /// the customer's mail again (open cases keep their language).
     SetLanguage {
         /// The customer's address.
         address: String,
@@ -531,6 +531,9 @@ async fn check_config(config: &ConfigArg, connect: bool) -> anyhow::Result<ExitC
             "warning: {p} (`run` refuses to start without it; store-only \
              commands such as `cases`, `stats` and `outbox` work)"
         );
+    }
+    for note in c.templates.set.mixed_hands() {
+        eprintln!("note: {note}");
     }
     let mut ok = missing.is_empty();
     if connect {

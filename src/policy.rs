@@ -623,32 +623,33 @@ pub fn reply_text(mail: &InboundMail) -> String {
     }
 }
 
-/// Words a rating may carry besides its number ("5 - great", "4 stars").
+/// Words a rating may carry besides its number ("5 - great", "4 stars",
+/// "5 (sehr gut)", "4 sur 5"), in the languages of the built-in surveys:
+/// their own scale words are all here (`policy::tests` checks each).
+#[rustfmt::skip]
 const RATING_WORDS: &[&str] = &[
-    "great",
-    "good",
-    "ok",
-    "okay",
-    "fine",
-    "poor",
-    "bad",
-    "excellent",
-    "perfect",
-    "awesome",
-    "thanks",
-    "thank",
-    "you",
-    "thx",
-    "star",
-    "stars",
-    "points",
-    "of",
-    "out",
-    "super",
-    "gut",
-    "danke",
-    "merci",
-    "gracias",
+    "great", "good", "ok", "okay", "fine", "poor", "bad", "excellent", "perfect", "awesome",
+    "thanks", "thank", "you", "thx", "star", "stars", "points", "of", "out", "super", "very",
+    "gut", "sehr", "schlecht", "danke", "stern", "sterne", "von", "punkte",
+    "merci", "mauvais", "très", "bien", "bon", "étoile", "étoiles", "sur",
+    "gracias", "mala", "malo", "excelente", "muy", "bueno", "buena", "estrellas", "de",
+    "grazie", "scarso", "ottimo", "molto", "bene", "buono", "stelle", "su", "di",
+    "bedankt", "dank", "slecht", "uitstekend", "goed", "zeer", "heel", "sterren", "van", "uit",
+    "obrigado", "obrigada", "fraco", "muito", "bom", "boa", "ótimo", "estrelas", "em",
+];
+
+/// The first words of a phone's signature line ("Sent from my iPhone"),
+/// in the languages of the built-in surveys.
+const MOBILE_SIGNATURES: &[&str] = &[
+    "sent from my ",
+    "von meinem ",
+    "gesendet von ",
+    "envoyé de mon ",
+    "enviado desde mi ",
+    "enviado do meu ",
+    "inviato da ",
+    "verzonden vanaf ",
+    "verstuurd vanaf ",
 ];
 
 /// "5", "5!", "4/5", "5 ★★★★★", "4 - good": a satisfaction rating. The
@@ -692,8 +693,8 @@ fn without_signature(text: &str) -> &str {
     let mut at = 0;
     for line in text.split_inclusive('\n') {
         let t = line.trim_end_matches(['\r', '\n']);
-        let lower = t.trim().to_ascii_lowercase();
-        if t == "-- " || t == "--" || lower.starts_with("sent from my ") {
+        let lower = t.trim().to_lowercase();
+        if t == "-- " || t == "--" || MOBILE_SIGNATURES.iter().any(|m| lower.starts_with(m)) {
             end = at;
             break;
         }

@@ -63,7 +63,6 @@ pub(super) fn list_cases(
     Ok(Response::ok(out))
 }
 
-// Long: the sections of `cases show` in the order they print (the JSON is the case's own summary).
 /// A case's JSON summary with the language its customer's mail is in
 /// and where that came from (a case from before languages were chosen:
 /// its queue's or the default).

@@ -17,7 +17,8 @@ pub(super) fn set_language(
     address: &str,
     language: Option<&str>,
 ) -> Result<Response, EffectsError> {
-    let address = address.trim().to_ascii_lowercase();
+    // As ingest keeps a customer's address (`message::Addr`).
+    let address = address.trim().to_lowercase();
     let valid = address.len() <= MAX_ADDRESS
         && address
             .split_once('@')
@@ -75,7 +76,7 @@ pub(super) fn set_language(
     Ok(Response::ok(match language {
         Some(l) => format!("{address}: mail in {l} from now on ({changed} open case(s) changed)\n"),
         None => format!(
-            "{address}: no language set; each case's own (from the customer's mail) is used\n"
+            "{address}: no language set; new cases choose from the customer's mail (open cases keep theirs)\n"
         ),
     }))
 }

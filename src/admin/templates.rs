@@ -36,11 +36,9 @@ pub(super) fn show(
     };
     match config.templates.set.render(kind, &lang, &vars) {
         Ok(r) => {
-            let language = if r.language.is_empty() {
-                "(neutral)".to_string()
-            } else {
-                r.language
-            };
+            // What the mail would say it is in (a neutral template: see
+            // `mailtext::speaks`).
+            let language = crate::mailtext::speaks(&config, kind, &lang);
             // What the customer typed reaches a terminal here: shown
             // with its control characters escaped.
             let body: Vec<String> = r.body.lines().map(printable).collect();
@@ -90,11 +88,12 @@ fn preview_values(
             };
             if kind.is_customer() {
                 let eta = c.timer.map(|t| t.at).unwrap_or(now);
-                let mut v = crate::mailtext::values(&c, eta, config, now);
-                v.insert("answer", "(the staff answer)".into());
                 if !explicit {
                     *lang = crate::mailtext::language(config, &c).to_string();
                 }
+                let speaks = crate::mailtext::speaks(config, kind, lang);
+                let mut v = crate::mailtext::values(&c, eta, config, now, &speaks);
+                v.insert("answer", "(the staff answer)".into());
                 v
             } else {
                 let text = crate::mailtext::MailText::new(config, now);

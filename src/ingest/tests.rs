@@ -458,3 +458,34 @@ fn unreadable_sender_gets_an_unassigned_case_without_ack() {
         assert_eq!(c.unwrap().customer, "");
     }
 }
+
+/// A case whose first mail said nothing of its language ("ok") falls
+/// back to the default, and chooses again from the next customer mail; a
+/// language the customer's mail chose stays with the case.
+#[test]
+fn a_fallen_back_language_is_chosen_again_and_a_chosen_one_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ing, _) = setup(dir.path());
+    let msg = |n: u32, reply: bool, body: &str| {
+        let irt = if reply { "In-Reply-To: <l1@x>\r\n" } else { "" };
+        format!("From: claire@example.org\r\nSubject: Connexion\r\nMessage-ID: <l{n}@x>\r\n{irt}\r\n{body}\r\n")
+            .into_bytes()
+    };
+    let lang = |ing: &Ingestor| {
+        let c = ing.store.case(1).unwrap().unwrap();
+        (
+            c.language.unwrap_or_default(),
+            c.language_source.unwrap_or_default(),
+        )
+    };
+    ing.ingest(None, &msg(1, false, "ok"), None).unwrap();
+    assert_eq!(lang(&ing), ("en".to_string(), "default".to_string()));
+    let french = "Bonjour, depuis la mise à jour de ce matin, je ne peux plus me connecter \
+                  à mon compte. Pourriez-vous vérifier ce qui se passe ?";
+    ing.ingest(None, &msg(2, true, french), None).unwrap();
+    assert_eq!(lang(&ing), ("fr".to_string(), "detected".to_string()));
+    let english = "Hello again, I still cannot log in to my account since the update \
+                   this morning, could you please have a look at it?";
+    ing.ingest(None, &msg(3, true, english), None).unwrap();
+    assert_eq!(lang(&ing), ("fr".to_string(), "detected".to_string()));
+}

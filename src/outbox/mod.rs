@@ -232,8 +232,14 @@ impl Outbox {
 
     fn next_wake(&self) -> Option<Duration> {
         let now = self.clock.now();
-        let pending = self.store.outbox_pending().ok()?;
-        let read = self.read_through().ok()?;
+        // A store that cannot be read now is asked again soon, as a
+        // failed drain is.
+        let Ok(pending) = self.store.outbox_pending() else {
+            return Some(Duration::from_secs(10));
+        };
+        let Ok(read) = self.read_through() else {
+            return Some(Duration::from_secs(10));
+        };
         let next = pending
             .iter()
             .map(|e| {

@@ -855,3 +855,49 @@ fn a_repeat_customer_tier_off_a_queues_path_is_not_used_there() {
     assert_eq!(d.tier, "Billing");
     assert!(!actions.iter().any(|a| matches!(a, Action::Forward { .. })));
 }
+
+/// A customer who answers a built-in survey the way it asks, in its
+/// language ("5 (sehr gut)", "1 (mauvais)"), sent from a phone that adds
+/// its signature line, gives a rating, never a new message that reopens
+/// the case.
+#[test]
+fn every_builtin_survey_s_own_scale_words_are_a_rating() {
+    let mut labels = 0;
+    for (name, text) in crate::template::builtin_files() {
+        if !name.starts_with("survey.") {
+            continue;
+        }
+        // "1 (schlecht)", "5 (sehr gut)", "1 (mala)" as the text writes them.
+        let flat = text.replace('\n', " ");
+        for (i, _) in flat.match_indices(" (") {
+            let Some(d) = flat[..i].chars().last().and_then(|c| c.to_digit(10)) else {
+                continue;
+            };
+            let Some(end) = flat[i..].find(')') else {
+                continue;
+            };
+            let label = format!("{d}{}", &flat[i..i + end + 1]);
+            assert_eq!(csat_reply(&label), Some(d as u8), "{name}: {label:?}");
+            labels += 1;
+        }
+    }
+    assert_eq!(labels, 14, "two scale labels in each of seven surveys");
+    for phone in [
+        "Von meinem iPhone gesendet",
+        "Envoyé de mon iPhone",
+        "Enviado desde mi iPhone",
+        "Enviado do meu iPhone",
+        "Inviato da iPhone",
+        "Verzonden vanaf mijn iPhone",
+    ] {
+        assert_eq!(
+            csat_reply(&format!("4 sterne\n\n{phone}")),
+            Some(4),
+            "{phone}"
+        );
+    }
+    assert_eq!(csat_reply("4 von 5"), Some(4));
+    assert_eq!(csat_reply("5 sur 5, très bien"), Some(5));
+    // Still: a follow-up with a number is no rating.
+    assert_eq!(csat_reply("3 Drucker im 2. Stock klemmen noch"), None);
+}

@@ -168,20 +168,19 @@ pub(super) fn auto_reply_key(email: &str, at: DateTime<Utc>, outbox: u64) -> Vec
     k
 }
 
-/// `c` ++ opening time ++ id: where a case's facts were kept before
-/// they went into buckets (index version 7); tests write old stores.
-/// The store's key for the cursor of a queue's folder: the folder alone
-/// for the queue `default` (as before queues), else queue and folder
-/// apart by a NUL, which no IMAP folder name holds.
-/// The language set for a customer, by lower-case address.
+/// The language set for a customer, by address lower-cased as ingest
+/// keeps it.
 pub(super) fn customer_language_key(email: &str) -> Vec<u8> {
     [
         b"customer_language/".as_slice(),
-        email.to_ascii_lowercase().as_bytes(),
+        email.to_lowercase().as_bytes(),
     ]
     .concat()
 }
 
+/// The store's key for the cursor of a queue's folder: the folder alone
+/// for the queue `default` (as before queues), else queue and folder
+/// apart by a NUL, which no IMAP folder name holds.
 pub(super) fn cursor_key(queue: &str, folder: &str) -> Vec<u8> {
     if queue == crate::case::DEFAULT_QUEUE {
         folder.as_bytes().to_vec()
@@ -190,6 +189,8 @@ pub(super) fn cursor_key(queue: &str, folder: &str) -> Vec<u8> {
     }
 }
 
+/// `c` ++ opening time ++ id: where a case's facts were kept before
+/// they went into buckets (index version 7); tests write old stores.
 #[cfg(test)]
 pub(super) fn facts_key(at: DateTime<Utc>, case: CaseId) -> Vec<u8> {
     let mut k = b"c".to_vec();
@@ -252,20 +253,21 @@ pub(super) fn is_legacy_case(value: &[u8]) -> bool {
     value.first() == Some(&b'{')
 }
 
-/// The version bytes of records in postcard. JSON records (from older
+/// The version byte of records in postcard. JSON records (from older
 /// releases, and the history's lists of events) start with `{` or `[`.
-/// Version 1 records were written before the case gained its language;
-/// version 2 is the same encoding, read strictly.
 const COMPACT_V1: u8 = 1;
-const COMPACT_V2: u8 = 2;
 
-/// How many zero bytes stand in for the fields a record type gained at
-/// its end since version 1 (see [`decode`]).
-const TRAILING_PAD: usize = 16;
+/// The fields the case record gained at its end since the compact
+/// encoding began (its `language` and `language_source`, both None in
+/// postcard's one zero byte each). A case written before them is read
+/// with those bytes added; an older release reading a newer case ignores
+/// the bytes after the fields it knows (postcard reads no further), so
+/// nodes of two releases can share a store while a cluster is upgraded.
+const CASE_FIELDS_ADDED: usize = 2;
 
-/// A record in the compact encoding: [`COMPACT_V2`], then postcard.
+/// A record in the compact encoding: [`COMPACT_V1`], then postcard.
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(value, vec![COMPACT_V2])
+    postcard::to_extend(value, vec![COMPACT_V1])
         .map_err(|e| StoreError::EncodeBinary(e.to_string()))
 }
 
@@ -283,19 +285,17 @@ pub(super) fn decode<T: DeserializeOwned>(
 ) -> Result<T, StoreError> {
     let name = || format!("{tree:?}/{}", printable_key(key));
     match value.split_first() {
-        Some((&COMPACT_V2, rest)) => {
-            postcard::from_bytes(rest).map_err(|_| StoreError::Malformed { key: name() })
-        }
         Some((&COMPACT_V1, rest)) => match postcard::from_bytes(rest) {
             Ok(v) => Ok(v),
-            // Written before fields were added at the record's end (the
-            // case's language): they read as zero bytes, which postcard
-            // decodes as None, 0, false or empty.
-            Err(postcard::Error::DeserializeUnexpectedEnd) => {
-                let mut padded = Vec::with_capacity(rest.len() + TRAILING_PAD);
-                padded.extend_from_slice(rest);
-                padded.resize(rest.len() + TRAILING_PAD, 0);
-                postcard::from_bytes(&padded).map_err(|_| StoreError::Malformed { key: name() })
+            // A case from before its last fields: exactly those read as
+            // None; any other short record is malformed, never a default.
+            Err(postcard::Error::DeserializeUnexpectedEnd) if tree == Tree::Cases => {
+                let mut padded = rest.to_vec();
+                padded.resize(rest.len() + CASE_FIELDS_ADDED, 0);
+                match postcard::take_from_bytes(&padded) {
+                    Ok((v, [])) => Ok(v),
+                    _ => Err(StoreError::Malformed { key: name() }),
+                }
             }
             Err(_) => Err(StoreError::Malformed { key: name() }),
         },

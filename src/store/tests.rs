@@ -709,7 +709,7 @@ fn records_are_compact_and_older_json_records_still_read() {
     e.attach = vec![7, 8];
     let compact = codec::encode(&e).unwrap();
     let json = serde_json::to_vec(&e).unwrap();
-    assert_eq!(compact[0], 2, "version byte");
+    assert_eq!(compact[0], 1, "version byte");
     assert!(
         compact.len() * 2 < json.len(),
         "{} vs {}",
@@ -726,16 +726,18 @@ fn records_are_compact_and_older_json_records_still_read() {
     let bytes = codec::encode(&c).unwrap();
     let back: Case = codec::decode(Tree::Cases, b"k", &bytes).unwrap();
     assert_eq!(back, c);
-    // A version-1 case, written before cases had a language: it reads
-    // with none, all else intact.
+    // A case written before cases had a language: it reads with none,
+    // all else intact; one byte shorter still is malformed.
     let mut old = c.clone();
     old.language = None;
     old.language_source = None;
-    let mut v1 = codec::encode(&old).unwrap();
-    v1.truncate(v1.len() - 2); // the two trailing Nones
-    v1[0] = 1;
-    let back: Case = codec::decode(Tree::Cases, b"k", &v1).unwrap();
+    let mut before = codec::encode(&old).unwrap();
+    before.truncate(before.len() - 2); // the two trailing Nones
+    let back: Case = codec::decode(Tree::Cases, b"k", &before).unwrap();
     assert_eq!(back, old);
+    before.pop();
+    let err = codec::decode::<Case>(Tree::Cases, b"k", &before).unwrap_err();
+    assert!(matches!(err, StoreError::Malformed { .. }), "{err}");
     // Bytes of neither kind are an error naming the record, never a
     // default value.
     let err = codec::decode::<OutboxEntry>(Tree::Outbox, &id_key(3), b"\x09junk").unwrap_err();

@@ -145,7 +145,6 @@ impl Kind {
     }
 }
 
-/// The built-in set, by file name.
 /// A built-in template: its file name and text.
 macro_rules! builtin {
     ($name:literal) => {
@@ -153,7 +152,8 @@ macro_rules! builtin {
     };
 }
 
-/// Every customer kind in each language a native speaker checked.
+/// The built-in set, by file name: every customer kind in each language
+/// a native speaker checked, the staff kinds in English.
 const BUILTIN: &[(&str, &str)] = &[
     builtin!("ack.en.txt"),
     builtin!("notice.en.txt"),
@@ -539,6 +539,35 @@ impl Templates {
         format!("{origin}{}: {what}", line.unwrap_or_default())
     }
 
+    /// Kinds the admin replaced in some languages while built-ins of
+    /// theirs still speak the others (and no neutral file of theirs
+    /// covers them): a customer in one of those gets our text, not the
+    /// admin's. One line per kind, for `check-config`.
+    pub fn mixed_hands(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for kind in Kind::ALL {
+            let ours = |n: &str| self.origin.get(n).is_some_and(|o| o != BUILT_IN);
+            if ours(&format!("{}.txt", kind.name())) {
+                continue;
+            }
+            let langs = self.languages(kind);
+            let (admin, builtin): (Vec<&String>, Vec<&String>) = langs
+                .iter()
+                .partition(|l| ours(&format!("{}.{l}.txt", kind.name())));
+            if !admin.is_empty() && !builtin.is_empty() {
+                let list =
+                    |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+                out.push(format!(
+                    "templates.dir: your {kind} replaces the built-in one in {}; customers in {} still get the built-in {kind} (add {kind}.txt of yours to send it in every language)",
+                    list(&admin),
+                    list(&builtin),
+                    kind = kind.name()
+                ));
+            }
+        }
+        out
+    }
+
     /// The template names in use with where each came from.
     pub fn list(&self) -> impl Iterator<Item = (&str, &str)> {
         self.origin.iter().map(|(n, o)| (n.as_str(), o.as_str()))
@@ -563,16 +592,12 @@ impl Templates {
             .collect()
     }
 
-    /// Renders `kind` in `lang`: the admin's files first (`de-at`, then
-    /// `de`, then the neutral `<kind>.txt`), then the built-ins the same
-    /// way, then English. The admin's text beats ours at every level: a
-    /// neutral `ack.txt` in `dir` is the ack in every language.
-    pub fn render(
-        &self,
-        kind: Kind,
-        lang: &str,
-        vars: &BTreeMap<&str, String>,
-    ) -> Result<Rendered, TemplateError> {
+    /// The template `kind` in `lang` is written from: the admin's files
+    /// first (`de-at`, then `de`, then the neutral `<kind>.txt`), then the
+    /// built-ins the same way, then English. The admin's text beats ours
+    /// at every level: a neutral `ack.txt` in `dir` is the ack in every
+    /// language. (name, its language (`""`: neutral), built in?)
+    fn pick(&self, kind: Kind, lang: &str) -> Option<(String, String, bool)> {
         let lang = normal_lang(lang).unwrap_or_default();
         let mut tries: Vec<(String, String)> = Vec::new();
         if !lang.is_empty() {
@@ -586,8 +611,6 @@ impl Templates {
         }
         tries.push((format!("{}.txt", kind.name()), String::new()));
         let english = (format!("{}.en.txt", kind.name()), "en".to_string());
-        // The admin's files, then the built-ins, each from the language
-        // to the neutral one; English last of all.
         let order = [(&tries, false), (&tries, true)];
         let last = [english];
         let candidates = order
@@ -596,26 +619,45 @@ impl Templates {
             .chain(last.iter().flat_map(|c| [(c, false), (c, true)]));
         for ((name, language), builtin) in candidates {
             if self.origin.get(name).map(|o| o == BUILT_IN) == Some(builtin) {
-                let (subject, body) = self.render_name(name, vars)?;
-                // Its HTML alternative: the file beside it, from the same
-                // hand (the admin's text never gets our HTML, nor ours
-                // the admin's).
-                let html_name = format!("{}.html", name.strip_suffix(".txt").unwrap_or(name));
-                let html = match self.origin.get(&html_name).map(|o| o == BUILT_IN) {
-                    Some(b) if b == builtin => Some(self.render_html(&html_name, vars)?),
-                    _ => None,
-                };
-                return Ok(Rendered {
-                    subject,
-                    body,
-                    language: language.clone(),
-                    html,
-                });
+                return Some((name.clone(), language.clone(), builtin));
             }
         }
-        Err(TemplateError::Missing {
-            kind: kind.name(),
-            lang,
+        None
+    }
+
+    /// The language of the template `kind` in `lang` is written from
+    /// (`""`: a neutral one; None: there is none).
+    pub fn resolve(&self, kind: Kind, lang: &str) -> Option<String> {
+        self.pick(kind, lang).map(|(_, language, _)| language)
+    }
+
+    /// Renders `kind` in `lang` from the template [`Templates::pick`]
+    /// chooses, with its HTML alternative.
+    pub fn render(
+        &self,
+        kind: Kind,
+        lang: &str,
+        vars: &BTreeMap<&str, String>,
+    ) -> Result<Rendered, TemplateError> {
+        let Some((name, language, builtin)) = self.pick(kind, lang) else {
+            return Err(TemplateError::Missing {
+                kind: kind.name(),
+                lang: normal_lang(lang).unwrap_or_default(),
+            });
+        };
+        let (subject, body) = self.render_name(&name, vars)?;
+        // Its HTML alternative: the file beside it, from the same hand
+        // (the admin's text never gets our HTML, nor ours the admin's).
+        let html_name = format!("{}.html", name.strip_suffix(".txt").unwrap_or(&name));
+        let html = match self.origin.get(&html_name).map(|o| o == BUILT_IN) {
+            Some(b) if b == builtin => Some(self.render_html(&html_name, vars)?),
+            _ => None,
+        };
+        Ok(Rendered {
+            subject,
+            body,
+            language,
+            html,
         })
     }
 

@@ -458,3 +458,32 @@ fn a_word_of_the_subject_is_not_a_variable() {
     let p = problems(Templates::load(Some(dir.path()), None));
     assert!(p.contains("history (many lines)"), "{p}");
 }
+
+#[test]
+fn an_admin_s_ack_in_one_language_is_pointed_out_beside_our_others() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "ack.en.txt",
+        "Subject: {{ case_tag }}\n\nours\n",
+    );
+    let t = Templates::load(Some(dir.path()), None).unwrap();
+    let notes = t.mixed_hands();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains(
+            "your ack replaces the built-in one in en; customers in de, es, fr, it, nl, pt"
+        ),
+        "{notes:?}"
+    );
+    write(
+        dir.path(),
+        "ack.txt",
+        "Subject: {{ case_tag }}\n\nours everywhere\n",
+    );
+    assert!(Templates::load(Some(dir.path()), None)
+        .unwrap()
+        .mixed_hands()
+        .is_empty());
+    assert!(Templates::builtin().mixed_hands().is_empty());
+}

@@ -165,8 +165,6 @@ impl Validator<'_> {
         }
     }
 
-    /// A language tag (`de`, `pt-BR`), normalised as template files
-    /// name it.
     /// `[language]`: default, detect, staff, domains.
     pub(super) fn languages(&mut self, raw: RawLanguage) -> LanguageConfig {
         let mut out = LanguageConfig::default();
@@ -195,6 +193,8 @@ impl Validator<'_> {
         out
     }
 
+    /// A language tag (`de`, `pt-BR`), normalised as template files
+    /// name it.
     pub(super) fn language(&mut self, key: &str, tag: &str) -> String {
         match crate::template::exact_lang(tag) {
             Some(l) => l,
