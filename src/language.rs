@@ -246,6 +246,19 @@ fn detect(text: &str, known: &BTreeSet<String>) -> Option<String> {
     if text.chars().filter(|c| c.is_alphabetic()).count() < MIN_LETTERS {
         return None;
     }
+    // The cheap pass first, when it knows every language there is to
+    // choose from (a language of the admin's it does not know could be
+    // the text's).
+    let primaries: BTreeSet<&str> = known.iter().filter_map(|t| t.split('-').next()).collect();
+    let indexes: Vec<usize> = primaries
+        .iter()
+        .filter_map(|p| stopwords::LANGS.iter().position(|l| l == p))
+        .collect();
+    if indexes.len() >= 2 && indexes.len() == primaries.len() {
+        if let Some(lang) = stopwords::guess(text, &indexes) {
+            return Some(lang.to_string());
+        }
+    }
     // The detector's languages (ISO 639-3) for the tags with templates.
     let allowed: Vec<(whatlang::Lang, &String)> = known
         .iter()
@@ -269,6 +282,8 @@ fn detect(text: &str, known: &BTreeSet<String>) -> Option<String> {
         .find(|(l, _)| *l == info.lang())
         .map(|(_, tag)| tag.split('-').next().unwrap_or(tag).to_string())
 }
+
+mod stopwords;
 
 #[cfg(test)]
 mod tests;
