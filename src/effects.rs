@@ -488,18 +488,57 @@ impl<'a> Effects<'a> {
 }
 
 /// An HTML body with the staff marker as its first paragraph: inside
-/// `<body ...>` when the template writes a whole document (in front of
-/// `<!DOCTYPE>` it would put browsers in quirks mode).
+/// `<body ...>` when the template writes a whole document, else after
+/// `<html ...>` or the doctype (in front of `<!DOCTYPE>` it would put
+/// browsers in quirks mode). Comments are skipped: a marker inside one
+/// would be invisible and lost from a reply.
 fn with_marker(html: &str, marker: &str) -> String {
     let para = format!("<p>{marker}</p>\n");
-    let lower = html.to_ascii_lowercase();
-    match lower
-        .find("<body")
-        .and_then(|b| lower[b..].find('>').map(|e| b + e + 1))
-    {
+    let at = ["<body", "<html", "<!doctype"]
+        .iter()
+        .find_map(|tag| tag_end(html, tag));
+    match at {
         Some(at) => format!("{}\n{para}{}", &html[..at], &html[at..]),
         None => format!("{para}{html}"),
     }
+}
+
+/// Where the first `<tag ...>` outside comments ends (after its `>`,
+/// quoted attribute values read past), matching `tag` as a whole name.
+fn tag_end(html: &str, tag: &str) -> Option<usize> {
+    let lower = html.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        // Bytes, not str: `i` may stand inside a multibyte character.
+        if bytes[i..].starts_with(b"<!--") {
+            i += bytes[i..]
+                .windows(3)
+                .position(|w| w == b"-->")
+                .map_or(bytes.len(), |e| e + 3);
+            continue;
+        }
+        if bytes[i..].starts_with(tag.as_bytes()) {
+            let after = bytes.get(i + tag.len()).copied();
+            if matches!(
+                after,
+                Some(b'>' | b'/') | Some(b' ' | b'\t' | b'\n' | b'\r')
+            ) {
+                let mut quote = None;
+                for (k, &b) in bytes.iter().enumerate().skip(i + tag.len()) {
+                    match (quote, b) {
+                        (None, b'"' | b'\'') => quote = Some(b),
+                        (Some(q), b) if b == q => quote = None,
+                        (None, b'>') => return Some(k + 1),
+                        _ => {}
+                    }
+                }
+                return None;
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Where mail for a tier goes: its `forward_to`, or for the first tier
@@ -548,6 +587,17 @@ mod tests {
             with_marker("<!DOCTYPE html><html><BODY class=x><p>hi</p></body>", "M"),
             "<!DOCTYPE html><html><BODY class=x>\n<p>M</p>\n<p>hi</p></body>"
         );
+        // Not inside a comment, nor an attribute; no body: after <html>.
+        assert_eq!(
+            with_marker("<head><!-- <body> --></head><body data-x=\"a>b\">x", "M"),
+            "<head><!-- <body> --></head><body data-x=\"a>b\">\n<p>M</p>\nx"
+        );
+        assert_eq!(
+            with_marker("<!DOCTYPE html><html lang=de><p>x", "M"),
+            "<!DOCTYPE html><html lang=de>\n<p>M</p>\n<p>x"
+        );
+        // <bodyguard> is no body; multibyte text around is kept whole.
+        assert_eq!(with_marker("<bodyguard>ü", "M"), "<p>M</p>\n<bodyguard>ü");
     }
 
     #[test]

@@ -71,7 +71,9 @@ impl<'a> MailText<'a> {
         (reason, detail, previous): (Reason, &str, &str),
     ) -> Result<(Text, Vec<u64>), StoreError> {
         let (history, attachments) = self.conversation(tx, case, true)?;
-        let mut v = self.staff_values(tx, case, history)?;
+        let staff = &self.config.language.staff;
+        let lang = speaks(self.config, Kind::Forward, staff);
+        let mut v = self.staff_values(tx, case, history, &lang)?;
         // The tier it goes to (the policy has moved the case there).
         v.insert("tier", one_line(&t.name));
         v.insert("reason", reason.as_str().to_string());
@@ -83,14 +85,16 @@ impl<'a> MailText<'a> {
     /// The deadline is near: to the tier holding the case.
     pub fn warning(&self, tx: &mut Tx<'_>, case: &Case) -> Result<Text, StoreError> {
         let history = self.conversation(tx, case, false)?.0;
-        let v = self.staff_values(tx, case, history)?;
+        let lang = speaks(self.config, Kind::Warning, &self.config.language.staff);
+        let v = self.staff_values(tx, case, history, &lang)?;
         Ok(self.staff(Kind::Warning, &v))
     }
 
     /// The deadline passed with no staff answer.
     pub fn breach(&self, tx: &mut Tx<'_>, case: &Case) -> Result<Text, StoreError> {
         let history = self.conversation(tx, case, false)?.0;
-        let v = self.staff_values(tx, case, history)?;
+        let lang = speaks(self.config, Kind::Breach, &self.config.language.staff);
+        let v = self.staff_values(tx, case, history, &lang)?;
         Ok(self.staff(Kind::Breach, &v))
     }
 
@@ -106,19 +110,18 @@ impl<'a> MailText<'a> {
     }
 
     /// The values of staff mail about `case`: who, how long, by when, and
-    /// the conversation (`history`), with dates in the language of the
-    /// staff template (`[language] staff`, or English without one).
+    /// the conversation (`history`), with dates in `lang` (the language
+    /// of the template that writes the mail: [`speaks`]).
     pub fn staff_values(
         &self,
         tx: &mut Tx<'_>,
         case: &Case,
         history: String,
+        lang: &str,
     ) -> Result<BTreeMap<&'static str, String>, StoreError> {
         let cfg = self.config;
         let tz = cfg.calendar.timezone;
-        // Forward, warning and breach fall back alike.
-        let lang = speaks(cfg, Kind::Warning, &cfg.language.staff);
-        let date = |at| crate::locale::format_eta(at, tz, &lang);
+        let date = |at| crate::locale::format_eta(at, tz, lang);
         let earlier = if case.customer.is_empty() {
             0
         } else {

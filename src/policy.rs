@@ -630,18 +630,26 @@ pub fn reply_text(mail: &InboundMail) -> String {
 const RATING_WORDS: &[&str] = &[
     "great", "good", "ok", "okay", "fine", "poor", "bad", "excellent", "perfect", "awesome",
     "thanks", "thank", "you", "thx", "star", "stars", "points", "of", "out", "super", "very",
-    "gut", "sehr", "schlecht", "danke", "stern", "sterne", "von", "punkte",
-    "merci", "mauvais", "très", "bien", "bon", "étoile", "étoiles", "sur",
-    "gracias", "mala", "malo", "excelente", "muy", "bueno", "buena", "estrellas", "de",
-    "grazie", "scarso", "ottimo", "molto", "bene", "buono", "stelle", "su", "di",
-    "bedankt", "dank", "slecht", "uitstekend", "goed", "zeer", "heel", "sterren", "van", "uit",
-    "obrigado", "obrigada", "fraco", "muito", "bom", "boa", "ótimo", "estrelas", "em",
+    "much", "many",
+    "gut", "sehr", "schlecht", "danke", "vielen", "dank", "stern", "sterne", "von", "punkte",
+    "perfekt", "prima", "toll",
+    "merci", "beaucoup", "mauvais", "très", "bien", "bon", "parfait", "étoile", "étoiles", "sur",
+    "gracias", "muchas", "mala", "malo", "excelente", "muy", "bueno", "buena", "perfecto",
+    "estrella", "estrellas", "puntos", "de", "sobre",
+    "grazie", "mille", "scarso", "ottimo", "molto", "bene", "buono", "perfetto", "eccellente",
+    "stella", "stelle", "punti", "su", "di",
+    "bedankt", "slecht", "uitstekend", "goed", "zeer", "heel", "ster", "sterren",
+    "punten", "van", "uit",
+    "obrigado", "obrigada", "fraco", "muito", "bom", "boa", "ótimo", "otimo", "perfeito",
+    "estrela", "estrelas", "pontos", "em",
 ];
 
-/// The first words of a phone's signature line ("Sent from my iPhone"),
-/// in the languages of the built-in surveys.
+/// A phone's signature line ("Sent from my iPhone", "Von meinem iPhone
+/// gesendet"): the opening words in the languages of the built-in
+/// surveys, and, except for the English one the product always read,
+/// a device named in a short line, so "Von meinem Konto wurde doppelt
+/// abgebucht" stays the customer's text.
 const MOBILE_SIGNATURES: &[&str] = &[
-    "sent from my ",
     "von meinem ",
     "gesendet von ",
     "envoyé de mon ",
@@ -651,6 +659,36 @@ const MOBILE_SIGNATURES: &[&str] = &[
     "verzonden vanaf ",
     "verstuurd vanaf ",
 ];
+const DEVICES: &[&str] = &[
+    "iphone",
+    "ipad",
+    "android",
+    "samsung",
+    "galaxy",
+    "pixel",
+    "huawei",
+    "xiaomi",
+    "handy",
+    "smartphone",
+    "mobil",
+    "telefoon",
+    "téléphone",
+    "teléfono",
+    "telefone",
+    "telefono",
+    "outlook",
+    "gmail",
+    "tablet",
+    "blackberry",
+];
+
+/// Is `line` (lower case, trimmed) a phone's signature line?
+fn mobile_signature(line: &str) -> bool {
+    line.starts_with("sent from my ")
+        || (line.chars().count() <= 60
+            && MOBILE_SIGNATURES.iter().any(|m| line.starts_with(m))
+            && DEVICES.iter().any(|d| line.contains(d)))
+}
 
 /// "5", "5!", "4/5", "5 ★★★★★", "4 - good": a satisfaction rating. The
 /// whole new text (signature cut) must be just that: "3rd floor printer
@@ -675,9 +713,10 @@ pub fn csat_reply(text: &str) -> Option<u8> {
         Some(r) => r.trim_start().strip_prefix('5')?,
         None => rest,
     };
-    let stars = |c: char| matches!(c, '*' | '★' | '☆' | '⭐' | '\u{FE0F}');
+    // Any punctuation splits words: an en dash from Word's AutoFormat,
+    // guillemets, stars.
     let words_ok = rest
-        .split(|c: char| c.is_whitespace() || c.is_ascii_punctuation() || stars(c))
+        .split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
         .all(|w| RATING_WORDS.contains(&w) || w == "5");
     let no_digits_but_five = rest
@@ -694,7 +733,7 @@ fn without_signature(text: &str) -> &str {
     for line in text.split_inclusive('\n') {
         let t = line.trim_end_matches(['\r', '\n']);
         let lower = t.trim().to_lowercase();
-        if t == "-- " || t == "--" || MOBILE_SIGNATURES.iter().any(|m| lower.starts_with(m)) {
+        if t == "-- " || t == "--" || mobile_signature(&lower) {
             end = at;
             break;
         }

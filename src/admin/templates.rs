@@ -97,9 +97,10 @@ fn preview_values(
                 v
             } else {
                 let text = crate::mailtext::MailText::new(config, now);
+                let speaks = crate::mailtext::speaks(config, kind, lang);
                 let mut v = shared.store.transact(|tx| {
                     let history = text.conversation(tx, &c, false)?.0;
-                    text.staff_values(tx, &c, history)
+                    text.staff_values(tx, &c, history, &speaks)
                 })?;
                 v.insert("reason", "(why)".into());
                 v.insert("reason_detail", "(what set it off)".into());

@@ -896,6 +896,38 @@ fn every_builtin_survey_s_own_scale_words_are_a_rating() {
             "{phone}"
         );
     }
+    for rating in [
+        "1 estrella",
+        "1 stella",
+        "1 estrela",
+        "1 ster",
+        "5 puntos",
+        "5 punti",
+        "5 punten",
+        "5 pontos",
+        "5 sobre 5",
+        "5 muchas gracias",
+        "5 merci beaucoup",
+        "5 grazie mille",
+        "5 - sehr gut, vielen Dank",
+        "5 – sehr gut",
+        "5 « très bien »",
+        "5 perfekt",
+        "5 otimo",
+    ] {
+        assert_eq!(csat_reply(rating), rating[..1].parse().ok(), "{rating}");
+    }
+    // A line that only opens like a phone's signature is the customer's
+    // text: "1" with a complaint below is a follow-up.
+    for follow_up in [
+        "1\nVon meinem Konto wurden 49 € doppelt abgebucht, bitte erstatten!",
+        "1\nVon meinem Konto wurde doppelt abgebucht",
+        "2\nInviato da voi il 3 maggio, il pacco non è mai arrivato",
+        "3\nEnviado desde mi cuenta, pero nadie contesta",
+        "4\nVerzonden vanaf mijn werklaptop omdat de app crasht",
+    ] {
+        assert_eq!(csat_reply(follow_up), None, "{follow_up}");
+    }
     assert_eq!(csat_reply("4 von 5"), Some(4));
     assert_eq!(csat_reply("5 sur 5, très bien"), Some(5));
     // Still: a follow-up with a number is no rating.

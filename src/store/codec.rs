@@ -262,7 +262,9 @@ const COMPACT_V1: u8 = 1;
 /// postcard's one zero byte each). A case written before them is read
 /// with those bytes added; an older release reading a newer case ignores
 /// the bytes after the fields it knows (postcard reads no further), so
-/// nodes of two releases can share a store while a cluster is upgraded.
+/// nodes of two releases can share a store while a cluster is upgraded
+/// (a case an older node writes loses its language: the customer's next
+/// mail chooses it again).
 const CASE_FIELDS_ADDED: usize = 2;
 
 /// A record in the compact encoding: [`COMPACT_V1`], then postcard.

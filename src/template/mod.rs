@@ -545,7 +545,8 @@ impl Templates {
     /// admin's. One line per kind, for `check-config`.
     pub fn mixed_hands(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for kind in Kind::ALL {
+        // Staff mail goes out in `[language] staff` alone.
+        for kind in Kind::ALL.into_iter().filter(|k| k.is_customer()) {
             let ours = |n: &str| self.origin.get(n).is_some_and(|o| o != BUILT_IN);
             if ours(&format!("{}.txt", kind.name())) {
                 continue;
