@@ -42,6 +42,8 @@
 //! - [`effects`]: the policy's actions as outbox entries, and the case
 //!   step every worker uses.
 //! - [`mailtext`]: what each mail says (subject and body of every kind).
+//! - [`oauth`]: OAuth2 identities of mailboxes (so far: their tokens
+//!   sealed at rest).
 //! - [`handle`]: what the workers share (store, config, clock, wake-ups).
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
@@ -89,6 +91,7 @@ pub mod mailbox;
 pub mod mailtext;
 pub mod message;
 pub mod metrics;
+pub mod oauth;
 pub mod outbox;
 pub mod policy;
 pub mod preflight;
