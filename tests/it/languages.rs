@@ -83,6 +83,8 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
             "ok",
         ),
     );
+    // Delivered into the support mailbox before the cycle reads it.
+    s.stack.settle().await;
     s.once();
     let wait = Duration::from_secs(30);
 
@@ -156,6 +158,8 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
             "URGENT-ESCALATE please, this is blocking our whole team since this morning.",
         ),
     );
+    // Delivered into the support mailbox before the cycle reads it.
+    s.stack.settle().await;
     s.once();
     let got = s.stack.wait_for("marie", 2, wait).await;
     let notice = got
@@ -201,6 +205,8 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Delivered into the support mailbox before the cycle reads it.
+    s.stack.settle().await;
     s.once();
     let got = s.stack.wait_for("kees", 2, wait).await;
     let notice = got
@@ -287,6 +293,8 @@ async fn an_html_template_escapes_a_script_in_the_subject() {
             "hello",
         ),
     );
+    // Delivered into the support mailbox before the cycle reads it.
+    s.stack.settle().await;
     s.once();
     let got = s.stack.wait_for("eve", 1, Duration::from_secs(30)).await;
     let m = mail_parser::MessageParser::default()
@@ -364,6 +372,8 @@ async fn hostile_mail_gets_a_well_formed_ack_in_a_sensible_language() {
             ),
         );
     }
+    // Delivered into the support mailbox before the cycle reads it.
+    s.stack.settle().await;
     s.once();
     // The 10 KB header chose German by its first tag, as the duplicated
     // header's first did; the invalid tag, the wildcard and Polish (no

@@ -206,6 +206,8 @@ async fn a_queue_s_language_picks_its_template_and_the_mail_says_so() {
     let s = Setup::with_tiers(&["support", "ann", "agent", "tier2"], &with_dir(dir.path()))
         .with_mailbox("language = \"de-AT\"");
     s.send("ann", &customer_mail("ann", "Bestellung"));
+    // Delivered into the support mailbox before the cycle reads it.
+    s.stack.settle().await;
     s.once();
     let got = s.stack.wait_for("ann", 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);
@@ -237,6 +239,8 @@ async fn without_a_template_in_the_language_the_english_mail_says_en() {
         &tiers("\n[language]\ndefault = \"sv\"\n"),
     );
     s.send("bob", &customer_mail("bob", "Commande"));
+    // Delivered into the support mailbox before the cycle reads it.
+    s.stack.settle().await;
     s.once();
     let got = s.stack.wait_for("bob", 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);
