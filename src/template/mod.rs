@@ -632,7 +632,7 @@ impl Templates {
         self.pick(kind, lang).map(|(_, language, _)| language)
     }
 
-    /// Renders `kind` in `lang` from the template [`Templates::pick`]
+    /// Renders `kind` in `lang` from the template `pick`
     /// chooses, with its HTML alternative.
     pub fn render(
         &self,
