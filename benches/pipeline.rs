@@ -670,14 +670,11 @@ fn timers_and_memory(sz: &Sizes, rows: &mut Vec<Row>) {
     ));
 }
 
-/// 6: one customer writing into one case again and again: a message
-/// added to a case of 5,000 against one added to a case of 1. Each
-/// message is its own durable transaction, as a lone reply would be.
-fn append(rows: &mut Vec<Row>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store_path = dir.path().join("store");
-    let cfg_path = dir.path().join("escalator.toml");
-    // Nothing connects: the servers' ports are never used.
+/// A config for in-process figures, its store in `dir`: nothing
+/// connects (the servers' ports are never used), no automatic-mail
+/// limit; `rest` adds its sections (the tiers at least).
+fn offline_config(dir: &Path, rest: &str) -> Config {
+    let cfg_path = dir.join("escalator.toml");
     fs::write(
         &cfg_path,
         format!(
@@ -701,17 +698,25 @@ path = "{}"
 auto_reply_limit = 100000000
 auto_reply_global_limit = 0
 
-[[tiers]]
-name = "Frontline"
-first_response = "4h"
-"#,
-            store_path.display()
+{rest}"#,
+            dir.join("store").display()
         ),
     )
     .unwrap();
-    let config = Config::load(&cfg_path).unwrap();
+    Config::load(&cfg_path).unwrap()
+}
+
+/// 6: one customer writing into one case again and again: a message
+/// added to a case of 5,000 against one added to a case of 1. Each
+/// message is its own durable transaction, as a lone reply would be.
+fn append(rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = offline_config(
+        dir.path(),
+        "[[tiers]]\nname = \"Frontline\"\nfirst_response = \"4h\"\n",
+    );
     let ingestor = Ingestor::new(escalator::handle::Handle {
-        store: Arc::new(Store::open(&store_path).unwrap()),
+        store: Arc::new(Store::open(&config.store.path).unwrap()),
         config: Live::new(config),
         clock: Arc::new(SystemClock),
         wake: Arc::new(Wakers::default()),

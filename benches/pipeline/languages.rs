@@ -7,46 +7,14 @@
 use super::*;
 
 fn config(dir: &Path, detect: bool) -> Config {
-    let cfg_path = dir.join("escalator.toml");
-    fs::write(
-        &cfg_path,
-        format!(
-            r#"[mailbox]
-host = "127.0.0.1"
-port = 9
-security = "plain"
-username = "support"
-password = "x"
-
-[smtp]
-host = "127.0.0.1"
-port = 9
-security = "plain"
-from = "Support <support@bench.test>"
-
-[store]
-path = "{}"
-
-[cases]
-auto_reply_limit = 100000000
-auto_reply_global_limit = 0
-
-[language]
-detect = {detect}
-
-[calendar]
-timezone = "Europe/Berlin"
-hours = ["mon-fri 09:00-17:00"]
-
-[[tiers]]
-name = "Frontline"
-first_response = "8h"
-"#,
-            dir.join("store").display()
+    offline_config(
+        dir,
+        &format!(
+            "[language]\ndetect = {detect}\n\n[calendar]\ntimezone = \"Europe/Berlin\"\n\
+             hours = [\"mon-fri 09:00-17:00\"]\n\n[[tiers]]\nname = \"Frontline\"\n\
+             first_response = \"8h\"\n"
         ),
     )
-    .unwrap();
-    Config::load(&cfg_path).unwrap()
 }
 
 /// Texts of customers, long enough for the detector to be asked.
@@ -158,7 +126,9 @@ fn ack_render(sz: &Sizes, rows: &mut Vec<Row>) {
     rows.push(row(
         &format!("12. Ack text per mail, in the customer's language (German, best of 5 × {n})"),
         format!("{de:.1} µs"),
-        format!("{en:.1} µs (English: the ack's path before languages)"),
+        format!(
+            "{en:.1} µs (the English ack, same build: the path every ack took before languages)"
+        ),
         format!("{:.2}x", de / en),
         "≤ 1.1x (issue 20)",
     ));

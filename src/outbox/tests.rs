@@ -593,15 +593,22 @@ async fn an_interrupted_send_waits_until_its_inbox_is_read_past_the_wait() {
     assert_eq!(state(&s, 2), OutboxState::Sent);
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_inbox_that_is_never_read_holds_an_interrupted_send_one_hour() {
+/// Entry 1 with confirmation copies, the inbox of `watched` read by
+/// ingest, and its first send cut off after the data went out.
+fn interrupted(watched: &str) -> Setup {
     let mut s = setup(&[1], true);
-    s.outbox.watched = vec!["support@example.test".into()];
+    s.outbox.watched = vec![watched.into()];
     s.mailer
         .results
         .lock()
         .unwrap()
         .push_back(Err(SmtpError::Unknown("cut".into())));
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inbox_that_is_never_read_holds_an_interrupted_send_one_hour() {
+    let s = interrupted("support@example.test");
     let cancel = CancellationToken::new();
     s.outbox.drain(false, &cancel).await.unwrap();
     s.clock.advance(chrono::Duration::minutes(50));
@@ -615,13 +622,7 @@ async fn an_inbox_that_is_never_read_holds_an_interrupted_send_one_hour() {
 
 #[tokio::test(start_paused = true)]
 async fn mail_from_an_address_no_inbox_reads_waits_only_confirm_wait() {
-    let mut s = setup(&[1], true);
-    s.outbox.watched = vec!["billing@example.test".into()];
-    s.mailer
-        .results
-        .lock()
-        .unwrap()
-        .push_back(Err(SmtpError::Unknown("cut".into())));
+    let s = interrupted("billing@example.test");
     let cancel = CancellationToken::new();
     s.outbox.drain(false, &cancel).await.unwrap();
     s.clock.advance(chrono::Duration::seconds(121));

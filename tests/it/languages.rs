@@ -36,6 +36,19 @@ fn text(raw: &[u8]) -> (String, String) {
     (m.subject, m.text)
 }
 
+/// `escalator ARGS --config ...`, which must succeed; its stdout.
+fn cli(s: &Setup, args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--config", s.cfg()]);
+    let out = escalator(&all);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn case_of(s: &Setup, customer: &str) -> Value {
     s.cases()
         .into_iter()
@@ -167,6 +180,13 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
         .find(|m| text(m).1.contains("a été transmis"))
         .expect("a French notice");
     assert_eq!(header(notice, "Content-Language").as_deref(), Some("fr"));
+    // Her case went to tier 2 in the staff language, and says so.
+    let forward = s.stack.wait_for("tier2", 1, wait).await;
+    assert_eq!(
+        header(&forward[0], "Content-Language").as_deref(),
+        Some("en")
+    );
+    assert!(text(&forward[0]).1.contains("Escalated to Tier 2"));
     assert_eq!(
         lang(&case_of(&s, "marie@example.test")),
         ("fr".into(), "detected".into())
@@ -174,37 +194,15 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
 
     // The admin sets Kees's language: his open case follows, and the
     // next mail to him is Spanish.
-    let out = escalator(&[
-        "customers",
-        "set-language",
-        "Kees@Example.test",
-        "es-ES",
-        "--config",
-        s.cfg(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let said = cli(
+        &s,
+        &["customers", "set-language", "Kees@Example.test", "es-ES"],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 open case"));
+    assert!(said.contains("1 open case"), "{said}");
     let kees = case_of(&s, "kees@example.test");
     assert_eq!(lang(&kees), ("es-es".into(), "customer".into()));
     let id = kees["id"].as_u64().unwrap().to_string();
-    let out = escalator(&[
-        "cases",
-        "escalate",
-        &id,
-        "--reason",
-        "VIP",
-        "--config",
-        s.cfg(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli(&s, &["cases", "escalate", &id, "--reason", "VIP"]);
     // Delivered into the support mailbox before the cycle reads it.
     s.stack.settle().await;
     s.once();
@@ -223,26 +221,26 @@ async fn each_customer_is_answered_in_their_language_and_the_case_remembers_it()
         .as_u64()
         .unwrap()
         .to_string();
-    let show = |args: &[&str]| {
-        let mut all = vec!["templates", "show"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--config", s.cfg()]);
-        escalator(&all)
-    };
-    let out = show(&["notice", "--case", &marie]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = cli(&s, &["templates", "show", "notice", "--case", &marie]);
     assert!(
         text.contains("Content-Language: fr") && text.contains("a été transmis"),
         "{text}"
     );
-    let out = show(&["forward", "--case", &marie]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = cli(&s, &["templates", "show", "forward", "--case", &marie]);
     assert!(text.contains("Content-Language: en"), "{text}");
     assert!(
         text.contains("==== Conversation ====") && text.contains("URGENT-ESCALATE"),
         "{text}"
     );
-    let out = show(&["digest", "--case", &marie]);
+    let out = escalator(&[
+        "templates",
+        "show",
+        "digest",
+        "--case",
+        &marie,
+        "--config",
+        s.cfg(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
 
     // A tag that is not one, or a language without templates, is refused.
