@@ -22,6 +22,7 @@
 //! - `summary.rs`: [`Config::summary`], the config told to people.
 //! - `tests.rs`: the unit tests.
 
+pub mod oauth;
 mod raw;
 mod summary;
 mod validate;
@@ -81,6 +82,8 @@ pub struct Config {
     pub digest: Option<DigestConfig>,
     pub metrics: MetricsConfig,
     pub cluster: ClusterConfig,
+    /// `[oauth2]`: identities for Microsoft 365, Gmail and others.
+    pub oauth2: oauth::OAuthConfig,
 }
 
 /// `[cluster]`: how the daemons on one PostgreSQL store share the work.
@@ -185,6 +188,9 @@ pub enum TokenSource {
     File(PathBuf),
     /// Run with `sh -c`; its standard output is the token.
     Command(String),
+    /// `auth = "oauth2"`: an `[oauth2.NAME]` identity whose tokens
+    /// escalator keeps (and refreshes) in its store; see `crate::oauth`.
+    Identity(String),
 }
 
 impl Endpoint {
@@ -259,6 +265,12 @@ impl TokenSource {
                 }
                 String::from_utf8(out.stdout)
                     .map_err(|_| "the OAuth token command printed non-UTF-8".to_string())?
+            }
+            TokenSource::Identity(name) => {
+                return Err(format!(
+                    "the tokens of identity {name:?} are in the store; this command does not \
+                     open it (escalator auth status shows them)"
+                ))
             }
         };
         let t = text.trim();

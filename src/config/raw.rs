@@ -35,6 +35,38 @@ pub(super) struct RawConfig {
     pub(super) metrics: RawMetrics,
     #[serde(default)]
     pub(super) cluster: RawCluster,
+    #[serde(default)]
+    pub(super) oauth2: RawOAuth,
+}
+
+/// `[oauth2]`: its own keys, and a table per identity (`[oauth2.m365]`).
+/// The identities are read by the validator from `rest` (serde's
+/// `flatten` cannot refuse unknown keys and would lose the key's name
+/// from its errors): a misspelt key of `[oauth2]` is refused by name.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawOAuth {
+    pub(super) key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) alert_to: Vec<String>,
+    #[serde(flatten)]
+    pub(super) rest: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdentity {
+    pub(super) provider: String,
+    pub(super) tenant: Option<String>,
+    pub(super) client_id: String,
+    pub(super) client_secret_file: Option<PathBuf>,
+    pub(super) client_secret_env: Option<String>,
+    pub(super) flow: Option<String>,
+    pub(super) device_authorization_url: Option<String>,
+    pub(super) authorization_url: Option<String>,
+    pub(super) token_url: Option<String>,
+    pub(super) scopes: Option<Vec<String>>,
+    pub(super) redirect_port: Option<u16>,
+    pub(super) ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,11 +178,14 @@ pub(super) struct RawMailbox {
     pub(super) password: Option<String>,
     pub(super) password_env: Option<String>,
     pub(super) password_file: Option<PathBuf>,
-    /// "password" (default) or "xoauth2".
+    /// "password" (default), "xoauth2" (a token file or command) or
+    /// "oauth2" (an `[oauth2.NAME]` identity).
     #[serde(default)]
     pub(super) auth: Option<String>,
     pub(super) oauth_token_file: Option<PathBuf>,
     pub(super) oauth_token_command: Option<String>,
+    /// With `auth = "oauth2"`: the identity's name.
+    pub(super) oauth2: Option<String>,
     #[serde(default = "default_folder")]
     pub(super) folder: String,
     #[serde(default = "default_poll")]
@@ -187,11 +222,14 @@ pub(super) struct RawSmtp {
     pub(super) password: Option<String>,
     pub(super) password_env: Option<String>,
     pub(super) password_file: Option<PathBuf>,
-    /// "password" (default) or "xoauth2".
+    /// "password" (default), "xoauth2" (a token file or command) or
+    /// "oauth2" (an `[oauth2.NAME]` identity).
     #[serde(default)]
     pub(super) auth: Option<String>,
     pub(super) oauth_token_file: Option<PathBuf>,
     pub(super) oauth_token_command: Option<String>,
+    /// With `auth = "oauth2"`: the identity's name.
+    pub(super) oauth2: Option<String>,
     /// Required in `[smtp]` unless every queue has an address; refused
     /// in a queue's `smtp` (the queue's address is its From).
     pub(super) from: Option<String>,

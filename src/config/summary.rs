@@ -63,6 +63,7 @@ impl Config {
         if let Some(l) = self.metrics.listen {
             s.push_str(&format!("\n  metrics: http://{l}/metrics"));
         }
+        s.push_str(&oauth2(&self.oauth2));
         s
     }
 }
@@ -70,19 +71,13 @@ impl Config {
 /// `host:port (security, how it logs in)`: whether a password is set,
 /// never the password.
 fn endpoint(e: &Endpoint) -> String {
-    format!(
-        "{}:{} ({}{})",
-        e.host,
-        e.port,
-        e.security,
-        if e.oauth.is_some() {
-            ", xoauth2"
-        } else if e.password.is_some() {
-            ", password set"
-        } else {
-            ""
-        }
-    )
+    let auth = match &e.oauth {
+        Some(crate::config::TokenSource::Identity(name)) => format!(", oauth2 identity {name}"),
+        Some(_) => ", xoauth2".to_string(),
+        None if e.password.is_some() => ", password set".to_string(),
+        None => String::new(),
+    };
+    format!("{}:{} ({}{auth})", e.host, e.port, e.security)
 }
 
 /// A queue's line: its mailbox, address, path and own SMTP server.
@@ -131,4 +126,34 @@ fn store(config: &Config) -> String {
             humantime::format_duration(config.cluster.claim),
         ),
     }
+}
+
+/// The identities: provider, flow, client and scopes; whether a secret
+/// is configured, never the secret, and where the token key comes from.
+fn oauth2(o: &crate::config::oauth::OAuthConfig) -> String {
+    if o.identities.is_empty() {
+        return String::new();
+    }
+    let mut s = format!("\n  oauth2: token key from {}", o.key_origin());
+    if !o.alert_to.is_empty() {
+        s.push_str(&format!(", alerts to {}", o.alert_to.join(", ")));
+    }
+    for id in o.identities.values() {
+        s.push_str(&format!(
+            "\n    {}: {} {} flow, client {}{}, scopes {}",
+            id.name,
+            id.provider.as_str(),
+            id.flow.as_str(),
+            id.client_id,
+            match &id.client_secret {
+                Some(src) => format!(
+                    " (secret from {})",
+                    src.key().replace("password", "client_secret")
+                ),
+                None => String::new(),
+            },
+            id.scopes.join(" ")
+        ));
+    }
+    s
 }

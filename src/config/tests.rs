@@ -605,3 +605,5 @@ async fn xoauth2_needs_a_token_source_and_reads_a_fresh_token_each_time() {
         "{e}"
     );
 }
+
+mod oauth;

@@ -10,11 +10,14 @@
 //! - `escalation.rs`: `[[tiers]]`, `[repeat_customer]`, `[[triggers]]`;
 //! - `cases.rs`: `[cases]`, `[calendar]`, `[resolution]`, `[templates]`,
 //!   `[digest]`, `[metrics]`;
+//! - `oauth.rs`: `[oauth2]`, its identities and what each provider
+//!   refuses;
 //! - `store.rs`: `[store]` and `[cluster]`, with the claim that must
 //!   cover the longest send.
 
 mod cases;
 mod escalation;
+mod oauth;
 mod queues;
 mod servers;
 mod store;
@@ -70,6 +73,7 @@ impl Validator<'_> {
         let resolution = self.resolution(raw.resolution);
         let templates = self.templates(raw.templates);
         let language = self.languages(raw.language);
+        let oauth2 = self.oauth2(raw.oauth2);
 
         let queues = self.queues(
             raw.mailbox,
@@ -101,7 +105,9 @@ impl Validator<'_> {
             digest,
             metrics,
             cluster,
+            oauth2,
         };
+        self.identities_exist(&config);
         self.claim_covers_a_send(&raw.cluster, &mut config);
         Some(config)
     }

@@ -250,11 +250,12 @@ impl Validator<'_> {
             m.auth,
             m.oauth_token_file,
             m.oauth_token_command,
+            m.oauth2,
         );
         if endpoint.password.is_none() && endpoint.oauth.is_none() {
             self.problem(
                 &format!("{key}.password"),
-                "IMAP needs a password (password_env, password_file or password) or auth = \"xoauth2\" with a token source",
+                "IMAP needs a password (password_env, password_file or password) or auth = \"oauth2\" with an [oauth2] identity",
             );
         }
         let poll_interval = self.duration(&format!("{key}.poll_interval"), &m.poll_interval);

@@ -114,6 +114,7 @@ impl Validator<'_> {
         auth: Option<String>,
         file: Option<PathBuf>,
         command: Option<String>,
+        identity: Option<String>,
     ) -> Endpoint {
         let source = match (file, command) {
             (Some(_), Some(_)) => {
@@ -134,7 +135,36 @@ impl Validator<'_> {
             }
             (None, None) => None,
         };
-        match auth.as_deref().unwrap_or("password") {
+        let auth = auth.as_deref().unwrap_or("password");
+        if identity.is_some() && auth != "oauth2" {
+            self.problem(
+                &format!("{section}.oauth2"),
+                "names an identity: write auth = \"oauth2\" beside it",
+            );
+        }
+        match auth {
+            "oauth2" => {
+                if ep.username.is_none() {
+                    self.problem(
+                        &format!("{section}.username"),
+                        "OAuth 2 logins name the mailbox: set username",
+                    );
+                }
+                if source.is_some() {
+                    self.problem(
+                        &format!("{section}.auth"),
+                        "auth = \"oauth2\" takes its tokens from [oauth2]: remove \
+                         oauth_token_file/oauth_token_command, or write auth = \"xoauth2\"",
+                    );
+                }
+                match identity {
+                    Some(name) => ep.oauth = Some(TokenSource::Identity(name)),
+                    None => self.problem(
+                        &format!("{section}.oauth2"),
+                        "auth = \"oauth2\" needs the identity's name (oauth2 = \"m365\" for [oauth2.m365])",
+                    ),
+                }
+            }
             "password" => {
                 if source.is_some() {
                     self.problem(
@@ -157,7 +187,7 @@ impl Validator<'_> {
             }
             other => self.problem(
                 &format!("{section}.auth"),
-                format!("unknown {other:?}; write \"password\" or \"xoauth2\""),
+                format!("unknown {other:?}; write \"password\", \"xoauth2\" or \"oauth2\""),
             ),
         }
         ep
@@ -211,6 +241,7 @@ impl Validator<'_> {
             s.auth,
             s.oauth_token_file,
             s.oauth_token_command,
+            s.oauth2,
         )
     }
 }
