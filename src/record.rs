@@ -157,3 +157,50 @@ pub struct SmtpProblem {
     /// When the server first refused.
     pub since: DateTime<Utc>,
 }
+
+/// An OAuth 2 identity's grant as the store keeps it: what `auth status`
+/// shows in the clear, and the tokens sealed with the token key (which
+/// is never in the store; see `crate::oauth::vault`). One record per
+/// identity, shared by every node of a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OAuthGrant {
+    pub identity: String,
+    /// The account the login reached (the token's user), when known.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// The scopes granted (as the token endpoint said, else as asked).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The access and refresh tokens, sealed (hexadecimal).
+    #[serde(default)]
+    pub sealed: Option<String>,
+    #[serde(default)]
+    pub access_expires_at: Option<DateTime<Utc>>,
+    /// When `auth login` stored the grant.
+    #[serde(default)]
+    pub logged_in_at: Option<DateTime<Utc>>,
+    /// When the refresh token in `sealed` was issued (a rotation renews
+    /// it): its age is what providers expire (Microsoft 90 days idle).
+    #[serde(default)]
+    pub refresh_token_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub refreshed_at: Option<DateTime<Utc>>,
+    /// Bumped by every write of new tokens: a refresh stores its result
+    /// only over the tokens it started from.
+    #[serde(default)]
+    pub generation: u64,
+    /// The node refreshing now and until when its claim holds.
+    #[serde(default)]
+    pub refreshing: Option<(String, DateTime<Utc>)>,
+    /// False once the provider said the grant is gone (`invalid_grant`):
+    /// only `auth login` makes it valid again.
+    #[serde(default)]
+    pub valid: bool,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Failed refreshes, every node's, since the store began.
+    #[serde(default)]
+    pub refresh_failures: u64,
+}

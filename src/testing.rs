@@ -35,6 +35,10 @@ pub fn config_from(store: &Path, mailbox: &str, rest: &str) -> Config {
 }
 
 /// A private PostgreSQL server (shared with the integration tests).
+/// An OAuth 2 authorization server (shared with the integration tests).
+#[path = "testing/authserver.rs"]
+pub mod authserver;
+
 #[path = "testing/postgres.rs"]
 mod postgres_server;
 pub use postgres_server::Postgres;

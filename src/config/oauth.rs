@@ -93,6 +93,8 @@ pub struct Identity {
     pub redirect_port: u16,
     /// Extra CA certificates (PEM) for the provider's endpoints.
     pub ca_file: Option<PathBuf>,
+    /// Per request to the provider (default 30 s).
+    pub timeout: std::time::Duration,
 }
 
 /// The delegated scopes escalator asks Microsoft for: read the mailbox,

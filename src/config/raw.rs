@@ -67,6 +67,7 @@ pub(super) struct RawIdentity {
     pub(super) scopes: Option<Vec<String>>,
     pub(super) redirect_port: Option<u16>,
     pub(super) ca_file: Option<PathBuf>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -24,6 +24,7 @@ mod cluster_tests;
 mod codec;
 mod engine;
 mod facts;
+mod grants;
 mod migrate;
 #[cfg(test)]
 mod migrate_tests;

@@ -150,6 +150,10 @@ impl Validator<'_> {
             scopes,
             redirect_port: r.redirect_port.unwrap_or(0),
             ca_file: r.ca_file.map(|p| self.path(&p)),
+            timeout: match &r.timeout {
+                Some(t) => self.duration(&format!("{key}.timeout"), t),
+                None => std::time::Duration::from_secs(30),
+            },
         })
     }
 

@@ -1,0 +1,365 @@
+//! The flows and the broker against the test authorization server on
+//! loopback (real HTTP, real store), the clock moved by hand.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+
+use super::broker::{due, Broker, GrantError};
+use super::flow::{FlowError, Issuer, MAX_LIFETIME, MIN_LIFETIME};
+use crate::clock::{Clock, ManualClock};
+use crate::config::Live;
+use crate::handle::Handle;
+use crate::store::Store;
+use crate::testing::authserver::{AuthServer, Scripted};
+
+const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    server: AuthServer,
+    handle: Handle,
+    clock: Arc<ManualClock>,
+}
+
+async fn setup(flow: &str, extra: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let server = AuthServer::start("support").await;
+    std::fs::write(dir.path().join("token.key"), format!("{KEY}\n")).unwrap();
+    let rest = format!(
+        "[[tiers]]\nname = \"Frontline\"\nfirst_response = \"4h\"\n\
+         [oauth2]\nkey_file = \"{}\"\n{}timeout = \"2s\"\n{extra}",
+        dir.path().join("token.key").display(),
+        server.identity_toml("idp", flow),
+    );
+    let config = crate::testing::config_from(&dir.path().join("store"), "", &rest);
+    let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+    let clock = Arc::new(ManualClock::new(
+        Utc.with_ymd_and_hms(2026, 12, 1, 9, 0, 0).unwrap(),
+    ));
+    let handle = Handle {
+        store,
+        config: Live::new(config),
+        clock: clock.clone(),
+        wake: Default::default(),
+    };
+    Setup {
+        _dir: dir,
+        server,
+        handle,
+        clock,
+    }
+}
+
+/// A device login approved at the server: the broker holds its tokens.
+async fn logged_in(s: &Setup) -> Broker {
+    let broker = Broker::new(&s.handle);
+    let issuer = broker.issuer("idp").unwrap();
+    let login = issuer.start_device().await.unwrap();
+    assert!(s.server.approve(&login.user_code));
+    let tokens = issuer.finish_device(&login).await.unwrap();
+    assert!(tokens.refresh.is_some());
+    let id = s.handle.config.get().oauth2.identities["idp"].clone();
+    broker
+        .store_login(&id, &tokens, Some("support".into()))
+        .unwrap();
+    broker
+}
+
+#[tokio::test]
+async fn a_device_login_waits_for_the_code_and_slows_down_when_told() {
+    let s = setup("device", "").await;
+    let issuer = Broker::new(&s.handle).issuer("idp").unwrap();
+    let login = issuer.start_device().await.unwrap();
+    assert!(login.user_code.starts_with("CODE-"));
+    s.server.slow_down(1);
+    let approve = {
+        let code = login.user_code.clone();
+        let server_codes = s.server.user_codes();
+        assert!(server_codes.contains(&code));
+        code
+    };
+    let started = std::time::Instant::now();
+    let (tokens, _) = tokio::join!(issuer.finish_device(&login), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        s.server.approve(&approve)
+    });
+    let tokens = tokens.unwrap();
+    assert!(tokens.refresh.is_some());
+    // Interval 1 s, slow_down adds 5 s (RFC 8628 3.5).
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        s.server
+            .grants("urn:ietf:params:oauth:grant-type:device_code"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_refused_or_expired_device_code_says_what_to_do() {
+    let s = setup("device", "").await;
+    let issuer = Broker::new(&s.handle).issuer("idp").unwrap();
+    let login = issuer.start_device().await.unwrap();
+    s.server.deny_all();
+    let e = issuer.finish_device(&login).await.unwrap_err();
+    assert!(matches!(e, FlowError::Login(_)), "{e:?}");
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(e.to_string().contains("escalator auth login idp"), "{e}");
+
+    s.server.set_device_lifetime(2);
+    let login = issuer.start_device().await.unwrap();
+    let e = issuer.finish_device(&login).await.unwrap_err();
+    assert!(matches!(e, FlowError::Login(_)), "{e:?}");
+    assert!(e.to_string().contains("expired"), "{e}");
+}
+
+#[tokio::test]
+async fn the_stored_token_serves_until_it_is_due_then_one_refresh_rotates_it() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    let first = broker.access_token("idp").await.unwrap();
+    assert_eq!(
+        s.server.grants("refresh_token"),
+        0,
+        "a fresh token is used as it is"
+    );
+    // An hour's token is refreshed in its last quarter (10 min at most).
+    s.clock.advance(chrono::Duration::minutes(49));
+    assert_eq!(
+        broker.access_token("idp").await.unwrap().expose(),
+        first.expose()
+    );
+    s.clock.advance(chrono::Duration::minutes(2));
+    let second = broker.access_token("idp").await.unwrap();
+    assert_ne!(second.expose(), first.expose());
+    assert_eq!(s.server.grants("refresh_token"), 1);
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    assert_eq!(g.refresh_token_at, Some(s.clock.now()), "rotated");
+    assert_eq!(g.generation, 2);
+    // The rotated refresh token was stored: the next refresh works (the
+    // old one is void at the server).
+    s.clock.advance(chrono::Duration::minutes(55));
+    let third = broker.access_token("idp").await.unwrap();
+    assert_ne!(third.expose(), second.expose());
+    assert_eq!(s.server.grants("refresh_token"), 2);
+}
+
+#[tokio::test]
+async fn a_refresh_without_a_new_refresh_token_keeps_the_old_one() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    s.server.script(Scripted::NoRotation);
+    s.clock.advance(chrono::Duration::minutes(55));
+    broker.access_token("idp").await.unwrap();
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    assert_ne!(g.refresh_token_at, Some(s.clock.now()), "not rotated");
+    s.clock.advance(chrono::Duration::minutes(55));
+    broker.access_token("idp").await.unwrap();
+    assert_eq!(
+        s.server.grants("refresh_token"),
+        2,
+        "the kept refresh token still works"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_grant_is_marked_and_names_the_command_that_fixes_it() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    s.server.revoke_all();
+    s.clock.advance(chrono::Duration::minutes(55));
+    let e = broker.access_token("idp").await.unwrap_err();
+    assert!(e.needs_login(), "{e:?}");
+    assert!(e.to_string().contains("invalid_grant"), "{e}");
+    assert!(
+        e.to_string().contains("run escalator auth login idp"),
+        "{e}"
+    );
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    assert!(!g.valid);
+    assert_eq!(g.refresh_failures, 1);
+    // No request per login once dead.
+    let again = broker.access_token("idp").await.unwrap_err();
+    assert!(matches!(again, GrantError::Dead { .. }));
+    assert_eq!(
+        s.handle
+            .store
+            .oauth_grant("idp")
+            .unwrap()
+            .unwrap()
+            .refresh_failures,
+        1
+    );
+    // A new login brings it back.
+    let broker = logged_in(&s).await;
+    assert!(broker.access_token("idp").await.is_ok());
+    assert!(s.handle.store.oauth_grant("idp").unwrap().unwrap().valid);
+}
+
+#[tokio::test]
+async fn a_provider_that_answers_nonsense_is_retried_and_the_current_token_serves() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    let current = broker.access_token("idp").await.unwrap();
+    s.clock.advance(chrono::Duration::minutes(52));
+    for (answer, words) in [
+        (Scripted::Html500, "not JSON (HTTP 500"),
+        (Scripted::Huge(2 * 1024 * 1024), "larger than 1024 KB"),
+        (Scripted::Hang(Duration::from_secs(5)), "no answer in time"),
+        (
+            Scripted::Error("temporarily_unavailable"),
+            "temporarily_unavailable",
+        ),
+    ] {
+        s.server.script(answer);
+        // Before the token ends: the current one, the failure recorded.
+        let t = broker.access_token("idp").await.unwrap();
+        assert_eq!(t.expose(), current.expose());
+        let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+        let err = g.last_error.clone().unwrap_or_default();
+        assert!(err.contains(words), "{words}: {err}");
+        assert!(!err.contains(current.expose()), "no token in errors");
+        assert!(g.valid, "not a dead grant");
+        // The next try waits RETRY_AFTER_FAILURE.
+        s.clock.advance(chrono::Duration::seconds(31));
+    }
+    // Past its end with the provider still failing: an error, retried.
+    s.clock.advance(chrono::Duration::minutes(10));
+    s.server.script(Scripted::Html500);
+    let e = broker.access_token("idp").await.unwrap_err();
+    assert!(matches!(e, GrantError::Unavailable { .. }), "{e:?}");
+    assert!(!e.needs_login());
+    // And when the provider is back, a refresh.
+    s.clock.advance(chrono::Duration::seconds(31));
+    assert_ne!(
+        broker.access_token("idp").await.unwrap().expose(),
+        current.expose()
+    );
+}
+
+#[tokio::test]
+async fn lifetimes_out_of_bounds_are_held_within_them() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    s.clock.advance(chrono::Duration::minutes(55));
+    s.server.script(Scripted::ExpiresIn(0));
+    broker.access_token("idp").await.unwrap();
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    let life = g.access_expires_at.unwrap() - s.clock.now();
+    assert_eq!(life.num_seconds() as u64, MIN_LIFETIME.as_secs());
+    // Used at once again: no refresh loop (due a minute before the end
+    // of a minute's token means now; one refresh per call, not more).
+    let before = s.server.grants("refresh_token");
+    s.server.script(Scripted::ExpiresIn(10 * 365 * 24 * 3600));
+    broker.access_token("idp").await.unwrap();
+    assert_eq!(s.server.grants("refresh_token"), before + 1);
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    let life = g.access_expires_at.unwrap() - s.clock.now();
+    assert_eq!(life.num_seconds() as u64, MAX_LIFETIME.as_secs());
+    broker.access_token("idp").await.unwrap();
+    assert_eq!(s.server.grants("refresh_token"), before + 1);
+}
+
+#[tokio::test]
+async fn two_nodes_on_one_store_refresh_once() {
+    let s = setup("device", "").await;
+    let a = logged_in(&s).await;
+    let b = Broker::new(&s.handle);
+    s.clock.advance(chrono::Duration::minutes(55));
+    let (ta, tb) = tokio::join!(a.access_token("idp"), b.access_token("idp"));
+    let (ta, tb) = (ta.unwrap(), tb.unwrap());
+    assert_eq!(s.server.grants("refresh_token"), 1, "one refresh for both");
+    // The one that waited got the old token (still valid) or the new one.
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    assert!(g.refreshing.is_none(), "the claim is released");
+    assert!(
+        ta.expose() == tb.expose() || s.server.access_tokens().contains(&tb.expose().to_string())
+    );
+}
+
+#[tokio::test]
+async fn client_credentials_need_no_login_and_fetch_on_demand() {
+    std::env::set_var(
+        "TEST_CLIENT_SECRET",
+        crate::testing::authserver::CLIENT_SECRET,
+    );
+    let s = setup("client_credentials", "").await;
+    let broker = Broker::new(&s.handle);
+    let t = broker.access_token("idp").await.unwrap();
+    assert!(s.server.access_tokens().contains(&t.expose().to_string()));
+    assert_eq!(
+        broker.access_token("idp").await.unwrap().expose(),
+        t.expose()
+    );
+    assert_eq!(s.server.grants("client_credentials"), 1);
+}
+
+#[tokio::test]
+async fn the_store_holds_no_usable_token_and_another_key_opens_nothing() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    broker.access_token("idp").await.unwrap();
+    s.handle.store.flush().unwrap();
+    let mut secrets = s.server.refresh_tokens();
+    secrets.extend(s.server.access_tokens());
+    assert!(!secrets.is_empty());
+    let record = serde_json::to_string(&s.handle.store.oauth_grant("idp").unwrap()).unwrap();
+    for dir_entry in walk(&s._dir.path().join("store")) {
+        let bytes = std::fs::read(&dir_entry).unwrap();
+        for t in &secrets {
+            assert!(
+                !contains(&bytes, t.as_bytes()),
+                "{t} in {}",
+                dir_entry.display()
+            );
+            assert!(!record.contains(t.as_str()));
+        }
+    }
+    // Another key: the grant does not open; an error, not "no grant".
+    let other = "ff".repeat(32);
+    let path = s._dir.path().join("token.key");
+    std::fs::write(&path, other).unwrap();
+    s.clock.advance(chrono::Duration::minutes(55));
+    let e = Broker::new(&s.handle)
+        .access_token("idp")
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("does not open with this token key"),
+        "{e}"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_refresh_is_due_in_the_last_quarter_within_one_and_ten_minutes() {
+    let t0 = Utc.with_ymd_and_hms(2026, 12, 1, 9, 0, 0).unwrap();
+    let hour = t0 + chrono::Duration::hours(1);
+    assert_eq!(due(Some(t0), hour), hour - chrono::Duration::minutes(10));
+    let short = t0 + chrono::Duration::minutes(20);
+    assert_eq!(due(Some(t0), short), short - chrono::Duration::minutes(5));
+    let minute = t0 + chrono::Duration::minutes(1);
+    assert_eq!(due(Some(t0), minute), t0);
+    let _ = Issuer::new;
+}
