@@ -17,6 +17,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Live};
 use crate::ingest::Ingestor;
 use crate::mailbox::Watcher;
+use crate::oauth::Broker;
 use crate::outbox::smtp::{Mailer, SmtpMailer};
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
@@ -40,13 +41,18 @@ struct Parts {
     outbox: Outbox,
     ingestor: Arc<Ingestor>,
     config: Arc<Config>,
+    /// OAuth 2 access tokens, one broker for the process.
+    tokens: Arc<Broker>,
 }
 
 /// The SMTP client: `[smtp]`'s, with the queues that send through a
 /// server of their own routed there by their From address.
-fn mailer(config: &Config) -> anyhow::Result<Arc<dyn Mailer>> {
-    let main: Arc<dyn Mailer> =
-        Arc::new(SmtpMailer::new(&config.smtp).context("cannot set up SMTP")?);
+fn mailer(config: &Config, tokens: &Arc<Broker>) -> anyhow::Result<Arc<dyn Mailer>> {
+    let main: Arc<dyn Mailer> = Arc::new(
+        SmtpMailer::new(&config.smtp)
+            .context("cannot set up SMTP")?
+            .with_tokens(tokens.clone()),
+    );
     let mut routes = Vec::new();
     for q in config.queues.iter() {
         if let Some(ep) = &q.smtp {
@@ -56,7 +62,8 @@ fn mailer(config: &Config) -> anyhow::Result<Arc<dyn Mailer>> {
             };
             let m: Arc<dyn Mailer> = Arc::new(
                 SmtpMailer::new(&smtp)
-                    .with_context(|| format!("cannot set up SMTP for queue {}", q.name))?,
+                    .with_context(|| format!("cannot set up SMTP for queue {}", q.name))?
+                    .with_tokens(tokens.clone()),
             );
             routes.push((q.address.to_lowercase(), m));
         }
@@ -169,18 +176,23 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
         store.listen(move || wake.both())?;
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let mailer = mailer(&config)?;
-    let ingestor = Arc::new(Ingestor::new(crate::handle::Handle {
+    let handle = crate::handle::Handle {
         store: store.clone(),
         config: live.clone(),
         clock: clock.clone(),
         wake: wake.clone(),
-    }));
+    };
+    let tokens = Arc::new(Broker::new(&handle));
+    let mailer = mailer(&config, &tokens)?;
+    let ingestor = Arc::new(Ingestor::new(handle));
     Ok(Parts {
         watchers: config
             .queues
             .iter()
-            .map(|q| Watcher::new(config.clone(), &q.name, ingestor.clone(), wake.clone()))
+            .map(|q| {
+                Watcher::new(config.clone(), &q.name, ingestor.clone(), wake.clone())
+                    .with_tokens(tokens.clone())
+            })
             .collect(),
         scheduler: Scheduler::new(crate::handle::Handle {
             store: store.clone(),
@@ -234,6 +246,7 @@ fn parts(config: Config) -> anyhow::Result<Parts> {
         store,
         ingestor,
         config,
+        tokens,
     })
 }
 
@@ -349,6 +362,7 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
         ingestor,
         node,
         config,
+        tokens,
     } = parts(config)?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -366,10 +380,15 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
         lease: config.cluster.lease,
         queues: config.queues.iter().map(|q| q.name.clone()).collect(),
         spawn: {
-            let (config, ingestor, wake) =
-                (config.clone(), ingestor.clone(), scheduler.wake.clone());
+            let (config, ingestor, wake, tokens) = (
+                config.clone(),
+                ingestor.clone(),
+                scheduler.wake.clone(),
+                tokens.clone(),
+            );
             Arc::new(move |queue: &str, fence, stop| {
                 let w = Watcher::new(config.clone(), queue, ingestor.clone(), wake.clone())
+                    .with_tokens(tokens.clone())
                     .fenced(fence);
                 let span = tracing::info_span!("mailbox", queue = %queue);
                 tokio::spawn(w.run(stop).instrument(span))
@@ -378,6 +397,11 @@ pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     });
     watch_mailboxes(&tracker, watchers, cluster, &fatal, &cancel);
     tracker.spawn(scheduler.run(cancel.clone()));
+    tracker.spawn(crate::oauth::keeper::keep(
+        tokens.clone(),
+        live.clone(),
+        cancel.clone(),
+    ));
     tracker.spawn(outbox.run(cancel.clone()));
     if let Some(listen) = live.get().metrics.listen {
         let server = crate::metrics::serve(listen, store.clone(), cancel.clone())

@@ -117,6 +117,40 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// OAuth 2 identities ([oauth2.NAME]): log in, see, forget.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Sign in (device code, browser, or app-only as the identity's flow
+    /// says), store the tokens sealed, then log in to every IMAP and
+    /// SMTP server that uses the identity and say which account it
+    /// reached.
+    Login {
+        /// The identity: NAME of [oauth2.NAME].
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Per identity: the grant, account, scopes, access-token expiry,
+    /// refresh-token age, last refresh and last error. Exits 1 when an
+    /// identity in use needs a login.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget an identity's tokens (its mailboxes then wait for a login).
+    Logout {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -391,6 +425,13 @@ async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Cluster {
             command: ClusterCommand::Status { config, json },
         } => (config, Request::ClusterStatus { json }),
+        Command::Auth { command } => match command {
+            AuthCommand::Login { name, config } => return auth_login(&config, &name).await,
+            AuthCommand::Status { config, json } => (config, Request::AuthStatus { json }),
+            AuthCommand::Logout { name, config } => {
+                (config, Request::AuthLogout { identity: name })
+            }
+        },
         Command::Outbox { command } => match command {
             OutboxCommand::List { config, json, all } => {
                 (config, Request::OutboxList { json, all })
@@ -538,7 +579,7 @@ async fn check_config(config: &ConfigArg, connect: bool) -> anyhow::Result<ExitC
     let mut ok = missing.is_empty();
     if connect {
         println!();
-        for check in escalator::preflight::run(&c).await {
+        for check in escalator::preflight::run(&c, None).await {
             println!("{}", check.line());
             ok &= check.outcome.is_ok();
         }
@@ -551,6 +592,68 @@ async fn check_config(config: &ConfigArg, connect: bool) -> anyhow::Result<ExitC
 }
 
 /// Runs an admin request on the store, or via the daemon that holds it.
+/// `auth login NAME`: the sign-in, the tokens stored (sealed, through
+/// a running daemon's socket when it holds the store), then a real login
+/// to every server that uses the identity.
+async fn auth_login(config: &ConfigArg, name: &str) -> anyhow::Result<ExitCode> {
+    let cfg = load(&config.config)?;
+    let Some(id) = cfg.oauth2.identities.get(name).cloned() else {
+        let known: Vec<&str> = cfg.oauth2.identities.keys().map(String::as_str).collect();
+        anyhow::bail!(
+            "no [oauth2.{}] in {} (there: {})",
+            escalator::template::printable(name),
+            cfg.source.display(),
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    // The key first: a sign-in whose tokens cannot be sealed is wasted.
+    escalator::oauth::Broker::key(&cfg.oauth2).map_err(anyhow::Error::msg)?;
+    let mut out = std::io::stdout();
+    let tokens = escalator::oauth::login::obtain(&id, &mut out).await?;
+    // XOAUTH2 logs in as the servers' configured user: that is the
+    // account the token must reach, and the proof below says if it does.
+    let users: Vec<String> = escalator::preflight::users_of(&cfg, name);
+    let account = (!users.is_empty()).then(|| users.join(", "));
+    let login = escalator::oauth::broker::seal_login(&cfg, &id, &tokens, account)?;
+    let resp = admin_request(cfg.clone(), &Request::AuthStore { login }).await?;
+    print!("{}", resp.output);
+    if resp.code != 0 {
+        return Ok(ExitCode::FAILURE);
+    }
+    let in_hand: Arc<dyn escalator::oauth::AccessTokens> = Arc::new(escalator::oauth::InHand {
+        identity: name.to_string(),
+        token: tokens.access,
+    });
+    let checks = escalator::preflight::prove(&cfg, Some(name), Some(in_hand)).await;
+    if checks.is_empty() {
+        println!(
+            "no mailbox or SMTP server uses {name} yet (auth = \"oauth2\", oauth2 = \"{name}\")"
+        );
+    }
+    let mut failed = false;
+    for check in checks {
+        match check.outcome {
+            Ok(what) => println!("ok    {}: {what}", check.what),
+            Err(f) => {
+                failed = true;
+                println!("FAIL  {}: {}", check.what, f.error);
+                if let Some(h) = f.hint {
+                    println!("      hint: {h}");
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
     let path = cfg.store.path.clone();
     if !matches!(cfg.store.engine, escalator::config::StoreEngine::Sled) {

@@ -320,6 +320,9 @@ fn render(store: &Store) -> String {
             label_text(&[("tier", tier)])
         );
     }
+    if let Ok(grants) = store.oauth_grants() {
+        oauth(&mut out, &grants);
+    }
     m.ingest_latency.render(
         &mut out,
         "escalator_ingest_latency_seconds",
@@ -331,6 +334,39 @@ fn render(store: &Store) -> String {
         "From a case committed to its acknowledgement accepted by SMTP.",
     );
     out
+}
+
+/// The OAuth 2 grants, from the store (so every node of a cluster says
+/// the same): refresh failures of every node, and whether the grant can
+/// still get tokens.
+fn oauth(out: &mut String, grants: &[crate::record::OAuthGrant]) {
+    if grants.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP escalator_oauth_refresh_failures_total Failed refreshes of an OAuth 2 identity's access token, every node's.\n# TYPE escalator_oauth_refresh_failures_total counter"
+    );
+    for g in grants {
+        let _ = writeln!(
+            out,
+            "escalator_oauth_refresh_failures_total{} {}",
+            label_text(&[("identity", g.identity.clone())]),
+            g.refresh_failures
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP escalator_oauth_grant_valid 1 while the identity's grant gets tokens; 0 after invalid_grant or logout: run escalator auth login NAME.\n# TYPE escalator_oauth_grant_valid gauge"
+    );
+    for g in grants {
+        let _ = writeln!(
+            out,
+            "escalator_oauth_grant_valid{} {}",
+            label_text(&[("identity", g.identity.clone())]),
+            u8::from(g.valid && g.sealed.is_some())
+        );
+    }
 }
 
 /// Binds the endpoint now (so a taken port fails start-up loudly) and

@@ -5,10 +5,12 @@
 //! checks the folders, sends nothing, and says per endpoint OK or what
 //! failed, with the key to change.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, Endpoint, StoreEngine};
+use crate::config::{Config, Endpoint, StoreEngine, TokenSource};
 use crate::mailbox::imap::{self, ImapError};
+use crate::oauth::AccessTokens;
 use crate::outbox::smtp::SmtpMailer;
 
 /// The patience for each step here: a port that expects TLS at once
@@ -60,13 +62,59 @@ fn place(ep: &Endpoint) -> String {
 
 /// Every endpoint of `config`, checked one after another (so a server's
 /// log reads in order, and a lockout counter sees one attempt each).
-pub async fn run(config: &Config) -> Vec<Check> {
+pub async fn run(config: &Config, tokens: Option<Arc<dyn AccessTokens>>) -> Vec<Check> {
+    let mut out = prove(config, None, tokens).await;
+    if let StoreEngine::Postgres { .. } = config.store.engine {
+        out.push(Check {
+            what: "store (PostgreSQL)".into(),
+            outcome: store_check(config).await,
+        });
+    }
+    out
+}
+
+/// The users the servers that log in as `identity` name (the accounts
+/// its tokens must reach).
+pub fn users_of(config: &Config, identity: &str) -> Vec<String> {
+    let mut out: Vec<String> = config
+        .queues
+        .iter()
+        .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))
+        .chain([&config.smtp.endpoint])
+        .filter(|ep| matches!(&ep.oauth, Some(TokenSource::Identity(n)) if n == identity))
+        .filter_map(|ep| ep.username.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The IMAP and SMTP servers that log in as `identity` (None: every
+/// server), each logged in to once, nothing sent (`auth login`'s proof).
+pub async fn prove(
+    config: &Config,
+    identity: Option<&str>,
+    tokens: Option<Arc<dyn AccessTokens>>,
+) -> Vec<Check> {
+    let chosen = |ep: &Endpoint| match identity {
+        None => true,
+        Some(name) => matches!(&ep.oauth, Some(TokenSource::Identity(n)) if n == name),
+    };
     let mut out = Vec::new();
     for q in config.queues.iter() {
+        if !chosen(&q.mailbox.endpoint) {
+            continue;
+        }
         let ep = patient(&q.mailbox.endpoint);
         out.push(Check {
             what: format!("imap {}", place(&ep)),
-            outcome: imap_check(&ep, &q.mailbox.folder, q.mailbox.sent_folder.as_deref()).await,
+            outcome: imap_check(
+                &ep,
+                &q.mailbox.folder,
+                q.mailbox.sent_folder.as_deref(),
+                tokens.as_deref(),
+            )
+            .await,
         });
     }
     let mut smtp = vec![config.smtp.clone()];
@@ -79,27 +127,29 @@ pub async fn run(config: &Config) -> Vec<Check> {
         }
     }
     for mut s in smtp {
+        if !chosen(&s.endpoint) {
+            continue;
+        }
         s.endpoint = patient(&s.endpoint);
         out.push(Check {
             what: format!("smtp {}", place(&s.endpoint)),
-            outcome: smtp_check(&s).await,
-        });
-    }
-    if let StoreEngine::Postgres { .. } = config.store.engine {
-        out.push(Check {
-            what: "store (PostgreSQL)".into(),
-            outcome: store_check(config).await,
+            outcome: smtp_check(&s, tokens.clone()).await,
         });
     }
     out
 }
 
-async fn imap_check(ep: &Endpoint, folder: &str, sent: Option<&str>) -> Result<String, Failure> {
+async fn imap_check(
+    ep: &Endpoint,
+    folder: &str,
+    sent: Option<&str>,
+    tokens: Option<&dyn AccessTokens>,
+) -> Result<String, Failure> {
     let fail = |e: ImapError| Failure {
         hint: e.hint(ep),
         error: crate::error_chain(&e),
     };
-    let mut s = imap::connect(ep).await.map_err(fail)?;
+    let mut s = imap::connect(ep, tokens).await.map_err(fail)?;
     let result = async {
         let have = imap::folders(ep, &mut s).await?;
         let exists = |f: &str| {
@@ -129,7 +179,10 @@ async fn imap_check(ep: &Endpoint, folder: &str, sent: Option<&str>) -> Result<S
     result.map_err(fail)
 }
 
-async fn smtp_check(cfg: &crate::config::SmtpConfig) -> Result<String, Failure> {
+async fn smtp_check(
+    cfg: &crate::config::SmtpConfig,
+    tokens: Option<Arc<dyn AccessTokens>>,
+) -> Result<String, Failure> {
     let ep = &cfg.endpoint;
     let failure = |e: crate::outbox::smtp::SmtpError| {
         let error = e.to_string();
@@ -144,7 +197,10 @@ async fn smtp_check(cfg: &crate::config::SmtpConfig) -> Result<String, Failure> 
         });
         Failure { error, hint }
     };
-    let mailer = SmtpMailer::new(cfg).map_err(failure)?;
+    let mut mailer = SmtpMailer::new(cfg).map_err(failure)?;
+    if let Some(t) = tokens {
+        mailer = mailer.with_tokens(t);
+    }
     let login = mailer.check().await.map_err(failure)?;
     Ok(login)
 }

@@ -8,6 +8,7 @@
 //! `mail` (the outbox and the quarantine), `reports` (stats, digest,
 //! cluster status); and the text helpers they share.
 
+mod auth;
 mod cases;
 mod customers;
 mod mail;
@@ -90,6 +91,17 @@ pub enum Request {
         address: String,
         language: Option<String>,
     },
+    /// Every `[oauth2]` identity and its grant.
+    AuthStatus {
+        json: bool,
+    },
+    /// A login's tokens, sealed by the CLI.
+    AuthStore {
+        login: crate::oauth::broker::Login,
+    },
+    AuthLogout {
+        identity: String,
+    },
 }
 
 /// What to print and the exit code.
@@ -142,6 +154,9 @@ pub fn handle(shared: &Handle, req: &Request) -> Result<Response, EffectsError> 
             ref address,
             ref language,
         } => customers::set_language(shared, address, language.as_deref()),
+        Request::AuthStatus { json } => auth::status(shared, json),
+        Request::AuthStore { ref login } => auth::store(shared, login),
+        Request::AuthLogout { ref identity } => auth::logout(shared, identity),
         Request::OutboxShow { id } => mail::show_outbox(shared, id),
         Request::OutboxRetry { id } => mail::retry_outbox(shared, id),
     }

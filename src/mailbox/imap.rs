@@ -3,6 +3,7 @@
 //! hang.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use async_imap::{Client, Session};
@@ -12,6 +13,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Endpoint, Security};
+use crate::oauth::AccessTokens;
 
 /// Why talking to the IMAP server failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +47,16 @@ pub enum ImapError {
     /// The password could not be read (variable unset, file unreadable).
     #[error("cannot read the IMAP password: {0}")]
     Secret(String),
+    /// No OAuth 2 access token (a dead grant, the provider down).
+    #[error("no OAuth 2 token for the login: {0}")]
+    Token(#[source] crate::oauth::TokenError),
 }
 
 impl ImapError {
     /// Wrong credentials: worth a longer pause and an error-level log.
     pub fn is_auth(&self) -> bool {
         matches!(self, ImapError::Auth { .. } | ImapError::Secret(_))
+            || matches!(self, ImapError::Token(t) if t.needs_login)
     }
 
     /// A mistake in the config (credentials, a folder name) rather than
@@ -196,8 +202,11 @@ async fn greeting(ep: &Endpoint, client: &mut Client<Stream>) -> Result<(), Imap
 }
 
 /// Connects, secures and logs in.
-pub async fn connect(ep: &Endpoint) -> Result<ImapSession, ImapError> {
-    login(ep, secure(ep).await?).await
+pub async fn connect(
+    ep: &Endpoint,
+    tokens: Option<&dyn AccessTokens>,
+) -> Result<ImapSession, ImapError> {
+    login(ep, secure(ep).await?, tokens).await
 }
 
 /// Connects and secures: a client that has had the server's greeting.
@@ -246,29 +255,18 @@ pub async fn connect_fake(
 ) -> Result<ImapSession, ImapError> {
     let mut c = Client::new(Stream::Fake(stream));
     greeting(ep, &mut c).await?;
-    login(ep, c).await
+    login(ep, c, None).await
 }
 
 /// Logs in with the endpoint's password or OAuth token.
-async fn login(ep: &Endpoint, client: Client<Stream>) -> Result<ImapSession, ImapError> {
+async fn login(
+    ep: &Endpoint,
+    client: Client<Stream>,
+    tokens: Option<&dyn AccessTokens>,
+) -> Result<ImapSession, ImapError> {
     let user = ep.username.clone().unwrap_or_default();
     if let Some(source) = &ep.oauth {
-        let token = source.token().await.map_err(|why| ImapError::Auth {
-            user: user.clone(),
-            why,
-        })?;
-        let auth = XOAuth2 {
-            response: crate::config::TokenSource::xoauth2(&user, &token),
-            sent: false,
-        };
-        return match tokio::time::timeout(ep.timeout, client.authenticate("XOAUTH2", auth)).await {
-            Err(_) => Err(ImapError::Timeout("AUTHENTICATE")),
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err((e, _))) => Err(ImapError::Auth {
-                user,
-                why: format!("XOAUTH2: {e}"),
-            }),
-        };
+        return oauth_login(ep, client, source, tokens).await;
     }
     let pass = ep
         .password()
@@ -282,6 +280,71 @@ async fn login(ep: &Endpoint, client: Client<Stream>) -> Result<ImapSession, Ima
             user,
             why: server_words(&e),
         }),
+    }
+}
+
+/// XOAUTH2 with the token `source` gives. A token of the store's grant
+/// that the server refuses is reported to the broker and, once, a fresh
+/// one is tried on the same connection (revoked before its end); a grant
+/// that is gone then says so with the command that fixes it.
+async fn oauth_login(
+    ep: &Endpoint,
+    mut client: Client<Stream>,
+    source: &crate::config::TokenSource,
+    tokens: Option<&dyn AccessTokens>,
+) -> Result<ImapSession, ImapError> {
+    let user = ep.username.clone().unwrap_or_default();
+    let identity = match source {
+        crate::config::TokenSource::Identity(name) => tokens.map(|t| (name.as_str(), t)),
+        _ => None,
+    };
+    let mut tried_fresh = false;
+    loop {
+        let token = crate::oauth::token(source, tokens)
+            .await
+            .map_err(ImapError::Token)?;
+        let said = Arc::new(Mutex::new(None));
+        let auth = XOAuth2 {
+            response: crate::config::TokenSource::xoauth2(&user, &token),
+            sent: false,
+            said: said.clone(),
+        };
+        let mut session =
+            match tokio::time::timeout(ep.timeout, client.authenticate("XOAUTH2", auth)).await {
+                Err(_) => return Err(ImapError::Timeout("AUTHENTICATE")),
+                Ok(Ok(s)) => s,
+                Ok(Err((e, back))) => {
+                    if let (Some((name, t)), false) = (identity, tried_fresh) {
+                        t.rejected(name, &token).await;
+                        tried_fresh = true;
+                        client = back;
+                        continue;
+                    }
+                    let detail = said
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .map(|s: String| format!(" (the server said {s})"))
+                        .unwrap_or_default();
+                    return Err(ImapError::Auth {
+                        user,
+                        why: format!("XOAUTH2: {}{detail}", server_words(&e)),
+                    });
+                }
+            };
+        // A server may take AUTHENTICATE and refuse what follows (a
+        // token for the wrong mailbox): one command before trusting it.
+        return match tokio::time::timeout(ep.timeout, session.noop()).await {
+            Err(_) => Err(ImapError::Timeout("NOOP after AUTHENTICATE")),
+            Ok(Ok(())) => Ok(session),
+            Ok(Err(e)) => Err(ImapError::Auth {
+                user,
+                why: format!(
+                    "the server took the token but refused the next command: {}",
+                    server_words(&e)
+                ),
+            }),
+        };
     }
 }
 
@@ -336,12 +399,22 @@ fn a_no_response_reads_as_the_server_wrote_it() {
 struct XOAuth2 {
     response: String,
     sent: bool,
+    /// The server's error challenge (Gmail's and Dovecot's JSON: status,
+    /// schemes, scope), for the error message.
+    said: Arc<Mutex<Option<String>>>,
 }
 
 impl async_imap::Authenticator for XOAuth2 {
     type Response = String;
-    fn process(&mut self, _challenge: &[u8]) -> String {
+    fn process(&mut self, challenge: &[u8]) -> String {
         if std::mem::replace(&mut self.sent, true) {
+            let text: String = crate::template::printable(&String::from_utf8_lossy(challenge))
+                .chars()
+                .take(300)
+                .collect();
+            if !text.trim().is_empty() {
+                *self.said.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+            }
             String::new()
         } else {
             self.response.clone()

@@ -107,6 +107,8 @@ pub struct Watcher {
     /// Per folder: passes in a row that found a new UIDVALIDITY and
     /// nothing new: a server that renumbers every session, said once.
     renumbered: Mutex<HashMap<String, u32>>,
+    /// Access tokens for `auth = "oauth2"`.
+    tokens: Option<Arc<dyn crate::oauth::AccessTokens>>,
     /// Tests: a scripted server instead of the network.
     #[cfg(test)]
     fake: Option<fake::FakeServer>,
@@ -128,9 +130,17 @@ impl Watcher {
             fence: None,
             missing_sent: Mutex::new(None),
             renumbered: Mutex::new(HashMap::new()),
+            tokens: None,
             #[cfg(test)]
             fake: None,
         }
+    }
+
+    /// Logs in with tokens from `broker` where the mailbox says
+    /// `auth = "oauth2"`.
+    pub fn with_tokens(mut self, broker: Arc<dyn crate::oauth::AccessTokens>) -> Watcher {
+        self.tokens = Some(broker);
+        self
     }
 
     /// Connects and logs in to the queue's server.
@@ -140,7 +150,7 @@ impl Watcher {
         if let Some(f) = &self.fake {
             return imap::connect_fake(ep, f.accept()).await;
         }
-        imap::connect(ep).await
+        imap::connect(ep, self.tokens.as_deref()).await
     }
 
     /// Watches under a mailbox lease: what it ingests is written only
@@ -253,6 +263,11 @@ impl Watcher {
                     };
                     let hint = hint.unwrap_or_default();
                     match &e {
+                        // The oauth2 keeper says so once an hour with the
+                        // fix; the mail waits in the mailbox.
+                        WatchError::Imap(ImapError::Token(t)) if t.needs_login => {
+                            tracing::info!(error = %t, retry_in = ?wait, "IMAP waits for an OAuth 2 login")
+                        }
                         WatchError::Imap(i) if i.is_auth() => {
                             tracing::error!(error = %crate::error_chain(&e), hint, retry_in = ?wait, "IMAP login failed")
                         }

@@ -274,9 +274,9 @@ impl Broker {
         let _one = self.local.lock().await;
         let issuer = self.issuer(&id.name)?;
         let old_refresh = sealed.as_ref().and_then(|s| s.refresh.clone());
-        let result = match (&old_refresh, id.flow) {
+        let result = match (old_refresh.clone(), id.flow) {
             (_, Flow::ClientCredentials) => issuer.client_credentials().await,
-            (Some(rt), _) => issuer.refresh(&Secret::new(rt.clone())).await,
+            (Some(rt), _) => issuer.refresh(Secret::new(rt)).await,
             (None, _) => Err(FlowError::Dead(
                 "the provider gave no refresh token at login (for Microsoft, ask for \
                  offline_access)"
@@ -399,38 +399,36 @@ impl Broker {
         t: &Tokens,
         account: Option<String>,
     ) -> Result<(), GrantError> {
-        let now = self.clock.now();
-        let sealed = Sealed {
-            access: t.access.expose().to_string(),
-            refresh: t.refresh.as_ref().map(|r| r.expose().to_string()),
+        let login = seal_login(&self.config.get(), id, t, account)?;
+        store_login(&self.store, &login, self.clock.now()).map_err(|e| store_broken(&id.name, e))
+    }
+
+    /// A server refused this access token before its end (revoked, a
+    /// password reset): it is taken as ended, so the next request
+    /// refreshes, which also tells whether the grant itself is gone. Only
+    /// when it is still the stored token (a refresh may have replaced it).
+    pub fn rejected(&self, identity: &str, token: &Secret) -> Result<(), GrantError> {
+        let Some(grant) = self.read(identity)? else {
+            return Ok(());
         };
-        let hex = self.seal(&id.name, &sealed)?;
+        let Some(sealed) = self.open(&grant)? else {
+            return Ok(());
+        };
+        if sealed.access != token.expose() {
+            return Ok(());
+        }
+        let now = self.clock.now();
         self.store
             .transact(|tx| -> Result<(), StoreError> {
-                let old = tx.oauth_grant(&id.name)?;
-                let g = OAuthGrant {
-                    identity: id.name.clone(),
-                    account: account
-                        .clone()
-                        .or_else(|| old.as_ref().and_then(|o| o.account.clone())),
-                    scopes: t.scopes.clone(),
-                    sealed: Some(hex.clone()),
-                    access_expires_at: Some(
-                        now + chrono::Duration::from_std(t.lifetime).unwrap_or_default(),
-                    ),
-                    logged_in_at: Some(now),
-                    refresh_token_at: t.refresh.as_ref().map(|_| now),
-                    refreshed_at: None,
-                    generation: old.as_ref().map_or(0, |o| o.generation) + 1,
-                    refreshing: None,
-                    valid: true,
-                    last_error: None,
-                    last_error_at: None,
-                    refresh_failures: old.as_ref().map_or(0, |o| o.refresh_failures),
-                };
-                tx.set_oauth_grant(&g)
+                if let Some(mut g) = tx.oauth_grant(identity)? {
+                    if g.generation == grant.generation {
+                        g.access_expires_at = Some(now);
+                        tx.set_oauth_grant(&g)?;
+                    }
+                }
+                Ok(())
             })
-            .map_err(|e| store_broken(&id.name, e))
+            .map_err(|e| store_broken(identity, e))
     }
 
     /// Records the account a login reached (after it was proven).
@@ -445,6 +443,93 @@ impl Broker {
             })
             .map_err(|e| store_broken(identity, e))
     }
+}
+
+/// A login's result as the store takes it: the tokens already sealed,
+/// so they cross the control socket to a running daemon only so.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Login {
+    pub identity: String,
+    pub sealed: String,
+    pub lifetime_s: u64,
+    pub has_refresh: bool,
+    pub scopes: Vec<String>,
+    pub account: Option<String>,
+}
+
+/// Seals `t` for `id` with the token key `config` names.
+pub fn seal_login(
+    config: &crate::config::Config,
+    id: &Identity,
+    t: &Tokens,
+    account: Option<String>,
+) -> Result<Login, GrantError> {
+    let key = Broker::key(&config.oauth2).map_err(|why| broken(&id.name, why))?;
+    let sealed = Sealed {
+        access: t.access.expose().to_string(),
+        refresh: t.refresh.as_ref().map(|r| r.expose().to_string()),
+    };
+    let plain = serde_json::to_vec(&sealed).map_err(|e| broken(&id.name, e))?;
+    let bytes = key
+        .seal(&id.name, &plain)
+        .map_err(|e| broken(&id.name, e))?;
+    Ok(Login {
+        identity: id.name.clone(),
+        sealed: to_hex(&bytes),
+        lifetime_s: t.lifetime.as_secs(),
+        has_refresh: t.refresh.is_some(),
+        scopes: t.scopes.clone(),
+        account,
+    })
+}
+
+/// Writes a login's grant: new tokens, valid, a new generation (so a
+/// refresh under way does not overwrite it), the failure count kept.
+pub fn store_login(store: &Store, login: &Login, now: DateTime<Utc>) -> Result<(), StoreError> {
+    store.transact(|tx| -> Result<(), StoreError> {
+        let old = tx.oauth_grant(&login.identity)?;
+        let g = OAuthGrant {
+            identity: login.identity.clone(),
+            account: login
+                .account
+                .clone()
+                .or_else(|| old.as_ref().and_then(|o| o.account.clone())),
+            scopes: login.scopes.clone(),
+            sealed: Some(login.sealed.clone()),
+            access_expires_at: Some(now + chrono::Duration::seconds(login.lifetime_s as i64)),
+            logged_in_at: Some(now),
+            refresh_token_at: login.has_refresh.then_some(now),
+            refreshed_at: None,
+            generation: old.as_ref().map_or(0, |o| o.generation) + 1,
+            refreshing: None,
+            valid: true,
+            last_error: None,
+            last_error_at: None,
+            refresh_failures: old.as_ref().map_or(0, |o| o.refresh_failures),
+        };
+        tx.set_oauth_grant(&g)
+    })
+}
+
+/// Forgets a grant's tokens (`auth logout`); the record stays, invalid,
+/// so status and metrics go on saying the identity needs a login.
+/// False: there was nothing to forget.
+pub fn logout(store: &Store, identity: &str, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    store.transact(|tx| -> Result<bool, StoreError> {
+        let Some(mut g) = tx.oauth_grant(identity)? else {
+            return Ok(false);
+        };
+        let had = g.sealed.is_some();
+        g.sealed = None;
+        g.access_expires_at = None;
+        g.valid = false;
+        g.generation += 1;
+        g.refreshing = None;
+        g.last_error = Some("logged out (escalator auth logout)".into());
+        g.last_error_at = Some(now);
+        tx.set_oauth_grant(&g)?;
+        Ok(had)
+    })
 }
 
 enum Claim {
@@ -497,4 +582,12 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// The watcher and the outbox await tokens inside spawned tasks: this
+/// stops compiling if the future stops being `Send`.
+#[allow(dead_code)]
+fn access_token_is_send(b: &Broker) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(b.access_token("x"));
 }

@@ -92,7 +92,21 @@ pub struct BrowserLogin {
 pub struct Issuer {
     id: Identity,
     client: Client,
-    http: reqwest::Client,
+    http: Http,
+}
+
+/// The HTTP client the oauth2 crate calls (a named type: a closure over
+/// `&self` would make the futures not `Send` for every lifetime).
+struct Http(reqwest::Client);
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Http {
+    type Error = HttpError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<HttpResponse, HttpError>> + Send + 'c>,
+    >;
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(send(&self.0, request))
+    }
 }
 
 impl Issuer {
@@ -152,7 +166,7 @@ impl Issuer {
         Ok(Issuer {
             id: id.clone(),
             client,
-            http,
+            http: Http(http),
         })
     }
 
@@ -168,7 +182,7 @@ impl Issuer {
             .map_err(|e| FlowError::Config(e.to_string()))?
             .add_scopes(self.scopes());
         let details: StandardDeviceAuthorizationResponse = req
-            .request_async(&|r| self.send(r))
+            .request_async(&self.http)
             .await
             .map_err(|e| explain(e, "device authorization endpoint"))?;
         Ok(DeviceLogin {
@@ -191,7 +205,7 @@ impl Issuer {
             .exchange_device_access_token(&login.details)
             .map_err(|e| FlowError::Config(e.to_string()))?;
         let t = req
-            .request_async(&|r| self.send(r), tokio::time::sleep, Some(login.expires_in))
+            .request_async(&self.http, tokio::time::sleep, Some(login.expires_in))
             .await
             .map_err(|e| match e {
                 RequestTokenError::ServerResponse(r) => {
@@ -288,7 +302,7 @@ impl Issuer {
             .exchange_code(AuthorizationCode::new(code))
             .map_err(|e| FlowError::Config(e.to_string()))?
             .set_pkce_verifier(login.verifier)
-            .request_async(&|r| self.send(r))
+            .request_async(&self.http)
             .await
             .map_err(|e| explain(e, "token endpoint"))?;
         Ok(tokens(&t, &self.id.scopes))
@@ -301,7 +315,7 @@ impl Issuer {
             .exchange_client_credentials()
             .map_err(|e| FlowError::Config(e.to_string()))?
             .add_scopes(self.scopes())
-            .request_async(&|r| self.send(r))
+            .request_async(&self.http)
             .await
             .map_err(|e| explain(e, "token endpoint"))?;
         Ok(tokens(&t, &self.id.scopes))
@@ -309,68 +323,65 @@ impl Issuer {
 
     /// New tokens for a refresh token (a rotated refresh token in the
     /// answer, or None when the provider keeps the old one).
-    pub async fn refresh(&self, refresh: &Secret) -> Result<Tokens, FlowError> {
+    pub async fn refresh(&self, refresh: Secret) -> Result<Tokens, FlowError> {
         let rt = RefreshToken::new(refresh.expose().to_string());
         let t = self
             .client
             .exchange_refresh_token(&rt)
             .map_err(|e| FlowError::Config(e.to_string()))?
-            .request_async(&|r| self.send(r))
+            .request_async(&self.http)
             .await
             .map_err(|e| explain(e, "token endpoint"))?;
         Ok(tokens(&t, &self.id.scopes))
     }
+}
 
-    /// One request: no redirects, at most [`MAX_BODY`] read, and an
-    /// answer that is neither a success nor JSON turned into an error
-    /// naming its status (a proxy's HTML page, a 500).
-    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let (parts, body) = request.into_parts();
-        let mut req = self
-            .http
-            .request(parts.method, parts.uri.to_string())
-            .body(body);
-        for (name, value) in &parts.headers {
-            req = req.header(name, value);
-        }
-        let mut resp = req.send().await.map_err(|e| HttpError(describe(&e)))?;
-        let status = resp.status();
-        let json = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
-        if !json {
+/// One request: no redirects, at most [`MAX_BODY`] read, and an answer
+/// that is not JSON turned into an error naming its status (a proxy's
+/// HTML page, a 500).
+async fn send(http: &reqwest::Client, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+    let (parts, body) = request.into_parts();
+    let mut req = http.request(parts.method, parts.uri.to_string()).body(body);
+    for (name, value) in &parts.headers {
+        req = req.header(name, value);
+    }
+    let mut resp = req.send().await.map_err(|e| HttpError(describe(&e)))?;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("json"));
+    if !json {
+        return Err(HttpError(format!(
+            "the answer is not JSON (HTTP {status}{})",
+            match resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(ct) => format!(", {}", printable(ct)),
+                None => String::new(),
+            }
+        )));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| HttpError(describe(&e)))? {
+        if body.len() + chunk.len() > MAX_BODY {
             return Err(HttpError(format!(
-                "the answer is not JSON (HTTP {status}{})",
-                match resp
-                    .headers()
-                    .get(reqwest::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                {
-                    Some(ct) => format!(", {}", printable(ct)),
-                    None => String::new(),
-                }
+                "the answer is larger than {} KB (HTTP {status}); not read further",
+                MAX_BODY / 1024
             )));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| HttpError(describe(&e)))? {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(HttpError(format!(
-                    "the answer is larger than {} KB (HTTP {status}); not read further",
-                    MAX_BODY / 1024
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let mut out = HttpResponse::new(body);
-        *out.status_mut() = status;
-        out.headers_mut().insert(
-            reqwest::header::CONTENT_TYPE,
-            reqwest::header::HeaderValue::from_static("application/json"),
-        );
-        Ok(out)
+        body.extend_from_slice(&chunk);
     }
+    let mut out = HttpResponse::new(body);
+    *out.status_mut() = status;
+    out.headers_mut().insert(
+        reqwest::header::CONTENT_TYPE,
+        reqwest::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(out)
 }
 
 /// An HTTP failure in words (no URL query, no body).

@@ -112,6 +112,8 @@ pub struct SmtpMailer {
     /// when it was last used; shared with the task that closes it when
     /// it has been idle too long.
     conn: Arc<tokio::sync::Mutex<Option<Kept>>>,
+    /// Access tokens for `auth = "oauth2"`.
+    tokens: Option<Arc<dyn crate::oauth::AccessTokens>>,
     /// Sessions being ended in the background (awaited by `close`), so
     /// the mail just accepted is journaled without waiting for QUIT.
     closing: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -201,25 +203,67 @@ impl SmtpMailer {
             hello,
             conn: Arc::new(tokio::sync::Mutex::new(None)),
             closing: std::sync::Mutex::default(),
+            tokens: None,
         })
+    }
+
+    /// Logs in with tokens from `broker` where the server says
+    /// `auth = "oauth2"`.
+    pub fn with_tokens(mut self, broker: Arc<dyn crate::oauth::AccessTokens>) -> SmtpMailer {
+        self.tokens = Some(broker);
+        self
+    }
+
+    /// The OAuth 2 token for a new login (None: a password login). A
+    /// grant that needs an admin's login is a configuration problem (all
+    /// mail waits, the server's backoff applies); a provider that cannot
+    /// be reached is transient.
+    async fn token(&self) -> Result<Option<String>, SmtpError> {
+        let Some(source) = &self.cfg.endpoint.oauth else {
+            return Ok(None);
+        };
+        match crate::oauth::token(source, self.tokens.as_deref()).await {
+            Ok(t) => Ok(Some(t.expose().to_string())),
+            Err(e) if e.needs_login => Err(SmtpError::Config(format!(
+                "no OAuth 2 token for the login: {e}"
+            ))),
+            Err(e) if matches!(source, crate::config::TokenSource::Identity(_)) => Err(
+                SmtpError::Transient(format!("no OAuth 2 token for the login: {e}")),
+            ),
+            Err(e) => Err(SmtpError::Config(format!(
+                "no OAuth 2 token for the login: {e}"
+            ))),
+        }
+    }
+
+    /// Connects and logs in with `token` (None: the password). A token of
+    /// the store's grant that the server refuses is reported, so the next
+    /// login gets a fresh one (revoked before its end), and tried once
+    /// more at once with it.
+    async fn sign_in(&self, token: Option<String>) -> Result<AsyncSmtpConnection, SmtpError> {
+        let first = self.connect(token.as_deref()).await;
+        let (Err(SmtpError::Config(_)), Some(t), Some(crate::config::TokenSource::Identity(name))) =
+            (&first, &self.tokens, &self.cfg.endpoint.oauth)
+        else {
+            return first;
+        };
+        let Some(used) = token else {
+            return first;
+        };
+        t.rejected(name, &crate::config::Secret::new(used.clone()))
+            .await;
+        match self.token().await? {
+            Some(fresh) if fresh != used => self.connect(Some(&fresh)).await,
+            _ => first,
+        }
     }
 
     /// Connects and logs in as a send would, then ends the session
     /// (`check-config --connect`): what the server said who it is and
     /// who we are.
     pub async fn check(&self) -> Result<String, SmtpError> {
-        let token = match &self.cfg.endpoint.oauth {
-            Some(source) => Some(
-                source
-                    .token()
-                    .await
-                    .map_err(SmtpError::Config)?
-                    .expose()
-                    .to_string(),
-            ),
-            None => None,
-        };
-        let conn = self.connect(token.as_deref()).await?;
+        let token = self.token().await?;
+        let conn = self.sign_in(token).await?;
         let server = conn.server_info().name().to_string();
         let who = match &self.cfg.endpoint.username {
             Some(u) => format!("logged in as {u:?}"),
@@ -508,21 +552,9 @@ impl Mailer for SmtpMailer {
             None => {
                 // A token only for a new login: the command is not run
                 // for every mail.
-                let token = match &self.cfg.endpoint.oauth {
-                    Some(source) => Some(
-                        source
-                            .token()
-                            .await
-                            .map_err(|e| {
-                                SmtpError::Config(format!("no OAuth 2 token for the login: {e}"))
-                            })?
-                            .expose()
-                            .to_string(),
-                    ),
-                    None => None,
-                };
+                let token = self.token().await?;
                 Kept {
-                    conn: self.connect(token.as_deref()).await?,
+                    conn: self.sign_in(token).await?,
                     used: Instant::now(),
                     sent: 0,
                 }

@@ -41,6 +41,8 @@ pub enum Scripted {
     ExpiresIn(i64),
     /// A refresh answered without a new refresh token.
     NoRotation,
+    /// Handled as usual (to aim the next entry at a later request).
+    Pass,
 }
 
 #[derive(Default)]
@@ -267,6 +269,15 @@ impl AuthServer {
     }
 }
 
+fn html500() -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [(header::CONTENT_TYPE, "text/html")],
+        "<html><body>Service unavailable</body></html>",
+    )
+        .into_response()
+}
+
 fn oauth_error(code: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
@@ -276,6 +287,13 @@ fn oauth_error(code: &str) -> Response {
 }
 
 async fn device(State(s): State<Shared>, Form(f): Form<HashMap<String, String>>) -> Response {
+    let scripted = lock(&s).script.pop_front();
+    match scripted {
+        Some(Scripted::Error(code)) => return oauth_error(code),
+        Some(Scripted::Html500) => return html500(),
+        Some(Scripted::Hang(d)) => tokio::time::sleep(d).await,
+        _ => {}
+    }
     if f.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
         return oauth_error("invalid_client");
     }
@@ -308,14 +326,7 @@ async fn token(State(s): State<Shared>, Form(f): Form<HashMap<String, String>>) 
     let mut no_rotation = false;
     match scripted {
         Some(Scripted::Error(code)) => return oauth_error(code),
-        Some(Scripted::Html500) => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                [(header::CONTENT_TYPE, "text/html")],
-                "<html><body>Service unavailable</body></html>",
-            )
-                .into_response()
-        }
+        Some(Scripted::Html500) => return html500(),
         Some(Scripted::Huge(n)) => {
             return (
                 StatusCode::OK,
@@ -327,7 +338,7 @@ async fn token(State(s): State<Shared>, Form(f): Form<HashMap<String, String>>) 
         Some(Scripted::Hang(d)) => tokio::time::sleep(d).await,
         Some(Scripted::ExpiresIn(e)) => expires_override = Some(e),
         Some(Scripted::NoRotation) => no_rotation = true,
-        None => {}
+        Some(Scripted::Pass) | None => {}
     }
     let mut g = lock(&s);
     let expires_in = expires_override.unwrap_or(g.expires_in);

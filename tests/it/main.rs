@@ -13,12 +13,16 @@ mod gateway;
 mod hardening;
 mod languages;
 mod mailservers;
+mod oauth;
 mod operations;
 mod postgres;
 mod queues;
 mod reliability;
 mod support;
 mod templates;
+
+#[path = "../../src/testing/authserver.rs"]
+mod authserver;
 
 #[path = "../../src/testing/postgres.rs"]
 mod postgres_server;
