@@ -78,7 +78,44 @@ pub fn text(
     let report = period_report(&window, &open, &order, start, end.min(now));
     let o = &report.overall;
     let figures = (o.cases, o.escalated, o.breached);
-    Ok((compose(&report, &window, &open, start, end), figures))
+    let mut text = compose(&report, &window, &open, start, end);
+    text.push_str(&logins_needed(store, config)?);
+    Ok((text, figures))
+}
+
+/// The OAuth 2 identities in use that cannot log in (their mail waits):
+/// said at the top of the reader's mind, the end of the report.
+fn logins_needed(store: &Store, config: &Config) -> Result<String, StoreError> {
+    let mut out = String::new();
+    for name in config.identities_in_use() {
+        let g = store.oauth_grant(&name)?;
+        let flow_needs_none = config
+            .oauth2
+            .identities
+            .get(&name)
+            .is_some_and(|i| i.flow == crate::config::oauth::Flow::ClientCredentials);
+        let valid = match &g {
+            Some(g) => g.valid && g.sealed.is_some(),
+            None => flow_needs_none,
+        };
+        if valid {
+            continue;
+        }
+        if out.is_empty() {
+            out.push_str(
+                "\nMailboxes waiting for an OAuth 2 login (their mail is not read or sent):\n",
+            );
+        }
+        let why = g
+            .as_ref()
+            .and_then(|g| g.last_error.as_deref())
+            .map(crate::template::one_line)
+            .unwrap_or_else(|| "never logged in".into());
+        out.push_str(&format!(
+            "  {name}: {why}; fix: escalator auth login {name}\n"
+        ));
+    }
+    Ok(out)
 }
 
 /// The KPIs of the period [start, end) from its facts and those of

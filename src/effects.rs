@@ -464,6 +464,29 @@ impl<'a> Effects<'a> {
         Ok(id)
     }
 
+    /// The alert that an OAuth 2 identity needs a login, to `to` (no
+    /// case).
+    pub fn alert(
+        &mut self,
+        tx: &mut Tx<'_>,
+        to: Vec<String>,
+        text: &Text,
+    ) -> Result<u64, EffectsError> {
+        self.queue(
+            tx,
+            (0, ""),
+            MailKind::Alert,
+            to,
+            None,
+            text,
+            None,
+            Vec::new(),
+            Some("auto-generated"),
+            None,
+            Vec::new(),
+        )
+    }
+
     /// The review digest to `to` (no case; not threaded to anything).
     pub fn digest(
         &mut self,

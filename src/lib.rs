@@ -42,8 +42,13 @@
 //! - [`effects`]: the policy's actions as outbox entries, and the case
 //!   step every worker uses.
 //! - [`mailtext`]: what each mail says (subject and body of every kind).
-//! - [`oauth`]: OAuth2 identities of mailboxes (so far: their tokens
-//!   sealed at rest).
+//! - [`credentials`]: where a login's OAuth 2 access token comes from
+//!   (a token file or command, or an identity's grant through
+//!   [`credentials::AccessTokens`]); a leaf the mail clients use.
+//! - [`oauth`]: OAuth 2 identities (`[oauth2.NAME]`): the logins with
+//!   the provider (`flow`), the grants in the store sealed with a key kept
+//!   outside it (`vault`), access tokens refreshed ahead of expiry by one
+//!   node at a time (`broker`), the daemon's keeper, `auth login`.
 //! - [`handle`]: what the workers share (store, config, clock, wake-ups).
 //! - [`ingest`]: one message through parse/thread/policy into one store
 //!   transaction.
@@ -73,6 +78,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod credentials;
 pub mod digest;
 pub mod effects;
 pub mod fault;

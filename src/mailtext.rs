@@ -328,6 +328,37 @@ pub fn digest(
     )
 }
 
+/// The alert that identity `identity`'s grant died (`error`, at
+/// `since`), naming the mailboxes that wait and the fix.
+pub fn alert(
+    config: &Config,
+    identity: &str,
+    error: &str,
+    since: DateTime<Utc>,
+    mailboxes: &[String],
+) -> Text {
+    let mut v = BTreeMap::new();
+    v.insert("identity", identity.to_string());
+    v.insert("error", crate::template::one_line(error));
+    v.insert("since", since.format("%Y-%m-%d %H:%M UTC").to_string());
+    v.insert("fix", format!("escalator auth login {identity}"));
+    v.insert(
+        "mailboxes",
+        if mailboxes.is_empty() {
+            "its mailboxes".to_string()
+        } else {
+            mailboxes.join(", ")
+        },
+    );
+    let asked = &config.language.staff;
+    render_in(
+        config,
+        (asked, &speaks(config, Kind::Alert, asked)),
+        Kind::Alert,
+        &v,
+    )
+}
+
 /// Subject and body of the acknowledgement of `case`.
 pub fn ack_text(
     case: &Case,
@@ -459,6 +490,10 @@ fn plain(kind: Kind, v: &BTreeMap<&'static str, String>) -> (String, String) {
         Kind::Digest => (
             format!("Escalation review {} to {}", get("from"), get("until")),
             format!("{}\n", get("report")),
+        ),
+        Kind::Alert => (
+            format!("escalator: {} cannot log in", get("identity")),
+            format!("{}\n\n{}\n", get("error"), get("fix")),
         ),
         Kind::Ack | Kind::Notice => (
             format!("{tag} Re: {subject}"),

@@ -616,7 +616,7 @@ async fn auth_login(config: &ConfigArg, name: &str) -> anyhow::Result<ExitCode> 
     let tokens = escalator::oauth::login::obtain(&id, &mut out).await?;
     // XOAUTH2 logs in as the servers' configured user: that is the
     // account the token must reach, and the proof below says if it does.
-    let users: Vec<String> = escalator::preflight::users_of(&cfg, name);
+    let users: Vec<String> = cfg.identity_users(name);
     let account = (!users.is_empty()).then(|| users.join(", "));
     let login = escalator::oauth::broker::seal_login(&cfg, &id, &tokens, account)?;
     let resp = admin_request(cfg.clone(), &Request::AuthStore { login }).await?;
@@ -624,10 +624,11 @@ async fn auth_login(config: &ConfigArg, name: &str) -> anyhow::Result<ExitCode> 
     if resp.code != 0 {
         return Ok(ExitCode::FAILURE);
     }
-    let in_hand: Arc<dyn escalator::oauth::AccessTokens> = Arc::new(escalator::oauth::InHand {
-        identity: name.to_string(),
-        token: tokens.access,
-    });
+    let in_hand: Arc<dyn escalator::credentials::AccessTokens> =
+        Arc::new(escalator::credentials::InHand {
+            identity: name.to_string(),
+            token: tokens.access,
+        });
     let checks = escalator::preflight::prove(&cfg, Some(name), Some(in_hand)).await;
     if checks.is_empty() {
         println!(

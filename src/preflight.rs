@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, Endpoint, StoreEngine, TokenSource};
+use crate::credentials::AccessTokens;
 use crate::mailbox::imap::{self, ImapError};
-use crate::oauth::AccessTokens;
 use crate::outbox::smtp::SmtpMailer;
 
 /// The patience for each step here: a port that expects TLS at once
@@ -70,22 +70,6 @@ pub async fn run(config: &Config, tokens: Option<Arc<dyn AccessTokens>>) -> Vec<
             outcome: store_check(config).await,
         });
     }
-    out
-}
-
-/// The users the servers that log in as `identity` name (the accounts
-/// its tokens must reach).
-pub fn users_of(config: &Config, identity: &str) -> Vec<String> {
-    let mut out: Vec<String> = config
-        .queues
-        .iter()
-        .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))
-        .chain([&config.smtp.endpoint])
-        .filter(|ep| matches!(&ep.oauth, Some(TokenSource::Identity(n)) if n == identity))
-        .filter_map(|ep| ep.username.clone())
-        .collect();
-    out.sort();
-    out.dedup();
     out
 }
 

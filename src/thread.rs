@@ -85,9 +85,11 @@ pub enum MailKind {
     Survey,
     /// The periodic review digest to managers (case 0: no case).
     Digest,
+    /// An OAuth 2 identity needs a login (case 0: no case).
+    Alert,
 }
 
-const KINDS: [(MailKind, char, &str); 8] = [
+const KINDS: [(MailKind, char, &str); 9] = [
     (MailKind::Ack, 'a', "ack"),
     (MailKind::Notice, 'n', "notice"),
     (MailKind::Forward, 'f', "forward"),
@@ -96,6 +98,7 @@ const KINDS: [(MailKind, char, &str); 8] = [
     (MailKind::Renotify, 'b', "breach"),
     (MailKind::Survey, 's', "survey"),
     (MailKind::Digest, 'd', "digest"),
+    (MailKind::Alert, 'o', "alert"),
 ];
 
 impl MailKind {

@@ -65,7 +65,7 @@ fn status_of(id: &Identity, g: Option<&OAuthGrant>, now: DateTime<Utc>) -> Ident
 pub(super) fn status(shared: &Handle, json: bool) -> Result<Response, EffectsError> {
     let config = shared.config.get();
     let now = shared.clock.now();
-    let in_use = crate::oauth::keeper::in_use(&config);
+    let in_use = config.identities_in_use();
     let mut all = Vec::new();
     for id in config.oauth2.identities.values() {
         let g = shared.store.oauth_grant(&id.name)?;

@@ -147,3 +147,42 @@ pub fn defaults(provider: Provider, flow: Flow, tenant: &str) -> Defaults {
         },
     }
 }
+
+impl super::Config {
+    /// Every server's endpoint: each queue's IMAP and SMTP, `[smtp]`.
+    fn endpoints(&self) -> impl Iterator<Item = &super::Endpoint> {
+        self.queues
+            .iter()
+            .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))
+            .chain([&self.smtp.endpoint])
+    }
+
+    /// The identities some mailbox or SMTP server logs in as, sorted.
+    pub fn identities_in_use(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .endpoints()
+            .filter_map(|ep| match &ep.oauth {
+                Some(super::TokenSource::Identity(n)) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The users the servers logging in as `identity` name: the
+    /// accounts its tokens must reach.
+    pub fn identity_users(&self, identity: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .endpoints()
+            .filter(
+                |ep| matches!(&ep.oauth, Some(super::TokenSource::Identity(n)) if n == identity),
+            )
+            .filter_map(|ep| ep.username.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}

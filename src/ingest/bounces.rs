@@ -166,7 +166,7 @@ impl Ingestor {
     ) {
         let config = self.config.get();
         let kind = entry.kind.clone();
-        let staff = mail.staff_facing() || mail == MailKind::Digest;
+        let staff = mail.staff_facing() || matches!(mail, MailKind::Digest | MailKind::Alert);
         let lines: Vec<(Recipient, Option<String>)> = recipients
             .iter()
             .map(|r| {

@@ -13,7 +13,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Endpoint, Security};
-use crate::oauth::AccessTokens;
+use crate::credentials::AccessTokens;
 
 /// Why talking to the IMAP server failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ pub enum ImapError {
     Secret(String),
     /// No OAuth 2 access token (a dead grant, the provider down).
     #[error("no OAuth 2 token for the login: {0}")]
-    Token(#[source] crate::oauth::TokenError),
+    Token(#[source] crate::credentials::TokenError),
 }
 
 impl ImapError {
@@ -300,7 +300,7 @@ async fn oauth_login(
     };
     let mut tried_fresh = false;
     loop {
-        let token = crate::oauth::token(source, tokens)
+        let token = crate::credentials::token(source, tokens)
             .await
             .map_err(ImapError::Token)?;
         let said = Arc::new(Mutex::new(None));

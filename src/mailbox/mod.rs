@@ -108,7 +108,7 @@ pub struct Watcher {
     /// nothing new: a server that renumbers every session, said once.
     renumbered: Mutex<HashMap<String, u32>>,
     /// Access tokens for `auth = "oauth2"`.
-    tokens: Option<Arc<dyn crate::oauth::AccessTokens>>,
+    tokens: Option<Arc<dyn crate::credentials::AccessTokens>>,
     /// Tests: a scripted server instead of the network.
     #[cfg(test)]
     fake: Option<fake::FakeServer>,
@@ -138,7 +138,7 @@ impl Watcher {
 
     /// Logs in with tokens from `broker` where the mailbox says
     /// `auth = "oauth2"`.
-    pub fn with_tokens(mut self, broker: Arc<dyn crate::oauth::AccessTokens>) -> Watcher {
+    pub fn with_tokens(mut self, broker: Arc<dyn crate::credentials::AccessTokens>) -> Watcher {
         self.tokens = Some(broker);
         self
     }

@@ -68,6 +68,8 @@ pub struct Broker {
     store: Arc<Store>,
     config: Arc<Live>,
     clock: Arc<dyn Clock>,
+    /// Told when an alert mail was queued.
+    wake: Arc<crate::wake::Wakers>,
     /// This process, in refresh claims.
     me: String,
     /// One refresh at a time in this process.
@@ -81,6 +83,7 @@ impl Broker {
             store: handle.store.clone(),
             config: handle.config.clone(),
             clock: handle.clock.clone(),
+            wake: handle.wake.clone(),
             me: format!(
                 "{}-{}-{:08x}",
                 crate::cluster::host_name(),
@@ -292,12 +295,18 @@ impl Broker {
                 let identity = id.name.clone();
                 let me = self.me.clone();
                 let why_stored = why.clone();
-                self.store
-                    .transact(|tx| -> Result<(), StoreError> {
+                let config = self.config.get();
+                let alerted = self
+                    .store
+                    .transact(|tx| -> Result<Option<u64>, crate::effects::EffectsError> {
+                        let mut alert = None;
                         if let Some(mut g) = tx.oauth_grant(&identity)? {
                             if g.generation == grant.generation {
-                                if dead {
+                                if dead && g.valid {
                                     g.valid = false;
+                                    // Once per death: in the transaction
+                                    // that records it.
+                                    alert = queue_alert(tx, &config, &identity, &why_stored, done)?;
                                 }
                                 g.last_error = Some(why_stored.clone());
                                 g.last_error_at = Some(done);
@@ -308,9 +317,13 @@ impl Broker {
                                 tx.set_oauth_grant(&g)?;
                             }
                         }
-                        Ok(())
+                        Ok(alert)
                     })
-                    .map_err(|e| store_broken(&identity, e))?;
+                    .map_err(|e| broken(&identity, e))?;
+                if let Some(id) = alerted {
+                    tracing::info!(identity = %identity, outbox_id = id, "alert queued to [oauth2] alert_to");
+                    self.wake.outbox.notify_one();
+                }
                 if dead {
                     return Err(GrantError::Dead { identity, why });
                 }
@@ -443,6 +456,25 @@ impl Broker {
             })
             .map_err(|e| store_broken(identity, e))
     }
+}
+
+/// Queues the alert that `identity` needs a login to `[oauth2]
+/// alert_to` (None: nobody to tell).
+fn queue_alert(
+    tx: &mut crate::store::Tx<'_>,
+    config: &crate::config::Config,
+    identity: &str,
+    why: &str,
+    at: DateTime<Utc>,
+) -> Result<Option<u64>, crate::effects::EffectsError> {
+    if config.oauth2.alert_to.is_empty() {
+        return Ok(None);
+    }
+    let text = crate::mailtext::alert(config, identity, why, at, &config.identity_users(identity));
+    let mut effects = crate::effects::Effects::new(config, at);
+    effects
+        .alert(tx, config.oauth2.alert_to.clone(), &text)
+        .map(Some)
 }
 
 /// A login's result as the store takes it: the tokens already sealed,

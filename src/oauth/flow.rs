@@ -2,7 +2,7 @@
 //! `oauth2` crate (device code per RFC 8628, authorization code with
 //! PKCE, client credentials, refresh): one HTTP client on the project's
 //! rustls/ring stack that never follows a redirect, reads at most
-//! [`MAX_BODY`] and gives up after [`HTTP_TIMEOUT`]. Every error is put
+//! [`MAX_BODY`] and gives up after the identity's `timeout`. Every error is put
 //! in words an admin can act on, and never holds a token or a secret:
 //! a body that is not a token answer is described, not quoted.
 

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Broker;
-use crate::config::{Config, Live, TokenSource};
+use crate::config::Live;
 
 /// How often the keeper looks (under the one minute a token is at least
 /// refreshed before its end).
@@ -19,28 +19,11 @@ pub const EVERY: Duration = Duration::from_secs(30);
 /// How often a dead grant's error is logged again.
 pub const TELL_EVERY: Duration = Duration::from_secs(3600);
 
-/// The identities some mailbox or SMTP server logs in as.
-pub fn in_use(config: &Config) -> Vec<String> {
-    let mut out: Vec<String> = config
-        .queues
-        .iter()
-        .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))
-        .chain([&config.smtp.endpoint])
-        .filter_map(|ep| match &ep.oauth {
-            Some(TokenSource::Identity(n)) => Some(n.clone()),
-            _ => None,
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// Runs until cancelled.
 pub async fn keep(broker: Arc<Broker>, config: Arc<Live>, cancel: CancellationToken) {
     let mut told: HashMap<String, Instant> = HashMap::new();
     loop {
-        for name in in_use(&config.get()) {
+        for name in config.get().identities_in_use() {
             look(&broker, &name, &mut told).await;
         }
         tokio::select! {

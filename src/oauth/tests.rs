@@ -24,16 +24,21 @@ struct Setup {
 }
 
 async fn setup(flow: &str, extra: &str) -> Setup {
+    setup_with(flow, extra, "").await
+}
+
+/// `extra`: more keys of `[oauth2]`; `mailbox`: more keys of `[mailbox]`.
+async fn setup_with(flow: &str, extra: &str, mailbox: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let server = AuthServer::start("support").await;
     std::fs::write(dir.path().join("token.key"), format!("{KEY}\n")).unwrap();
     let rest = format!(
         "[[tiers]]\nname = \"Frontline\"\nfirst_response = \"4h\"\n\
-         [oauth2]\nkey_file = \"{}\"\n{}timeout = \"2s\"\n{extra}",
+         [oauth2]\nkey_file = \"{}\"\n{extra}\n{}timeout = \"2s\"\n",
         dir.path().join("token.key").display(),
         server.identity_toml("idp", flow),
     );
-    let config = crate::testing::config_from(&dir.path().join("store"), "", &rest);
+    let config = crate::testing::config_from(&dir.path().join("store"), mailbox, &rest);
     let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
     let clock = Arc::new(ManualClock::new(
         Utc.with_ymd_and_hms(2026, 12, 1, 9, 0, 0).unwrap(),
@@ -362,4 +367,137 @@ fn a_refresh_is_due_in_the_last_quarter_within_one_and_ten_minutes() {
     let minute = t0 + chrono::Duration::minutes(1);
     assert_eq!(due(Some(t0), minute), t0);
     let _ = Issuer::new;
+}
+
+#[tokio::test]
+async fn a_browser_login_checks_the_state_and_trades_the_code_with_pkce() {
+    let s = setup("authorization_code", "").await;
+    let issuer = Broker::new(&s.handle).issuer("idp").unwrap();
+    let login = issuer.start_browser("http://127.0.0.1:9/").unwrap();
+    assert!(
+        login.url.contains("code_challenge_method=S256"),
+        "{}",
+        login.url
+    );
+    assert!(login.url.contains("access_type=offline"), "{}", login.url);
+    // The "browser": the server approves and redirects to the loopback
+    // address; that address (pasted back) ends the login.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let back = http.get(&login.url).send().await.unwrap();
+    let location = back.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with("http://127.0.0.1:9/?code="),
+        "{location}"
+    );
+    // Another login's address is refused (its state differs).
+    let other = issuer.start_browser("http://127.0.0.1:9/").unwrap();
+    let e = issuer
+        .finish_browser(other, &location)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("does not belong to this login"), "{e}");
+    let tokens = issuer.finish_browser(login, &location).await.unwrap();
+    assert!(tokens.refresh.is_some());
+    assert_eq!(s.server.grants("authorization_code"), 1);
+    // An error sent back instead of a code is told, in the provider's
+    // word, cleaned.
+    let login = issuer.start_browser("http://127.0.0.1:9/").unwrap();
+    let e = issuer
+        .finish_browser(
+            login,
+            "http://127.0.0.1:9/?error=access_denied\u{202e}x&state=s",
+        )
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("access_denied"), "{e}");
+    assert!(!e.contains('\u{202e}'), "{e}");
+}
+
+#[tokio::test]
+async fn a_dying_grant_alerts_once_by_mail_and_the_digest_names_it() {
+    let s = setup_with(
+        "device",
+        "alert_to = [\"it@example.test\"]",
+        "auth = \"oauth2\"\noauth2 = \"idp\"",
+    )
+    .await;
+    let config = s.handle.config.get();
+    assert_eq!(config.identities_in_use(), vec!["idp"]);
+    // Never logged in: the digest says so, no alert (nothing died).
+    let (report, _) = crate::digest::text(
+        &s.handle.store,
+        &config,
+        s.clock.now(),
+        s.clock.now(),
+        s.clock.now(),
+    )
+    .unwrap();
+    assert!(
+        report.contains("idp: never logged in; fix: escalator auth login idp"),
+        "{report}"
+    );
+    let broker = logged_in(&s).await;
+    let (report, _) = crate::digest::text(
+        &s.handle.store,
+        &config,
+        s.clock.now(),
+        s.clock.now(),
+        s.clock.now(),
+    )
+    .unwrap();
+    assert!(!report.contains("OAuth 2 login"), "{report}");
+    s.server.revoke_all();
+    s.clock.advance(chrono::Duration::minutes(55));
+    for _ in 0..3 {
+        assert!(broker.access_token("idp").await.unwrap_err().needs_login());
+    }
+    let alerts: Vec<_> = s
+        .handle
+        .store
+        .outbox()
+        .map(|e| e.unwrap())
+        .filter(|e| e.kind == "alert")
+        .collect();
+    assert_eq!(alerts.len(), 1, "once per death");
+    assert_eq!(alerts[0].to, vec!["it@example.test"]);
+    let raw = String::from_utf8_lossy(&s.handle.store.outbox_raw(alerts[0].id).unwrap().unwrap())
+        .into_owned();
+    assert!(raw.contains("escalator auth login idp"), "{raw}");
+    assert!(raw.contains("invalid_grant"), "{raw}");
+    for t in s
+        .server
+        .refresh_tokens()
+        .iter()
+        .chain(s.server.access_tokens().iter())
+    {
+        assert!(!raw.contains(t.as_str()));
+    }
+    let (report, _) = crate::digest::text(
+        &s.handle.store,
+        &config,
+        s.clock.now(),
+        s.clock.now(),
+        s.clock.now(),
+    )
+    .unwrap();
+    assert!(report.contains("idp: invalid_grant"), "{report}");
+    // A new login, then another death: one more alert.
+    let broker = logged_in(&s).await;
+    s.server.revoke_all();
+    s.clock.advance(chrono::Duration::minutes(55));
+    assert!(broker.access_token("idp").await.is_err());
+    let n = s
+        .handle
+        .store
+        .outbox()
+        .filter(|e| e.as_ref().unwrap().kind == "alert")
+        .count();
+    assert_eq!(n, 2);
 }

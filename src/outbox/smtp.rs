@@ -113,7 +113,7 @@ pub struct SmtpMailer {
     /// it has been idle too long.
     conn: Arc<tokio::sync::Mutex<Option<Kept>>>,
     /// Access tokens for `auth = "oauth2"`.
-    tokens: Option<Arc<dyn crate::oauth::AccessTokens>>,
+    tokens: Option<Arc<dyn crate::credentials::AccessTokens>>,
     /// Sessions being ended in the background (awaited by `close`), so
     /// the mail just accepted is journaled without waiting for QUIT.
     closing: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -209,7 +209,7 @@ impl SmtpMailer {
 
     /// Logs in with tokens from `broker` where the server says
     /// `auth = "oauth2"`.
-    pub fn with_tokens(mut self, broker: Arc<dyn crate::oauth::AccessTokens>) -> SmtpMailer {
+    pub fn with_tokens(mut self, broker: Arc<dyn crate::credentials::AccessTokens>) -> SmtpMailer {
         self.tokens = Some(broker);
         self
     }
@@ -222,7 +222,7 @@ impl SmtpMailer {
         let Some(source) = &self.cfg.endpoint.oauth else {
             return Ok(None);
         };
-        match crate::oauth::token(source, self.tokens.as_deref()).await {
+        match crate::credentials::token(source, self.tokens.as_deref()).await {
             Ok(t) => Ok(Some(t.expose().to_string())),
             Err(e) if e.needs_login => Err(SmtpError::Config(format!(
                 "no OAuth 2 token for the login: {e}"

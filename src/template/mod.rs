@@ -48,6 +48,8 @@ pub enum Kind {
     Breach,
     /// The review digest (staff).
     Digest,
+    /// An OAuth 2 identity cannot log in any more (`[oauth2] alert_to`).
+    Alert,
 }
 
 /// The variables of every mail about a case.
@@ -94,11 +96,15 @@ const DIGEST: &[&str] = &[
     "breached",
 ];
 
+/// The alert's: which identity, what the provider said, since when and
+/// the command that fixes it.
+const ALERT: &[&str] = &["identity", "error", "since", "fix", "mailboxes"];
+
 /// Values of many lines: never on a subject line.
 pub const MULTI_LINE: &[&str] = &["answer", "history", "report"];
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Ack,
         Kind::Notice,
         Kind::Relay,
@@ -107,6 +113,7 @@ impl Kind {
         Kind::Warning,
         Kind::Breach,
         Kind::Digest,
+        Kind::Alert,
     ];
 
     pub fn name(self) -> &'static str {
@@ -119,6 +126,7 @@ impl Kind {
             Kind::Warning => "warning",
             Kind::Breach => "breach",
             Kind::Digest => "digest",
+            Kind::Alert => "alert",
         }
     }
 
@@ -140,6 +148,7 @@ impl Kind {
             Kind::Warning | Kind::Breach => &[CASE, STAFF],
             Kind::Forward => &[CASE, STAFF, WHY],
             Kind::Digest => &[DIGEST],
+            Kind::Alert => &[ALERT],
         };
         parts.concat()
     }
@@ -187,6 +196,7 @@ const BUILTIN: &[(&str, &str)] = &[
     builtin!("warning.en.txt"),
     builtin!("breach.en.txt"),
     builtin!("digest.en.txt"),
+    builtin!("alert.en.txt"),
 ];
 
 /// The built-in templates as (file name, text), for `templates export`.
@@ -839,6 +849,8 @@ pub fn sample(kind: Kind) -> BTreeMap<&'static str, String> {
                 "history" => "\n==== Conversation ====\n\n--- <date> — <from>\n<text>".to_string(),
                 "report" => "KPIs of the cases opened in the period\n\n<figures>".to_string(),
                 "new_cases" | "escalated" | "breached" | "earlier_cases" => "3".to_string(),
+                "identity" => "m365".to_string(),
+                "fix" => "escalator auth login m365".to_string(),
                 other => format!("<{other}>"),
             };
             (v, value)
