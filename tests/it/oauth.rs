@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::authserver::{AuthServer, Scripted};
-use crate::support::{escalator, mail, MailStack};
+use crate::support::{escalator, mail, Daemon, MailStack};
 
 const KEY: &str = "6f1c0ad3b2e94857a61d0c3e9b7f2a4c5d8e1f0a2b3c4d5e6f708192a3b4c5d6";
 
@@ -284,6 +284,96 @@ async fn a_provider_that_fails_at_login_says_so_stores_nothing_and_a_failed_poll
     assert!(ok, "{out}");
     let (_, st) = t.status();
     assert_eq!(st["grant"], "valid");
+}
+
+/// The daemon: tokens refreshed while it runs (the first expires at the
+/// server mid-run and mail still goes out), then a revoked grant seen by
+/// the keeper: the error with its fix in the log, and the metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_refreshes_before_tokens_end_and_shows_a_dead_grant_in_its_metrics() {
+    let t = setup().await;
+    // 61 s tokens: due a second after each refresh, so the keeper (every
+    // 30 s) refreshes at each look.
+    t.server.set_expires_in(61);
+    let (ok, out) = t.login();
+    assert!(ok, "{out}");
+    let first_tokens = t.server.access_tokens();
+    let port = crate::support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &t.cfg,
+        &["--metrics-listen", &listen],
+        t.dir.path().join("daemon.log"),
+    );
+    t.customer_writes(1).await;
+    assert_eq!(
+        t.stack
+            .wait_for("alice", 1, Duration::from_secs(30))
+            .await
+            .len(),
+        1,
+        "{}",
+        d.log()
+    );
+    // Past the end of the login's token at the server: a new SMTP login
+    // (the first session was closed after 30 s idle) needs a refreshed
+    // token, and the mail goes out.
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    t.customer_writes(2).await;
+    assert_eq!(
+        t.stack
+            .wait_for("alice", 2, Duration::from_secs(30))
+            .await
+            .len(),
+        2,
+        "{}",
+        d.log()
+    );
+    assert!(t.server.grants("refresh_token") >= 2, "{}", d.log());
+    let log = d.log();
+    assert!(log.contains("access token refreshed"), "{log}");
+    assert!(
+        !first_tokens.iter().any(|tok| log.contains(tok.as_str())),
+        "no token in the log"
+    );
+    assert_eq!(
+        crate::support::scrape(port, "escalator_oauth_grant_valid"),
+        Some(1.0)
+    );
+
+    // Revoked: the keeper's next refresh is refused; one error with the
+    // fix, the gauge drops, failures counted.
+    t.server.revoke_all();
+    let log = d
+        .wait_log("escalator auth login m365", 1, Duration::from_secs(40))
+        .await;
+    assert!(log.contains("an OAuth 2 identity cannot log in"), "{log}");
+    assert_eq!(
+        crate::support::scrape(port, "escalator_oauth_grant_valid"),
+        Some(0.0),
+        "{log}"
+    );
+    assert!(
+        crate::support::scrape(port, "escalator_oauth_refresh_failures_total").unwrap_or(0.0)
+            >= 1.0
+    );
+    // The daemon keeps running (sessions opened before the revocation go
+    // on until they end; new logins wait, as the run --once test shows).
+    let mut d = d;
+    assert!(d.alive());
+    let out = d.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .matches("an OAuth 2 identity cannot log in")
+            .count(),
+        1,
+        "told once (an hour apart)"
+    );
 }
 
 fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

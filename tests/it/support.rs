@@ -864,8 +864,18 @@ impl Setup {
         let log = self
             .config
             .with_extension(format!("{}{tag}.log", std::process::id()));
+        Daemon::start(self.cfg(), args, log)
+    }
+}
+
+/// A running daemon, stopped (SIGTERM) when dropped.
+pub struct Daemon(Option<Child>, PathBuf);
+
+impl Daemon {
+    /// `escalator run --config cfg ARGS`, its log in `log`.
+    pub fn start(cfg: &str, args: &[&str], log: PathBuf) -> Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_escalator"))
-            .args(["run", "--config", self.cfg()])
+            .args(["run", "--config", cfg])
             .args(args)
             .env("ESCALATOR_LOG", "info")
             .stdout(Stdio::null())
@@ -874,12 +884,7 @@ impl Setup {
             .unwrap();
         Daemon(Some(child), log)
     }
-}
 
-/// A running daemon, stopped (SIGTERM) when dropped.
-pub struct Daemon(Option<Child>, PathBuf);
-
-impl Daemon {
     /// Sends a signal ("HUP", "TERM"...) to the daemon.
     pub fn signal(&self, sig: &str) {
         let pid = self.0.as_ref().unwrap().id();
