@@ -27,6 +27,11 @@ struct OAuth {
 }
 
 async fn setup() -> OAuth {
+    setup_store(None).await
+}
+
+/// With `store`: these `[store]` keys instead of the sled folder.
+async fn setup_store(store: Option<&str>) -> OAuth {
     let server = AuthServer::start("support").await;
     let stack = MailStack::start_oauth(&["support", "alice"], server.addr.port());
     let dir = tempfile::tempdir().unwrap();
@@ -49,6 +54,10 @@ async fn setup() -> OAuth {
             1,
         );
     assert!(!text.contains("password"), "{text}");
+    let text = match store {
+        Some(keys) => text.replacen("[store]\n", &format!("[store]\n{keys}"), 1),
+        None => text,
+    };
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, &text).unwrap();
     OAuth {
@@ -374,6 +383,49 @@ async fn the_daemon_refreshes_before_tokens_end_and_shows_a_dead_grant_in_its_me
         1,
         "told once (an hour apart)"
     );
+}
+
+/// Two daemons on one PostgreSQL store share one grant: each refresh is
+/// done by one node (a rotated refresh token used twice would be
+/// refused by the server, killing the grant), and none fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_daemons_on_postgresql_share_the_grant_and_refresh_once_each_time() {
+    let pg = crate::postgres_server::Postgres::start();
+    let url = pg.database("it_oauth");
+    let t = setup_store(Some(&format!(
+        "engine = \"postgres\"\nurl = \"{url}\"\nsecurity = \"plain\"\n"
+    )))
+    .await;
+    t.server.set_expires_in(61);
+    let (ok, out) = t.login();
+    assert!(ok, "{out}");
+    let a = Daemon::start(&t.cfg, &["--node", "a"], t.dir.path().join("a.log"));
+    let b = Daemon::start(&t.cfg, &["--node", "b"], t.dir.path().join("b.log"));
+    t.customer_writes(1).await;
+    assert_eq!(
+        t.stack
+            .wait_for("alice", 1, Duration::from_secs(30))
+            .await
+            .len(),
+        1
+    );
+    // Three rounds of both keepers.
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let logs = a.log() + &b.log();
+    let refreshed = logs.matches("access token refreshed").count() as u64;
+    assert!(refreshed >= 2, "{logs}");
+    assert_eq!(
+        t.server.grants("refresh_token"),
+        refreshed,
+        "one refresh per node's log line: {logs}"
+    );
+    let (code, st) = t.status();
+    assert_eq!(code, Some(0), "{st}");
+    assert_eq!(st["refresh_failures"], 0, "{st}\n{logs}");
+    assert!(!logs.contains("invalid_grant"), "{logs}");
+    // Both nodes refreshed at some point, or one did and the other used
+    // its tokens: either way every refresh token was used once.
+    assert!(a.log().contains("escalator started") && b.log().contains("escalator started"));
 }
 
 fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
