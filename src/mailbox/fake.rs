@@ -23,6 +23,15 @@ pub struct State {
     pub idle_notifies: bool,
     /// Every command received, without its tag.
     pub commands: Vec<String>,
+    /// SASL mechanisms announced by CAPABILITY (`AUTH=...`).
+    pub auth_mechs: Vec<String>,
+    /// Tokens AUTHENTICATE takes (XOAUTH2/OAUTHBEARER); others get the
+    /// JSON error challenge, then NO.
+    pub tokens: Vec<String>,
+    /// After a successful AUTHENTICATE, every further command gets NO.
+    pub refuse_after_auth: bool,
+    /// The decoded initial responses AUTHENTICATE received.
+    pub auth_responses: Vec<String>,
     next_validity: u32,
 }
 
@@ -80,6 +89,7 @@ impl FakeServer {
         w.write_all(b"* OK [CAPABILITY IMAP4rev1 IDLE] fake ready\r\n")
             .await?;
         let mut selected: Option<String> = None;
+        let mut authenticated = false;
         let mut line = String::new();
         loop {
             line.clear();
@@ -92,8 +102,22 @@ impl FakeServer {
             };
             self.state().commands.push(cmd.to_string());
             let upper = cmd.to_ascii_uppercase();
+            if authenticated && self.state().refuse_after_auth {
+                w.write_all(format!("{tag} NO [UNAVAILABLE] account disabled\r\n").as_bytes())
+                    .await?;
+                continue;
+            }
             let out = if upper == "CAPABILITY" {
-                format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK done\r\n")
+                let auth: String = self
+                    .state()
+                    .auth_mechs
+                    .iter()
+                    .map(|m| format!(" AUTH={m}"))
+                    .collect();
+                format!("* CAPABILITY IMAP4rev1 IDLE{auth}\r\n{tag} OK done\r\n")
+            } else if let Some(mech) = upper.strip_prefix("AUTHENTICATE ") {
+                authenticated = self.authenticate(&mut r, &mut w, tag, mech.trim()).await?;
+                continue;
             } else if upper.starts_with("LOGIN") {
                 format!("{tag} OK logged in\r\n")
             } else if upper == "LOGOUT" {
@@ -149,6 +173,57 @@ impl FakeServer {
             };
             w.write_all(out.as_bytes()).await?;
         }
+    }
+
+    /// SASL XOAUTH2 or OAUTHBEARER: the initial response after `+`, the
+    /// token checked; a refusal sends Gmail's JSON error challenge
+    /// (with a bidi override in it, as hostile as a server can be) and
+    /// wants the client's answer before the NO.
+    async fn authenticate<R, W>(
+        &self,
+        r: &mut R,
+        w: &mut W,
+        tag: &str,
+        mech: &str,
+    ) -> std::io::Result<bool>
+    where
+        R: tokio::io::AsyncBufRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if !self.state().auth_mechs.iter().any(|m| m == mech) {
+            w.write_all(format!("{tag} NO unsupported mechanism\r\n").as_bytes())
+                .await?;
+            return Ok(false);
+        }
+        w.write_all(b"+ \r\n").await?;
+        let mut line = String::new();
+        r.read_line(&mut line).await?;
+        let response =
+            String::from_utf8_lossy(&b64.decode(line.trim()).unwrap_or_default()).into_owned();
+        self.state().auth_responses.push(response.clone());
+        let token = response
+            .split('\x01')
+            .find_map(|p| p.strip_prefix("auth=Bearer "))
+            .unwrap_or("")
+            .to_string();
+        if self.state().tokens.contains(&token) {
+            w.write_all(format!("{tag} OK authenticated\r\n").as_bytes())
+                .await?;
+            return Ok(true);
+        }
+        let json = "{\"status\":\"401\",\"schemes\":\"bearer\u{202e}\",\"scope\":\"https://mail.google.com/\"}";
+        w.write_all(format!("+ {}\r\n", b64.encode(json)).as_bytes())
+            .await?;
+        line.clear();
+        r.read_line(&mut line).await?;
+        self.state().auth_responses.push(
+            String::from_utf8_lossy(&b64.decode(line.trim()).unwrap_or_default()).into_owned(),
+        );
+        w.write_all(format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n").as_bytes())
+            .await?;
+        Ok(false)
     }
 
     fn open(&self, tag: &str, name: &str, examine: bool, selected: &mut Option<String>) -> String {

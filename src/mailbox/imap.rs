@@ -253,9 +253,19 @@ pub async fn connect_fake(
     ep: &Endpoint,
     stream: tokio::io::DuplexStream,
 ) -> Result<ImapSession, ImapError> {
+    connect_fake_with(ep, stream, None).await
+}
+
+/// The same, logging in with tokens from `tokens`.
+#[cfg(test)]
+pub async fn connect_fake_with(
+    ep: &Endpoint,
+    stream: tokio::io::DuplexStream,
+    tokens: Option<&dyn AccessTokens>,
+) -> Result<ImapSession, ImapError> {
     let mut c = Client::new(Stream::Fake(stream));
     greeting(ep, &mut c).await?;
-    login(ep, c, None).await
+    login(ep, c, tokens).await
 }
 
 /// Logs in with the endpoint's password or OAuth token.
@@ -298,6 +308,7 @@ async fn oauth_login(
         crate::config::TokenSource::Identity(name) => tokens.map(|t| (name.as_str(), t)),
         _ => None,
     };
+    let bearer = Mechanism::choose(&mechanisms(ep, &mut client).await?);
     let mut tried_fresh = false;
     loop {
         let token = crate::credentials::token(source, tokens)
@@ -305,36 +316,44 @@ async fn oauth_login(
             .map_err(ImapError::Token)?;
         let said = Arc::new(Mutex::new(None));
         let auth = XOAuth2 {
-            response: crate::config::TokenSource::xoauth2(&user, &token),
+            response: bearer.initial(ep, &user, &token),
+            after_error: bearer.after_error(),
             sent: false,
             said: said.clone(),
         };
-        let mut session =
-            match tokio::time::timeout(ep.timeout, client.authenticate("XOAUTH2", auth)).await {
-                Err(_) => return Err(ImapError::Timeout("AUTHENTICATE")),
-                Ok(Ok(s)) => s,
-                Ok(Err((e, back))) => {
-                    if let (Some((name, t)), false) = (identity, tried_fresh) {
-                        t.rejected(name, &token).await;
-                        tried_fresh = true;
-                        client = back;
-                        continue;
-                    }
-                    let detail = said
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take()
-                        .map(|s: String| format!(" (the server said {s})"))
-                        .unwrap_or_default();
-                    return Err(ImapError::Auth {
-                        user,
-                        why: format!("XOAUTH2: {}{detail}", server_words(&e)),
-                    });
+        let mut session = match tokio::time::timeout(
+            ep.timeout,
+            client.authenticate(bearer.name(), auth),
+        )
+        .await
+        {
+            Err(_) => return Err(ImapError::Timeout("AUTHENTICATE")),
+            Ok(Ok(s)) => s,
+            Ok(Err((e, back))) => {
+                if let (Some((name, t)), false) = (identity, tried_fresh) {
+                    t.rejected(name, &token).await;
+                    tried_fresh = true;
+                    client = back;
+                    continue;
                 }
-            };
+                let detail = said
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .map(|s: String| format!(" (the server said {s})"))
+                    .unwrap_or_default();
+                return Err(ImapError::Auth {
+                    user,
+                    why: format!("{}: {}{detail}", bearer.name(), server_words(&e)),
+                });
+            }
+        };
         // A server may take AUTHENTICATE and refuse what follows (a
         // token for the wrong mailbox): one command before trusting it.
-        return match tokio::time::timeout(ep.timeout, session.noop()).await {
+        // (async-imap's `noop` takes any answer as success: checked here.)
+        return match tokio::time::timeout(ep.timeout, session.run_command_and_check_ok("NOOP"))
+            .await
+        {
             Err(_) => Err(ImapError::Timeout("NOOP after AUTHENTICATE")),
             Ok(Ok(())) => Ok(session),
             Ok(Err(e)) => Err(ImapError::Auth {
@@ -394,10 +413,103 @@ fn a_no_response_reads_as_the_server_wrote_it() {
     );
 }
 
-/// SASL XOAUTH2: the initial response, then (on failure the server sends
-/// a JSON error as a challenge) an empty line, as the mechanism requires.
+/// The SASL mechanisms the server offers before login (its CAPABILITY
+/// answer's `AUTH=`), upper-case; empty when it lists none.
+async fn mechanisms(ep: &Endpoint, client: &mut Client<Stream>) -> Result<Vec<String>, ImapError> {
+    use async_imap::imap_proto::{Capability, RequestId, Response};
+    use tokio::io::AsyncWriteExt;
+    // async-imap sends tagged commands only after login; before it, the
+    // command goes on the stream with a tag of our own (its tags are
+    // A0001, ...), and the answers are read through the client.
+    const TAG: &str = "CAP0";
+    let stream = client.get_mut();
+    timed(
+        ep,
+        "CAPABILITY",
+        async {
+            stream
+                .write_all(format!("{TAG} CAPABILITY\r\n").as_bytes())
+                .await?;
+            stream.flush().await
+        },
+        |e| ImapError::Connect(ep.host.clone(), e),
+    )
+    .await?;
+    let id = RequestId(TAG.to_string());
+    let mut out = Vec::new();
+    loop {
+        let resp = timed(ep, "CAPABILITY", client.read_response(), |e| {
+            ImapError::Connect(ep.host.clone(), e)
+        })
+        .await?
+        .ok_or(ImapError::Closed)?;
+        match resp.parsed() {
+            Response::Capabilities(caps) => out.extend(caps.iter().filter_map(|c| match c {
+                Capability::Auth(m) => Some(m.to_ascii_uppercase()),
+                _ => None,
+            })),
+            Response::Done { tag, .. } if *tag == id => return Ok(out),
+            _ => {}
+        }
+    }
+}
+
+/// The bearer-token SASL mechanism of a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mechanism {
+    XOAuth2,
+    /// RFC 7628, where a server offers only it.
+    OAuthBearer,
+}
+
+impl Mechanism {
+    /// XOAUTH2 (Gmail's, Microsoft's) unless the server offers
+    /// OAUTHBEARER and not XOAUTH2.
+    fn choose(offered: &[String]) -> Mechanism {
+        let has = |m: &str| offered.iter().any(|o| o == m);
+        if has("OAUTHBEARER") && !has("XOAUTH2") {
+            Mechanism::OAuthBearer
+        } else {
+            Mechanism::XOAuth2
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mechanism::XOAuth2 => "XOAUTH2",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
+        }
+    }
+
+    fn initial(self, ep: &Endpoint, user: &str, token: &crate::config::Secret) -> String {
+        match self {
+            Mechanism::XOAuth2 => crate::config::TokenSource::xoauth2(user, token),
+            // The GS2 header's authzid escapes ',' and '=' (RFC 5801).
+            Mechanism::OAuthBearer => format!(
+                "n,a={},\x01host={}\x01port={}\x01auth=Bearer {}\x01\x01",
+                user.replace('=', "=3D").replace(',', "=2C"),
+                ep.host,
+                ep.port,
+                token.expose()
+            ),
+        }
+    }
+
+    /// What the client answers to the server's error challenge.
+    fn after_error(self) -> &'static str {
+        match self {
+            Mechanism::XOAuth2 => "",
+            Mechanism::OAuthBearer => "\x01",
+        }
+    }
+}
+
+/// SASL XOAUTH2 or OAUTHBEARER: the initial response, then (on failure
+/// the server sends a JSON error as a challenge) the answer the
+/// mechanism requires, so the server's NO follows.
 struct XOAuth2 {
     response: String,
+    after_error: &'static str,
     sent: bool,
     /// The server's error challenge (Gmail's and Dovecot's JSON: status,
     /// schemes, scope), for the error message.
@@ -415,7 +527,7 @@ impl async_imap::Authenticator for XOAuth2 {
             if !text.trim().is_empty() {
                 *self.said.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
             }
-            String::new()
+            self.after_error.to_string()
         } else {
             self.response.clone()
         }

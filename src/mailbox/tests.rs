@@ -364,3 +364,148 @@ async fn a_message_that_breaks_the_connection_is_narrowed_down_and_set_aside() {
         .unwrap();
     assert_eq!(f.log, vec!["SEARCH 451".to_string()]);
 }
+
+/// Tokens for the fake server's logins: `old` until it is reported
+/// refused, then `new`.
+struct Rotating {
+    rejected: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl crate::credentials::AccessTokens for Rotating {
+    async fn access_token(
+        &self,
+        _identity: &str,
+    ) -> Result<crate::config::Secret, crate::credentials::TokenError> {
+        let refused = !self.rejected.lock().unwrap().is_empty();
+        Ok(crate::config::Secret::new(if refused {
+            "new"
+        } else {
+            "old"
+        }))
+    }
+    async fn rejected(&self, _identity: &str, token: &crate::config::Secret) {
+        self.rejected
+            .lock()
+            .unwrap()
+            .push(token.expose().to_string());
+    }
+}
+
+fn oauth_endpoint(dir: &Path) -> crate::config::Endpoint {
+    let mut ep = config(dir, "")
+        .queues
+        .first()
+        .unwrap()
+        .mailbox
+        .endpoint
+        .clone();
+    ep.oauth = Some(crate::config::TokenSource::Identity("idp".into()));
+    ep
+}
+
+fn fake_with(mechs: &[&str], tokens: &[&str]) -> FakeServer {
+    let server = FakeServer::new(&["INBOX"]);
+    {
+        let mut st = server.state();
+        st.auth_mechs = mechs.iter().map(|m| m.to_string()).collect();
+        st.tokens = tokens.iter().map(|t| t.to_string()).collect();
+    }
+    server
+}
+
+#[tokio::test]
+async fn a_token_the_server_refuses_is_reported_and_a_fresh_one_logs_in_on_the_same_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = oauth_endpoint(dir.path());
+    let server = fake_with(&["XOAUTH2", "OAUTHBEARER"], &["new"]);
+    let tokens = Rotating {
+        rejected: Default::default(),
+    };
+    let s = super::imap::connect_fake_with(&ep, server.accept(), Some(&tokens)).await;
+    assert!(s.is_ok(), "{:?}", s.err());
+    assert_eq!(*tokens.rejected.lock().unwrap(), vec!["old"]);
+    let st = server.state();
+    // XOAUTH2 (offered beside OAUTHBEARER), the empty answer to the error
+    // challenge, then the fresh token.
+    assert_eq!(st.auth_responses.len(), 3, "{:?}", st.auth_responses);
+    let user = ep.username.clone().unwrap();
+    assert!(st.auth_responses[0].starts_with(&format!("user={user}\u{1}auth=Bearer old")));
+    assert_eq!(st.auth_responses[1], "");
+    assert!(st.auth_responses[2].contains("auth=Bearer new"));
+    assert_eq!(
+        st.commands
+            .iter()
+            .filter(|c| c.starts_with("AUTHENTICATE"))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_refused_token_names_the_server_s_json_cleaned_and_a_server_that_refuses_what_follows_is_no_login(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = oauth_endpoint(dir.path());
+    // Refused twice (the fresh token too): the server's own words.
+    let server = fake_with(&["XOAUTH2"], &[]);
+    let tokens = Rotating {
+        rejected: Default::default(),
+    };
+    let e = super::imap::connect_fake_with(&ep, server.accept(), Some(&tokens))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("XOAUTH2: [AUTHENTICATIONFAILED] Invalid credentials"),
+        "{e}"
+    );
+    assert!(e.contains("\"status\":\"401\""), "{e}");
+    assert!(!e.contains('\u{202e}'), "bidi from the server escaped: {e}");
+    assert!(!e.contains("Bearer"), "no token in the error: {e}");
+
+    // AUTHENTICATE taken, the next command refused: not a login.
+    let server = fake_with(&["XOAUTH2"], &["old"]);
+    server.state().refuse_after_auth = true;
+    let tokens = Rotating {
+        rejected: Default::default(),
+    };
+    let e = super::imap::connect_fake_with(&ep, server.accept(), Some(&tokens))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("took the token but refused the next command"),
+        "{e}: {:?}",
+        server.state().commands
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_offers_only_oauthbearer_gets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = oauth_endpoint(dir.path());
+    let server = fake_with(&["OAUTHBEARER"], &["old"]);
+    let tokens = Rotating {
+        rejected: Default::default(),
+    };
+    let s = super::imap::connect_fake_with(&ep, server.accept(), Some(&tokens)).await;
+    assert!(s.is_ok(), "{:?}", s.err());
+    let st = server.state();
+    assert!(
+        st.commands
+            .contains(&"AUTHENTICATE OAUTHBEARER".to_string()),
+        "{:?}",
+        st.commands
+    );
+    assert_eq!(
+        st.auth_responses[0],
+        format!(
+            "n,a={},\u{1}host=127.0.0.1\u{1}port={}\u{1}auth=Bearer old\u{1}\u{1}",
+            ep.username.clone().unwrap(),
+            ep.port
+        )
+    );
+}
