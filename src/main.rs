@@ -579,7 +579,7 @@ async fn check_config(config: &ConfigArg, connect: bool) -> anyhow::Result<ExitC
     let mut ok = missing.is_empty();
     if connect {
         println!();
-        for check in escalator::preflight::run(&c, None).await {
+        for check in escalator::preflight::run(&c, grants_for_check(&c)).await {
             println!("{}", check.line());
             ok &= check.outcome.is_ok();
         }
@@ -591,7 +591,29 @@ async fn check_config(config: &ConfigArg, connect: bool) -> anyhow::Result<ExitC
     })
 }
 
-/// Runs an admin request on the store, or via the daemon that holds it.
+/// Tokens for `check-config --connect` when servers log in as `[oauth2]`
+/// identities: from a sled store no daemon holds (a refresh it needs is
+/// stored as the daemon's would be). Not from PostgreSQL (opening the
+/// store there may upgrade its schema beside a running cluster), nor
+/// from a store a daemon holds: then each such server's line says to
+/// use `auth status`.
+fn grants_for_check(c: &Config) -> Option<Arc<dyn escalator::credentials::AccessTokens>> {
+    if c.identities_in_use().is_empty()
+        || !matches!(c.store.engine, escalator::config::StoreEngine::Sled)
+        || !c.store.path.exists()
+    {
+        return None;
+    }
+    let store = Store::open(&c.store.path).ok()?;
+    let handle = escalator::handle::Handle {
+        store: Arc::new(store),
+        config: escalator::config::Live::new(c.clone()),
+        clock: Arc::new(SystemClock),
+        wake: Default::default(),
+    };
+    Some(Arc::new(escalator::oauth::Broker::new(&handle)))
+}
+
 /// `auth login NAME`: the sign-in, the tokens stored (sealed, through
 /// a running daemon's socket when it holds the store), then a real login
 /// to every server that uses the identity.
@@ -655,6 +677,7 @@ async fn auth_login(config: &ConfigArg, name: &str) -> anyhow::Result<ExitCode> 
     })
 }
 
+/// Runs an admin request on the store, or via the daemon that holds it.
 async fn admin_request(cfg: Config, req: &Request) -> anyhow::Result<Response> {
     let path = cfg.store.path.clone();
     if !matches!(cfg.store.engine, escalator::config::StoreEngine::Sled) {

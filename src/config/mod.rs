@@ -695,6 +695,21 @@ impl Config {
                 out.push(format!("store.{key}: {e}"));
             }
         }
+        if !self.identities_in_use().is_empty() {
+            match &self.oauth2.key_file {
+                Some(p) => {
+                    if let Err(e) = std::fs::metadata(p) {
+                        out.push(format!("oauth2.key_file: cannot read {}: {e}", p.display()));
+                    }
+                }
+                None if std::env::var_os(oauth::TOKEN_KEY_ENV).is_none() => out.push(format!(
+                    "oauth2.key_file: not set, and neither is {}: the token key is needed to \
+                     read the identities' tokens",
+                    oauth::TOKEN_KEY_ENV
+                )),
+                None => {}
+            }
+        }
         for ep in endpoints {
             if let Err(e) = ep.password() {
                 out.push(e);

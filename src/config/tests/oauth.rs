@@ -179,3 +179,21 @@ fn an_identity_s_unknown_key_is_named() {
         "a secret written inline is not repeated: {p}"
     );
 }
+
+#[test]
+fn a_token_key_that_cannot_be_read_is_a_secret_problem_naming_the_key() {
+    let c = parse(&with_identity(
+        "[oauth2]\nkey_file = \"/nonexistent/token.key\"\n[oauth2.m365]\nprovider = \"microsoft\"\nclient_id = \"a\"\n",
+    ))
+    .unwrap();
+    let p = c.secret_problems().join("\n");
+    assert!(
+        p.contains("oauth2.key_file: cannot read /nonexistent/token.key"),
+        "{p}"
+    );
+    // An identity nobody logs in as needs no key.
+    let c = parse(&(GOOD.to_string()
+        + "[oauth2]\nkey_file = \"/nonexistent/token.key\"\n[oauth2.m365]\nprovider = \"microsoft\"\nclient_id = \"a\"\n"))
+    .unwrap();
+    assert!(c.secret_problems().is_empty());
+}
