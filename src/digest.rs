@@ -89,16 +89,12 @@ fn logins_needed(store: &Store, config: &Config) -> Result<String, StoreError> {
     let mut out = String::new();
     for name in config.identities_in_use() {
         let g = store.oauth_grant(&name)?;
-        let flow_needs_none = config
+        let app_only = config
             .oauth2
             .identities
             .get(&name)
             .is_some_and(|i| i.flow == crate::config::oauth::Flow::ClientCredentials);
-        let valid = match &g {
-            Some(g) => g.valid && g.sealed.is_some(),
-            None => flow_needs_none,
-        };
-        if valid {
+        if crate::record::OAuthGrant::usable(g.as_ref(), app_only) {
             continue;
         }
         if out.is_empty() {

@@ -465,7 +465,8 @@ async fn run(
         escalator::config::check_node_name(&n).map_err(|e| anyhow::anyhow!("--node: {e}"))?;
         cfg.cluster.node = Some(n);
     }
-    let missing = cfg.secret_problems();
+    let mut missing = cfg.secret_problems();
+    missing.extend(escalator::oauth::key_problem(&cfg));
     if !missing.is_empty() {
         anyhow::bail!(
             "{}: cannot start without the mail secrets:\n  {}",
@@ -566,7 +567,8 @@ async fn check_config(config: &ConfigArg, connect: bool) -> anyhow::Result<ExitC
     println!("{}", c.summary());
     // A secret that cannot be read is fine for commands that
     // only read the store, and an error for `run`.
-    let missing = c.secret_problems();
+    let mut missing = c.secret_problems();
+    missing.extend(escalator::oauth::key_problem(&c));
     for p in &missing {
         eprintln!(
             "warning: {p} (`run` refuses to start without it; store-only \

@@ -364,7 +364,7 @@ fn oauth(out: &mut String, grants: &[crate::record::OAuthGrant]) {
             out,
             "escalator_oauth_grant_valid{} {}",
             label_text(&[("identity", g.identity.clone())]),
-            u8::from(g.valid && g.sealed.is_some())
+            u8::from(crate::record::OAuthGrant::usable(Some(g), false))
         );
     }
 }

@@ -204,3 +204,16 @@ pub struct OAuthGrant {
     #[serde(default)]
     pub refresh_failures: u64,
 }
+
+impl OAuthGrant {
+    /// Whether an identity with this grant (None: none stored) gets
+    /// tokens without an admin: a valid grant holding tokens, or an
+    /// app-only identity (`app_only`), which fetches its first on demand.
+    /// What `auth status`, the digest and `/metrics` call "valid".
+    pub fn usable(grant: Option<&OAuthGrant>, app_only: bool) -> bool {
+        match grant {
+            Some(g) => g.valid && g.sealed.is_some(),
+            None => app_only,
+        }
+    }
+}

@@ -36,11 +36,7 @@ pub struct IdentityStatus {
 
 fn status_of(id: &Identity, g: Option<&OAuthGrant>, now: DateTime<Utc>) -> IdentityStatus {
     let time = |t: Option<DateTime<Utc>>| t.map(rfc3339);
-    let valid = match g {
-        Some(g) => g.valid && g.sealed.is_some(),
-        // App-only identities get their first token on demand.
-        None => id.flow == crate::config::oauth::Flow::ClientCredentials,
-    };
+    let valid = OAuthGrant::usable(g, id.flow == crate::config::oauth::Flow::ClientCredentials);
     IdentityStatus {
         identity: id.name.clone(),
         provider: id.provider.as_str(),
@@ -130,6 +126,14 @@ pub(super) fn store(shared: &Handle, login: &Login) -> Result<Response, EffectsE
         return Ok(Response::fail(format!(
             "no [oauth2.{}] in the daemon's config (reload it: kill -HUP)\n",
             printable(&login.identity)
+        )));
+    }
+    // The CLI sealed them with its key: one this process cannot open
+    // would leave every login failing while status says "valid".
+    if let Err(why) = broker::opens(&shared.config.get(), login) {
+        return Ok(Response::fail(format!(
+            "the tokens are not stored: the token key here does not open them ({}); the CLI and the daemon must use the same [oauth2] key_file or ESCALATOR_TOKEN_KEY\n",
+            printable(&why)
         )));
     }
     broker::store_login(&shared.store, login, shared.clock.now())?;

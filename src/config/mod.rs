@@ -238,6 +238,9 @@ impl TokenSource {
                 let child = tokio::process::Command::new("sh")
                     .arg("-c")
                     .arg(c)
+                    // The admin's tooling has no use for the key that
+                    // seals escalator's own tokens.
+                    .env_remove(oauth::TOKEN_KEY_ENV)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
@@ -693,21 +696,6 @@ impl Config {
                     PasswordSource::File(_) => "url_file",
                 };
                 out.push(format!("store.{key}: {e}"));
-            }
-        }
-        if !self.identities_in_use().is_empty() {
-            match &self.oauth2.key_file {
-                Some(p) => {
-                    if let Err(e) = std::fs::metadata(p) {
-                        out.push(format!("oauth2.key_file: cannot read {}: {e}", p.display()));
-                    }
-                }
-                None if std::env::var_os(oauth::TOKEN_KEY_ENV).is_none() => out.push(format!(
-                    "oauth2.key_file: not set, and neither is {}: the token key is needed to \
-                     read the identities' tokens",
-                    oauth::TOKEN_KEY_ENV
-                )),
-                None => {}
             }
         }
         for ep in endpoints {

@@ -20,8 +20,11 @@ use crate::record::OAuthGrant;
 use crate::store::{Store, StoreError};
 
 /// How long a node's refresh claim holds: longer than a refresh may
-/// take (two HTTP timeouts), so a slow refresh is not done twice.
-const CLAIM: Duration = Duration::from_secs(90);
+/// take (two requests' timeouts and the store's retries), so a slow
+/// refresh is not done twice.
+fn claim_for(id: &Identity) -> Duration {
+    id.timeout * 2 + Duration::from_secs(30)
+}
 /// How often a node waiting for another's refresh looks again, and for
 /// how long at most.
 const CLAIM_POLL: Duration = Duration::from_secs(1);
@@ -49,9 +52,13 @@ pub enum GrantError {
 }
 
 impl GrantError {
-    /// True when only an admin's new login helps.
+    /// True when only an admin helps: a new login, or (Broken) the
+    /// token key or the identity's settings; waiting will not.
     pub fn needs_login(&self) -> bool {
-        matches!(self, GrantError::NoGrant(_) | GrantError::Dead { .. })
+        matches!(
+            self,
+            GrantError::NoGrant(_) | GrantError::Dead { .. } | GrantError::Broken { .. }
+        )
     }
 }
 
@@ -72,9 +79,34 @@ pub struct Broker {
     wake: Arc<crate::wake::Wakers>,
     /// This process, in refresh claims.
     me: String,
-    /// One refresh at a time in this process.
-    local: tokio::sync::Mutex<()>,
-    issuers: Mutex<HashMap<String, (Identity, Arc<Issuer>)>>,
+    /// Per identity: one refresh at a time in this process, held from
+    /// reading the grant to storing what the refresh brought (so no two
+    /// tasks spend one refresh token).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Tokens a refresh brought that the store would not take yet (the
+    /// provider has spent the old refresh token: these must not be
+    /// lost); written before anything else is done for the identity.
+    unsaved: Mutex<HashMap<String, Unsaved>>,
+}
+
+/// A refresh's result, sealed, and the grant generation it replaces.
+#[derive(Clone)]
+struct Unsaved {
+    base: OAuthGrant,
+    hex: String,
+    access: Secret,
+    expires: DateTime<Utc>,
+    done: DateTime<Utc>,
+    rotated: bool,
+    scopes: Vec<String>,
+}
+
+/// Where a grant stands for a caller.
+enum Current {
+    /// A token with time left.
+    Fresh(Secret),
+    /// Due (or without a token): the grant as read and its tokens.
+    Due(Box<OAuthGrant>, Option<Sealed>),
 }
 
 impl Broker {
@@ -90,8 +122,8 @@ impl Broker {
                 std::process::id(),
                 rand_u32()
             ),
-            local: tokio::sync::Mutex::new(()),
-            issuers: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            unsaved: Mutex::new(HashMap::new()),
         }
     }
 
@@ -105,59 +137,57 @@ impl Broker {
             .ok_or_else(|| GrantError::Unknown(name.to_string()))
     }
 
-    /// The identity's issuer, made again when its settings changed (a
-    /// reload).
-    pub fn issuer(&self, name: &str) -> Result<Arc<Issuer>, GrantError> {
+    /// The identity's issuer, made for each use: its client secret is
+    /// read anew (an admin may have replaced an expired one in place).
+    pub fn issuer(&self, name: &str) -> Result<Issuer, GrantError> {
         let id = self.identity(name)?;
-        let mut map = self.issuers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((known, issuer)) = map.get(name) {
-            if *known == id {
-                return Ok(issuer.clone());
-            }
-        }
-        let issuer = Arc::new(Issuer::new(&id).map_err(|e| broken(name, e))?);
-        map.insert(name.to_string(), (id, issuer.clone()));
-        Ok(issuer)
+        Issuer::new(&id).map_err(|e| broken(name, e))
+    }
+
+    fn lock_for(&self, identity: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(identity.to_string())
+            .or_default()
+            .clone()
     }
 
     /// A valid access token for `identity`: the stored one while it has
     /// time left, else a fresh one.
     pub async fn access_token(&self, identity: &str) -> Result<Secret, GrantError> {
         let id = self.identity(identity)?;
+        if self.unsaved_of(identity).is_none() {
+            if let Current::Fresh(t) = self.current(&id)? {
+                return Ok(t);
+            }
+        }
+        let lock = self.lock_for(identity);
+        let _one = lock.lock().await;
+        if let Some(t) = self.save_unsaved(identity)? {
+            return Ok(t);
+        }
         for _ in 0..CLAIM_WAIT_ROUNDS {
-            let grant = self.read(identity)?;
-            let grant = match grant {
-                Some(g) => g,
-                None if id.flow == Flow::ClientCredentials => OAuthGrant {
-                    identity: identity.to_string(),
-                    valid: true,
-                    ..Default::default()
-                },
-                None => return Err(GrantError::NoGrant(identity.to_string())),
+            // Read again under the lock: another task may have refreshed.
+            let (grant, sealed) = match self.current(&id)? {
+                Current::Fresh(t) => return Ok(t),
+                Current::Due(g, s) => (*g, s),
             };
-            if !grant.valid {
-                return Err(GrantError::Dead {
-                    identity: identity.to_string(),
-                    why: grant
-                        .last_error
-                        .clone()
-                        .unwrap_or_else(|| "logged out".into()),
-                });
-            }
             let now = self.clock.now();
-            let sealed = self.open(&grant)?;
-            let expires = grant.access_expires_at;
-            if let (Some(s), Some(exp)) = (&sealed, expires) {
-                if now < due(grant.refreshed_at.or(grant.logged_in_at), exp) {
-                    return Ok(Secret::new(s.access.clone()));
-                }
-            }
-            // After a failed refresh, the current token serves a while
-            // before the next try (logins are frequent, the provider may
-            // be down).
-            if let (Some(s), Some(exp), Some(failed)) = (&sealed, expires, grant.last_error_at) {
-                if now < exp && now - failed < chrono::Duration::seconds(RETRY_AFTER_FAILURE) {
-                    return Ok(Secret::new(s.access.clone()));
+            let usable = sealed
+                .as_ref()
+                .zip(grant.access_expires_at)
+                .filter(|(_, exp)| now < *exp)
+                .map(|(s, _)| Secret::new(s.access.clone()));
+            // After a failed refresh, wait before the next try (logins
+            // are frequent, the provider may be down): the current token
+            // serves meanwhile, if it still can.
+            if let Some(failed) = grant.last_error_at {
+                if now - failed < chrono::Duration::seconds(RETRY_AFTER_FAILURE) {
+                    return usable.ok_or_else(|| GrantError::Unavailable {
+                        identity: identity.to_string(),
+                        why: grant.last_error.clone().unwrap_or_default(),
+                    });
                 }
             }
             match self.claim(&grant, now)? {
@@ -165,10 +195,8 @@ impl Broker {
                 Claim::Busy => {
                     // Another node refreshes: its result is ours in a
                     // moment; the current token while it still works.
-                    if let (Some(s), Some(exp)) = (&sealed, expires) {
-                        if now < exp {
-                            return Ok(Secret::new(s.access.clone()));
-                        }
+                    if let Some(t) = usable {
+                        return Ok(t);
                     }
                     tokio::time::sleep(CLAIM_POLL).await;
                     continue;
@@ -180,6 +208,35 @@ impl Broker {
             identity: identity.to_string(),
             why: "another node's refresh did not finish".into(),
         })
+    }
+
+    /// The grant as stored: a token with time left, or what is due.
+    fn current(&self, id: &Identity) -> Result<Current, GrantError> {
+        let grant = match self.read(&id.name)? {
+            Some(g) => g,
+            None if id.flow == Flow::ClientCredentials => OAuthGrant {
+                identity: id.name.clone(),
+                valid: true,
+                ..Default::default()
+            },
+            None => return Err(GrantError::NoGrant(id.name.clone())),
+        };
+        if !grant.valid {
+            return Err(GrantError::Dead {
+                identity: id.name.clone(),
+                why: grant
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "logged out".into()),
+            });
+        }
+        let sealed = self.open(&grant)?;
+        if let (Some(s), Some(exp)) = (&sealed, grant.access_expires_at) {
+            if self.clock.now() < due(grant.refreshed_at.or(grant.logged_in_at), exp) {
+                return Ok(Current::Fresh(Secret::new(s.access.clone())));
+            }
+        }
+        Ok(Current::Due(Box::new(grant), sealed))
     }
 
     fn read(&self, identity: &str) -> Result<Option<OAuthGrant>, GrantError> {
@@ -203,46 +260,24 @@ impl Broker {
         TokenKey::parse(&text, &origin).map_err(|e| e.to_string())
     }
 
+    fn this_key(&self, identity: &str) -> Result<TokenKey, GrantError> {
+        Broker::key(&self.config.get().oauth2).map_err(|why| broken(identity, why))
+    }
+
     fn open(&self, grant: &OAuthGrant) -> Result<Option<Sealed>, GrantError> {
         let Some(hex) = &grant.sealed else {
             return Ok(None);
         };
-        let key = Broker::key(&self.config.get().oauth2).map_err(|why| GrantError::Broken {
-            identity: grant.identity.clone(),
-            why,
-        })?;
-        let bytes = from_hex(hex).ok_or_else(|| GrantError::Broken {
-            identity: grant.identity.clone(),
-            why: "its sealed tokens are damaged in the store".into(),
-        })?;
-        let plain = key
-            .open(&grant.identity, &bytes)
-            .map_err(|e| broken(&grant.identity, e))?;
-        serde_json::from_slice(&plain)
-            .map(Some)
-            .map_err(|_| GrantError::Broken {
-                identity: grant.identity.clone(),
-                why: "its sealed tokens do not read".into(),
-            })
-    }
-
-    fn seal(&self, identity: &str, s: &Sealed) -> Result<String, GrantError> {
-        let key = Broker::key(&self.config.get().oauth2).map_err(|why| GrantError::Broken {
-            identity: identity.to_string(),
-            why,
-        })?;
-        let plain = serde_json::to_vec(s).map_err(|e| broken(identity, e))?;
-        let sealed = key
-            .seal(identity, &plain)
-            .map_err(|e| broken(identity, e))?;
-        Ok(to_hex(&sealed))
+        open_sealed(&self.this_key(&grant.identity)?, &grant.identity, hex).map(Some)
     }
 
     /// Takes the refresh for this process, if the grant is still the one
     /// read and no other node holds a live claim.
     fn claim(&self, read: &OAuthGrant, now: DateTime<Utc>) -> Result<Claim, GrantError> {
         let me = self.me.clone();
-        let until = now + chrono::Duration::from_std(CLAIM).unwrap_or_default();
+        let until = now
+            + chrono::Duration::from_std(claim_for(&self.identity(&read.identity)?))
+                .unwrap_or_default();
         self.store
             .transact(|tx| -> Result<Claim, StoreError> {
                 let current = tx.oauth_grant(&read.identity)?;
@@ -274,7 +309,9 @@ impl Broker {
         sealed: Option<Sealed>,
         now: DateTime<Utc>,
     ) -> Result<Secret, GrantError> {
-        let _one = self.local.lock().await;
+        // The key before the provider is asked: a refresh whose result
+        // cannot be sealed would spend the refresh token for nothing.
+        let key = self.this_key(&id.name)?;
         let issuer = self.issuer(&id.name)?;
         let old_refresh = sealed.as_ref().and_then(|s| s.refresh.clone());
         let result = match (old_refresh.clone(), id.flow) {
@@ -288,74 +325,87 @@ impl Broker {
         };
         let done = self.clock.now();
         match result {
-            Ok(t) => self.store_refresh(id, grant, t, old_refresh, done),
-            Err(e) => {
-                let dead = matches!(e, FlowError::Dead(_) | FlowError::Config(_));
-                let why = e.to_string();
-                let identity = id.name.clone();
-                let me = self.me.clone();
-                let why_stored = why.clone();
-                let config = self.config.get();
-                let alerted = self
-                    .store
-                    .transact(|tx| -> Result<Option<u64>, crate::effects::EffectsError> {
-                        let mut alert = None;
-                        if let Some(mut g) = tx.oauth_grant(&identity)? {
-                            if g.generation == grant.generation {
-                                if dead && g.valid {
-                                    g.valid = false;
-                                    // Once per death: in the transaction
-                                    // that records it.
-                                    alert = queue_alert(tx, &config, &identity, &why_stored, done)?;
-                                }
-                                g.last_error = Some(why_stored.clone());
-                                g.last_error_at = Some(done);
-                                g.refresh_failures += 1;
-                                if g.refreshing.as_ref().is_some_and(|(n, _)| *n == me) {
-                                    g.refreshing = None;
-                                }
-                                tx.set_oauth_grant(&g)?;
-                            }
-                        }
-                        Ok(alert)
-                    })
-                    .map_err(|e| broken(&identity, e))?;
-                if let Some(id) = alerted {
-                    tracing::info!(identity = %identity, outbox_id = id, "alert queued to [oauth2] alert_to");
-                    self.wake.outbox.notify_one();
-                }
-                if dead {
-                    return Err(GrantError::Dead { identity, why });
-                }
-                // Not on failure: the token we have serves until it ends.
-                match (sealed, grant.access_expires_at) {
-                    (Some(s), Some(exp)) if now < exp => {
-                        tracing::warn!(identity = %identity, error = %why, expires = %exp,
-                            "cannot refresh the access token yet; the current one still works");
-                        Ok(Secret::new(s.access))
-                    }
-                    _ => Err(GrantError::Unavailable { identity, why }),
-                }
+            Ok(t) => {
+                let u = self.sealed_refresh(&key, id, grant, t, old_refresh, done)?;
+                self.store_refresh(&id.name, u).await
             }
+            Err(e) => self.failed(id, grant, sealed, now, done, e),
         }
     }
 
-    /// Writes what a refresh brought, with the rotated refresh token (or
-    /// the old one when none came), in one transaction, over the grant
-    /// it started from only.
-    fn store_refresh(
+    /// Records a failed refresh (a dead grant: marked, and the alert
+    /// queued in the same transaction); the current token while it works.
+    fn failed(
         &self,
         id: &Identity,
         grant: OAuthGrant,
+        sealed: Option<Sealed>,
+        now: DateTime<Utc>,
+        done: DateTime<Utc>,
+        e: FlowError,
+    ) -> Result<Secret, GrantError> {
+        let dead = matches!(e, FlowError::Dead(_) | FlowError::Config(_));
+        let why = e.to_string();
+        let identity = id.name.clone();
+        let me = self.me.clone();
+        let config = self.config.get();
+        let alerted = self
+            .store
+            .transact(|tx| -> Result<Option<u64>, crate::effects::EffectsError> {
+                let mut alert = None;
+                if let Some(mut g) = tx.oauth_grant(&identity)? {
+                    if g.generation == grant.generation {
+                        if dead && g.valid {
+                            g.valid = false;
+                            // Once per death: in the transaction that
+                            // records it.
+                            alert = queue_alert(tx, &config, &identity, &why, done)?;
+                        }
+                        g.last_error = Some(why.clone());
+                        g.last_error_at = Some(done);
+                        g.refresh_failures += 1;
+                        if g.refreshing.as_ref().is_some_and(|(n, _)| *n == me) {
+                            g.refreshing = None;
+                        }
+                        tx.set_oauth_grant(&g)?;
+                    }
+                }
+                Ok(alert)
+            })
+            .map_err(|e| broken(&identity, e))?;
+        if let Some(id) = alerted {
+            tracing::info!(identity = %identity, outbox_id = id, "alert queued to [oauth2] alert_to");
+            self.wake.outbox.notify_one();
+        }
+        if dead {
+            return Err(GrantError::Dead { identity, why });
+        }
+        // Not on failure: the token we have serves until it ends.
+        match (sealed, grant.access_expires_at) {
+            (Some(s), Some(exp)) if now < exp => {
+                tracing::warn!(identity = %identity, error = %why, expires = %exp,
+                    "cannot refresh the access token yet; the current one still works");
+                Ok(Secret::new(s.access))
+            }
+            _ => Err(GrantError::Unavailable { identity, why }),
+        }
+    }
+
+    /// What a refresh brought, sealed: the rotated refresh token, or the
+    /// old one when none came.
+    fn sealed_refresh(
+        &self,
+        key: &TokenKey,
+        id: &Identity,
+        base: OAuthGrant,
         t: Tokens,
         old_refresh: Option<String>,
         done: DateTime<Utc>,
-    ) -> Result<Secret, GrantError> {
+    ) -> Result<Unsaved, GrantError> {
         if let Some(said) = t.lifetime_said {
             tracing::warn!(identity = %id.name, said_s = said.as_secs(), used_s = t.lifetime.as_secs(),
                 "the provider's token lifetime is out of bounds; using the bound");
         }
-        let rotated = t.refresh.is_some();
         let sealed = Sealed {
             access: t.access.expose().to_string(),
             refresh: t
@@ -364,44 +414,113 @@ impl Broker {
                 .map(|r| r.expose().to_string())
                 .or(old_refresh),
         };
-        let hex = self.seal(&id.name, &sealed)?;
-        let me = self.me.clone();
-        let expires = done + chrono::Duration::from_std(t.lifetime).unwrap_or_default();
-        let stored = self
-            .store
-            .transact(|tx| -> Result<bool, StoreError> {
-                let mut g = match tx.oauth_grant(&id.name)? {
-                    Some(g) => g,
-                    None if grant.generation == 0 => grant.clone(),
-                    None => return Ok(false),
-                };
-                if g.generation != grant.generation {
-                    return Ok(false);
+        Ok(Unsaved {
+            base,
+            hex: seal_with(key, &id.name, &sealed)?,
+            access: t.access,
+            expires: done + chrono::Duration::from_std(t.lifetime).unwrap_or_default(),
+            done,
+            rotated: t.refresh.is_some(),
+            scopes: t.scopes,
+        })
+    }
+
+    /// Stores a refresh's result in one transaction, over the grant it
+    /// started from only; a store that refuses is tried again a few
+    /// times, then the result is kept in memory (the provider has spent
+    /// the old refresh token) and written before the next use.
+    async fn store_refresh(&self, identity: &str, u: Unsaved) -> Result<Secret, GrantError> {
+        let mut wait = Duration::from_millis(250);
+        for attempt in 0..4 {
+            match self.write_refresh(identity, &u) {
+                Ok(stored) => {
+                    if !stored {
+                        // A login (or another node past our claim) wrote
+                        // newer tokens meanwhile: those stay.
+                        tracing::info!(identity = %identity, "newer tokens were stored during the refresh");
+                    }
+                    tracing::info!(identity = %identity, rotated = u.rotated, expires = %u.expires, "access token refreshed");
+                    return Ok(u.access);
                 }
-                g.sealed = Some(hex.clone());
-                g.access_expires_at = Some(expires);
-                g.refreshed_at = Some(done);
-                if rotated {
-                    g.refresh_token_at = Some(done);
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(identity = %identity, error = %e, "cannot store the refreshed tokens yet; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 4;
                 }
-                g.scopes = t.scopes.clone();
-                g.generation += 1;
-                g.last_error = None;
-                g.valid = true;
-                if g.refreshing.as_ref().is_some_and(|(n, _)| *n == me) {
-                    g.refreshing = None;
+                Err(e) => {
+                    tracing::error!(identity = %identity, error = %e, "cannot store the refreshed tokens; kept in memory and written before the next use");
+                    self.unsaved
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(identity.to_string(), u.clone());
+                    return Ok(u.access);
                 }
-                tx.set_oauth_grant(&g)?;
-                Ok(true)
-            })
-            .map_err(|e| store_broken(&id.name, e))?;
-        if !stored {
-            // A login (or another node past our claim) wrote newer
-            // tokens meanwhile: use those.
-            tracing::info!(identity = %id.name, "newer tokens were stored during the refresh");
+            }
         }
-        tracing::info!(identity = %id.name, rotated, expires = %expires, "access token refreshed");
-        Ok(t.access)
+        Ok(u.access)
+    }
+
+    fn write_refresh(&self, identity: &str, u: &Unsaved) -> Result<bool, StoreError> {
+        let me = self.me.clone();
+        self.store.transact(|tx| -> Result<bool, StoreError> {
+            let mut g = match tx.oauth_grant(identity)? {
+                Some(g) => g,
+                None if u.base.generation == 0 => u.base.clone(),
+                None => return Ok(false),
+            };
+            if g.generation != u.base.generation {
+                return Ok(false);
+            }
+            g.sealed = Some(u.hex.clone());
+            g.access_expires_at = Some(u.expires);
+            g.refreshed_at = Some(u.done);
+            if u.rotated {
+                g.refresh_token_at = Some(u.done);
+            }
+            g.scopes = u.scopes.clone();
+            g.generation += 1;
+            g.last_error = None;
+            g.last_error_at = None;
+            g.valid = true;
+            if g.refreshing.as_ref().is_some_and(|(n, _)| *n == me) {
+                g.refreshing = None;
+            }
+            tx.set_oauth_grant(&g)?;
+            Ok(true)
+        })
+    }
+
+    fn unsaved_of(&self, identity: &str) -> Option<Unsaved> {
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(identity)
+            .cloned()
+    }
+
+    /// Writes a refresh's result the store refused before. Some(token):
+    /// it still cannot be written, and its access token serves.
+    fn save_unsaved(&self, identity: &str) -> Result<Option<Secret>, GrantError> {
+        let Some(u) = self.unsaved_of(identity) else {
+            return Ok(None);
+        };
+        match self.write_refresh(identity, &u) {
+            Ok(_) => {
+                self.unsaved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(identity);
+                Ok(None)
+            }
+            Err(e) if self.clock.now() < u.expires => {
+                tracing::warn!(identity = %identity, error = %e, "the refreshed tokens are still not stored");
+                Ok(Some(u.access))
+            }
+            Err(e) => Err(GrantError::Unavailable {
+                identity: identity.to_string(),
+                why: format!("the refreshed tokens cannot be stored: {e}"),
+            }),
+        }
     }
 
     /// Stores the tokens of a new login (`auth login`): a new grant,
@@ -438,19 +557,6 @@ impl Broker {
                         g.access_expires_at = Some(now);
                         tx.set_oauth_grant(&g)?;
                     }
-                }
-                Ok(())
-            })
-            .map_err(|e| store_broken(identity, e))
-    }
-
-    /// Records the account a login reached (after it was proven).
-    pub fn set_account(&self, identity: &str, account: &str) -> Result<(), GrantError> {
-        self.store
-            .transact(|tx| -> Result<(), StoreError> {
-                if let Some(mut g) = tx.oauth_grant(identity)? {
-                    g.account = Some(account.to_string());
-                    tx.set_oauth_grant(&g)?;
                 }
                 Ok(())
             })
@@ -501,18 +607,42 @@ pub fn seal_login(
         access: t.access.expose().to_string(),
         refresh: t.refresh.as_ref().map(|r| r.expose().to_string()),
     };
-    let plain = serde_json::to_vec(&sealed).map_err(|e| broken(&id.name, e))?;
-    let bytes = key
-        .seal(&id.name, &plain)
-        .map_err(|e| broken(&id.name, e))?;
     Ok(Login {
         identity: id.name.clone(),
-        sealed: to_hex(&bytes),
+        sealed: seal_with(&key, &id.name, &sealed)?,
         lifetime_s: t.lifetime.as_secs(),
         has_refresh: t.refresh.is_some(),
         scopes: t.scopes.clone(),
         account,
     })
+}
+
+/// `s` sealed for `identity` with `key`, as hexadecimal.
+fn seal_with(key: &TokenKey, identity: &str, s: &Sealed) -> Result<String, GrantError> {
+    let plain = serde_json::to_vec(s).map_err(|e| broken(identity, e))?;
+    let sealed = key
+        .seal(identity, &plain)
+        .map_err(|e| broken(identity, e))?;
+    Ok(to_hex(&sealed))
+}
+
+/// The tokens `hex` holds for `identity`.
+fn open_sealed(key: &TokenKey, identity: &str, hex: &str) -> Result<Sealed, GrantError> {
+    let bytes = from_hex(hex)
+        .ok_or_else(|| broken(identity, "its sealed tokens are damaged in the store"))?;
+    let plain = key
+        .open(identity, &bytes)
+        .map_err(|e| broken(identity, e))?;
+    serde_json::from_slice(&plain).map_err(|_| broken(identity, "its sealed tokens do not read"))
+}
+
+/// Whether the token key `config` names opens a login's tokens (the
+/// daemon checks what a CLI with perhaps another key sealed).
+pub fn opens(config: &crate::config::Config, login: &Login) -> Result<(), String> {
+    let key = Broker::key(&config.oauth2)?;
+    open_sealed(&key, &login.identity, &login.sealed)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Writes a login's grant: new tokens, valid, a new generation (so a
@@ -574,10 +704,13 @@ enum Claim {
 
 /// When a token issued at `issued` (None: unknown) and ending at
 /// `expires` is refreshed: when a quarter of its life is left, at least
-/// a minute and at most ten minutes before its end.
+/// a minute and at most ten minutes before its end, but never in the
+/// first half of its life (a minute's token is not refreshed at once).
 pub fn due(issued: Option<DateTime<Utc>>, expires: DateTime<Utc>) -> DateTime<Utc> {
     let life = issued.map_or(chrono::Duration::hours(1), |i| expires - i);
-    let ahead = (life / 4).clamp(chrono::Duration::minutes(1), chrono::Duration::minutes(10));
+    let ahead = (life / 4)
+        .clamp(chrono::Duration::minutes(1), chrono::Duration::minutes(10))
+        .min(life / 2);
     expires - ahead
 }
 

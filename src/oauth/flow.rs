@@ -88,6 +88,14 @@ pub struct BrowserLogin {
     verifier: PkceCodeVerifier,
 }
 
+impl BrowserLogin {
+    /// The state the provider must send back (checked before anything
+    /// else in the answer).
+    pub fn state(&self) -> &str {
+        self.state.secret()
+    }
+}
+
 /// The HTTP side of the flows for one identity.
 pub struct Issuer {
     id: Identity,
@@ -456,8 +464,23 @@ fn explain(
                 BasicErrorResponseType::InvalidGrant
                 | BasicErrorResponseType::InvalidClient
                 | BasicErrorResponseType::UnauthorizedClient => FlowError::Dead(said),
-                BasicErrorResponseType::InvalidScope | BasicErrorResponseType::InvalidRequest => {
+                BasicErrorResponseType::InvalidScope
+                | BasicErrorResponseType::InvalidRequest
+                | BasicErrorResponseType::UnsupportedGrantType => {
                     FlowError::Config(format!("the provider refused the request: {said}"))
+                }
+                // Microsoft's and OpenID's: a person must sign in again
+                // (new MFA, Conditional Access, consent withdrawn).
+                BasicErrorResponseType::Extension(code)
+                    if matches!(
+                        code.as_str(),
+                        "interaction_required"
+                            | "consent_required"
+                            | "login_required"
+                            | "invalid_resource"
+                    ) =>
+                {
+                    FlowError::Dead(said)
                 }
                 _ => FlowError::Transient(format!("the provider answered {said}")),
             }
@@ -479,10 +502,10 @@ fn explain_any<T: oauth2::ErrorResponse>(
         RequestTokenError::Other(s) => {
             FlowError::Transient(format!("{endpoint}: {}", printable(&s)))
         }
-        RequestTokenError::ServerResponse(r) => FlowError::Transient(format!(
-            "{endpoint} refused: {}",
-            printable(&format!("{r:?}"))
-        )),
+        // (Each caller reads the provider's refusals itself.)
+        RequestTokenError::ServerResponse(_) => {
+            FlowError::Transient(format!("{endpoint} refused the request"))
+        }
     }
 }
 

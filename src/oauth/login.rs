@@ -23,13 +23,16 @@ pub async fn obtain(id: &Identity, out: &mut (dyn Write + Send)) -> Result<Token
     match id.flow {
         Flow::Device => {
             let login = issuer.start_device().await?;
+            // The provider's words reach the admin's terminal: escaped.
+            let p = crate::template::printable;
             let _ = writeln!(
                 out,
                 "To sign in as the mailbox's account, open {} in a browser (on any device) and enter the code {}",
-                login.verification_uri, login.user_code
+                p(&login.verification_uri),
+                p(&login.user_code)
             );
             if let Some(full) = &login.verification_uri_complete {
-                let _ = writeln!(out, "(or open {full}, which carries the code)");
+                let _ = writeln!(out, "(or open {}, which carries the code)", p(full));
             }
             let _ = writeln!(
                 out,
@@ -82,7 +85,7 @@ async fn browser(
     let returned = tokio::time::timeout(BROWSER_WAIT, async {
         let mut stdin = BufReader::new(tokio::io::stdin()).lines();
         tokio::select! {
-            r = redirected(&listener) => Ok(r),
+            r = redirected(&listener, login.state()) => Ok(r),
             line = stdin.next_line() => match line {
                 Ok(Some(l)) if !l.trim().is_empty() => Ok(l),
                 _ => Err(FlowError::Login("nothing was pasted back".into())),
@@ -100,9 +103,12 @@ async fn browser(
     issuer.finish_browser(login, &returned).await
 }
 
-/// Waits for the browser's request to the loopback port and answers it
-/// with a short page; returns the request's path with its query.
-async fn redirected(listener: &tokio::net::TcpListener) -> String {
+/// Waits for the browser's request to the loopback port that carries
+/// this login's `state` and answers it with a short page; returns the
+/// request's path with its query. Anything else (a favicon, a probe, a
+/// web page that points an image at the port) is answered and ignored,
+/// so it cannot end the login.
+async fn redirected(listener: &tokio::net::TcpListener, state: &str) -> String {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
@@ -121,8 +127,10 @@ async fn redirected(listener: &tokio::net::TcpListener) -> String {
         else {
             continue;
         };
-        if !target.contains("code=") && !target.contains("error=") {
-            // A favicon, a probe: not the answer.
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let ours =
+            url::form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "state" && v == state);
+        if !ours {
             let _ = sock
                 .write_all(
                     b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",

@@ -32,5 +32,14 @@ impl AccessTokens for Broker {
     }
 }
 
+/// Why `run` and `check-config` cannot use the token key, when some
+/// server logs in as an identity (None: fine, or nobody needs it).
+pub fn key_problem(config: &crate::config::Config) -> Option<String> {
+    if config.identities_in_use().is_empty() {
+        return None;
+    }
+    Broker::key(&config.oauth2).err()
+}
+
 #[cfg(test)]
 mod tests;

@@ -257,9 +257,12 @@ async fn lifetimes_out_of_bounds_are_held_within_them() {
     let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
     let life = g.access_expires_at.unwrap() - s.clock.now();
     assert_eq!(life.num_seconds() as u64, MIN_LIFETIME.as_secs());
-    // Used at once again: no refresh loop (due a minute before the end
-    // of a minute's token means now; one refresh per call, not more).
+    // Used at once again: no refresh (a minute's token is refreshed in
+    // its second half, not at every use).
     let before = s.server.grants("refresh_token");
+    broker.access_token("idp").await.unwrap();
+    assert_eq!(s.server.grants("refresh_token"), before);
+    s.clock.advance(chrono::Duration::seconds(31));
     s.server.script(Scripted::ExpiresIn(10 * 365 * 24 * 3600));
     broker.access_token("idp").await.unwrap();
     assert_eq!(s.server.grants("refresh_token"), before + 1);
@@ -365,7 +368,7 @@ fn a_refresh_is_due_in_the_last_quarter_within_one_and_ten_minutes() {
     let short = t0 + chrono::Duration::minutes(20);
     assert_eq!(due(Some(t0), short), short - chrono::Duration::minutes(5));
     let minute = t0 + chrono::Duration::minutes(1);
-    assert_eq!(due(Some(t0), minute), t0);
+    assert_eq!(due(Some(t0), minute), t0 + chrono::Duration::seconds(30));
     let _ = Issuer::new;
 }
 
@@ -500,4 +503,45 @@ async fn a_dying_grant_alerts_once_by_mail_and_the_digest_names_it() {
         .filter(|e| e.as_ref().unwrap().kind == "alert")
         .count();
     assert_eq!(n, 2);
+}
+
+#[tokio::test]
+async fn many_callers_in_one_process_spend_the_refresh_token_once() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    s.clock.advance(chrono::Duration::minutes(55));
+    // The watchers, the outbox and the keeper at once after a restart.
+    let calls: Vec<_> = (0..6).map(|_| broker.access_token("idp")).collect();
+    let tokens = futures::future::join_all(calls).await;
+    for t in &tokens {
+        assert!(t.is_ok(), "{t:?}");
+    }
+    assert_eq!(s.server.grants("refresh_token"), 1);
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    assert!(g.valid && g.last_error.is_none(), "{g:?}");
+}
+
+#[tokio::test]
+async fn a_login_sealed_with_another_key_is_not_stored() {
+    let s = setup("device", "").await;
+    let broker = Broker::new(&s.handle);
+    let issuer = broker.issuer("idp").unwrap();
+    let login = issuer.start_device().await.unwrap();
+    s.server.approve(&login.user_code);
+    let tokens = issuer.finish_device(&login).await.unwrap();
+    // The CLI's config names another key than the daemon's.
+    let mut cli = (*s.handle.config.get()).clone();
+    let other = s._dir.path().join("other.key");
+    std::fs::write(&other, "ab".repeat(32)).unwrap();
+    cli.oauth2.key_file = Some(other);
+    let id = cli.oauth2.identities["idp"].clone();
+    let sealed = super::broker::seal_login(&cli, &id, &tokens, None).unwrap();
+    let r = crate::admin::handle(
+        &s.handle,
+        &crate::admin::Request::AuthStore { login: sealed },
+    )
+    .unwrap();
+    assert_eq!(r.code, 1, "{}", r.output);
+    assert!(r.output.contains("must use the same"), "{}", r.output);
+    assert!(s.handle.store.oauth_grant("idp").unwrap().is_none());
 }

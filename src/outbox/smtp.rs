@@ -242,11 +242,19 @@ impl SmtpMailer {
     /// more at once with it.
     async fn sign_in(&self, token: Option<String>) -> Result<AsyncSmtpConnection, SmtpError> {
         let first = self.connect(token.as_deref()).await;
-        let (Err(SmtpError::Config(_)), Some(t), Some(crate::config::TokenSource::Identity(name))) =
-            (&first, &self.tokens, &self.cfg.endpoint.oauth)
+        let (
+            Err(SmtpError::Config(why)),
+            Some(t),
+            Some(crate::config::TokenSource::Identity(name)),
+        ) = (&first, &self.tokens, &self.cfg.endpoint.oauth)
         else {
             return first;
         };
+        // Only the login's refusal, not TLS or a greeting: those are
+        // not the token's fault.
+        if !why.starts_with("the server refused the login") {
+            return first;
+        }
         let Some(used) = token else {
             return first;
         };
@@ -431,6 +439,18 @@ impl SmtpMailer {
                 .await
                 .map_err(|e| transient(ep, "login at", &e))?
                 .map_err(|e| match classify(&e) {
+                    // lettre's XOAUTH2 fails on the server's error
+                    // challenge (a 334 with its JSON) without its words:
+                    // the token was refused.
+                    _ if e.is_client()
+                        && mechs == [Mechanism::Xoauth2]
+                        && error_text(&e).contains("challenge") =>
+                    {
+                        SmtpError::Config(format!(
+                            "the server refused the login as {:?} with the OAuth 2 token (XOAUTH2)",
+                            ep.username.as_deref().unwrap_or_default(),
+                        ))
+                    }
                     // No mechanism in common: often AUTH is offered only
                     // after STARTTLS.
                     _ if e.is_client() => SmtpError::Config(format!(

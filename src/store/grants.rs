@@ -54,9 +54,4 @@ impl Tx<'_> {
         self.put(Tree::Meta, key(&grant.identity), v);
         Ok(())
     }
-
-    /// Forgets `identity`'s grant (`auth logout`).
-    pub fn remove_oauth_grant(&mut self, identity: &str) {
-        self.remove(Tree::Meta, key(identity));
-    }
 }

@@ -180,17 +180,17 @@ async fn a_device_login_then_run_over_xoauth2_refresh_with_rotation_and_a_dead_g
     assert!(st["access_token_expires_at"].is_string(), "{st}");
     assert_eq!(st["refresh_failures"], 0);
 
-    // Short tokens: every run refreshes (due at once), and the rotated
-    // refresh token stored by one run is what the next run uses (the
-    // server voids each refresh token at its use).
+    // Short tokens: each run past a token's first half refreshes, and
+    // the rotated refresh token stored by one run is what the next run
+    // uses (the server voids each refresh token at its use).
     t.server.set_expires_in(61);
     let (ok, out) = t.login();
     assert!(ok, "{out}");
     let mut logs = String::new();
     for n in 2..=3 {
         t.customer_writes(n).await;
-        // A 61 s token is due a minute before its end: a second after.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // A 61 s token is due in its second half.
+        tokio::time::sleep(Duration::from_secs(31)).await;
         let (ok, err) = t.once();
         assert!(ok, "run {n}: {err}");
         logs.push_str(&err);
@@ -301,8 +301,8 @@ async fn a_provider_that_fails_at_login_says_so_stores_nothing_and_a_failed_poll
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_refreshes_before_tokens_end_and_shows_a_dead_grant_in_its_metrics() {
     let t = setup().await;
-    // 61 s tokens: due a second after each refresh, so the keeper (every
-    // 30 s) refreshes at each look.
+    // 61 s tokens: due in their second half, so the keeper (every 30 s)
+    // refreshes every other look.
     t.server.set_expires_in(61);
     let (ok, out) = t.login();
     assert!(ok, "{out}");
@@ -338,7 +338,7 @@ async fn the_daemon_refreshes_before_tokens_end_and_shows_a_dead_grant_in_its_me
         "{}",
         d.log()
     );
-    assert!(t.server.grants("refresh_token") >= 2, "{}", d.log());
+    assert!(t.server.grants("refresh_token") >= 1, "{}", d.log());
     let log = d.log();
     assert!(log.contains("access token refreshed"), "{log}");
     assert!(
@@ -354,7 +354,7 @@ async fn the_daemon_refreshes_before_tokens_end_and_shows_a_dead_grant_in_its_me
     // fix, the gauge drops, failures counted.
     t.server.revoke_all();
     let log = d
-        .wait_log("escalator auth login m365", 1, Duration::from_secs(40))
+        .wait_log("escalator auth login m365", 1, Duration::from_secs(75))
         .await;
     assert!(log.contains("an OAuth 2 identity cannot log in"), "{log}");
     assert_eq!(
@@ -413,7 +413,7 @@ async fn two_daemons_on_postgresql_share_the_grant_and_refresh_once_each_time() 
     tokio::time::sleep(Duration::from_secs(65)).await;
     let logs = a.log() + &b.log();
     let refreshed = logs.matches("access token refreshed").count() as u64;
-    assert!(refreshed >= 2, "{logs}");
+    assert!(refreshed >= 1, "{logs}");
     assert_eq!(
         t.server.grants("refresh_token"),
         refreshed,

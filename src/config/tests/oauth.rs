@@ -181,19 +181,27 @@ fn an_identity_s_unknown_key_is_named() {
 }
 
 #[test]
-fn a_token_key_that_cannot_be_read_is_a_secret_problem_naming_the_key() {
+fn a_token_key_that_cannot_be_read_is_a_problem_naming_the_key() {
     let c = parse(&with_identity(
         "[oauth2]\nkey_file = \"/nonexistent/token.key\"\n[oauth2.m365]\nprovider = \"microsoft\"\nclient_id = \"a\"\n",
     ))
     .unwrap();
-    let p = c.secret_problems().join("\n");
-    assert!(
-        p.contains("oauth2.key_file: cannot read /nonexistent/token.key"),
-        "{p}"
-    );
+    let p = crate::oauth::key_problem(&c).unwrap_or_default();
+    assert!(p.contains("oauth2.key_file /nonexistent/token.key"), "{p}");
+    // A file that is not a key is refused as well, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("k");
+    std::fs::write(&bad, "not a key").unwrap();
+    let c = parse(&with_identity(&format!(
+        "[oauth2]\nkey_file = \"{}\"\n[oauth2.m365]\nprovider = \"microsoft\"\nclient_id = \"a\"\n",
+        bad.display()
+    )))
+    .unwrap();
+    let p = crate::oauth::key_problem(&c).unwrap_or_default();
+    assert!(p.contains("a token key is 32 bytes"), "{p}");
     // An identity nobody logs in as needs no key.
     let c = parse(&(GOOD.to_string()
         + "[oauth2]\nkey_file = \"/nonexistent/token.key\"\n[oauth2.m365]\nprovider = \"microsoft\"\nclient_id = \"a\"\n"))
     .unwrap();
-    assert!(c.secret_problems().is_empty());
+    assert!(crate::oauth::key_problem(&c).is_none());
 }

@@ -151,7 +151,15 @@ impl Validator<'_> {
             redirect_port: r.redirect_port.unwrap_or(0),
             ca_file: r.ca_file.map(|p| self.path(&p)),
             timeout: match &r.timeout {
-                Some(t) => self.duration(&format!("{key}.timeout"), t),
+                Some(t) => {
+                    let d = self.duration(&format!("{key}.timeout"), t);
+                    if d < std::time::Duration::from_secs(1)
+                        || d > std::time::Duration::from_secs(120)
+                    {
+                        self.problem(&format!("{key}.timeout"), "must be 1s to 2m");
+                    }
+                    d
+                }
                 None => std::time::Duration::from_secs(30),
             },
         })
@@ -200,6 +208,8 @@ impl Validator<'_> {
         let t = tenant.unwrap_or_else(|| "organizations".into());
         if t.is_empty()
             || t.len() > 128
+            || t.starts_with('.')
+            || t.contains("..")
             || !t
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
