@@ -163,6 +163,7 @@ pub fn migrate_from_sled(source: &Store, target: &Store) -> anyhow::Result<crate
     Ok(source.copy_into(target)?)
 }
 
+// Long: the daemon's parts built in the order they depend on each other (store, handle, tokens, mail, workers).
 fn parts(config: Config) -> anyhow::Result<Parts> {
     let live = Live::new(config.clone());
     let config = Arc::new(config);
@@ -352,6 +353,7 @@ fn watch_mailboxes(
 }
 
 /// Runs until `shutdown` completes.
+// Long: every worker started in turn (reload, cluster, mailboxes, timers, tokens, outbox, metrics), then the ordered stop.
 pub async fn run(config: Config, shutdown: impl Future) -> anyhow::Result<()> {
     let Parts {
         live,

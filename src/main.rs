@@ -362,6 +362,7 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("{}", escalator::error_chain(&e)))
 }
 
+// Long: one arm per CLI command, each naming its request or handing off to a function.
 async fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     let (config, req) = match cmd {
         Command::Run {

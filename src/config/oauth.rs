@@ -74,6 +74,16 @@ impl Flow {
     }
 }
 
+impl Identity {
+    /// The key its client secret was given with (`client_secret_file`,
+    /// `client_secret_env`), for messages.
+    pub fn client_secret_key(&self) -> Option<String> {
+        self.client_secret
+            .as_ref()
+            .map(|s| s.key().replace("password", "client_secret"))
+    }
+}
+
 /// One `[oauth2.NAME]` section, with the provider's defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -150,7 +160,7 @@ pub fn defaults(provider: Provider, flow: Flow, tenant: &str) -> Defaults {
 
 impl super::Config {
     /// Every server's endpoint: each queue's IMAP and SMTP, `[smtp]`.
-    fn endpoints(&self) -> impl Iterator<Item = &super::Endpoint> {
+    pub(crate) fn endpoints(&self) -> impl Iterator<Item = &super::Endpoint> {
         self.queues
             .iter()
             .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))

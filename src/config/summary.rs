@@ -145,11 +145,8 @@ fn oauth2(o: &crate::config::oauth::OAuthConfig) -> String {
             id.provider.as_str(),
             id.flow.as_str(),
             id.client_id,
-            match &id.client_secret {
-                Some(src) => format!(
-                    " (secret from {})",
-                    src.key().replace("password", "client_secret")
-                ),
+            match id.client_secret_key() {
+                Some(k) => format!(" (secret from {k})"),
                 None => String::new(),
             },
             id.scopes.join(" ")

@@ -83,6 +83,7 @@ impl FakeServer {
         client
     }
 
+    // Long: one branch per IMAP command the scripted server answers.
     async fn serve(self, io: DuplexStream) -> std::io::Result<()> {
         let (r, mut w) = tokio::io::split(io);
         let mut r = BufReader::new(r);

@@ -148,7 +148,7 @@ impl Issuer {
                 FlowError::Config(format!(
                     "oauth2.{}.{}: {e}",
                     id.name,
-                    src.key().replace("password", "client_secret")
+                    id.client_secret_key().unwrap_or_default()
                 ))
             })?;
             client = client.set_client_secret(ClientSecret::new(secret.expose().to_string()));

@@ -320,6 +320,7 @@ async fn device(State(s): State<Shared>, Form(f): Form<HashMap<String, String>>)
     .into_response()
 }
 
+// Long: the scripted answers first, then one arm per grant type (RFC 6749, 7636, 8628).
 async fn token(State(s): State<Shared>, Form(f): Form<HashMap<String, String>>) -> Response {
     let scripted = lock(&s).script.pop_front();
     let mut expires_override = None;

@@ -96,38 +96,13 @@ impl Validator<'_> {
         let tenant = self.tenant(&key, provider, flow, r.tenant);
         self.allowed(&key, provider, flow, client_secret.is_some());
         let d = defaults(provider, flow, &tenant);
-        let device_authorization_url = self.url(
-            &format!("{key}.device_authorization_url"),
-            r.device_authorization_url.or(d.device_authorization_url),
+        let (device_authorization_url, authorization_url, token_url) = self.endpoints(
+            &key,
+            flow,
+            (r.device_authorization_url, r.authorization_url, r.token_url),
+            &d,
         );
-        let authorization_url = self.url(
-            &format!("{key}.authorization_url"),
-            r.authorization_url.or(d.authorization_url),
-        );
-        let token_url = self.url(&format!("{key}.token_url"), r.token_url.or(d.token_url));
-        let needed = match flow {
-            Flow::Device => device_authorization_url
-                .is_none()
-                .then_some("device_authorization_url"),
-            Flow::AuthorizationCode => authorization_url.is_none().then_some("authorization_url"),
-            Flow::ClientCredentials => None,
-        };
-        if let Some(k) = needed {
-            self.problem(
-                &format!("{key}.{k}"),
-                format!(
-                    "flow = \"{}\" needs it (provider \"generic\" has no default)",
-                    flow.as_str()
-                ),
-            );
-        }
-        let Some(token_url) = token_url else {
-            self.problem(
-                &format!("{key}.token_url"),
-                "needed (provider \"generic\" has no default)",
-            );
-            return None;
-        };
+        let token_url = token_url?;
         let scopes = r.scopes.unwrap_or(d.scopes);
         if let Some(bad) = scopes
             .iter()
@@ -150,19 +125,63 @@ impl Validator<'_> {
             scopes,
             redirect_port: r.redirect_port.unwrap_or(0),
             ca_file: r.ca_file.map(|p| self.path(&p)),
-            timeout: match &r.timeout {
-                Some(t) => {
-                    let d = self.duration(&format!("{key}.timeout"), t);
-                    if d < std::time::Duration::from_secs(1)
-                        || d > std::time::Duration::from_secs(120)
-                    {
-                        self.problem(&format!("{key}.timeout"), "must be 1s to 2m");
-                    }
-                    d
-                }
-                None => std::time::Duration::from_secs(30),
-            },
+            timeout: self.identity_timeout(&key, r.timeout.as_deref()),
         })
+    }
+
+    /// The identity's endpoints: as written, else the provider's; the
+    /// one its flow needs must be there, and the token endpoint always.
+    #[allow(clippy::type_complexity)]
+    fn endpoints(
+        &mut self,
+        key: &str,
+        flow: Flow,
+        (device, authorization, token): (Option<String>, Option<String>, Option<String>),
+        d: &crate::config::oauth::Defaults,
+    ) -> (Option<String>, Option<String>, Option<String>) {
+        let device = self.url(
+            &format!("{key}.device_authorization_url"),
+            device.or(d.device_authorization_url.clone()),
+        );
+        let authorization = self.url(
+            &format!("{key}.authorization_url"),
+            authorization.or(d.authorization_url.clone()),
+        );
+        let token = self.url(&format!("{key}.token_url"), token.or(d.token_url.clone()));
+        let needed = match flow {
+            Flow::Device => device.is_none().then_some("device_authorization_url"),
+            Flow::AuthorizationCode => authorization.is_none().then_some("authorization_url"),
+            Flow::ClientCredentials => None,
+        };
+        if let Some(k) = needed {
+            self.problem(
+                &format!("{key}.{k}"),
+                format!(
+                    "flow = \"{}\" needs it (provider \"generic\" has no default)",
+                    flow.as_str()
+                ),
+            );
+        }
+        if token.is_none() {
+            self.problem(
+                &format!("{key}.token_url"),
+                "needed (provider \"generic\" has no default)",
+            );
+        }
+        (device, authorization, token)
+    }
+
+    /// Per request to the provider: 1 s to 2 m (a refresh's claim on the
+    /// grant is sized from it), default 30 s.
+    fn identity_timeout(&mut self, key: &str, text: Option<&str>) -> std::time::Duration {
+        let Some(t) = text else {
+            return std::time::Duration::from_secs(30);
+        };
+        let d = self.duration(&format!("{key}.timeout"), t);
+        if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(120) {
+            self.problem(&format!("{key}.timeout"), "must be 1s to 2m");
+        }
+        d
     }
 
     fn client_secret(
@@ -309,11 +328,7 @@ impl Validator<'_> {
 
     /// Every `auth = "oauth2"` names an identity of `[oauth2]`.
     pub(super) fn identities_exist(&mut self, config: &Config) {
-        let endpoints = config
-            .queues
-            .iter()
-            .flat_map(|q| std::iter::once(&q.mailbox.endpoint).chain(q.smtp.as_ref()))
-            .chain([&config.smtp.endpoint]);
+        let endpoints = config.endpoints();
         for ep in endpoints {
             if let Some(TokenSource::Identity(name)) = &ep.oauth {
                 if !config.oauth2.identities.contains_key(name) {

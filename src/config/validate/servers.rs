@@ -144,26 +144,7 @@ impl Validator<'_> {
         }
         match auth {
             "oauth2" => {
-                if ep.username.is_none() {
-                    self.problem(
-                        &format!("{section}.username"),
-                        "OAuth 2 logins name the mailbox: set username",
-                    );
-                }
-                if source.is_some() {
-                    self.problem(
-                        &format!("{section}.auth"),
-                        "auth = \"oauth2\" takes its tokens from [oauth2]: remove \
-                         oauth_token_file/oauth_token_command, or write auth = \"xoauth2\"",
-                    );
-                }
-                match identity {
-                    Some(name) => ep.oauth = Some(TokenSource::Identity(name)),
-                    None => self.problem(
-                        &format!("{section}.oauth2"),
-                        "auth = \"oauth2\" needs the identity's name (oauth2 = \"m365\" for [oauth2.m365])",
-                    ),
-                }
+                ep.oauth = self.identity_auth(section, &ep, source.is_some(), identity);
             }
             "password" => {
                 if source.is_some() {
@@ -191,6 +172,37 @@ impl Validator<'_> {
             ),
         }
         ep
+    }
+
+    /// `auth = "oauth2"`: the identity named by `oauth2`, and nothing
+    /// that belongs to the other ways.
+    fn identity_auth(
+        &mut self,
+        section: &str,
+        ep: &Endpoint,
+        has_token_source: bool,
+        identity: Option<String>,
+    ) -> Option<TokenSource> {
+        if ep.username.is_none() {
+            self.problem(
+                &format!("{section}.username"),
+                "OAuth 2 logins name the mailbox: set username",
+            );
+        }
+        if has_token_source {
+            self.problem(
+                &format!("{section}.auth"),
+                "auth = \"oauth2\" takes its tokens from [oauth2]: remove \
+                 oauth_token_file/oauth_token_command, or write auth = \"xoauth2\"",
+            );
+        }
+        if identity.is_none() {
+            self.problem(
+                &format!("{section}.oauth2"),
+                "auth = \"oauth2\" needs the identity's name (oauth2 = \"m365\" for [oauth2.m365])",
+            );
+        }
+        identity.map(TokenSource::Identity)
     }
 
     pub(super) fn secret(
