@@ -189,7 +189,7 @@ pub enum TokenSource {
     /// Run with `sh -c`; its standard output is the token.
     Command(String),
     /// `auth = "oauth2"`: an `[oauth2.NAME]` identity whose tokens
-    /// escalator keeps (and refreshes) in its store; see `crate::oauth`.
+    /// escalator keeps (and refreshes) in its store; see the `oauth` module.
     Identity(String),
 }
 
