@@ -371,7 +371,7 @@ impl SmtpMailer {
             session_refused(ep, e)
         })?;
         self.starttls(&mut conn, &hello).await?;
-        self.login(&mut conn, token).await?;
+        self.login(&mut conn, token, &hello).await?;
         Ok(conn)
     }
 
@@ -413,8 +413,18 @@ impl SmtpMailer {
         &self,
         conn: &mut AsyncSmtpConnection,
         token: Option<&str>,
+        hello: &ClientId,
     ) -> Result<(), SmtpError> {
         let ep = &self.cfg.endpoint;
+        if let (Some(user), Some(t)) = (&ep.username, token) {
+            if !conn
+                .server_info()
+                .supports_auth_mechanism(Mechanism::Xoauth2)
+                && offers_oauthbearer(conn, hello, ep).await?
+            {
+                return oauthbearer(conn, ep, user, t).await;
+            }
+        }
         // Read at every connection: a rotated password file is picked up,
         // and an unreadable one is the admin's to fix (kept, retried).
         let password = ep.password().map_err(|e| {
@@ -474,6 +484,78 @@ impl SmtpMailer {
         }
         Ok(())
     }
+}
+
+/// Whether the server's EHLO lists AUTH OAUTHBEARER (lettre keeps only
+/// the mechanisms it implements, so the EHLO is sent again and read).
+async fn offers_oauthbearer(
+    conn: &mut AsyncSmtpConnection,
+    hello: &ClientId,
+    ep: &crate::config::Endpoint,
+) -> Result<bool, SmtpError> {
+    let r = tokio::time::timeout(ep.timeout, conn.command(format!("EHLO {hello}\r\n")))
+        .await
+        .map_err(|e| transient(ep, "EHLO at", &e))?
+        .map_err(|e| transient(ep, "EHLO at", &e))?;
+    let offered = r.message().any(|line| {
+        let mut words = line.split([' ', '=']);
+        words.next().is_some_and(|w| w.eq_ignore_ascii_case("AUTH"))
+            && words.any(|m| m.eq_ignore_ascii_case("OAUTHBEARER"))
+    });
+    Ok(offered)
+}
+
+/// SASL OAUTHBEARER (RFC 7628) for a server that offers it and not
+/// XOAUTH2: the initial response; on the server's error challenge the
+/// `%x01` answer the mechanism requires, then its refusal.
+async fn oauthbearer(
+    conn: &mut AsyncSmtpConnection,
+    ep: &crate::config::Endpoint,
+    user: &str,
+    token: &str,
+) -> Result<(), SmtpError> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let initial = format!(
+        "n,a={},\x01host={}\x01port={}\x01auth=Bearer {token}\x01\x01",
+        user.replace('=', "=3D").replace(',', "=2C"),
+        ep.host,
+        ep.port
+    );
+    let refused = |why: String| {
+        SmtpError::Config(format!(
+            "the server refused the login as {user:?} with the OAuth 2 token (OAUTHBEARER): {why}"
+        ))
+    };
+    let r = tokio::time::timeout(
+        ep.timeout,
+        conn.command(format!("AUTH OAUTHBEARER {}\r\n", b64.encode(initial))),
+    )
+    .await
+    .map_err(|e| transient(ep, "login at", &e))?
+    .map_err(|e| refused(error_text(&e)))?;
+    if r.code().to_string() == "235" {
+        return Ok(());
+    }
+    // 334: the error, as JSON in base64; answered, then the 535.
+    let said = r
+        .message()
+        .next()
+        .and_then(|m| b64.decode(m.trim()).ok())
+        .map(|j| crate::template::printable(&String::from_utf8_lossy(&j)))
+        .unwrap_or_default();
+    let end = tokio::time::timeout(ep.timeout, conn.command("AQ==\r\n"))
+        .await
+        .map_err(|e| transient(ep, "login at", &e))?;
+    let words = match end {
+        Ok(r) => r.message().collect::<Vec<_>>().join(" "),
+        Err(e) => error_text(&e),
+    };
+    Err(refused(format!(
+        "{} (the server said {})",
+        crate::template::printable(&words),
+        said.chars().take(300).collect::<String>()
+    )))
 }
 
 /// A 5xx before any mail (the greeting, EHLO, STARTTLS) refuses us, not
@@ -707,3 +789,7 @@ fn error_text(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+#[path = "smtp_tests.rs"]
+mod tests;
