@@ -203,6 +203,10 @@ pub struct OAuthGrant {
     /// Failed refreshes, every node's, since the store began.
     #[serde(default)]
     pub refresh_failures: u64,
+    /// When a server last refused a token of this grant before its end
+    /// (such refusals force a refresh at most this often).
+    #[serde(default)]
+    pub rejected_at: Option<DateTime<Utc>>,
 }
 
 impl OAuthGrant {

@@ -23,7 +23,9 @@ use crate::store::{Store, StoreError};
 /// take (two requests' timeouts and the store's retries), so a slow
 /// refresh is not done twice.
 fn claim_for(id: &Identity) -> Duration {
-    id.timeout * 2 + Duration::from_secs(30)
+    // Two requests, then up to four store attempts (each may wait for
+    // PostgreSQL's lock, 20 s) and their pauses.
+    id.timeout * 2 + Duration::from_secs(4 * 25 + 30)
 }
 /// How often a node waiting for another's refresh looks again, and for
 /// how long at most.
@@ -32,6 +34,8 @@ const CLAIM_WAIT_ROUNDS: u32 = 100;
 /// Seconds a failed refresh waits before the next, while the current
 /// access token still works.
 const RETRY_AFTER_FAILURE: i64 = 30;
+/// Seconds between refreshes forced by a server refusing a token.
+const REJECT_PACE: i64 = 300;
 
 /// Why no access token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +74,11 @@ struct Sealed {
     refresh: Option<String>,
 }
 
-/// Hands out access tokens for the config's identities.
+/// Hands out access tokens for the config's identities. Cheap to clone
+/// (shared parts): a refresh runs in a task of its own that owns a clone,
+/// so a caller that gives up (a watcher stopping) cannot cut a refresh
+/// between the provider's answer and the store.
+#[derive(Clone)]
 pub struct Broker {
     store: Arc<Store>,
     config: Arc<Live>,
@@ -82,11 +90,11 @@ pub struct Broker {
     /// Per identity: one refresh at a time in this process, held from
     /// reading the grant to storing what the refresh brought (so no two
     /// tasks spend one refresh token).
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// Tokens a refresh brought that the store would not take yet (the
     /// provider has spent the old refresh token: these must not be
     /// lost); written before anything else is done for the identity.
-    unsaved: Mutex<HashMap<String, Unsaved>>,
+    unsaved: Arc<Mutex<HashMap<String, Unsaved>>>,
 }
 
 /// A refresh's result, sealed, and the grant generation it replaces.
@@ -122,8 +130,8 @@ impl Broker {
                 std::process::id(),
                 rand_u32()
             ),
-            locks: Mutex::new(HashMap::new()),
-            unsaved: Mutex::new(HashMap::new()),
+            locks: Arc::default(),
+            unsaved: Arc::default(),
         }
     }
 
@@ -163,10 +171,14 @@ impl Broker {
             }
         }
         let lock = self.lock_for(identity);
-        let _one = lock.lock().await;
+        let one = lock.lock_owned().await;
         if let Some(t) = self.save_unsaved(identity)? {
             return Ok(t);
         }
+        // What a refresh needs, before any claim: a fault of this node
+        // (no key, an unreadable secret) must not block the others.
+        let key = self.this_key(identity)?;
+        let issuer = self.issuer(identity)?;
         for _ in 0..CLAIM_WAIT_ROUNDS {
             // Read again under the lock: another task may have refreshed.
             let (grant, sealed) = match self.current(&id)? {
@@ -201,7 +213,31 @@ impl Broker {
                     tokio::time::sleep(CLAIM_POLL).await;
                     continue;
                 }
-                Claim::Ours(grant) => return self.refresh(&id, *grant, sealed, now).await,
+                Claim::Ours(grant) => {
+                    // In a task of its own, holding this identity's lock:
+                    // it ends (and stores what the provider gave) even if
+                    // this caller is dropped.
+                    let me = self.clone();
+                    let task_id = id.clone();
+                    let task = tokio::spawn(async move {
+                        let _one = one;
+                        me.refresh(&task_id, key, issuer, *grant, sealed, now).await
+                    });
+                    return match task.await {
+                        Ok(Ok(Some(t))) => Ok(t),
+                        // The grant changed under the refresh (a login,
+                        // a logout): what it is now decides.
+                        Ok(Ok(None)) => match self.current(&id)? {
+                            Current::Fresh(t) => Ok(t),
+                            Current::Due(..) => Err(GrantError::Unavailable {
+                                identity: identity.to_string(),
+                                why: "the grant changed during a refresh".into(),
+                            }),
+                        },
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(broken(identity, format!("the refresh failed: {e}"))),
+                    };
+                }
             }
         }
         Err(GrantError::Unavailable {
@@ -302,17 +338,17 @@ impl Broker {
             .map_err(|e| store_broken(&read.identity, e))
     }
 
+    /// One refresh under our claim. None: stored nothing, the grant
+    /// changed meanwhile.
     async fn refresh(
         &self,
         id: &Identity,
+        key: TokenKey,
+        issuer: Issuer,
         grant: OAuthGrant,
         sealed: Option<Sealed>,
         now: DateTime<Utc>,
-    ) -> Result<Secret, GrantError> {
-        // The key before the provider is asked: a refresh whose result
-        // cannot be sealed would spend the refresh token for nothing.
-        let key = self.this_key(&id.name)?;
-        let issuer = self.issuer(&id.name)?;
+    ) -> Result<Option<Secret>, GrantError> {
         let old_refresh = sealed.as_ref().and_then(|s| s.refresh.clone());
         let result = match (old_refresh.clone(), id.flow) {
             (_, Flow::ClientCredentials) => issuer.client_credentials().await,
@@ -329,7 +365,7 @@ impl Broker {
                 let u = self.sealed_refresh(&key, id, grant, t, old_refresh, done)?;
                 self.store_refresh(&id.name, u).await
             }
-            Err(e) => self.failed(id, grant, sealed, now, done, e),
+            Err(e) => self.failed(id, grant, sealed, now, done, e).map(Some),
         }
     }
 
@@ -429,18 +465,32 @@ impl Broker {
     /// started from only; a store that refuses is tried again a few
     /// times, then the result is kept in memory (the provider has spent
     /// the old refresh token) and written before the next use.
-    async fn store_refresh(&self, identity: &str, u: Unsaved) -> Result<Secret, GrantError> {
+    async fn store_refresh(
+        &self,
+        identity: &str,
+        u: Unsaved,
+    ) -> Result<Option<Secret>, GrantError> {
+        // In memory first: whatever happens next, the new refresh token
+        // is not only in a future that may be dropped.
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(identity.to_string(), u.clone());
         let mut wait = Duration::from_millis(250);
         for attempt in 0..4 {
             match self.write_refresh(identity, &u) {
                 Ok(stored) => {
+                    self.unsaved
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(identity);
                     if !stored {
-                        // A login (or another node past our claim) wrote
-                        // newer tokens meanwhile: those stay.
-                        tracing::info!(identity = %identity, "newer tokens were stored during the refresh");
+                        // A login or logout wrote meanwhile: it decides.
+                        tracing::info!(identity = %identity, "the grant changed during the refresh; its result is dropped");
+                        return Ok(None);
                     }
                     tracing::info!(identity = %identity, rotated = u.rotated, expires = %u.expires, "access token refreshed");
-                    return Ok(u.access);
+                    return Ok(Some(u.access));
                 }
                 Err(e) if attempt < 3 => {
                     tracing::warn!(identity = %identity, error = %e, "cannot store the refreshed tokens yet; trying again");
@@ -449,15 +499,10 @@ impl Broker {
                 }
                 Err(e) => {
                     tracing::error!(identity = %identity, error = %e, "cannot store the refreshed tokens; kept in memory and written before the next use");
-                    self.unsaved
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(identity.to_string(), u.clone());
-                    return Ok(u.access);
                 }
             }
         }
-        Ok(u.access)
+        Ok(Some(u.access))
     }
 
     fn write_refresh(&self, identity: &str, u: &Unsaved) -> Result<bool, StoreError> {
@@ -468,7 +513,9 @@ impl Broker {
                 None if u.base.generation == 0 => u.base.clone(),
                 None => return Ok(false),
             };
-            if g.generation != u.base.generation {
+            // Another login/logout, or a death recorded meanwhile (this
+            // node's claim ran out): not overwritten, not revived.
+            if g.generation != u.base.generation || !g.valid {
                 return Ok(false);
             }
             g.sealed = Some(u.hex.clone());
@@ -505,7 +552,10 @@ impl Broker {
             return Ok(None);
         };
         match self.write_refresh(identity, &u) {
-            Ok(_) => {
+            Ok(stored) => {
+                if !stored {
+                    tracing::info!(identity = %identity, "the grant changed before the refreshed tokens could be stored; they are dropped");
+                }
                 self.unsaved
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -540,21 +590,44 @@ impl Broker {
     /// refreshes, which also tells whether the grant itself is gone. Only
     /// when it is still the stored token (a refresh may have replaced it).
     pub fn rejected(&self, identity: &str, token: &Secret) -> Result<(), GrantError> {
+        let now = self.clock.now();
+        if let Some(u) = self
+            .unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(identity)
+        {
+            // Not stored yet: it stops serving; its refresh token waits
+            // for the store (the stored one is spent).
+            if u.access.expose() == token.expose() {
+                u.expires = now;
+                return Ok(());
+            }
+        }
         let Some(grant) = self.read(identity)? else {
             return Ok(());
         };
+        // A server that refuses every token (a wrong username, a missing
+        // permission) must not make every login a refresh.
+        if grant
+            .rejected_at
+            .is_some_and(|t| now - t < chrono::Duration::seconds(REJECT_PACE))
+        {
+            tracing::warn!(identity = %identity, "a server refused the access token again; not refreshing before {REJECT_PACE} s have passed");
+            return Ok(());
+        }
         let Some(sealed) = self.open(&grant)? else {
             return Ok(());
         };
         if sealed.access != token.expose() {
             return Ok(());
         }
-        let now = self.clock.now();
         self.store
             .transact(|tx| -> Result<(), StoreError> {
                 if let Some(mut g) = tx.oauth_grant(identity)? {
                     if g.generation == grant.generation {
                         g.access_expires_at = Some(now);
+                        g.rejected_at = Some(now);
                         tx.set_oauth_grant(&g)?;
                     }
                 }
@@ -668,6 +741,7 @@ pub fn store_login(store: &Store, login: &Login, now: DateTime<Utc>) -> Result<(
             last_error: None,
             last_error_at: None,
             refresh_failures: old.as_ref().map_or(0, |o| o.refresh_failures),
+            rejected_at: None,
         };
         tx.set_oauth_grant(&g)
     })
@@ -721,8 +795,16 @@ fn broken(identity: &str, e: impl std::fmt::Display) -> GrantError {
     }
 }
 
-/// A store failure reads as an error, never as "no grant".
+/// A store failure reads as an error, never as "no grant"; a passing
+/// one (a lock wait, a lost connection) as one to wait out, not one
+/// that needs an admin.
 fn store_broken(identity: &str, e: StoreError) -> GrantError {
+    if e.is_transient() {
+        return GrantError::Unavailable {
+            identity: identity.to_string(),
+            why: format!("the store: {e}"),
+        };
+    }
     GrantError::Broken {
         identity: identity.to_string(),
         why: format!("the store: {e}"),

@@ -545,3 +545,40 @@ async fn a_login_sealed_with_another_key_is_not_stored() {
     assert!(r.output.contains("must use the same"), "{}", r.output);
     assert!(s.handle.store.oauth_grant("idp").unwrap().is_none());
 }
+
+#[tokio::test]
+async fn a_caller_that_gives_up_mid_refresh_does_not_cut_it() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    s.clock.advance(chrono::Duration::minutes(55));
+    s.server.script(Scripted::Hang(Duration::from_millis(800)));
+    // A watcher stopping while its login waits for the refresh.
+    let cut = tokio::time::timeout(Duration::from_millis(200), broker.access_token("idp")).await;
+    assert!(cut.is_err(), "the caller gave up");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.server.grants("refresh_token"), 1);
+    let g = s.handle.store.oauth_grant("idp").unwrap().unwrap();
+    assert_eq!(g.generation, 2, "the rotated tokens were stored: {g:?}");
+    assert!(g.refreshing.is_none());
+    // And they work: the next refresh uses the rotated refresh token.
+    s.clock.advance(chrono::Duration::minutes(55));
+    assert!(broker.access_token("idp").await.is_ok());
+    assert_eq!(s.server.grants("refresh_token"), 2);
+}
+
+#[tokio::test]
+async fn a_server_refusing_every_token_forces_a_refresh_at_most_every_five_minutes() {
+    let s = setup("device", "").await;
+    let broker = logged_in(&s).await;
+    for _ in 0..5 {
+        let t = broker.access_token("idp").await.unwrap();
+        broker.rejected("idp", &t).unwrap();
+    }
+    // The first refusal forced a refresh; the rest within 5 minutes not.
+    let t = broker.access_token("idp").await.unwrap();
+    assert_eq!(s.server.grants("refresh_token"), 1);
+    s.clock.advance(chrono::Duration::minutes(6));
+    broker.rejected("idp", &t).unwrap();
+    broker.access_token("idp").await.unwrap();
+    assert_eq!(s.server.grants("refresh_token"), 2);
+}
