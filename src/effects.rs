@@ -464,40 +464,38 @@ impl<'a> Effects<'a> {
         Ok(id)
     }
 
-    /// The alert that an OAuth 2 identity needs a login, to `to` (no
-    /// case).
+    /// The alert that an OAuth 2 identity needs a login, to `to`.
     pub fn alert(
         &mut self,
         tx: &mut Tx<'_>,
         to: Vec<String>,
         text: &Text,
     ) -> Result<u64, EffectsError> {
-        self.queue(
-            tx,
-            (0, ""),
-            MailKind::Alert,
-            to,
-            None,
-            text,
-            None,
-            Vec::new(),
-            Some("auto-generated"),
-            None,
-            Vec::new(),
-        )
+        self.caseless(tx, MailKind::Alert, to, text)
     }
 
-    /// The review digest to `to` (no case; not threaded to anything).
+    /// The review digest to `to`.
     pub fn digest(
         &mut self,
         tx: &mut Tx<'_>,
         to: Vec<String>,
         text: &Text,
     ) -> Result<u64, EffectsError> {
+        self.caseless(tx, MailKind::Digest, to, text)
+    }
+
+    /// Staff mail about no case, threaded to nothing.
+    fn caseless(
+        &mut self,
+        tx: &mut Tx<'_>,
+        kind: MailKind,
+        to: Vec<String>,
+        text: &Text,
+    ) -> Result<u64, EffectsError> {
         self.queue(
             tx,
             (0, ""),
-            MailKind::Digest,
+            kind,
             to,
             None,
             text,

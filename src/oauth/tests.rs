@@ -423,6 +423,24 @@ async fn a_browser_login_checks_the_state_and_trades_the_code_with_pkce() {
     assert!(!e.contains('\u{202e}'), "{e}");
 }
 
+/// The digest's report at the clock's now.
+fn digest_now(s: &Setup) -> String {
+    let now = s.clock.now();
+    crate::digest::text(&s.handle.store, &s.handle.config.get(), now, now, now)
+        .unwrap()
+        .0
+}
+
+/// The alert mails queued so far.
+fn alerts(s: &Setup) -> Vec<crate::record::OutboxEntry> {
+    s.handle
+        .store
+        .outbox()
+        .map(|e| e.unwrap())
+        .filter(|e| e.kind == "alert")
+        .collect()
+}
+
 #[tokio::test]
 async fn a_dying_grant_alerts_once_by_mail_and_the_digest_names_it() {
     let s = setup_with(
@@ -434,43 +452,23 @@ async fn a_dying_grant_alerts_once_by_mail_and_the_digest_names_it() {
     let config = s.handle.config.get();
     assert_eq!(config.identities_in_use(), vec!["idp"]);
     // Never logged in: the digest says so, no alert (nothing died).
-    let (report, _) = crate::digest::text(
-        &s.handle.store,
-        &config,
-        s.clock.now(),
-        s.clock.now(),
-        s.clock.now(),
-    )
-    .unwrap();
+    let report = digest_now(&s);
     assert!(
         report.contains("idp: never logged in; fix: escalator auth login idp"),
         "{report}"
     );
     let broker = logged_in(&s).await;
-    let (report, _) = crate::digest::text(
-        &s.handle.store,
-        &config,
-        s.clock.now(),
-        s.clock.now(),
-        s.clock.now(),
-    )
-    .unwrap();
+    let report = digest_now(&s);
     assert!(!report.contains("OAuth 2 login"), "{report}");
     s.server.revoke_all();
     s.clock.advance(chrono::Duration::minutes(55));
     for _ in 0..3 {
         assert!(broker.access_token("idp").await.unwrap_err().needs_login());
     }
-    let alerts: Vec<_> = s
-        .handle
-        .store
-        .outbox()
-        .map(|e| e.unwrap())
-        .filter(|e| e.kind == "alert")
-        .collect();
-    assert_eq!(alerts.len(), 1, "once per death");
-    assert_eq!(alerts[0].to, vec!["it@example.test"]);
-    let raw = String::from_utf8_lossy(&s.handle.store.outbox_raw(alerts[0].id).unwrap().unwrap())
+    let queued = alerts(&s);
+    assert_eq!(queued.len(), 1, "once per death");
+    assert_eq!(queued[0].to, vec!["it@example.test"]);
+    let raw = String::from_utf8_lossy(&s.handle.store.outbox_raw(queued[0].id).unwrap().unwrap())
         .into_owned();
     assert!(raw.contains("escalator auth login idp"), "{raw}");
     assert!(raw.contains("invalid_grant"), "{raw}");
@@ -482,27 +480,14 @@ async fn a_dying_grant_alerts_once_by_mail_and_the_digest_names_it() {
     {
         assert!(!raw.contains(t.as_str()));
     }
-    let (report, _) = crate::digest::text(
-        &s.handle.store,
-        &config,
-        s.clock.now(),
-        s.clock.now(),
-        s.clock.now(),
-    )
-    .unwrap();
+    let report = digest_now(&s);
     assert!(report.contains("idp: invalid_grant"), "{report}");
     // A new login, then another death: one more alert.
     let broker = logged_in(&s).await;
     s.server.revoke_all();
     s.clock.advance(chrono::Duration::minutes(55));
     assert!(broker.access_token("idp").await.is_err());
-    let n = s
-        .handle
-        .store
-        .outbox()
-        .filter(|e| e.as_ref().unwrap().kind == "alert")
-        .count();
-    assert_eq!(n, 2);
+    assert_eq!(alerts(&s).len(), 2);
 }
 
 #[tokio::test]
