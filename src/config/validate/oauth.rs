@@ -98,7 +98,7 @@ impl Validator<'_> {
         let d = defaults(provider, flow, &tenant);
         let (device_authorization_url, authorization_url, token_url) = self.endpoints(
             &key,
-            flow,
+            (provider, flow),
             (r.device_authorization_url, r.authorization_url, r.token_url),
             &d,
         );
@@ -135,7 +135,7 @@ impl Validator<'_> {
     fn endpoints(
         &mut self,
         key: &str,
-        flow: Flow,
+        (provider, flow): (Provider, Flow),
         (device, authorization, token): (Option<String>, Option<String>, Option<String>),
         d: &crate::config::oauth::Defaults,
     ) -> (Option<String>, Option<String>, Option<String>) {
@@ -148,7 +148,10 @@ impl Validator<'_> {
             authorization.or(d.authorization_url.clone()),
         );
         let token = self.url(&format!("{key}.token_url"), token.or(d.token_url.clone()));
+        // A provider's own gaps (Google's device flow) were told by
+        // `allowed`, with the fix.
         let needed = match flow {
+            _ if provider != Provider::Generic => None,
             Flow::Device => device.is_none().then_some("device_authorization_url"),
             Flow::AuthorizationCode => authorization.is_none().then_some("authorization_url"),
             Flow::ClientCredentials => None,
