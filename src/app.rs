@@ -81,12 +81,13 @@ pub fn open_store(config: &Config, wait: Duration) -> anyhow::Result<Store> {
     use crate::config::StoreEngine;
     match &config.store.engine {
         StoreEngine::Sled => Ok(Store::open_waiting(&config.store.path, wait)?),
-        StoreEngine::Postgres { pool, .. } => {
+        StoreEngine::Postgres { pool, schema, .. } => {
             let (url, tls) = postgres_target(config)?;
-            Ok(Store::open_postgres(
+            Ok(Store::open_postgres_in(
                 url.expose(),
                 tls,
                 *pool,
+                schema,
                 &config.store.path,
             )?)
         }

@@ -203,14 +203,19 @@ async fn store_check(config: &Config) -> Result<String, Failure> {
         error: format!("{e:#}"),
         hint: None,
     })?;
-    let probed =
-        tokio::task::spawn_blocking(move || crate::store::Store::probe_postgres(url.expose(), tls))
-            .await;
+    let schema = match &config.store.engine {
+        crate::config::StoreEngine::Postgres { schema, .. } => schema.clone(),
+        crate::config::StoreEngine::Sled => crate::store::DEFAULT_SCHEMA.to_string(),
+    };
+    let probed = tokio::task::spawn_blocking(move || {
+        crate::store::Store::probe_postgres(url.expose(), tls, &schema)
+    })
+    .await;
     match probed {
         Ok(Ok((user, db, table))) => Ok(format!(
             "connected as {user:?} to database {db:?}; {}",
             if table {
-                "the store's table is there"
+                "the store's tables are there"
             } else {
                 "no store yet (the daemon creates it at its first start)"
             }

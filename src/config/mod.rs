@@ -493,6 +493,8 @@ pub enum StoreEngine {
         /// Connections per process: one runs the store's transactions,
         /// the others reads, leases and heartbeats.
         pool: usize,
+        /// The PostgreSQL schema holding the store's tables.
+        schema: String,
     },
 }
 

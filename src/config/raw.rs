@@ -261,6 +261,7 @@ pub(super) struct RawStore {
     pub(super) allow_insecure: bool,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) pool: Option<usize>,
+    pub(super) schema: Option<String>,
     #[serde(default = "default_min_free")]
     pub(super) min_free: String,
     #[serde(default = "default_keep_sent")]

@@ -111,9 +111,11 @@ fn store(config: &Config) -> String {
             url,
             security,
             pool,
+            schema,
             ..
         } => format!(
-            "postgres (url from {}, {security}, {pool} connections), node files in {}\n  \
+            "postgres (url from {}, {security}, {pool} connections, schema {schema}), \
+             node files in {}\n  \
              cluster: node {}, lease {}, claim {}",
             url.key().replace("password", "url"),
             config.store.path.display(),

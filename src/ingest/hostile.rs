@@ -131,7 +131,9 @@ fn r17_a_message_the_store_refuses_is_quarantined_and_the_rest_of_its_chunk_is_s
         "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN IF position('\\x582d506f69736f6e'::bytea IN NEW.value) > 0 THEN \
          RAISE EXCEPTION 'value refused' USING ERRCODE = '54000'; END IF; RETURN NEW; END $$; \
-         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON escalator_kv \
+         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON escalator.raw \
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison(); \
+         CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON escalator.quarantine \
          FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
     )
     .unwrap();
@@ -175,14 +177,16 @@ fn r17_a_message_the_store_refuses_is_quarantined_and_the_rest_of_its_chunk_is_s
     // The database as a whole failing is not one message's fault: it is
     // reported, nothing is quarantined, the cursor stays.
     c.batch_execute(
-        "DROP TRIGGER refuse_poison ON escalator_kv; ALTER TABLE escalator_kv RENAME TO gone",
+        "DROP TRIGGER refuse_poison ON escalator.raw; \
+         DROP TRIGGER refuse_poison ON escalator.quarantine; \
+         ALTER TABLE escalator.cursors RENAME TO gone",
     )
     .unwrap();
     let e = ing
         .ingest_batch(&[(src(1, 4), bytes(&good(4)))])
         .unwrap_err();
     assert!(!e.stops_a_watcher(), "{e}");
-    c.batch_execute("ALTER TABLE gone RENAME TO escalator_kv")
+    c.batch_execute("ALTER TABLE escalator.gone RENAME TO cursors")
         .unwrap();
     assert_eq!(ing.store.quarantined().count(), 1);
     assert_eq!(

@@ -1,5 +1,5 @@
 //! What the nodes of a cluster share besides the store: who is alive
-//! (`escalator_nodes`) and who watches which mailbox (`escalator_leases`,
+//! (`nodes`) and who watches which mailbox (`leases`,
 //! with the fencing token every dependent write checks). Only a shared
 //! engine has a cluster; the embedded store has one process, so these
 //! calls answer [`StoreError::NotShared`] there. Every time is the
@@ -62,22 +62,28 @@ impl Store {
     pub fn heartbeat(&self, me: &NodeInfo, lease: std::time::Duration) -> Result<usize> {
         let me = me.clone();
         let lease = ms(lease);
-        self.pg()?.call_outside(move |c| {
+        let pg = self.pg()?;
+        let t = pg.tables();
+        pg.call_outside(move |c| {
             c.execute(
-                "INSERT INTO escalator_nodes (node, host, pid, started_at, last_seen) \
+                &format!(
+                    "INSERT INTO {t}.nodes (node, host, pid, started_at, last_seen) \
                  VALUES ($1, $2, $3, $4, now()) \
                  ON CONFLICT (node) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, \
-                 started_at = EXCLUDED.started_at, last_seen = now()",
+                 started_at = EXCLUDED.started_at, last_seen = now()"
+                ),
                 &[&me.node, &me.host, &me.pid, &me.started_at],
             )?;
             c.execute(
-                "DELETE FROM escalator_nodes WHERE last_seen < now() - interval '1 day'",
+                &format!("DELETE FROM {t}.nodes WHERE last_seen < now() - interval '1 day'"),
                 &[],
             )?;
             let n: i64 = c
                 .query_one(
-                    "SELECT count(*) FROM escalator_nodes \
-                     WHERE last_seen > now() - $1::bigint * interval '1 millisecond'",
+                    &format!(
+                        "SELECT count(*) FROM {t}.nodes \
+                     WHERE last_seen > now() - $1::bigint * interval '1 millisecond'"
+                    ),
                     &[&lease],
                 )?
                 .get(0);
@@ -89,8 +95,10 @@ impl Store {
     /// at once, not a lease later.
     pub fn leave(&self, node: &str) -> Result<()> {
         let node = node.to_string();
-        self.pg()?.call_outside(move |c| {
-            c.execute("DELETE FROM escalator_nodes WHERE node = $1", &[&node])?;
+        let pg = self.pg()?;
+        let t = pg.tables();
+        pg.call_outside(move |c| {
+            c.execute(&format!("DELETE FROM {t}.nodes WHERE node = $1"), &[&node])?;
             Ok(())
         })
     }
@@ -98,11 +106,15 @@ impl Store {
     /// The nodes, alive (seen within `lease`) first, by name.
     pub fn nodes(&self, lease: std::time::Duration) -> Result<Vec<NodeRow>> {
         let lease = ms(lease);
-        self.pg()?.call_outside(move |c| {
+        let pg = self.pg()?;
+        let t = pg.tables();
+        pg.call_outside(move |c| {
             let rows = c.query(
-                "SELECT node, host, pid, started_at, last_seen, \
+                &format!(
+                    "SELECT node, host, pid, started_at, last_seen, \
                  last_seen > now() - $1::bigint * interval '1 millisecond' AS alive \
-                 FROM escalator_nodes ORDER BY alive DESC, node",
+                 FROM {t}.nodes ORDER BY alive DESC, node"
+                ),
                 &[&lease],
             )?;
             Ok(rows
@@ -128,16 +140,18 @@ impl Store {
         lease: std::time::Duration,
     ) -> Result<Option<i64>> {
         let (mailbox, holder, lease) = (mailbox.to_string(), holder.to_string(), ms(lease));
-        self.pg()?.call_outside(move |c| {
+        let pg = self.pg()?;
+        let t = pg.tables();
+        pg.call_outside(move |c| {
             let row = c.query_opt(
-                "INSERT INTO escalator_leases AS l (mailbox, holder, token, acquired_at, expires_at) \
-                 VALUES ($1, $2, nextval('escalator_lease_tokens'), now(), \
+                &format!("INSERT INTO {t}.leases AS l (mailbox, holder, token, acquired_at, expires_at) \
+                 VALUES ($1, $2, nextval('{t}.lease_tokens'), now(), \
                          now() + $3::bigint * interval '1 millisecond') \
                  ON CONFLICT (mailbox) DO UPDATE SET holder = EXCLUDED.holder, \
                  token = EXCLUDED.token, acquired_at = EXCLUDED.acquired_at, \
                  expires_at = EXCLUDED.expires_at \
                  WHERE l.expires_at <= now() \
-                 RETURNING token",
+                 RETURNING token"),
                 &[&mailbox, &holder, &lease],
             )?;
             Ok(row.map(|r| r.get(0)))
@@ -154,11 +168,15 @@ impl Store {
         lease: std::time::Duration,
     ) -> Result<bool> {
         let (mailbox, holder, lease) = (mailbox.to_string(), holder.to_string(), ms(lease));
-        self.pg()?.call_outside(move |c| {
+        let pg = self.pg()?;
+        let t = pg.tables();
+        pg.call_outside(move |c| {
             let n = c.execute(
-                "UPDATE escalator_leases \
+                &format!(
+                    "UPDATE {t}.leases \
                  SET expires_at = now() + $4::bigint * interval '1 millisecond' \
-                 WHERE mailbox = $1 AND holder = $2 AND token = $3 AND expires_at > now()",
+                 WHERE mailbox = $1 AND holder = $2 AND token = $3 AND expires_at > now()"
+                ),
                 &[&mailbox, &holder, &token, &lease],
             )?;
             Ok(n == 1)
@@ -169,10 +187,14 @@ impl Store {
     /// its share): the next node to look takes it with a new token.
     pub fn release_lease(&self, mailbox: &str, holder: &str, token: i64) -> Result<()> {
         let (mailbox, holder) = (mailbox.to_string(), holder.to_string());
-        self.pg()?.call_outside(move |c| {
+        let pg = self.pg()?;
+        let t = pg.tables();
+        pg.call_outside(move |c| {
             c.execute(
-                "UPDATE escalator_leases SET expires_at = now() \
-                 WHERE mailbox = $1 AND holder = $2 AND token = $3 AND expires_at > now()",
+                &format!(
+                    "UPDATE {t}.leases SET expires_at = now() \
+                 WHERE mailbox = $1 AND holder = $2 AND token = $3 AND expires_at > now()"
+                ),
                 &[&mailbox, &holder, &token],
             )?;
             Ok(())
@@ -181,11 +203,15 @@ impl Store {
 
     /// Every lease, by mailbox.
     pub fn leases(&self) -> Result<Vec<LeaseRow>> {
-        self.pg()?.call_outside(|c| {
+        let pg = self.pg()?;
+        let t = pg.tables();
+        pg.call_outside(move |c| {
             let rows = c.query(
-                "SELECT mailbox, holder, token, acquired_at, expires_at, \
+                &format!(
+                    "SELECT mailbox, holder, token, acquired_at, expires_at, \
                  (extract(epoch FROM (expires_at - now())) * 1000)::bigint \
-                 FROM escalator_leases ORDER BY mailbox",
+                 FROM {t}.leases ORDER BY mailbox"
+                ),
                 &[],
             )?;
             Ok(rows

@@ -14,7 +14,7 @@
 
 pub use self::cluster::{LeaseRow, NodeInfo, NodeRow};
 pub use self::migrate::Copied;
-pub use self::postgres::{PgTls, MIN_POOL};
+pub use self::postgres::{valid_schema, PgTls, DEFAULT_SCHEMA, MIN_POOL};
 pub use self::tx::{Savepoint, Tx};
 pub use self::write::Fence;
 
@@ -22,6 +22,7 @@ mod cluster;
 #[cfg(test)]
 mod cluster_tests;
 mod codec;
+mod columns;
 mod engine;
 mod facts;
 mod grants;
@@ -34,6 +35,8 @@ mod sled;
 #[cfg(test)]
 mod tests;
 mod tx;
+#[cfg(test)]
+mod upgrade_tests;
 mod write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -229,18 +232,30 @@ impl Store {
     /// journal, the control socket).
     /// `pool` is how many connections it opens (at least [`MIN_POOL`]).
     pub fn open_postgres(url: &str, tls: PgTls, pool: usize, path: &Path) -> Result<Store> {
+        Store::open_postgres_in(url, tls, pool, DEFAULT_SCHEMA, path)
+    }
+
+    /// As [`Store::open_postgres`], with the tables in `schema` (`[store]
+    /// schema`), created when missing.
+    pub fn open_postgres_in(
+        url: &str,
+        tls: PgTls,
+        pool: usize,
+        schema: &str,
+        path: &Path,
+    ) -> Result<Store> {
         create_private_dir(path).map_err(|source| StoreError::CreateDir {
             path: path.to_owned(),
             source,
         })?;
-        let db = engine::Db::Postgres(Box::new(postgres::PgDb::open(url, tls, pool)?));
-        Store::with(path, db)
+        let db = postgres::PgDb::open(url, tls, pool, schema)?;
+        Store::with(path, engine::Db::Postgres(Box::new(db)))
     }
 
     /// Connects to a PostgreSQL store without opening it: (user,
-    /// database, whether its table exists). Writes nothing.
-    pub fn probe_postgres(url: &str, tls: PgTls) -> Result<(String, String, bool)> {
-        postgres::PgDb::probe(url, tls)
+    /// database, whether its tables exist). Writes nothing.
+    pub fn probe_postgres(url: &str, tls: PgTls, schema: &str) -> Result<(String, String, bool)> {
+        postgres::PgDb::probe(url, tls, schema)
     }
 
     /// Is this store shared with other processes that write (PostgreSQL)?
@@ -887,4 +902,38 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(path)
+}
+
+#[cfg(test)]
+impl Store {
+    /// Every key space's name, row count and digest (SHA-256 over each
+    /// key and value, length-prefixed, in key order), leaving out the
+    /// meta keys under `skip_meta`: a store converted from one layout to
+    /// another keeps these.
+    pub(crate) fn tree_digests(
+        &self,
+        skip_meta: &[&str],
+    ) -> Result<Vec<(&'static str, usize, String)>> {
+        use sha2::{Digest, Sha256};
+        let mut out = Vec::new();
+        for (tree, name) in codec::TREES {
+            let (mut n, mut h) = (0, Sha256::new());
+            for r in self.db.range(tree, &[], None) {
+                let (k, _) = r?;
+                if tree == Tree::Meta && skip_meta.iter().any(|p| k.starts_with(p.as_bytes())) {
+                    continue;
+                }
+                // Through `get`: sled's raw tree holds where the bytes are.
+                let v = self.db.get(tree, &k)?.unwrap_or_default();
+                h.update((k.len() as u64).to_be_bytes());
+                h.update(&k);
+                h.update((v.len() as u64).to_be_bytes());
+                h.update(&v);
+                n += 1;
+            }
+            let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            out.push((name, n, digest));
+        }
+        Ok(out)
+    }
 }

@@ -27,8 +27,11 @@ use ::postgres::config::SslMode;
 use ::postgres::{Client, NoTls};
 use tokio_rustls::rustls::ClientConfig;
 
-use super::codec::Tree;
+use super::codec::{Tree, TREES};
 use super::write::{Fence, Op};
+
+mod rows;
+mod upgrade;
 use super::StoreError;
 
 /// The advisory lock every store transaction takes (any number; this one
@@ -42,14 +45,26 @@ const MIGRATE_LOCK: i64 = 0x6573_636d;
 /// Rows fetched per round trip when scanning a range.
 const PAGE: i64 = 1000;
 
-/// Versioned schema migrations, applied in order, each once.
-const MIGRATIONS: [(i32, &str); 2] = [
-    (1, include_str!("../../migrations/postgres/0001_kv.sql")),
-    (
-        2,
-        include_str!("../../migrations/postgres/0002_cluster.sql"),
-    ),
-];
+/// Versioned schema migrations, applied in order, each once, in the
+/// store's schema (`{schema}` in their text). Versions 1 and 2 made the
+/// single table `escalator_kv` of older releases (see [`upgrade`]).
+const MIGRATIONS: [(i32, &str); 1] =
+    [(3, include_str!("../../migrations/postgres/0003_tables.sql"))];
+
+/// The schema a store's tables live in unless `[store] schema` says.
+pub const DEFAULT_SCHEMA: &str = "escalator";
+
+/// Is `name` a schema name the store takes: a plain lower-case SQL
+/// identifier (it is put into statements, quoted).
+pub fn valid_schema(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+        && !name.starts_with("pg_")
+}
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
 
@@ -202,17 +217,23 @@ impl Session {
 impl Lane {
     /// Starts the lane's thread; the first lane also brings the schema
     /// up to date before it answers.
-    fn start(config: &::postgres::Config, tls: &PgTls, first: bool) -> Result<Lane, StoreError> {
+    fn start(
+        config: &::postgres::Config,
+        tls: &PgTls,
+        schema: Option<&Tables>,
+    ) -> Result<Lane, StoreError> {
         let mut session = Session::new(config.clone(), tls.clone());
+        let schema = schema.cloned();
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready, started) = mpsc::channel();
         std::thread::Builder::new()
             .name("escalator-postgres".into())
             .spawn(move || {
-                let connected = if first {
-                    session.run(Mark::Inside, migrate)
-                } else {
-                    session.run(Mark::Inside, |_| Ok(()))
+                let connected = match &schema {
+                    Some(t) => session
+                        .run(Mark::Inside, |c| upgrade::bring_up_to_date(c, t))
+                        .and_then(|r| r),
+                    None => session.run(Mark::Inside, |_| Ok(())),
                 };
                 let _ = ready.send(connected);
                 for job in rx {
@@ -254,6 +275,33 @@ struct Lane {
     jobs: mpsc::Sender<Job>,
 }
 
+/// The store's schema, quoted, as statements name it: `"escalator"`.
+/// Its tables are `{schema}.cases` and so on ([`Tables::of`]).
+#[derive(Clone, Debug)]
+pub(super) struct Tables(Arc<str>);
+
+impl Tables {
+    pub(super) fn new(schema: &str) -> Result<Tables, StoreError> {
+        if !valid_schema(schema) {
+            return Err(StoreError::Engine(
+                format!("{schema:?} is not a schema name escalator takes").into(),
+            ));
+        }
+        Ok(Tables(format!("\"{schema}\"").into()))
+    }
+
+    /// The table of a key space.
+    pub(super) fn of(&self, t: Tree) -> String {
+        format!("{}.{}", self.0, TREES[t.index()].1)
+    }
+}
+
+impl std::fmt::Display for Tables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 pub(super) struct PgDb {
     /// Runs the store's transactions (begin, commit, abort) only.
     tx: Lane,
@@ -263,6 +311,7 @@ pub(super) struct PgDb {
     /// For connections of their own (the listener).
     config: ::postgres::Config,
     tls: PgTls,
+    tables: Tables,
 }
 
 thread_local! {
@@ -335,12 +384,16 @@ fn gone() -> StoreError {
 }
 
 impl PgDb {
-    /// Connects `pool` connections (at least [`MIN_POOL`]), and brings
-    /// the schema up to date.
     /// Connects as the store would and reads who and where it is, and
-    /// whether the store's table is there: changes nothing (no schema,
-    /// no lock), for `check-config --connect` beside a running cluster.
-    pub(super) fn probe(url: &str, tls: PgTls) -> Result<(String, String, bool), StoreError> {
+    /// whether the store's tables are there (or an older release's single
+    /// table): changes nothing (no schema, no lock), for `check-config
+    /// --connect` beside a running cluster.
+    pub(super) fn probe(
+        url: &str,
+        tls: PgTls,
+        schema: &str,
+    ) -> Result<(String, String, bool), StoreError> {
+        let tables = Tables::new(schema)?;
         let mut config: ::postgres::Config = url.parse().map_err(engine)?;
         // A host that drops packets answers nothing for minutes.
         config.connect_timeout(std::time::Duration::from_secs(10));
@@ -348,18 +401,26 @@ impl PgDb {
         let row = client
             .query_one(
                 "SELECT current_user::text, current_database()::text, \
-                 to_regclass('escalator_kv') IS NOT NULL",
-                &[],
+                 to_regclass($1) IS NOT NULL OR to_regclass('escalator_kv') IS NOT NULL",
+                &[&tables.of(Tree::Cases)],
             )
             .map_err(engine)?;
         Ok((row.get(0), row.get(1), row.get(2)))
     }
 
-    pub(super) fn open(url: &str, tls: PgTls, pool: usize) -> Result<PgDb, StoreError> {
+    /// Connects `pool` connections (at least [`MIN_POOL`]), and brings
+    /// the schema up to date (converting an older release's table).
+    pub(super) fn open(
+        url: &str,
+        tls: PgTls,
+        pool: usize,
+        schema: &str,
+    ) -> Result<PgDb, StoreError> {
+        let tables = Tables::new(schema)?;
         let config: ::postgres::Config = url.parse().map_err(engine)?;
         let mut lanes = Vec::new();
         for n in 0..pool.max(MIN_POOL) {
-            lanes.push(Lane::start(&config, &tls, n == 0)?);
+            lanes.push(Lane::start(&config, &tls, (n == 0).then_some(&tables))?);
         }
         let tx = lanes.remove(0);
         Ok(PgDb {
@@ -368,7 +429,13 @@ impl PgDb {
             next: AtomicUsize::new(0),
             config,
             tls,
+            tables,
         })
+    }
+
+    /// The store's schema, for statements of the cluster's tables.
+    pub(super) fn tables(&self) -> Tables {
+        self.tables.clone()
     }
 
     /// Calls `wake` whenever another process's commit queued mail or
@@ -436,13 +503,11 @@ impl PgDb {
     }
 
     pub(super) fn get(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let (tree, key) = (tree_id(t), key.to_vec());
+        let sql = format!("SELECT value FROM {} WHERE key = $1", self.tables.of(t));
+        let key = key.to_vec();
         let read = move |c: &mut Client| {
-            let st = prepared(
-                c,
-                "SELECT value FROM escalator_kv WHERE tree = $1 AND key = $2",
-            )?;
-            let row = c.query_opt(&st, &[&tree, &key])?;
+            let st = prepared(c, &sql)?;
+            let row = c.query_opt(&st, &[&key])?;
             Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
         };
         if t == Tree::Raw {
@@ -474,7 +539,7 @@ impl PgDb {
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
         Range {
             db: self,
-            tree: tree_id(t),
+            table: self.tables.of(t),
             column: "value",
             from: start.to_vec(),
             inclusive: true,
@@ -493,7 +558,7 @@ impl PgDb {
     ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
         Range {
             db: self,
-            tree: tree_id(t),
+            table: self.tables.of(t),
             column: "sha256(value)",
             from: Vec::new(),
             inclusive: true,
@@ -513,42 +578,35 @@ impl PgDb {
     }
 
     pub(super) fn first_key(&self, t: Tree) -> Result<Option<Vec<u8>>, StoreError> {
-        let tree = tree_id(t);
+        let sql = format!("SELECT key FROM {} ORDER BY key LIMIT 1", self.tables.of(t));
         self.call(move |c| {
-            let row = c.query_opt(
-                "SELECT key FROM escalator_kv WHERE tree = $1 ORDER BY key LIMIT 1",
-                &[&tree],
-            )?;
+            let row = c.query_opt(&sql, &[])?;
             Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
         })
     }
 
     pub(super) fn len(&self, t: Tree) -> Result<usize, StoreError> {
-        let tree = tree_id(t);
+        let sql = format!("SELECT count(*) FROM {}", self.tables.of(t));
         self.call(move |c| {
-            let n: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM escalator_kv WHERE tree = $1",
-                    &[&tree],
-                )?
-                .get(0);
+            let n: i64 = c.query_one(&sql, &[])?.get(0);
             Ok(n.max(0) as usize)
         })
     }
 
     /// Sets `key` in meta unless it is set; returns what is set after.
     pub(super) fn meta_set_once(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let (tree, key, value) = (tree_id(Tree::Meta), key.to_vec(), value.to_vec());
+        let meta = self.tables.of(Tree::Meta);
+        let name = String::from_utf8_lossy(key).into_owned();
+        let (key, value) = (key.to_vec(), value.to_vec());
         self.call(move |c| {
             c.execute(
-                "INSERT INTO escalator_kv (tree, key, value) VALUES ($1, $2, $3) \
-                 ON CONFLICT (tree, key) DO NOTHING",
-                &[&tree, &key, &value],
+                &format!(
+                    "INSERT INTO {meta} (key, value, name) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO NOTHING"
+                ),
+                &[&key, &value, &name],
             )?;
-            let row = c.query_one(
-                "SELECT value FROM escalator_kv WHERE tree = $1 AND key = $2",
-                &[&tree, &key],
-            )?;
+            let row = c.query_one(&format!("SELECT value FROM {meta} WHERE key = $1"), &[&key])?;
             Ok(row.get(0))
         })
     }
@@ -609,24 +667,11 @@ impl PgDb {
             .as_ref()
             .map(|f| f.mailbox.clone())
             .unwrap_or_default();
-        let (mut put_t, mut put_k, mut put_v) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut del_t, mut del_k) = (Vec::new(), Vec::new());
         let wakes = ops
             .iter()
             .any(|(t, _, _)| matches!(t, Tree::OutboxPending | Tree::Deadlines));
-        for (t, k, v) in ops {
-            match v {
-                Some(v) => {
-                    put_t.push(tree_id(*t));
-                    put_k.push(k.clone());
-                    put_v.push(v.to_vec());
-                }
-                None => {
-                    del_t.push(tree_id(*t));
-                    del_k.push(k.clone());
-                }
-            }
-        }
+        let writes = rows::Writes::of(ops);
+        let tables = self.tables.clone();
         let (fenced_tx, fenced_rx) = mpsc::sync_channel(1);
         let result = self.tx.call(Mark::End, move |c| {
             let written = (|| {
@@ -642,8 +687,10 @@ impl PgDb {
                     // this transaction began, maybe seconds ago.
                     let st = prepared(
                         c,
-                        "SELECT holder, token, expires_at > clock_timestamp() \
-                         FROM escalator_leases WHERE mailbox = $1",
+                        &format!(
+                            "SELECT holder, token, expires_at > clock_timestamp() \
+                         FROM {tables}.leases WHERE mailbox = $1"
+                        ),
                     )?;
                     let row = c.query_opt(&st, &[&f.mailbox])?;
                     let held = row.is_some_and(|r| {
@@ -656,24 +703,7 @@ impl PgDb {
                         return c.batch_execute("ROLLBACK");
                     }
                 }
-                if !put_t.is_empty() {
-                    let st = prepared(
-                        c,
-                        "INSERT INTO escalator_kv (tree, key, value) \
-                         SELECT * FROM unnest($1::int2[], $2::bytea[], $3::bytea[]) \
-                         ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
-                    )?;
-                    c.execute(&st, &[&put_t, &put_k, &put_v])?;
-                }
-                if !del_t.is_empty() {
-                    let st = prepared(
-                        c,
-                        "DELETE FROM escalator_kv k \
-                         USING unnest($1::int2[], $2::bytea[]) AS d(tree, key) \
-                         WHERE k.tree = d.tree AND k.key = d.key",
-                    )?;
-                    c.execute(&st, &[&del_t, &del_k])?;
-                }
+                writes.write(c, &tables)?;
                 if wakes {
                     // Delivered when (and only if) the commit succeeds.
                     c.batch_execute(&format!("NOTIFY {CHANNEL}; COMMIT"))
@@ -702,7 +732,7 @@ impl PgDb {
 /// A page-at-a-time scan.
 struct Range<'d> {
     db: &'d PgDb,
-    tree: i16,
+    table: String,
     /// What comes with each key: `value`, or an expression of it.
     column: &'static str,
     /// Where the next page starts; after the first page, exclusive.
@@ -718,8 +748,8 @@ impl Iterator for Range<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() && !self.done {
-            let (tree, column, from, inclusive, end) = (
-                self.tree,
+            let (table, column, from, inclusive, end) = (
+                self.table.clone(),
                 self.column,
                 self.from.clone(),
                 self.inclusive,
@@ -732,21 +762,21 @@ impl Iterator for Range<'_> {
                         let st = prepared(
                             c,
                             &format!(
-                                "SELECT key, {column} FROM escalator_kv WHERE tree = $1 \
-                                 AND key {op} $2 AND key < $3 ORDER BY key LIMIT {PAGE}"
+                                "SELECT key, {column} FROM {table} WHERE key {op} $1 \
+                                 AND key < $2 ORDER BY key LIMIT {PAGE}"
                             ),
                         )?;
-                        c.query(&st, &[&tree, &from, e])?
+                        c.query(&st, &[&from, e])?
                     }
                     None => {
                         let st = prepared(
                             c,
                             &format!(
-                                "SELECT key, {column} FROM escalator_kv WHERE tree = $1 \
-                                 AND key {op} $2 ORDER BY key LIMIT {PAGE}"
+                                "SELECT key, {column} FROM {table} WHERE key {op} $1 \
+                                 ORDER BY key LIMIT {PAGE}"
                             ),
                         )?;
-                        c.query(&st, &[&tree, &from])?
+                        c.query(&st, &[&from])?
                     }
                 };
                 Ok(rows
@@ -773,10 +803,6 @@ impl Iterator for Range<'_> {
     }
 }
 
-fn tree_id(t: Tree) -> i16 {
-    t.index() as i16
-}
-
 /// The first key after every key starting with `prefix` (None: no end).
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
@@ -787,40 +813,6 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
-}
-
-/// Applies the migrations not yet applied, under an advisory lock so two
-/// nodes starting at once do not both run one.
-fn migrate(c: &mut Client) -> Result<(), postgres::Error> {
-    c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])?;
-    let result = (|| {
-        c.batch_execute(
-            "CREATE TABLE IF NOT EXISTS escalator_migrations (
-                 version integer PRIMARY KEY,
-                 applied_at timestamptz NOT NULL DEFAULT now()
-             )",
-        )?;
-        for (version, sql) in MIGRATIONS {
-            let done = c
-                .query_opt(
-                    "SELECT 1 FROM escalator_migrations WHERE version = $1",
-                    &[&version],
-                )?
-                .is_some();
-            if !done {
-                let mut tx = c.transaction()?;
-                tx.batch_execute(sql)?;
-                tx.execute(
-                    "INSERT INTO escalator_migrations (version) VALUES ($1)",
-                    &[&version],
-                )?;
-                tx.commit()?;
-            }
-        }
-        Ok(())
-    })();
-    c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])?;
-    result
 }
 
 #[cfg(test)]

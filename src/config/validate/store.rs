@@ -44,6 +44,7 @@ impl Validator<'_> {
             ("ca_file", s.ca_file.is_some()),
             ("allow_insecure", s.allow_insecure),
             ("pool", s.pool.is_some()),
+            ("schema", s.schema.is_some()),
         ];
         match s.engine.as_deref().unwrap_or("sled") {
             "sled" => {
@@ -102,12 +103,26 @@ impl Validator<'_> {
                 ),
             );
         }
+        let schema = s
+            .schema
+            .clone()
+            .unwrap_or_else(|| crate::store::DEFAULT_SCHEMA.to_string());
+        if !crate::store::valid_schema(&schema) {
+            self.problem(
+                "store.schema",
+                format!(
+                    "{schema:?} is not a schema name escalator takes: lower-case letters, \
+                     digits and _, not starting with a digit or pg_, at most 63 characters"
+                ),
+            );
+        }
         StoreEngine::Postgres {
             url,
             security: s.security.unwrap_or(Security::Tls),
             allow_insecure: s.allow_insecure,
             ca_file,
             pool,
+            schema,
         }
     }
 

@@ -1,0 +1,249 @@
+//! Brings a database up to the store's schema when a node opens it: the
+//! versioned migrations ([`super::MIGRATIONS`]), and the conversion of an
+//! older release's store, all its key spaces in the one table
+//! `escalator_kv`, into the tables of today's.
+//!
+//! The conversion runs once, while no other daemon runs on the database
+//! (an older release's daemons hold the daemon lock shared: it refuses to
+//! start beside them). It first renames the old table, so an older
+//! release started meanwhile finds no store and stops instead of writing
+//! where nobody reads. It copies key space by key space in batches, each
+//! committed with its progress (`upgrade_progress`), so a conversion cut
+//! short goes on from where it stopped; nothing but this conversion
+//! writes the new tables until it has finished, because every node opens
+//! the store through here under the migration lock. The old tables are
+//! dropped only at the end, in the same transaction that moves the
+//! cluster's leases over.
+
+use ::postgres::Client;
+
+use super::super::codec::{Tree, TREES};
+use super::super::migrate::fits;
+use super::super::StoreError;
+use super::rows::Writes;
+use super::{LockMode, Tables, DAEMON_LOCK, MIGRATE_LOCK, MIGRATIONS};
+
+/// What the old table is called while it is converted.
+const CONVERTING: &str = "escalator_kv_upgrading";
+/// Rows looked at per batch (fewer when their values are large).
+const BATCH: i64 = 500;
+
+type Outcome = Result<Result<(), StoreError>, postgres::Error>;
+
+/// Applies the migrations not yet applied and converts an older store,
+/// under an advisory lock so two nodes starting at once do not both do
+/// it (the second waits, then finds it done).
+pub(super) fn bring_up_to_date(c: &mut Client, t: &Tables) -> Outcome {
+    c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])?;
+    let result = migrate_and_convert(c, t);
+    c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])?;
+    result
+}
+
+fn migrate_and_convert(c: &mut Client, t: &Tables) -> Outcome {
+    c.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {t};
+         CREATE TABLE IF NOT EXISTS {t}.migrations (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )"
+    ))?;
+    for (version, sql) in MIGRATIONS {
+        let done = c
+            .query_opt(
+                &format!("SELECT 1 FROM {t}.migrations WHERE version = $1"),
+                &[&version],
+            )?
+            .is_some();
+        if !done {
+            let mut tx = c.transaction()?;
+            tx.batch_execute(&sql.replace("{schema}", &t.to_string()))?;
+            tx.execute(
+                &format!("INSERT INTO {t}.migrations (version) VALUES ($1)"),
+                &[&version],
+            )?;
+            tx.commit()?;
+        }
+    }
+    let old: Option<String> = c
+        .query_one(
+            "SELECT coalesce(to_regclass($1)::text, to_regclass('escalator_kv')::text)",
+            &[&CONVERTING],
+        )?
+        .get(0);
+    if let Some(old) = old {
+        if let Err(e) = convert(c, t, &old)? {
+            return Ok(Err(e));
+        }
+    }
+    // An older release started on this database would find its own
+    // migrations missing and make an empty store beside this one (and
+    // read every mailbox again from the start): its bookkeeping says
+    // they are applied, so it finds no table and stops.
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS escalator_migrations (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );
+         INSERT INTO escalator_migrations (version) VALUES (1), (2), (3)
+         ON CONFLICT (version) DO NOTHING",
+    )?;
+    Ok(Ok(()))
+}
+
+/// Converts the old table `old` (the name it has now) into the tables.
+fn convert(c: &mut Client, t: &Tables, old: &str) -> Outcome {
+    let alone: bool = c
+        .query_one(LockMode::Exclusive.sql(), &[&DAEMON_LOCK])?
+        .get(0);
+    if !alone {
+        return Ok(Err(StoreError::Migrate(
+            "this database holds an older release's store (the table escalator_kv), which is \
+             converted to today's tables when no other daemon runs on it: stop every daemon \
+             of the cluster (all releases), then start this one alone"
+                .into(),
+        )));
+    }
+    let result = convert_alone(c, t, old);
+    c.execute("SELECT pg_advisory_unlock($1)", &[&DAEMON_LOCK])?;
+    result.map(Ok)
+}
+
+fn convert_alone(c: &mut Client, t: &Tables, old: &str) -> Result<(), postgres::Error> {
+    if old != CONVERTING {
+        tracing::info!("converting the PostgreSQL store of an older release into tables");
+        c.batch_execute(&format!(
+            "ALTER TABLE {old} RENAME TO {CONVERTING};
+             CREATE TABLE IF NOT EXISTS {t}.upgrade_progress (
+                 tree     smallint PRIMARY KEY,
+                 last_key bytea    NOT NULL,
+                 rows     bigint   NOT NULL
+             )"
+        ))?;
+    } else {
+        tracing::info!("going on with the conversion of an older release's store");
+    }
+    for (tree, name) in TREES {
+        copy_key_space(c, t, tree, name)?;
+    }
+    let mut tx = c.transaction()?;
+    let old_cluster = tx
+        .query_one("SELECT to_regclass('escalator_leases') IS NOT NULL", &[])?
+        .get::<_, bool>(0);
+    if old_cluster {
+        // Fencing tokens go on growing: a token of before the upgrade is
+        // never handed out again.
+        tx.batch_execute(&format!(
+            "INSERT INTO {t}.leases SELECT * FROM escalator_leases ON CONFLICT DO NOTHING;
+             SELECT setval('{t}.lease_tokens', greatest(
+                 (SELECT last_value FROM escalator_lease_tokens),
+                 (SELECT coalesce(max(token), 1) FROM {t}.leases)));
+             DROP TABLE escalator_leases, escalator_nodes;
+             DROP SEQUENCE escalator_lease_tokens;"
+        ))?;
+    }
+    tx.batch_execute(&format!(
+        "DROP TABLE {CONVERTING}; DROP TABLE {t}.upgrade_progress"
+    ))?;
+    tx.commit()?;
+    tracing::info!("the PostgreSQL store is converted; the old table is dropped");
+    Ok(())
+}
+
+/// Copies one key space from where its progress says, a batch a
+/// transaction.
+fn copy_key_space(
+    c: &mut Client,
+    t: &Tables,
+    tree: Tree,
+    name: &str,
+) -> Result<(), postgres::Error> {
+    let id = tree.index() as i16;
+    let total: i64 = c
+        .query_one(
+            &format!("SELECT count(*) FROM {CONVERTING} WHERE tree = $1"),
+            &[&id],
+        )?
+        .get(0);
+    let progress = c.query_opt(
+        &format!("SELECT last_key, rows FROM {t}.upgrade_progress WHERE tree = $1"),
+        &[&id],
+    )?;
+    let (mut from, mut copied): (Vec<u8>, i64) = match progress {
+        Some(r) => (r.get(0), r.get(1)),
+        None => (Vec::new(), 0),
+    };
+    let mut first = progress_is_empty(copied, &from);
+    loop {
+        // Keys and sizes first: a batch holds as many rows as fit in
+        // memory and in one statement, raw mail being megabytes each.
+        let op = if first { ">=" } else { ">" };
+        let sizes = c.query(
+            &format!(
+                "SELECT key, length(value) FROM {CONVERTING} WHERE tree = $1 AND key {op} $2 \
+                 ORDER BY key LIMIT {BATCH}"
+            ),
+            &[&id, &from],
+        )?;
+        let Some(last) = last_fitting(&sizes) else {
+            break;
+        };
+        let rows = c.query(
+            &format!(
+                "SELECT key, value FROM {CONVERTING} WHERE tree = $1 AND key {op} $2 \
+                 AND key <= $3 ORDER BY key"
+            ),
+            &[&id, &from, &last],
+        )?;
+        let mut writes = Writes::default();
+        for r in &rows {
+            let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
+            writes.add(tree, &k, Some(&v));
+        }
+        copied += rows.len() as i64;
+        c.batch_execute("BEGIN")?;
+        let committed = (|| {
+            writes.write(c, t)?;
+            c.execute(
+                &format!(
+                    "INSERT INTO {t}.upgrade_progress (tree, last_key, rows) \
+                     VALUES ($1, $2, $3) ON CONFLICT (tree) DO UPDATE \
+                     SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows"
+                ),
+                &[&id, &last, &copied],
+            )?;
+            c.batch_execute("COMMIT")
+        })();
+        if committed.is_err() {
+            let _ = c.batch_execute("ROLLBACK");
+        }
+        committed?;
+        tracing::info!(key_space = name, copied, of = total, "converting the store");
+        from = last;
+        first = false;
+    }
+    Ok(())
+}
+
+/// Nothing of a key space copied yet: its first key may be empty, so the
+/// first batch starts at (not after) the empty key.
+fn progress_is_empty(copied: i64, from: &[u8]) -> bool {
+    copied == 0 && from.is_empty()
+}
+
+/// The last key of the rows (key, length) that fit in one batch; None
+/// when there are none.
+fn last_fitting(rows: &[::postgres::Row]) -> Option<Vec<u8>> {
+    let (mut n, mut bytes, mut last) = (0, 0usize, None);
+    for r in rows {
+        let (k, len): (Vec<u8>, i32) = (r.get(0), r.get(1));
+        let len = k.len() + usize::try_from(len).unwrap_or(0);
+        if !fits(n, bytes, len) {
+            break;
+        }
+        n += 1;
+        bytes += len;
+        last = Some(k);
+    }
+    last
+}
