@@ -155,7 +155,10 @@ impl Ingestor {
     ) -> Result<Vec<Outcome>, StoreError> {
         let all: Vec<Item<'_>> = items.iter().map(|(_, i)| *i).collect();
         self.ensure_space(&all)?;
-        let together = self.store.transact(|tx| {
+        // Two nodes may store one message at once (delivered to two
+        // queues' mailboxes): the loser's commit conflicts, and its new
+        // run finds the message stored.
+        let together = self.store.transact_retrying(|tx| {
             if let Some(f) = fence {
                 tx.fence(f.clone());
             }

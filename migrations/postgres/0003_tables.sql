@@ -203,6 +203,16 @@ CREATE TABLE {schema}.referrers (
     case_id    bigint
 );
 
+-- The store's numbers (cases, messages, outgoing mail, quarantine), never
+-- handed out twice; a transaction that does not commit leaves a gap. Each
+-- node takes case numbers 64 at a time, so the nodes' new cases fall in
+-- KPI buckets (facts, 64 cases each) of their own and their commits do
+-- not wait for one another.
+CREATE SEQUENCE {schema}.next_case CACHE 64;
+CREATE SEQUENCE {schema}.next_message;
+CREATE SEQUENCE {schema}.next_outbox;
+CREATE SEQUENCE {schema}.next_quarantine;
+
 -- The cluster: every running daemon, and who watches which mailbox until
 -- when (times from the database's clock). `token` is the fencing token:
 -- it grows with every new holder, and every write that depends on the

@@ -1,7 +1,7 @@
 //! The cluster on PostgreSQL: mailbox leases and their fencing, node
 //! heartbeats, and migrations that exclude the daemons.
 
-use super::tests::{at, case, ok, open_sled, pg_store};
+use super::tests::{at, case, ok, open_sled, pg_store, record};
 use super::*;
 
 #[test]
@@ -237,33 +237,94 @@ fn r17_keys_an_older_release_made_of_long_texts_are_found_after_the_upgrade() {
 }
 
 #[test]
-fn r17_a_node_stuck_while_holding_the_store_lock_holds_up_the_others_only_for_a_while() {
-    // Input: a node paused mid-read keeps the store's lock without being
-    // idle in its transaction. The others waited 60 s for it, failed
-    // with a statement timeout taken as fatal, and their failed BEGIN
-    // left the connection in an aborted transaction ("current
-    // transaction is aborted") for the next one.
+fn a_node_stuck_while_holding_a_cases_row_holds_up_that_case_only_and_only_for_a_while() {
+    // r17: a node paused mid-transaction held the store's one lock, and
+    // so every node's writes (issue 22: each case has its own row lock).
     let pg = crate::testing::Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     let url = pg.database("stuck");
     let store = pg_store(&pg, "stuck", dir.path());
+    ok(store.transact(|tx| tx.put_case(&mut case(1, "T1", 5))));
     let mut stuck = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
     stuck
-        .execute("SELECT pg_advisory_lock($1)", &[&postgres::TX_LOCK])
+        .batch_execute("BEGIN; SELECT 1 FROM escalator.cases WHERE id = 1 FOR UPDATE")
         .unwrap();
+    // Another case is written at once.
+    let started = std::time::Instant::now();
+    ok(store.transact(|tx| tx.put_case(&mut case(2, "T1", 6))));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The stuck one's case waits, then fails in a way that is retried.
     let started = std::time::Instant::now();
     let e = store
-        .transact(|tx| tx.put_case(&mut case(1, "T1", 5)))
+        .transact(|tx| {
+            let mut c = tx.case(1)?.expect("stored");
+            c.tier = "T2".into();
+            tx.put_case(&mut c)
+        })
         .unwrap_err();
     let waited = started.elapsed();
     assert!(e.is_transient(), "retried, not fatal: {e}");
     assert!(!e.stops_a_watcher());
     assert!(waited < std::time::Duration::from_secs(30), "{waited:?}");
     assert!(waited >= postgres::LOCK_WAIT / 2, "{waited:?}");
-    stuck
-        .execute("SELECT pg_advisory_unlock($1)", &[&postgres::TX_LOCK])
-        .unwrap();
+    stuck.batch_execute("ROLLBACK").unwrap();
     // The same connection goes on at once.
-    ok(store.transact(|tx| tx.put_case(&mut case(1, "T1", 5))));
-    assert!(ok(store.case(1)).is_some());
+    ok(store.transact(|tx| {
+        let mut c = tx.case(1)?.expect("stored");
+        c.tier = "T2".into();
+        tx.put_case(&mut c)
+    }));
+    assert_eq!(ok(store.case(1)).unwrap().tier, "T2");
+    assert_eq!(
+        ok(store.open_cases_by_tier()),
+        [("T1".to_string(), 1), ("T2".to_string(), 1)].into()
+    );
+}
+
+#[test]
+fn two_nodes_storing_one_message_at_once_store_it_once_and_the_other_sees_it() {
+    // Issue 22: with no store-wide lock, two nodes may both find a
+    // Message-ID missing (a message delivered to two queues' mailboxes)
+    // and both store it. The unique key lets one commit; the other's
+    // commit fails as a conflict, writes nothing, and its retry finds the
+    // message stored.
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = pg_store(&pg, "race", &dir.path().join("a"));
+    let b = pg_store(&pg, "race", &dir.path().join("b"));
+    let both_read = std::sync::Barrier::new(2);
+    let store_once = |s: &Store, case_id: CaseId| {
+        s.transact(|tx| {
+            let stored = tx.has_message("same@x", "h")?;
+            both_read.wait();
+            if !stored {
+                let id = tx.next_id(Sequence::Message)?;
+                tx.put_case(&mut case(case_id, "T1", 5))?;
+                tx.put_message(&record(id, case_id, "same@x", "h"), b"raw")?;
+            }
+            Ok::<_, StoreError>(stored)
+        })
+    };
+    let (ra, rb) = std::thread::scope(|sc| {
+        let ta = sc.spawn(|| store_once(&a, 1));
+        let tb = sc.spawn(|| store_once(&b, 2));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    let (won, lost) = match (&ra, &rb) {
+        (Ok(false), Err(e)) => (1, e),
+        (Err(e), Ok(false)) => (2, e),
+        other => panic!("one commits, one conflicts: {other:?}"),
+    };
+    assert!(matches!(lost, StoreError::Conflict(_)), "{lost}");
+    assert!(lost.is_transient(), "retried");
+    // Nothing of the loser was written: only the winner's case.
+    assert_eq!(ok(a.counts()), (1, 1));
+    assert!(ok(a.case(won)).is_some());
+    // Its retry sees the message stored.
+    let retry = a.transact(|tx| tx.has_message("same@x", "h"));
+    assert!(ok(retry));
 }

@@ -70,8 +70,38 @@ impl Db {
         }
     }
 
-    /// Starts a store transaction (PostgreSQL: takes the cluster-wide
-    /// transaction lock; sled: the in-process lock is enough).
+    /// A key's value read inside a store transaction, for changing it:
+    /// PostgreSQL locks the row until the transaction ends, so no other
+    /// node changes it meanwhile (sled: the in-process lock is enough).
+    pub(super) fn get_for_update(&self, t: Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self {
+            Db::Sled(d) => d.get(t, key),
+            Db::Postgres(d) => d.get_for_update(t, key),
+        }
+    }
+
+    /// The next number of a sequence, when the engine hands them out
+    /// itself (PostgreSQL's sequences: no row every node's transactions
+    /// would wait for); None: the store counts in its meta space.
+    pub(super) fn next_id(&self, s: super::Sequence) -> Result<Option<u64>> {
+        match self {
+            Db::Sled(_) => Ok(None),
+            Db::Postgres(d) => d.next_id(s).map(Some),
+        }
+    }
+
+    /// Makes the engine's sequences go on after the numbers the meta
+    /// space counted (a store copied from sled, or from the one-table
+    /// layout, counted there). Only while no daemon runs on the store.
+    pub(super) fn sync_sequences(&self) -> Result<()> {
+        match self {
+            Db::Sled(_) => Ok(()),
+            Db::Postgres(d) => d.sync_sequences(),
+        }
+    }
+
+    /// Starts a store transaction (PostgreSQL: a database transaction,
+    /// its rows locked as it reads them; sled: the in-process lock).
     pub(super) fn begin(&self) -> Result<()> {
         match self {
             Db::Sled(_) => Ok(()),
@@ -81,10 +111,19 @@ impl Db {
 
     /// Writes every op or none, ending the transaction; with a fence,
     /// only while its lease is held (sled: one process, nothing to check).
-    pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<()> {
+    /// `absent`: keys the transaction read and found missing. Another
+    /// node may have written one since (nothing locks a missing row), so
+    /// PostgreSQL writes these only if they are still missing, else
+    /// fails with [`StoreError::Conflict`] and writes nothing.
+    pub(super) fn commit(
+        &self,
+        ops: &[Op],
+        absent: &std::collections::HashSet<(Tree, Vec<u8>)>,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
         match self {
             Db::Sled(d) => d.apply(ops),
-            Db::Postgres(d) => d.commit(ops, fence),
+            Db::Postgres(d) => d.commit(ops, absent, fence),
         }
     }
 

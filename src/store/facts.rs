@@ -12,7 +12,8 @@
 //!
 //! `u ++ opening time ++ id` → `queue \0 tier` is present while a case is
 //! unresolved: open cases by age without decoding facts. The per-tier
-//! open counts (meta `open/<tier>`) are kept in step with it.
+//! open counts (meta `open/<tier>`) are kept in step with it on sled; on
+//! PostgreSQL the cases table is counted instead.
 
 use chrono::{DateTime, Utc};
 
@@ -315,7 +316,9 @@ impl Tx<'_> {
             // cases by age without decoding anything.
             self.put(Tree::Facts, ukey, codec::unresolved_entry_value(case));
         }
-        if old_tier != new_tier {
+        // On PostgreSQL the cases table counts them (a count row every
+        // new case bumped would have every node's commits wait for it).
+        if old_tier != new_tier && self.store.db.is_local() {
             for (tier, delta) in [(old_tier, -1i64), (new_tier, 1)] {
                 if let Some(t) = tier {
                     let mut key = codec::OPEN_PREFIX.to_vec();

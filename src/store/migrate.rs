@@ -85,7 +85,7 @@ impl Batch {
                 .push((Tree::Meta, mark.to_vec(), Some(last.into())));
         }
         target.db.begin()?;
-        target.db.commit(&self.ops, None)?;
+        target.db.commit(&self.ops, &Default::default(), None)?;
         self.ops.clear();
         self.bytes = 0;
         Ok(())
@@ -153,8 +153,11 @@ impl Store {
                 done_key.into_bytes(),
                 Some(b"1".to_vec().into()),
             )],
+            &Default::default(),
             None,
         )?;
+        // Numbers go on after the sled store's.
+        target.db.sync_sequences()?;
         Ok(copied)
     }
 

@@ -95,7 +95,7 @@ fn a_resumed_migration_copies_what_changed_in_the_sled_store_meanwhile() {
     }));
     let gone = |v: Option<&[u8]>| {
         let op = (Tree::Meta, b"test/gone".to_vec(), v.map(Arc::from));
-        ok(sled.db.commit(&[op], None));
+        ok(sled.db.commit(&[op], &Default::default(), None));
     };
     gone(Some(b"x"));
     let pg = crate::testing::Postgres::start();

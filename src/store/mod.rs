@@ -85,6 +85,12 @@ pub enum StoreError {
     /// longer holds: nothing of it was written.
     #[error("the lease on mailbox {0} was lost to another node; nothing was written for it")]
     Fenced(String),
+    /// Another node wrote, while this transaction ran, a record it had
+    /// found missing and meant to create (the same message stored from
+    /// two mailboxes at once): nothing was written, and trying again
+    /// sees the other node's record.
+    #[error("another node wrote {0} meanwhile; nothing was written, and a retry sees it")]
+    Conflict(String),
     /// A cluster operation on the embedded store, which has one process.
     #[error(
         "the embedded store (sled) has no cluster; several daemons need engine = \"postgres\""
@@ -144,7 +150,7 @@ impl StoreError {
     /// with backoff instead of stopping the daemon.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Unavailable(_) => true,
+            StoreError::Unavailable(_) | StoreError::Conflict(_) => true,
             StoreError::Engine(e) => postgres::is_transient(e.as_ref()),
             _ => false,
         }
@@ -385,6 +391,26 @@ impl Store {
         crate::blocking(|| self.transact_here(f))
     }
 
+    /// As [`Store::transact`], run again (at most three times in all)
+    /// while its commit conflicts with another node's
+    /// ([`StoreError::Conflict`]): for work whose every decision is made
+    /// inside the transaction, so a new run starts from nothing.
+    pub fn transact_retrying<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.transact(&mut f) {
+                Err(StoreError::Conflict(what)) if tries < 3 => {
+                    tracing::info!(
+                        what,
+                        "another node wrote the same record at once; trying again"
+                    );
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn transact_here<T, E: From<StoreError>>(
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<T, E>,
@@ -403,6 +429,7 @@ impl Store {
             undo: Vec::new(),
             fence: None,
             reads: Default::default(),
+            absent: Default::default(),
         };
         let out = f(&mut tx)?;
         // Each key once, with its last value: a chunk of messages writes
@@ -412,7 +439,8 @@ impl Store {
             .map(|((t, k), v)| (t, k, v))
             .collect();
         open.1 = false;
-        self.db.commit(&ops, tx.fence.as_ref())?;
+        self.db
+            .commit(&ops, &tx.absent.borrow(), tx.fence.as_ref())?;
         let hooks = std::mem::take(&mut tx.on_commit);
         drop(tx);
         for h in hooks {
@@ -673,8 +701,12 @@ impl Store {
     }
 
     /// Unresolved cases by the tier holding them: counts kept in step by
-    /// every case write, so this reads a handful of keys.
+    /// every case write, so this reads a handful of keys (PostgreSQL:
+    /// counted from the cases table's index).
     pub fn open_cases_by_tier(&self) -> Result<BTreeMap<String, u64>> {
+        if let engine::Db::Postgres(pg) = &self.db {
+            return pg.open_by_tier();
+        }
         let mut out = BTreeMap::new();
         for r in self.db.prefix(Tree::Meta, codec::OPEN_PREFIX) {
             let (k, v) = r?;

@@ -34,9 +34,6 @@ mod rows;
 mod upgrade;
 use super::StoreError;
 
-/// The advisory lock every store transaction takes (any number; this one
-/// spells "escl").
-pub(super) const TX_LOCK: i64 = 0x6573_636c;
 /// The advisory lock a daemon holds (shared) while it runs; `store
 /// migrate` takes it exclusive, so no daemon writes while a store moves.
 const DAEMON_LOCK: i64 = 0x6573_636e;
@@ -636,19 +633,66 @@ impl PgDb {
 
     /// Opens a transaction holding the store's lock (see the module).
     pub(super) fn begin(&self) -> Result<(), StoreError> {
-        self.tx.call(Mark::Begin, |c| {
-            // One round trip (the lock's number is ours, not input).
-            let begun = c.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({TX_LOCK})"));
-            if begun.is_err() {
-                // BEGIN ran and the lock's wait failed (`lock_timeout`):
-                // the session sits in an aborted transaction that would
-                // fail this connection's next statement.
-                let _ = c.batch_execute("ROLLBACK");
-            }
-            begun
-        })?;
+        self.tx.call(Mark::Begin, |c| c.batch_execute("BEGIN"))?;
         IN_TX.with(|t| t.set(true));
         Ok(())
+    }
+
+    /// Reads a key inside the store transaction and locks its row until
+    /// the transaction ends (`FOR UPDATE`): a case, an outgoing mail, a
+    /// cursor changes under its own lock, and nodes working on other rows
+    /// never wait. Stored mail is not locked: its bytes never change.
+    pub(super) fn get_for_update(
+        &self,
+        t: Tree,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if t == Tree::Raw || !IN_TX.with(Cell::get) {
+            return self.get(t, key);
+        }
+        let sql = format!(
+            "SELECT value FROM {} WHERE key = $1 FOR UPDATE",
+            self.tables.of(t)
+        );
+        let key = key.to_vec();
+        self.call(move |c| {
+            let st = prepared(c, &sql)?;
+            Ok(c.query_opt(&st, &[&key])?.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    /// Unresolved cases by tier, counted from the cases table.
+    pub(super) fn open_by_tier(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let sql = format!(
+            "SELECT tier, count(*) FROM {} WHERE status <> 'resolved' GROUP BY tier",
+            self.tables.of(Tree::Cases)
+        );
+        self.call(move |c| {
+            Ok(c.query(&sql, &[])?
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+                .collect())
+        })
+    }
+
+    /// See [`super::engine::Db::sync_sequences`].
+    pub(super) fn sync_sequences(&self) -> Result<(), StoreError> {
+        let tables = self.tables.clone();
+        self.call_outside(move |c| upgrade::sync_sequences(c, &tables))
+    }
+
+    /// The next number of a sequence (see `0003_tables.sql`): taken at
+    /// once, never handed out again, whether this transaction commits
+    /// or not.
+    pub(super) fn next_id(&self, s: super::Sequence) -> Result<u64, StoreError> {
+        let sql = format!("SELECT nextval('{}.{}')", self.tables, s.key());
+        self.call(move |c| {
+            let st = prepared(c, &sql)?;
+            let n: i64 = c.query_one(&st, &[])?.get(0);
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
     }
 
     /// Writes every op and commits; on failure nothing is written. All
@@ -660,7 +704,12 @@ impl PgDb {
     /// nor expired by the database's clock: a node that lost or gave back
     /// its mailbox writes nothing for it.
     // Long: one database transaction from BEGIN to COMMIT (fence check, deletes, upserts per tree, sequences); split, the transaction would be passed through every part.
-    pub(super) fn commit(&self, ops: &[Op], fence: Option<&Fence>) -> Result<(), StoreError> {
+    pub(super) fn commit(
+        &self,
+        ops: &[Op],
+        absent: &std::collections::HashSet<(Tree, Vec<u8>)>,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
         IN_TX.with(|t| t.set(false));
         let fence = fence.cloned();
         let fenced_mailbox = fence
@@ -670,9 +719,10 @@ impl PgDb {
         let wakes = ops
             .iter()
             .any(|(t, _, _)| matches!(t, Tree::OutboxPending | Tree::Deadlines));
-        let writes = rows::Writes::of(ops);
+        let writes = rows::Writes::of(ops, absent);
         let tables = self.tables.clone();
         let (fenced_tx, fenced_rx) = mpsc::sync_channel(1);
+        let (conflict_tx, conflict_rx) = mpsc::sync_channel(1);
         let result = self.tx.call(Mark::End, move |c| {
             let written = (|| {
                 if let Some(f) = &fence {
@@ -703,7 +753,10 @@ impl PgDb {
                         return c.batch_execute("ROLLBACK");
                     }
                 }
-                writes.write(c, &tables)?;
+                if let Err(conflict) = writes.write(c, &tables)? {
+                    let _ = conflict_tx.send(conflict);
+                    return c.batch_execute("ROLLBACK");
+                }
                 if wakes {
                     // Delivered when (and only if) the commit succeeds.
                     c.batch_execute(&format!("NOTIFY {CHANNEL}; COMMIT"))
@@ -718,6 +771,9 @@ impl PgDb {
         });
         if fenced_rx.try_recv().is_ok() {
             return Err(StoreError::Fenced(fenced_mailbox));
+        }
+        if let Ok(what) = conflict_rx.try_recv() {
+            return Err(StoreError::Conflict(what));
         }
         result
     }

@@ -121,10 +121,13 @@ fn a_failing_transaction_leaves_nothing() {
         assert!(!ok(s.has_message("a@x", "h")), "{engine}");
         assert!(ok(s.open_cases_by_tier()).is_empty(), "{engine}");
         let n = ok(s.transact(|tx| tx.next_id(Sequence::Case)));
-        assert_eq!(
-            n, 1,
-            "{engine}: the failed transaction's number is not used up"
-        );
+        // sled counts in the transaction; PostgreSQL's sequences hand a
+        // number out at once (no row for every node to wait on), so a
+        // failed transaction leaves a gap. Neither hands one out twice.
+        match engine {
+            "sled" => assert_eq!(n, 1, "the failed transaction's number is not used up"),
+            _ => assert_eq!(n, 2, "{engine}: the next number, after a gap"),
+        }
     });
 }
 
@@ -544,7 +547,7 @@ fn a_store_from_before_the_case_index_is_upgraded() {
             (Tree::Meta, b"indexes".to_vec(), Some(b"4".to_vec().into())),
             (Tree::Cases, id_key(4).to_vec(), Some(legacy.into())),
         ];
-        ok(s.db.commit(&ops, None));
+        ok(s.db.commit(&ops, &Default::default(), None));
         ok(s.flush());
     }
     let s = open_sled(&path);
@@ -625,7 +628,7 @@ fn facts_round_trip_compactly_and_old_json_facts_are_read() {
             ),
             (Tree::Meta, b"indexes".to_vec(), Some(b"6".to_vec().into())),
         ];
-        ok(s.db.commit(&ops, None));
+        ok(s.db.commit(&ops, &Default::default(), None));
         ok(s.flush());
     }
     let s = open_sled(&path);

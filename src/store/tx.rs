@@ -26,6 +26,9 @@ pub struct Tx<'s> {
     /// On a shared engine, values read from the store in this
     /// transaction (see [`Tx::get_bytes`]).
     pub(super) reads: std::cell::RefCell<HashMap<(Tree, Vec<u8>), Written>>,
+    /// On a shared engine, the keys read and found missing: written only
+    /// if still missing at commit (see [`engine::Db::commit`]).
+    pub(super) absent: std::cell::RefCell<std::collections::HashSet<(Tree, Vec<u8>)>>,
 }
 
 /// What a transaction wrote under a key: a value, or None for removed.
@@ -115,12 +118,17 @@ impl<'s> Tx<'s> {
             return self.store.db.get(t, key);
         }
         // A shared engine: a read is a round trip, and a message's work
-        // reads some keys twice. Nobody else writes while this
-        // transaction holds the store's lock, so a value read once stays.
+        // reads some keys twice. A row read is locked until this
+        // transaction ends, so a value read once stays; a key found
+        // missing is remembered, and written at commit only if no other
+        // node has written it meanwhile.
         if let Some(v) = self.reads.borrow().get(&k) {
             return Ok(v.as_deref().map(<[u8]>::to_vec));
         }
-        let v = self.store.db.get(t, key)?;
+        let v = self.store.db.get_for_update(t, key)?;
+        if v.is_none() {
+            self.absent.borrow_mut().insert(k.clone());
+        }
         self.reads
             .borrow_mut()
             .insert(k, v.as_deref().map(Arc::from));
@@ -310,9 +318,13 @@ impl<'s> Tx<'s> {
         Ok(keys.values().filter(|live| **live).take(at_most).count())
     }
 
-    /// The next number of a sequence; it is used up when this
-    /// transaction commits.
+    /// The next number of a sequence, never handed out twice. On sled it
+    /// is used up when this transaction commits; on PostgreSQL at once
+    /// (a sequence: a transaction that fails leaves a gap).
     pub fn next_id(&mut self, s: Sequence) -> Result<u64> {
+        if let Some(n) = self.store.db.next_id(s)? {
+            return Ok(n);
+        }
         let n = self.meta_u64(s.key())?.unwrap_or(1);
         self.set_meta_u64(s.key(), n + 1);
         Ok(n)

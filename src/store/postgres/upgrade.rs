@@ -17,8 +17,9 @@
 
 use ::postgres::Client;
 
-use super::super::codec::{Tree, TREES};
+use super::super::codec::{read_u64, Tree, TREES};
 use super::super::migrate::fits;
+use super::super::Sequence;
 use super::super::StoreError;
 use super::rows::Writes;
 use super::{LockMode, Tables, DAEMON_LOCK, MIGRATE_LOCK, MIGRATIONS};
@@ -76,6 +77,7 @@ fn migrate_and_convert(c: &mut Client, t: &Tables) -> Outcome {
             return Ok(Err(e));
         }
     }
+    sync_sequences(c, t)?;
     // An older release started on this database would find its own
     // migrations missing and make an empty store beside this one (and
     // read every mailbox again from the start): its bookkeeping says
@@ -150,6 +152,44 @@ fn convert_alone(c: &mut Client, t: &Tables, old: &str) -> Result<(), postgres::
     Ok(())
 }
 
+/// Raises each sequence to the number the meta space counted to, where
+/// that is higher (a store that counted there: converted, or copied from
+/// sled). Never lowers one: a node's numbers are never handed out again.
+/// Runs while no other node hands out numbers (under the migration lock
+/// at open, or while `store migrate` keeps the daemons out), so reading
+/// and setting a sequence is not a race.
+pub(super) fn sync_sequences(c: &mut Client, t: &Tables) -> Result<(), postgres::Error> {
+    for s in [
+        Sequence::Case,
+        Sequence::Message,
+        Sequence::Outbox,
+        Sequence::Quarantine,
+    ] {
+        let name = s.key();
+        let counted = c
+            .query_opt(
+                &format!("SELECT value FROM {t}.meta WHERE key = $1"),
+                &[&name.as_bytes()],
+            )?
+            .and_then(|r| read_u64(&r.get::<_, Vec<u8>>(0)))
+            .and_then(|n| i64::try_from(n).ok());
+        let Some(counted) = counted else { continue };
+        let row = c.query_one(
+            &format!("SELECT last_value, is_called FROM {t}.{name}"),
+            &[],
+        )?;
+        let (last, called): (i64, bool) = (row.get(0), row.get(1));
+        let next = if called { last + 1 } else { last };
+        if next < counted {
+            c.execute(
+                &format!("SELECT setval('{t}.{name}', $1, false)"),
+                &[&counted],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies one key space from where its progress says, a batch a
 /// transaction.
 fn copy_key_space(
@@ -198,12 +238,15 @@ fn copy_key_space(
         let mut writes = Writes::default();
         for r in &rows {
             let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
-            writes.add(tree, &k, Some(&v));
+            writes.add(tree, &k, Some(&v), false);
         }
         copied += rows.len() as i64;
         c.batch_execute("BEGIN")?;
         let committed = (|| {
-            writes.write(c, t)?;
+            // Upserts only: nothing else writes the tables meanwhile.
+            if let Err(what) = writes.write(c, t)? {
+                tracing::error!(what, "an upsert reported a conflict");
+            }
             c.execute(
                 &format!(
                     "INSERT INTO {t}.upgrade_progress (tree, last_key, rows) \
