@@ -33,6 +33,8 @@ mod postgres;
 mod rawlog;
 mod sled;
 #[cfg(test)]
+mod tables_tests;
+#[cfg(test)]
 mod tests;
 mod tx;
 #[cfg(test)]

@@ -455,11 +455,11 @@ async fn check_config_connect_reaches_postgresql_without_creating_anything() {
         text.contains("no store yet"),
         "nothing created by the check: {text}"
     );
-    // After a run the table is there, and the check says so.
+    // After a run the tables are there, and the check says so.
     s.once();
     let out = escalator_ok(&["check-config", "--connect", "--config", s.cfg()]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.contains("the store's table is there"), "{text}");
+    assert!(text.contains("the store's tables are there"), "{text}");
     // A database that does not exist.
     let text = std::fs::read_to_string(&s.config)
         .unwrap()
