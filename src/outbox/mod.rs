@@ -395,8 +395,13 @@ impl Outbox {
         read: &ReadThrough,
     ) -> Result<Result<OutboxEntry, OutboxState>, StoreError> {
         self.store.transact(|tx| {
-            let Some(mut e) = tx.outbox_entry(id)? else {
-                return Ok::<_, StoreError>(Err(OutboxState::Failed));
+            // Another node claiming or settling it at this moment: left
+            // to it, as a claimed entry is (no wait for its transaction).
+            let Ok(found) = tx.outbox_entry_unless_held(id)? else {
+                return Ok::<_, StoreError>(Err(OutboxState::Sending));
+            };
+            let Some(mut e) = found else {
+                return Ok(Err(OutboxState::Failed));
             };
             if !e.state.is_pending() {
                 return Ok(Err(e.state));

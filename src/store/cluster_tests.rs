@@ -1,7 +1,7 @@
 //! The cluster on PostgreSQL: mailbox leases and their fencing, node
 //! heartbeats, and migrations that exclude the daemons.
 
-use super::tests::{at, case, ok, open_sled, pg_store, record};
+use super::tests::{at, case, ok, open_sled, outbox, pg_store, record};
 use super::*;
 
 #[test]
@@ -327,4 +327,37 @@ fn two_nodes_storing_one_message_at_once_store_it_once_and_the_other_sees_it() {
     // Its retry sees the message stored.
     let retry = a.transact(|tx| tx.has_message("same@x", "h"));
     assert!(ok(retry));
+}
+
+#[test]
+fn a_mail_another_node_is_claiming_is_left_to_it_without_waiting() {
+    // Issue 22: outbox claims skip a row another transaction holds
+    // (SKIP LOCKED) instead of waiting for it.
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database("claims");
+    let store = pg_store(&pg, "claims", dir.path());
+    ok(store.transact(|tx| {
+        tx.put_outbox(&outbox(1, crate::record::OutboxState::Pending), Some(b"m"))?;
+        tx.put_outbox(&outbox(2, crate::record::OutboxState::Pending), Some(b"m"))
+    }));
+    let mut other = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    other
+        .batch_execute("BEGIN; SELECT 1 FROM escalator.outbox WHERE id = 1 FOR UPDATE")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (one, two) = ok(store.transact(|tx| {
+        Ok((
+            tx.outbox_entry_unless_held(1)?.map(|e| e.map(|e| e.id)),
+            tx.outbox_entry_unless_held(2)?.map(|e| e.map(|e| e.id)),
+        ))
+    }));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!((one, two), (Err(()), Ok(Some(2))));
+    other.batch_execute("ROLLBACK").unwrap();
+    let one = ok(store.transact(|tx| tx.outbox_entry_unless_held(1)));
+    assert_eq!(one.map(|e| e.map(|e| e.id)), Ok(Some(1)));
+    // A missing entry is missing, not held.
+    let none = ok(store.transact(|tx| tx.outbox_entry_unless_held(9)));
+    assert!(matches!(none, Ok(None)));
 }

@@ -80,6 +80,20 @@ impl Db {
         }
     }
 
+    /// As [`Db::get_for_update`], without waiting for a row another
+    /// transaction holds: `Err(())` then (PostgreSQL's `SKIP LOCKED`;
+    /// sled: nobody else holds one).
+    pub(super) fn get_unless_held(
+        &self,
+        t: Tree,
+        key: &[u8],
+    ) -> Result<std::result::Result<Option<Vec<u8>>, ()>> {
+        match self {
+            Db::Sled(d) => d.get(t, key).map(Ok),
+            Db::Postgres(d) => d.get_unless_held(t, key),
+        }
+    }
+
     /// The next number of a sequence, when the engine hands them out
     /// itself (PostgreSQL's sequences: no row every node's transactions
     /// would wait for); None: the store counts in its meta space.

@@ -683,6 +683,31 @@ impl PgDb {
         self.call_outside(move |c| upgrade::sync_sequences(c, &tables))
     }
 
+    /// See [`super::engine::Db::get_unless_held`]: a row locked by
+    /// another transaction is skipped (`SKIP LOCKED`), then told apart
+    /// from a missing one.
+    pub(super) fn get_unless_held(
+        &self,
+        t: Tree,
+        key: &[u8],
+    ) -> Result<Result<Option<Vec<u8>>, ()>, StoreError> {
+        let table = self.tables.of(t);
+        let locked = format!("SELECT value FROM {table} WHERE key = $1 FOR UPDATE SKIP LOCKED");
+        let exists = format!("SELECT 1 FROM {table} WHERE key = $1");
+        let key = key.to_vec();
+        self.call(move |c| {
+            let st = prepared(c, &locked)?;
+            if let Some(r) = c.query_opt(&st, &[&key])? {
+                return Ok(Ok(Some(r.get::<_, Vec<u8>>(0))));
+            }
+            let st = prepared(c, &exists)?;
+            Ok(match c.query_opt(&st, &[&key])? {
+                Some(_) => Err(()),
+                None => Ok(None),
+            })
+        })
+    }
+
     /// The next number of a sequence (see `0003_tables.sql`): taken at
     /// once, never handed out again, whether this transaction commits
     /// or not.

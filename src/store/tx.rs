@@ -249,6 +249,35 @@ impl<'s> Tx<'s> {
         self.get(Tree::Outbox, &id_key(id))
     }
 
+    /// An outbox entry to claim, unless another node's transaction holds
+    /// it right now (`Err(())`: it is being claimed or settled there, so
+    /// this node goes on with other mail instead of waiting).
+    pub fn outbox_entry_unless_held(
+        &self,
+        id: u64,
+    ) -> Result<std::result::Result<Option<OutboxEntry>, ()>> {
+        let key = id_key(id);
+        let k = (Tree::Outbox, key.to_vec());
+        if self.overlay.contains_key(&k) || self.reads.borrow().contains_key(&k) {
+            return self.outbox_entry(id).map(Ok);
+        }
+        let v = match self.store.db.get_unless_held(Tree::Outbox, &key)? {
+            Err(()) => return Ok(Err(())),
+            Ok(v) => v,
+        };
+        if !self.store.db.is_local() {
+            if v.is_none() {
+                self.absent.borrow_mut().insert(k.clone());
+            }
+            self.reads
+                .borrow_mut()
+                .insert(k, v.as_deref().map(Arc::from));
+        }
+        v.map(|v| codec::decode(Tree::Outbox, &key, &v))
+            .transpose()
+            .map(Ok)
+    }
+
     /// See [`Store::has_message`].
     pub fn has_message(&self, message_id: &str, content_hash: &str) -> Result<bool> {
         let key = codec::message_id_key(message_id, content_hash);
