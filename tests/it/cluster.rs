@@ -362,3 +362,87 @@ async fn postgresql_killed_mid_ingest_under_two_daemons_loses_and_doubles_nothin
         .count();
     assert_eq!(alive, 2, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_message_in_two_queues_mailboxes_taken_in_by_two_nodes_at_once_is_one_message() {
+    // Issue 22: nodes commit in parallel, so two nodes may both find a
+    // Message-ID missing and both store it. The unique key stops the
+    // second; its chunk runs again and finds the message stored.
+    let pg = Postgres::start();
+    let customers = 4;
+    let mut users = vec!["support", "billing", "tier2"];
+    let names: Vec<String> = (0..customers).map(|c| format!("c{c}")).collect();
+    users.extend(names.iter().map(String::as_str));
+    let s = cluster(
+        &pg,
+        "it_same_id",
+        &users,
+        &[("support", "support"), ("billing", "billing")],
+    );
+    let n = 400;
+    // Each mail delivered to both mailboxes (Cc to both addresses).
+    for i in 0..n {
+        let m = mail(
+            &format!("c{}@example.test", i % customers),
+            "support@example.test, billing@example.test",
+            &format!("Topic {i}"),
+            &format!("both{i}@x.test"),
+            "",
+            &format!("Please help. {}", "x".repeat(400)),
+        );
+        s.stack.deliver_maildir("support", &m, i);
+        s.stack.deliver_maildir("billing", &m, i);
+    }
+    let ports: Vec<u16> = (0..2).map(|_| crate::support::free_port()).collect();
+    let mut nodes: Vec<Daemon> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| s.node_with_metrics(&format!("n{}", i + 1), &format!("127.0.0.1:{p}")))
+        .collect();
+    // Both mailboxes read through: every copy fetched and accounted for.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let fetched: f64 = ports
+            .iter()
+            .filter_map(|p| crate::support::scrape(*p, "escalator_messages_ingested_total"))
+            .sum();
+        if fetched >= (2 * n) as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fetched {fetched} of {}", 2 * n);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = cluster_status(&s);
+    let holders: HashSet<&str> = status["mailboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["holder"].as_str())
+        .collect();
+    assert_eq!(holders.len(), 2, "each mailbox its own node: {status}");
+    let cases = until_done(
+        &s,
+        n,
+        Duration::from_secs(120),
+        &nodes.iter().collect::<Vec<_>>(),
+    )
+    .await;
+    each_message_once_and_one_ack_each(&s, &cases, n, customers).await;
+    let races = nodes
+        .iter()
+        .map(|d| {
+            d.log()
+                .matches("another node wrote the same record at once")
+                .count()
+        })
+        .sum::<usize>();
+    eprintln!("commits that conflicted and ran again: {races}");
+    for d in nodes.iter_mut() {
+        let out = d.stop();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
