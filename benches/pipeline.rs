@@ -848,7 +848,7 @@ fn postgres(sz: &Sizes, rows: &mut Vec<Row>) {
         format!("{pg_rate:.0} msg/s"),
         format!("{sled_rate:.0} msg/s (sled, same mailbox)"),
         format!("{:.2}x", pg_rate / sled_rate),
-        "≥ 0.5x (issue 12)",
+        "≥ 0.8x (issue 22)",
     ));
 }
 

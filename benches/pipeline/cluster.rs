@@ -95,21 +95,84 @@ fn cluster_config(
         )
 }
 
-/// 9 and 10.
+/// CPU seconds (user and system) a process has used; with `children`,
+/// also those of its children that have ended.
+fn cpu_secs(pid: u32, children: bool) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14-17 (12-15 after the ')').
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    let ticks = get(11) + get(12) + if children { get(13) + get(14) } else { 0 };
+    ticks as f64 / 100.0
+}
+
+/// The private PostgreSQL server's CPU seconds so far: its postmaster
+/// (found by its port) with every backend, live or ended.
+fn postgres_cpu(port: u16) -> f64 {
+    let procs: Vec<(u32, String, u32)> = fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|pid| {
+                    let cmd = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                    let ppid = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()?;
+                    Some((pid, cmd, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some(master) = procs
+        .iter()
+        .find(|(_, cmd, _)| cmd.contains("postgres") && cmd.contains(&format!("-p {port} ")))
+        .map(|(pid, _, _)| *pid)
+    else {
+        return 0.0;
+    };
+    cpu_secs(master, true)
+        + procs
+            .iter()
+            .filter(|(_, _, ppid)| *ppid == master)
+            .map(|(pid, _, _)| cpu_secs(*pid, false))
+            .sum::<f64>()
+}
+
+/// One timed run of the cluster figures: how long, and the CPU seconds
+/// of the daemons and of PostgreSQL.
+struct Run {
+    secs: f64,
+    daemons_cpu: f64,
+    postgres_cpu: f64,
+}
+
+/// 9, 9b and 10.
 pub fn cluster(sz: &Sizes, rows: &mut Vec<Row>) {
     let stack = start_stack();
     let pg = postgres_server::Postgres::start_with(true);
     let mail = corpus(sz.n);
-    // One run: `nodes` daemons on mailboxes `pair` (new ones per run: a
-    // new database reads a mailbox from its start). Mail is delivered
-    // once the leases have settled, and timed until all is ingested.
-    let run = |nodes: usize, pair: [&str; 2], db: &str| -> f64 {
+    // One run: `nodes` daemons on `mailboxes` (new ones per run: a new
+    // database reads a mailbox from its start). Mail is delivered once
+    // the leases have settled, and timed until all is ingested and every
+    // acknowledgement sent.
+    let run = |nodes: usize, mailboxes: &[&str], db: &str| -> Run {
         let dir = tempfile::tempdir().unwrap();
         let text = cluster_config(
             &stack,
             &dir.path().join("node"),
             &pg.database(db),
-            &pair,
+            mailboxes,
             "15s",
         );
         let started: Vec<Node> = (0..nodes)
@@ -119,35 +182,77 @@ pub fn cluster(sz: &Sizes, rows: &mut Vec<Row>) {
         wait_until("leases spread", Duration::from_secs(120), || {
             let h = holders(&cfg);
             let distinct: std::collections::HashSet<_> = h.iter().flatten().collect();
-            h.len() == 2 && h.iter().all(Option::is_some) && distinct.len() == nodes.min(2)
+            h.len() == mailboxes.len()
+                && h.iter().all(Option::is_some)
+                && distinct.len() == nodes.min(mailboxes.len())
         });
+        let cpu0: f64 = started.iter().map(|n| cpu_secs(n.child.id(), false)).sum();
+        let pg0 = postgres_cpu(pg.port);
         let t = Instant::now();
         for (i, m) in mail.iter().enumerate() {
-            stack.deliver_maildir(pair[i % 2], m, i);
+            stack.deliver_maildir(mailboxes[i % mailboxes.len()], m, i);
         }
-        wait_until("ingest", Duration::from_secs(1800), || {
-            started.iter().map(Node::ingested).sum::<f64>() >= mail.len() as f64
+        wait_until("ingest and acks", Duration::from_secs(1800), || {
+            let sum = |name| {
+                started
+                    .iter()
+                    .map(|n| metric(n.port, name).max(0.0))
+                    .sum::<f64>()
+            };
+            sum("escalator_messages_ingested_total") >= mail.len() as f64
+                && sum("escalator_mail_sent_total") >= mail.len() as f64
         });
         let secs = t.elapsed().as_secs_f64();
+        let daemons_cpu = started
+            .iter()
+            .map(|n| cpu_secs(n.child.id(), false))
+            .sum::<f64>()
+            - cpu0;
+        let postgres_cpu = postgres_cpu(pg.port) - pg0;
         for n in started {
             n.stop();
         }
         drain_postfix(&stack);
-        secs
+        Run {
+            secs,
+            daemons_cpu,
+            postgres_cpu,
+        }
     };
-    let one = run(1, ["q0", "q1"], "cluster_one");
-    let two = run(2, ["q2", "q3"], "cluster_two");
-    let (one_rate, two_rate) = (mail.len() as f64 / one, mail.len() as f64 / two);
-    rows.push(row(
-        &format!(
-            "9. Ingest {} messages from 2 mailboxes, 2 daemons",
-            mail.len()
-        ),
-        format!("{two_rate:.0} msg/s"),
-        format!("{one_rate:.0} msg/s (1 daemon, same 2 mailboxes)"),
-        format!("{:.2}x", two_rate / one_rate),
-        "≥ 1.6x (issue 12)",
-    ));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let share = |r: &Run| {
+        format!(
+            "PostgreSQL {:.0}% of the CPU used ({:.0}% of {cores} cores), daemons {:.0}%",
+            100.0 * r.postgres_cpu / (r.postgres_cpu + r.daemons_cpu).max(0.01),
+            100.0 * r.postgres_cpu / (r.secs * cores),
+            100.0 * r.daemons_cpu / (r.secs * cores),
+        )
+    };
+    for (k, boxes, goal) in [
+        (2usize, ["q0", "q1", "", ""], "≥ 1.6x (issue 22)"),
+        (4, ["q2", "q3", "q4", "q5"], "≥ 2.5x (issue 22)"),
+    ] {
+        let boxes: Vec<&str> = boxes.into_iter().filter(|b| !b.is_empty()).collect();
+        let one = run(1, &boxes, &format!("cluster_one_{k}"));
+        let many = run(k, &boxes, &format!("cluster_many_{k}"));
+        let (one_rate, many_rate) = (mail.len() as f64 / one.secs, mail.len() as f64 / many.secs);
+        rows.push(row(
+            &format!(
+                "9{}. Ingest {} messages from {k} mailboxes, {k} daemons, acks sent ({})",
+                if k == 2 { "" } else { "b" },
+                mail.len(),
+                share(&many)
+            ),
+            format!("{many_rate:.0} msg/s"),
+            format!(
+                "{one_rate:.0} msg/s (1 daemon, same {k} mailboxes; {})",
+                share(&one)
+            ),
+            format!("{:.2}x", many_rate / one_rate),
+            goal,
+        ));
+    }
+    pause(&stack, &pg, &mail, rows);
 
     // 10: SIGKILL the holder; time to the first message its successor
     // ingests (mail arrives right after the kill).
@@ -248,4 +353,92 @@ pub fn timers(sz: &Sizes, rows: &mut Vec<Row>) {
             "about 1x",
         ));
     }
+}
+
+/// 9c: one node stopped (SIGSTOP) for 20 s inside a store transaction
+/// (its session idle in a transaction, holding its rows): the other
+/// node's ingest rate on its own mailbox during the pause against the
+/// 20 s before.
+fn pause(stack: &MailStack, pg: &postgres_server::Postgres, mail: &[Vec<u8>], rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database("pause");
+    let text = cluster_config(stack, &dir.path().join("node"), &url, &["p0", "p1"], "60s");
+    let a = Node::start(&text, dir.path(), "a");
+    let cfg = dir.path().join("a.toml");
+    wait_until("a holds both", Duration::from_secs(60), || {
+        holders(&cfg) == [Some("a".to_string()), Some("a".to_string())]
+    });
+    let b = Node::start(&text, dir.path(), "b");
+    wait_until("b takes one", Duration::from_secs(120), || {
+        let h = holders(&cfg);
+        h.contains(&Some("a".into())) && h.contains(&Some("b".into()))
+    });
+    let mine = |who: &str| {
+        holders(&cfg)
+            .iter()
+            .position(|h| h.as_deref() == Some(who))
+            .map(|i| ["p0", "p1"][i])
+            .unwrap()
+    };
+    let (box_a, box_b) = (mine("a"), mine("b"));
+    // Enough mail that neither runs out during the measurement.
+    for round in 0..3 {
+        for (i, m) in mail.iter().enumerate() {
+            let n = round * mail.len() + i;
+            stack.deliver_maildir(if n % 2 == 0 { box_a } else { box_b }, m, n);
+        }
+    }
+    let mut sql = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    wait_until("both ingest", Duration::from_secs(120), || {
+        a.ingested() > 100.0 && b.ingested() > 100.0
+    });
+    let before0 = b.ingested();
+    std::thread::sleep(Duration::from_secs(20));
+    let normal = (b.ingested() - before0) / 20.0;
+    // Stopped until it is caught inside a transaction: a session idle
+    // in one for a second is the stopped node's.
+    let stopped_in_tx = (0..50).any(|_| {
+        let _ = Command::new("kill")
+            .args(["-STOP", &a.child.id().to_string()])
+            .status();
+        std::thread::sleep(Duration::from_millis(1500));
+        let n: i64 = sql
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' \
+                 AND state_change < now() - interval '1 second'",
+                &[],
+            )
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if n == 0 {
+            let _ = Command::new("kill")
+                .args(["-CONT", &a.child.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        n > 0
+    });
+    let paused0 = b.ingested();
+    std::thread::sleep(Duration::from_secs(20));
+    let paused = (b.ingested() - paused0) / 20.0;
+    let _ = Command::new("kill")
+        .args(["-CONT", &a.child.id().to_string()])
+        .status();
+    a.stop();
+    b.stop();
+    drain_postfix(stack);
+    rows.push(row(
+        &format!(
+            "9c. The other node's ingest while a node is stopped 20 s inside a transaction{}",
+            if stopped_in_tx {
+                ""
+            } else {
+                " (NOT caught inside one)"
+            }
+        ),
+        format!("{paused:.0} msg/s"),
+        format!("{normal:.0} msg/s (the 20 s before)"),
+        format!("{:.2}x", paused / normal.max(0.01)),
+        "≥ 0.8x (issue 22)",
+    ));
 }
