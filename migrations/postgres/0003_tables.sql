@@ -9,7 +9,7 @@
 -- them: the daemon reads these); the other columns are the record's
 -- fields for people, written by the daemon with each row. Those columns
 -- are the contract (docs/postgresql.md, "Tables"); `key` and `value` are
--- not. Times are timestamptz, counts integer or bigint, names and
+-- not. Times are timestamptz, counts bigint, names and
 -- addresses text.
 
 CREATE SCHEMA IF NOT EXISTS {schema};
@@ -39,7 +39,7 @@ CREATE TABLE {schema}.cases (
     first_response_at timestamptz,
     answered_at       timestamptz,
     resolved_at       timestamptz,
-    escalations       integer NOT NULL,
+    escalations       bigint NOT NULL,
     breached          boolean NOT NULL,
     repeat_customer   boolean NOT NULL,
     csat              smallint,
@@ -50,6 +50,8 @@ CREATE TABLE {schema}.cases (
 CREATE INDEX cases_queue_status_tier ON {schema}.cases (queue, status, tier);
 CREATE INDEX cases_opened_at ON {schema}.cases (opened_at);
 CREATE INDEX cases_customer ON {schema}.cases (customer);
+-- Open cases by tier (`/metrics`, every scrape) read only these.
+CREATE INDEX cases_open_tier ON {schema}.cases (tier) WHERE status <> 'resolved';
 
 CREATE TABLE {schema}.messages (
     key          bytea PRIMARY KEY,
@@ -111,7 +113,7 @@ CREATE TABLE {schema}.outbox (
     recipients      text NOT NULL,
     subject         text NOT NULL,
     state           text NOT NULL,
-    attempts        integer NOT NULL,
+    attempts        bigint NOT NULL,
     created_at      timestamptz NOT NULL,
     next_attempt_at timestamptz NOT NULL,
     attempt_at      timestamptz,
@@ -132,7 +134,7 @@ CREATE TABLE {schema}.quarantine (
     uid          bigint,
     error        text,
     at           timestamptz,
-    attempts     integer
+    attempts     bigint
 );
 
 CREATE TABLE {schema}.customers (
@@ -205,9 +207,9 @@ CREATE TABLE {schema}.referrers (
 
 -- The store's numbers (cases, messages, outgoing mail, quarantine), never
 -- handed out twice; a transaction that does not commit leaves a gap. Each
--- node takes case numbers 64 at a time, so the nodes' new cases fall in
--- KPI buckets (facts, 64 cases each) of their own and their commits do
--- not wait for one another.
+-- node takes case numbers 64 at a time (64k+1 to 64k+64), so all but one
+-- of a block's cases fall in a KPI bucket (facts, cases 64k to 64k+63) no
+-- other node writes, and the nodes' commits do not wait for one another.
 CREATE SEQUENCE {schema}.next_case CACHE 64;
 CREATE SEQUENCE {schema}.next_message;
 CREATE SEQUENCE {schema}.next_outbox;
@@ -242,7 +244,9 @@ SELECT h.case_id,
        e.event ->> 'reason'               AS reason,
        e.event                            AS detail
 FROM {schema}.history h,
-     jsonb_array_elements(convert_from(h.value, 'UTF8')::jsonb) WITH ORDINALITY AS e(event, n);
+     -- jsonb takes no NUL, which a sender may put in a name or a subject.
+     jsonb_array_elements(replace(convert_from(h.value, 'UTF8'), '\u0000', '\ufffd')::jsonb)
+         WITH ORDINALITY AS e(event, n);
 
 -- What the KPIs are made of, one row per case (for dashboards).
 CREATE VIEW {schema}.case_facts AS
@@ -276,5 +280,5 @@ SELECT g ->> 'identity'                     AS identity,
        g ->> 'last_error'                   AS last_error,
        (g ->> 'last_error_at')::timestamptz AS last_error_at,
        (g ->> 'refresh_failures')::bigint   AS refresh_failures
-FROM (SELECT convert_from(value, 'UTF8')::jsonb AS g
+FROM (SELECT replace(convert_from(value, 'UTF8'), '\u0000', '\ufffd')::jsonb AS g
       FROM {schema}.meta WHERE name LIKE 'oauth2/%') grants;

@@ -64,6 +64,22 @@ pub(super) const TREES: [(Tree, &str); 17] = [
 ];
 
 impl Tree {
+    /// Does a record of this key space change once written? Those of the
+    /// others (indexes, stored mail, history) are written once and then
+    /// only removed, so reading one needs no lock against a change.
+    pub(super) fn changes_in_place(self) -> bool {
+        matches!(
+            self,
+            Tree::Meta
+                | Tree::Cases
+                | Tree::Messages
+                | Tree::Cursors
+                | Tree::Outbox
+                | Tree::Quarantine
+                | Tree::Facts
+        )
+    }
+
     pub(super) fn index(self) -> usize {
         TREES.iter().position(|(t, _)| *t == self).unwrap_or(0)
     }

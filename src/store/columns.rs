@@ -10,7 +10,7 @@
 //! its type, and a time is RFC 3339, which PostgreSQL reads the same
 //! under any session setting.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 
 use super::codec::{self, read_u64, Tree};
@@ -41,7 +41,7 @@ pub(super) fn of(t: Tree) -> &'static [Column] {
             ("first_response_at", "timestamptz"),
             ("answered_at", "timestamptz"),
             ("resolved_at", "timestamptz"),
-            ("escalations", "integer"),
+            ("escalations", "bigint"),
             ("breached", "boolean"),
             ("repeat_customer", "boolean"),
             ("csat", "smallint"),
@@ -90,7 +90,7 @@ pub(super) fn of(t: Tree) -> &'static [Column] {
             ("recipients", "text"),
             ("subject", "text"),
             ("state", "text"),
-            ("attempts", "integer"),
+            ("attempts", "bigint"),
             ("created_at", "timestamptz"),
             ("next_attempt_at", "timestamptz"),
             ("attempt_at", "timestamptz"),
@@ -106,7 +106,7 @@ pub(super) fn of(t: Tree) -> &'static [Column] {
             ("uid", "bigint"),
             ("error", "text"),
             ("at", "timestamptz"),
-            ("attempts", "integer"),
+            ("attempts", "bigint"),
         ],
         Tree::Customers => &[("customer", "text"), ("case_id", "bigint")],
         Tree::AutoReplies => &[
@@ -190,12 +190,12 @@ fn project_known(t: Tree, key: &[u8], value: &[u8]) -> Option<Cells> {
             let ms = i64::from_be_bytes(key.get(at..at + 8)?.try_into().ok()?);
             vec![
                 recipient,
-                DateTime::from_timestamp_millis(ms).map(time),
+                DateTime::from_timestamp_millis(ms).and_then(time),
                 key.get(at + 8..).and_then(read_u64).and_then(num),
             ]
         }
         Tree::Deadlines => vec![
-            codec::deadline_at(key).map(time),
+            codec::deadline_at(key).and_then(time),
             key.get(8..).and_then(read_u64).and_then(num),
         ],
         Tree::OutboxPending => vec![read_u64(key).and_then(num)],
@@ -226,14 +226,14 @@ fn case(c: &Case) -> Cells {
         name_of(&c.status),
         text(&c.tier),
         c.priority.as_deref().map(clean),
-        Some(time(c.created_at)),
-        Some(time(c.updated_at)),
-        c.due_at.map(time),
-        c.timer.map(|t| time(t.at)),
+        time(c.created_at),
+        time(c.updated_at),
+        c.due_at.and_then(time),
+        c.timer.and_then(|t| time(t.at)),
         c.timer.as_ref().and_then(|t| name_of(&t.kind)),
-        c.first_answer_at.map(time),
-        c.answered_at.map(time),
-        c.resolved_at.map(time),
+        c.first_answer_at.and_then(time),
+        c.answered_at.and_then(time),
+        c.resolved_at.and_then(time),
         num(c.escalations.into()),
         Some(c.breached.to_string()),
         Some(c.repeat_customer.to_string()),
@@ -252,8 +252,8 @@ fn message(m: &MessageRecord) -> Cells {
         m.from.as_ref().map(|a| clean(&a.email)),
         m.from.as_ref().and_then(|a| a.name.as_deref()).map(clean),
         text(&m.subject),
-        m.date.map(time),
-        Some(time(m.received_at)),
+        m.date.and_then(time),
+        time(m.received_at),
         text(&m.folder),
         num(m.uid.into()),
         num(m.size as u64),
@@ -273,10 +273,10 @@ fn outbox(e: &OutboxEntry) -> Cells {
         text(&e.subject),
         name_of(&e.state),
         num(e.attempts.into()),
-        Some(time(e.created_at)),
-        Some(time(e.next_attempt_at)),
-        e.attempt_at.map(time),
-        e.sent_at.map(time),
+        time(e.created_at),
+        time(e.next_attempt_at),
+        e.attempt_at.and_then(time),
+        e.sent_at.and_then(time),
         e.last_error.as_deref().map(clean),
     ]
 }
@@ -290,7 +290,7 @@ fn quarantine(q: &QuarantineEntry) -> Cells {
         num(q.uid_validity.into()),
         num(q.uid.into()),
         text(&q.error),
-        Some(time(q.at)),
+        time(q.at),
         num(q.attempts.into()),
     ]
 }
@@ -340,8 +340,14 @@ fn clean(s: &str) -> String {
     }
 }
 
-fn time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+/// A time as PostgreSQL reads it; None (the column left empty) for a
+/// year outside 1..=9999, which a sender's Date header may give: chrono
+/// writes those with a sign PostgreSQL refuses, and one refused cell
+/// would fail the whole commit.
+fn time(t: DateTime<Utc>) -> Option<String> {
+    (1..=9999)
+        .contains(&t.year())
+        .then(|| t.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
 #[cfg(test)]
@@ -361,6 +367,12 @@ mod tests {
         let cells = project(Tree::Customers, &key, b"");
         assert_eq!(cells, vec![Some("a\u{1}b@x".into()), Some("7".into())]);
         assert_eq!(clean("a\0b"), "a\u{FFFD}b");
+        // A time PostgreSQL cannot take is left empty, not sent.
+        let far = DateTime::parse_from_rfc3339("9999-12-31T23:00:00-12:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(time(far), None);
+        assert!(time(DateTime::UNIX_EPOCH).is_some());
         // A key text kept hashed has no text to show.
         let long = "x".repeat(2000);
         let key = codec::customer_key(&long, 7);

@@ -395,7 +395,8 @@ impl Store {
 
     /// As [`Store::transact`], run again (at most three times in all)
     /// while its commit conflicts with another node's
-    /// ([`StoreError::Conflict`]): for work whose every decision is made
+    /// ([`StoreError::Conflict`], or a deadlock the database broke by
+    /// rolling this one back): for work whose every decision is made
     /// inside the transaction, so a new run starts from nothing.
     pub fn transact_retrying<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut tries = 0;
@@ -407,6 +408,9 @@ impl Store {
                         what,
                         "another node wrote the same record at once; trying again"
                     );
+                }
+                Err(StoreError::Engine(e)) if tries < 3 && postgres::is_rolled_back(e.as_ref()) => {
+                    tracing::info!(error = %e, "the database rolled the transaction back (a deadlock with another node); trying again");
                 }
                 r => return r,
             }

@@ -10,12 +10,14 @@
 //! and the cluster's leases and heartbeats, which must never run inside
 //! a store transaction (a rollback would undo them).
 //!
-//! Transactions: [`PgDb::begin`] opens a PostgreSQL transaction and takes
-//! a transaction-scoped advisory lock, so transactions are serialised
-//! across every process on the database (as the in-process lock does for
-//! one); its writes are applied at [`PgDb::commit`] with the COMMIT. Its
-//! reads may run on any lane: every writer waits for the lock, so what a
-//! lane reads at READ COMMITTED is what the transaction would read.
+//! Transactions: [`PgDb::begin`] opens a PostgreSQL transaction (READ
+//! COMMITTED). There is no store-wide lock: a row the transaction reads
+//! to change it is locked until it ends ([`PgDb::get_for_update`]), a
+//! key it found missing is written at commit only if still missing
+//! ([`rows`]), and numbers come from sequences, so nodes working on
+//! other rows commit in parallel. Its writes are applied at
+//! [`PgDb::commit`] with the COMMIT. Reads of rows that never change
+//! once written (stored mail) may run on another lane.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -52,7 +54,8 @@ const MIGRATIONS: [(i32, &str); 1] =
 pub const DEFAULT_SCHEMA: &str = "escalator";
 
 /// Is `name` a schema name the store takes: a plain lower-case SQL
-/// identifier (it is put into statements, quoted).
+/// identifier (it is put into statements, quoted), not one of the
+/// schemas other software shares.
 pub fn valid_schema(name: &str) -> bool {
     let mut chars = name.chars();
     chars
@@ -61,6 +64,8 @@ pub fn valid_schema(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && name.len() <= 63
         && !name.starts_with("pg_")
+        // Schemas other software keeps its own tables in.
+        && !matches!(name, "public" | "information_schema")
 }
 
 type Job = Box<dyn FnOnce(&mut Session) + Send>;
@@ -372,6 +377,15 @@ pub(super) fn is_transient(e: &(dyn std::error::Error + 'static)) -> bool {
         || code == "25P02" // in_failed_sql_transaction
 }
 
+/// Did the database roll the transaction back for the sake of another
+/// (a deadlock, a serialization failure: SQLSTATE class 40)? Running it
+/// again at once is what the database asks for.
+pub(super) fn is_rolled_back(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<postgres::Error>()
+        .and_then(|pg| pg.code())
+        .is_some_and(|c| c.code().starts_with("40"))
+}
+
 fn engine(e: postgres::Error) -> StoreError {
     StoreError::Engine(Box::new(e))
 }
@@ -509,14 +523,14 @@ impl PgDb {
         };
         if t == Tree::Raw {
             // Stored mail (up to tens of MB) is read away from the
-            // connection that holds the store's lock. A node paused while
-            // the server sends it such a value is not idle in its
-            // transaction, so the server would never end it and every
-            // node would wait for the lock; paused on another connection,
-            // its transaction goes idle and ends after 30 s. The bytes
-            // under a key never change once written (they are only
-            // pruned), and nobody commits while this node holds the lock,
-            // so another connection reads what this transaction would.
+            // connection that holds the transaction's row locks. A node
+            // paused while the server sends it such a value is not idle
+            // in its transaction, so the server would never end it and
+            // other nodes would wait for its rows; paused on another
+            // connection, its transaction goes idle and ends after 30 s.
+            // The bytes under a key never change once written (they are
+            // only pruned), so another connection reads what this
+            // transaction would.
             return self.call_outside(read);
         }
         self.call(read)
@@ -640,14 +654,14 @@ impl PgDb {
 
     /// Reads a key inside the store transaction and locks its row until
     /// the transaction ends (`FOR UPDATE`): a case, an outgoing mail, a
-    /// cursor changes under its own lock, and nodes working on other rows
-    /// never wait. Stored mail is not locked: its bytes never change.
+    /// cursor changes under its own lock. Rows that never change once
+    /// written (indexes, stored mail, history) are read without one.
     pub(super) fn get_for_update(
         &self,
         t: Tree,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        if t == Tree::Raw || !IN_TX.with(Cell::get) {
+        if !t.changes_in_place() || !IN_TX.with(Cell::get) {
             return self.get(t, key);
         }
         let sql = format!(
@@ -752,10 +766,13 @@ impl PgDb {
             let written = (|| {
                 if let Some(f) = &fence {
                     // No row lock: it would hold up the holder's own
-                    // renewals. Every store transaction waits for the
-                    // store's lock, so a node that takes the mailbox
-                    // over after this check reads (inside its own
-                    // transactions) everything this one commits.
+                    // renewals. A node that takes the mailbox over after
+                    // this check and before the COMMIT still reads
+                    // everything this one commits: every fenced write
+                    // reads the mailbox's cursor, locking its row (or,
+                    // before the first, finds it missing, and the second
+                    // to write it conflicts), so the new holder's read
+                    // of the cursor waits for this commit.
                     // A released or expired lease fences too: another
                     // node may take it at any moment without a new
                     // row. clock_timestamp(), not now(): now() is when

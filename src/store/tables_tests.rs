@@ -111,3 +111,60 @@ fn the_readme_queries_return_the_known_cases_figures_and_agree_with_stats() {
     assert_eq!(report.overall.first_answer.p90_secs, Some(p90));
     assert_eq!(report.overall.first_answer.count, 5);
 }
+
+#[test]
+fn a_senders_nul_and_a_date_past_year_9999_neither_fail_a_commit_nor_break_a_view() {
+    // Review: a Date header of year 10000 made a typed column PostgreSQL
+    // refuses (the whole commit failed), and a NUL in an event's JSON
+    // made the case_events view fail for every reader.
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database("hostile_columns");
+    let store = pg_store(&pg, "hostile_columns", dir.path());
+    let far = DateTime::parse_from_rfc3339("9999-12-31T23:00:00-12:00")
+        .unwrap()
+        .with_timezone(&Utc);
+    ok(store.transact(|tx| {
+        let mut c = case(1, "T1", 0);
+        c.customer_name = Some("Eve\0Null".into());
+        c.subject = "sub\0ject".into();
+        c.push(
+            t(0, 0),
+            crate::case::EventKind::Message {
+                message_id: "m\0@x".into(),
+                from: "eve\0@x".into(),
+                via: "new".into(),
+                automatic: None,
+            },
+        );
+        tx.put_case(&mut c)?;
+        let mut m = super::tests::record(1, 1, "m\0@x", "h");
+        m.date = Some(far);
+        tx.put_message(&m, b"raw")
+    }));
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let row = c
+        .query_one("SELECT subject, customer_name FROM escalator.cases", &[])
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "sub\u{FFFD}ject");
+    let date: Option<DateTime<Utc>> = c
+        .query_one("SELECT date FROM escalator.messages", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(date, None, "left empty, the message stored");
+    let events: Vec<String> = c
+        .query(
+            "SELECT detail ->> 'from' FROM escalator.case_events WHERE kind = 'message'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events, vec!["eve\u{FFFD}@x".to_string()]);
+    assert_eq!(
+        ok(store.message(1)).unwrap().date,
+        Some(far),
+        "the record keeps it"
+    );
+}

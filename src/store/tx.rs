@@ -588,7 +588,21 @@ impl Lookup for Tx<'_> {
     fn cases_referring_to(&self, message_id: &str) -> Result<Vec<CaseId>> {
         Tx::cases_referring_to(self, message_id)
     }
+    /// A candidate case threading looks at, read without locking it:
+    /// only the case a message joins is read again (locked) to change.
     fn case(&self, id: CaseId) -> Result<Option<Case>> {
-        self.read_case(id)
+        let k = (Tree::Cases, id_key(id).to_vec());
+        let cached = self
+            .overlay
+            .get(&k)
+            .cloned()
+            .or_else(|| self.reads.borrow().get(&k).cloned());
+        let bytes = match cached {
+            Some(v) => v.as_deref().map(<[u8]>::to_vec),
+            None => self.store.db.get(Tree::Cases, &k.1)?,
+        };
+        bytes
+            .map(|v| codec::decode(Tree::Cases, &k.1, &v))
+            .transpose()
     }
 }

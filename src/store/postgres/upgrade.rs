@@ -42,9 +42,16 @@ pub(super) fn bring_up_to_date(c: &mut Client, t: &Tables) -> Outcome {
 }
 
 fn migrate_and_convert(c: &mut Client, t: &Tables) -> Outcome {
+    // Made only when missing: a role given a schema made for it by an
+    // admin need not be allowed to make schemas.
+    let exists: bool = c
+        .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&t.to_string()])?
+        .get(0);
+    if !exists {
+        c.batch_execute(&format!("CREATE SCHEMA {t}"))?;
+    }
     c.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {t};
-         CREATE TABLE IF NOT EXISTS {t}.migrations (
+        "CREATE TABLE IF NOT EXISTS {t}.migrations (
              version integer PRIMARY KEY,
              applied_at timestamptz NOT NULL DEFAULT now()
          )"
@@ -76,20 +83,16 @@ fn migrate_and_convert(c: &mut Client, t: &Tables) -> Outcome {
         if let Err(e) = convert(c, t, &old)? {
             return Ok(Err(e));
         }
+        // An older release started on this database finds its own
+        // bookkeeping (kept, with this version added) saying its
+        // migrations are applied, so it finds no table and stops rather
+        // than make an empty store and read every mailbox again.
+        c.execute(
+            "INSERT INTO escalator_migrations (version) VALUES (3) ON CONFLICT DO NOTHING",
+            &[],
+        )?;
     }
     sync_sequences(c, t)?;
-    // An older release started on this database would find its own
-    // migrations missing and make an empty store beside this one (and
-    // read every mailbox again from the start): its bookkeeping says
-    // they are applied, so it finds no table and stops.
-    c.batch_execute(
-        "CREATE TABLE IF NOT EXISTS escalator_migrations (
-             version integer PRIMARY KEY,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         );
-         INSERT INTO escalator_migrations (version) VALUES (1), (2), (3)
-         ON CONFLICT (version) DO NOTHING",
-    )?;
     Ok(Ok(()))
 }
 
@@ -155,9 +158,12 @@ fn convert_alone(c: &mut Client, t: &Tables, old: &str) -> Result<(), postgres::
 /// Raises each sequence to the number the meta space counted to, where
 /// that is higher (a store that counted there: converted, or copied from
 /// sled). Never lowers one: a node's numbers are never handed out again.
-/// Runs while no other node hands out numbers (under the migration lock
-/// at open, or while `store migrate` keeps the daemons out), so reading
-/// and setting a sequence is not a race.
+/// It sets a sequence only when the meta space counted further, which
+/// happens only to a store just converted or copied, before any node
+/// handed out numbers from the sequence (under the migration lock at
+/// open, or while `store migrate` keeps the daemons out); on a store
+/// running on the tables nothing counts in the meta space, so it reads
+/// and sets nothing while other nodes run.
 pub(super) fn sync_sequences(c: &mut Client, t: &Tables) -> Result<(), postgres::Error> {
     for s in [
         Sequence::Case,
@@ -181,10 +187,14 @@ pub(super) fn sync_sequences(c: &mut Client, t: &Tables) -> Result<(), postgres:
         let (last, called): (i64, bool) = (row.get(0), row.get(1));
         let next = if called { last + 1 } else { last };
         if next < counted {
-            c.execute(
-                &format!("SELECT setval('{t}.{name}', $1, false)"),
-                &[&counted],
-            )?;
+            // Case numbers go on at the start of a block of 64 (64k + 1,
+            // as the sequence's own blocks start), so each node's blocks
+            // keep their alignment with the KPI buckets.
+            let to = match s {
+                Sequence::Case => (counted - 1 + 63) / 64 * 64 + 1,
+                _ => counted,
+            };
+            c.execute(&format!("SELECT setval('{t}.{name}', $1, false)"), &[&to])?;
         }
     }
     Ok(())
