@@ -294,6 +294,26 @@ fn cluster_keys_have_defaults_and_bad_ones_are_named() {
     assert!(e.contains("store.pool"), "{e}");
     let e = problems(&GOOD.replacen("[store]\n", "[store]\npool = 4\n", 1));
     assert!(e.contains("store.pool: only with engine"), "{e}");
+    // The schema is put into statements: a plain name, not one shared.
+    for bad in ["public", "Escalator", "a-b", "x;drop", "pg_x", "1a", ""] {
+        let with = pg.replace(
+            "url_env = \"PGURL\"\n",
+            &format!("url_env = \"PGURL\"\nschema = \"{bad}\"\n"),
+        );
+        let e = problems(&with);
+        assert!(e.contains("store.schema"), "{bad}: {e}");
+    }
+    let ok = parse(&pg.replace(
+        "url_env = \"PGURL\"\n",
+        "url_env = \"PGURL\"\nschema = \"support_eu\"\n",
+    ))
+    .unwrap();
+    match &ok.store.engine {
+        StoreEngine::Postgres { schema, .. } => assert_eq!(schema, "support_eu"),
+        StoreEngine::Sled => panic!("postgres"),
+    }
+    let e = problems(&GOOD.replacen("[store]\n", "[store]\nschema = \"x\"\n", 1));
+    assert!(e.contains("store.schema: only with engine"), "{e}");
     let named = parse(&format!("{GOOD}[cluster]\nnode = \"eu-1\"\n")).unwrap();
     assert_eq!(named.cluster.node.as_deref(), Some("eu-1"));
 }
