@@ -171,6 +171,9 @@ const QUEUES: usize = 8;
 fn users() -> Vec<String> {
     let mut u: Vec<String> = vec!["support".into(), "tier2".into(), "direct".into()];
     u.extend((0..QUEUES).map(|q| format!("q{q}")));
+    // The cluster figures' mailboxes: each run a new database on
+    // mailboxes of its own (a new store reads a mailbox from its start).
+    u.extend((0..16).map(|k| format!("k{k}")));
     u.extend((0..CUSTOMERS).map(customer));
     u
 }
@@ -269,6 +272,8 @@ struct Row {
 }
 
 fn row(what: &str, escalator: String, baseline: String, ratio: String, goal: &str) -> Row {
+    // Said at once too: a later section that fails loses no figure.
+    eprintln!("bench figure: {what} | {escalator} | {baseline} | {ratio} | {goal}");
     Row {
         what: what.into(),
         escalator,
