@@ -9,8 +9,13 @@
 //! Reads are methods of [`Store`]; writes happen in [`Store::transact`]:
 //! the closure reads (seeing its own writes) and writes through a [`Tx`],
 //! and everything it wrote is committed atomically when it returns `Ok`,
-//! or nothing if it returns an error. Transactions are serialised, so a
-//! read-modify-write inside one is never lost to another.
+//! or nothing if it returns an error. A read-modify-write inside one is
+//! never lost to another: sled serialises transactions; PostgreSQL locks
+//! each row read to be changed until the commit and writes a key found
+//! missing only if it still is ([`StoreError::Conflict`] otherwise), so
+//! the nodes of a cluster commit in parallel. PostgreSQL keeps each key
+//! space in a table of its own with the records' fields as typed columns
+//! for people (`store/columns.rs`).
 
 pub use self::cluster::{LeaseRow, NodeInfo, NodeRow};
 pub use self::migrate::Copied;
