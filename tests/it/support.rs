@@ -555,7 +555,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         );
         let p = md.join("new").join(name);
         fs::write(&p, raw).unwrap();
-        chown(&p, Some(MAIL_UID), Some(MAIL_GID)).unwrap();
+        match chown(&p, Some(MAIL_UID), Some(MAIL_GID)) {
+            // Dovecot, woken by the new file, moved it to cur/ already.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.unwrap(),
+        }
     }
 
     /// All messages in a user's folder, read over IMAP (BODY.PEEK[]).
