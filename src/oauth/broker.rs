@@ -163,6 +163,7 @@ impl Broker {
 
     /// A valid access token for `identity`: the stored one while it has
     /// time left, else a fresh one.
+    // Long: the stored token, the refusal pacing and the refresh hand-off are one decision under the identity's lock.
     pub async fn access_token(&self, identity: &str) -> Result<Secret, GrantError> {
         let id = self.identity(identity)?;
         if self.unsaved_of(identity).is_none() {

@@ -21,6 +21,7 @@ use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
 pub(super) type Column = (&'static str, &'static str);
 
 /// The typed columns of a key space's table, after `key` and `value`.
+// Long: one list per table, side by side with 0003_tables.sql; split, the contract would be read in pieces.
 pub(super) fn of(t: Tree) -> &'static [Column] {
     match t {
         Tree::Meta => &[("name", "text")],
