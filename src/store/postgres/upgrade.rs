@@ -187,14 +187,12 @@ pub(super) fn sync_sequences(c: &mut Client, t: &Tables) -> Result<(), postgres:
         let (last, called): (i64, bool) = (row.get(0), row.get(1));
         let next = if called { last + 1 } else { last };
         if next < counted {
-            // Case numbers go on at the start of a block of 64 (64k + 1,
-            // as the sequence's own blocks start), so each node's blocks
-            // keep their alignment with the KPI buckets.
-            let to = match s {
-                Sequence::Case => (counted - 1 + 63) / 64 * 64 + 1,
-                _ => counted,
-            };
-            c.execute(&format!("SELECT setval('{t}.{name}', $1, false)"), &[&to])?;
+            // Numbering goes on where the store left it (the admin sees
+            // case 6 follow case 5); the nodes' blocks of 64 start there.
+            c.execute(
+                &format!("SELECT setval('{t}.{name}', $1, false)"),
+                &[&counted],
+            )?;
         }
     }
     Ok(())
