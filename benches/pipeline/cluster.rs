@@ -149,12 +149,32 @@ fn postgres_cpu(port: u16) -> f64 {
             .sum::<f64>()
 }
 
+/// The machine's CPU ticks so far: (busy, waiting for I/O, all), from
+/// /proc/stat's first line.
+fn machine_ticks() -> (u64, u64, u64) {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    let all: u64 = f.iter().take(8).sum();
+    (all - get(3) - get(4), get(4), all)
+}
+
 /// One timed run of the cluster figures: how long, and the CPU seconds
 /// of the daemons and of PostgreSQL.
 struct Run {
     secs: f64,
     daemons_cpu: f64,
     postgres_cpu: f64,
+    /// The whole machine's busy and I/O-wait shares over the run.
+    machine_busy: f64,
+    machine_iowait: f64,
 }
 
 /// 9, 9b and 10.
@@ -188,6 +208,7 @@ pub fn cluster(sz: &Sizes, rows: &mut Vec<Row>) {
         });
         let cpu0: f64 = started.iter().map(|n| cpu_secs(n.child.id(), false)).sum();
         let pg0 = postgres_cpu(pg.port);
+        let m0 = machine_ticks();
         let t = Instant::now();
         for (i, m) in mail.iter().enumerate() {
             stack.deliver_maildir(mailboxes[i % mailboxes.len()], m, i);
@@ -214,6 +235,10 @@ pub fn cluster(sz: &Sizes, rows: &mut Vec<Row>) {
             .sum::<f64>()
             - cpu0;
         let postgres_cpu = postgres_cpu(pg.port) - pg0;
+        let m1 = machine_ticks();
+        let all = (m1.2 - m0.2).max(1) as f64;
+        let (machine_busy, machine_iowait) =
+            ((m1.0 - m0.0) as f64 / all, (m1.1 - m0.1) as f64 / all);
         for n in started {
             n.stop();
         }
@@ -222,15 +247,20 @@ pub fn cluster(sz: &Sizes, rows: &mut Vec<Row>) {
             secs,
             daemons_cpu,
             postgres_cpu,
+            machine_busy,
+            machine_iowait,
         }
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let share = |r: &Run| {
         format!(
-            "PostgreSQL {:.0}% of the CPU used ({:.0}% of {cores} cores), daemons {:.0}%",
+            "PostgreSQL {:.0}% of the CPU used ({:.0}% of {cores} cores), daemons {:.0}%; \
+             machine busy {:.0}%, I/O wait {:.0}%",
             100.0 * r.postgres_cpu / (r.postgres_cpu + r.daemons_cpu).max(0.01),
             100.0 * r.postgres_cpu / (r.secs * cores),
             100.0 * r.daemons_cpu / (r.secs * cores),
+            100.0 * r.machine_busy,
+            100.0 * r.machine_iowait,
         )
     };
     // ESCALATOR_BENCH_SKIP9=1: failover and pause only;
