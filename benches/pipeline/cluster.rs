@@ -42,6 +42,17 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// A figure that fails (a panic) must not leave its daemons running:
+    /// killed, unless `stop` ended them already.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The holders of the mailboxes, by `cluster status`.
 fn holders(cfg: &Path) -> Vec<Option<String>> {
     let out = Command::new(env!("CARGO_BIN_EXE_escalator"))
