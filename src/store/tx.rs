@@ -126,13 +126,18 @@ impl<'s> Tx<'s> {
             return Ok(v.as_deref().map(<[u8]>::to_vec));
         }
         let v = self.store.db.get_for_update(t, key)?;
+        self.remember(k, v.as_deref());
+        Ok(v)
+    }
+
+    /// Keeps what a read on a shared engine found: the value (locked,
+    /// so it stays) for the next read, or the key as missing, to be
+    /// written at commit only if still missing.
+    fn remember(&self, k: (Tree, Vec<u8>), v: Option<&[u8]>) {
         if v.is_none() {
             self.absent.borrow_mut().insert(k.clone());
         }
-        self.reads
-            .borrow_mut()
-            .insert(k, v.as_deref().map(Arc::from));
-        Ok(v)
+        self.reads.borrow_mut().insert(k, v.map(Arc::from));
     }
 
     pub(super) fn get<T: DeserializeOwned>(&self, t: Tree, key: &[u8]) -> Result<Option<T>> {
@@ -266,12 +271,7 @@ impl<'s> Tx<'s> {
             Ok(v) => v,
         };
         if !self.store.db.is_local() {
-            if v.is_none() {
-                self.absent.borrow_mut().insert(k.clone());
-            }
-            self.reads
-                .borrow_mut()
-                .insert(k, v.as_deref().map(Arc::from));
+            self.remember(k, v.as_deref());
         }
         v.map(|v| codec::decode(Tree::Outbox, &key, &v))
             .transpose()

@@ -58,6 +58,20 @@ first_response = "8h"
     })
 }
 
+/// The queues `support` and `billing` on database `db`, with mailboxes
+/// for tier 2 and customers `c0`.. `c{customers - 1}`.
+fn two_queues(pg: &Postgres, db: &str, customers: usize) -> Setup {
+    let mut users = vec!["support", "billing", "tier2"];
+    let names: Vec<String> = (0..customers).map(|c| format!("c{c}")).collect();
+    users.extend(names.iter().map(String::as_str));
+    cluster(
+        pg,
+        db,
+        &users,
+        &[("support", "support"), ("billing", "billing")],
+    )
+}
+
 /// `n` new threads from `customers` customers into `user`'s mailbox,
 /// Message-IDs `{tag}{i}@x.test`.
 pub(crate) fn seed(s: &Setup, user: &str, tag: &str, n: usize, customers: usize) {
@@ -150,15 +164,7 @@ pub(crate) async fn each_message_once_and_one_ack_each(
 async fn three_daemons_on_two_mailboxes_take_in_every_message_once() {
     let pg = Postgres::start();
     let customers = 6;
-    let mut users = vec!["support", "billing", "tier2"];
-    let names: Vec<String> = (0..customers).map(|c| format!("c{c}")).collect();
-    users.extend(names.iter().map(String::as_str));
-    let s = cluster(
-        &pg,
-        "it_three",
-        &users,
-        &[("support", "support"), ("billing", "billing")],
-    );
+    let s = two_queues(&pg, "it_three", customers);
     let per = 1500;
     seed(&s, "support", "s", per, customers);
     seed(&s, "billing", "b", per, customers);
@@ -370,15 +376,7 @@ async fn one_message_in_two_queues_mailboxes_taken_in_by_two_nodes_at_once_is_on
     // second; its chunk runs again and finds the message stored.
     let pg = Postgres::start();
     let customers = 4;
-    let mut users = vec!["support", "billing", "tier2"];
-    let names: Vec<String> = (0..customers).map(|c| format!("c{c}")).collect();
-    users.extend(names.iter().map(String::as_str));
-    let s = cluster(
-        &pg,
-        "it_same_id",
-        &users,
-        &[("support", "support"), ("billing", "billing")],
-    );
+    let s = two_queues(&pg, "it_same_id", customers);
     let n = 400;
     let ports: Vec<u16> = (0..2).map(|_| crate::support::free_port()).collect();
     let mut nodes: Vec<Daemon> = ports
