@@ -112,7 +112,9 @@ impl Validator<'_> {
                 "store.schema",
                 format!(
                     "{schema:?} is not a schema name escalator takes: lower-case letters, \
-                     digits and _, not starting with a digit or pg_, at most 63 characters"
+                     digits and _, not starting with a digit or pg_, at most 63 characters, \
+                     and not public or information_schema (other software keeps its tables \
+                     there); the default is \"escalator\""
                 ),
             );
         }
