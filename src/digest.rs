@@ -75,7 +75,7 @@ pub fn text(
         tiers: &tiers,
         queues: &queues,
     };
-    let report = period_report(&window, &open, &order, start, end.min(now));
+    let report = store.report(Some(start), Some(end), end.min(now), &order)?;
     let o = &report.overall;
     let figures = (o.cases, o.escalated, o.breached);
     let mut text = compose(&report, &window, &open, start, end);
@@ -112,27 +112,6 @@ fn logins_needed(store: &Store, config: &Config) -> Result<String, StoreError> {
         ));
     }
     Ok(out)
-}
-
-/// The KPIs of the period [start, end) from its facts and those of
-/// every unresolved case.
-fn period_report(
-    window: &[Facts],
-    open: &[Facts],
-    order: &stats::Order<'_>,
-    start: DateTime<Utc>,
-    end: DateTime<Utc>,
-) -> stats::Report {
-    // The window's unresolved cases are counted from the window.
-    let outside = open
-        .iter()
-        .filter(|f| f.created_at < start || f.created_at >= end)
-        .map(|f| stats::OpenCase {
-            queue: f.queue.clone(),
-            tier: f.tier.clone(),
-            created_at: f.created_at,
-        });
-    stats::report(window.iter().cloned(), outside, order, Some(start), end)
 }
 
 /// Pure: the digest from the period's facts and the unresolved cases'.
@@ -305,7 +284,16 @@ mod tests {
             tiers: &[],
             queues: &[],
         };
-        let report = period_report(&window, &open, &order, start, end);
+        // The window's unresolved cases are counted from the window.
+        let outside = open
+            .iter()
+            .filter(|f| f.created_at < start || f.created_at >= end)
+            .map(|f| stats::OpenCase {
+                queue: f.queue.clone(),
+                tier: f.tier.clone(),
+                created_at: f.created_at,
+            });
+        let report = stats::report(window.iter().cloned(), outside, &order, Some(start), end);
         let text = compose(&report, &window, &open, start, end);
         assert!(text.contains("Escalations in the period (1)"), "{text}");
         assert!(text.contains("#5"), "{text}");

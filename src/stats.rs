@@ -282,13 +282,40 @@ struct Acc {
 }
 
 impl Acc {
-    fn finish(mut self) -> Kpis {
-        let k = &mut self.kpis;
+    fn finish(mut self) -> Counted {
+        self.kpis.first_answer = Spread::of(std::mem::take(&mut self.first_answer));
+        self.kpis.resolve = Spread::of(std::mem::take(&mut self.resolve));
+        Counted {
+            kpis: self.kpis,
+            csat_sum: self.csat_sum,
+        }
+    }
+}
+
+/// One KPI set counted, by the tally here or by the database (PostgreSQL
+/// computes the KPIs in SQL): its counts and spreads, and the sum the
+/// CSAT mean is made from. The shares are worked out from these in one
+/// place, so both engines' reports agree to the digit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counted {
+    pub kpis: Kpis,
+    pub csat_sum: u64,
+}
+
+impl Counted {
+    /// A set with no case (every reason listed, at zero).
+    pub fn empty() -> Counted {
+        new_acc().finish()
+    }
+
+    fn finish(self) -> Kpis {
+        let mut k = self.kpis;
+        let cases = k.cases;
         let share = |n: u64| {
-            if k.cases == 0 {
+            if cases == 0 {
                 0.0
             } else {
-                round3(n as f64 / k.cases as f64)
+                round3(n as f64 / cases as f64)
             }
         };
         k.escalation_rate = share(k.escalated);
@@ -300,9 +327,7 @@ impl Acc {
             .collect();
         k.csat_mean =
             (k.csat_count > 0).then(|| round3(self.csat_sum as f64 / k.csat_count as f64));
-        k.first_answer = Spread::of(std::mem::take(&mut self.first_answer));
-        k.resolve = Spread::of(std::mem::take(&mut self.resolve));
-        self.kpis
+        k
     }
 }
 
@@ -310,7 +335,7 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-const REASONS: [Reason; 4] = [
+pub const REASONS: [Reason; 4] = [
     Reason::Stale,
     Reason::RepeatCustomer,
     Reason::Trigger,
@@ -473,36 +498,63 @@ impl Tally {
     }
 
     pub fn finish(self, order: &Order<'_>, since: Option<DateTime<Utc>>) -> Report {
-        Report {
-            since: since.map(rfc3339),
-            until: rfc3339(self.now),
-            overall: self.overall.finish(),
-            tiers: in_order(self.tiers, order.tiers)
-                .into_iter()
-                .map(|(tier, kpis)| TierKpis { tier, kpis })
-                .collect(),
-            queues: in_order(self.queues, order.queues)
-                .into_iter()
-                .map(|(queue, kpis)| QueueKpis { queue, kpis })
-                .collect(),
-            smtp_problems: Vec::new(),
-        }
+        let sets = |v: Vec<(String, Acc)>| v.into_iter().map(|(n, a)| (n, a.finish())).collect();
+        assemble(
+            Sets {
+                overall: self.overall.finish(),
+                tiers: sets(self.tiers),
+                queues: sets(self.queues),
+            },
+            order,
+            since,
+            self.now,
+        )
+    }
+}
+
+/// The counted sets of a report: all cases, each tier's, each queue's.
+pub struct Sets {
+    pub overall: Counted,
+    pub tiers: Vec<(String, Counted)>,
+    pub queues: Vec<(String, Counted)>,
+}
+
+/// The report from its counted sets, tiers and queues in config order.
+pub fn assemble(
+    sets: Sets,
+    order: &Order<'_>,
+    since: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Report {
+    Report {
+        since: since.map(rfc3339),
+        until: rfc3339(now),
+        overall: sets.overall.finish(),
+        tiers: in_order(sets.tiers, order.tiers)
+            .into_iter()
+            .map(|(tier, kpis)| TierKpis { tier, kpis })
+            .collect(),
+        queues: in_order(sets.queues, order.queues)
+            .into_iter()
+            .map(|(queue, kpis)| QueueKpis { queue, kpis })
+            .collect(),
+        smtp_problems: Vec::new(),
     }
 }
 
 /// The named sets in config order (empty ones too), then the rest by
 /// name.
-fn in_order(mut sets: Vec<(String, Acc)>, names: &[String]) -> Vec<(String, Kpis)> {
+fn in_order(mut sets: Vec<(String, Counted)>, names: &[String]) -> Vec<(String, Kpis)> {
     let mut out = Vec::new();
     for name in names {
-        let acc = match sets.iter().position(|(n, _)| n == name) {
+        let set = match sets.iter().position(|(n, _)| n == name) {
             Some(i) => sets.swap_remove(i).1,
-            None => new_acc(),
+            None => Counted::empty(),
         };
-        out.push((name.clone(), acc.finish()));
+        out.push((name.clone(), set.finish()));
     }
     sets.sort_by(|a, b| a.0.cmp(&b.0));
-    out.extend(sets.into_iter().map(|(n, a)| (n, a.finish())));
+    out.extend(sets.into_iter().map(|(n, c)| (n, c.finish())));
     out
 }
 

@@ -173,21 +173,11 @@ pub fn stats_report(
         .map(|s| now - chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000)));
     let config = shared.config.get();
     let (tiers, queues) = config.names();
-    // Streamed: a million cases' facts never sit in memory at once.
-    let mut tally = crate::stats::Tally::new(now);
-    store.each_fact(since, true, |f| tally.add(f))?;
-    // The window's own unresolved cases came with its facts; those
-    // opened before it are read from the unresolved index.
-    if since.is_some() {
-        for o in store.unresolved(since) {
-            tally.add_open(&o?);
-        }
-    }
     let order = crate::stats::Order {
         tiers: &tiers,
         queues: &queues,
     };
-    let mut report = tally.finish(&order, since);
+    let mut report = store.report(since, None, now, &order)?;
     report.smtp_problems = store.smtp_problems()?;
     Ok(report)
 }

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use super::codec::{self, read_u64, Tree};
 use crate::case::Case;
 use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
+use crate::stats::{Facts, Stint};
 
 /// A column: its name and SQL type.
 pub(super) type Column = (&'static str, &'static str);
@@ -117,7 +118,25 @@ pub(super) fn of(t: Tree) -> &'static [Column] {
         ],
         Tree::Deadlines => &[("at", "timestamptz"), ("case_id", "bigint")],
         Tree::OutboxPending => &[("outbox_id", "bigint")],
-        Tree::Facts => &[],
+        Tree::Facts => &[
+            ("case_id", "bigint"),
+            ("queue", "text"),
+            ("tier", "text"),
+            ("status", "text"),
+            ("opened_at", "timestamptz"),
+            ("first_response_at", "timestamptz"),
+            ("resolved_at", "timestamptz"),
+            ("repeat_customer", "boolean"),
+            ("csat", "smallint"),
+            ("bounces", "bigint"),
+            ("stint_tier", "text[]"),
+            ("stint_entered_at", "timestamptz[]"),
+            ("stint_first_response_at", "timestamptz[]"),
+            ("stint_left_at", "timestamptz[]"),
+            ("stint_left_reason", "text[]"),
+            ("stint_deadline_missed", "boolean[]"),
+            ("triggers", "text[]"),
+        ],
         Tree::MessageCases | Tree::Referrers => &[("message_id", "text"), ("case_id", "bigint")],
         Tree::History => &[("case_id", "bigint"), ("first_event", "bigint")],
         Tree::CaseMessages => &[
@@ -200,7 +219,12 @@ fn project_known(t: Tree, key: &[u8], value: &[u8]) -> Option<Cells> {
             key.get(8..).and_then(read_u64).and_then(num),
         ],
         Tree::OutboxPending => vec![read_u64(key).and_then(num)],
-        Tree::Facts => Vec::new(),
+        // One case's facts (`k ++ id`); the rest (buckets a conversion
+        // has not reached yet) have none.
+        Tree::Facts => match key.first() {
+            Some(b'k') => facts(&codec::facts::decode(value)?),
+            _ => Vec::new(),
+        },
         Tree::History | Tree::CaseMessages => {
             let case = key.get(..8).and_then(read_u64)?;
             let n = key.get(8..).and_then(read_u64)?;
@@ -294,6 +318,63 @@ fn quarantine(q: &QuarantineEntry) -> Cells {
         time(q.at),
         num(q.attempts.into()),
     ]
+}
+
+fn facts(f: &Facts) -> Cells {
+    let stints = &f.stints;
+    let times = |t: &dyn Fn(&Stint) -> Option<DateTime<Utc>>| {
+        array(stints.iter().map(|s| t(s).and_then(time)))
+    };
+    vec![
+        num(f.id),
+        text(&f.queue),
+        text(&f.tier),
+        name_of(&f.status),
+        time(f.created_at),
+        f.first_answer_at.and_then(time),
+        f.resolved_at.and_then(time),
+        Some(f.repeat_customer.to_string()),
+        f.csat.map(|v| v.to_string()),
+        num(f.bounces.into()),
+        array(stints.iter().map(|s| text(&s.tier))),
+        times(&|s| Some(s.from)),
+        times(&|s| s.first_answer),
+        times(&|s| s.left.map(|l| l.0)),
+        array(
+            stints
+                .iter()
+                .map(|s| s.left.map(|l| l.1.as_str().to_string())),
+        ),
+        array(stints.iter().map(|s| Some(s.deadline_missed.to_string()))),
+        array(f.triggers.iter().map(|t| text(t))),
+    ]
+}
+
+/// A PostgreSQL array literal (`{"a",NULL}`), cast by the statement to
+/// the column's array type: every element quoted, so a comma, brace or
+/// quote in a tier name or a trigger stays inside its element.
+fn array(items: impl Iterator<Item = Option<String>>) -> Option<String> {
+    let mut out = String::from("{");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Some(s) => {
+                out.push('"');
+                for ch in s.chars() {
+                    if ch == '"' || ch == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(ch);
+                }
+                out.push('"');
+            }
+            None => out.push_str("NULL"),
+        }
+    }
+    out.push('}');
+    Some(out)
 }
 
 /// A `text \0 tail` key: the text (None when it is kept hashed, being

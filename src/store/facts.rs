@@ -12,15 +12,23 @@
 //!
 //! `u ++ opening time ++ id` → `queue \0 tier` is present while a case is
 //! unresolved: open cases by age without decoding facts. The per-tier
-//! open counts (meta `open/<tier>`) are kept in step with it on sled; on
-//! PostgreSQL the cases table is counted instead.
+//! open counts (meta `open/<tier>`) are kept in step with it.
+//!
+//! On PostgreSQL the facts are one row per case, `k ++ id`, with typed
+//! columns (`columns.rs`): the KPIs are counted in SQL
+//! (`postgres/kpis.rs`), a dashboard reads the same rows, and two nodes
+//! writing neighbouring cases never wait on one bucket. There is no
+//! unresolved index nor count there: the rows' status column is indexed.
+//! A store of an earlier version has its buckets turned into rows when a
+//! node opens it ([`per_case_rows`]).
 
 use chrono::{DateTime, Utc};
 
 use super::codec::{self, read_u64, Tree};
+use super::engine::Db;
 use super::{Result, Store, StoreError, Tx};
 use crate::case::{Case, CaseId, Status};
-use crate::stats::{Facts, OpenCase};
+use crate::stats::{self, Facts, OpenCase, Order, Report, Tally};
 
 /// Cases per facts bucket.
 pub(super) const BUCKET: u64 = 64;
@@ -38,6 +46,37 @@ fn bucket_key(case: CaseId) -> Vec<u8> {
     let mut k = b"b".to_vec();
     k.extend_from_slice(&(case / BUCKET).to_be_bytes());
     k
+}
+
+/// A case's facts row on PostgreSQL.
+fn case_key(case: CaseId) -> Vec<u8> {
+    let mut k = b"k".to_vec();
+    k.extend_from_slice(&case.to_be_bytes());
+    k
+}
+
+/// A facts record of any earlier layout as the per-case rows PostgreSQL
+/// keeps (`k ++ id` → compact facts): a bucket gives its cases, a
+/// one-case record of before buckets its case, an unresolved-index entry
+/// nothing (the rows' status says it). Used by every way a store reaches
+/// PostgreSQL: the conversion of an older store, `store migrate
+/// --from-sled`, a store of version 3 opened.
+pub(super) fn per_case_rows(key: &[u8], value: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    match key.first() {
+        Some(b'b') => decode_bucket(key, value)?
+            .into_iter()
+            .map(|e| {
+                let facts = decode_facts(key, &e.facts)?;
+                Ok((case_key(e.id), codec::facts::encode(&facts)))
+            })
+            .collect(),
+        Some(b'c') => {
+            let facts = decode_facts(key, value)?;
+            Ok(vec![(case_key(facts.id), codec::facts::encode(&facts))])
+        }
+        Some(b'k') => Ok(vec![(key.to_vec(), value.to_vec())]),
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// One case's entry in a bucket.
@@ -158,10 +197,26 @@ impl Store {
         kpis_only: bool,
         mut f: impl FnMut(&Facts),
     ) -> Result<usize> {
-        let since_ms = since.map_or(i64::MIN, |t| t.timestamp_millis());
         let mut facts = codec::facts::empty();
-        let mut buf = Vec::new();
         let mut n = 0;
+        if let Db::Postgres(pg) = &self.db {
+            let mut after = b"k".to_vec();
+            loop {
+                let page = pg.facts_page((since, None), after.clone())?;
+                let Some((last, _)) = page.last() else {
+                    return Ok(n);
+                };
+                after = last.clone();
+                for (k, v) in &page {
+                    codec::facts::decode_into(v, &mut facts, kpis_only)
+                        .ok_or_else(|| malformed(k))?;
+                    f(&facts);
+                    n += 1;
+                }
+            }
+        }
+        let since_ms = since.map_or(i64::MIN, |t| t.timestamp_millis());
+        let mut buf = Vec::new();
         for r in self.db.prefix(Tree::Facts, b"b") {
             let (k, v) = r?;
             let done = each_entry(&v, since_ms, &mut buf, |_, _, bytes| {
@@ -186,6 +241,13 @@ impl Store {
 
     /// Facts of every unresolved case, oldest first.
     pub fn unresolved_facts(&self) -> Result<Vec<Facts>> {
+        if let Db::Postgres(pg) = &self.db {
+            return pg
+                .unresolved_rows(None)?
+                .iter()
+                .map(|(k, v)| decode_facts(k, v))
+                .collect();
+        }
         let mut out = Vec::new();
         for r in self.db.prefix(Tree::Facts, b"u") {
             let (k, _) = r?;
@@ -209,12 +271,19 @@ impl Store {
     pub fn unresolved(
         &self,
         before: Option<DateTime<Utc>>,
-    ) -> impl Iterator<Item = Result<OpenCase>> + '_ {
+    ) -> Box<dyn Iterator<Item = Result<OpenCase>> + '_> {
+        if let Db::Postgres(pg) = &self.db {
+            return match pg.unresolved_cases(before) {
+                Ok(open) => Box::new(open.into_iter().map(Ok)),
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            };
+        }
         let end = match before {
             Some(t) => codec::unresolved_key(t, 0),
             None => b"v".to_vec(),
         };
-        self.db
+        let rows = self
+            .db
             .range(Tree::Facts, b"u", Some(&end))
             .filter_map(|r| {
                 let (k, v) = match r {
@@ -228,7 +297,57 @@ impl Store {
                     tier,
                     created_at,
                 }))
-            })
+            });
+        Box::new(rows)
+    }
+
+    /// The KPI report of the cases opened in [`since`, `until`) (None: no
+    /// bound), open cases by age at `now`: on sled counted from the
+    /// facts here, on PostgreSQL in SQL.
+    pub fn report(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        order: &Order<'_>,
+    ) -> Result<Report> {
+        if let Db::Postgres(pg) = &self.db {
+            let sets = pg.kpi_sets((since, until), now)?;
+            return Ok(stats::assemble(sets, order, since, now));
+        }
+        self.tally(since, until, now)
+            .map(|t| t.finish(order, since))
+    }
+
+    /// The report counted here from the facts, on either engine (the
+    /// PostgreSQL report is tested against it).
+    pub(super) fn tally(
+        &self,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<Tally> {
+        let in_window =
+            |t: DateTime<Utc>| since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u);
+        // Streamed: a million cases' facts never sit in memory at once.
+        let mut tally = Tally::new(now);
+        self.each_fact(since, true, |f| {
+            if in_window(f.created_at) {
+                tally.add(f)
+            }
+        })?;
+        // The window's own unresolved cases came with its facts; the
+        // others are read from the unresolved index.
+        let before = if until.is_none() { since } else { None };
+        if since.is_some() || until.is_some() {
+            for o in self.unresolved(before) {
+                let o = o?;
+                if !in_window(o.created_at) {
+                    tally.add_open(&o);
+                }
+            }
+        }
+        Ok(tally)
     }
 
     /// Index version 7: facts kept one record per case (`c ++ opening
@@ -258,6 +377,13 @@ impl Store {
 impl Tx<'_> {
     /// The stored facts of a case (this transaction's writes included).
     pub(super) fn read_facts(&self, id: CaseId) -> Result<Option<Facts>> {
+        if !self.store.db.is_local() {
+            let key = case_key(id);
+            return match self.get_bytes(Tree::Facts, &key)? {
+                Some(v) => decode_facts(&key, &v).map(Some),
+                None => Ok(None),
+            };
+        }
         let key = bucket_key(id);
         let Some(v) = self.get_bytes(Tree::Facts, &key)? else {
             return Ok(None);
@@ -270,6 +396,10 @@ impl Tx<'_> {
 
     /// Writes a case's facts into its bucket.
     pub(super) fn write_facts(&mut self, facts: &Facts) -> Result<()> {
+        if !self.store.db.is_local() {
+            self.put(Tree::Facts, case_key(facts.id), codec::facts::encode(facts));
+            return Ok(());
+        }
         let key = bucket_key(facts.id);
         let mut entries = match self.get_bytes(Tree::Facts, &key)? {
             Some(v) => decode_bucket(&key, &v)?,
@@ -290,6 +420,10 @@ impl Tx<'_> {
 
     /// Drops a case's facts (a legacy case about to be recomputed).
     pub(super) fn forget_facts(&mut self, id: CaseId) -> Result<()> {
+        if !self.store.db.is_local() {
+            self.remove(Tree::Facts, case_key(id));
+            return Ok(());
+        }
         let key = bucket_key(id);
         if let Some(v) = self.get_bytes(Tree::Facts, &key)? {
             let mut entries = decode_bucket(&key, &v)?;
@@ -304,6 +438,12 @@ impl Tx<'_> {
     pub(super) fn case_indexes(&mut self, case: &Case) -> Result<()> {
         let prev = self.read_facts(case.id)?;
         self.write_facts(&Facts::update(prev, case))?;
+        // On PostgreSQL the rows' status is indexed and the cases table
+        // counted (a count row every new case bumped would have every
+        // node's commits wait for it).
+        if !self.store.db.is_local() {
+            return Ok(());
+        }
         let ukey = codec::unresolved_key(case.created_at, case.id);
         let old_tier = self
             .get_bytes(Tree::Facts, &ukey)?
@@ -316,9 +456,7 @@ impl Tx<'_> {
             // cases by age without decoding anything.
             self.put(Tree::Facts, ukey, codec::unresolved_entry_value(case));
         }
-        // On PostgreSQL the cases table counts them (a count row every
-        // new case bumped would have every node's commits wait for it).
-        if old_tier != new_tier && self.store.db.is_local() {
+        if old_tier != new_tier {
             for (tier, delta) in [(old_tier, -1i64), (new_tier, 1)] {
                 if let Some(t) = tier {
                     let mut key = codec::OPEN_PREFIX.to_vec();

@@ -253,7 +253,25 @@ impl Store {
 
     /// This store's keys and whole values from `start` in key order,
     /// without the copy's progress marks.
-    fn source_rows(&self, tree: Tree, start: &[u8]) -> Rows<'_> {
+    pub(super) fn source_rows(&self, tree: Tree, start: &[u8]) -> Rows<'_> {
+        if tree == Tree::Facts && self.db.is_local() {
+            // sled packs the facts in buckets; PostgreSQL keeps a row per
+            // case: the copy (and its check) is of those rows, in the
+            // same key order as the buckets' cases.
+            let start = start.to_vec();
+            return Box::new(
+                self.db
+                    .range(tree, b"b", Some(b"c"))
+                    .flat_map(|r| {
+                        let rows = r.and_then(|(k, v)| super::facts::per_case_rows(&k, &v));
+                        match rows {
+                            Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>(),
+                            Err(e) => vec![Err(e)],
+                        }
+                    })
+                    .filter(move |r| !matches!(r, Ok((k, _)) if *k < start)),
+            );
+        }
         Box::new(
             self.db
                 .range(tree, start, None)

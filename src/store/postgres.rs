@@ -32,6 +32,7 @@ use tokio_rustls::rustls::ClientConfig;
 use super::codec::{Tree, TREES};
 use super::write::{Fence, Op};
 
+mod kpis;
 mod rows;
 mod upgrade;
 use super::StoreError;
@@ -47,8 +48,13 @@ const PAGE: i64 = 1000;
 /// Versioned schema migrations, applied in order, each once, in the
 /// store's schema (`{schema}` in their text). Versions 1 and 2 made the
 /// single table `escalator_kv` of older releases (see [`upgrade`]).
-const MIGRATIONS: [(i32, &str); 1] =
-    [(3, include_str!("../../migrations/postgres/0003_tables.sql"))];
+const MIGRATIONS: [(i32, &str); 2] = [
+    (3, include_str!("../../migrations/postgres/0003_tables.sql")),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_case_kpis.sql"),
+    ),
+];
 
 /// The schema a store's tables live in unless `[store] schema` says.
 pub const DEFAULT_SCHEMA: &str = "escalator";

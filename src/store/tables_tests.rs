@@ -4,7 +4,7 @@
 
 use super::tests::{case, ok, pg_store};
 use super::*;
-use crate::case::Status;
+use crate::case::{EventKind, Status};
 
 /// The SQL blocks of the README's "PostgreSQL tables" section.
 fn readme_queries() -> Vec<String> {
@@ -166,5 +166,269 @@ fn a_senders_nul_and_a_date_past_year_9999_neither_fail_a_commit_nor_break_a_vie
         ok(store.message(1)).unwrap().date,
         Some(far),
         "the record keeps it"
+    );
+}
+
+/// Cases of every kind, written in two rounds (the second adds to cases
+/// of the first, so facts are read back and updated): escalations for
+/// each reason, first answers at each tier, breaches, resolutions, CSAT,
+/// bounces, triggers, repeat customers, in two queues, and a tier no
+/// longer configured whose name holds what an array literal is made of.
+fn write_varied_cases(store: &Store, n: u64) {
+    const ODD: &str = "Old \"T3\", {x}\\";
+    let tiers = ["T1", "T2", ODD];
+    let reasons = crate::stats::REASONS;
+    // A fixed sequence of pseudo-random numbers: the same cases each run.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |m: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % m
+    };
+    let mut cases = Vec::new();
+    for id in 1..=n {
+        let opened = t(0, (id as i64) * 1800 + rnd(600) as i64);
+        let mut c = case(id, "T1", 0);
+        c.created_at = opened;
+        c.queue = if rnd(3) == 0 { "billing" } else { "default" }.into();
+        c.repeat_customer = rnd(4) == 0;
+        cases.push(c);
+    }
+    for round in 0..2 {
+        ok(store.transact(|tx| {
+            for c in cases.iter_mut().filter(|c| round == 0 || c.id % 3 == 0) {
+                let mut at = c.updated_at.max(c.created_at) + chrono::Duration::seconds(1);
+                let mut step = |rnd: &mut dyn FnMut(u64) -> u64| {
+                    at += chrono::Duration::seconds(rnd(20_000) as i64 + 1);
+                    at
+                };
+                if rnd(3) > 0 {
+                    let when = step(&mut rnd);
+                    c.push(
+                        when,
+                        EventKind::StaffAnswer {
+                            from: "s@x".into(),
+                            message_id: "a@x".into(),
+                        },
+                    );
+                    c.first_answer_at.get_or_insert(when);
+                    c.status = Status::Answered;
+                }
+                if rnd(4) == 0 {
+                    let tier = c.tier.clone();
+                    c.push(step(&mut rnd), EventKind::Breached { tier });
+                }
+                if rnd(5) == 0 {
+                    c.push(
+                        step(&mut rnd),
+                        EventKind::Priority {
+                            priority: "high".into(),
+                            why: format!("phrase \"p{}\"", rnd(3)),
+                        },
+                    );
+                }
+                let hops = rnd(3);
+                for _ in 0..hops {
+                    let from = c.tier.clone();
+                    let to = tiers[(tiers.iter().position(|t| *t == from).unwrap_or(0) + 1) % 3]
+                        .to_string();
+                    let reason = reasons[rnd(4) as usize];
+                    c.push(
+                        step(&mut rnd),
+                        EventKind::Escalated {
+                            from,
+                            to: to.clone(),
+                            reason,
+                            detail: format!("phrase \"w{}\"", rnd(2)),
+                        },
+                    );
+                    c.tier = to;
+                    c.escalations += 1;
+                    c.status = Status::Open;
+                }
+                if rnd(5) == 0 {
+                    c.push(
+                        step(&mut rnd),
+                        EventKind::Bounced {
+                            outbox_id: 1,
+                            mail: "ack".into(),
+                            recipient: c.customer.clone(),
+                            status: "5.1.1".into(),
+                            diagnostic: None,
+                            message_id: "b@x".into(),
+                        },
+                    );
+                }
+                if rnd(3) == 0 {
+                    c.status = Status::Resolved;
+                    c.resolved_at = Some(step(&mut rnd));
+                    if rnd(2) == 0 {
+                        c.csat = Some(rnd(5) as u8 + 1);
+                    }
+                } else if round == 1 && c.status == Status::Resolved {
+                    c.status = Status::Open;
+                }
+                tx.put_case(c)?;
+            }
+            Ok(())
+        }));
+    }
+}
+
+fn order_of<'a>(tiers: &'a [String], queues: &'a [String]) -> crate::stats::Order<'a> {
+    crate::stats::Order { tiers, queues }
+}
+
+#[test]
+fn stats_on_postgresql_are_counted_in_sql_to_the_same_figures_as_the_tally_and_as_sled() {
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database("kpis");
+    let store = pg_store(&pg, "kpis", &dir.path().join("pg"));
+    let sled = ok(Store::open(&dir.path().join("sled")));
+    // 300 cases: enough that the percentiles fall where floating point
+    // would pick the wrong rank (90% of 70 answered is 63, not 64).
+    for s in [&store, &sled] {
+        write_varied_cases(s, 300);
+    }
+    let tiers = vec!["T1".to_string(), "T2".to_string(), "T4".to_string()];
+    let queues = vec![
+        "default".to_string(),
+        "billing".to_string(),
+        "empty".to_string(),
+    ];
+    let order = order_of(&tiers, &queues);
+    let end = t(8, 0);
+    let windows = [
+        (None, None, end),
+        (Some(t(2, 0)), None, end),
+        (Some(t(1, 0)), Some(t(3, 0)), t(3, 0)),
+        (Some(t(2, 7 * 3600)), Some(t(2, 8 * 3600)), t(30, 0)),
+        (Some(t(40, 0)), None, t(40, 0)),
+    ];
+    for (since, until, now) in windows {
+        let sql = ok(store.report(since, until, now, &order));
+        let tally = ok(store.tally(since, until, now)).finish(&order, since);
+        assert_eq!(sql, tally, "window {since:?}..{until:?} at {now}");
+        let on_sled = ok(sled.report(since, until, now, &order));
+        assert_eq!(
+            sql, on_sled,
+            "window {since:?}..{until:?}: both engines agree"
+        );
+    }
+    // The figures are not empty ones agreeing: every kind was counted.
+    let all = ok(store.report(None, None, end, &order));
+    let o = &all.overall;
+    assert_eq!(o.cases, 300);
+    assert!(
+        o.escalated > 0 && o.breached > 0 && o.repeat_customers > 0,
+        "{o:?}"
+    );
+    assert!(o.escalated_by_reason.values().all(|n| *n > 0), "{o:?}");
+    assert!(
+        o.first_answer.count > 70 && o.resolve.count > 0 && o.csat_count > 0,
+        "{o:?}"
+    );
+    assert!(
+        o.bounces > 0 && o.open.total > 0 && o.open.under_7d > 0,
+        "{o:?}"
+    );
+    let names: Vec<&str> = all.tiers.iter().map(|t| t.tier.as_str()).collect();
+    assert_eq!(names, ["T1", "T2", "T4", "Old \"T3\", {x}\\"]);
+    // One row per case with typed columns, and a row per stint in the view.
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let (rows, stints): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM escalator.facts), \
+                        (SELECT count(*) FROM escalator.case_stints)",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let facts = ok(store.facts_since(None));
+    assert_eq!(rows, 300);
+    assert_eq!(
+        stints as usize,
+        facts.iter().map(|f| f.stints.len()).sum::<usize>()
+    );
+    let odd: Vec<String> = c
+        .query(
+            "SELECT DISTINCT tier FROM escalator.case_stints WHERE tier LIKE 'Old%'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(odd, ["Old \"T3\", {x}\\"]);
+}
+
+#[test]
+fn a_version_3_store_has_its_facts_buckets_turned_into_rows_when_a_node_opens_it() {
+    let pg = crate::testing::Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.database("conv");
+    let tiers = vec!["T1".to_string(), "T2".to_string()];
+    let queues = vec!["default".to_string()];
+    let order = order_of(&tiers, &queues);
+    let before = {
+        let store = pg_store(&pg, "conv", &dir.path().join("pg"));
+        write_varied_cases(&store, 150);
+        ok(store.report(None, None, t(9, 0), &order))
+    };
+    // The same cases' facts as version 3 kept them: sled's buckets and
+    // unresolved index (sled keeps that layout), in place of the rows.
+    let sled = ok(Store::open(&dir.path().join("sled")));
+    write_varied_cases(&sled, 150);
+    let old: Vec<(Vec<u8>, Vec<u8>)> = sled
+        .db
+        .range(Tree::Facts, &[], None)
+        .collect::<Result<_>>()
+        .unwrap();
+    assert!(old.iter().any(|(k, _)| k[0] == b'b') && old.iter().any(|(k, _)| k[0] == b'u'));
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    c.batch_execute(
+        "ALTER TABLE escalator.facts DROP CONSTRAINT facts_per_case; \
+         DELETE FROM escalator.facts",
+    )
+    .unwrap();
+    for (k, v) in &old {
+        c.execute(
+            "INSERT INTO escalator.facts (key, value) VALUES ($1, $2)",
+            &[k, v],
+        )
+        .unwrap();
+    }
+    c.batch_execute(
+        "ALTER TABLE escalator.facts ADD CONSTRAINT facts_per_case \
+         CHECK (get_byte(key, 0) = 107) NOT VALID",
+    )
+    .unwrap();
+    let store = pg_store(&pg, "conv", &dir.path().join("pg"));
+    assert_eq!(ok(store.report(None, None, t(9, 0), &order)), before);
+    let (rows, per_case): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE case_id IS NOT NULL) \
+                 FROM escalator.facts",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((rows, per_case), (150, 150));
+    // A node of the release before cannot write a bucket any more.
+    let err = c
+        .execute(
+            "INSERT INTO escalator.facts (key, value) VALUES ('\\x6200'::bytea, '\\x00'::bytea)",
+            &[],
+        )
+        .expect_err("a bucket is refused");
+    assert!(
+        err.to_string().contains("facts_per_case") || format!("{err:?}").contains("facts_per_case"),
+        "{err:?}"
     );
 }

@@ -14,10 +14,15 @@
 //! the store through here under the migration lock. The old tables are
 //! dropped only at the end, in the same transaction that moves the
 //! cluster's leases over.
+//!
+//! The KPI facts are written one row per case whichever layout they come
+//! from (version 4): converted from `escalator_kv`, or from the buckets a
+//! store of version 3 keeps in its facts table.
 
 use ::postgres::Client;
 
 use super::super::codec::{read_u64, Tree, TREES};
+use super::super::facts::per_case_rows;
 use super::super::migrate::fits;
 use super::super::Sequence;
 use super::super::StoreError;
@@ -92,8 +97,65 @@ fn migrate_and_convert(c: &mut Client, t: &Tables) -> Outcome {
             &[],
         )?;
     }
+    facts_per_case(c, t)?;
     sync_sequences(c, t)?;
     Ok(Ok(()))
+}
+
+/// The per-case facts rows of a record of an earlier layout. A record
+/// that cannot be read loses its cases' KPIs (logged), never the store's
+/// upgrade: the facts are a summary, the cases and their history stay.
+fn facts_rows(key: &[u8], value: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    per_case_rows(key, value).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a KPI facts record could not be read; its cases are left out of the KPIs");
+        Vec::new()
+    })
+}
+
+/// Version 4: the facts of a store of version 3 (in buckets of 64 cases,
+/// with an index of the unresolved ones) become one row per case, a
+/// batch a transaction. Resumable: each batch removes what it converted.
+/// Runs under the migration lock before the node serves, so no node of
+/// this release reads the facts of a case not yet converted.
+fn facts_per_case(c: &mut Client, t: &Tables) -> Result<(), postgres::Error> {
+    let facts = t.of(Tree::Facts);
+    // Every key but `k ++ id` (k is 0x6b).
+    let old = "key < '\\x6b'::bytea OR key >= '\\x6c'::bytea";
+    let mut converted = 0u64;
+    loop {
+        let rows = c.query(
+            &format!("SELECT key, value FROM {facts} WHERE {old} ORDER BY key LIMIT 200"),
+            &[],
+        )?;
+        if rows.is_empty() {
+            if converted > 0 {
+                tracing::info!(
+                    records = converted,
+                    "the KPI facts are one row per case now"
+                );
+            }
+            return Ok(());
+        }
+        let mut writes = Writes::default();
+        for r in &rows {
+            let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
+            writes.add(Tree::Facts, &k, None, false);
+            for (k, v) in facts_rows(&k, &v) {
+                writes.add(Tree::Facts, &k, Some(&v), false);
+            }
+        }
+        c.batch_execute("BEGIN")?;
+        let committed = writes.write(c, t).and_then(|_| c.batch_execute("COMMIT"));
+        if committed.is_err() {
+            let _ = c.batch_execute("ROLLBACK");
+        }
+        committed?;
+        converted += rows.len() as u64;
+        tracing::info!(
+            records = converted,
+            "turning the KPI facts into one row per case"
+        );
+    }
 }
 
 /// Converts the old table `old` (the name it has now) into the tables.
@@ -246,7 +308,13 @@ fn copy_key_space(
         let mut writes = Writes::default();
         for r in &rows {
             let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
-            writes.add(tree, &k, Some(&v), false);
+            if tree == Tree::Facts {
+                for (k, v) in facts_rows(&k, &v) {
+                    writes.add(tree, &k, Some(&v), false);
+                }
+            } else {
+                writes.add(tree, &k, Some(&v), false);
+            }
         }
         copied += rows.len() as i64;
         c.batch_execute("BEGIN")?;
