@@ -59,17 +59,47 @@ pub fn change_case(
     id: CaseId,
     f: impl FnOnce(&mut Tx<'_>, &mut Case, &Ctx) -> Result<Option<Vec<Action>>, EffectsError>,
 ) -> Result<Option<(Case, usize)>, EffectsError> {
+    change_with(store, config, now, |tx| tx.case(id).map(Ok), f)
+        .map(|changed| changed.unwrap_or(None))
+}
+
+/// Another node's transaction holds the case right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held;
+
+/// As [`change_case`], except that a case another node's transaction
+/// holds is left alone (`Err(Held)`) rather than waited for: the
+/// scheduler's way to share due timers between nodes (`SKIP LOCKED`).
+pub fn change_case_unless_held(
+    store: &Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    id: CaseId,
+    f: impl FnOnce(&mut Tx<'_>, &mut Case, &Ctx) -> Result<Option<Vec<Action>>, EffectsError>,
+) -> Result<Result<Option<(Case, usize)>, Held>, EffectsError> {
+    change_with(store, config, now, |tx| tx.case_unless_held(id), f)
+}
+
+fn change_with(
+    store: &Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    read: impl Fn(&mut Tx<'_>) -> Result<Result<Option<Case>, ()>, crate::store::StoreError>,
+    f: impl FnOnce(&mut Tx<'_>, &mut Case, &Ctx) -> Result<Option<Vec<Action>>, EffectsError>,
+) -> Result<Result<Option<(Case, usize)>, Held>, EffectsError> {
     store.transact(|tx| {
-        let Some(mut case) = tx.case(id)? else {
-            return Ok(None);
+        let mut case = match read(tx)? {
+            Err(()) => return Ok(Err(Held)),
+            Ok(None) => return Ok(Ok(None)),
+            Ok(Some(c)) => c,
         };
         let ctx = Ctx { config, now };
         let Some(actions) = f(tx, &mut case, &ctx)? else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
         let mut fx = Effects::new(config, now);
         let queued = step(tx, &mut fx, &mut case, actions)?;
-        Ok(Some((case, queued)))
+        Ok(Ok(Some((case, queued))))
     })
 }
 

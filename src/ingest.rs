@@ -750,7 +750,7 @@ mod bounces;
 
 #[cfg(test)]
 #[path = "ingest/hostile.rs"]
-mod hostile;
+pub(crate) mod hostile;
 
 #[cfg(test)]
 #[path = "ingest/bounce_tests.rs"]

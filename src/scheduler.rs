@@ -25,7 +25,13 @@ pub struct Scheduler {
     /// When the store was last pruned (sent mail's bytes, old automatic
     /// mail records): at most hourly.
     pub pruned_at: std::sync::Mutex<Option<DateTime<Utc>>>,
+    /// The last pass left a due case another node's transaction held:
+    /// the next pass is not sooner than [`HELD_RETRY`].
+    held: std::sync::atomic::AtomicBool,
 }
+
+/// How soon a pass that found due cases held by other nodes looks again.
+const HELD_RETRY: Duration = Duration::from_secs(1);
 
 /// Sent mails whose bytes one pruning round looks at, at most.
 const PRUNE_BATCH: usize = 10_000;
@@ -45,6 +51,7 @@ impl Scheduler {
         Scheduler {
             handle,
             pruned_at: Default::default(),
+            held: Default::default(),
         }
     }
 
@@ -57,30 +64,43 @@ impl Scheduler {
     /// panic boundary around it is what the tests exercise.
     fn pass_with(
         &self,
-        fire: &dyn Fn(CaseId, DateTime<Utc>) -> Result<(), StoreError>,
+        fire: &dyn Fn(CaseId, DateTime<Utc>) -> Result<Firing, StoreError>,
     ) -> Result<usize, StoreError> {
         crate::metrics::inc(&crate::metrics::METRICS.scheduler_wakeups);
         let mut fired = 0;
+        // Due cases another node's transaction holds (on PostgreSQL):
+        // left to it, and passed over for the rest of this pass.
+        let mut held = std::collections::HashSet::new();
         loop {
             let now = self.clock.now();
-            let due = self.store.due_timers(now, BATCH)?;
+            let listed = self.store.due_timers(now, BATCH + held.len())?;
+            let more = listed.len() == BATCH + held.len();
+            let due: Vec<CaseId> = listed.into_iter().filter(|id| !held.contains(id)).collect();
             if due.is_empty() {
                 break;
             }
             for id in &due {
                 let firing = std::panic::AssertUnwindSafe(|| fire(*id, now));
                 match std::panic::catch_unwind(firing) {
-                    Ok(r) => r?,
+                    Ok(Ok(Firing::Done)) => fired += 1,
+                    Ok(Ok(Firing::Held)) => {
+                        held.insert(*id);
+                    }
+                    Ok(Err(e)) => return Err(e),
                     // One bad case must not stop every timer (nor come
                     // first again after a restart): its timer is parked.
-                    Err(panic) => self.park(*id, &crate::panic_text(&panic), now)?,
+                    Err(panic) => {
+                        self.park(*id, &crate::panic_text(&panic), now)?;
+                        fired += 1;
+                    }
                 }
             }
-            fired += due.len();
-            if due.len() < BATCH {
+            if !more {
                 break;
             }
         }
+        self.held
+            .store(!held.is_empty(), std::sync::atomic::Ordering::Relaxed);
         let config = self.config.get();
         self.prune(&config)?;
         match queue_digest(&self.store, &config, self.clock.now()) {
@@ -157,24 +177,33 @@ impl Scheduler {
     }
 
     #[tracing::instrument(skip(self, now), fields(case_id = id))]
-    fn fire(&self, id: CaseId, now: DateTime<Utc>) -> Result<(), StoreError> {
+    fn fire(&self, id: CaseId, now: DateTime<Utc>) -> Result<Firing, StoreError> {
         let config = self.config.get();
-        let fired = effects::change_case(&self.store, &config, now, id, |tx, case, ctx| {
-            let before = case.timer;
-            // An index entry the case no longer has (already moved on).
-            if before.is_none_or(|t| t.at > now) {
-                tx.drop_stale_timers(id, now)?;
-                return Ok(Some(Vec::new()));
-            }
-            let actions = policy::on_timer(case, ctx);
-            tracing::info!(kind = ?before.map(|t| t.kind), actions = actions.len(), "timer fired");
-            Ok(Some(actions))
-        });
+        let fired = effects::change_case_unless_held(
+            &self.store,
+            &config,
+            now,
+            id,
+            |tx, case, ctx| {
+                let before = case.timer;
+                // An index entry the case no longer has (already moved on).
+                if before.is_none_or(|t| t.at > now) {
+                    tx.drop_stale_timers(id, now)?;
+                    return Ok(Some(Vec::new()));
+                }
+                let actions = policy::on_timer(case, ctx);
+                tracing::info!(kind = ?before.map(|t| t.kind), actions = actions.len(), "timer fired");
+                Ok(Some(actions))
+            },
+        );
         match fired {
-            Ok(_) => Ok(()),
+            Ok(Ok(_)) => Ok(Firing::Done),
+            Ok(Err(effects::Held)) => Ok(Firing::Held),
             Err(EffectsError::Store(e)) => Err(e),
             // Its mails cannot be written: parked like a panic, for a person.
-            Err(e) => self.park(id, &crate::error_chain(&e), now),
+            Err(e) => self
+                .park(id, &crate::error_chain(&e), now)
+                .map(|()| Firing::Done),
         }
     }
 
@@ -212,6 +241,11 @@ impl Scheduler {
             } else {
                 wait
             };
+            let wait = if self.held.load(std::sync::atomic::Ordering::Relaxed) {
+                wait.max(HELD_RETRY)
+            } else {
+                wait
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.wake.timers.notified() => {}
@@ -219,6 +253,15 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// What became of a due case's timer in a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Firing {
+    /// Fired, found moved on already, or parked.
+    Done,
+    /// Another node's transaction holds the case: not waited for.
+    Held,
 }
 
 /// Queues the review digest of the last complete period unless it went
@@ -264,6 +307,62 @@ pub(crate) mod tests {
     use super::*;
     use crate::clock::Clock;
     use crate::ingest::tests::{setup, src};
+
+    #[test]
+    fn a_due_case_another_node_holds_is_left_to_it_and_the_others_fire_without_waiting() {
+        // Issue 22: due timers are shared by the nodes with SKIP LOCKED. A
+        // node stopped inside a transaction on a due case held every
+        // other node's timer pass on that case's row lock for 20 s, and
+        // the pass, retried, stopped there again.
+        let pg = crate::testing::Postgres::start();
+        let dir = tempfile::tempdir().unwrap();
+        let url = pg.database("timers");
+        let ing = crate::ingest::hostile::ingestor(dir.path(), Some(&url));
+        for n in 1..=3u32 {
+            let raw = format!(
+                "From: c{n}@example.org\r\nSubject: s{n}\r\nMessage-ID: <t{n}@x>\r\n\r\nb\r\n"
+            );
+            ing.ingest(Some(&src(1, n)), raw.as_bytes(), None).unwrap();
+        }
+        let ids: Vec<CaseId> = ing.store.cases().map(|c| c.unwrap().id).collect();
+        assert_eq!(ids.len(), 3);
+        let later = ing.clock.now() + chrono::Duration::hours(5);
+        let sched = Scheduler::new(crate::handle::Handle {
+            store: ing.store.clone(),
+            config: ing.config.clone(),
+            clock: std::sync::Arc::new(crate::clock::ManualClock::new(later)),
+            wake: ing.wake.clone(),
+        });
+        let timer = |id| ing.store.case(id).unwrap().unwrap().timer;
+        let held_before = timer(ids[1]);
+        let mut other_node = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        other_node
+            .batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM escalator.cases WHERE id = {} FOR UPDATE",
+                ids[1]
+            ))
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(sched.pass().unwrap(), 2);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        for id in [ids[0], ids[2]] {
+            assert!(
+                timer(id).is_some_and(|t| t.at > later),
+                "case {id} fired and moved on"
+            );
+        }
+        assert_eq!(timer(ids[1]), held_before, "left to the node holding it");
+        assert!(sched.held.load(std::sync::atomic::Ordering::Relaxed));
+        // Released: the next pass fires it.
+        other_node.batch_execute("ROLLBACK").unwrap();
+        assert_eq!(sched.pass().unwrap(), 1);
+        assert!(timer(ids[1]).is_some_and(|t| t.at > later));
+        assert!(!sched.held.load(std::sync::atomic::Ordering::Relaxed));
+    }
 
     #[test]
     fn a_panicking_timer_is_parked_and_the_others_fire() {

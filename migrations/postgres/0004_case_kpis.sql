@@ -6,7 +6,9 @@
 --
 -- A case's time at each tier (its stints) is kept as parallel arrays, the
 -- n-th element of each describing the n-th stint; the view case_stints
--- has one row per stint.
+-- has one row per stint. What `stats` counts is also kept as scalars
+-- (seconds, flags), computed by the daemon as it counts them itself: a
+-- million rows are counted without taking arrays apart.
 
 ALTER TABLE {schema}.facts
     ADD COLUMN case_id                  bigint,
@@ -16,12 +18,21 @@ ALTER TABLE {schema}.facts
     ADD COLUMN opened_at                timestamptz,
     ADD COLUMN first_response_at        timestamptz,
     ADD COLUMN resolved_at              timestamptz,
+    ADD COLUMN first_response_secs      bigint,
+    ADD COLUMN resolve_secs             bigint,
+    ADD COLUMN escalated                boolean,
+    ADD COLUMN escalated_stale          boolean,
+    ADD COLUMN escalated_repeat_customer boolean,
+    ADD COLUMN escalated_trigger        boolean,
+    ADD COLUMN escalated_manual         boolean,
+    ADD COLUMN breached                 boolean,
     ADD COLUMN repeat_customer          boolean,
     ADD COLUMN csat                     smallint,
     ADD COLUMN bounces                  bigint,
     ADD COLUMN stint_tier               text[],
     ADD COLUMN stint_entered_at         timestamptz[],
     ADD COLUMN stint_first_response_at  timestamptz[],
+    ADD COLUMN stint_first_response_secs bigint[],
     ADD COLUMN stint_left_at            timestamptz[],
     ADD COLUMN stint_left_reason        text[],
     ADD COLUMN stint_deadline_missed    boolean[],

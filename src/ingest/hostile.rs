@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 /// An ingestor on the PostgreSQL database `url` (its node directory in
 /// `dir`), or on sled in `dir` when `url` is None.
-pub(super) fn ingestor(dir: &Path, url: Option<&str>) -> Ingestor {
+pub(crate) fn ingestor(dir: &Path, url: Option<&str>) -> Ingestor {
     let config = crate::testing::config(dir, "auto_reply_limit = 1000", "");
     let clock = Arc::new(ManualClock::new(
         DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")

@@ -14,7 +14,7 @@ use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 
 use super::codec::{self, read_u64, Tree};
-use crate::case::Case;
+use crate::case::{Case, Reason};
 use crate::record::{Cursor, MessageRecord, OutboxEntry, QuarantineEntry};
 use crate::stats::{Facts, Stint};
 
@@ -126,12 +126,21 @@ pub(super) fn of(t: Tree) -> &'static [Column] {
             ("opened_at", "timestamptz"),
             ("first_response_at", "timestamptz"),
             ("resolved_at", "timestamptz"),
+            ("first_response_secs", "bigint"),
+            ("resolve_secs", "bigint"),
+            ("escalated", "boolean"),
+            ("escalated_stale", "boolean"),
+            ("escalated_repeat_customer", "boolean"),
+            ("escalated_trigger", "boolean"),
+            ("escalated_manual", "boolean"),
+            ("breached", "boolean"),
             ("repeat_customer", "boolean"),
             ("csat", "smallint"),
             ("bounces", "bigint"),
             ("stint_tier", "text[]"),
             ("stint_entered_at", "timestamptz[]"),
             ("stint_first_response_at", "timestamptz[]"),
+            ("stint_first_response_secs", "bigint[]"),
             ("stint_left_at", "timestamptz[]"),
             ("stint_left_reason", "text[]"),
             ("stint_deadline_missed", "boolean[]"),
@@ -320,10 +329,24 @@ fn quarantine(q: &QuarantineEntry) -> Cells {
     ]
 }
 
+/// A case's facts as columns. The seconds and flags are what `stats`
+/// counts, computed here as [`crate::stats`] computes them, so the SQL
+/// that counts them gives the same figures.
 fn facts(f: &Facts) -> Cells {
     let stints = &f.stints;
     let times = |t: &dyn Fn(&Stint) -> Option<DateTime<Utc>>| {
         array(stints.iter().map(|s| t(s).and_then(time)))
+    };
+    let secs = |to: Option<DateTime<Utc>>, from: DateTime<Utc>| {
+        to.map(|t| (t - from).num_seconds().to_string())
+    };
+    let flag = |b: bool| Some(b.to_string());
+    let left_for = |r: Reason| flag(stints.iter().any(|s| s.left.is_some_and(|l| l.1 == r)));
+    // NULL (not an array of NULLs) when no tier answered: the rows that
+    // have a value are found without taking the arrays apart.
+    let stint_secs = match stints.iter().any(|s| s.first_answer.is_some()) {
+        true => array(stints.iter().map(|s| secs(s.first_answer, s.from))),
+        false => None,
     };
     vec![
         num(f.id),
@@ -333,12 +356,21 @@ fn facts(f: &Facts) -> Cells {
         time(f.created_at),
         f.first_answer_at.and_then(time),
         f.resolved_at.and_then(time),
-        Some(f.repeat_customer.to_string()),
+        secs(f.first_answer_at, f.created_at),
+        secs(f.resolved_at, f.created_at),
+        flag(f.escalated()),
+        left_for(Reason::Stale),
+        left_for(Reason::RepeatCustomer),
+        left_for(Reason::Trigger),
+        left_for(Reason::Manual),
+        flag(f.breached()),
+        flag(f.repeat_customer),
         f.csat.map(|v| v.to_string()),
         num(f.bounces.into()),
         array(stints.iter().map(|s| text(&s.tier))),
         times(&|s| Some(s.from)),
         times(&|s| s.first_answer),
+        stint_secs,
         times(&|s| s.left.map(|l| l.0)),
         array(
             stints

@@ -364,6 +364,37 @@ fn stats_on_postgresql_are_counted_in_sql_to_the_same_figures_as_the_tally_and_a
         .map(|r| r.get(0))
         .collect();
     assert_eq!(odd, ["Old \"T3\", {x}\\"]);
+    // docs/postgresql.md's query of escalations by tier counts what
+    // `stats` counts (its window made a fixed date).
+    let docs = include_str!("../../docs/postgresql.md");
+    let query = docs
+        .split("### KPIs in SQL")
+        .nth(1)
+        .and_then(|s| s.split("```sql\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("docs/postgresql.md has the query")
+        .replace(
+            "now() - interval '30 days'",
+            "'2026-11-01T00:00:00Z'::timestamptz",
+        );
+    let by_tier: Vec<(String, i64, i64, i64)> = c
+        .query(&query, &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let mut expected: Vec<(String, i64, i64, i64)> = all
+        .tiers
+        .iter()
+        .filter(|t| t.kpis.cases > 0)
+        .map(|t| {
+            let k = &t.kpis;
+            let stale = k.escalated_by_reason["stale"] as i64;
+            (t.tier.clone(), k.cases as i64, k.escalated as i64, stale)
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(by_tier, expected);
 }
 
 #[test]

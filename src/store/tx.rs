@@ -262,20 +262,55 @@ impl<'s> Tx<'s> {
         id: u64,
     ) -> Result<std::result::Result<Option<OutboxEntry>, ()>> {
         let key = id_key(id);
-        let k = (Tree::Outbox, key.to_vec());
-        if self.overlay.contains_key(&k) || self.reads.borrow().contains_key(&k) {
-            return self.outbox_entry(id).map(Ok);
+        Ok(match self.bytes_unless_held(Tree::Outbox, &key)? {
+            Err(()) => Err(()),
+            Ok(v) => Ok(v
+                .map(|v| codec::decode(Tree::Outbox, &key, &v))
+                .transpose()?),
+        })
+    }
+
+    /// A case to work on, unless another node's transaction holds it
+    /// right now (`Err(())`): a due timer there is that node's to fire,
+    /// or this node's at its next pass, never a reason to wait.
+    pub fn case_unless_held(
+        &mut self,
+        id: CaseId,
+    ) -> Result<std::result::Result<Option<Case>, ()>> {
+        let key = id_key(id);
+        let case: Option<Case> = match self.bytes_unless_held(Tree::Cases, &key)? {
+            Err(()) => return Ok(Err(())),
+            Ok(v) => v
+                .map(|v| codec::decode(Tree::Cases, &key, &v))
+                .transpose()?,
+        };
+        if let Some(c) = &case {
+            if !self.timers.contains_key(&id) {
+                self.remember_timer(id, c.timer);
+            }
         }
-        let v = match self.store.db.get_unless_held(Tree::Outbox, &key)? {
+        Ok(Ok(case))
+    }
+
+    /// A row's bytes read and locked for this transaction, or `Err(())`
+    /// when another transaction holds it (PostgreSQL's `SKIP LOCKED`).
+    fn bytes_unless_held(
+        &self,
+        t: Tree,
+        key: &[u8],
+    ) -> Result<std::result::Result<Option<Vec<u8>>, ()>> {
+        let k = (t, key.to_vec());
+        if self.overlay.contains_key(&k) || self.reads.borrow().contains_key(&k) {
+            return self.get_bytes(t, key).map(Ok);
+        }
+        let v = match self.store.db.get_unless_held(t, key)? {
             Err(()) => return Ok(Err(())),
             Ok(v) => v,
         };
         if !self.store.db.is_local() {
             self.remember(k, v.as_deref());
         }
-        v.map(|v| codec::decode(Tree::Outbox, &key, &v))
-            .transpose()
-            .map(Ok)
+        Ok(Ok(v))
     }
 
     /// See [`Store::has_message`].

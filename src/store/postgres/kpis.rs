@@ -21,6 +21,9 @@ use super::super::codec::Tree;
 use super::{prepared, PgDb, StoreError, PAGE};
 use crate::stats::{Counted, OpenCase, Sets, Spread, REASONS};
 
+/// A facts row: key and value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 type Window = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
 /// The facts rows of a window: `$1` since (inclusive), `$2` until
@@ -28,61 +31,33 @@ type Window = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 const WINDOW: &str = "case_id IS NOT NULL \
      AND ($1::timestamptz IS NULL OR opened_at >= $1) \
      AND ($2::timestamptz IS NULL OR opened_at < $2)";
+/// Opened in the window (as [`WINDOW`], of a row known to be a case's).
+const IN_WINDOW: &str = "($1::timestamptz IS NULL OR opened_at >= $1) \
+     AND ($2::timestamptz IS NULL OR opened_at < $2)";
 
-/// Count, median and 90th percentile (nearest rank) of `x`, NULLs left out.
+/// Count, median and 90th percentile (nearest rank) of `x`, NULLs left
+/// out. percentile_disc(f) takes the value at rank ceil(f × n), with f × n
+/// in floating point: 0.9 × 70 is 63.000…01 there, rank 64, where the
+/// nearest rank is 63. f is taken a billionth lower, which moves a
+/// product that is a whole number back onto it and changes no other
+/// rank: f × n has a fractional part of at least 0.1 (f is 0.5 or 0.9),
+/// far more than n billionths for any n under 10⁸.
 fn spread(x: &str) -> String {
-    let sorted = format!("(array_agg({x} ORDER BY {x}) FILTER (WHERE {x} IS NOT NULL))");
-    let rank = |p: u32| format!("greatest(1, ({p} * count({x}) + 99) / 100)::int");
-    format!("count({x}), {sorted}[{}], {sorted}[{}]", rank(50), rank(90))
+    let at = |p: f64| format!("percentile_disc({}) WITHIN GROUP (ORDER BY {x})", p - 1e-9);
+    format!("count({x}), {}, {}", at(0.5), at(0.9))
 }
 
-/// The KPI columns of a set, in the order [`counted`] reads them:
-/// cases, escalated, per reason, first answer, resolution, breached,
-/// repeat customers, CSAT count and sum.
-fn kpi_columns(escalated: &str, reason: &str, breached: &str, csat: &str) -> String {
-    let reasons: Vec<String> = REASONS
-        .iter()
-        .map(|r| format!("count(*) FILTER (WHERE '{}' = {reason})", r.as_str()))
-        .collect();
-    format!(
-        "count(*), count(*) FILTER (WHERE {escalated}), {}, {}, {}, \
-         count(*) FILTER (WHERE {breached}), count(*) FILTER (WHERE repeat_customer), \
-         count({csat}), coalesce(sum({csat}), 0)::bigint",
-        reasons.join(", "),
-        spread("fa"),
-        spread("rs"),
-    )
-}
-
-/// A set's counts from a row of [`kpi_columns`] starting at column `at`.
-fn counted(r: &Row, at: usize) -> Counted {
-    let n = |i: usize| r.get::<_, i64>(at + i).max(0) as u64;
-    let mut c = Counted::empty();
-    let k = &mut c.kpis;
-    k.cases = n(0);
-    k.escalated = n(1);
-    for (i, reason) in REASONS.iter().enumerate() {
-        k.escalated_by_reason
-            .insert(reason.as_str().to_string(), n(2 + i));
+/// A set's three spread columns from `at`.
+fn spread_at(r: &Row, at: usize) -> Spread {
+    Spread {
+        count: r.get::<_, i64>(at).max(0) as usize,
+        median_secs: r.get(at + 1),
+        p90_secs: r.get(at + 2),
     }
-    let spread = |i: usize| Spread {
-        count: n(i) as usize,
-        median_secs: r.get(at + i + 1),
-        p90_secs: r.get(at + i + 2),
-    };
-    k.first_answer = spread(6);
-    k.resolve = spread(9);
-    k.breached = n(12);
-    k.repeat_customers = n(13);
-    k.csat_count = n(14);
-    c.csat_sum = n(15);
-    c
 }
 
-/// Seconds from `from` to `to`, truncated toward zero (chrono's
-/// `num_seconds`).
-fn secs(to: &str, from: &str) -> String {
-    format!("trunc(extract(epoch FROM {to} - {from}))::bigint")
+fn n(r: &Row, i: usize) -> u64 {
+    r.get::<_, i64>(i).max(0) as u64
 }
 
 fn query(
@@ -94,10 +69,43 @@ fn query(
     c.query(&st, params)
 }
 
-fn set<'a>(sets: &'a mut BTreeMap<String, Counted>, name: String) -> &'a mut Counted {
+fn set(sets: &mut BTreeMap<String, Counted>, name: String) -> &mut Counted {
     sets.entry(name).or_insert_with(Counted::empty)
 }
 
+/// What one row of the first query adds to a set: the window's cases
+/// (`cases` false for a tier's set, whose cases are its stints') and
+/// the open ones.
+fn add_cases(c: &mut Counted, r: &Row, cases: bool) {
+    let k = &mut c.kpis;
+    if cases {
+        k.cases += n(r, 2);
+        k.escalated += n(r, 3);
+        for (i, reason) in REASONS.iter().enumerate() {
+            *k.escalated_by_reason
+                .entry(reason.as_str().to_string())
+                .or_default() += n(r, 4 + i);
+        }
+        k.breached += n(r, 8);
+        k.repeat_customers += n(r, 9);
+        k.csat_count += n(r, 10);
+        c.csat_sum += n(r, 11);
+    }
+    k.bounces += n(r, 12);
+    k.bounced_cases += n(r, 13);
+    let open = &mut k.open;
+    open.total += n(r, 14);
+    open.under_1h += n(r, 15);
+    open.under_1d += n(r, 16);
+    open.under_7d += n(r, 17);
+    open.over_7d += n(r, 18);
+}
+
+/// The KPI sets in four queries, all but the spreads counted in
+/// parallel by the server: (1) per queue and current tier, everything
+/// that adds up (the window's cases, bounces, open cases by age over all
+/// unresolved ones); (2) per tier, its stints' counts; (3) the spreads of
+/// all cases and per queue; (4) the spreads per tier.
 fn kpi_sets(
     c: &mut Client,
     facts: &str,
@@ -108,99 +116,104 @@ fn kpi_sets(
     let mut overall = Counted::empty();
     let mut tiers = BTreeMap::new();
     let mut queues = BTreeMap::new();
-    // The cases of the window, all and by queue.
+    let reasons: Vec<String> = REASONS
+        .iter()
+        .map(|r| format!("count(*) FILTER (WHERE w AND escalated_{})", r.as_str()))
+        .collect();
+    // Hours truncated as chrono's `num_hours` (an age under an hour, or
+    // a negative one, is under an hour).
     let sql = format!(
-        "SELECT grouping(queue), queue, {} FROM ( \
-             SELECT *, {} AS fa, {} AS rs FROM {facts} WHERE {WINDOW}) w \
-         GROUP BY GROUPING SETS ((), (queue))",
-        kpi_columns(
-            "cardinality(stint_tier) > 1",
-            "ANY(stint_left_reason)",
-            "true = ANY(stint_deadline_missed)",
-            "csat"
-        ),
-        secs("first_response_at", "opened_at"),
-        secs("resolved_at", "opened_at"),
+        "SELECT queue, tier, count(*) FILTER (WHERE w), count(*) FILTER (WHERE w AND escalated), \
+                {}, count(*) FILTER (WHERE w AND breached), \
+                count(*) FILTER (WHERE w AND repeat_customer), \
+                count(csat) FILTER (WHERE w), coalesce(sum(csat) FILTER (WHERE w), 0)::bigint, \
+                coalesce(sum(bounces) FILTER (WHERE w), 0)::bigint, \
+                count(*) FILTER (WHERE w AND bounces > 0), \
+                count(*) FILTER (WHERE open), \
+                count(*) FILTER (WHERE open AND age < 3600), \
+                count(*) FILTER (WHERE open AND age >= 3600 AND age < 86400), \
+                count(*) FILTER (WHERE open AND age >= 86400 AND age < 604800), \
+                count(*) FILTER (WHERE open AND age >= 604800) \
+         FROM (SELECT *, ({IN_WINDOW}) AS w, status <> 'resolved' AS open, \
+                      extract(epoch FROM $3::timestamptz - opened_at) AS age \
+               FROM {facts} WHERE case_id IS NOT NULL) f \
+         GROUP BY queue, tier",
+        reasons.join(", ")
     );
-    for r in query(c, &sql, &window)? {
-        match r.get::<_, i32>(0) {
-            0 => {
-                queues.insert(r.get(1), counted(&r, 2));
-            }
-            _ => overall = counted(&r, 2),
+    for r in query(c, &sql, &[&since, &until, &now])? {
+        // A group only of resolved cases outside the window is in no set.
+        if n(&r, 2) == 0 && n(&r, 14) == 0 {
+            continue;
         }
+        add_cases(&mut overall, &r, true);
+        add_cases(set(&mut queues, r.get(0)), &r, true);
+        add_cases(set(&mut tiers, r.get(1)), &r, false);
     }
-    // Each tier's time with the window's cases (a case counts at every
-    // tier it reached); resolution and CSAT belong to the last.
+    // A tier's cases are the stints there (a case counts at every tier
+    // it reached); CSAT belongs to the last.
+    let reasons: Vec<String> = REASONS
+        .iter()
+        .map(|r| format!("count(*) FILTER (WHERE s.left_reason = '{}')", r.as_str()))
+        .collect();
     let sql = format!(
-        "SELECT s.tier, {} FROM ( \
-             SELECT s.*, w.repeat_customer, \
-                    {} AS fa, \
-                    CASE WHEN s.position = cardinality(w.stint_tier) THEN {} END AS rs, \
-                    CASE WHEN s.position = cardinality(w.stint_tier) THEN w.csat END AS last_csat \
-             FROM {facts} w, \
-                  unnest(w.stint_tier, w.stint_entered_at, w.stint_first_response_at, \
-                         w.stint_left_reason, w.stint_deadline_missed) \
-                      WITH ORDINALITY AS s(tier, entered_at, first_response_at, left_reason, \
-                                           deadline_missed, position) \
-             WHERE {WINDOW}) s \
+        "SELECT s.tier, count(*), count(s.left_reason), {}, \
+                count(*) FILTER (WHERE s.deadline_missed), \
+                count(*) FILTER (WHERE f.repeat_customer), \
+                count(s.csat), coalesce(sum(s.csat), 0)::bigint \
+         FROM {facts} f, LATERAL ( \
+             SELECT u.tier, u.left_reason, u.deadline_missed, \
+                    CASE WHEN u.position = cardinality(f.stint_tier) THEN f.csat END AS csat \
+             FROM unnest(f.stint_tier, f.stint_left_reason, f.stint_deadline_missed) \
+                  WITH ORDINALITY AS u(tier, left_reason, deadline_missed, position)) s \
+         WHERE {WINDOW} GROUP BY s.tier",
+        reasons.join(", ")
+    );
+    for r in query(c, &sql, &window)? {
+        let t = set(&mut tiers, r.get(0));
+        let k = &mut t.kpis;
+        k.cases = n(&r, 1);
+        k.escalated = n(&r, 2);
+        for (i, reason) in REASONS.iter().enumerate() {
+            k.escalated_by_reason
+                .insert(reason.as_str().to_string(), n(&r, 3 + i));
+        }
+        k.breached = n(&r, 7);
+        k.repeat_customers = n(&r, 8);
+        k.csat_count = n(&r, 9);
+        t.csat_sum = n(&r, 10);
+    }
+    // Spreads need every value sorted: only the rows that have one.
+    let sql = format!(
+        "SELECT grouping(queue), queue, {}, {} FROM {facts} \
+         WHERE {WINDOW} AND (first_response_secs IS NOT NULL OR resolve_secs IS NOT NULL) \
+         GROUP BY GROUPING SETS ((), (queue))",
+        spread("first_response_secs"),
+        spread("resolve_secs"),
+    );
+    for r in query(c, &sql, &window)? {
+        let target = match r.get::<_, i32>(0) {
+            0 => set(&mut queues, r.get(1)),
+            _ => &mut overall,
+        };
+        target.kpis.first_answer = spread_at(&r, 2);
+        target.kpis.resolve = spread_at(&r, 5);
+    }
+    // Per tier: first answer from reaching it, resolution at the last.
+    let sql = format!(
+        "SELECT s.tier, {}, {} FROM {facts} f, LATERAL ( \
+             SELECT u.tier, u.fa, \
+                    CASE WHEN u.position = cardinality(f.stint_tier) THEN f.resolve_secs END AS rs \
+             FROM unnest(f.stint_tier, f.stint_first_response_secs) \
+                  WITH ORDINALITY AS u(tier, fa, position)) s \
+         WHERE {WINDOW} AND (f.stint_first_response_secs IS NOT NULL OR f.resolve_secs IS NOT NULL) \
          GROUP BY s.tier",
-        kpi_columns(
-            "left_reason IS NOT NULL",
-            "left_reason",
-            "deadline_missed",
-            "last_csat"
-        ),
-        secs("s.first_response_at", "s.entered_at"),
-        secs("w.resolved_at", "w.opened_at"),
+        spread("s.fa"),
+        spread("s.rs"),
     );
     for r in query(c, &sql, &window)? {
-        tiers.insert(r.get(0), counted(&r, 1));
-    }
-    // Bounces: of all the window's cases, and by the tier holding each
-    // now (a tier's are of the cases it holds).
-    let sql = format!(
-        "SELECT grouping(queue), grouping(tier), queue, tier, \
-                coalesce(sum(bounces), 0)::bigint, count(*) FILTER (WHERE bounces > 0) \
-         FROM {facts} WHERE {WINDOW} GROUP BY GROUPING SETS ((), (queue), (tier))"
-    );
-    for r in query(c, &sql, &window)? {
-        let target = match (r.get::<_, i32>(0), r.get::<_, i32>(1)) {
-            (0, _) => set(&mut queues, r.get(2)),
-            (_, 0) => set(&mut tiers, r.get(3)),
-            _ => &mut overall,
-        };
-        target.kpis.bounces = r.get::<_, i64>(4).max(0) as u64;
-        target.kpis.bounced_cases = r.get::<_, i64>(5).max(0) as u64;
-    }
-    // Open cases by age: every unresolved case, whenever opened. Hours
-    // truncated as chrono's `num_hours` (an age under an hour, or a
-    // negative one, is under an hour).
-    let sql = format!(
-        "SELECT grouping(queue), grouping(tier), queue, tier, count(*), \
-                count(*) FILTER (WHERE age < 3600), \
-                count(*) FILTER (WHERE age >= 3600 AND age < 86400), \
-                count(*) FILTER (WHERE age >= 86400 AND age < 604800), \
-                count(*) FILTER (WHERE age >= 604800) \
-         FROM (SELECT queue, tier, extract(epoch FROM $1::timestamptz - opened_at) AS age \
-               FROM {facts} WHERE case_id IS NOT NULL AND status <> 'resolved') o \
-         GROUP BY GROUPING SETS ((), (queue), (tier))"
-    );
-    for r in query(c, &sql, &[&now])? {
-        let target = match (r.get::<_, i32>(0), r.get::<_, i32>(1)) {
-            (0, _) => set(&mut queues, r.get(2)),
-            (_, 0) => set(&mut tiers, r.get(3)),
-            _ => &mut overall,
-        };
-        let n = |i: usize| r.get::<_, i64>(i).max(0) as u64;
-        let open = &mut target.kpis.open;
-        (
-            open.total,
-            open.under_1h,
-            open.under_1d,
-            open.under_7d,
-            open.over_7d,
-        ) = (n(4), n(5), n(6), n(7), n(8));
+        let t = set(&mut tiers, r.get(0));
+        t.kpis.first_answer = spread_at(&r, 1);
+        t.kpis.resolve = spread_at(&r, 4);
     }
     Ok(Sets {
         overall,
@@ -226,7 +239,7 @@ impl PgDb {
         &self,
         window: Window,
         after: Vec<u8>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let sql = format!(
             "SELECT key, value FROM {} WHERE {WINDOW} AND key > $3 ORDER BY key LIMIT {PAGE}",
             self.tables.of(Tree::Facts)
@@ -246,7 +259,7 @@ impl PgDb {
     pub(in crate::store) fn unresolved_rows(
         &self,
         before: Option<DateTime<Utc>>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let sql = format!(
             "SELECT key, value FROM {} WHERE {} ORDER BY opened_at, case_id",
             self.tables.of(Tree::Facts),
