@@ -488,6 +488,7 @@ impl<'a> Effects<'a> {
             attempt_at: None,
             attach,
             attach_nonce,
+            claimed_by: None,
         };
         tx.put_outbox(&entry, Some(&raw))?;
         tx.index_message_id(&message_id, "out", case_id, id);

@@ -141,6 +141,12 @@ pub struct OutboxEntry {
     /// into a customer's text.
     #[serde(default)]
     pub attach_nonce: String,
+    /// The node that claimed it last (sending it now, or the one that
+    /// sent it or gave up); None with the embedded store and for mail
+    /// not tried yet. Added at the end: a record written before it is
+    /// read with None (`codec::FIELDS_ADDED`).
+    #[serde(default)]
+    pub claimed_by: Option<String>,
 }
 
 /// Why a node's SMTP server refuses its mail (a wrong password, a sender

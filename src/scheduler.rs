@@ -84,6 +84,10 @@ impl Scheduler {
                 match std::panic::catch_unwind(firing) {
                     Ok(Ok(Firing::Done)) => fired += 1,
                     Ok(Ok(Firing::Held)) => {
+                        tracing::debug!(
+                            case_id = id,
+                            "due, but another node is working on the case"
+                        );
                         held.insert(*id);
                     }
                     Ok(Err(e)) => return Err(e),

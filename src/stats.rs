@@ -1,8 +1,11 @@
 //! KPIs: what escalation procedures are judged by, computed from case
 //! history. Every case write also writes the case's `Facts` (a few
-//! hundred bytes derived from its history) keyed by opening time, so a
-//! window of cases is one range scan over small records and a restart
-//! loses nothing: the facts are rebuilt from the cases if ever missing.
+//! hundred bytes derived from its history) in the same transaction, so
+//! a window of cases is read from small records and a restart loses
+//! nothing. Here the figures are counted from the facts ([`Tally`]); on
+//! PostgreSQL the store counts the same figures in SQL and hands over
+//! the counted sets ([`Counted`], [`assemble`]), so both engines' reports
+//! are made the same way from the counts.
 //!
 //! The window is a cohort: the cases *opened* in it, with everything that
 //! happened to them since. Open cases by age are the current state of all

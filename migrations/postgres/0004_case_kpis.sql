@@ -45,6 +45,10 @@ ALTER TABLE {schema}.facts
 ALTER TABLE {schema}.facts
     ADD CONSTRAINT facts_per_case CHECK (get_byte(key, 0) = 107) NOT VALID;
 
+-- Which node claimed an outgoing mail last (sending it, or the one that
+-- sent it or gave up).
+ALTER TABLE {schema}.outbox ADD COLUMN claimed_by text;
+
 -- A window of cases by opening time (`stats --since`, the digest), and
 -- the unresolved ones for their ages.
 CREATE INDEX facts_opened_at ON {schema}.facts (opened_at) WHERE case_id IS NOT NULL;

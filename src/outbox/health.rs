@@ -44,6 +44,11 @@ fn backoff(times: u32) -> Duration {
 }
 
 impl SmtpHealth {
+    /// This node's name (empty with the embedded store).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     pub fn new(node: String) -> SmtpHealth {
         SmtpHealth {
             node,

@@ -428,6 +428,8 @@ impl Outbox {
             e.state = OutboxState::Sending;
             e.attempts += 1;
             e.attempt_at = Some(now);
+            let node = self.health.node();
+            e.claimed_by = (!node.is_empty()).then(|| node.to_string());
             tx.put_outbox(&e, None)?;
             Ok(Ok(e))
         })

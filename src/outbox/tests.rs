@@ -54,6 +54,7 @@ fn entry(id: u64, now: DateTime<Utc>) -> OutboxEntry {
         attempt_at: None,
         attach: Vec::new(),
         attach_nonce: String::new(),
+        claimed_by: None,
     }
 }
 

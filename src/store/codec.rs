@@ -273,15 +273,21 @@ pub(super) fn is_legacy_case(value: &[u8]) -> bool {
 /// releases, and the history's lists of events) start with `{` or `[`.
 const COMPACT_V1: u8 = 1;
 
-/// The fields the case record gained at its end since the compact
-/// encoding began (its `language` and `language_source`, both None in
-/// postcard's one zero byte each). A case written before them is read
-/// with those bytes added; an older release reading a newer case ignores
-/// the bytes after the fields it knows (postcard reads no further), so
-/// nodes of two releases can share a store while a cluster is upgraded
-/// (a case an older node writes loses its language: the customer's next
-/// mail chooses it again).
-const CASE_FIELDS_ADDED: usize = 2;
+/// The fields a record gained at its end since the compact encoding
+/// began, each None in postcard's one zero byte: the case's `language`
+/// and `language_source`, the outgoing mail's `claimed_by`. A record
+/// written before them is read with those bytes added; an older release
+/// reading a newer record ignores the bytes after the fields it knows
+/// (postcard reads no further), so nodes of two releases can share a
+/// store while a cluster is upgraded (a case an older node writes loses
+/// its language: the customer's next mail chooses it again).
+fn fields_added(tree: Tree) -> usize {
+    match tree {
+        Tree::Cases => 2,
+        Tree::Outbox => 1,
+        _ => 0,
+    }
+}
 
 /// A record in the compact encoding: [`COMPACT_V1`], then postcard.
 pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -305,11 +311,12 @@ pub(super) fn decode<T: DeserializeOwned>(
     match value.split_first() {
         Some((&COMPACT_V1, rest)) => match postcard::from_bytes(rest) {
             Ok(v) => Ok(v),
-            // A case from before its last fields: exactly those read as
-            // None; any other short record is malformed, never a default.
-            Err(postcard::Error::DeserializeUnexpectedEnd) if tree == Tree::Cases => {
+            // A record from before its last fields: exactly those read
+            // as None; any other short record is malformed, never a
+            // default.
+            Err(postcard::Error::DeserializeUnexpectedEnd) if fields_added(tree) > 0 => {
                 let mut padded = rest.to_vec();
-                padded.resize(rest.len() + CASE_FIELDS_ADDED, 0);
+                padded.resize(rest.len() + fields_added(tree), 0);
                 match postcard::take_from_bytes(&padded) {
                     Ok((v, [])) => Ok(v),
                     _ => Err(StoreError::Malformed { key: name() }),

@@ -98,6 +98,7 @@ pub(super) fn of(t: Tree) -> &'static [Column] {
             ("attempt_at", "timestamptz"),
             ("sent_at", "timestamptz"),
             ("last_error", "text"),
+            ("claimed_by", "text"),
         ],
         Tree::Quarantine => &[
             ("id", "bigint"),
@@ -312,6 +313,7 @@ fn outbox(e: &OutboxEntry) -> Cells {
         e.attempt_at.and_then(time),
         e.sent_at.and_then(time),
         e.last_error.as_deref().map(clean),
+        e.claimed_by.as_deref().map(clean),
     ]
 }
 

@@ -30,6 +30,9 @@ use super::{Result, Store, StoreError, Tx};
 use crate::case::{Case, CaseId, Status};
 use crate::stats::{self, Facts, OpenCase, Order, Report, Tally};
 
+/// Marks a facts bucket whose cases' facts are to be made again.
+pub(super) const LOST_FACTS: &[u8] = b"facts-lost/";
+
 /// Cases per facts bucket.
 pub(super) const BUCKET: u64 = 64;
 /// Buckets are lz4-compressed after their header: the facts of 64
@@ -311,6 +314,12 @@ impl Store {
         now: DateTime<Utc>,
         order: &Order<'_>,
     ) -> Result<Report> {
+        // Opening times are kept to the millisecond: a bound finer than
+        // that would split one millisecond's cases between the window
+        // and the rest differently in SQL and here.
+        let ms =
+            |t: DateTime<Utc>| DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t);
+        let (since, until) = (since.map(ms), until.map(ms));
         if let Db::Postgres(pg) = &self.db {
             let sets = pg.kpi_sets((since, until), now)?;
             return Ok(stats::assemble(sets, order, since, now));
@@ -348,6 +357,47 @@ impl Store {
             }
         }
         Ok(tally)
+    }
+
+    /// The facts of the cases whose facts record could not be read when
+    /// the database was brought up to date (`postgres/upgrade.rs` marks
+    /// each such bucket, `facts-lost/` ++ bucket number): made again from
+    /// each case's whole history, so they are neither missing from the
+    /// KPIs nor started afresh by the case's next write.
+    pub(super) fn rebuild_lost_facts(&self) -> Result<()> {
+        let marks: Vec<Vec<u8>> = self
+            .db
+            .prefix(Tree::Meta, LOST_FACTS)
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<Result<_>>()?;
+        for mark in marks {
+            let Some(bucket) = mark.get(LOST_FACTS.len()..).and_then(read_u64) else {
+                continue;
+            };
+            let ids =
+                bucket.saturating_mul(BUCKET)..bucket.saturating_add(1).saturating_mul(BUCKET);
+            let mut rebuilt = 0;
+            for id in ids {
+                let Some(mut case) = self.case(id)? else {
+                    continue;
+                };
+                case.new_events = self.history(id)?;
+                self.transact(|tx| {
+                    tx.forget_facts(id)?;
+                    tx.write_facts(&Facts::of(&case))
+                })?;
+                rebuilt += 1;
+            }
+            self.transact(|tx| {
+                tx.remove(Tree::Meta, mark.clone());
+                Ok::<_, StoreError>(())
+            })?;
+            tracing::warn!(
+                cases = rebuilt,
+                "KPI facts made again from the cases' history"
+            );
+        }
+        Ok(())
     }
 
     /// Index version 7: facts kept one record per case (`c ++ opening

@@ -254,6 +254,16 @@ impl Store {
     /// This store's keys and whole values from `start` in key order,
     /// without the copy's progress marks.
     pub(super) fn source_rows(&self, tree: Tree, start: &[u8]) -> Rows<'_> {
+        if tree == Tree::Meta && self.db.is_local() {
+            // The index version as PostgreSQL keeps it: its facts are
+            // the per-case rows below.
+            return Box::new(self.plain_rows(tree, start).map(|r| {
+                r.map(|(k, v)| match k.as_slice() {
+                    b"indexes" => (k, super::SHARED_INDEXES.to_vec()),
+                    _ => (k, v),
+                })
+            }));
+        }
         if tree == Tree::Facts && self.db.is_local() {
             // sled packs the facts in buckets; PostgreSQL keeps a row per
             // case: the copy (and its check) is of those rows, in the
@@ -272,6 +282,11 @@ impl Store {
                     .filter(move |r| !matches!(r, Ok((k, _)) if *k < start)),
             );
         }
+        self.plain_rows(tree, start)
+    }
+
+    /// This store's keys and whole values from `start`, as they are.
+    fn plain_rows(&self, tree: Tree, start: &[u8]) -> Rows<'_> {
         Box::new(
             self.db
                 .range(tree, start, None)

@@ -61,8 +61,9 @@ fn a_sled_store_copied_into_postgresql_is_the_same_store_even_when_the_copy_is_r
 /// Every key and whole value of a key space, without the copy's
 /// progress marks.
 fn tree_rows(s: &Store, tree: Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
-    if tree == Tree::Facts && s.db.is_local() {
-        // sled's buckets as the rows PostgreSQL keeps, one per case.
+    if matches!(tree, Tree::Facts | Tree::Meta) && s.db.is_local() {
+        // sled's buckets as the rows PostgreSQL keeps, one per case (and
+        // the index version saying so).
         return s.source_rows(tree, &[]).map(ok).collect();
     }
     let mut rows = Vec::new();

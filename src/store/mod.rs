@@ -319,6 +319,7 @@ impl Store {
         };
         store.key = store.load_key()?;
         store.build_indexes()?;
+        store.rebuild_lost_facts()?;
         store.bound_key_texts()?;
         Ok(store)
     }
@@ -801,9 +802,26 @@ impl Store {
     /// Message-IDs by case) of a store written before they existed. Runs
     /// once per index version; cheap when done.
     fn build_indexes(&self) -> Result<()> {
-        const VERSION: &[u8] = b"7";
-        if self.db.get(Tree::Meta, b"indexes")?.as_deref() == Some(VERSION) {
+        // 8, on PostgreSQL only: the KPI facts one row per case (turned
+        // so when the database was brought up to date). A release that
+        // knows only 7 rebuilds its indexes when it finds 8, writes a
+        // facts bucket and is refused (`facts_per_case`), so it stops at
+        // start instead of running beside this one (where every case
+        // write of it would fail, and each message be quarantined).
+        let version = if self.db.is_local() {
+            b"7"
+        } else {
+            SHARED_INDEXES
+        };
+        let have = self.db.get(Tree::Meta, b"indexes")?;
+        if have.as_deref() == Some(version) {
             return Ok(());
+        }
+        if have.as_deref() == Some(b"7") && !self.db.is_local() {
+            return self.transact(|tx| {
+                tx.put(Tree::Meta, b"indexes".to_vec(), version.to_vec());
+                Ok(())
+            });
         }
         // Rebuilt from the records: the counts start from nothing.
         self.transact(|tx| {
@@ -872,12 +890,15 @@ impl Store {
             })?;
         }
         self.transact(|tx| {
-            tx.put(Tree::Meta, b"indexes".to_vec(), VERSION.to_vec());
+            tx.put(Tree::Meta, b"indexes".to_vec(), version.to_vec());
             Ok::<_, StoreError>(())
         })?;
         self.db.flush()
     }
 }
+
+/// The index version of a store on PostgreSQL (see `build_indexes`).
+pub(super) const SHARED_INDEXES: &[u8] = b"8";
 
 impl Store {
     /// Rewrites keys an older release made of a sender's text as it was,

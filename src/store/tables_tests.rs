@@ -397,8 +397,46 @@ fn stats_on_postgresql_are_counted_in_sql_to_the_same_figures_as_the_tally_and_a
     assert_eq!(by_tier, expected);
 }
 
+/// Takes the store of database `url` back to schema version 3 as the
+/// release before left it: migration 4 undone, the KPI facts in sled's
+/// buckets and unresolved index (the layout version 3 kept), the index
+/// version 7.
+fn back_to_version_3(url: &str, facts: &[(Vec<u8>, Vec<u8>)]) {
+    let mut c = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+    let added: Vec<String> = include_str!("../../migrations/postgres/0004_case_kpis.sql")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ADD COLUMN "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|c| format!("DROP COLUMN {c}"))
+        .collect();
+    let added = added
+        .iter()
+        .filter(|c| *c != "DROP COLUMN claimed_by")
+        .cloned()
+        .collect::<Vec<_>>();
+    c.batch_execute(&format!(
+        "DROP VIEW escalator.case_stints; \
+         ALTER TABLE escalator.facts DROP CONSTRAINT facts_per_case; \
+         DROP INDEX escalator.facts_opened_at, escalator.facts_unresolved; \
+         DELETE FROM escalator.facts; \
+         ALTER TABLE escalator.facts {}; \
+         ALTER TABLE escalator.outbox DROP COLUMN claimed_by; \
+         DELETE FROM escalator.migrations WHERE version = 4; \
+         UPDATE escalator.meta SET value = '\x37' WHERE key = 'indexes'",
+        added.join(", ")
+    ))
+    .unwrap();
+    for (k, v) in facts {
+        c.execute(
+            "INSERT INTO escalator.facts (key, value) VALUES ($1, $2)",
+            &[k, v],
+        )
+        .unwrap();
+    }
+}
+
 #[test]
-fn a_version_3_store_has_its_facts_buckets_turned_into_rows_when_a_node_opens_it() {
+fn a_version_3_store_has_its_facts_turned_into_rows_when_a_node_opens_it_alone() {
     let pg = crate::testing::Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     let url = pg.database("conv");
@@ -410,56 +448,67 @@ fn a_version_3_store_has_its_facts_buckets_turned_into_rows_when_a_node_opens_it
         write_varied_cases(&store, 150);
         ok(store.report(None, None, t(9, 0), &order))
     };
-    // The same cases' facts as version 3 kept them: sled's buckets and
-    // unresolved index (sled keeps that layout), in place of the rows.
     let sled = ok(Store::open(&dir.path().join("sled")));
     write_varied_cases(&sled, 150);
-    let old: Vec<(Vec<u8>, Vec<u8>)> = sled
+    let mut old: Vec<(Vec<u8>, Vec<u8>)> = sled
         .db
         .range(Tree::Facts, &[], None)
         .collect::<Result<_>>()
         .unwrap();
     assert!(old.iter().any(|(k, _)| k[0] == b'b') && old.iter().any(|(k, _)| k[0] == b'u'));
-    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
-    c.batch_execute(
-        "ALTER TABLE escalator.facts DROP CONSTRAINT facts_per_case; \
-         DELETE FROM escalator.facts",
-    )
-    .unwrap();
-    for (k, v) in &old {
-        c.execute(
-            "INSERT INTO escalator.facts (key, value) VALUES ($1, $2)",
-            &[k, v],
+    // One bucket damaged: its cases' facts are made again from history.
+    let damaged = old.iter_mut().find(|(k, _)| k[0] == b'b').unwrap();
+    damaged.1.truncate(damaged.1.len() / 2);
+    back_to_version_3(&url, &old);
+    // A node of the release before runs on it: not upgraded beside it.
+    let mut running = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let held: bool = running
+        .query_one(
+            "SELECT pg_try_advisory_lock_shared($1)",
+            &[&0x6573_636e_i64],
         )
+        .unwrap()
+        .get(0);
+    assert!(held);
+    let Err(e) = Store::open_postgres(&url, PgTls::Plain, 2, &dir.path().join("pg")) else {
+        panic!("upgraded beside a running node of the release before")
+    };
+    assert!(e.to_string().contains("stop every daemon"), "{e}");
+    running
+        .batch_execute("SELECT pg_advisory_unlock_all()")
         .unwrap();
-    }
-    c.batch_execute(
-        "ALTER TABLE escalator.facts ADD CONSTRAINT facts_per_case \
-         CHECK (get_byte(key, 0) = 107) NOT VALID",
-    )
-    .unwrap();
+    // Alone: converted, the same figures to the digit.
     let store = pg_store(&pg, "conv", &dir.path().join("pg"));
     assert_eq!(ok(store.report(None, None, t(9, 0), &order)), before);
-    let (rows, per_case): (i64, i64) = {
-        let r = c
-            .query_one(
-                "SELECT count(*), count(*) FILTER (WHERE case_id IS NOT NULL) \
-                 FROM escalator.facts",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    assert_eq!((rows, per_case), (150, 150));
-    // A node of the release before cannot write a bucket any more.
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let count =
+        |c: &mut ::postgres::Client, sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
+    assert_eq!(count(&mut c, "SELECT count(*) FROM escalator.facts"), 150);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM escalator.facts WHERE case_id IS NULL"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM escalator.meta WHERE name LIKE 'facts-lost/%'"
+        ),
+        0
+    );
+    // A node of the release before started now finds index version 8,
+    // rebuilds, and its first facts bucket is refused: it stops at start.
+    assert_eq!(
+        ok(store.db.get(Tree::Meta, b"indexes")).as_deref(),
+        Some(&b"8"[..])
+    );
     let err = c
         .execute(
             "INSERT INTO escalator.facts (key, value) VALUES ('\\x6200'::bytea, '\\x00'::bytea)",
             &[],
         )
         .expect_err("a bucket is refused");
-    assert!(
-        err.to_string().contains("facts_per_case") || format!("{err:?}").contains("facts_per_case"),
-        "{err:?}"
-    );
+    assert!(format!("{err:?}").contains("facts_per_case"), "{err:?}");
 }

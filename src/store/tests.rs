@@ -95,6 +95,7 @@ pub(super) fn outbox(id: u64, state: OutboxState) -> OutboxEntry {
         attempt_at: None,
         attach: Vec::new(),
         attach_nonce: String::new(),
+        claimed_by: None,
     }
 }
 
@@ -741,6 +742,20 @@ fn records_are_compact_and_older_json_records_still_read() {
     before.pop();
     let err = codec::decode::<Case>(Tree::Cases, b"k", &before).unwrap_err();
     assert!(matches!(err, StoreError::Malformed { .. }), "{err}");
+    // An outgoing mail written before it named its claiming node.
+    let mut sent = outbox(4, OutboxState::Sent);
+    sent.claimed_by = Some("eu-1".into());
+    let back: OutboxEntry =
+        codec::decode(Tree::Outbox, b"k", &codec::encode(&sent).unwrap()).unwrap();
+    assert_eq!(back.claimed_by.as_deref(), Some("eu-1"));
+    sent.claimed_by = None;
+    let mut before = codec::encode(&sent).unwrap();
+    before.pop(); // the trailing None
+    let back: OutboxEntry = codec::decode(Tree::Outbox, b"k", &before).unwrap();
+    assert_eq!(
+        (back.id, back.state, back.claimed_by),
+        (4, OutboxState::Sent, None)
+    );
     // Bytes of neither kind are an error naming the record, never a
     // default value.
     let err = codec::decode::<OutboxEntry>(Tree::Outbox, &id_key(3), b"\x09junk").unwrap_err();

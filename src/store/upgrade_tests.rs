@@ -50,11 +50,17 @@ fn digests(s: &Store) -> String {
     )
 }
 
+/// The digests but the facts' and the meta's hash: the meta holds the
+/// index version, which is 8 on the tables (their facts one row per
+/// case) where the old release had 7; its records are still counted.
 fn without_facts(digests: &str) -> String {
     digests
         .lines()
         .filter(|l| !l.starts_with("facts "))
-        .map(|l| format!("{l}\n"))
+        .map(|l| match l.strip_prefix("meta ") {
+            Some(rest) => format!("meta {}\n", rest.split(' ').next().unwrap_or("")),
+            None => format!("{l}\n"),
+        })
         .collect()
 }
 

@@ -208,6 +208,29 @@ async fn three_daemons_on_two_mailboxes_take_in_every_message_once() {
     }
     assert!(settled(&status), "{status}");
     assert_eq!(status["outbox_depth"], 0);
+    // Every mail sent names the node that claimed it, one of the three.
+    let url = pg.database("it_three");
+    let claimed: Vec<(Option<String>, i64)> = tokio::task::spawn_blocking(move || {
+        let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        c.query(
+            "SELECT claimed_by, count(*) FROM escalator.outbox WHERE state = 'sent' \
+             GROUP BY claimed_by ORDER BY claimed_by",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !claimed.is_empty()
+            && claimed.iter().all(|(node, _)| node
+                .as_deref()
+                .is_some_and(|n| ["n1", "n2", "n3"].contains(&n))),
+        "{claimed:?}"
+    );
     // Each node counted what it took in; together, every message once
     // (acks' confirmation copies count as own copies on top).
     let stored: f64 = ports

@@ -22,7 +22,7 @@
 use ::postgres::Client;
 
 use super::super::codec::{read_u64, Tree, TREES};
-use super::super::facts::per_case_rows;
+use super::super::facts::{per_case_rows, BUCKET, LOST_FACTS};
 use super::super::migrate::fits;
 use super::super::Sequence;
 use super::super::StoreError;
@@ -61,14 +61,38 @@ fn migrate_and_convert(c: &mut Client, t: &Tables) -> Outcome {
              applied_at timestamptz NOT NULL DEFAULT now()
          )"
     ))?;
+    // A store of version 3 is brought to 4 (and its facts converted)
+    // only while no other daemon runs: a node of the release before
+    // cannot write a case once version 4 is applied.
+    let applied: Vec<i32> = c
+        .query(&format!("SELECT version FROM {t}.migrations"), &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let alone = applied.contains(&3) && !applied.contains(&4);
+    if alone {
+        let got: bool = c
+            .query_one(LockMode::Exclusive.sql(), &[&DAEMON_LOCK])?
+            .get(0);
+        if !got {
+            return Ok(Err(StoreError::Migrate(
+                "this database holds the store of the release before (schema version 3), \
+                 which is upgraded when no other daemon runs on it: stop every daemon of the \
+                 cluster (all releases), then start this one alone"
+                    .into(),
+            )));
+        }
+    }
+    let result = apply_and_convert(c, t, &applied);
+    if alone {
+        c.execute("SELECT pg_advisory_unlock($1)", &[&DAEMON_LOCK])?;
+    }
+    result
+}
+
+fn apply_and_convert(c: &mut Client, t: &Tables, applied: &[i32]) -> Outcome {
     for (version, sql) in MIGRATIONS {
-        let done = c
-            .query_opt(
-                &format!("SELECT 1 FROM {t}.migrations WHERE version = $1"),
-                &[&version],
-            )?
-            .is_some();
-        if !done {
+        if !applied.contains(&version) {
             let mut tx = c.transaction()?;
             tx.batch_execute(&sql.replace("{schema}", &t.to_string()))?;
             tx.execute(
@@ -102,14 +126,38 @@ fn migrate_and_convert(c: &mut Client, t: &Tables) -> Outcome {
     Ok(Ok(()))
 }
 
-/// The per-case facts rows of a record of an earlier layout. A record
-/// that cannot be read loses its cases' KPIs (logged), never the store's
-/// upgrade: the facts are a summary, the cases and their history stay.
-fn facts_rows(key: &[u8], value: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    per_case_rows(key, value).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "a KPI facts record could not be read; its cases are left out of the KPIs");
-        Vec::new()
-    })
+/// Writes the per-case facts rows of facts records of any earlier
+/// layout, each key once (a damaged store might give one case twice). A
+/// record that cannot be read does not stop the upgrade: it is marked
+/// (`facts-lost/` ++ bucket number), and the node that opens the store
+/// makes its cases' facts again from their history
+/// (`Store::rebuild_lost_facts`), the cases and their history being
+/// what the facts summarise.
+fn facts_writes(records: &[(Vec<u8>, Vec<u8>)], writes: &mut Writes) {
+    let mut rows = std::collections::BTreeMap::new();
+    for (key, value) in records {
+        match per_case_rows(key, value) {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                tracing::error!(error = %e, "a KPI facts record could not be read; its cases' facts are made again from their history");
+                let id = match key.first() {
+                    Some(b'c') => key.get(9..17).and_then(read_u64),
+                    _ => key
+                        .get(1..9)
+                        .and_then(read_u64)
+                        .map(|b| b.saturating_mul(BUCKET)),
+                };
+                if let Some(id) = id {
+                    let mut mark = LOST_FACTS.to_vec();
+                    mark.extend_from_slice(&(id / BUCKET).to_be_bytes());
+                    writes.add(Tree::Meta, &mark, Some(&[]), false);
+                }
+            }
+        }
+    }
+    for (k, v) in &rows {
+        writes.add(Tree::Facts, k, Some(v), false);
+    }
 }
 
 /// Version 4: the facts of a store of version 3 (in buckets of 64 cases,
@@ -137,13 +185,11 @@ fn facts_per_case(c: &mut Client, t: &Tables) -> Result<(), postgres::Error> {
             return Ok(());
         }
         let mut writes = Writes::default();
-        for r in &rows {
-            let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
-            writes.add(Tree::Facts, &k, None, false);
-            for (k, v) in facts_rows(&k, &v) {
-                writes.add(Tree::Facts, &k, Some(&v), false);
-            }
+        let records: Vec<(Vec<u8>, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for (k, _) in &records {
+            writes.add(Tree::Facts, k, None, false);
         }
+        facts_writes(&records, &mut writes);
         c.batch_execute("BEGIN")?;
         let committed = writes.write(c, t).and_then(|_| c.batch_execute("COMMIT"));
         if committed.is_err() {
@@ -306,14 +352,12 @@ fn copy_key_space(
             &[&id, &from, &last],
         )?;
         let mut writes = Writes::default();
-        for r in &rows {
-            let (k, v): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
-            if tree == Tree::Facts {
-                for (k, v) in facts_rows(&k, &v) {
-                    writes.add(tree, &k, Some(&v), false);
-                }
-            } else {
-                writes.add(tree, &k, Some(&v), false);
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if tree == Tree::Facts {
+            facts_writes(&rows, &mut writes);
+        } else {
+            for (k, v) in &rows {
+                writes.add(tree, k, Some(v), false);
             }
         }
         copied += rows.len() as i64;
