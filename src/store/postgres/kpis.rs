@@ -101,11 +101,21 @@ fn add_cases(c: &mut Counted, r: &Row, cases: bool) {
     open.over_7d += n(r, 18);
 }
 
-/// The KPI sets in four queries, all but the spreads counted in
-/// parallel by the server: (1) per queue and current tier, everything
-/// that adds up (the window's cases, bounces, open cases by age over all
-/// unresolved ones); (2) per tier, its stints' counts; (3) the spreads of
-/// all cases and per queue; (4) the spreads per tier.
+/// What a row of the first query adds to the tier set of a case with
+/// one stint (`only_tier`): that stint is the whole case, so its counts are
+/// the case's (it never left the tier; its deadline missed is the
+/// case's breach; the last stint holds the CSAT).
+fn add_only_stint(c: &mut Counted, r: &Row) {
+    let k = &mut c.kpis;
+    k.cases += n(r, 2);
+    k.breached += n(r, 8);
+    k.repeat_customers += n(r, 9);
+    k.csat_count += n(r, 10);
+    c.csat_sum += n(r, 11);
+}
+
+/// The KPI sets in three queries, one snapshot: see [`by_queue_and_tier`],
+/// [`escalated_stints`] and [`spreads`].
 fn kpi_sets(
     c: &mut Client,
     facts: &str,
@@ -113,15 +123,54 @@ fn kpi_sets(
     now: DateTime<Utc>,
 ) -> Result<Sets, postgres::Error> {
     let window: [&(dyn ToSql + Sync); 2] = [&since, &until];
-    let mut overall = Counted::empty();
+    let mut sets = Sets {
+        overall: Counted::empty(),
+        tiers: Vec::new(),
+        queues: Vec::new(),
+    };
     let mut tiers = BTreeMap::new();
     let mut queues = BTreeMap::new();
+    by_queue_and_tier(
+        c,
+        facts,
+        (since, until),
+        now,
+        &mut sets.overall,
+        &mut tiers,
+        &mut queues,
+    )?;
+    escalated_stints(c, facts, &window, &mut tiers)?;
+    spreads(
+        c,
+        facts,
+        &window,
+        &mut sets.overall,
+        &mut tiers,
+        &mut queues,
+    )?;
+    sets.tiers = tiers.into_iter().collect();
+    sets.queues = queues.into_iter().collect();
+    Ok(sets)
+}
+
+/// Everything that adds up, counted in parallel over every row, per
+/// queue, current tier and (for a case with one stint) that stint's
+/// tier: the window's cases, bounces, and open cases by age over all the
+/// unresolved ones (hours truncated as chrono's `num_hours`: an age
+/// under an hour, or a negative one, is under an hour).
+fn by_queue_and_tier(
+    c: &mut Client,
+    facts: &str,
+    (since, until): Window,
+    now: DateTime<Utc>,
+    overall: &mut Counted,
+    tiers: &mut BTreeMap<String, Counted>,
+    queues: &mut BTreeMap<String, Counted>,
+) -> Result<(), postgres::Error> {
     let reasons: Vec<String> = REASONS
         .iter()
         .map(|r| format!("count(*) FILTER (WHERE w AND escalated_{})", r.as_str()))
         .collect();
-    // Hours truncated as chrono's `num_hours` (an age under an hour, or
-    // a negative one, is under an hour).
     let sql = format!(
         "SELECT queue, tier, count(*) FILTER (WHERE w), count(*) FILTER (WHERE w AND escalated), \
                 {}, count(*) FILTER (WHERE w AND breached), \
@@ -133,11 +182,13 @@ fn kpi_sets(
                 count(*) FILTER (WHERE open AND age < 3600), \
                 count(*) FILTER (WHERE open AND age >= 3600 AND age < 86400), \
                 count(*) FILTER (WHERE open AND age >= 86400 AND age < 604800), \
-                count(*) FILTER (WHERE open AND age >= 604800) \
+                count(*) FILTER (WHERE open AND age >= 604800), \
+                only_tier \
          FROM (SELECT *, ({IN_WINDOW}) AS w, status <> 'resolved' AS open, \
-                      extract(epoch FROM $3::timestamptz - opened_at) AS age \
+                      extract(epoch FROM $3::timestamptz - opened_at) AS age, \
+                      CASE WHEN cardinality(stint_tier) = 1 THEN stint_tier[1] END AS only_tier \
                FROM {facts} WHERE case_id IS NOT NULL) f \
-         GROUP BY queue, tier",
+         GROUP BY queue, tier, only_tier",
         reasons.join(", ")
     );
     for r in query(c, &sql, &[&since, &until, &now])? {
@@ -145,12 +196,25 @@ fn kpi_sets(
         if n(&r, 2) == 0 && n(&r, 14) == 0 {
             continue;
         }
-        add_cases(&mut overall, &r, true);
-        add_cases(set(&mut queues, r.get(0)), &r, true);
-        add_cases(set(&mut tiers, r.get(1)), &r, false);
+        add_cases(overall, &r, true);
+        add_cases(set(queues, r.get(0)), &r, true);
+        add_cases(set(tiers, r.get(1)), &r, false);
+        if let (Some(only), true) = (r.get::<_, Option<String>>(19), n(&r, 2) > 0) {
+            add_only_stint(set(tiers, only), &r);
+        }
     }
-    // A tier's cases are the stints there (a case counts at every tier
-    // it reached); CSAT belongs to the last.
+    Ok(())
+}
+
+/// The stints of the window's cases that moved on (those with one
+/// stint are counted by [`by_queue_and_tier`]): a case counts at every
+/// tier it reached, and the CSAT belongs to the last.
+fn escalated_stints(
+    c: &mut Client,
+    facts: &str,
+    window: &[&(dyn ToSql + Sync); 2],
+    tiers: &mut BTreeMap<String, Counted>,
+) -> Result<(), postgres::Error> {
     let reasons: Vec<String> = REASONS
         .iter()
         .map(|r| format!("count(*) FILTER (WHERE s.left_reason = '{}')", r.as_str()))
@@ -165,61 +229,64 @@ fn kpi_sets(
                     CASE WHEN u.position = cardinality(f.stint_tier) THEN f.csat END AS csat \
              FROM unnest(f.stint_tier, f.stint_left_reason, f.stint_deadline_missed) \
                   WITH ORDINALITY AS u(tier, left_reason, deadline_missed, position)) s \
-         WHERE {WINDOW} GROUP BY s.tier",
+         WHERE {WINDOW} AND cardinality(f.stint_tier) > 1 GROUP BY s.tier",
         reasons.join(", ")
     );
-    for r in query(c, &sql, &window)? {
-        let t = set(&mut tiers, r.get(0));
+    for r in query(c, &sql, window)? {
+        let t = set(tiers, r.get(0));
         let k = &mut t.kpis;
-        k.cases = n(&r, 1);
-        k.escalated = n(&r, 2);
+        k.cases += n(&r, 1);
+        k.escalated += n(&r, 2);
         for (i, reason) in REASONS.iter().enumerate() {
-            k.escalated_by_reason
-                .insert(reason.as_str().to_string(), n(&r, 3 + i));
+            *k.escalated_by_reason
+                .entry(reason.as_str().to_string())
+                .or_default() += n(&r, 3 + i);
         }
-        k.breached = n(&r, 7);
-        k.repeat_customers = n(&r, 8);
-        k.csat_count = n(&r, 9);
-        t.csat_sum = n(&r, 10);
+        k.breached += n(&r, 7);
+        k.repeat_customers += n(&r, 8);
+        k.csat_count += n(&r, 9);
+        t.csat_sum += n(&r, 10);
     }
-    // Spreads need every value sorted: only the rows that have one.
+    Ok(())
+}
+
+/// The spreads, which need every value sorted, in one pass over the
+/// window's rows that have one: each row gives its values to all cases
+/// (kind 0), its queue (1) and each tier it reached (2: first answer
+/// from reaching it, resolution at the last).
+fn spreads(
+    c: &mut Client,
+    facts: &str,
+    window: &[&(dyn ToSql + Sync); 2],
+    overall: &mut Counted,
+    tiers: &mut BTreeMap<String, Counted>,
+    queues: &mut BTreeMap<String, Counted>,
+) -> Result<(), postgres::Error> {
     let sql = format!(
-        "SELECT grouping(queue), queue, {}, {} FROM {facts} \
-         WHERE {WINDOW} AND (first_response_secs IS NOT NULL OR resolve_secs IS NOT NULL) \
-         GROUP BY GROUPING SETS ((), (queue))",
-        spread("first_response_secs"),
-        spread("resolve_secs"),
+        "SELECT s.kind, s.name, {}, {} FROM {facts} f, LATERAL ( \
+             SELECT 0 AS kind, ''::text AS name, f.first_response_secs AS fa, \
+                    f.resolve_secs AS rs \
+             UNION ALL SELECT 1, f.queue, f.first_response_secs, f.resolve_secs \
+             UNION ALL SELECT 2, u.tier, u.fa, \
+                    CASE WHEN u.position = cardinality(f.stint_tier) THEN f.resolve_secs END \
+             FROM unnest(f.stint_tier, f.stint_first_response_secs) \
+                  WITH ORDINALITY AS u(tier, fa, position)) s \
+         WHERE {WINDOW} AND (f.first_response_secs IS NOT NULL OR f.resolve_secs IS NOT NULL \
+                             OR f.stint_first_response_secs IS NOT NULL) \
+         GROUP BY s.kind, s.name",
+        spread("s.fa"),
+        spread("s.rs"),
     );
-    for r in query(c, &sql, &window)? {
+    for r in query(c, &sql, window)? {
         let target = match r.get::<_, i32>(0) {
-            0 => set(&mut queues, r.get(1)),
-            _ => &mut overall,
+            0 => &mut *overall,
+            1 => set(queues, r.get(1)),
+            _ => set(tiers, r.get(1)),
         };
         target.kpis.first_answer = spread_at(&r, 2);
         target.kpis.resolve = spread_at(&r, 5);
     }
-    // Per tier: first answer from reaching it, resolution at the last.
-    let sql = format!(
-        "SELECT s.tier, {}, {} FROM {facts} f, LATERAL ( \
-             SELECT u.tier, u.fa, \
-                    CASE WHEN u.position = cardinality(f.stint_tier) THEN f.resolve_secs END AS rs \
-             FROM unnest(f.stint_tier, f.stint_first_response_secs) \
-                  WITH ORDINALITY AS u(tier, fa, position)) s \
-         WHERE {WINDOW} AND (f.stint_first_response_secs IS NOT NULL OR f.resolve_secs IS NOT NULL) \
-         GROUP BY s.tier",
-        spread("s.fa"),
-        spread("s.rs"),
-    );
-    for r in query(c, &sql, &window)? {
-        let t = set(&mut tiers, r.get(0));
-        t.kpis.first_answer = spread_at(&r, 1);
-        t.kpis.resolve = spread_at(&r, 4);
-    }
-    Ok(Sets {
-        overall,
-        tiers: tiers.into_iter().collect(),
-        queues: queues.into_iter().collect(),
-    })
+    Ok(())
 }
 
 impl PgDb {
