@@ -49,6 +49,12 @@ ALTER TABLE {schema}.facts
 -- sent it or gave up).
 ALTER TABLE {schema}.outbox ADD COLUMN claimed_by text;
 
+-- The index version 8 (src/store/mod.rs, build_indexes) with the schema
+-- that needs it: a node of the release before, started from now on,
+-- rebuilds its indexes, is refused its first facts bucket and stops.
+UPDATE {schema}.meta SET value = '\x38'::bytea
+    WHERE key = 'indexes'::bytea AND value = '\x37'::bytea;
+
 -- A window of cases by opening time (`stats --since`, the digest), and
 -- the unresolved ones for their ages.
 CREATE INDEX facts_opened_at ON {schema}.facts (opened_at) WHERE case_id IS NOT NULL;

@@ -376,26 +376,47 @@ impl Store {
             };
             let ids =
                 bucket.saturating_mul(BUCKET)..bucket.saturating_add(1).saturating_mul(BUCKET);
-            let mut rebuilt = 0;
-            for id in ids {
-                let Some(mut case) = self.case(id)? else {
-                    continue;
-                };
-                case.new_events = self.history(id)?;
-                self.transact(|tx| {
-                    tx.forget_facts(id)?;
-                    tx.write_facts(&Facts::of(&case))
-                })?;
-                rebuilt += 1;
-            }
-            self.transact(|tx| {
+            // One transaction a bucket, holding its mark: a node that
+            // opens the store meanwhile finds it gone, or waits, and never
+            // writes facts over those made here from a later history.
+            // Each case is read under its lock, so its history is whole.
+            let rebuilt = self.transact(|tx| {
+                if tx.get_bytes(Tree::Meta, &mark)?.is_none() {
+                    return Ok(0);
+                }
+                let mut rebuilt = 0;
+                for id in ids.clone() {
+                    let case = tx.case(id).and_then(|c| match c {
+                        Some(mut c) => self.history(id).map(|h| {
+                            c.new_events = h;
+                            Some(c)
+                        }),
+                        None => Ok(None),
+                    });
+                    match case {
+                        Ok(Some(case)) => {
+                            tx.forget_facts(id)?;
+                            tx.write_facts(&Facts::of(&case))?;
+                            rebuilt += 1;
+                        }
+                        Ok(None) => {}
+                        // A case that cannot be read has no facts to
+                        // make; it must not keep every node from opening.
+                        Err(e) if !e.is_transient() => {
+                            tracing::error!(case_id = id, error = %e, "a case whose KPI facts were lost cannot be read; it is left out of the KPIs");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
                 tx.remove(Tree::Meta, mark.clone());
-                Ok::<_, StoreError>(())
+                Ok::<_, StoreError>(rebuilt)
             })?;
-            tracing::warn!(
-                cases = rebuilt,
-                "KPI facts made again from the cases' history"
-            );
+            if rebuilt > 0 {
+                tracing::warn!(
+                    cases = rebuilt,
+                    "KPI facts made again from the cases' history"
+                );
+            }
         }
         Ok(())
     }

@@ -459,6 +459,13 @@ fn a_version_3_store_has_its_facts_turned_into_rows_when_a_node_opens_it_alone()
     // One bucket damaged: its cases' facts are made again from history.
     let damaged = old.iter_mut().find(|(k, _)| k[0] == b'b').unwrap();
     damaged.1.truncate(damaged.1.len() / 2);
+    // And an unreadable one-case record (the layout before buckets) of
+    // the same bucket: marked once, in the same batch.
+    let bucket = codec::read_u64(&damaged.0[1..9]).unwrap();
+    let mut one = b"c".to_vec();
+    one.extend_from_slice(&0u64.to_be_bytes());
+    one.extend_from_slice(&(bucket * 64 + 5).to_be_bytes());
+    old.push((one, b"\x01garbage".to_vec()));
     back_to_version_3(&url, &old);
     // A node of the release before runs on it: not upgraded beside it.
     let mut running = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();

@@ -135,6 +135,7 @@ fn apply_and_convert(c: &mut Client, t: &Tables, applied: &[i32]) -> Outcome {
 /// what the facts summarise.
 fn facts_writes(records: &[(Vec<u8>, Vec<u8>)], writes: &mut Writes) {
     let mut rows = std::collections::BTreeMap::new();
+    let mut marks = std::collections::BTreeSet::new();
     for (key, value) in records {
         match per_case_rows(key, value) {
             Ok(r) => rows.extend(r),
@@ -150,13 +151,17 @@ fn facts_writes(records: &[(Vec<u8>, Vec<u8>)], writes: &mut Writes) {
                 if let Some(id) = id {
                     let mut mark = LOST_FACTS.to_vec();
                     mark.extend_from_slice(&(id / BUCKET).to_be_bytes());
-                    writes.add(Tree::Meta, &mark, Some(&[]), false);
+                    marks.insert(mark);
                 }
             }
         }
     }
+    // Each key once: a statement may not upsert a row twice.
     for (k, v) in &rows {
         writes.add(Tree::Facts, k, Some(v), false);
+    }
+    for mark in &marks {
+        writes.add(Tree::Meta, mark, Some(&[]), false);
     }
 }
 
