@@ -798,16 +798,16 @@ impl Store {
         })
     }
 
-    /// Builds the derived indexes (facts, open counts, pending outbox,
-    /// Message-IDs by case) of a store written before they existed. Runs
-    /// once per index version; cheap when done.
-    fn build_indexes(&self) -> Result<()> {
-        // 8, on PostgreSQL only: the KPI facts one row per case (turned
-        // so when the database was brought up to date). A release that
-        // knows only 7 rebuilds its indexes when it finds 8, writes a
-        // facts bucket and is refused (`facts_per_case`), so it stops at
-        // start instead of running beside this one (where every case
-        // write of it would fail, and each message be quarantined).
+    /// The index version `build_indexes` is to build; None when the
+    /// store has it. 8, on PostgreSQL only: the KPI facts one row per
+    /// case (turned so when the database was brought up to date, which
+    /// also sets 8; a store converted from `escalator_kv` arrives with 7
+    /// and needs nothing more). A release that knows only 7 rebuilds its
+    /// indexes when it finds 8, writes a facts bucket and is refused
+    /// (`facts_per_case`), so it stops at start instead of running beside
+    /// this one (where every case write of it would fail, and each
+    /// message be quarantined).
+    fn indexes_to_build(&self) -> Result<Option<&'static [u8]>> {
         let version = if self.db.is_local() {
             b"7"
         } else {
@@ -815,14 +815,25 @@ impl Store {
         };
         let have = self.db.get(Tree::Meta, b"indexes")?;
         if have.as_deref() == Some(version) {
-            return Ok(());
+            return Ok(None);
         }
         if have.as_deref() == Some(b"7") && !self.db.is_local() {
-            return self.transact(|tx| {
+            self.transact(|tx| {
                 tx.put(Tree::Meta, b"indexes".to_vec(), version.to_vec());
-                Ok(())
-            });
+                Ok::<_, StoreError>(())
+            })?;
+            return Ok(None);
         }
+        Ok(Some(version))
+    }
+
+    /// Builds the derived indexes (facts, open counts, pending outbox,
+    /// Message-IDs by case) of a store written before they existed. Runs
+    /// once per index version; cheap when done.
+    fn build_indexes(&self) -> Result<()> {
+        let Some(version) = self.indexes_to_build()? else {
+            return Ok(());
+        };
         // Rebuilt from the records: the counts start from nothing.
         self.transact(|tx| {
             for r in self.db.prefix(Tree::Meta, codec::OPEN_PREFIX) {
