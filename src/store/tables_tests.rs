@@ -469,14 +469,7 @@ fn a_version_3_store_has_its_facts_turned_into_rows_when_a_node_opens_it_alone()
     back_to_version_3(&url, &old);
     // A node of the release before runs on it: not upgraded beside it.
     let mut running = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
-    let held: bool = running
-        .query_one(
-            "SELECT pg_try_advisory_lock_shared($1)",
-            &[&0x6573_636e_i64],
-        )
-        .unwrap()
-        .get(0);
-    assert!(held);
+    super::tests::hold_daemon_lock_shared(&mut running);
     let Err(e) = Store::open_postgres(&url, PgTls::Plain, 2, &dir.path().join("pg")) else {
         panic!("upgraded beside a running node of the release before")
     };

@@ -813,6 +813,19 @@ fn facts_of_many_cases_are_each_read_once_and_kept_up_to_date() {
 }
 
 /// A store on database `db` of the private server `pg`.
+/// Makes `c` look like a running daemon of an older release: it holds
+/// the daemon lock shared, as every daemon does.
+pub(super) fn hold_daemon_lock_shared(c: &mut ::postgres::Client) {
+    let held: bool = c
+        .query_one(
+            "SELECT pg_try_advisory_lock_shared($1)",
+            &[&0x6573_636e_i64],
+        )
+        .unwrap()
+        .get(0);
+    assert!(held);
+}
+
 pub(super) fn pg_store(pg: &crate::testing::Postgres, db: &str, dir: &Path) -> Store {
     match Store::open_postgres(&pg.database(db), PgTls::Plain, 2, dir) {
         Ok(s) => s,

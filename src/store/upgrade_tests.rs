@@ -253,14 +253,7 @@ fn an_old_store_is_not_converted_while_another_daemon_runs_on_it() {
     let pg = crate::testing::Postgres::start();
     let (url, mut c) = old_store(&pg, "upgrade_busy");
     // An older release's daemon holds the daemon lock shared.
-    let held: bool = c
-        .query_one(
-            "SELECT pg_try_advisory_lock_shared($1)",
-            &[&0x6573_636e_i64],
-        )
-        .unwrap()
-        .get(0);
-    assert!(held);
+    super::tests::hold_daemon_lock_shared(&mut c);
     let dir = tempfile::tempdir().unwrap();
     let Err(e) = open(&url, dir.path()) else {
         panic!("converted beside a running daemon")

@@ -298,7 +298,7 @@ impl PgDb {
     ) -> Result<Sets, StoreError> {
         let facts = self.tables.of(Tree::Facts);
         self.call(move |c| {
-            // One snapshot, so the four queries count the same cases. JIT
+            // One snapshot, so the three queries count the same cases. JIT
             // compiling costs more than it saves on these; sorts of a
             // million values fit in memory.
             c.batch_execute(
@@ -317,21 +317,18 @@ impl PgDb {
     /// after `after`, in key (case) order, a page at most.
     pub(in crate::store) fn facts_page(
         &self,
-        window: Window,
+        (since, until): Window,
         after: Vec<u8>,
     ) -> Result<Vec<KeyValue>, StoreError> {
         let sql = format!(
             "SELECT key, value FROM {} WHERE {WINDOW} AND key > $3 ORDER BY key LIMIT {PAGE}",
             self.tables.of(Tree::Facts)
         );
-        let (since, until) = window;
-        self.call(move |c| {
-            let st = prepared(c, &sql)?;
-            Ok(c.query(&st, &[&since, &until, &after])?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect())
-        })
+        self.select(
+            sql,
+            vec![Box::new(since), Box::new(until), Box::new(after)],
+            |r| (r.get(0), r.get(1)),
+        )
     }
 
     /// Facts rows of the unresolved cases opened before `before` (all
@@ -341,17 +338,10 @@ impl PgDb {
         before: Option<DateTime<Utc>>,
     ) -> Result<Vec<KeyValue>, StoreError> {
         let sql = format!(
-            "SELECT key, value FROM {} WHERE {} ORDER BY opened_at, case_id",
-            self.tables.of(Tree::Facts),
-            UNRESOLVED
+            "SELECT key, value FROM {} WHERE {UNRESOLVED} ORDER BY opened_at, case_id",
+            self.tables.of(Tree::Facts)
         );
-        self.call(move |c| {
-            let st = prepared(c, &sql)?;
-            Ok(c.query(&st, &[&before])?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect())
-        })
+        self.select(sql, vec![Box::new(before)], |r| (r.get(0), r.get(1)))
     }
 
     /// Queue, tier and opening time of the unresolved cases opened before
@@ -361,20 +351,29 @@ impl PgDb {
         before: Option<DateTime<Utc>>,
     ) -> Result<Vec<OpenCase>, StoreError> {
         let sql = format!(
-            "SELECT queue, tier, opened_at FROM {} WHERE {} ORDER BY opened_at, case_id",
-            self.tables.of(Tree::Facts),
-            UNRESOLVED
+            "SELECT queue, tier, opened_at FROM {} WHERE {UNRESOLVED} ORDER BY opened_at, case_id",
+            self.tables.of(Tree::Facts)
         );
+        self.select(sql, vec![Box::new(before)], |r| OpenCase {
+            queue: r.get(0),
+            tier: r.get(1),
+            created_at: r.get(2),
+        })
+    }
+
+    /// The rows of a prepared statement, each made into a `T`.
+    fn select<T: Send + 'static>(
+        &self,
+        sql: String,
+        params: Vec<Box<dyn ToSql + Send + Sync>>,
+        row: fn(&Row) -> T,
+    ) -> Result<Vec<T>, StoreError> {
         self.call(move |c| {
-            let st = prepared(c, &sql)?;
-            Ok(c.query(&st, &[&before])?
+            let params: Vec<&(dyn ToSql + Sync)> = params
                 .iter()
-                .map(|r| OpenCase {
-                    queue: r.get(0),
-                    tier: r.get(1),
-                    created_at: r.get(2),
-                })
-                .collect())
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            Ok(query(c, &sql, &params)?.iter().map(row).collect())
         })
     }
 }

@@ -172,14 +172,17 @@ fn facts_writes(records: &[(Vec<u8>, Vec<u8>)], writes: &mut Writes) {
 /// this release reads the facts of a case not yet converted.
 fn facts_per_case(c: &mut Client, t: &Tables) -> Result<(), postgres::Error> {
     let facts = t.of(Tree::Facts);
-    // Every key but `k ++ id` (k is 0x6b).
-    let old = "key < '\\x6b'::bytea OR key >= '\\x6c'::bytea";
+    // Every key but `k ++ id` (k is 0x6b), as two ranges of the primary
+    // key: run at every open, it must not scan a million rows to find
+    // nothing.
+    let old = format!(
+        "(SELECT key, value FROM {facts} WHERE key < '\\x6b'::bytea ORDER BY key LIMIT 200) \
+         UNION ALL \
+         (SELECT key, value FROM {facts} WHERE key >= '\\x6c'::bytea ORDER BY key LIMIT 200)"
+    );
     let mut converted = 0u64;
     loop {
-        let rows = c.query(
-            &format!("SELECT key, value FROM {facts} WHERE {old} ORDER BY key LIMIT 200"),
-            &[],
-        )?;
+        let rows = c.query(&old, &[])?;
         if rows.is_empty() {
             if converted > 0 {
                 tracing::info!(
