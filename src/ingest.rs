@@ -117,7 +117,8 @@ impl Ingestor {
     ) -> Result<Outcome, StoreError> {
         let item = Item::Bytes { raw, truncated };
         self.ensure_space(&[item])?;
-        self.store.transact(|tx| self.ingest_one(tx, src, item))
+        self.store
+            .transact(|tx| self.ingest_one(tx, src, item, None))
     }
 
     /// Records a message the server will not give: a quarantine entry with
@@ -132,7 +133,7 @@ impl Ingestor {
             if let Some(f) = fence {
                 tx.fence(f.clone());
             }
-            self.ingest_one(tx, Some(src), Item::Refused(why))
+            self.ingest_one(tx, Some(src), Item::Refused(why), None)
         })
     }
 
@@ -155,6 +156,7 @@ impl Ingestor {
     ) -> Result<Vec<Outcome>, StoreError> {
         let all: Vec<Item<'_>> = items.iter().map(|(_, i)| *i).collect();
         self.ensure_space(&all)?;
+        let parsed = ahead::parse_all(&all, self.store.is_shared());
         // Two nodes may store one message at once (delivered to two
         // queues' mailboxes): the loser's commit conflicts, and its new
         // run finds the message stored.
@@ -162,9 +164,11 @@ impl Ingestor {
             if let Some(f) = fence {
                 tx.fence(f.clone());
             }
+            ahead::read_ahead(tx, &parsed, &self.config.get(), self.clock.now())?;
             items
                 .iter()
-                .map(|(src, item)| self.ingest_one(tx, Some(src), *item))
+                .zip(&parsed)
+                .map(|((src, item), mail)| self.ingest_one(tx, Some(src), *item, mail.as_ref()))
                 .collect()
         });
         match together {
@@ -195,7 +199,7 @@ impl Ingestor {
         };
         let e = match self.store.transact(|tx| {
             fenced(tx);
-            self.ingest_one(tx, Some(src), item)
+            self.ingest_one(tx, Some(src), item, None)
         }) {
             Err(e) if e.may_belong_to_one_write() => e,
             r => return r,
@@ -240,11 +244,13 @@ impl Ingestor {
             .ensure_space(self.config.get().store.min_free, need)
     }
 
+    /// `parsed`: the message already parsed (see [`ahead`]), if it was.
     fn ingest_one(
         &self,
         tx: &mut Tx<'_>,
         src: Option<&Source>,
         item: Item<'_>,
+        parsed: Option<&InboundMail>,
     ) -> Result<Outcome, StoreError> {
         if self.already_done(tx, src)? {
             return Ok(Outcome::AlreadyDone);
@@ -257,7 +263,7 @@ impl Ingestor {
                 Ok(outcome)
             }
             Item::Bytes { raw, truncated } => self.guarded(tx, src, raw, now, &mut |tx| {
-                self.plan(tx, src, raw, truncated, now)
+                self.plan(tx, src, raw, truncated, parsed, now)
             }),
         }
     }
@@ -357,22 +363,30 @@ impl Ingestor {
         src: Option<&Source>,
         raw: &[u8],
         truncated: Option<u64>,
+        parsed: Option<&InboundMail>,
         now: DateTime<Utc>,
     ) -> Result<Outcome, EffectsError> {
         let snapshot = self.config.get();
         let config = &*snapshot;
-        let mail = message::parse(raw);
-        if let Some(id) = self.own_copy(tx, &mail)? {
+        let parsed_here;
+        let mail = match parsed {
+            Some(m) => m,
+            None => {
+                parsed_here = message::parse(raw);
+                &parsed_here
+            }
+        };
+        if let Some(id) = self.own_copy(tx, mail)? {
             return Ok(Outcome::Confirmed { outbox_id: id });
         }
         // An agent's mail in the Sent folder is never a report about ours.
-        let report = bounce::read(raw, &mail).filter(|_| !src.is_some_and(|s| s.sent));
+        let report = bounce::read(raw, mail).filter(|_| !src.is_some_and(|s| s.sent));
         if let Some(report) = report {
             let inbound = bounces::Inbound {
                 src,
                 raw,
                 truncated,
-                mail: &mail,
+                mail,
             };
             if let Some(out) = self.bounce(tx, &inbound, &report, now)? {
                 return Ok(out);
@@ -392,7 +406,7 @@ impl Ingestor {
             .map(|a| a.email.clone())
             .unwrap_or_default();
         let ctx = Ctx { config, now };
-        let Some((mut case, new, via)) = self.thread(tx, &mail, src, &parties, &sender, &ctx)?
+        let Some((mut case, new, via)) = self.thread(tx, mail, src, &parties, &sender, &ctx)?
         else {
             tracing::debug!(message_id = %mail.message_id, "already stored");
             return Ok(Outcome::Duplicate);
@@ -400,8 +414,8 @@ impl Ingestor {
         let span = tracing::info_span!("case", case_id = case.id);
         let _e = span.enter();
         let seq = tx.next_id(Sequence::Message)?;
-        let suppressed = suppress::classify(&mail, &support);
-        let role = role(&case, &mail, &sender, from_sent, &key, config);
+        let suppressed = suppress::classify(mail, &support);
+        let role = role(&case, mail, &sender, from_sent, &key, config);
         if !new {
             case.push(
                 now,
@@ -418,26 +432,18 @@ impl Ingestor {
         }
         case.new_messages.push(seq);
         if (new && !from_sent) || role == Role::Customer {
-            self.choose_language(tx, &mut case, &mail, config)?;
+            self.choose_language(tx, &mut case, mail, config)?;
         }
         let actions = if new && from_sent {
-            policy::on_message(&mut case, &mail, Role::SupportAgent, None, &ctx)
+            policy::on_message(&mut case, mail, Role::SupportAgent, None, &ctx)
         } else if new {
             let recent = self.recent_cases(tx, &case, now)?;
-            policy::on_new_case(&mut case, &mail, suppressed.as_ref(), recent, &ctx)
+            policy::on_new_case(&mut case, mail, suppressed.as_ref(), recent, &ctx)
         } else {
-            policy::on_message(&mut case, &mail, role, suppressed.as_ref(), &ctx)
+            policy::on_message(&mut case, mail, role, suppressed.as_ref(), &ctx)
         };
 
-        let record = message_record(
-            seq,
-            case.id,
-            &mail,
-            src,
-            truncated,
-            suppressed.as_ref(),
-            now,
-        );
+        let record = message_record(seq, case.id, mail, src, truncated, suppressed.as_ref(), now);
         if record.several_from {
             tracing::warn!(
                 message_id = %mail.message_id,
@@ -745,6 +751,8 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     format!("panic while processing: {}", crate::panic_text(p))
 }
 
+#[path = "ingest/ahead.rs"]
+mod ahead;
 #[path = "ingest/bounces.rs"]
 mod bounces;
 
@@ -755,6 +763,10 @@ pub(crate) mod hostile;
 #[cfg(test)]
 #[path = "ingest/bounce_tests.rs"]
 mod bounce_tests;
+
+#[cfg(test)]
+#[path = "ingest/ahead_tests.rs"]
+mod ahead_tests;
 
 /// What is kept of a stored message besides its bytes.
 fn message_record(

@@ -35,12 +35,19 @@ pub(crate) fn setup(dir: &Path) -> (Ingestor, Arc<ManualClock>) {
 fn setup_with(dir: &Path, cases: &str) -> (Ingestor, Arc<ManualClock>) {
     let cases = format!("auto_reply_limit = 2\nauto_reply_window = \"1h\"\n{cases}");
     let config = crate::testing::config(dir, &cases, "");
+    let store = Store::open(&config.store.path).unwrap();
+    setup_over(config, store)
+}
+
+/// An ingestor with `config` over `store` (PostgreSQL, say), on a clock
+/// that moves only when told.
+pub(crate) fn setup_over(config: Config, store: Store) -> (Ingestor, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(
         DateTime::parse_from_rfc3339("2026-11-23T09:00:00Z")
             .unwrap()
             .with_timezone(&Utc),
     ));
-    let store = Arc::new(Store::open(&config.store.path).unwrap());
+    let store = Arc::new(store);
     (
         Ingestor::new(crate::handle::Handle {
             store,
@@ -308,7 +315,7 @@ In-Reply-To: <m1@x>\r\n\r\nmore\r\n"
             };
             Ok::<_, StoreError>(vec![
                 ingest_buggy(&ing, tx, &src(1, 5), &fourth)?,
-                ing.ingest_one(tx, Some(&src(1, 6)), sixth)?,
+                ing.ingest_one(tx, Some(&src(1, 6)), sixth, None)?,
             ])
         })
         .unwrap();

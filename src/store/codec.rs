@@ -184,6 +184,18 @@ pub(super) fn auto_reply_key(email: &str, at: DateTime<Utc>, outbox: u64) -> Vec
     k
 }
 
+/// The first key after every key starting with `prefix` (None: no end).
+pub(super) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// The language set for a customer, by address lower-cased as ingest
 /// keeps it.
 pub(super) fn customer_language_key(email: &str) -> Vec<u8> {

@@ -11,6 +11,11 @@ use super::StoreError;
 
 type Result<T> = std::result::Result<T, StoreError>;
 type Rows<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + 'a>;
+/// A key and its value.
+pub(super) type Row = (Vec<u8>, Vec<u8>);
+/// A range of keys: from a start (inclusive) to an end (exclusive;
+/// None: to the end).
+pub(super) type KeyRange = (Vec<u8>, Option<Vec<u8>>);
 
 pub(super) enum Db {
     Sled(SledDb),
@@ -91,6 +96,35 @@ impl Db {
         match self {
             Db::Sled(d) => d.get(t, key).map(Ok),
             Db::Postgres(d) => d.get_unless_held(t, key),
+        }
+    }
+
+    /// The values of `keys` that exist (see [`PgDb::get_many`]), read in
+    /// one round trip on PostgreSQL.
+    pub(super) fn get_many(&self, t: Tree, keys: Vec<Vec<u8>>) -> Result<Vec<Row>> {
+        match self {
+            Db::Sled(d) => keys
+                .into_iter()
+                .filter_map(|k| d.get(t, &k).map(|v| v.map(|v| (k, v))).transpose())
+                .collect(),
+            Db::Postgres(d) => d.get_many(t, keys),
+        }
+    }
+
+    /// The first `limit` rows of each range (see [`PgDb::ranges`]), by
+    /// range, in one round trip on PostgreSQL.
+    pub(super) fn ranges(
+        &self,
+        t: Tree,
+        ranges: Vec<KeyRange>,
+        limit: usize,
+    ) -> Result<Vec<Vec<Row>>> {
+        match self {
+            Db::Sled(d) => ranges
+                .iter()
+                .map(|(lo, hi)| d.range(t, lo, hi.as_deref()).take(limit).collect())
+                .collect(),
+            Db::Postgres(d) => d.ranges(t, ranges, limit),
         }
     }
 

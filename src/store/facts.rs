@@ -52,7 +52,7 @@ fn bucket_key(case: CaseId) -> Vec<u8> {
 }
 
 /// A case's facts row on PostgreSQL.
-fn case_key(case: CaseId) -> Vec<u8> {
+pub(super) fn case_key(case: CaseId) -> Vec<u8> {
     let mut k = b"k".to_vec();
     k.extend_from_slice(&case.to_be_bytes());
     k

@@ -20,6 +20,7 @@
 pub use self::cluster::{LeaseRow, NodeInfo, NodeRow};
 pub use self::migrate::Copied;
 pub use self::postgres::{valid_schema, PgTls, DEFAULT_SCHEMA, MIN_POOL};
+pub use self::read_ahead::{Lookups, Window};
 pub use self::tx::{Savepoint, Tx};
 pub use self::write::Fence;
 
@@ -36,6 +37,7 @@ mod migrate;
 mod migrate_tests;
 mod postgres;
 mod rawlog;
+mod read_ahead;
 mod sled;
 #[cfg(test)]
 mod tables_tests;
@@ -278,6 +280,15 @@ impl Store {
         !self.db.is_local()
     }
 
+    /// Reads made so far on PostgreSQL (round trips; sled: 0).
+    #[cfg(test)]
+    pub(crate) fn reads_made(&self) -> usize {
+        match &self.db {
+            engine::Db::Sled(_) => 0,
+            engine::Db::Postgres(d) => d.reads.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     /// Calls `wake` when another process commits mail to send or moves
     /// timers (PostgreSQL: LISTEN/NOTIFY; sled: never, nobody else writes).
     pub fn listen(&self, wake: impl Fn() + Send + 'static) -> Result<()> {
@@ -442,6 +453,7 @@ impl Store {
             fence: None,
             reads: Default::default(),
             absent: Default::default(),
+            scans: Default::default(),
         };
         let out = f(&mut tx)?;
         // Each key once, with its last value: a chunk of messages writes

@@ -29,9 +29,10 @@ use ::postgres::config::SslMode;
 use ::postgres::{Client, NoTls};
 use tokio_rustls::rustls::ClientConfig;
 
-use super::codec::{Tree, TREES};
+use super::codec::{prefix_end, Tree, TREES};
 use super::write::{Fence, Op};
 
+mod batch;
 mod kpis;
 mod rows;
 mod upgrade;
@@ -316,6 +317,13 @@ pub(super) struct PgDb {
     /// Reads, leases, heartbeats: never inside a store transaction.
     others: Vec<Lane>,
     next: AtomicUsize,
+    /// Numbers taken from each sequence and not handed out yet, by
+    /// [`super::Sequence`].
+    ids: std::sync::Mutex<[VecDeque<u64>; 4]>,
+    /// Reads made (round trips), for the tests that hold ingest to a
+    /// few a chunk.
+    #[cfg(test)]
+    pub(super) reads: AtomicUsize,
     /// For connections of their own (the listener).
     config: ::postgres::Config,
     tls: PgTls,
@@ -444,6 +452,9 @@ impl PgDb {
             tx,
             others: lanes,
             next: AtomicUsize::new(0),
+            ids: Default::default(),
+            #[cfg(test)]
+            reads: AtomicUsize::new(0),
             config,
             tls,
             tables,
@@ -498,6 +509,8 @@ impl PgDb {
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
+        #[cfg(test)]
+        self.reads.fetch_add(1, Ordering::Relaxed);
         if IN_TX.with(Cell::get) {
             return self.tx.call(Mark::Inside, f);
         }
@@ -700,7 +713,17 @@ impl PgDb {
     /// See [`super::engine::Db::sync_sequences`].
     pub(super) fn sync_sequences(&self) -> Result<(), StoreError> {
         let tables = self.tables.clone();
-        self.call_outside(move |c| upgrade::sync_sequences(c, &tables))
+        self.call_outside(move |c| upgrade::sync_sequences(c, &tables))?;
+        // Numbers taken before may lie below where the sequences go on.
+        for pool in self
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            pool.clear();
+        }
+        Ok(())
     }
 
     /// See [`super::engine::Db::get_unless_held`]: a row locked by
@@ -725,18 +748,6 @@ impl PgDb {
                 Some(_) => Err(()),
                 None => Ok(None),
             })
-        })
-    }
-
-    /// The next number of a sequence (see `0003_tables.sql`): taken at
-    /// once, never handed out again, whether this transaction commits
-    /// or not.
-    pub(super) fn next_id(&self, s: super::Sequence) -> Result<u64, StoreError> {
-        let sql = format!("SELECT nextval('{}.{}')", self.tables, s.key());
-        self.call(move |c| {
-            let st = prepared(c, &sql)?;
-            let n: i64 = c.query_one(&st, &[])?.get(0);
-            Ok(u64::try_from(n).unwrap_or(0))
         })
     }
 
@@ -907,21 +918,9 @@ impl Iterator for Range<'_> {
     }
 }
 
-/// The first key after every key starting with `prefix` (None: no end).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::super::codec::prefix_end;
 
     #[test]
     fn a_prefix_ends_at_its_successor() {

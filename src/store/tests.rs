@@ -252,6 +252,81 @@ fn sequence_numbers_are_never_handed_out_twice_across_a_reopen() {
 }
 
 #[test]
+fn what_is_read_ahead_answers_every_lookup_as_a_fresh_read_would() {
+    each_engine(|engine, open, path| {
+        let s = open(path);
+        ok(s.transact(|tx| {
+            for t in 1..=6 {
+                tx.record_auto_reply("a@x.org", at(t * 100), t as u64);
+            }
+            tx.put_message(&record(1, 4, "cited@x", "h1"), b"one")?;
+            tx.put_message(&record(2, 5, "cited@x", "h2"), b"two")?;
+            tx.set_customer_language("a@x.org", Some("de"));
+            Ok(())
+        }));
+        let cited = ["cited@x", "none@x"];
+        let ahead = [crate::store::Lookups {
+            message_id: "new@x",
+            content_hash: "h9",
+            cited: &cited,
+            sender: "a@x.org",
+            recipient: "a@x.org",
+        }];
+        // Windows read ahead from 250 (complete) and from 150 with room
+        // for only two mails (not every mail of the window).
+        for (since, room) in [(250, 10), (150, 2)] {
+            let window = crate::store::Window {
+                since: at(since),
+                at_most: room,
+            };
+            for asked_since in [100, 150, 250, 350, 650] {
+                for at_most in [1, 2, 3, 10] {
+                    let fresh =
+                        ok(s.transact(|tx| {
+                            tx.auto_replies_since("a@x.org", at(asked_since), at_most)
+                        }));
+                    let read_ahead = ok(s.transact(|tx| {
+                        tx.read_ahead(&ahead, Some(window))?;
+                        tx.auto_replies_since("a@x.org", at(asked_since), at_most)
+                    }));
+                    assert_eq!(
+                        read_ahead, fresh,
+                        "{engine}: since {asked_since}, at most {at_most}, ahead {since}/{room}"
+                    );
+                }
+            }
+        }
+        let looked_up = |ahead: bool| {
+            ok(s.transact(|tx| {
+                if ahead {
+                    tx.read_ahead(&ahead_of(&cited), None)?;
+                }
+                Ok((
+                    tx.cases_with_message_id("cited@x")?,
+                    tx.cases_with_message_id("none@x")?,
+                    tx.has_message("cited@x", "h2")?,
+                    tx.customer_language("a@x.org")?,
+                    tx.customer_cases("a@x.org")?,
+                ))
+            }))
+        };
+        let fresh = looked_up(false);
+        assert_eq!(fresh.0, vec![4, 5], "{engine}");
+        assert_eq!(looked_up(true), fresh, "{engine}");
+    });
+}
+
+fn ahead_of<'a>(cited: &'a [&'a str]) -> Vec<crate::store::Lookups<'a>> {
+    vec![crate::store::Lookups {
+        message_id: "cited@x",
+        content_hash: "h2",
+        cited,
+        sender: "a@x.org",
+        recipient: "a@x.org",
+    }]
+}
+
+#[test]
 fn automatic_mail_is_counted_by_window_and_recipient() {
     each_engine(|engine, open, path| {
         let s = open(path);

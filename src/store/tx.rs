@@ -29,6 +29,9 @@ pub struct Tx<'s> {
     /// On a shared engine, the keys read and found missing: written only
     /// if still missing at commit (see [`engine::Db::commit`]).
     pub(super) absent: std::cell::RefCell<std::collections::HashSet<(Tree, Vec<u8>)>>,
+    /// On a shared engine, key ranges read in this transaction or ahead
+    /// of it (see [`super::read_ahead`]).
+    pub(super) scans: std::cell::RefCell<HashMap<read_ahead::RangeEnd, read_ahead::Scanned>>,
 }
 
 /// What a transaction wrote under a key: a value, or None for removed.
@@ -133,7 +136,7 @@ impl<'s> Tx<'s> {
     /// Keeps what a read on a shared engine found: the value (locked,
     /// so it stays) for the next read, or the key as missing, to be
     /// written at commit only if still missing.
-    fn remember(&self, k: (Tree, Vec<u8>), v: Option<&[u8]>) {
+    pub(super) fn remember(&self, k: (Tree, Vec<u8>), v: Option<&[u8]>) {
         if v.is_none() {
             self.absent.borrow_mut().insert(k.clone());
         }
@@ -161,10 +164,12 @@ impl<'s> Tx<'s> {
     /// The keys under `prefix`, stored and written here, in key order
     /// (at most `limit` from the store).
     pub(super) fn prefix_keys(&self, t: Tree, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
-        let mut keys: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
-        for r in self.store.db.prefix(t, prefix).take(limit) {
-            keys.insert(r?.0, true);
-        }
+        let end = codec::prefix_end(prefix);
+        let mut keys: BTreeMap<Vec<u8>, bool> = self
+            .scan(t, prefix, end.as_deref(), limit)?
+            .into_iter()
+            .map(|k| (k, true))
+            .collect();
         let from = (t, prefix.to_vec());
         for ((tree, k), v) in self.overlay.range(from..) {
             if *tree != t || !k.starts_with(prefix) {
@@ -362,18 +367,12 @@ impl<'s> Tx<'s> {
         since: DateTime<Utc>,
         at_most: usize,
     ) -> Result<usize> {
-        let from = codec::pair_key(recipient, &since.timestamp_millis().to_be_bytes());
-        let mut end = codec::key_text(recipient).into_owned();
-        end.push(1);
-        let mut keys: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
-        for r in self
-            .store
-            .db
-            .range(Tree::AutoReplies, &from, Some(&end))
-            .take(at_most)
-        {
-            keys.insert(r?.0, true);
-        }
+        let (from, end) = read_ahead::auto_reply_range(recipient, since);
+        let mut keys: BTreeMap<Vec<u8>, bool> = self
+            .scan(Tree::AutoReplies, &from, Some(&end), at_most)?
+            .into_iter()
+            .map(|k| (k, true))
+            .collect();
         let start = (Tree::AutoReplies, from);
         let stop = (Tree::AutoReplies, end);
         for ((_, k), v) in self.overlay.range(start..stop) {
@@ -387,6 +386,13 @@ impl<'s> Tx<'s> {
     /// (a sequence: a transaction that fails leaves a gap).
     pub fn next_id(&mut self, s: Sequence) -> Result<u64> {
         if let Some(n) = self.store.db.next_id(s)? {
+            if s == Sequence::Case {
+                // A number the sequence just handed out names no stored
+                // case: its rows are known missing without a round trip
+                // each (and still written at commit only if missing).
+                self.remember((Tree::Cases, id_key(n).to_vec()), None);
+                self.remember((Tree::Facts, super::facts::case_key(n)), None);
+            }
             return Ok(n);
         }
         let n = self.meta_u64(s.key())?.unwrap_or(1);
